@@ -1,0 +1,138 @@
+"""medgen.io: exact geometry round trips through real readers, and clear errors for bad files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from monai.data import MetaTensor
+
+from medgen.errors import BadInputError, GeometryMismatchError
+from medgen.io import check_same_geometry, load_volume, save_volume
+
+# NIfTI stores geometry as float32; NRRD and MetaImage keep float64.
+TOLERANCE = {".nii": 1e-5, ".nii.gz": 1e-5, ".nrrd": 1e-9, ".mha": 1e-9}
+
+
+def _volume(oblique, shape=(12, 10, 8), label=False):
+    data = torch.randint(0, 4, (1, *shape)) if label else torch.rand(1, *shape)
+    return MetaTensor(data, affine=torch.from_numpy(oblique))
+
+
+@pytest.mark.parametrize("suffix", list(TOLERANCE))
+def test_image_round_trip_keeps_oblique_geometry_and_values(tmp_path, oblique, suffix):
+    volume = _volume(oblique)
+    path = save_volume(volume, tmp_path / f"image{suffix}")
+    loaded = load_volume(path)
+    assert loaded.shape == volume.shape and loaded.dtype == torch.float32
+    assert torch.equal(loaded.as_tensor(), volume.as_tensor())
+    np.testing.assert_allclose(np.asarray(loaded.affine), oblique, atol=TOLERANCE[suffix])
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_label_round_trip_stays_integer(tmp_path, oblique, suffix):
+    labels = _volume(oblique, label=True)
+    loaded = load_volume(save_volume(labels, tmp_path / f"label{suffix}", label=True), label=True)
+    assert loaded.dtype == torch.int64
+    assert torch.equal(loaded.as_tensor(), labels.as_tensor())
+    assert sitk.ReadImage(str(tmp_path / f"label{suffix}")).GetPixelID() == sitk.sitkUInt8
+
+
+def test_reader_agrees_with_simpleitk_lps_geometry(tmp_path):
+    """A file written by SimpleITK (LPS) gives the RAS affine with x and y negated, axes I, J, K."""
+    array_kji = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    image = sitk.GetImageFromArray(array_kji)
+    image.SetSpacing((0.5, 0.7, 3.0))
+    image.SetOrigin((1.0, 2.0, 3.0))
+    sitk.WriteImage(image, str(tmp_path / "lps.nrrd"))
+    loaded = load_volume(tmp_path / "lps.nrrd")
+    assert loaded.shape == (1, 6, 5, 4)
+    assert float(loaded[0, 5, 4, 3]) == float(array_kji[3, 4, 5])
+    np.testing.assert_allclose(np.asarray(loaded.affine), [[-0.5, 0, 0, -1], [0, -0.7, 0, -2], [0, 0, 3, 3], [0, 0, 0, 1]])
+
+
+def test_dicom_series_folder_is_read_with_its_geometry(tmp_path):
+    array_kji = (np.arange(3 * 8 * 9).reshape(3, 8, 9) % 200).astype(np.int16)
+    series = sitk.GetImageFromArray(array_kji)
+    series.SetSpacing((0.8, 0.8, 2.0))
+    series.SetOrigin((-5.0, 7.0, 11.0))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(array_kji.shape[0]):
+        slice_image = series[:, :, k]
+        origin = series.TransformIndexToPhysicalPoint((0, 0, k))
+        for tag, value in (
+            ("0020|000e", "1.2.826.0.1.3680043.2.1125.1.1"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1.2"),
+            ("0020|0032", "\\".join(str(v) for v in origin)), ("0020|0037", "1\\0\\0\\0\\1\\0"),
+            ("0020|0013", str(k + 1)), ("0008|0060", "MR"), ("0028|0030", "0.8\\0.8"), ("0018|0050", "2.0"),
+        ):
+            slice_image.SetMetaData(tag, value)
+        writer.SetFileName(str(tmp_path / f"slice{k:03d}.dcm"))
+        writer.Execute(slice_image)
+    loaded = load_volume(tmp_path)
+    assert loaded.shape == (1, 9, 8, 3)
+    assert torch.equal(loaded[0].long(), torch.from_numpy(array_kji.transpose(2, 1, 0)).long())
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(loaded.affine)[:3, :3], axis=0), [0.8, 0.8, 2.0], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(loaded.affine)[:3, 3], [5.0, -7.0, 11.0], atol=1e-4)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(BadInputError, match="does not exist"):
+        load_volume(tmp_path / "nope.nii.gz")
+
+
+def test_unsupported_extension_is_a_clear_error(tmp_path):
+    (tmp_path / "scan.png").write_bytes(b"\x89PNG")
+    with pytest.raises(BadInputError, match="unsupported file type"):
+        load_volume(tmp_path / "scan.png")
+
+
+def test_corrupted_file_is_a_clear_error(tmp_path):
+    (tmp_path / "broken.nii.gz").write_bytes(b"\x1f\x8b this is not a gzip stream")
+    with pytest.raises(BadInputError, match="unreadable or corrupted"):
+        load_volume(tmp_path / "broken.nii.gz")
+
+
+def test_2d_image_is_refused_where_3d_is_needed(tmp_path):
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((5, 6), np.float32)), str(tmp_path / "slice.nrrd"))
+    with pytest.raises(BadInputError, match="3D volume is needed"):
+        load_volume(tmp_path / "slice.nrrd")
+
+
+def test_single_slice_volume_is_refused(tmp_path):
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((1, 6, 5), np.float32)), str(tmp_path / "flat.nrrd"))
+    with pytest.raises(BadInputError, match="3D volume"):
+        load_volume(tmp_path / "flat.nrrd")
+
+
+def test_nan_voxels_are_refused(tmp_path):
+    array = np.zeros((4, 5, 6), np.float32)
+    array[1, 2, 3] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "nan.nrrd"))
+    with pytest.raises(BadInputError, match="1 NaN or infinite"):
+        load_volume(tmp_path / "nan.nrrd")
+
+
+def test_float_label_map_with_fractions_is_refused(tmp_path):
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((4, 5, 6), 0.5, np.float32)), str(tmp_path / "soft.nrrd"))
+    with pytest.raises(BadInputError, match="non-integer"):
+        load_volume(tmp_path / "soft.nrrd", label=True)
+
+
+def test_geometry_mismatch_names_both_volumes(oblique):
+    image = _volume(oblique)
+    shifted = oblique.copy()
+    shifted[:3, 3] += 1.0
+    with pytest.raises(GeometryMismatchError, match="t1.nii.gz and seg.nii.gz .* origin"):
+        check_same_geometry(image, _volume(shifted, label=True), "t1.nii.gz", "seg.nii.gz")
+    check_same_geometry(image, _volume(oblique, label=True))
+
+
+def test_failed_save_leaves_the_previous_file_intact(tmp_path, oblique):
+    path = save_volume(_volume(oblique), tmp_path / "out.nii.gz")
+    before = path.read_bytes()
+    with pytest.raises(BadInputError):
+        save_volume(torch.zeros(2, 2), path, affine=oblique)  # not (C, I, J, K)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]

@@ -1,0 +1,163 @@
+"""The job contract end to end: a real worker subprocess, its events, exit codes, cancel and bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from medgen.errors import BadInputError
+from medgen.io import load_volume, save_volume
+from medgen.jobs.exit_codes import ExitCode
+from medgen.jobs.spec import JOB_FILE
+from medgen.slicer.runner import JobRunner, run_job_blocking, write_job
+
+
+@pytest.fixture
+def input_volume(tmp_path, oblique):
+    return save_volume(MetaTensor(torch.rand(1, 16, 16, 16), affine=torch.from_numpy(oblique)), tmp_path / "in.nii.gz")
+
+
+def test_selftest_job_runs_end_to_end_and_keeps_geometry(tmp_path, input_volume):
+    job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 3}, device="cpu", seed=7)
+    runner = run_job_blocking(job_dir, timeout_s=120)
+    assert runner.returncode == ExitCode.OK, runner.events
+    kinds = [event["event"] for event in runner.events if event["event"] != "log"]
+    assert kinds[0] == "started" and kinds[-1] == "result" and "progress" in kinds
+    started = runner.events[0]
+    assert started["job_kind"] == "selftest" and started["device"]["device"] == "cpu"
+    final_progress = [event for event in runner.events if event["event"] == "progress"][-1]
+    assert (final_progress["phase"], final_progress["step"], final_progress["total"]) == ("smoothing", 3, 3)
+    output = runner.result["outputs"]["image"]
+    original, smoothed = load_volume(input_volume), load_volume(output)
+    assert torch.allclose(smoothed.affine, original.affine, atol=1e-5)
+    assert smoothed.std() < original.std()  # three box-filter passes smooth the noise
+    manifest = json.loads((job_dir / "manifest.json").read_text())
+    assert manifest["status"] == "ok" and manifest["seed"] == 7 and manifest["params"] == {"steps": 3, "step_delay_s": 0.0}
+    assert manifest["versions"]["torch"] == torch.__version__ and manifest["device"]["type"] == "cpu"
+    assert "total" in manifest["timings_s"]
+    logged = [json.loads(line) for line in (job_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in logged] == [e["event"] for e in runner.events if e["event"] != "log" or e.get("level") != "stderr"]
+
+
+def test_cancel_mid_job_stops_the_worker_and_keeps_earlier_outputs(tmp_path, input_volume):
+    earlier = run_job_blocking(write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 1}), timeout_s=120)
+    earlier_output = earlier.result["outputs"]["image"]
+    earlier_bytes = open(earlier_output, "rb").read()
+
+    job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 500, "step_delay_s": 0.05})
+    runner = JobRunner(job_dir).start()
+    deadline = time.monotonic() + 120
+    while runner.poll() and not any(e["event"] == "progress" for e in runner.events):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    runner.cancel()
+    code = runner.wait(timeout_s=60)
+    assert code == ExitCode.CANCELLED
+    assert runner.error["kind"] == "cancelled"
+    import psutil
+
+    assert not psutil.pid_exists(runner._process.pid) or psutil.Process(runner._process.pid).status() == psutil.STATUS_ZOMBIE
+    assert not (job_dir / "outputs" / "selftest.nii.gz").exists()  # no half-written output
+    assert open(earlier_output, "rb").read() == earlier_bytes
+    assert json.loads((job_dir / "manifest.json").read_text())["status"] == "cancelled"
+
+
+def test_worker_stops_on_sigterm_alone(tmp_path, input_volume):
+    import signal
+
+    job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 500, "step_delay_s": 0.05})
+    runner = JobRunner(job_dir).start()
+    while runner.poll() and not any(e["event"] == "progress" for e in runner.events):
+        time.sleep(0.05)
+    runner._process.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout_s=60) == ExitCode.CANCELLED
+    assert runner.error["message"].startswith("Cancelled by the user")
+
+
+def _raw_job(tmp_path, document) -> "Path":
+    job_dir = tmp_path / "raw_job"
+    job_dir.mkdir()
+    (job_dir / JOB_FILE).write_text(document if isinstance(document, str) else json.dumps(document))
+    return job_dir
+
+
+@pytest.mark.parametrize(
+    "document, message",
+    [
+        ("{not json", "not valid JSON"),
+        ({"schema_version": 1, "kind": "teleport", "inputs": {}}, "Unknown job kind 'teleport'"),
+        ({"schema_version": 1, "kind": "selftest", "inputs": {}}, "'image' is a required property"),
+        ({"schema_version": 1, "kind": "selftest", "inputs": {"image": "missing.nii.gz"}}, "does not exist"),
+        ({"schema_version": 1, "kind": "selftest", "inputs": {"image": "in.nii.gz"}, "params": {"steps": 0}}, "params"),
+        ({"schema_version": 1, "kind": "selftest", "inputs": {"image": "in.nii.gz"}, "device": "tpu"}, "device"),
+    ],
+)
+def test_bad_job_json_gives_bad_input_and_writes_nothing(tmp_path, input_volume, document, message):
+    job_dir = _raw_job(tmp_path, document)
+    (job_dir / "in.nii.gz").write_bytes(input_volume.read_bytes())
+    before = sorted(p.name for p in job_dir.iterdir())
+    runner = run_job_blocking(job_dir, timeout_s=120)
+    assert runner.returncode == ExitCode.BAD_INPUT
+    assert runner.error["kind"] == "bad_input" and message in runner.error["message"]
+    assert sorted(p.name for p in job_dir.iterdir()) == before
+
+
+def test_corrupted_input_volume_is_bad_input(tmp_path):
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"garbage" * 10)
+    runner = run_job_blocking(write_job(tmp_path / "jobs", "selftest", {"image": str(broken)}), timeout_s=120)
+    assert runner.returncode == ExitCode.BAD_INPUT
+    assert "unreadable or corrupted" in runner.error["message"]
+    assert json.loads((runner.job_dir / "manifest.json").read_text())["status"] == "bad_input"
+
+
+def test_write_job_validates_before_creating_anything(tmp_path):
+    with pytest.raises(BadInputError, match="Unknown job kind"):
+        write_job(tmp_path / "jobs", "nope", {})
+    assert not (tmp_path / "jobs").exists()
+
+
+def test_unusable_cuda_request_is_bad_input(tmp_path, input_volume):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    runner = run_job_blocking(write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, device="cuda:0"), timeout_s=120)
+    assert runner.returncode == ExitCode.BAD_INPUT and "CUDA is not usable" in runner.error["message"]
+
+
+def test_worker_crash_is_reported_as_internal_error(tmp_path, input_volume):
+    """A handler bug becomes an 'internal' error event with the traceback logged, exit code 1."""
+    from medgen.jobs import kinds
+
+    kinds.register(kinds.JobKind("explode", "math:nonexistent_function", "test", {"type": "object"}, {"type": "object"}))
+    job_dir = write_job(tmp_path / "jobs", "explode", {})
+    # the worker is a fresh process without our registration: run it in-process instead
+    from io import StringIO
+
+    from medgen.jobs.events import EventStream
+    from medgen.jobs.worker import run_job
+
+    stream = StringIO()
+    code = run_job(job_dir, EventStream(stream))
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert code == ExitCode.INTERNAL
+    assert events[-1]["event"] == "error" and events[-1]["kind"] == "internal"
+    assert any(e["event"] == "log" and "Traceback" in e["message"] for e in events)
+
+
+def test_event_stream_lines_are_valid_json_with_eta(tmp_path, input_volume):
+    job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 4, "step_delay_s": 0.25})
+    runner = run_job_blocking(job_dir, timeout_s=120)
+    etas = [e["eta_s"] for e in runner.events if e["event"] == "progress"]
+    assert etas[0] is None and all(isinstance(eta, float) for eta in etas[1:])
+    assert etas[-1] == 0.0
+
+
+def test_runner_uses_this_interpreter_outside_slicer():
+    from medgen.slicer.runner import worker_python
+
+    assert worker_python() == sys.executable

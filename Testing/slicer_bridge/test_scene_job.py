@@ -1,0 +1,63 @@
+"""A job fed from real MRML nodes: results come back next to the input; a cancelled job leaves the scene intact."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from medgen.jobs.exit_codes import ExitCode
+from medgen.labels import LabelInfo, load_labels
+from medgen.slicer.scene_job import OutputImport, SceneJob, import_outputs, write_node_inputs
+from medgen.slicer.segmentations import labelmap_to_segmentation, segment_labels
+from medgen.slicer.volumes import ijk_to_ras_of, tensor_to_volume_node
+
+slicer = pytest.importorskip("slicer")
+
+
+def _scene_snapshot(scene):
+    return sorted((scene.GetNthNode(i).GetID(), scene.GetNthNode(i).GetName()) for i in range(scene.GetNumberOfNodes()))
+
+
+@pytest.fixture
+def input_node(mrml_scene, oblique):
+    return tensor_to_volume_node(MetaTensor(torch.rand(1, 16, 16, 16), affine=torch.from_numpy(oblique)), "T1", scene=mrml_scene)
+
+
+def test_selftest_on_a_scene_volume_imports_result_with_input_geometry(mrml_scene, input_node, tmp_path, oblique):
+    job = SceneJob("selftest", {"image": input_node}, {"steps": 2}, tmp_path, device="cpu").start()
+    assert job.wait(timeout_s=120) == ExitCode.OK
+    nodes = job.import_results([OutputImport("image", "T1 smoothed")], scene=mrml_scene)
+    output = nodes["image"]
+    assert output.GetName() == "T1 smoothed"
+    np.testing.assert_allclose(ijk_to_ras_of(output), oblique, atol=1e-5)
+    assert slicer.util.arrayFromVolume(output).std() < slicer.util.arrayFromVolume(input_node).std()
+
+
+def test_cancelled_job_leaves_the_scene_intact(mrml_scene, input_node, tmp_path):
+    before = _scene_snapshot(mrml_scene)
+    voxels_before = slicer.util.arrayFromVolume(input_node).copy()
+    job = SceneJob("selftest", {"image": input_node}, {"steps": 500, "step_delay_s": 0.05}, tmp_path, device="cpu").start()
+    while job.poll() and not any(e["event"] == "progress" for e in job.runner.events):
+        time.sleep(0.05)
+    job.cancel()
+    assert job.wait(timeout_s=60) == ExitCode.CANCELLED
+    assert job.import_results([OutputImport("image", "never")], scene=mrml_scene) == {}
+    assert _scene_snapshot(mrml_scene) == before
+    assert np.array_equal(slicer.util.arrayFromVolume(input_node), voxels_before)
+
+
+def test_segmentation_inputs_are_written_with_their_label_values_and_names(mrml_scene, input_node, tmp_path, oblique):
+    labels = torch.zeros(1, 16, 16, 16, dtype=torch.int64)
+    labels[0, 2:6, 2:6, 2:6] = 3
+    segmentation = labelmap_to_segmentation(
+        MetaTensor(labels, affine=torch.from_numpy(oblique)), [LabelInfo("lesion", 3, (1.0, 0.5, 0.0))], "seg",
+        scene=mrml_scene, reference_node=input_node,
+    )
+    paths = write_node_inputs({"image": input_node, "label": segmentation}, tmp_path, reference_node=input_node)
+    assert load_labels(tmp_path / "label_labels.json") == [LabelInfo("lesion", 3, (1.0, 0.5, 0.0))]
+    imported = import_outputs(paths, [OutputImport("label", "seg again", "segmentation")], reference_node=input_node, scene=mrml_scene)
+    assert segment_labels(imported["label"]) == [LabelInfo("lesion", 3, (1.0, 0.5, 0.0))]

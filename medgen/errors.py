@@ -1,0 +1,43 @@
+"""One exception hierarchy for MedGen.
+
+Every error a user can cause carries a message that says what was expected, what was found and
+what to do. The worker maps each class to an error ``kind`` and a distinct exit code
+(see :mod:`medgen.jobs.exit_codes`).
+"""
+
+from __future__ import annotations
+
+
+class MedGenError(Exception):
+    """Base class of every error MedGen raises on purpose."""
+
+    #: error kind reported in the job event stream
+    kind = "internal"
+
+
+class BadInputError(MedGenError, ValueError):
+    """The input (file, volume, parameter, job spec) is not usable as given."""
+
+    kind = "bad_input"
+
+
+class GeometryMismatchError(BadInputError):
+    """Two volumes that must share a voxel grid (image and label, source and mask) do not."""
+
+
+class ModelError(MedGenError):
+    """A model, checkpoint or adapter file is missing, corrupted or does not fit the network."""
+
+    kind = "bad_input"
+
+
+class OutOfMemoryError(MedGenError, MemoryError):
+    """A computation ran out of GPU or host memory; the message suggests smaller settings."""
+
+    kind = "oom"
+
+
+class CancelledError(MedGenError):
+    """The user cancelled the job (cancel file, SIGTERM or the runner killing the process tree)."""
+
+    kind = "cancelled"

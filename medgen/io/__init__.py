@@ -1,0 +1,31 @@
+"""Volume files <-> geometry-carrying tensors (the only place that touches image files).
+
+Tensors are ``monai.data.MetaTensor`` shaped ``(C, I, J, K)`` whose ``affine`` maps voxel indices
+(i, j, k) to RAS millimetres, exactly Slicer's IJK-to-RAS matrix.
+
+Names are imported lazily so ``medgen.io.atomic`` stays usable without torch/MONAI installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "atomic_output": "medgen.io.atomic",
+    "write_text_atomic": "medgen.io.atomic",
+    "SUPPORTED_SUFFIXES": "medgen.io.volumes",
+    "load_volume": "medgen.io.volumes",
+    "save_volume": "medgen.io.volumes",
+    "volume_suffix": "medgen.io.volumes",
+    "check_finite": "medgen.io.validation",
+    "check_same_geometry": "medgen.io.validation",
+    "check_spatial_3d": "medgen.io.validation",
+    "geometry_of": "medgen.io.validation",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'medgen.io' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

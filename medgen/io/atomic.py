@@ -1,0 +1,43 @@
+"""Atomic file output: write to a temporary sibling, then rename into place.
+
+A crash or cancellation mid-write leaves either the previous file or nothing, never half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_output(final_path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to ``final_path``; on success rename it to ``final_path``.
+
+    Args:
+        final_path: where the file must end up. Its folder is created if missing.
+        suffix: suffix of the temporary file (default: the final path's full suffix, so writers that
+            pick the format from the extension, e.g. ``.nii.gz``, still work).
+    """
+    final_path = Path(final_path)
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix is None:
+        suffix = "".join(final_path.suffixes)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{final_path.stem}.", suffix=f".part{suffix}", dir=final_path.parent)
+    os.close(handle)
+    tmp_path = Path(tmp_name)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final_path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (UTF-8)."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)

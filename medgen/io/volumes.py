@@ -1,0 +1,195 @@
+"""Load and save 3D volumes (NIfTI, NRRD, MetaImage, DICOM series) with exact geometry.
+
+SimpleITK reads and writes every format here. It stores geometry in LPS; MedGen tensors use RAS,
+so the affine is flipped on the way in and out (the only LPS<->RAS conversion in MedGen).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.data import MetaTensor
+
+from medgen.errors import BadInputError
+from medgen.io.atomic import atomic_output
+from medgen.io.validation import check_finite, check_spatial_3d
+
+SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def volume_suffix(path: str | os.PathLike) -> str:
+    """The format suffix of ``path`` (``.nii.gz`` counts as one); ``""`` if unsupported."""
+    name = Path(path).name.lower()
+    for suffix in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return suffix
+    return ""
+
+
+def _read_sitk(path: Path) -> sitk.Image:
+    if not path.exists():
+        raise BadInputError(f"Volume file {path} does not exist. Check the path or pick another file.")
+    if path.is_dir():
+        return _read_dicom_series(path)
+    if not volume_suffix(path):
+        raise BadInputError(
+            f"{path.name} has an unsupported file type. Supported: {', '.join(SUPPORTED_SUFFIXES)} "
+            "or a folder holding one DICOM series."
+        )
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise BadInputError(f"Could not read {path}: the file is unreadable or corrupted ({_first_line(error)}).") from error
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series_ids:
+        raise BadInputError(f"Folder {folder} holds no DICOM series. Point to a folder of .dcm slices of one series.")
+    if len(series_ids) > 1:
+        raise BadInputError(
+            f"Folder {folder} holds {len(series_ids)} DICOM series ({', '.join(series_ids[:3])}...). "
+            "Put each series in its own folder."
+        )
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0]))
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise BadInputError(f"Could not read the DICOM series in {folder} ({_first_line(error)}).") from error
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _affine_ras(image: sitk.Image) -> np.ndarray:
+    """4x4 voxel-index -> RAS mm matrix of a SimpleITK image."""
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    affine_lps = np.eye(4)
+    affine_lps[:3, :3] = direction @ np.diag(image.GetSpacing())
+    affine_lps[:3, 3] = image.GetOrigin()
+    return _LPS_TO_RAS @ affine_lps
+
+
+def load_volume(path: str | os.PathLike, *, label: bool = False, name: str | None = None) -> MetaTensor:
+    """Read a 3D volume file or DICOM series folder.
+
+    Args:
+        path: ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd`` file or a DICOM series folder.
+        label: read as a label map: values must be integers and are returned as ``torch.int64``.
+        name: how the volume is called in error messages (default: the file name).
+
+    Returns:
+        MetaTensor shaped ``(C, I, J, K)`` (C = pixel components, 1 for scalar images), float32 for
+        images, int64 for label maps; ``.affine`` is the 4x4 IJK-to-RAS matrix (float64, mm).
+
+    Raises:
+        BadInputError: missing/unreadable/unsupported file, not 3D, NaN/Inf voxels, non-integer labels.
+    """
+    path = Path(path)
+    name = name or path.name
+    image = _read_sitk(path)
+    if image.GetDimension() != 3:
+        raise BadInputError(
+            f"{name} is {image.GetDimension()}D (size {image.GetSize()}) but a 3D volume is needed. "
+            "Load a 3D scan (for a 4D series, extract one time point first)."
+        )
+    voxels_kji = sitk.GetArrayFromImage(image)  # (K, J, I[, C])
+    if voxels_kji.ndim == 3:
+        voxels_kji = voxels_kji[..., None]
+    voxels = np.ascontiguousarray(np.transpose(voxels_kji, (3, 2, 1, 0)))  # (C, I, J, K)
+    check_spatial_3d(voxels.shape, name)
+    if label:
+        voxels = _as_label_array(voxels, name)
+        data = torch.from_numpy(voxels.astype(np.int64))
+    else:
+        data = torch.from_numpy(voxels.astype(np.float32))
+        check_finite(data, name)
+    return MetaTensor(
+        data,
+        affine=torch.from_numpy(_affine_ras(image)),
+        meta={"filename_or_obj": str(path), "space": "RAS", "original_dtype": str(voxels_kji.dtype)},
+    )
+
+
+def _as_label_array(voxels: np.ndarray, name: str) -> np.ndarray:
+    if np.issubdtype(voxels.dtype, np.floating):
+        if not np.all(np.isfinite(voxels)) or not np.array_equal(voxels, np.round(voxels)):
+            raise BadInputError(
+                f"{name} was loaded as a label map but holds non-integer or NaN values. "
+                "Pick the segmentation/label file, not an image."
+            )
+    if voxels.shape[0] != 1:
+        raise BadInputError(f"{name} was loaded as a label map but has {voxels.shape[0]} components; a label map has one.")
+    return voxels
+
+
+def _to_sitk(volume: torch.Tensor, affine_ras: np.ndarray, label: bool) -> sitk.Image:
+    voxels = volume.detach().cpu()
+    if voxels.ndim != 4:
+        raise BadInputError(f"Expected a (C, I, J, K) tensor to save but got shape {tuple(voxels.shape)}.")
+    if label:
+        array = voxels.numpy().astype(_label_dtype(voxels))
+    else:
+        array = voxels.float().numpy()
+    array_kji = np.transpose(array, (3, 2, 1, 0))  # (K, J, I, C)
+    if array_kji.shape[-1] == 1:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array_kji[..., 0]))
+    else:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array_kji), isVector=True)
+    affine_lps = _LPS_TO_RAS @ np.asarray(affine_ras, dtype=np.float64)
+    spacing = np.linalg.norm(affine_lps[:3, :3], axis=0)
+    if np.any(spacing <= 0):
+        raise BadInputError(f"The volume's affine has a zero-length axis (spacing {spacing}); cannot save it.")
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((affine_lps[:3, :3] / spacing).flatten().tolist())
+    image.SetOrigin(affine_lps[:3, 3].tolist())
+    return image
+
+
+def _label_dtype(voxels: torch.Tensor) -> type:
+    low, high = int(voxels.min()), int(voxels.max())
+    for dtype in (np.uint8, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return dtype
+    return np.int64
+
+
+def save_volume(
+    volume: torch.Tensor,
+    path: str | os.PathLike,
+    *,
+    affine: np.ndarray | torch.Tensor | None = None,
+    label: bool = False,
+) -> Path:
+    """Write a ``(C, I, J, K)`` tensor to a volume file atomically (temp file + rename).
+
+    Args:
+        volume: MetaTensor (its ``.affine`` is used) or plain tensor with ``affine`` given.
+        path: output file; the format follows the suffix (``.nii.gz``, ``.nrrd``, ``.mha``, ...).
+        affine: 4x4 IJK-to-RAS matrix (mm); overrides the MetaTensor's own.
+        label: store as the smallest integer type that holds the labels (otherwise float32).
+
+    Returns:
+        The written path.
+    """
+    path = Path(path)
+    if not volume_suffix(path):
+        raise BadInputError(f"Cannot save {path.name}: use one of {', '.join(SUPPORTED_SUFFIXES)}.")
+    if affine is None:
+        if not isinstance(volume, MetaTensor):
+            raise BadInputError("save_volume needs an affine: pass a MetaTensor or affine=4x4 IJK-to-RAS matrix.")
+        affine = volume.affine
+    affine = np.asarray(affine.cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+    image = _to_sitk(volume.as_tensor() if isinstance(volume, MetaTensor) else volume, affine, label)
+    with atomic_output(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=path.name.lower().endswith(".gz"))
+    return path

@@ -1,0 +1,112 @@
+"""JSON-lines events on stdout, and the worker's :class:`medgen.progress.Reporter`.
+
+Event shapes (one JSON object per line):
+- ``{"event": "started", "job_kind", "device", "job_dir", "pid"}``
+- ``{"event": "progress", "phase", "step", "total", "eta_s", ...metrics}``
+- ``{"event": "log", "level", "message"}``
+- ``{"event": "result", "outputs": {name: path}, ...}``
+- ``{"event": "error", "kind": "bad_input"|"oom"|"cancelled"|"internal", "message"}``
+Every event also carries ``"time"`` (Unix seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from medgen.errors import CancelledError
+from medgen.progress import EtaClock
+
+CANCEL_FILE = "cancel"
+EVENTS_FILE = "events.jsonl"
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _json_safe(value.item())
+    return value
+
+
+class EventStream:
+    """Writes events to ``stream`` (stdout by default), optionally keeping a copy in the job folder."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self._stream = stream or sys.stdout
+        self._log_file: IO[str] | None = None
+
+    def keep_copy_in(self, job_dir: Path) -> None:
+        """From now on also append every event to ``JOB_DIR/events.jsonl`` (after validation passed)."""
+        self._log_file = open(job_dir / EVENTS_FILE, "a", encoding="utf-8")
+
+    def emit(self, event: str, **fields: Any) -> None:
+        line = json.dumps(_json_safe({"event": event, "time": round(time.time(), 3), **fields}))
+        self._stream.write(line + "\n")
+        self._stream.flush()
+        if self._log_file:
+            self._log_file.write(line + "\n")
+            self._log_file.flush()
+
+    def close(self) -> None:
+        if self._log_file:
+            self._log_file.close()
+            self._log_file = None
+
+
+class CancelWatch:
+    """True once SIGTERM arrived or ``JOB_DIR/cancel`` exists."""
+
+    def __init__(self, job_dir: Path) -> None:
+        self._cancel_file = job_dir / CANCEL_FILE
+        self._signalled = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._signalled = True
+
+    @property
+    def requested(self) -> bool:
+        return self._signalled or self._cancel_file.exists()
+
+
+class JobReporter:
+    """Reporter that streams progress/log events and raises on cancellation.
+
+    Progress events are throttled to ``min_interval_s`` (the last step of a phase always goes out) so a
+    fast inner loop cannot flood the Slicer GUI.
+    """
+
+    def __init__(self, events: EventStream, cancel: CancelWatch, min_interval_s: float = 0.2) -> None:
+        self._events = events
+        self._cancel = cancel
+        self._eta = EtaClock()
+        self._min_interval_s = min_interval_s
+        self._last_emit_s = 0.0
+
+    def progress(self, phase: str, step: int, total: int, **metrics: Any) -> None:
+        eta_s = self._eta.eta_s(phase, step, total)
+        now = time.monotonic()
+        if step < total and now - self._last_emit_s < self._min_interval_s:
+            return
+        self._last_emit_s = now
+        self._events.emit(
+            "progress", phase=phase, step=int(step), total=int(total),
+            eta_s=None if eta_s is None else round(eta_s, 1), **metrics,
+        )
+
+    def log(self, message: str, level: str = "info") -> None:
+        self._events.emit("log", level=level, message=message)
+
+    def check_cancelled(self) -> None:
+        if self._cancel.requested:
+            raise CancelledError("Cancelled by the user; outputs written before the cancel are kept.")

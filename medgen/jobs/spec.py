@@ -1,0 +1,109 @@
+"""``job.json``: its schema, loading and validation (before any work starts)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from medgen.errors import BadInputError
+from medgen.jobs.kinds import get_kind
+
+JOB_FILE = "job.json"
+SCHEMA_VERSION = 1
+
+JOB_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "MedGen job",
+    "type": "object",
+    "properties": {
+        "schema_version": {"const": SCHEMA_VERSION},
+        "kind": {"type": "string", "minLength": 1},
+        "inputs": {"type": "object"},
+        "params": {"type": "object"},
+        "device": {"type": "string", "pattern": r"^(auto|cpu|cuda(:\d+)?)$"},
+        "seed": {"type": "integer", "minimum": 0},
+    },
+    "required": ["schema_version", "kind", "inputs"],
+    "additionalProperties": False,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """A validated job: paths in ``inputs`` are absolute, ``params`` has its defaults filled in."""
+
+    kind: str
+    inputs: dict[str, Any]
+    params: dict[str, Any]
+    device: str = "auto"
+    seed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, **dataclasses.asdict(self)}
+
+
+def _schema_error(error: jsonschema.ValidationError, where: str) -> BadInputError:
+    location = "/".join([where, *(str(part) for part in error.absolute_path)]) if where != "top level" else (
+        "/".join(str(part) for part in error.absolute_path) or where
+    )
+    return BadInputError(f"job.json is invalid at '{location}': {error.message}.")
+
+
+def _fill_defaults(params: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    filled = dict(params)
+    for name, prop in schema.get("properties", {}).items():
+        if name not in filled and "default" in prop:
+            filled[name] = prop["default"]
+    return filled
+
+
+def _resolve_paths(value: Any, base: Path, name: str) -> Any:
+    if isinstance(value, list):
+        return [_resolve_paths(item, base, name) for item in value]
+    path = Path(value)
+    path = path if path.is_absolute() else (base / path)
+    if not path.exists():
+        raise BadInputError(f"Input '{name}' points to {path}, which does not exist.")
+    return str(path.resolve())
+
+
+def validate_job(document: Any, base_dir: Path) -> JobSpec:
+    """Check a parsed ``job.json`` document and return the :class:`JobSpec`.
+
+    Relative input paths are resolved against ``base_dir`` and must exist.
+    """
+    try:
+        jsonschema.validate(document, JOB_SCHEMA)
+    except jsonschema.ValidationError as error:
+        raise _schema_error(error, "top level") from None
+    kind = get_kind(document["kind"])
+    inputs, params = document["inputs"], document.get("params", {})
+    for section, schema, value in (("inputs", kind.inputs, inputs), ("params", kind.params, params)):
+        try:
+            jsonschema.validate(value, schema)
+        except jsonschema.ValidationError as error:
+            raise _schema_error(error, section) from None
+    return JobSpec(
+        kind=kind.name,
+        inputs={name: _resolve_paths(value, base_dir, name) for name, value in inputs.items()},
+        params=_fill_defaults(params, kind.params),
+        device=document.get("device", "auto"),
+        seed=document.get("seed", 0),
+    )
+
+
+def load_job(job_dir: str | Path) -> JobSpec:
+    """Read and validate ``JOB_DIR/job.json``; :class:`BadInputError` with a clear message otherwise."""
+    job_dir = Path(job_dir)
+    job_file = job_dir / JOB_FILE
+    if not job_file.is_file():
+        raise BadInputError(f"No {JOB_FILE} in {job_dir}: a job folder must contain one.")
+    try:
+        document = json.loads(job_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BadInputError(f"{job_file} is not valid JSON ({error}).") from None
+    return validate_job(document, job_dir)

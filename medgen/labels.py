@@ -1,0 +1,69 @@
+"""Label descriptions: which integer value in a label map means which named, coloured structure."""
+
+from __future__ import annotations
+
+import colorsys
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+from medgen.errors import BadInputError
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelInfo:
+    """One structure of a label map.
+
+    Args:
+        name: structure name shown to the user (segment name in Slicer, key in nnU-Net's dataset.json).
+        value: its integer value in the label map (> 0; 0 is background).
+        color: display colour as RGB in [0, 1].
+    """
+
+    name: str
+    value: int
+    color: tuple[float, float, float]
+
+
+def default_color(value: int) -> tuple[float, float, float]:
+    """A distinct, stable colour for label ``value`` (golden-ratio hue steps)."""
+    hue = (value * 0.618033988749895) % 1.0
+    return tuple(round(channel, 4) for channel in colorsys.hsv_to_rgb(hue, 0.65, 0.95))
+
+
+def make_labels(names: dict[str, int] | Iterable[str]) -> list[LabelInfo]:
+    """Labels from ``{name: value}`` (or names numbered 1, 2, ...), with default colours, sorted by value."""
+    pairs = names.items() if isinstance(names, dict) else ((name, i + 1) for i, name in enumerate(names))
+    labels = [LabelInfo(str(name), int(value), default_color(int(value))) for name, value in pairs if int(value) != 0]
+    check_labels(labels)
+    return sorted(labels, key=lambda label: label.value)
+
+
+def check_labels(labels: list[LabelInfo]) -> None:
+    """Raise :class:`BadInputError` for duplicate names/values or non-positive values."""
+    names = [label.name for label in labels]
+    values = [label.value for label in labels]
+    if len(set(names)) != len(names) or len(set(values)) != len(values):
+        raise BadInputError(f"Label names and values must be unique; got {dict(zip(names, values))}.")
+    if any(value <= 0 for value in values):
+        raise BadInputError(f"Label values must be positive (0 is background); got {values}.")
+
+
+def save_labels(labels: list[LabelInfo], path: str | os.PathLike) -> Path:
+    """Write labels as JSON ``[{"name", "value", "color"}, ...]``."""
+    from medgen.io.atomic import write_text_atomic
+
+    return write_text_atomic(path, json.dumps([dataclasses.asdict(label) for label in labels], indent=2) + "\n")
+
+
+def load_labels(path: str | os.PathLike) -> list[LabelInfo]:
+    """Read labels written by :func:`save_labels`."""
+    try:
+        entries = json.loads(Path(path).read_text(encoding="utf-8"))
+        labels = [LabelInfo(str(e["name"]), int(e["value"]), tuple(float(c) for c in e["color"])) for e in entries]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise BadInputError(f"{path} is not a MedGen label description ({error}).") from None
+    check_labels(labels)
+    return labels

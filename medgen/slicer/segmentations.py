@@ -1,0 +1,147 @@
+"""Segmentation nodes <-> integer label maps, keeping segment names, colours and label values.
+
+Two Slicer traps are handled here: exporting segments to a labelmap renumbers them 1..N in segment
+order (so values are mapped back through each segment's own label value), and an export without a
+reference geometry is cropped to the segments' extent (so a reference volume is always used).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from medgen.errors import BadInputError
+from medgen.labels import LabelInfo, default_color
+from medgen.slicer.scene import place_next_to, remove_nodes, resolve_scene, segmentations_logic
+from medgen.slicer.volumes import tensor_to_volume_node, volume_node_to_tensor
+
+
+def segment_labels(segmentation_node) -> list[LabelInfo]:
+    """Name, label value and colour of each segment, in segment order.
+
+    A segment without its own label value (0) gets its 1-based position, as Slicer's export would.
+    """
+    segmentation = segmentation_node.GetSegmentation()
+    labels = []
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        value = int(segment.GetLabelValue()) or index + 1
+        labels.append(LabelInfo(segment.GetName(), value, tuple(float(c) for c in segment.GetColor())))
+    if len({label.value for label in labels}) != len(labels):  # shared or missing values: fall back to order
+        labels = [LabelInfo(label.name, index + 1, label.color) for index, label in enumerate(labels)]
+    return labels
+
+
+def segmentation_to_labelmap(segmentation_node, reference_volume_node) -> tuple[MetaTensor, list[LabelInfo]]:
+    """Export all segments onto the reference volume's grid as one label map.
+
+    Returns:
+        ``(labelmap, labels)``: int64 MetaTensor ``(1, I, J, K)`` on the reference grid whose voxel
+        values are the segments' label values, and the :class:`LabelInfo` of every segment.
+
+    Raises:
+        BadInputError: no segments, or no reference volume.
+    """
+    import slicer
+    import vtk
+
+    if segmentation_node is None or segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
+        raise BadInputError("The segmentation has no segments. Draw or load at least one segment first.")
+    if reference_volume_node is None:
+        raise BadInputError("A reference volume is needed to export a segmentation on its voxel grid.")
+    scene = segmentation_node.GetScene()
+    labels = segment_labels(segmentation_node)
+    segment_ids = vtk.vtkStringArray()
+    segmentation_node.GetSegmentation().GetSegmentIDs(segment_ids)
+    color_tables_before = _color_table_ids(scene)
+    labelmap_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "medgen_export")
+    try:
+        exported = segmentations_logic(scene).ExportSegmentsToLabelmapNode(
+            segmentation_node, segment_ids, labelmap_node, reference_volume_node
+        )
+        if not exported:
+            raise BadInputError(f"Slicer could not export segmentation '{segmentation_node.GetName()}' to a label map.")
+        renumbered = volume_node_to_tensor(labelmap_node)
+    finally:
+        # the export also adds a '<segmentation>_ColorTable' node; leave the scene as we found it
+        new_tables = [scene.GetNodeByID(node_id) for node_id in _color_table_ids(scene) - color_tables_before]
+        remove_nodes(scene, labelmap_node, *new_tables)
+    lookup = torch.zeros(len(labels) + 1, dtype=torch.int64)
+    for position, label in enumerate(labels, start=1):
+        lookup[position] = label.value
+    labelmap = MetaTensor(lookup[renumbered.as_tensor()], affine=renumbered.affine)
+    return labelmap, labels
+
+
+def _color_table_ids(scene) -> set[str]:
+    nodes = scene.GetNodesByClass("vtkMRMLColorTableNode")
+    return {nodes.GetItemAsObject(i).GetID() for i in range(nodes.GetNumberOfItems())}
+
+
+def _color_table_for(scene, labels: list[LabelInfo]):
+    color_table = scene.AddNewNodeByClass("vtkMRMLColorTableNode", "medgen_import_colors")
+    color_table.SetTypeToUser()
+    color_table.SetNumberOfColors(max(label.value for label in labels) + 1)
+    color_table.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
+    for label in labels:
+        color_table.SetColor(label.value, label.name, *label.color, 1.0)
+    return color_table
+
+
+def labelmap_to_segmentation(labelmap: torch.Tensor, labels: list[LabelInfo], name: str, *, scene=None, reference_node=None):
+    """Add a segmentation node with one named, coloured segment per label.
+
+    Args:
+        labelmap: integer MetaTensor ``(1, I, J, K)`` (values = ``LabelInfo.value``, 0 = background).
+        labels: the structures; values found in ``labelmap`` but not listed get ``Label <v>``; listed
+            labels with no voxels still get an (empty) segment so every structure is present.
+        name: segmentation node name.
+        scene: target scene (default ``slicer.mrmlScene``).
+        reference_node: volume whose geometry becomes the segmentation's reference geometry; the node
+            is placed next to it in the subject hierarchy.
+    """
+    scene = resolve_scene(scene)
+    values_present = {int(v) for v in torch.unique(torch.as_tensor(labelmap)).tolist()} - {0}
+    known = {label.value for label in labels}
+    labels = list(labels) + [LabelInfo(f"Label {v}", v, default_color(v)) for v in sorted(values_present - known)]
+    if not labels:
+        raise BadInputError("Nothing to import: the label map is empty and no labels were named.")
+    labelmap_node = tensor_to_volume_node(labelmap, f"{name}_labelmap", scene=scene, label=True)
+    color_table = _color_table_for(scene, labels)
+    segmentation_node = None
+    try:
+        labelmap_node.GetDisplayNode().SetAndObserveColorNodeID(color_table.GetID())
+        segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        segmentation_node.CreateDefaultDisplayNodes()
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node or labelmap_node)
+        if not segmentations_logic(scene).ImportLabelmapToSegmentationNode(labelmap_node, segmentation_node):
+            raise BadInputError(f"Slicer could not import the label map into segmentation '{name}'.")
+        _name_color_and_complete(segmentation_node, labels)
+        if reference_node is not None:
+            segmentation_node.SetNodeReferenceID(segmentation_node.GetReferenceImageGeometryReferenceRole(), reference_node.GetID())
+            place_next_to(segmentation_node, reference_node)
+    except Exception:
+        remove_nodes(scene, segmentation_node)
+        raise
+    finally:
+        remove_nodes(scene, labelmap_node, color_table)
+    return segmentation_node
+
+
+def _name_color_and_complete(segmentation_node, labels: list[LabelInfo]) -> None:
+    """Set name, colour and label value on every imported segment; add empty segments for absent labels."""
+    segmentation = segmentation_node.GetSegmentation()
+    by_name = {label.name: label for label in labels}
+    present = set()
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        label = by_name.get(segment.GetName())
+        if label is not None:
+            segment.SetColor(*label.color)
+            segment.SetLabelValue(label.value)
+            present.add(label.name)
+    for label in labels:
+        if label.name not in present:
+            segment_id = segmentation.AddEmptySegment(label.name, label.name, list(label.color))
+            segmentation.GetSegment(segment_id).SetLabelValue(label.value)

@@ -1,0 +1,107 @@
+"""Volume nodes <-> ``(C, I, J, K)`` MetaTensors and files, with exact IJK-to-RAS geometry.
+
+A MetaTensor's affine *is* Slicer's IJK-to-RAS matrix, so the only work here is the KJI <-> IJK
+axis order of ``slicer.util.arrayFromVolume`` and carrying the matrix across. The node's own
+(local) IJK-to-RAS is used; results are placed under the reference node's parent transform, so a
+transformed input stays aligned with its outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from medgen.errors import BadInputError
+from medgen.io import load_volume, save_volume
+from medgen.slicer.scene import place_next_to, remove_nodes, resolve_scene
+
+LABELMAP_CLASS = "vtkMRMLLabelMapVolumeNode"
+SCALAR_VOLUME_CLASS = "vtkMRMLScalarVolumeNode"
+
+
+def ijk_to_ras_of(node) -> np.ndarray:
+    """The node's 4x4 IJK-to-RAS matrix (mm) as float64."""
+    import slicer
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix).astype(np.float64)
+
+
+def volume_node_to_tensor(node) -> MetaTensor:
+    """Copy a scalar or label volume node to a MetaTensor shaped ``(1, I, J, K)``.
+
+    Label map nodes give int64 tensors, other volumes float32.
+    """
+    import slicer
+
+    if node is None or node.GetImageData() is None:
+        raise BadInputError("The selected volume node has no image data. Load or select a volume first.")
+    array_kji = slicer.util.arrayFromVolume(node)
+    if array_kji.ndim != 3:
+        raise BadInputError(
+            f"Volume '{node.GetName()}' has {array_kji.shape[-1]} components per voxel; MedGen needs a scalar volume."
+        )
+    is_label = node.IsA(LABELMAP_CLASS)
+    array_ijk = np.ascontiguousarray(array_kji.transpose(2, 1, 0))[None]
+    data = torch.from_numpy(array_ijk.astype(np.int64 if is_label else np.float32))
+    return MetaTensor(data, affine=torch.from_numpy(ijk_to_ras_of(node)), meta={"name": node.GetName(), "space": "RAS"})
+
+
+def _label_array_dtype(array: np.ndarray) -> type:
+    return np.int16 if array.min() >= np.iinfo(np.int16).min and array.max() <= np.iinfo(np.int16).max else np.int32
+
+
+def tensor_to_volume_node(volume: torch.Tensor, name: str, *, scene=None, label: bool = False, reference_node=None, affine=None):
+    """Add a new volume node holding ``volume`` (``(1, I, J, K)`` or ``(I, J, K)``) to the scene.
+
+    Args:
+        volume: MetaTensor (its affine is used) or tensor with ``affine`` given (4x4 IJK-to-RAS, mm).
+        name: node name (made unique by the scene if taken).
+        scene: target scene (default ``slicer.mrmlScene``).
+        label: create a ``vtkMRMLLabelMapVolumeNode`` with integer voxels.
+        reference_node: place the new node next to this one (subject hierarchy, parent transform).
+    """
+    import slicer
+
+    scene = resolve_scene(scene)
+    if affine is None:
+        if not isinstance(volume, MetaTensor):
+            raise BadInputError("tensor_to_volume_node needs an affine: pass a MetaTensor or affine=4x4 matrix.")
+        affine = volume.affine
+    affine = np.asarray(affine.cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+    data = volume.detach().cpu()
+    data = data.as_tensor() if isinstance(data, MetaTensor) else data
+    if data.ndim == 4 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim != 3:
+        raise BadInputError(f"Expected a single-channel 3D volume (1, I, J, K) but got shape {tuple(volume.shape)}.")
+    array_kji = np.ascontiguousarray(data.numpy().transpose(2, 1, 0))
+    array_kji = array_kji.astype(_label_array_dtype(array_kji)) if label else array_kji.astype(np.float32)
+    node = scene.AddNewNodeByClass(LABELMAP_CLASS if label else SCALAR_VOLUME_CLASS, name)
+    try:
+        slicer.util.updateVolumeFromArray(node, array_kji)
+        node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(affine))
+        node.CreateDefaultDisplayNodes()
+        if reference_node is not None:
+            place_next_to(node, reference_node)
+    except Exception:
+        remove_nodes(scene, node)  # never leave a half-made node in the scene
+        raise
+    return node
+
+
+def volume_node_to_file(node, path: str | os.PathLike) -> Path:
+    """Write a volume node to a file (format from the suffix) with its exact geometry."""
+    return save_volume(volume_node_to_tensor(node), path, label=node.IsA(LABELMAP_CLASS))
+
+
+def file_to_volume_node(path: str | os.PathLike, name: str, *, scene=None, label: bool = False, reference_node=None):
+    """Load a volume file into a new node (placed next to ``reference_node`` when given)."""
+    volume = load_volume(path, label=label)
+    return tensor_to_volume_node(volume, name, scene=scene, label=label, reference_node=reference_node)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create (or reuse) the local virtual environment .venv and install MedGen into it.
+# Usage: scripts/setup_env.sh [EXTRAS]   e.g. "samples" (demo) or "test" (test suite)
+# Installs the CPU build of PyTorch when torch is missing (enough for the demo and tests; for a GPU
+# install a CUDA build of torch into .venv first, or use Slicer's PyTorch extension inside Slicer).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-samples}"
+python_bin="${PYTHON:-python3}"
+
+"$python_bin" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "MedGen needs Python >= 3.10")'
+[ -x .venv/bin/python ] || "$python_bin" -m venv .venv
+py=.venv/bin/python
+
+stamp=".venv/.medgen-installed-$extras"
+want="$(cat pyproject.toml scripts/constraints.txt | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+
+echo "[setup] installing MedGen ($extras) into .venv (first run takes a few minutes)" >&2
+"$py" -m pip install -q --upgrade pip
+if ! "$py" -c "import torch" 2>/dev/null; then
+  "$py" -m pip install -q "torch==2.13.0+cpu" 2>/dev/null \
+    || "$py" -m pip install -q --index-url https://download.pytorch.org/whl/cpu torch \
+    || "$py" -m pip install -q torch
+fi
+"$py" -m pip install -q -c scripts/constraints.txt -e ".[$extras]"
+echo "$want" > "$stamp"
