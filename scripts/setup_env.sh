@@ -13,7 +13,7 @@ python_bin="${PYTHON:-python3}"
 py=.venv/bin/python
 
 stamp=".venv/.medgen-installed-$extras"
-want="$(cat pyproject.toml scripts/constraints.txt | sha256sum | cut -c1-16)"
+want="$(cat pyproject.toml scripts/constraints.txt scripts/nnunet-checker-requirements.txt | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -26,4 +26,11 @@ if ! "$py" -c "import torch" 2>/dev/null; then
     || "$py" -m pip install -q torch
 fi
 "$py" -m pip install -q -c scripts/constraints.txt -e ".[$extras]"
+if [ "$extras" = "test" ]; then
+  # nnU-Net v2's own dataset checker validates our exports in the tests. Its full dependency set
+  # (dynamic-network-architectures -> timm -> torchvision) would replace the CPU torch with a
+  # multi-GB CUDA build, and the checker needs none of those, so nnunetv2 comes without them.
+  "$py" -m pip install -q -c scripts/constraints.txt --no-deps nnunetv2
+  "$py" -m pip install -q -c scripts/constraints.txt -r scripts/nnunet-checker-requirements.txt
+fi
 echo "$want" > "$stamp"

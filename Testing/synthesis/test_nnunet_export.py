@@ -1,0 +1,92 @@
+"""nnU-Net v2 export, checked by nnU-Net's own dataset integrity check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from medgen.errors import BadInputError, GeometryMismatchError
+from medgen.io import load_volume, save_volume
+from medgen.progress import CallbackReporter
+from medgen.synthesis.nnunet_export import export_nnunet
+
+LABELS = {"background": 0, "CSF": 1, "grey matter": 2, "white matter": 3}
+
+
+def _pair(oblique, seed):
+    generator = torch.Generator().manual_seed(seed)
+    image = MetaTensor(torch.rand((1, 16, 16, 16), generator=generator), affine=torch.from_numpy(oblique))
+    label = MetaTensor(torch.randint(0, 4, (1, 16, 16, 16), generator=generator), affine=torch.from_numpy(oblique))
+    return image, label
+
+
+def _verify_with_nnunet(dataset_dir):
+    verify = pytest.importorskip("nnunetv2.experiment_planning.verify_dataset_integrity").verify_dataset_integrity
+    verify(str(dataset_dir), num_processes=1)
+
+
+def test_synthetic_and_real_cases_pass_nnunet_integrity_check(tmp_path, oblique):
+    synthetic = [_pair(oblique, seed) for seed in range(3)]
+    dataset = export_nnunet(synthetic, tmp_path, dataset_id=501, name="MedGenTiny", labels=LABELS)
+    real_dir = tmp_path / "real"
+    real_files = []
+    for index, (image, label) in enumerate([_pair(oblique, 10), _pair(oblique, 11)]):
+        real_files.append((save_volume(image, real_dir / f"r{index}_0000.nii.gz"), save_volume(label, real_dir / f"r{index}.nii.gz", label=True)))
+    assert export_nnunet(real_files, tmp_path, dataset_id=501, name="MedGenTiny", labels=LABELS, case_prefix="real") == dataset
+    assert dataset.name == "Dataset501_MedGenTiny"
+    document = json.loads((dataset / "dataset.json").read_text())
+    assert document["numTraining"] == 5 and document["labels"] == LABELS
+    assert document["channel_names"] == {"0": "MRI"} and document["file_ending"] == ".nii.gz"
+    assert sorted(p.name for p in (dataset / "labelsTr").iterdir()) == [
+        "real_0000.nii.gz", "real_0001.nii.gz", "syn_0000.nii.gz", "syn_0001.nii.gz", "syn_0002.nii.gz"]
+    _verify_with_nnunet(dataset)
+    reread = load_volume(dataset / "labelsTr" / "syn_0001.nii.gz", label=True)
+    assert torch.equal(reread.as_tensor(), synthetic[1][1].as_tensor())
+
+
+def test_label_values_outside_the_dataset_labels_are_refused(tmp_path, oblique):
+    image, label = _pair(oblique, 0)
+    label[0, 0, 0, 0] = 7
+    with pytest.raises(BadInputError, match=r"label values \[7\]"):
+        export_nnunet([(image, label)], tmp_path, dataset_id=502, name="Bad", labels=LABELS)
+
+
+def test_pair_with_different_geometry_is_refused(tmp_path, oblique):
+    image, label = _pair(oblique, 0)
+    moved = oblique.copy()
+    moved[0, 3] += 5.0
+    with pytest.raises(GeometryMismatchError, match="case 0 image and case 0 label"):
+        export_nnunet([(image, MetaTensor(label.as_tensor(), affine=torch.from_numpy(moved)))], tmp_path, dataset_id=503, name="Geo", labels=LABELS)
+
+
+@pytest.mark.parametrize("labels", [{"CSF": 1}, {"background": 0, "a": 2}, {"background": 1, "a": 0}])
+def test_nnunet_label_rules_are_enforced(tmp_path, oblique, labels):
+    with pytest.raises(BadInputError, match="consecutive"):
+        export_nnunet([_pair(oblique, 0)], tmp_path, dataset_id=504, name="Lab", labels=labels)
+
+
+def test_adding_cases_with_other_labels_is_refused(tmp_path, oblique):
+    export_nnunet([_pair(oblique, 0)], tmp_path, dataset_id=505, name="Mix", labels=LABELS)
+    with pytest.raises(BadInputError, match="already exists with labels"):
+        export_nnunet([_pair(oblique, 1)], tmp_path, dataset_id=505, name="Mix", labels={"background": 0, "x": 1, "y": 2, "z": 3})
+
+
+def test_cancelled_export_leaves_a_consistent_dataset(tmp_path, oblique):
+    written = []
+
+    def on_event(event):
+        written.append(event["case"])
+
+    reporter = CallbackReporter(on_event, should_stop=lambda: len(written) >= 2)
+    from medgen.errors import CancelledError
+
+    pairs = (_pair(oblique, seed) for seed in range(10))  # a generator: streamed, never held in memory
+    with pytest.raises(CancelledError):
+        export_nnunet(pairs, tmp_path, dataset_id=506, name="Cancel", labels=LABELS, reporter=reporter)
+    dataset = tmp_path / "Dataset506_Cancel"
+    assert json.loads((dataset / "dataset.json").read_text())["numTraining"] == 2
+    assert not [p for p in dataset.rglob("*") if ".part" in p.name]
+    _verify_with_nnunet(dataset)

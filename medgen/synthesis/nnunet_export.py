@@ -1,0 +1,154 @@
+"""Export image/label pairs as an nnU-Net v2 raw dataset.
+
+Layout (nnU-Net v2): ``Dataset{ID:03d}_{name}/imagesTr/{case}_0000.nii.gz``,
+``labelsTr/{case}.nii.gz`` and ``dataset.json`` (channel_names, labels, numTraining, file_ending).
+Cases are written one at a time (memory stays bounded for any N), each file atomically; dataset.json
+is rewritten atomically after every case so a cancelled export is still a consistent dataset.
+Correctness is checked in the tests with nnU-Net's own ``verify_dataset_integrity``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Union
+
+import torch
+
+from medgen.errors import BadInputError
+from medgen.io import check_finite, check_same_geometry, load_volume, save_volume
+from medgen.io.atomic import write_text_atomic
+from medgen.progress import Reporter, as_reporter
+
+FILE_ENDING = ".nii.gz"
+VolumeLike = Union[str, os.PathLike, torch.Tensor]
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def dataset_folder_name(dataset_id: int, name: str) -> str:
+    """``Dataset{ID:03d}_{name}`` as nnU-Net expects (ID 1..999, name of letters/digits/_/-)."""
+    if not 1 <= int(dataset_id) <= 999:
+        raise BadInputError(f"nnU-Net dataset ids run from 1 to 999; got {dataset_id}.")
+    if not _NAME_PATTERN.match(name):
+        raise BadInputError(f"Dataset name {name!r} may only hold letters, digits, '_' and '-'.")
+    return f"Dataset{int(dataset_id):03d}_{name}"
+
+
+def check_nnunet_labels(labels: dict[str, int]) -> dict[str, int]:
+    """nnU-Net's label rule: ``background`` is 0 and the values are the consecutive integers 0..K-1."""
+    values = sorted(int(v) for v in labels.values())
+    if labels.get("background") != 0 or values != list(range(len(values))):
+        raise BadInputError(
+            f"nnU-Net labels must map 'background' to 0 and use consecutive integers 0..K-1; got {labels}. "
+            "Remap the label values first (medgen.synthesis.prepare does this)."
+        )
+    return {name: int(value) for name, value in sorted(labels.items(), key=lambda item: item[1])}
+
+
+def _as_volume(volume: VolumeLike, label: bool, what: str):
+    if isinstance(volume, torch.Tensor):
+        return volume
+    return load_volume(volume, label=label, name=f"{what} {Path(volume).name}")
+
+
+def _dataset_json(labels: dict[str, int], channel_name: str, num_training: int) -> str:
+    document = {
+        "channel_names": {"0": channel_name},
+        "labels": labels,
+        "numTraining": num_training,
+        "file_ending": FILE_ENDING,
+        "licence": "see the source data",
+        "description": "written by MedGen (medgen.synthesis.export_nnunet)",
+    }
+    return json.dumps(document, indent=2) + "\n"
+
+
+def _existing_cases(labels_dir: Path) -> set[str]:
+    return {path.name[: -len(FILE_ENDING)] for path in labels_dir.glob(f"*{FILE_ENDING}")}
+
+
+def export_nnunet(
+    cases: Iterable[tuple[VolumeLike, VolumeLike]],
+    out_root: str | os.PathLike,
+    *,
+    dataset_id: int,
+    name: str,
+    labels: dict[str, int],
+    channel_name: str = "MRI",
+    case_prefix: str = "syn",
+    reporter: Reporter | None = None,
+) -> Path:
+    """Write (image, label) pairs into an nnU-Net v2 raw dataset folder (created or extended).
+
+    Calling it again on the same dataset with another ``case_prefix`` adds cases, which is how
+    synthetic and real cases are mixed (e.g. ``syn_0000`` ... and ``real_0000`` ...).
+
+    Args:
+        cases: pairs of image and label map, each a file path or a ``(1, I, J, K)`` MetaTensor from
+            :mod:`medgen.io`; image and label must share one voxel grid.
+        out_root: folder that holds nnU-Net datasets (``nnUNet_raw``).
+        dataset_id, name: give the folder ``Dataset{ID:03d}_{name}``.
+        labels: structure name -> label value, with ``background`` 0 and consecutive values.
+        channel_name: nnU-Net channel name (``CT`` selects CT normalisation, anything else z-scoring).
+        case_prefix: prefix of the case identifiers written by this call.
+        reporter: progress per written case; cancellation between cases.
+
+    Returns:
+        The dataset folder.
+    """
+    labels = check_nnunet_labels(labels)
+    if not _NAME_PATTERN.match(case_prefix):
+        raise BadInputError(f"Case prefix {case_prefix!r} may only hold letters, digits, '_' and '-'.")
+    reporter = as_reporter(reporter)
+    dataset_dir = Path(out_root) / dataset_folder_name(dataset_id, name)
+    images_dir, labels_dir = dataset_dir / "imagesTr", dataset_dir / "labelsTr"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    labels_dir.mkdir(parents=True, exist_ok=True)
+    _check_compatible(dataset_dir, labels, channel_name)
+    existing = _existing_cases(labels_dir)
+    allowed_values = set(labels.values())
+    cases = list(cases) if not hasattr(cases, "__next__") else cases
+    total = len(cases) if hasattr(cases, "__len__") else 0
+    index = 0
+    for number, (image_like, label_like) in enumerate(cases):
+        reporter.check_cancelled()
+        image, label_map = _as_volume(image_like, False, "image"), _as_volume(label_like, True, "label")
+        _check_pair(image, label_map, allowed_values, number)
+        while f"{case_prefix}_{index:04d}" in existing:
+            index += 1
+        case = f"{case_prefix}_{index:04d}"
+        save_volume(image.float(), images_dir / f"{case}_0000{FILE_ENDING}")
+        save_volume(label_map, labels_dir / f"{case}{FILE_ENDING}", label=True)
+        existing.add(case)
+        write_text_atomic(dataset_dir / "dataset.json", _dataset_json(labels, channel_name, len(existing)))
+        reporter.progress("export", number + 1, max(total, number + 1), case=case)
+    write_text_atomic(dataset_dir / "dataset.json", _dataset_json(labels, channel_name, len(_existing_cases(labels_dir))))
+    return dataset_dir
+
+
+def _check_compatible(dataset_dir: Path, labels: dict[str, int], channel_name: str) -> None:
+    json_path = dataset_dir / "dataset.json"
+    if not json_path.exists():
+        return
+    existing = json.loads(json_path.read_text(encoding="utf-8"))
+    if existing.get("labels") != labels or existing.get("channel_names") != {"0": channel_name}:
+        raise BadInputError(
+            f"{dataset_dir.name} already exists with labels {existing.get('labels')} and channels "
+            f"{existing.get('channel_names')}; new cases have {labels} and {{'0': {channel_name!r}}}. "
+            "Use another dataset id or the same labels/channel."
+        )
+
+
+def _check_pair(image, label_map, allowed_values: set[int], number: int) -> None:
+    if image.shape[0] != 1 or label_map.shape[0] != 1:
+        raise BadInputError(f"Case {number}: expected single-channel image and label, got {tuple(image.shape)} and {tuple(label_map.shape)}.")
+    check_finite(image, f"case {number} image")
+    check_same_geometry(image, label_map, f"case {number} image", f"case {number} label")
+    found = {int(v) for v in torch.unique(torch.as_tensor(label_map)).tolist()}
+    unexpected = sorted(found - allowed_values)
+    if unexpected:
+        raise BadInputError(
+            f"Case {number}: label values {unexpected} are not among the dataset's labels {sorted(allowed_values)}."
+        )
