@@ -1,0 +1,64 @@
+"""Training-pair preparation: grid, label remapping with names, clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from medgen.errors import BadInputError, GeometryMismatchError
+from medgen.io import save_volume
+from medgen.labels import LabelInfo
+from medgen.synthesis.prepare import find_nnunet_pairs, load_pairs_from_folder, prepare_pairs
+
+
+def _pair(affine, shape=(20, 18, 14), values=(3, 7)):
+    image = MetaTensor(torch.rand(1, *shape) * 500, affine=torch.from_numpy(affine))
+    label = torch.zeros(1, *shape, dtype=torch.int64)
+    label[0, 2:8, 2:8, 2:6] = values[0]
+    label[0, 10:16, 8:14, 6:12] = values[1]
+    return image, MetaTensor(label, affine=torch.from_numpy(affine))
+
+
+def test_pairs_are_resampled_to_one_grid_with_labels_remapped_and_named(oblique):
+    image, label = _pair(oblique)
+    labels = [LabelInfo("liver", 3, (1, 0, 0)), LabelInfo("spleen", 7, (0, 1, 0))]
+    prepared, new_labels = prepare_pairs([("a", image, label)], shape=(16, 16, 16), spacing_mm=(1.0, 1.0, 1.0), labels=labels)
+    pair = prepared[0]
+    assert pair.image.shape == pair.label.shape == (1, 16, 16, 16)
+    assert 0.0 <= float(pair.image.min()) and float(pair.image.max()) <= 1.0
+    assert set(torch.unique(pair.label).tolist()) <= {0, 1, 2}
+    assert [(label.name, label.value) for label in new_labels] == [("liver", 1), ("spleen", 2)]
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(pair.label.affine)[:3, :3], axis=0), [1, 1, 1], atol=1e-5)
+    assert torch.allclose(pair.image.affine, pair.label.affine)
+
+
+def test_nearest_neighbour_keeps_labels_integer_and_never_invents_values(oblique):
+    image, label = _pair(oblique)
+    prepared, _ = prepare_pairs([("a", image, label)], shape=(24, 24, 24), spacing_mm=(0.7, 0.7, 1.9))
+    assert set(torch.unique(prepared[0].label).tolist()) == {0, 1, 2}
+
+
+def test_unnamed_label_values_are_refused_when_names_are_given(oblique):
+    image, label = _pair(oblique)
+    with pytest.raises(BadInputError, match=r"values \[7\]"):
+        prepare_pairs([("a", image, label)], shape=(16, 16, 16), labels=[LabelInfo("liver", 3, (1, 0, 0))])
+
+
+def test_pair_with_different_grids_is_refused(oblique):
+    image, label = _pair(oblique)
+    with pytest.raises(GeometryMismatchError, match="a image and a label"):
+        prepare_pairs([("a", image, MetaTensor(label[:, :10].as_tensor(), affine=label.affine))], shape=(16, 16, 16))
+
+
+def test_nnunet_folder_discovery(tmp_path, oblique):
+    image, label = _pair(oblique)
+    save_volume(image, tmp_path / "imagesTr" / "case1_0000.nii.gz")
+    save_volume(label, tmp_path / "labelsTr" / "case1.nii.gz", label=True)
+    assert [case for case, _, _ in find_nnunet_pairs(tmp_path)] == ["case1"]
+    loaded = load_pairs_from_folder(tmp_path)
+    assert loaded[0][2].dtype == torch.int64
+    save_volume(image, tmp_path / "imagesTr" / "case2_0000.nii.gz")
+    with pytest.raises(BadInputError, match="no label map case2.nii.gz"):
+        find_nnunet_pairs(tmp_path)

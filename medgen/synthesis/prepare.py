@@ -1,0 +1,147 @@
+"""Training pairs for paired synthesis: discovery, geometry checks, resampling, label remapping.
+
+Images are resampled with trilinear interpolation and label maps with nearest neighbour (MONAI
+``Spacingd``), padded/cropped to one shape (``ResizeWithPadOrCropd``), intensities scaled to [0, 1]
+by robust percentiles, and label values remapped to 0..K-1 with their names kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, ResizeWithPadOrCropd, ScaleIntensityRangePercentilesd, Spacingd
+
+from medgen.errors import BadInputError
+from medgen.io import check_same_geometry, load_volume
+from medgen.labels import LabelInfo, default_color
+
+IMAGE_SUFFIX = "_0000.nii.gz"
+LABEL_SUFFIX = ".nii.gz"
+
+
+@dataclasses.dataclass
+class PreparedPair:
+    """One training case on the common grid.
+
+    Attributes:
+        case: identifier (file stem or node name).
+        image: float32 MetaTensor ``(1, I, J, K)`` in [0, 1].
+        label: int64 MetaTensor ``(1, I, J, K)`` with values 0..K-1 (0 background).
+    """
+
+    case: str
+    image: MetaTensor
+    label: MetaTensor
+
+
+def find_nnunet_pairs(folder: str | os.PathLike) -> list[tuple[str, Path, Path]]:
+    """``(case, image, label)`` triples from an nnU-Net raw folder (``imagesTr``/``labelsTr``) or a flat
+    folder holding ``{case}_0000.nii.gz`` next to ``{case}.nii.gz``."""
+    folder = Path(folder)
+    images_dir = folder / "imagesTr" if (folder / "imagesTr").is_dir() else folder
+    labels_dir = folder / "labelsTr" if (folder / "labelsTr").is_dir() else folder
+    pairs = []
+    for image in sorted(images_dir.glob(f"*{IMAGE_SUFFIX}")):
+        case = image.name[: -len(IMAGE_SUFFIX)]
+        label = labels_dir / f"{case}{LABEL_SUFFIX}"
+        if not label.is_file():
+            raise BadInputError(f"Image {image.name} has no label map {label.name} in {labels_dir}.")
+        pairs.append((case, image, label))
+    if not pairs:
+        raise BadInputError(f"No '{{case}}{IMAGE_SUFFIX}' images found in {images_dir}; use nnU-Net naming.")
+    return pairs
+
+
+def label_remapping(label_maps: list[torch.Tensor], labels: list[LabelInfo] | None) -> tuple[dict[int, int], list[LabelInfo]]:
+    """Map the original label values to 0..K-1 (sorted by value) and name them.
+
+    Args:
+        label_maps: the training label maps (integer tensors).
+        labels: names/colours of the original values; unnamed values get ``Label <v>``.
+
+    Returns:
+        ``(old value -> new value, labels with the new values)``; background 0 stays 0.
+    """
+    found = sorted({int(v) for label_map in label_maps for v in torch.unique(label_map).tolist()} - {0})
+    named = {label.value: label for label in labels or []}
+    unknown = sorted(set(named) - set(found))
+    if labels is not None and set(found) - set(named):
+        raise BadInputError(
+            f"The label maps hold values {sorted(set(found) - set(named))} that the label list "
+            f"{sorted(named)} does not name. Name every structure or fix the label maps."
+        )
+    mapping = {0: 0}
+    new_labels = []
+    for new_value, old_value in enumerate(sorted(set(found) | set(unknown)), start=1):
+        mapping[old_value] = new_value
+        source = named.get(old_value, LabelInfo(f"Label {old_value}", old_value, default_color(old_value)))
+        new_labels.append(LabelInfo(source.name, new_value, source.color))
+    return mapping, new_labels
+
+
+def _remap(label_map: torch.Tensor, mapping: dict[int, int]) -> torch.Tensor:
+    lookup = torch.zeros(max(mapping) + 1, dtype=torch.int64)
+    for old, new in mapping.items():
+        lookup[old] = new
+    return lookup[label_map.long()]
+
+
+def prepare_pairs(
+    pairs: list[tuple[str, MetaTensor, MetaTensor]],
+    *,
+    shape: tuple[int, int, int],
+    spacing_mm: tuple[float, float, float] | None = None,
+    labels: list[LabelInfo] | None = None,
+    intensity_percentiles: tuple[float, float] = (0.5, 99.5),
+) -> tuple[list[PreparedPair], list[LabelInfo]]:
+    """Bring training pairs onto one grid and label set.
+
+    Args:
+        pairs: ``(case, image, label)`` with image ``(1, I, J, K)`` float and label ``(1, I, J, K)`` int,
+            each pair on one grid (checked).
+        shape: output grid shape ``(I, J, K)`` (voxels); cropped or zero-padded around the centre.
+        spacing_mm: output spacing; None keeps each case's own spacing.
+        labels: names of the original label values (None: ``Label <v>``).
+        intensity_percentiles: image values at these percentiles map to 0 and 1 (then clipped).
+
+    Returns:
+        ``(prepared pairs, labels with values 1..K-1)``.
+    """
+    if not pairs:
+        raise BadInputError("No training pairs were given.")
+    for case, image, label in pairs:
+        check_same_geometry(image, label, f"{case} image", f"{case} label")
+    mapping, new_labels = label_remapping([label for _, _, label in pairs], labels)
+    steps = []
+    if spacing_mm is not None:
+        steps.append(Spacingd(keys=("image", "label"), pixdim=spacing_mm, mode=("bilinear", "nearest")))
+    steps += [
+        ResizeWithPadOrCropd(keys=("image", "label"), spatial_size=shape),
+        ScaleIntensityRangePercentilesd(
+            keys="image", lower=intensity_percentiles[0], upper=intensity_percentiles[1], b_min=0.0, b_max=1.0, clip=True
+        ),
+    ]
+    transform = Compose(steps)
+    prepared = []
+    for case, image, label in pairs:
+        out = transform({"image": image.float(), "label": label.float()})
+        prepared.append(
+            PreparedPair(
+                case=case,
+                image=MetaTensor(out["image"].as_tensor().float(), affine=out["image"].affine),
+                label=MetaTensor(_remap(out["label"].as_tensor().round(), mapping), affine=out["label"].affine),
+            )
+        )
+    return prepared, new_labels
+
+
+def load_pairs_from_folder(folder: str | os.PathLike) -> list[tuple[str, MetaTensor, MetaTensor]]:
+    """Read every nnU-Net-named pair of ``folder`` (see :func:`find_nnunet_pairs`)."""
+    return [
+        (case, load_volume(image, name=image.name), load_volume(label, label=True, name=label.name))
+        for case, image, label in find_nnunet_pairs(folder)
+    ]
