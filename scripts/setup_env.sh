@@ -26,6 +26,9 @@ if ! "$py" -c "import torch" 2>/dev/null; then
     || "$py" -m pip install -q torch
 fi
 "$py" -m pip install -q -c scripts/constraints.txt -e ".[$extras]"
+# deepbet's wheel ships the pretrained 3D brain-extraction weights the demo adapts; MedGen reads the
+# weights only (never imports deepbet), so none of its GUI/processing dependencies are needed.
+"$py" -m pip install -q -c scripts/constraints.txt --no-deps deepbet
 if [ "$extras" = "test" ]; then
   # nnU-Net v2's own dataset checker validates our exports in the tests. Its full dependency set
   # (dynamic-network-architectures -> timm -> torchvision) would replace the CPU torch with a

@@ -1,0 +1,215 @@
+"""Engine oracles for the reverse loop: spec C.8 QC4 / C.9 oracle 8 (DDIM timesteps and x0), DDPM
+posterior consistency, determinism, timestep checks, SDEdit, fp32 arithmetic, progress/cancel, adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+from medgen.diffusion import (
+    SIGMOID_SCHEDULE,
+    cfg_denoiser,
+    controlnet_denoiser,
+    sample,
+    sdedit,
+    strided_timesteps,
+    unet_denoiser,
+)
+from medgen.errors import BadInputError, CancelledError, OutOfMemoryError
+from medgen.progress import CallbackReporter
+
+DIFF3_TIMESTEPS = list(range(999, 8, -10))
+
+
+def diff3_ddim() -> DDIMScheduler:
+    """DIFF-3's sampler per spec QC4: sigmoid schedule, offset 9, alpha-bar(prev) = 1 at the end, x0 clipped."""
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, schedule=SIGMOID_SCHEDULE, steps_offset=9, set_alpha_to_one=True, clip_sample=True
+    )
+    scheduler.set_timesteps(100)
+    return scheduler
+
+
+def oracle_denoiser(scheduler, x0: torch.Tensor, seen: list[int] | None = None):
+    """Predicts the exact noise that turns x0 into x_t, i.e. a perfect epsilon model for the data point x0."""
+
+    def denoise(x_t, t):
+        if seen is not None:
+            seen.append(int(t[0]))
+        alpha_bar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+        return (x_t - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+
+    return denoise
+
+
+def test_ddim_timesteps_999_to_9():
+    scheduler = diff3_ddim()
+    assert scheduler.timesteps.tolist() == DIFF3_TIMESTEPS
+    assert strided_timesteps(1000, 100, offset=9) == DIFF3_TIMESTEPS
+
+    seen: list[torch.Tensor] = []
+
+    def recording_denoise(x_t, t):
+        seen.append(t.clone())
+        return torch.zeros_like(x_t)
+
+    sample(recording_denoise, scheduler, torch.randn(2, 1, 4, 4, 4))
+    assert [int(t[0]) for t in seen] == DIFF3_TIMESTEPS
+    assert all(t.dtype == torch.long and t.tolist() == [t[0].item()] * 2 for t in seen)
+
+
+def test_ddim_oracle_returns_latent_and_final_x0():
+    scheduler = diff3_ddim()
+    latent = torch.rand(2, 4, 5, 5, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
+    result = sample(oracle_denoiser(scheduler, latent), scheduler, noise)
+    assert (result - latent).abs().max().item() < 1e-4
+
+    # With any model, the output is exactly the (clipped) x0 estimate at t = 9.
+    x0_at_last_step = {}
+
+    def keep_x0(x_prev, x0_pred, t):
+        x0_at_last_step[t] = x0_pred
+        return x_prev
+
+    result = sample(lambda x, t: 0.3 * x + 0.1, scheduler, noise, post_step=keep_x0)
+    assert torch.equal(result, x0_at_last_step[9])
+    assert result.abs().max().item() <= 1.0
+
+
+def test_ddpm_ancestral_chain_matches_q_marginal():
+    # Posterior consistency: with an exact epsilon model for x0, ancestral steps sample q(x_{t-1} | x_t, x0),
+    # so the chain started from q(x_T | x0) stays on the marginals q(x_t | x0) = N(sqrt(abar_t) x0, 1 - abar_t).
+    scheduler = DDPMScheduler(num_train_timesteps=1000, schedule="linear_beta", clip_sample=False)
+    x0 = torch.full((4, 1, 16, 16, 16), 0.5)
+    generator = torch.Generator().manual_seed(0)
+    start, stop = 999, 500
+    t_start = torch.full((4,), start, dtype=torch.long)
+    x_start = scheduler.add_noise(x0, torch.randn(x0.shape, generator=generator), t_start)
+    x_stop = sample(
+        oracle_denoiser(scheduler, x0), scheduler, x_start, timesteps=range(start, stop, -1), generator=generator
+    )
+    # after the step at t = stop + 1 the chain holds x_stop
+    alpha_bar = scheduler.alphas_cumprod[stop].item()
+    samples = x_stop.flatten()
+    standard_error = (1 / samples.numel()) ** 0.5
+    assert abs(samples.mean().item() - alpha_bar**0.5 * 0.5) < 5 * standard_error
+    assert abs(samples.var().item() - (1 - alpha_bar)) < 5 * standard_error * 2**0.5
+
+
+def test_sampling_is_deterministic_given_seed(make_tiny_denoiser):
+    denoiser = make_tiny_denoiser()
+    scheduler = DDIMScheduler(num_train_timesteps=1000, schedule=SIGMOID_SCHEDULE, clip_sample=False)
+    timesteps = strided_timesteps(1000, 5)
+
+    def run(seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn((2, 1, 8, 8, 8), generator=generator)
+        return sample(unet_denoiser(denoiser), scheduler, noise, timesteps=timesteps, eta=1.0, generator=generator)
+
+    first, again, other = run(7), run(7), run(8)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+
+
+def test_explicit_timesteps_must_match_monai_step_rule():
+    noise = torch.randn(1, 1, 2, 2, 2)
+    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    ddpm = DDPMScheduler(num_train_timesteps=1000)
+    with pytest.raises(BadInputError, match="consecutive"):
+        sample(zero, ddpm, noise, timesteps=[999, 989, 979])
+    ddim = DDIMScheduler(num_train_timesteps=1000)
+    with pytest.raises(BadInputError, match="stride"):
+        sample(zero, ddim, noise, timesteps=[999, 979, 958])
+    with pytest.raises(BadInputError, match=r"\[0, 999\]"):
+        sample(zero, ddim, noise, timesteps=[1000, 990])
+    # MONAI's own set_timesteps(10) strides 111 while its step goes back 1000 // 10 = 100
+    ddim.set_timesteps(10)
+    with pytest.raises(BadInputError, match="stride"):
+        sample(zero, ddim, noise)
+    # MRGen's "leading" spacing 981, 961, ..., 1: MONAI then steps t -> t - 20
+    mrgen = strided_timesteps(1000, 50, offset=1)
+    assert mrgen[:2] == [981, 961] and mrgen[-1] == 1
+    sample(zero, ddim, noise, timesteps=mrgen)
+    assert ddim.num_inference_steps == 50 and ddim.timesteps.tolist() == mrgen
+
+
+def test_sdedit_starts_at_given_timestep():
+    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, steps_offset=19)
+    scheduler.set_timesteps(50)  # 999, 979, ..., 19
+    x0 = torch.rand(1, 1, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen: list[int] = []
+    generator = torch.Generator().manual_seed(1)
+    edited = sdedit(oracle_denoiser(scheduler, x0, seen), scheduler, x0, 499, generator=generator)
+    assert seen == [t for t in scheduler.timesteps.tolist() if t <= 499] and seen[0] == 499
+    assert (edited - x0).abs().max().item() < 1e-4
+    with pytest.raises(BadInputError, match="nearest is 499"):
+        sdedit(oracle_denoiser(scheduler, x0), scheduler, x0, 500)
+    # an explicit list overrides the scheduler's own (here MONAI's DDPM default 999, 998, ..., 0)
+    ddpm = DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
+    seen.clear()
+    sdedit(oracle_denoiser(ddpm, x0, seen), ddpm, x0, 5, timesteps=range(9, -1, -1))
+    assert seen == [5, 4, 3, 2, 1, 0]
+
+
+def test_scheduler_arithmetic_stays_fp32_with_bf16_model():
+    scheduler = DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
+    # MONAI's add_noise casts the schedule to its input dtype; the loop must undo that
+    scheduler.add_noise(torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.bfloat16), torch.tensor([5]))
+    assert scheduler.alphas_cumprod.dtype == torch.bfloat16
+    received = []
+
+    def bf16_denoise(x_t, t):
+        received.append(x_t.dtype)
+        return (0.1 * x_t).to(torch.bfloat16)
+
+    noise = torch.randn(1, 1, 4, 4, 4)
+    result = sample(bf16_denoise, scheduler, noise, timesteps=[3, 2, 1, 0], model_dtype=torch.bfloat16)
+    assert set(received) == {torch.bfloat16}
+    assert result.dtype == torch.float32 and scheduler.alphas_cumprod.dtype == torch.float32
+
+
+def test_sampling_reports_progress_and_cancels_between_steps():
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    events: list[dict] = []
+    calls: list[int] = []
+
+    def counting_denoise(x_t, t):
+        calls.append(int(t[0]))
+        return torch.zeros_like(x_t)
+
+    reporter = CallbackReporter(on_event=events.append, should_stop=lambda: len(calls) >= 4)
+    with pytest.raises(CancelledError):
+        sample(counting_denoise, scheduler, torch.randn(1, 1, 2, 2, 2), timesteps=strided_timesteps(1000, 10),
+               reporter=reporter, phase="ddim")
+    assert calls == [900, 800, 700, 600]
+    assert [(e["phase"], e["step"], e["total"]) for e in events] == [("ddim", i, 10) for i in range(1, 5)]
+
+
+def test_sampling_out_of_memory_maps_to_medgen_error():
+    def exhausting_denoise(x_t, t):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    with pytest.raises(OutOfMemoryError, match="fewer volumes per batch") as caught:
+        sample(exhausting_denoise, DDPMScheduler(num_train_timesteps=10), torch.randn(2, 1, 4, 4, 4))
+    assert caught.value.kind == "oom"
+
+
+def test_controlnet_at_init_matches_plain_unet(tiny_unet, tiny_controlnet_from):
+    # Spec B.9/D: zero convolutions make a freshly initialised ControlNet a no-op on the UNet.
+    x_t, t = torch.randn(2, 1, 8, 8, 8), torch.tensor([10, 500])
+    mask = torch.rand(2, 1, 8, 8, 8)
+    with torch.no_grad():
+        plain = unet_denoiser(tiny_unet)(x_t, t)
+        controlled = controlnet_denoiser(tiny_unet, tiny_controlnet_from, mask)(x_t, t)
+    assert torch.allclose(plain, controlled, atol=1e-6)
+
+
+def test_cfg_combines_conditional_and_unconditional():
+    conditional = lambda x, t: x + 1.0  # noqa: E731
+    unconditional = lambda x, t: x  # noqa: E731
+    x = torch.zeros(1, 1, 2, 2, 2)
+    t = torch.tensor([0])
+    assert torch.equal(cfg_denoiser(conditional, unconditional, 1.0)(x, t), conditional(x, t))
+    assert torch.equal(cfg_denoiser(conditional, unconditional, 3.0)(x, t), torch.full_like(x, 3.0))

@@ -1,0 +1,180 @@
+"""Training-loop oracles: EMA math, gradient accumulation, bit-identical resume, cancel keeps the
+checkpoint, progress events, loading trained weights, and the error mapping (NaN loss, OOM)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.networks.schedulers import DDPMScheduler
+
+from medgen.diffusion import (
+    SIGMOID_SCHEDULE,
+    TrainConfig,
+    latest_checkpoint,
+    load_trained_weights,
+    noise_prediction_loss,
+    train_diffusion,
+    unet_denoiser,
+)
+from medgen.diffusion.checkpoint import load_checkpoint, save_checkpoint
+from medgen.errors import CancelledError, ModelError, OutOfMemoryError
+from medgen.progress import CallbackReporter
+
+VOLUME = (1, 8, 8, 8)
+
+
+def volumes(count: int, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.rand(VOLUME, generator=generator) * 2 - 1 for _ in range(count)]
+
+
+def ddpm_loss(scheduler=None):
+    """The latent-DDPM family's loss (L1 on epsilon, sigmoid schedule), random t and noise from the global RNG."""
+    scheduler = scheduler or DDPMScheduler(num_train_timesteps=1000, schedule=SIGMOID_SCHEDULE)
+    return lambda model, batch: noise_prediction_loss(unet_denoiser(model), scheduler, batch, loss=F.l1_loss)
+
+
+def adam(model):
+    return torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def test_ema_follows_decay_formula(make_tiny_denoiser):
+    model = make_tiny_denoiser()
+    weights_seen_by_loss: list[torch.Tensor] = []
+    loss = ddpm_loss()
+
+    def recording_loss(trained, batch):
+        weights_seen_by_loss.append(trained.conv_in.weight.detach().clone())
+        return loss(trained, batch)
+
+    config = TrainConfig(max_steps=6, batch_size=2, ema_decay=0.9, ema_every=2)
+    result = train_diffusion(model, recording_loss, volumes(4), adam(model), config)
+
+    # weights after step s (1-based) are what the loss saw at step s + 1; the last ones are the model's
+    after_step = weights_seen_by_loss[1:] + [model.conv_in.weight.detach()]
+    expected = after_step[1]  # first EMA update (step 2) copies the weights
+    for step in (4, 6):
+        expected = 0.9 * expected + 0.1 * after_step[step - 1]
+    torch.testing.assert_close(result.ema_model.conv_in.weight, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(result.ema_model.conv_in.weight, model.conv_in.weight)
+
+
+def test_grad_accumulation_equals_large_batch(make_tiny_denoiser):
+    data = volumes(8)
+
+    def regression_loss(model, batch):  # deterministic, mean-reduced
+        return F.mse_loss(model(batch, torch.zeros(batch.shape[0], dtype=torch.long)), 0.5 * batch)
+
+    def train(batch_size: int, accumulation: int):
+        model = make_tiny_denoiser(seed=3)
+        config = TrainConfig(max_steps=2, batch_size=batch_size, grad_accum_steps=accumulation, grad_clip_norm=None)
+        train_diffusion(model, regression_loss, data, torch.optim.SGD(model.parameters(), lr=0.1), config)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    accumulated, large_batch, small_batch = train(2, 2), train(4, 1), train(2, 1)
+    torch.testing.assert_close(accumulated, large_batch, rtol=0, atol=1e-6)
+    assert not torch.allclose(small_batch, large_batch, atol=1e-6)
+
+
+def test_resume_is_bit_identical_to_uninterrupted_run(make_tiny_denoiser, tmp_path):
+    config = TrainConfig(max_steps=6, batch_size=2, grad_accum_steps=2, ema_decay=0.9, checkpoint_every=2, seed=5)
+    data = volumes(6)  # 3 micro-batches per epoch, so the resume lands mid-epoch
+
+    def fresh():
+        model = make_tiny_denoiser(seed=1)
+        optimizer = adam(model)
+        return model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+
+    model, optimizer, lr_scheduler = fresh()
+    straight = train_diffusion(model, ddpm_loss(), data, optimizer, config, lr_scheduler=lr_scheduler,
+                               checkpoint_dir=tmp_path / "straight")
+
+    model, optimizer, lr_scheduler = fresh()
+    stop_at_step_3 = CallbackReporter(should_stop=lambda: bool(list((tmp_path / "split").glob("step_00000002"))))
+    with pytest.raises(CancelledError):
+        train_diffusion(model, ddpm_loss(), data, optimizer, config, lr_scheduler=lr_scheduler,
+                        checkpoint_dir=tmp_path / "split", reporter=stop_at_step_3)
+    model, optimizer, lr_scheduler = fresh()
+    resumed = train_diffusion(model, ddpm_loss(), data, optimizer, config, lr_scheduler=lr_scheduler,
+                              checkpoint_dir=tmp_path / "split")
+
+    assert resumed.step == straight.step == 6
+    assert resumed.last_loss == straight.last_loss
+    for name, tensor in straight.ema_model.state_dict().items():
+        assert torch.equal(tensor, resumed.ema_model.state_dict()[name]), name
+    straight_model = load_trained_weights(make_tiny_denoiser(), tmp_path / "straight", use_ema=False)
+    for name, tensor in straight_model.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5**3)
+
+
+def test_cancel_keeps_last_checkpoint(make_tiny_denoiser, tmp_path):
+    model = make_tiny_denoiser()
+    steps_done: list[int] = []
+    reporter = CallbackReporter(
+        on_event=lambda event: steps_done.append(event["step"]) if event["event"] == "progress" else None,
+        should_stop=lambda: len(steps_done) >= 5,
+    )
+    config = TrainConfig(max_steps=20, batch_size=2, ema_decay=0.99, checkpoint_every=2, keep_checkpoints=2)
+    with pytest.raises(CancelledError):
+        train_diffusion(model, ddpm_loss(), volumes(4), adam(model), config, checkpoint_dir=tmp_path, reporter=reporter)
+
+    assert steps_done == [1, 2, 3, 4, 5]
+    latest = latest_checkpoint(tmp_path)
+    assert latest.name == "step_00000004"
+    assert json.loads((latest / "info.json").read_text())["step"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step_00000002", "step_00000004"]
+    restored = load_trained_weights(make_tiny_denoiser(seed=9), tmp_path)  # EMA weights by default
+    assert restored(torch.zeros(1, *VOLUME), torch.tensor([3])).shape == (1, *VOLUME)
+
+
+def test_training_reports_loss_and_eta(make_tiny_denoiser):
+    model = make_tiny_denoiser()
+    events: list[dict] = []
+    config = TrainConfig(max_steps=3, batch_size=2)
+    reporter = CallbackReporter(events.append)
+    result = train_diffusion(model, ddpm_loss(), volumes(4), adam(model), config, reporter=reporter)
+    progress = [event for event in events if event["event"] == "progress"]
+    assert [(e["phase"], e["step"], e["total"]) for e in progress] == [("training", s, 3) for s in (1, 2, 3)]
+    assert all(e["loss"] > 0 and e["lr"] == 1e-3 for e in progress)
+    assert progress[-1]["eta_s"] is not None and progress[-1]["eta_s"] >= 0
+    assert result.last_loss == progress[-1]["loss"] and result.ema_model is None and result.checkpoint is None
+
+
+def test_nan_loss_raises_model_error(make_tiny_denoiser):
+    model = make_tiny_denoiser()
+
+    def nan_loss(trained, batch):
+        return trained(batch, torch.zeros(2, dtype=torch.long)).sum() * float("nan")
+
+    with pytest.raises(ModelError, match="lower the learning rate"):
+        train_diffusion(model, nan_loss, volumes(2), adam(model), TrainConfig(max_steps=2, batch_size=2))
+
+
+def test_out_of_memory_maps_to_medgen_error_with_advice(make_tiny_denoiser):
+    model = make_tiny_denoiser()
+
+    def exhausting_loss(trained, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(OutOfMemoryError, match="smaller patch or batch size") as caught:
+        train_diffusion(model, exhausting_loss, volumes(2), adam(model), TrainConfig(max_steps=1, batch_size=2))
+    assert caught.value.kind == "oom"
+
+
+def test_checkpoint_write_survives_leftovers_of_a_killed_writer(tmp_path):
+    weights = {"weight": torch.ones(2)}
+    save_checkpoint(tmp_path, 2, weights, {"step": 2}, info={})
+    # a writer killed mid-write (hidden temp folder) and one killed after its rename but before latest.json
+    (tmp_path / ".tmp_step_00000004_999").mkdir()
+    (tmp_path / "step_00000004").mkdir()
+    assert latest_checkpoint(tmp_path).name == "step_00000002"
+
+    save_checkpoint(tmp_path, 4, {"weight": torch.full((2,), 4.0)}, {"step": 4}, info={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step_00000002", "step_00000004"]
+    model_state, ema_state, trainer_state, info = load_checkpoint(latest_checkpoint(tmp_path))
+    assert torch.equal(model_state["weight"], torch.full((2,), 4.0)) and ema_state is None
+    assert trainer_state == {"step": 4} and info == {"step": 4}

@@ -1,0 +1,149 @@
+"""Training checkpoints that survive a kill at any moment.
+
+Layout of ``checkpoint_dir``::
+
+    step_00001000/model.safetensors   trained weights
+    step_00001000/ema.safetensors     EMA weights (when EMA is on), same keys: load into a fresh network
+    step_00001000/trainer_state.pt    optimizer, LR scheduler, RNG states (torch.save; read with weights_only=True)
+    step_00001000/info.json           step, loss, config: for people and the UI
+    latest.json                       {"step": 1000, "directory": "step_00001000"}
+
+A checkpoint is written into a hidden temporary directory, renamed into place, and only then named
+in ``latest.json`` (itself replaced atomically), so an interruption leaves the previous one usable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from medgen.errors import ModelError
+
+LATEST_FILE = "latest.json"
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+STATE_FILE = "trainer_state.pt"
+INFO_FILE = "info.json"
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(payload, indent=2))
+    os.replace(temporary, path)
+
+
+def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
+
+
+def save_checkpoint(
+    checkpoint_dir: str | Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    trainer_state: dict[str, Any],
+    info: dict[str, Any],
+    ema_state: dict[str, torch.Tensor] | None = None,
+    keep_last: int = 2,
+) -> Path:
+    """Write one checkpoint atomically, point ``latest.json`` at it and prune older ones.
+
+    Args:
+        checkpoint_dir: folder holding all checkpoints of one training run (created if missing).
+        step: optimiser steps completed.
+        model_state, ema_state: ``state_dict()`` of the trained module and of the EMA copy.
+        trainer_state: tensors, numbers, strings, lists and dicts only (``weights_only`` loadable).
+        info: JSON-serialisable summary.
+        keep_last: number of newest checkpoints to keep (>= 1).
+
+    Returns:
+        the checkpoint directory.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:08d}"
+    temporary = checkpoint_dir / f".tmp_{name}_{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    save_file(_cpu_state(model_state), str(temporary / MODEL_FILE))
+    if ema_state is not None:
+        save_file(_cpu_state(ema_state), str(temporary / EMA_FILE))
+    torch.save(trainer_state, temporary / STATE_FILE)
+    (temporary / INFO_FILE).write_text(json.dumps({"step": step, **info}, indent=2, default=str))
+    target = checkpoint_dir / name
+    superseded = checkpoint_dir / f".old_{name}_{os.getpid()}"
+    if target.exists():
+        # left by a writer killed between its rename and latest.json, then re-reached after the resume;
+        # a directory cannot be replaced in one rename, so move it aside first
+        os.replace(target, superseded)
+    os.replace(temporary, target)
+    _write_json_atomic(checkpoint_dir / LATEST_FILE, {"step": step, "directory": name})
+    # Leftovers of killed writers (hidden names) and checkpoints beyond keep_last go.
+    stale = [*checkpoint_dir.glob(".tmp_step_*"), *checkpoint_dir.glob(".old_step_*")]
+    for old in stale + sorted(checkpoint_dir.glob("step_*"))[: -max(1, keep_last)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    """The directory named by ``latest.json``, or None when the run has no checkpoint yet."""
+    latest_file = Path(checkpoint_dir) / LATEST_FILE
+    if not latest_file.is_file():
+        return None
+    try:
+        directory = Path(checkpoint_dir) / json.loads(latest_file.read_text())["directory"]
+    except (ValueError, KeyError) as error:
+        raise ModelError(
+            f"{latest_file} is not a valid checkpoint pointer ({error}); delete it to start afresh."
+        ) from error
+    if not (directory / MODEL_FILE).is_file():
+        raise ModelError(
+            f"{latest_file} names {directory.name}, which has no {MODEL_FILE}; the run folder was altered."
+        )
+    return directory
+
+
+def load_checkpoint(directory: str | Path) -> tuple[dict, dict | None, dict, dict]:
+    """Read ``(model_state, ema_state or None, trainer_state, info)`` from one checkpoint directory."""
+    directory = Path(directory)
+    try:
+        model_state = load_file(str(directory / MODEL_FILE))
+        ema_path = directory / EMA_FILE
+        ema_state = load_file(str(ema_path)) if ema_path.is_file() else None
+        trainer_state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+        info = json.loads((directory / INFO_FILE).read_text())
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ModelError(
+            f"Checkpoint {directory} cannot be read ({error}); resume from an older one or start afresh."
+        ) from error
+    return model_state, ema_state, trainer_state, info
+
+
+def load_trained_weights(network: nn.Module, checkpoint: str | Path, use_ema: bool = True) -> nn.Module:
+    """Load a checkpoint's weights into ``network`` for sampling, preferring the EMA weights.
+
+    Args:
+        network: a freshly built module of the trained architecture.
+        checkpoint: a checkpoint directory, or a run folder (its latest checkpoint is used).
+        use_ema: take ``ema.safetensors`` when present (the usual choice for sampling).
+
+    Raises:
+        ModelError: no checkpoint, or weights that do not fit ``network``.
+    """
+    directory = Path(checkpoint)
+    if not (directory / MODEL_FILE).is_file():
+        directory = latest_checkpoint(directory)
+        if directory is None:
+            raise ModelError(f"No checkpoint found in {checkpoint}: expected {MODEL_FILE} or {LATEST_FILE} there.")
+    weights_path = directory / EMA_FILE if use_ema and (directory / EMA_FILE).is_file() else directory / MODEL_FILE
+    try:
+        network.load_state_dict(load_file(str(weights_path)))
+    except RuntimeError as error:
+        raise ModelError(f"{weights_path} does not fit {type(network).__name__}: {error}") from error
+    return network

@@ -1,0 +1,316 @@
+"""One training loop for every diffusion family: AMP, EMA, gradient accumulation and clipping,
+atomic checkpoints with bit-exact resume, DDP under ``torchrun``, progress and cancellation.
+
+The family supplies only ``loss_fn(model, batch) -> scalar loss``. The trainer passes the module it
+trains (wrapped in ``DistributedDataParallel`` under torchrun, so the loss must call *that* argument,
+not a captured copy, for gradients to be synchronised); frozen parts (VAE, UNet under a ControlNet)
+may be captured by the closure.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from monai.utils import convert_to_tensor
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from medgen.diffusion.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from medgen.diffusion.distributed import DistContext, dist_context_from_env, shard_indices
+from medgen.errors import BadInputError, ModelError, OutOfMemoryError
+from medgen.progress import NullReporter, Reporter, as_reporter
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run.
+
+    Args:
+        max_steps: optimiser steps to reach (a resumed run continues up to the same number).
+        batch_size: samples per micro-batch on each rank.
+        grad_accum_steps: micro-batches per optimiser step; the effective batch is
+            ``batch_size * grad_accum_steps * world_size``.
+        grad_clip_norm: max global gradient L2 norm; None disables clipping.
+        ema_decay: EMA decay per update (DIFF-3: 0.995, MIDiffusion: 0.9999); None disables EMA.
+        ema_every: update the EMA after every this many optimiser steps (DIFF-3: 10).
+        amp: bf16 autocast on CUDA (no loss scaling needed); has no effect on CPU.
+        checkpoint_every: steps between checkpoints; one is always written at ``max_steps``.
+        keep_checkpoints: newest checkpoints kept on disk.
+        seed: seeds torch's global RNG (offset by rank) and the data order.
+        shuffle: reshuffle the data every epoch.
+        num_workers: DataLoader worker processes; a resume is bit-identical only with 0, because the
+            batch-to-worker assignment (and so each item's worker RNG) shifts when a run starts mid-epoch.
+    """
+
+    max_steps: int
+    batch_size: int = 1
+    grad_accum_steps: int = 1
+    grad_clip_norm: float | None = 1.0
+    ema_decay: float | None = None
+    ema_every: int = 1
+    amp: bool = True
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    seed: int = 0
+    shuffle: bool = True
+    num_workers: int = 0
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or already complete) run hands back.
+
+    Args:
+        step: optimiser steps completed.
+        last_loss: mean micro-batch loss of the last step run here (None if none ran).
+        ema_model: the EMA copy of the model (eval mode, same class), for sampling; None without EMA.
+        checkpoint: the latest checkpoint directory, or None without ``checkpoint_dir``.
+    """
+
+    step: int
+    last_loss: float | None
+    ema_model: nn.Module | None
+    checkpoint: Path | None
+
+
+def _micro_batches(
+    dataset: Dataset, config: TrainConfig, context: DistContext, first_micro_batch: int, collate_fn: Callable
+):
+    """Endless stream of micro-batches for this rank, starting at global micro-batch ``first_micro_batch``.
+
+    The order is a function of (seed, epoch) only, so a resumed run skips straight to its place.
+    """
+    per_epoch = len(dataset) // context.world_size // config.batch_size
+    if per_epoch == 0:
+        raise BadInputError(
+            f"The dataset has {len(dataset)} samples, fewer than batch_size {config.batch_size} x "
+            f"{context.world_size} process(es): add data or lower the batch size."
+        )
+    epoch, skip = divmod(first_micro_batch, per_epoch)
+    while True:
+        indices = shard_indices(len(dataset), epoch, config.seed, context, config.shuffle)
+        loader = DataLoader(
+            dataset,
+            batch_size=config.batch_size,
+            sampler=indices[skip * config.batch_size :],
+            collate_fn=collate_fn,
+            drop_last=True,
+            num_workers=config.num_workers,
+            # its own generator, so creating a loader never draws from the global RNG the loss uses
+            generator=torch.Generator().manual_seed(config.seed + epoch),
+        )
+        yield from loader
+        epoch, skip = epoch + 1, 0
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _make_ema(model: nn.Module, decay: float) -> AveragedModel:
+    # torch's AveragedModel: the first update copies the weights, later ones do
+    # ema = decay * ema + (1 - decay) * weights.
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def _optimizer_step(
+    trained_model: nn.Module,
+    loss_fn: LossFn,
+    batches,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    device: torch.device,
+) -> float:
+    """Accumulate ``grad_accum_steps`` micro-batches, clip, step; returns the mean micro-batch loss."""
+    optimizer.zero_grad(set_to_none=True)
+    use_amp = config.amp and device.type == "cuda"
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(config.grad_accum_steps):
+        batch = convert_to_tensor(next(batches), device=device)
+        last_micro = micro == config.grad_accum_steps - 1
+        # DDP all-reduces gradients on every backward unless told not to; only the last one needs it.
+        skip_sync = not last_micro and isinstance(trained_model, DistributedDataParallel)
+        sync = trained_model.no_sync() if skip_sync else nullcontext()
+        with sync:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = loss_fn(trained_model, batch)
+            (loss / config.grad_accum_steps).backward()
+        loss_sum += loss.detach().float()
+    if config.grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(trained_model.parameters(), config.grad_clip_norm)
+    optimizer.step()
+    return loss_sum.item() / config.grad_accum_steps
+
+
+def train_diffusion(
+    model: nn.Module,
+    loss_fn: LossFn,
+    dataset: Dataset | Sequence,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    collate_fn: Callable | None = None,
+    reporter: Reporter | None = None,
+) -> TrainResult:
+    """Train ``model`` for ``config.max_steps`` optimiser steps, continuing the run in ``checkpoint_dir`` if any.
+
+    Runs on the device of ``model``'s parameters. Under ``torchrun`` call
+    :func:`medgen.diffusion.distributed.init_distributed` first and move the model to its device; the
+    trainer then wraps it in ``DistributedDataParallel`` and shards the data by rank. Resuming restores
+    weights, EMA, optimizer, LR scheduler and RNG states and the data position, so on CPU the continued
+    run is bit-identical to an uninterrupted one when ``loss_fn`` draws randomness from torch's global RNG.
+
+    Args:
+        model: the trainable module (e.g. a MONAI ``DiffusionModelUNet`` or ``ControlNet``).
+        loss_fn: ``loss_fn(model, batch) -> scalar``, mean-reduced over the micro-batch.
+        dataset: map-style dataset; items are collated into micro-batches of ``config.batch_size``.
+        optimizer: optimiser over the trainable parameters of ``model``.
+        config: see :class:`TrainConfig`.
+        checkpoint_dir: where checkpoints go (see :mod:`medgen.diffusion.checkpoint`); None = none.
+            The run continues from the latest checkpoint there, if any; use a new folder for a new run.
+        lr_scheduler: stepped once per optimiser step.
+        collate_fn: batches a list of items (default: torch's ``default_collate``).
+        reporter: progress ``("training", step, max_steps, loss=..., lr=...)`` per step from rank 0
+            (the reporter adds the ETA); ``check_cancelled()`` between steps on every rank.
+
+    Raises:
+        CancelledError: cancelled between steps; the last checkpoint on disk stays intact.
+        OutOfMemoryError: the GPU ran out of memory during a step.
+        ModelError: the loss became NaN/inf, or a checkpoint does not fit the model.
+        BadInputError: a dataset smaller than one batch per process.
+    """
+    counts = (config.batch_size, config.grad_accum_steps, config.ema_every, config.checkpoint_every)
+    if config.max_steps < 0 or min(counts) < 1:
+        raise BadInputError(
+            f"Invalid training settings {asdict(config)}: need max_steps >= 0 and batch_size, grad_accum_steps, "
+            "ema_every, checkpoint_every >= 1."
+        )
+    reporter = as_reporter(reporter)
+    context = dist_context_from_env()
+    progress_reporter = reporter if context.is_main else NullReporter()
+    device = next(model.parameters()).device
+    torch.manual_seed(config.seed + context.rank)
+    ema = _make_ema(model, config.ema_decay) if config.ema_decay is not None else None
+
+    start_step = 0
+    checkpoint = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    if checkpoint is not None:
+        start_step = _resume(checkpoint, model, ema, optimizer, lr_scheduler, context)
+        progress_reporter.log(f"Resumed from {checkpoint} at step {start_step} of {config.max_steps}.")
+
+    trained_model = model
+    if context.is_distributed:
+        trained_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    first_micro_batch = start_step * config.grad_accum_steps
+    batches = _micro_batches(dataset, config, context, first_micro_batch, collate_fn or default_collate)
+    model.train()
+    last_loss = None
+    started_s = time.monotonic()
+    for step in range(start_step + 1, config.max_steps + 1):
+        reporter.check_cancelled()
+        try:
+            last_loss = _optimizer_step(trained_model, loss_fn, batches, optimizer, config, device)
+        except torch.OutOfMemoryError as error:
+            amp_on = config.amp and device.type == "cuda"
+            raise OutOfMemoryError(
+                f"Out of {device.type.upper()} memory in training step {step} (batch size {config.batch_size}, "
+                f"AMP {'on' if amp_on else 'off'}). Use a smaller patch or batch size (raise grad_accum_steps "
+                f"to keep the effective batch){'' if amp_on else ' or turn AMP on'}."
+            ) from error
+        if not math.isfinite(last_loss):
+            raise ModelError(
+                f"The training loss became {last_loss} at step {step}: lower the learning rate or check the data range."
+            )
+        if lr_scheduler is not None:
+            lr_scheduler.step()
+        if ema is not None and step % config.ema_every == 0:
+            ema.update_parameters(model)
+        learning_rate = optimizer.param_groups[0]["lr"]
+        progress_reporter.progress("training", step, config.max_steps, loss=last_loss, lr=learning_rate)
+        if checkpoint_dir is not None and (step % config.checkpoint_every == 0 or step == config.max_steps):
+            elapsed_s = time.monotonic() - started_s
+            _save(checkpoint_dir, step, model, ema, optimizer, lr_scheduler, config, context, last_loss, elapsed_s)
+
+    if ema is not None:
+        ema.module.eval()
+    final_checkpoint = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    return TrainResult(
+        step=max(start_step, config.max_steps),
+        last_loss=last_loss,
+        ema_model=ema.module if ema is not None else None,
+        checkpoint=final_checkpoint,
+    )
+
+
+def _resume(checkpoint: Path, model, ema, optimizer, lr_scheduler, context: DistContext) -> int:
+    """Restore weights, EMA, optimizer, LR scheduler and this rank's RNG; returns the step to continue from."""
+    model_state, ema_state, trainer_state, _ = load_checkpoint(checkpoint)
+    try:
+        model.load_state_dict(model_state)
+        if ema is not None and ema_state is not None:
+            ema.module.load_state_dict(ema_state)
+            ema.n_averaged.fill_(int(trainer_state["ema_updates"]))
+    except RuntimeError as error:
+        raise ModelError(f"Checkpoint {checkpoint} does not fit this model: {error}") from error
+    optimizer.load_state_dict(trainer_state["optimizer"])
+    if lr_scheduler is not None and "lr_scheduler" in trainer_state:
+        lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
+    saved_rng = trainer_state["rng"]  # a list with one state per rank after a DDP run
+    _restore_rng_state(saved_rng[context.rank % len(saved_rng)] if isinstance(saved_rng, list) else saved_rng)
+    return int(trainer_state["step"])
+
+
+def _save(checkpoint_dir, step, model, ema, optimizer, lr_scheduler, config, context, loss, elapsed_s) -> None:
+    """Gather every rank's RNG state, then write the checkpoint from rank 0 only."""
+    rng = _rng_state()
+    if context.is_distributed:
+        rng_per_rank: list = [None] * context.world_size
+        torch.distributed.all_gather_object(rng_per_rank, rng)
+        rng = rng_per_rank
+    if context.is_main:
+        _write(checkpoint_dir, step, model, ema, optimizer, lr_scheduler, config, context, loss, elapsed_s, rng)
+    if context.is_distributed:
+        torch.distributed.barrier()  # no rank runs ahead of a checkpoint it might resume from
+
+
+def _write(checkpoint_dir, step, model, ema, optimizer, lr_scheduler, config, context, loss, elapsed_s, rng) -> None:
+    trainer_state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng}
+    if lr_scheduler is not None:
+        trainer_state["lr_scheduler"] = lr_scheduler.state_dict()
+    if ema is not None:
+        trainer_state["ema_updates"] = int(ema.n_averaged)
+    save_checkpoint(
+        checkpoint_dir,
+        step,
+        model.state_dict(),
+        trainer_state,
+        info={
+            "loss": loss,
+            "elapsed_s": round(elapsed_s, 3),
+            "world_size": context.world_size,
+            "config": asdict(config),
+        },
+        ema_state=ema.module.state_dict() if ema is not None else None,
+        keep_last=config.keep_checkpoints,
+    )

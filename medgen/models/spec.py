@@ -1,0 +1,202 @@
+"""The model spec: a JSON description of a network, its outputs and its expected preprocessing.
+
+A model folder holds ``model.json`` (this spec) and ``model.safetensors`` (the weights). Example::
+
+    {"format": "medgen-model/1", "name": "brain-mask", "network": "SegResNet",
+     "kwargs": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "init_filters": 8},
+     "in_channels": 1, "out_channels": 2, "class_names": ["background", "brain"],
+     "output_activation": "softmax",
+     "preprocessing": {"intensity": {"method": "zscore"}, "spacing_mm": [1.0, 1.0, 1.0],
+                       "patch_size": [96, 96, 96], "orientation": "RAS"},
+     "weights_file": "model.safetensors", "weights_hash": "sha256:...", "provenance": {}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medgen.errors import ModelError
+from medgen.models.registry import network_factory
+from medgen.models.weights import atomic_write
+
+SPEC_FORMAT = "medgen-model/1"
+SPEC_FILE = "model.json"
+WEIGHTS_FILE = "model.safetensors"
+
+#: intensity normalisations a spec may ask for; parameters live next to ``method``
+INTENSITY_METHODS = {
+    "none": "use intensities as they are",
+    "zscore": "subtract the mean and divide by the standard deviation (of voxels > 0 when nonzero=true)",
+    "range": "clip to [a_min, a_max] and scale linearly to [b_min, b_max] (CT windows, e.g. HU [-175, 250] -> [0, 1])",
+    "percentile": "clip to the [lower, upper] percentiles and scale to [0, 1]",
+    "deepbet": "deepbet: clip to the 0.5/99.5 % quantiles, scale to [0, 1], z-score, then 0.226 * x + 0.449",
+}
+OUTPUT_ACTIVATIONS = ("none", "sigmoid", "softmax")
+
+
+@dataclass
+class Preprocessing:
+    """What the network expects as input.
+
+    Args:
+        intensity: ``{"method": one of INTENSITY_METHODS, **parameters}``.
+        spacing_mm: target voxel spacing (D, H, W order of the tensor) in mm, or None to keep the native grid.
+        patch_size: sliding-window/input patch size in voxels (D, H, W), or None for whole volumes.
+        orientation: axis codes the tensor axes must follow (MONAI ``Orientation``), e.g. ``"RAS"``.
+    """
+
+    intensity: dict[str, Any] = field(default_factory=lambda: {"method": "none"})
+    spacing_mm: list[float] | None = None
+    patch_size: list[int] | None = None
+    orientation: str = "RAS"
+
+
+@dataclass
+class ModelSpec:
+    """A network class from the allow-list, its arguments, outputs, preprocessing and provenance.
+
+    Args:
+        network: class name from :func:`medgen.models.registry.allowed_networks`.
+        kwargs: keyword arguments of the class (JSON values only).
+        in_channels: input channels C of the ``(B, C, D, H, W)`` input; default ``kwargs["in_channels"]``, else the
+            class's default, else 1.
+        out_channels: output channels of the network; default from ``kwargs`` or the class, like in_channels.
+        class_names: one name per output channel for segmentation outputs (``[]`` otherwise).
+        output_activation: ``none``, ``sigmoid`` (independent channels) or ``softmax`` (over channels).
+        preprocessing: see :class:`Preprocessing`.
+        name: short identifier; description: one line for the UI.
+        weights_file: weights file name inside the model folder.
+        weights_hash: :func:`medgen.models.weights.weights_hash` of the weights (filled by ``save_model``).
+        provenance: free JSON (source, licence, conversion details).
+    """
+
+    network: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    in_channels: int | None = None
+    out_channels: int | None = None
+    class_names: list[str] = field(default_factory=list)
+    output_activation: str = "none"
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    name: str = ""
+    description: str = ""
+    weights_file: str = WEIGHTS_FILE
+    weights_hash: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key in ("in_channels", "out_channels"):
+            if getattr(self, key) is None:
+                setattr(self, key, self.kwargs.get(key, _signature_default(self.network, key)))
+        if isinstance(self.preprocessing, dict):
+            self.preprocessing = _preprocessing_from_dict(self.preprocessing)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the fields against each other and the allow-list.
+
+        Raises:
+            ModelError: naming the field, the value found and what is expected.
+        """
+        network_factory(self.network)
+        for key in ("in_channels", "out_channels"):
+            declared = getattr(self, key)
+            if not isinstance(declared, int) or declared < 1:
+                raise ModelError(f"Model spec field {key} must be a positive integer, found {declared!r}.")
+            if key in self.kwargs and self.kwargs[key] != declared:
+                raise ModelError(
+                    f"Model spec says {key}={declared} but the network arguments say {key}={self.kwargs[key]}: "
+                    "make them agree."
+                )
+        if self.class_names and len(self.class_names) != self.out_channels:
+            raise ModelError(
+                f"Model spec lists {len(self.class_names)} class names for {self.out_channels} output channels: "
+                "give one name per output channel (background included) or none."
+            )
+        if self.output_activation not in OUTPUT_ACTIVATIONS:
+            raise ModelError(
+                f"Model spec output_activation {self.output_activation!r} is unknown; use one of {OUTPUT_ACTIVATIONS}."
+            )
+        method = self.preprocessing.intensity.get("method")
+        if method not in INTENSITY_METHODS:
+            raise ModelError(
+                f"Model spec intensity method {method!r} is unknown; use one of {sorted(INTENSITY_METHODS)}."
+            )
+        if Path(self.weights_file).name != self.weights_file:
+            raise ModelError(f"Model spec weights_file must be a plain file name, found {self.weights_file!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with the ``format`` tag first."""
+        return {"format": SPEC_FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        """Build and validate a spec from parsed JSON.
+
+        Raises:
+            ModelError: wrong format tag, unknown or missing fields, or invalid values.
+        """
+        data = dict(data)
+        spec_format = data.pop("format", None)
+        if spec_format != SPEC_FORMAT:
+            raise ModelError(f"Model spec format {spec_format!r} is not supported; expected {SPEC_FORMAT!r}.")
+        known = {spec_field.name for spec_field in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ModelError(f"Model spec has unknown fields {unknown}; allowed fields are {sorted(known)}.")
+        if "network" not in data:
+            raise ModelError("Model spec has no 'network' field: name a network class.")
+        return cls(**data)
+
+
+def _signature_default(network: str, argument: str) -> int:
+    """The network class's default for ``argument`` when it has an integer one, else 1."""
+    parameter = inspect.signature(network_factory(network)).parameters.get(argument)
+    has_int_default = parameter is not None and isinstance(parameter.default, int)
+    return parameter.default if has_int_default else 1
+
+
+def _preprocessing_from_dict(data: dict[str, Any]) -> Preprocessing:
+    known = {spec_field.name for spec_field in dataclasses.fields(Preprocessing)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ModelError(f"Model spec preprocessing has unknown fields {unknown}; allowed: {sorted(known)}.")
+    return Preprocessing(**data)
+
+
+def read_spec(path: str | os.PathLike) -> ModelSpec:
+    """Read ``model.json`` (or a folder containing it).
+
+    Raises:
+        ModelError: missing file, invalid JSON or an invalid spec.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / SPEC_FILE
+    if not path.is_file():
+        raise ModelError(f"Model spec {path} does not exist: a model folder needs {SPEC_FILE} and its weights.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelError(f"Model spec {path} is not valid JSON ({error}).") from error
+    if not isinstance(data, dict):
+        raise ModelError(f"Model spec {path} must hold a JSON object, found {type(data).__name__}.")
+    return ModelSpec.from_dict(data)
+
+
+def write_spec(spec: ModelSpec, path: str | os.PathLike) -> Path:
+    """Write the spec as indented JSON, atomically.
+
+    Raises:
+        ModelError: a value in the spec (usually in ``kwargs``) is not JSON-serialisable.
+    """
+    try:
+        text = json.dumps(spec.to_dict(), indent=2, sort_keys=False)
+    except TypeError as error:
+        raise ModelError(f"Model spec for {spec.network} holds a value JSON cannot store ({error}).") from error
+    return atomic_write(path, lambda temp_path: Path(temp_path).write_text(text + "\n", encoding="utf-8"))
