@@ -1,0 +1,131 @@
+"""Joint image+label LDM end to end on tiny data: training stages, resume, generation, jobs, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from medgen.errors import CancelledError, ModelError
+from medgen.io import check_same_geometry, load_volume, save_volume
+from medgen.jobs.exit_codes import ExitCode
+from medgen.labels import LabelInfo, save_labels
+from medgen.progress import CallbackReporter
+from medgen.slicer.runner import run_job_blocking, write_job
+from medgen.synthesis.joint_ldm import JointLDMConfig, generate_pairs, train_joint_ldm, write_generated_pairs
+from medgen.synthesis.prepare import prepare_pairs
+
+FAST = dict(vae_phase1_steps=4, vae_phase2_steps=2, ldm_steps=4, checkpoint_every=2)
+LABELS = [LabelInfo("cavity", 1, (1.0, 0.0, 0.0)), LabelInfo("wall", 2, (0.0, 1.0, 0.0))]
+
+
+def _phantom(seed: int, oblique):
+    """A dark ellipsoid cavity (label 1) in a bright shell (label 2), 16³ (spec C.9 item 10 style)."""
+    generator = torch.Generator().manual_seed(seed)
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, 16)] * 3, indexing="ij"))
+    radius = (grid.pow(2) / torch.tensor([0.5, 0.4, 0.45]).view(3, 1, 1, 1).pow(2)).sum(0).sqrt()
+    label = torch.zeros(16, 16, 16, dtype=torch.int64)
+    label[radius < 1.4] = 2
+    label[radius < 0.9] = 1
+    image = torch.where(label == 1, 0.2, torch.where(label == 2, 0.8, 0.05)) * (1 + 0.1 * torch.randn((16, 16, 16), generator=generator))
+    affine = torch.from_numpy(oblique)
+    return MetaTensor(image.clamp(0, 1)[None], affine=affine), MetaTensor(label[None], affine=affine)
+
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory):
+    from conftest import oblique_affine
+
+    pairs, labels = prepare_pairs([(f"c{i}", *_phantom(i, oblique_affine())) for i in range(2)], shape=(16, 16, 16), labels=LABELS)
+    torch.manual_seed(0)
+    model_dir = train_joint_ldm(pairs, labels, tmp_path_factory.mktemp("model"), JointLDMConfig.tiny(**FAST))
+    return model_dir, pairs
+
+
+def test_training_writes_a_complete_model_folder(trained_model):
+    model_dir, _ = trained_model
+    document = json.loads((model_dir / "medgen_model.json").read_text())
+    assert document["task"] == "joint-image-label-ldm" and document["num_classes"] == 3
+    assert [entry["name"] for entry in document["labels"]] == ["cavity", "wall"]
+    for name in ("vae.safetensors", "ldm.safetensors", "latents.safetensors"):
+        assert (model_dir / name).is_file()
+
+
+def test_training_again_resumes_and_skips_finished_stages(trained_model):
+    model_dir, pairs = trained_model
+    phases = []
+    reporter = CallbackReporter(lambda e: phases.append((e["phase"], e["step"])) if e["event"] == "progress" else None)
+    train_joint_ldm(pairs, [LabelInfo("cavity", 1, (1, 0, 0)), LabelInfo("wall", 2, (0, 1, 0))], model_dir, JointLDMConfig.tiny(**FAST), reporter=reporter)
+    assert not any(phase == "latents" for phase, _ in phases)  # latents already exported
+    assert all(step == 6 for phase, step in phases if phase == "vae") and all(step == 4 for phase, step in phases if phase == "ldm")
+
+
+def test_generated_pairs_are_valid_aligned_and_deterministic(trained_model):
+    model_dir, pairs = trained_model
+    first = list(generate_pairs(model_dir, 2, seed=5, steps=5))
+    again = list(generate_pairs(model_dir, 2, seed=5, steps=5))
+    assert len(first) == 2
+    for (image, label), (image2, label2) in zip(first, again):
+        assert torch.equal(image, image2) and torch.equal(label, label2)
+        assert image.shape == label.shape == (1, 16, 16, 16)
+        assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+        assert set(torch.unique(label).tolist()) <= {0, 1, 2}
+        check_same_geometry(image, label)
+        assert torch.allclose(image.affine, pairs[0].image.affine)
+
+
+def test_zero_pairs_is_fine(trained_model):
+    assert list(generate_pairs(trained_model[0], 0)) == []
+
+
+def test_cancelled_generation_keeps_finished_pairs(trained_model, tmp_path):
+    model_dir, _ = trained_model
+    pairs_made = []
+    reporter = CallbackReporter(lambda e: pairs_made.append(e["step"]) if e.get("phase") == "pairs" else None, should_stop=lambda: len(pairs_made) >= 2)
+    with pytest.raises(CancelledError):
+        write_generated_pairs(model_dir, 10, tmp_path, steps=3, reporter=reporter)
+    files = sorted(path.name for path in tmp_path.iterdir())
+    assert files == ["labels.json", "syn_0000_image.nii.gz", "syn_0000_label.nii.gz", "syn_0001_image.nii.gz", "syn_0001_label.nii.gz"]
+    load_volume(tmp_path / "syn_0001_label.nii.gz", label=True)
+
+
+def test_model_folder_of_another_task_is_refused(tmp_path):
+    (tmp_path / "medgen_model.json").write_text(json.dumps({"task": "lmi-translation"}))
+    with pytest.raises(ModelError, match="'lmi-translation'"):
+        list(generate_pairs(tmp_path, 1))
+
+
+def test_synth_jobs_through_the_worker_export_nnunet(tmp_path, oblique, trained_model):
+    images, labels = [], []
+    for case in range(2):
+        image, label = _phantom(case, oblique)
+        images.append(str(save_volume(image, tmp_path / f"c{case}_0000.nii.gz")))
+        labels.append(str(save_volume(label, tmp_path / f"c{case}.nii.gz", label=True)))
+    save_labels(LABELS, tmp_path / "labels.json")
+    train = run_job_blocking(write_job(
+        tmp_path / "jobs", "synth-train", {"images": images, "labels": labels, "label_names": str(tmp_path / "labels.json")},
+        {"shape": [16, 16, 16], "preset": "tiny", **FAST}, device="cpu"), timeout_s=600)
+    assert train.returncode == ExitCode.OK, train.error
+    phases = {event["phase"] for event in train.events if event["event"] == "progress"}
+    assert {"vae", "latents", "ldm"} <= phases
+    synth = run_job_blocking(write_job(
+        tmp_path / "jobs", "synthesize", {"model": train.result["outputs"]["model"]},
+        {"count": 2, "steps": 3, "nnunet_dataset_id": 42, "nnunet_name": "Phantoms"}, device="cpu", seed=1), timeout_s=600)
+    assert synth.returncode == ExitCode.OK, synth.error
+    dataset = synth.result["outputs"]["nnunet_dataset"]
+    assert json.loads(open(f"{dataset}/dataset.json").read())["labels"] == {"background": 0, "cavity": 1, "wall": 2}
+    verify = pytest.importorskip("nnunetv2.experiment_planning.verify_dataset_integrity").verify_dataset_integrity
+    verify(dataset, num_processes=1)
+
+
+def test_training_pairs_of_different_geometry_are_bad_input(tmp_path, oblique):
+    image, label = _phantom(0, oblique)
+    save_volume(image, tmp_path / "a_0000.nii.gz")
+    shifted = oblique.copy()
+    shifted[2, 3] += 4.0
+    save_volume(MetaTensor(label.as_tensor(), affine=torch.from_numpy(shifted)), tmp_path / "a.nii.gz", label=True)
+    job = run_job_blocking(write_job(tmp_path / "jobs", "synth-train", {"folder": str(tmp_path)}, {"shape": [16, 16, 16], **FAST}), timeout_s=300)
+    assert job.returncode == ExitCode.BAD_INPUT
+    assert "a image and a label" in job.error["message"]
