@@ -41,11 +41,49 @@ def cmd_run(args) -> int:
 
 def cmd_submit(args) -> int:
     """Write a job folder for ``kind`` from JSON inputs/params and run it."""
+    return _submit(args.kind, json.loads(args.inputs), json.loads(args.params), args)
+
+
+def _submit(kind: str, inputs: dict, params: dict, args) -> int:
     from medgen.slicer.runner import write_job
 
-    job_dir = write_job(args.job_root, args.kind, json.loads(args.inputs), json.loads(args.params), args.device, args.seed)
+    job_dir = write_job(args.job_root, kind, inputs, {k: v for k, v in params.items() if v is not None}, args.device, args.seed)
     print(f"[medgen] job folder: {job_dir}", file=sys.stderr)
     return _run_job_dir(job_dir, args.verbose)
+
+
+def cmd_synth_train(args) -> int:
+    inputs = {"folder": str(args.data)}
+    if args.label_names:
+        inputs["label_names"] = str(args.label_names)
+    params = {"shape": args.shape, "spacing_mm": args.spacing_mm, "preset": args.preset,
+              "vae_phase1_steps": args.vae_steps, "ldm_steps": args.ldm_steps}
+    return _submit("synth-train", inputs, params, args)
+
+
+def cmd_synthesize(args) -> int:
+    params = {"count": args.count, "batch_size": args.batch_size, "steps": args.steps,
+              "nnunet_dataset_id": args.nnunet_id, "nnunet_name": args.nnunet_name}
+    return _submit("synthesize", {"model": str(args.model)}, params, args)
+
+
+def cmd_export_nnunet(args) -> int:
+    from medgen.labels import load_labels
+    from medgen.synthesis.nnunet_export import export_nnunet
+    from medgen.synthesis.prepare import find_nnunet_pairs
+
+    labels = {"background": 0, **{label.name: label.value for label in load_labels(args.labels)}}
+    cases = [(image, label) for _, image, label in find_nnunet_pairs(args.pairs)]
+    dataset = export_nnunet(cases, args.out, dataset_id=args.dataset_id, name=args.name, labels=labels,
+                            channel_name=args.channel_name, case_prefix=args.case_prefix)
+    print(dataset)
+    return 0
+
+
+def _add_job_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--job-root", type=Path, default=Path("medgen_jobs"))
 
 
 def cmd_info(args) -> int:
@@ -85,7 +123,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medgen", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="medgen", description="MedGen: generative AI for 3D medical images (jobs run in a worker process).")
     parser.add_argument("-v", "--verbose", action="store_true", help="also show the worker's log lines")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -97,10 +135,39 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("kind", help="job kind (see 'medgen info')")
     submit.add_argument("--inputs", default="{}", help='JSON object, e.g. \'{"image": "t1.nii.gz"}\'')
     submit.add_argument("--params", default="{}", help="JSON object of the kind's parameters")
-    submit.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    submit.add_argument("--seed", type=int, default=0)
-    submit.add_argument("--job-root", type=Path, default=Path("medgen_jobs"))
+    _add_job_options(submit)
     submit.set_defaults(func=cmd_submit)
+
+    synth_train = commands.add_parser("synth-train", help="train a joint image+label generator on a folder of pairs")
+    synth_train.add_argument("data", type=Path, help="nnU-Net raw folder or folder of {case}_0000.nii.gz + {case}.nii.gz")
+    synth_train.add_argument("--label-names", type=Path, help="labels.json naming the label values")
+    synth_train.add_argument("--shape", type=int, nargs=3, default=[32, 32, 32], help="grid of the generated pairs (voxels)")
+    synth_train.add_argument("--spacing-mm", type=float, nargs=3, help="resample the pairs to this spacing first")
+    synth_train.add_argument("--preset", choices=["tiny", "diff3"], default="tiny", help="tiny: minutes on CPU; diff3: the paper recipe (GPU)")
+    synth_train.add_argument("--vae-steps", type=int, help="VAE phase-1 steps (override the preset)")
+    synth_train.add_argument("--ldm-steps", type=int, help="latent DDPM steps (override the preset)")
+    _add_job_options(synth_train)
+    synth_train.set_defaults(func=cmd_synth_train)
+
+    synthesize = commands.add_parser("synthesize", help="generate N image+label pairs from a trained joint model")
+    synthesize.add_argument("model", type=Path, help="model folder written by synth-train")
+    synthesize.add_argument("--count", type=int, default=4)
+    synthesize.add_argument("--batch-size", type=int, default=1)
+    synthesize.add_argument("--steps", type=int, default=100, help="DDIM steps")
+    synthesize.add_argument("--nnunet-id", type=int, help="also export an nnU-Net v2 dataset with this id")
+    synthesize.add_argument("--nnunet-name", default="MedGenSynthetic")
+    _add_job_options(synthesize)
+    synthesize.set_defaults(func=cmd_synthesize)
+
+    export = commands.add_parser("export-nnunet", help="write a folder of {case}_0000/{case} pairs as an nnU-Net v2 dataset")
+    export.add_argument("pairs", type=Path)
+    export.add_argument("out", type=Path, help="nnUNet_raw folder")
+    export.add_argument("--labels", type=Path, required=True, help="labels.json (values 1..K-1)")
+    export.add_argument("--dataset-id", type=int, required=True)
+    export.add_argument("--name", required=True)
+    export.add_argument("--channel-name", default="MRI")
+    export.add_argument("--case-prefix", default="real")
+    export.set_defaults(func=cmd_export_nnunet)
 
     info = commands.add_parser("info", help="versions, devices, GPU memory and job kinds")
     info.set_defaults(func=cmd_info)
@@ -114,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the demo pipeline on the sample data")
     demo.add_argument("--out", type=Path, default=Path("demo_output"))
     demo.add_argument("--device", default="auto")
-    demo.add_argument("--size", default="small", choices=["reduced", "small", "tiny"])
+    demo.add_argument("--size", default="tiny", choices=["reduced", "small", "tiny"], help="grid of the sample subject (tiny = 32³, fastest)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

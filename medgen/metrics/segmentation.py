@@ -1,0 +1,39 @@
+"""Per-class Dice and 95th-percentile Hausdorff distance of label maps (MONAI metrics)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.networks.utils import one_hot
+
+from medgen.errors import BadInputError
+
+
+def _one_hot_pair(prediction: torch.Tensor, reference: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if prediction.shape != reference.shape:
+        raise BadInputError(f"Prediction {tuple(prediction.shape)} and reference {tuple(reference.shape)} differ in shape.")
+    to_one_hot = lambda labels: one_hot(torch.as_tensor(labels).long().reshape(1, 1, *labels.shape), num_classes, dim=1)  # noqa: E731
+    return to_one_hot(prediction), to_one_hot(reference)
+
+
+def dice_per_class(prediction: torch.Tensor, reference: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Dice of every class 0..num_classes-1 between two integer label maps ``(I, J, K)``.
+
+    A class absent from both maps scores 1 (perfect agreement on "nothing"), absent from one scores 0.
+    """
+    pred_1h, ref_1h = _one_hot_pair(prediction, reference, num_classes)
+    dice = compute_dice(pred_1h, ref_1h, include_background=True, ignore_empty=False)[0]
+    both_empty = (pred_1h.sum(dim=(0, 2, 3, 4)) == 0) & (ref_1h.sum(dim=(0, 2, 3, 4)) == 0)
+    return torch.where(both_empty, torch.ones_like(dice), dice).cpu().numpy()
+
+
+def hd95_per_class(prediction: torch.Tensor, reference: torch.Tensor, num_classes: int, spacing_mm=None) -> np.ndarray:
+    """95th-percentile symmetric Hausdorff distance (mm with ``spacing_mm``, else voxels) per foreground class.
+
+    Returns ``num_classes - 1`` values (classes 1..K-1); NaN where either map lacks the class.
+    """
+    pred_1h, ref_1h = _one_hot_pair(prediction, reference, num_classes)
+    distance = compute_hausdorff_distance(pred_1h, ref_1h, include_background=False, percentile=95, spacing=spacing_mm)[0]
+    empty = (pred_1h[:, 1:].sum(dim=(0, 2, 3, 4)) == 0) | (ref_1h[:, 1:].sum(dim=(0, 2, 3, 4)) == 0)
+    return torch.where(empty, torch.full_like(distance, float("nan")), distance).cpu().numpy()
