@@ -1,0 +1,117 @@
+"""Minimal stand-ins for the parts of Slicer that exist only inside the Slicer application.
+
+slicer-core gives real MRML, ``slicer.util`` and VTK, but not the Qt GUI: ``qt``, ``ctk``,
+``slicer.ScriptedLoadableModule``, ``slicer.parameterNodeWrapper`` and ``slicer.i18n``. These
+stand-ins are just enough to import a module file and instantiate its classes; they are installed
+only inside :func:`slicer_gui_stubs` and removed afterwards, so no other test sees them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+import unittest
+from pathlib import Path
+from unittest import mock
+
+import slicer
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+MODULE_NAMES = ("TenVOOSlicer", "MedGenSynthesis", "CrossModalTranslate")
+
+
+def _scripted_loadable_module() -> types.ModuleType:
+    """The four base classes of a scripted module, reduced to what the module files rely on."""
+    module = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent):
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.parent = parent
+            self.moduleName = type(self).__name__.removesuffix("Widget")
+
+        def resourcePath(self, filename):
+            module_dir = Path(sys.modules[type(self).__module__].__file__).parent
+            return str(module_dir / "Resources" / filename)
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            self.moduleName = type(self).__name__.removesuffix("Logic")
+
+        def getParameterNode(self):
+            # The real base keeps one scripted-module node per module in the scene.
+            return slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
+
+    module.ScriptedLoadableModule = ScriptedLoadableModule
+    module.ScriptedLoadableModuleWidget = ScriptedLoadableModuleWidget
+    module.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
+    module.ScriptedLoadableModuleTest = unittest.TestCase
+    return module
+
+
+def _parameter_node_wrapper() -> types.ModuleType:
+    """``@parameterNodeWrapper`` wraps a scripted-module node; ``Choice`` only records its choices."""
+    module = types.ModuleType("slicer.parameterNodeWrapper")
+
+    def parameterNodeWrapper(cls):
+        def __init__(self, node):
+            self.parameterNode = node
+
+        cls.__init__ = __init__
+        return cls
+
+    class Choice:
+        def __init__(self, choices):
+            self.choices = choices
+
+    module.parameterNodeWrapper = parameterNodeWrapper
+    module.Choice = Choice
+    return module
+
+
+def _i18n() -> types.ModuleType:
+    module = types.ModuleType("slicer.i18n")
+    module.tr = lambda text: text
+    module.translate = lambda context, text: text
+    return module
+
+
+@contextlib.contextmanager
+def slicer_gui_stubs():
+    """Install the stand-ins and put the module folders on ``sys.path``; undo both on exit.
+
+    Yields:
+        the ``qt`` stand-in (a MagicMock), so a test can look at what was created from it.
+    """
+    qt = mock.MagicMock(name="qt")
+    stubs = {
+        "qt": qt,
+        "ctk": mock.MagicMock(name="ctk"),
+        "slicer.ScriptedLoadableModule": _scripted_loadable_module(),
+        "slicer.parameterNodeWrapper": _parameter_node_wrapper(),
+        "slicer.i18n": _i18n(),
+    }
+    modules_before = set(sys.modules)
+    module_dirs = [str(REPOSITORY / name) for name in MODULE_NAMES]
+    stub_dependent_roots = MODULE_NAMES + tuple(f"{name}Lib" for name in MODULE_NAMES)
+    with mock.patch.object(sys, "path", module_dirs + sys.path):
+        for name, stub in stubs.items():
+            sys.modules[name] = stub
+            if name.startswith("slicer."):
+                setattr(slicer, name.split(".", 1)[1], stub)
+        try:
+            yield qt
+        finally:
+            for name in stubs:
+                del sys.modules[name]
+                if name.startswith("slicer."):
+                    delattr(slicer, name.split(".", 1)[1])
+            # Forget only what was imported against the stand-ins: the module files, their Lib
+            # packages and medgen.slicerqt; library modules imported meanwhile stay as they are.
+            for name in set(sys.modules) - modules_before:
+                if name.split(".")[0] in stub_dependent_roots or name.startswith("medgen.slicerqt"):
+                    del sys.modules[name]

@@ -1,0 +1,151 @@
+"""The shared job panel: Apply/Cancel, progress and status follow the job; results import once, on success."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from slicer_stubs import slicer_gui_stubs
+
+
+class FakeProgressBar:
+    def __init__(self):
+        self.minimum = self.maximum = self.value = 0
+
+    def setRange(self, minimum, maximum):
+        self.minimum, self.maximum = minimum, maximum
+
+    def setValue(self, value):
+        self.value = value
+
+
+class ScriptedRunner:
+    """A runner whose worker emits ``events`` one poll at a time, then exits with ``returncode``."""
+
+    def __init__(self, events, returncode=0, result=None, error=None):
+        self.pending = list(events)
+        self.final_returncode, self.final_result, self.final_error = returncode, result, error
+        self.on_event = None
+        self.returncode = self.result = self.error = None
+        self.cancelled = False
+
+    def poll(self):
+        if self.pending:
+            self.on_event(self.pending.pop(0))
+            return True
+        self.returncode, self.result, self.error = self.final_returncode, self.final_result, self.final_error
+        return False
+
+    def cancel(self):
+        self.cancelled = True
+        self.pending.clear()
+        self.final_returncode, self.final_error = 7, {"kind": "cancelled", "message": "Cancelled by the user."}
+
+
+@pytest.fixture
+def panel_module():
+    with slicer_gui_stubs():
+        from medgen.slicerqt import job_panel
+
+        yield job_panel
+
+
+@pytest.fixture
+def widgets():
+    return types.SimpleNamespace(
+        apply=types.SimpleNamespace(text="Apply", enabled=False, toolTip=""),
+        progress=FakeProgressBar(),
+        status=types.SimpleNamespace(text=""),
+        check=types.SimpleNamespace(enabled=True),
+    )
+
+
+def make_panel(panel_module, widgets):
+    panel = panel_module.JobPanel(widgets.apply, widgets.progress, widgets.status, locked_while_busy=[widgets.check])
+    panel.set_can_start(True)
+    return panel
+
+
+def track(panel, runner, imported):
+    runner.on_event = panel.handle_event
+    panel.track(runner, imported.append, "cpu")
+
+
+def poll_until_idle(panel, limit=20):
+    for _ in range(limit):
+        if not panel.busy:
+            return
+        panel.poll()
+    raise AssertionError("the panel never left the busy state")
+
+
+def test_apply_becomes_cancel_while_running_and_progress_follows_events(panel_module, widgets):
+    panel, imported = make_panel(panel_module, widgets), []
+    events = [{"event": "progress", "phase": "smoothing", "step": 1, "total": 4, "eta_s": 75.0, "loss": 0.125}]
+    track(panel, ScriptedRunner(events, result={"outputs": {"image": "x.nii.gz"}}), imported)
+    assert panel.state is panel_module.JobState.RUNNING
+    assert (widgets.apply.text, widgets.apply.enabled, widgets.check.enabled) == ("Cancel", True, False)
+    panel.poll()
+    assert (widgets.progress.maximum, widgets.progress.value) == (4, 1)
+    assert widgets.status.text == "smoothing 1/4 | ETA 1m15s | loss 0.125 | device cpu"
+    poll_until_idle(panel)
+    assert imported == [{"outputs": {"image": "x.nii.gz"}}]
+    assert panel.state is panel_module.JobState.IDLE
+    assert (widgets.apply.text, widgets.apply.enabled, widgets.check.enabled) == ("Apply", True, True)
+    assert widgets.status.text.startswith("Done")
+
+
+def test_cancel_stops_the_runner_and_imports_nothing(panel_module, widgets):
+    panel, imported = make_panel(panel_module, widgets), []
+    runner = ScriptedRunner([{"event": "log", "message": "x"}] * 5)
+    track(panel, runner, imported)
+    panel.cancel()
+    assert runner.cancelled and panel.state is panel_module.JobState.CANCELLING
+    assert widgets.apply.enabled is False
+    poll_until_idle(panel)
+    assert imported == [] and widgets.status.text == "Cancelled."
+    assert panel.state is panel_module.JobState.IDLE
+
+
+def test_worker_error_is_shown_and_the_panel_can_start_again(panel_module, widgets):
+    panel, imported = make_panel(panel_module, widgets), []
+    error = {"kind": "oom", "message": "Out of GPU memory: lower the patch size."}
+    track(panel, ScriptedRunner([], returncode=4, error=error), imported)
+    poll_until_idle(panel)
+    assert panel.state is panel_module.JobState.FAILED
+    assert widgets.status.text == "Failed: Out of GPU memory: lower the patch size."
+    assert imported == [] and widgets.apply.text == "Apply" and widgets.apply.enabled
+
+
+def test_an_import_that_raises_marks_the_job_failed(panel_module, widgets):
+    panel = make_panel(panel_module, widgets)
+    runner = ScriptedRunner([], result={"outputs": {}})
+    runner.on_event = panel.handle_event
+
+    def broken_import(result):
+        raise KeyError("image")
+
+    panel.track(runner, broken_import, "cpu")
+    poll_until_idle(panel)
+    assert panel.state is panel_module.JobState.FAILED
+    assert widgets.status.text.startswith("Failed: Importing the results failed")
+
+
+def test_a_second_job_is_refused_while_one_runs(panel_module, widgets):
+    panel = make_panel(panel_module, widgets)
+    track(panel, ScriptedRunner([{"event": "log"}]), [])
+    with pytest.raises(RuntimeError, match="already running"):
+        panel.track(ScriptedRunner([]), print, "cpu")
+
+
+def test_apply_stays_disabled_until_inputs_allow_it(panel_module, widgets):
+    panel = panel_module.JobPanel(widgets.apply, widgets.progress, widgets.status)
+    assert widgets.apply.enabled is False
+    panel.set_can_start(True)
+    assert widgets.apply.enabled is True
+
+
+@pytest.mark.parametrize("seconds, text", [(8, "8s"), (75.2, "1m15s"), (3700, "1h01m")])
+def test_durations_read_naturally(panel_module, seconds, text):
+    assert panel_module.format_duration(seconds) == text

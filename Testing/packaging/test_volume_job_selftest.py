@@ -1,0 +1,51 @@
+"""End to end on a real MRML scene: a module Logic runs the selftest worker and imports its output."""
+
+from __future__ import annotations
+
+import time
+import types
+
+import numpy as np
+import pytest
+import slicer.util
+
+from medgen.slicer.volume_job import VolumeJobLogicMixin, selftest_request
+from slicer_stubs import slicer_gui_stubs
+
+# Each test starts a worker process that imports torch and MONAI: tens of seconds on a 2-core machine.
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def input_volume(mrml_scene):
+    voxels = np.random.default_rng(0).random((6, 8, 10), dtype=np.float32)
+    return slicer.util.addVolumeFromArray(voxels, name="patient MR")
+
+
+def test_run_job_imports_the_output_next_to_the_input(input_volume, mrml_scene, tmp_path):
+    outputs = VolumeJobLogicMixin().runJob(selftest_request(input_volume, "Check"), jobRoot=tmp_path, device="cpu")
+    assert [node.GetName() for node in outputs] == ["patient MR Check selftest"]
+    assert slicer.util.arrayFromVolume(outputs[0]).shape == (6, 8, 10)
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(mrml_scene)
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(outputs[0])) == hierarchy.GetItemParent(
+        hierarchy.GetItemByDataNode(input_volume))
+
+
+def test_job_panel_follows_a_real_worker_to_the_import(input_volume, mrml_scene, tmp_path):
+    with slicer_gui_stubs():
+        from medgen.slicerqt.job_panel import JobPanel, JobState
+
+        apply_button = types.SimpleNamespace(text="Apply", enabled=True)
+        progress_bar = types.SimpleNamespace(setRange=lambda low, high: None, setValue=lambda value: None)
+        status_label = types.SimpleNamespace(text="")
+        panel = JobPanel(apply_button, progress_bar, status_label)
+        logic, request, imported = VolumeJobLogicMixin(), selftest_request(input_volume, "Panel"), []
+        runner = logic.startJob(request, jobRoot=tmp_path, device="cpu", onEvent=panel.handle_event)
+        panel.track(runner, lambda result: imported.extend(logic.importResults(request, result)), "cpu")
+        deadline = time.monotonic() + 120
+        while panel.busy and time.monotonic() < deadline:
+            panel.poll()  # what the panel's QTimer does every 200 ms inside Slicer
+            time.sleep(0.05)
+    assert panel.state is JobState.IDLE, status_label.text
+    assert [node.GetName() for node in imported] == ["patient MR Panel selftest"]
+    assert any(event["event"] == "progress" for event in runner.events)

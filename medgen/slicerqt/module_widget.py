@@ -1,0 +1,123 @@
+"""What every MedGen module panel does the same way: scene/parameter-node lifecycle and the job buttons.
+
+The job buttons are Apply/Cancel, "Install dependencies" and "Check setup". Each module's Widget
+mixes in :class:`ModuleWidgetMixin` and keeps only what differs per module (its ``setup()``,
+``initializeParameterNode()`` and ``_checkCanApply()``). The mixin expects the template's
+attributes: ``self.ui`` (with ``applyButton``, ``progressBar``, ``statusLabel``,
+``checkSetupButton``, ``installDependenciesButton``, ``setupStatusLabel``),
+``self.logic`` (a :class:`medgen.slicer.volume_job.VolumeJobLogicMixin`), ``self._parameterNode``
+(with ``inputVolume``, ``device``, ``outputFolder``), ``self.moduleName`` and ``self.resourcePath``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import slicer
+import vtk
+
+from medgen.slicer.dependencies import ensure_dependencies, format_torch_report, torch_report
+from medgen.slicer.volume_job import VolumeJobRequest, selftest_request
+from medgen.slicerqt.job_panel import JobPanel
+
+
+class ModuleWidgetMixin:
+    """The Slicer widget lifecycle and the job buttons shared by the MedGen module panels."""
+
+    def cleanup(self) -> None:
+        """Called when the application closes and the module widget is destroyed."""
+        self.removeObservers()
+
+    def enter(self) -> None:
+        """Called each time the user opens this module."""
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        """Called each time the user opens a different module; a running job keeps running."""
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        """Drop the parameter node before the scene that holds it is cleared."""
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        """Re-create the parameter node in the new scene when the panel is visible."""
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        """Bind the GUI to ``inputParameterNode`` (through the .ui's SlicerParameterName properties)."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    def setupJobControls(self) -> None:
+        """Create the job panel and connect the buttons; call once from ``setup()``."""
+        self.jobPanel = JobPanel(
+            self.ui.applyButton,
+            self.ui.progressBar,
+            self.ui.statusLabel,
+            locked_while_busy=[self.ui.checkSetupButton, self.ui.installDependenciesButton],
+        )
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.checkSetupButton.connect("clicked(bool)", self.onCheckSetupButton)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependenciesButton)
+
+    def onApplyButton(self) -> None:
+        """Start the module's job, or cancel it when one is running (the button reads Cancel then)."""
+        if self.jobPanel.busy:
+            self.jobPanel.cancel()
+            return
+        self.startJob(self.logic.applyJobRequest(self._parameterNode))
+
+    def onCheckSetupButton(self) -> None:
+        """Show torch/CUDA/device and run the built-in selftest job on the selected volume."""
+        with slicer.util.tryWithErrorDisplay("Checking the setup failed.", waitCursor=True):
+            report = torch_report()
+            self.ui.setupStatusLabel.text = format_torch_report(report)
+            inputVolume = self._parameterNode.inputVolume
+            if not report["installed"]:
+                return  # the label already says to install the dependencies; the worker would fail
+            if inputVolume is None:
+                self.ui.statusLabel.text = "Select an input volume to run the selftest job on."
+                return
+            self.startJob(selftest_request(inputVolume, output_suffix=self.moduleName))
+
+    def onInstallDependenciesButton(self) -> None:
+        """Install torch (PyTorch extension) and the module's requirements, each after confirmation."""
+        with slicer.util.tryWithErrorDisplay("Installing the dependencies failed.", waitCursor=True):
+            # Every module of the extension shares one installed Resources folder, hence the module prefix.
+            requirementsFile = self.resourcePath(f"{self.moduleName}-requirements.txt")
+            restartNeeded = ensure_dependencies(requirementsFile, requester=self.moduleName)
+            status = format_torch_report(torch_report())
+            if restartNeeded:
+                status += " | restart Slicer to use the updated packages"
+            self.ui.setupStatusLabel.text = status
+
+    def onReload(self) -> None:
+        """Reload this module's ``<Module>Lib`` submodules too, so the developer Reload button sees their edits."""
+        libName = f"{self.moduleName}Lib"
+        # Submodules sort after their package; reloading them first lets the package re-import fresh code.
+        for name in sorted((name for name in sys.modules if name.split(".")[0] == libName), reverse=True):
+            importlib.reload(sys.modules[name])
+        super().onReload()
+
+    def startJob(self, request: VolumeJobRequest) -> None:
+        """Start ``request`` in a worker process and let the job panel follow it."""
+        device = self._parameterNode.device
+        outputFolder = str(self._parameterNode.outputFolder)
+        with slicer.util.tryWithErrorDisplay("Starting the job failed.", waitCursor=True):
+            runner = self.logic.startJob(
+                request,
+                # "." is the parameter node's empty path: no folder chosen yet
+                jobRoot=None if outputFolder in ("", ".") else outputFolder,
+                device=device,
+                onEvent=self.jobPanel.handle_event,
+            )
+            self.jobPanel.track(runner, lambda result: self.logic.importResults(request, result), device)
