@@ -1,0 +1,228 @@
+"""The shared medgen.peft API on every method: FSEFT counts (spec fseft.md §9 O2–O6), identity, merge, freezing,
+adapter files and bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft_helpers import perturb_trainable, tiny_swin, tiny_unet, unet_inputs
+from torch import nn
+
+from medgen.errors import BadInputError, ModelError
+from medgen.peft import METHODS, describe, inject, load_adapter, merge, save_adapter, trainable_parameters
+
+FSEFT_COUNTS = {
+    "linear-probe": (49, 19_597_873),
+    "spatial-adapter": (124_465, None),
+    "affine-norm": (17_329, 19_615_153),
+    "bitfit": (210_739, 19_808_563),
+    "lora": (69_169, 19_666_993),
+    "adaptformer": (47_697, 19_645_521),
+    "full": (62_186_659, 62_186_659),
+}
+
+# options that make each method applicable to the tiny Swin-UNETR (feature_size 12)
+SWIN_OPTIONS = {
+    "lora": {"preset": "fseft"},
+    "ia3": {"target_modules": r"\.attn\.qkv$", "head": "out.conv.conv"},
+    "bitfit": {"preset": "fseft"},
+    "affine-norm": {"preset": "fseft"},
+    "adaptformer": {"preset": "fseft"},
+    "linear-probe": {"preset": "fseft"},
+    "spatial-adapter": {"preset": "fseft"},
+    "full": {"preset": "fseft"},
+}
+# methods on the tiny DDPM UNet's Conv3d layers
+UNET_OPTIONS = {
+    "tenvoo-l": {"preset": "tenvoo-paper"},
+    "tenvoo-q": {"preset": "tenvoo-paper", "init": "last_layer_zero"},
+    "lora": {"target_modules": r"resnets.*\.conv[12]\.conv$", "rank": 4, "alpha": 8},
+    "ia3": {"target_modules": r"resnets.*\.conv[12]\.conv$"},
+}
+SWIN_INPUT = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
+CASES = [("swin", method) for method in SWIN_OPTIONS] + [("unet", method) for method in UNET_OPTIONS]
+
+
+def build(kind: str, method: str) -> tuple[nn.Module, nn.Module, tuple]:
+    """(base, adapted copy, inputs) for one case."""
+    if kind == "swin":
+        base, inputs = tiny_swin(), (SWIN_INPUT,)
+        options = dict(SWIN_OPTIONS[method])
+    else:
+        base, inputs = tiny_unet(), unet_inputs()
+        options = dict(UNET_OPTIONS[method])
+    preset = options.pop("preset", None)
+    return base, inject(copy.deepcopy(base), method, preset=preset, **options), inputs
+
+
+def test_every_method_is_covered():
+    assert set(SWIN_OPTIONS) | set(UNET_OPTIONS) == set(METHODS)
+
+
+@pytest.fixture(scope="module")
+def swin_fs48():
+    from monai.networks.nets import SwinUNETR
+
+    torch.manual_seed(0)
+    return SwinUNETR(in_channels=1, out_channels=1, feature_size=48)
+
+
+@pytest.mark.parametrize("method", list(FSEFT_COUNTS))
+def test_o2_fseft_trainable_counts(swin_fs48, method):
+    frozen_decoder, tuned_decoder = FSEFT_COUNTS[method]
+    model = inject(copy.deepcopy(swin_fs48), method, preset="fseft")
+    assert trainable_parameters(model) == frozen_decoder
+    if tuned_decoder is not None:
+        model = inject(copy.deepcopy(swin_fs48), method, preset="fseft", decoder=True)
+        assert trainable_parameters(model) == tuned_decoder
+
+
+@pytest.fixture(scope="module")
+def base_outputs():
+    """Base-model outputs by kind, computed once (the Swin forward is the slow part of this file)."""
+    outputs = {}
+    torch.set_num_threads(1)  # as in every test (conftest): the thread count changes float summation order
+    with torch.no_grad():
+        outputs["swin"] = tiny_swin()(SWIN_INPUT)
+        outputs["unet"] = tiny_unet()(*unet_inputs())
+    return outputs
+
+
+@pytest.mark.parametrize(("kind", "method"), CASES)
+def test_o3_identity_at_init(base_outputs, kind, method):
+    _, adapted, inputs = build(kind, method)
+    with torch.no_grad():
+        output = adapted(*inputs)
+    assert base_outputs[kind].abs().max() > 0
+    assert torch.equal(output, base_outputs[kind])  # every method here starts as an exact identity
+
+
+FOLDABLE = [(kind, method) for kind, method in CASES if method in ("tenvoo-l", "tenvoo-q", "lora", "ia3")]
+
+
+@pytest.mark.parametrize(("kind", "method"), FOLDABLE)
+def test_merge_equivalence(kind, method):
+    base, adapted, inputs = build(kind, method)
+    if kind == "unet":
+        inputs = unet_inputs(size=8)  # float64 convolutions are slow on CPU; 8³ still crosses both UNet levels
+    perturb_trainable(adapted)
+    # float64 isolates the algebra of the merge from float32 rounding amplified by the network
+    adapted, inputs = adapted.double(), tuple(item.double() if item.is_floating_point() else item for item in inputs)
+    with torch.no_grad():
+        expected = adapted(*inputs)
+        merged = merge(copy.deepcopy(adapted))
+        output = merged(*inputs)
+    assert (output - expected).abs().max().item() <= 1e-9
+    assert set(merged.state_dict()) == set(base.state_dict())  # folded back into the base architecture
+
+
+@pytest.mark.parametrize("method", ["bitfit", "adaptformer", "spatial-adapter"])
+def test_merge_keeps_unfoldable_methods(method):
+    _, adapted, _ = build("swin", method)
+    names = [name for name, _ in adapted.named_modules()]
+    merged = merge(adapted)
+    assert [name for name, _ in merged.named_modules()] == names
+    with pytest.raises(BadInputError, match="no MedGen adapter"):
+        save_adapter(merged, "unused")
+
+
+@pytest.mark.parametrize(("kind", "method"), CASES)
+def test_o4_gradients_and_frozen_weights_after_optimizer_step(kind, method):
+    _, adapted, inputs = build(kind, method)
+    perturb_trainable(adapted)  # opens zero-initialised branches so every trainable tensor gets a gradient
+    frozen = {name: tensor.clone() for name, tensor in adapted.state_dict().items()}
+    trainable_names = {name for name, parameter in adapted.named_parameters() if parameter.requires_grad}
+    optimizer = torch.optim.AdamW(adapted.parameters(), lr=1e-2, weight_decay=0.0)
+    adapted(*inputs).pow(2).mean().backward()
+    for name, parameter in adapted.named_parameters():
+        assert (parameter.grad is not None) == parameter.requires_grad, name
+    optimizer.step()
+    changed = {name for name, tensor in adapted.state_dict().items() if not torch.equal(tensor, frozen[name])}
+    assert changed and changed <= trainable_names
+
+
+def test_o5_lora_zero_init_dynamics():
+    _, adapted, inputs = build("swin", "lora")
+    lora_a = {name: p.clone() for name, p in adapted.named_parameters() if "lora_A" in name}
+    optimizer = torch.optim.AdamW(adapted.parameters(), lr=1e-3, weight_decay=0.0)
+    adapted(*inputs).pow(2).mean().backward()
+    optimizer.step()
+    parameters = dict(adapted.named_parameters())
+    assert all(torch.equal(parameters[name], value) for name, value in lora_a.items())
+    assert any(parameters[name].abs().max() > 0 for name in parameters if "lora_B" in name)
+
+
+@pytest.mark.parametrize(("kind", "method"), [("unet", "tenvoo-q"), ("unet", "lora"), ("swin", "spatial-adapter"),
+                                               ("swin", "adaptformer")])
+def test_save_load_round_trip(tmp_path, kind, method):
+    base, adapted, inputs = build(kind, method)
+    perturb_trainable(adapted)
+    save_adapter(adapted, tmp_path)
+    reloaded = load_adapter(copy.deepcopy(base), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(*inputs), adapted(*inputs))
+    assert trainable_parameters(reloaded) == trainable_parameters(adapted)
+
+
+def test_load_refuses_other_base_weights(tmp_path):
+    _, adapted, _ = build("unet", "tenvoo-l")
+    save_adapter(adapted, tmp_path)
+    with pytest.raises(ModelError, match="SHA-256"):
+        load_adapter(tiny_unet(seed=7), tmp_path)
+
+
+def test_load_refuses_corrupted_file(tmp_path):
+    base, adapted, _ = build("unet", "tenvoo-l")
+    save_adapter(adapted, tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ModelError):
+        load_adapter(copy.deepcopy(base), tmp_path)
+
+
+def test_load_refuses_mismatched_network(tmp_path):
+    _, adapted, _ = build("unet", "tenvoo-l")
+    save_adapter(adapted, tmp_path)
+    with pytest.raises(ModelError):
+        load_adapter(tiny_swin(), tmp_path)
+
+
+def test_regex_matching_nothing_lists_module_names():
+    with pytest.raises(BadInputError, match=r"no module.*conv1"):
+        inject(tiny_unet(), "lora", target_modules=r"does_not_exist")
+
+
+@pytest.mark.parametrize(("method", "layer_type"), [("lora", "ConvTranspose3d"), ("tenvoo-l", "ConvTranspose3d")])
+def test_unsupported_layer_type_is_named(method, layer_type):
+    with pytest.raises(BadInputError, match=layer_type):
+        inject(tiny_swin(), method, target_modules=r"decoder2\.transp_conv\.conv$")
+
+
+def test_unknown_option_and_method_are_rejected():
+    with pytest.raises(BadInputError, match="rank"):
+        inject(tiny_swin(), "bitfit", rank=4)
+    with pytest.raises(BadInputError, match="tenvoo-l"):
+        inject(tiny_swin(), "loha")
+
+
+def test_describe_lists_adapted_layers():
+    _, adapted, _ = build("unet", "tenvoo-l")
+    report = describe(adapted)
+    assert report["method"] == "tenvoo-l" and report["trainable_parameters"] == trainable_parameters(adapted)
+    adapters = [layer for layer in report["layers"] if layer["role"] == "adapter"]
+    assert {layer["type"] for layer in adapters} == {"TenVOOConv3d", "TenVOOLinear"}
+    assert sum(layer["trainable_parameters"] for layer in report["layers"]) == report["trainable_parameters"]
+
+
+def test_head_rows_zero_shot_initialisation():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 4, 1), nn.Conv3d(4, 3, 1))
+    volume = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        reference = model(volume)[:, [2, 0]]
+    probe = inject(copy.deepcopy(model), "linear-probe", head="1", head_rows=[2, 0])
+    with torch.no_grad():
+        assert torch.equal(probe(volume), reference)
+    assert trainable_parameters(probe) == 2 * 4 + 2
