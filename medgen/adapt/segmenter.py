@@ -1,0 +1,178 @@
+"""A segmentation network together with the preprocessing that maps a volume to its input and back.
+
+Two families: deepbet's brain-extraction LinkNet3d (RAS orientation, resize to 128³ ignoring spacing,
+deepbet's intensity normalisation) and MONAI networks from a MedGen model folder (RAS orientation,
+optional resampling to the spec's spacing, intensity normalisation, sliding-window inference with
+Gaussian blending over the spec's patch size). Predictions come back on the input's own voxel grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.transforms import NormalizeIntensity, Orientation, ScaleIntensityRangePercentiles, Spacing
+from torch import nn
+
+from medgen.errors import BadInputError
+
+
+@dataclasses.dataclass
+class SegmentationModel:
+    """A network that outputs class logits plus how to feed it.
+
+    Args:
+        network: ``(B, 1, D, H, W) -> (B, num_classes, D, H, W)`` logits.
+        class_names: names of classes 1..num_classes-1 (class 0 is background).
+        input_size: fixed network input grid (deepbet: 128³, volumes are resized to it), or None.
+        patch_size: sliding-window ROI; also the training patch size.
+        spacing_mm: resample inputs to this spacing first (None: keep the input's spacing).
+        normalize: ``volume (D, H, W) -> normalised volume`` of the same shape.
+        name: shown in reports.
+    """
+
+    network: nn.Module
+    class_names: list[str]
+    input_size: tuple[int, int, int] | None
+    patch_size: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float] | None
+    normalize: Callable[[torch.Tensor], torch.Tensor]
+    name: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names) + 1
+
+
+def _deepbet_normalize(volume: torch.Tensor) -> torch.Tensor:
+    from medgen.models import deepbet_preprocess
+
+    return deepbet_preprocess(volume, size=tuple(volume.shape))[0, 0]
+
+
+def deepbet_model(which: str = "bbox") -> SegmentationModel:
+    """deepbet's pretrained brain extraction (weights from the deepbet wheel), returning logits."""
+    from medgen.models import load_deepbet
+
+    network = load_deepbet(which)
+    network.softmax = False  # logits for training and for our own softmax/argmax
+    size = (128, 128, 128) if which == "bbox" else (256, 256, 256)
+    return SegmentationModel(network, ["brain"], size, (64, 64, 64), None, _deepbet_normalize, f"deepbet-{which}")
+
+
+def percentile_normalize(volume: torch.Tensor) -> torch.Tensor:
+    """0.5-99.5 percentile range to [0, 1], then zero mean and unit variance."""
+    scaled = ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True)(volume[None])
+    return NormalizeIntensity()(scaled)[0]
+
+
+@dataclasses.dataclass
+class PreparedInput:
+    """The network-grid tensor of a volume plus what is needed to map predictions back."""
+
+    tensor: torch.Tensor  # (1, 1, D, H, W) network input
+    oriented: MetaTensor  # the input on its RAS-oriented (and resampled) grid, (1, I, J, K)
+    original: MetaTensor  # the input as given
+
+
+def _axcodes(affine) -> str:
+    return "".join(nib.aff2axcodes(np.asarray(affine)))
+
+
+def prepare_volume(model: SegmentationModel, image: MetaTensor, label: MetaTensor | None = None):
+    """Map ``image`` (and optionally its ``label``) to the network grid.
+
+    Returns:
+        ``(PreparedInput, label tensor (1, 1, D, H, W) int64 or None)``.
+    """
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise BadInputError(f"Expected a single-channel volume (1, I, J, K); got {tuple(image.shape)}.")
+    oriented = Orientation(axcodes="RAS")(image.float())
+    oriented_label = Orientation(axcodes="RAS")(label.float()) if label is not None else None
+    if model.spacing_mm is not None:
+        oriented = Spacing(pixdim=model.spacing_mm, mode="bilinear")(oriented)
+        if oriented_label is not None:
+            oriented_label = Spacing(pixdim=model.spacing_mm, mode="nearest")(oriented_label)
+    grid = oriented.as_tensor()[0]
+    if model.input_size is not None:
+        grid = F.interpolate(grid[None, None], size=model.input_size, mode="nearest-exact")[0, 0]
+    tensor = model.normalize(grid)[None, None].float()
+    label_tensor = None
+    if oriented_label is not None:
+        label_grid = oriented_label.as_tensor()[None]
+        size = model.input_size or tuple(grid.shape)
+        label_tensor = F.interpolate(label_grid, size=size, mode="nearest-exact").round().long()
+    return PreparedInput(tensor, MetaTensor(oriented.as_tensor(), affine=oriented.affine), image), label_tensor
+
+
+@torch.no_grad()
+def predict_probabilities(model: SegmentationModel, tensor: torch.Tensor, device: torch.device, overlap: float = 0.25) -> torch.Tensor:
+    """Softmax probabilities ``(1, num_classes, D, H, W)`` on the network grid (sliding window, Gaussian blending)."""
+    model.network.eval()
+    roi = model.input_size or model.patch_size
+    logits = sliding_window_inference(
+        tensor.to(device), roi_size=roi, sw_batch_size=1, predictor=model.network, overlap=overlap, mode="gaussian"
+    )
+    return torch.softmax(logits.float(), dim=1).cpu()
+
+
+def labels_on_input_grid(prepared: PreparedInput, probabilities: torch.Tensor) -> MetaTensor:
+    """Argmax labels mapped back onto the original input grid (nearest neighbour), ``(1, I, J, K)`` int64."""
+    labels = probabilities.argmax(dim=1, keepdim=True).float()
+    oriented_shape = tuple(prepared.oriented.shape[1:])
+    labels = F.interpolate(labels, size=oriented_shape, mode="nearest-exact")[0]
+    on_oriented = MetaTensor(labels, affine=prepared.oriented.affine)
+    original = prepared.original
+    if not np.allclose(np.asarray(prepared.oriented.affine), np.asarray(original.affine)) or on_oriented.shape != original.shape:
+        spatial_size = tuple(original.shape[1:])
+        on_oriented = Orientation(axcodes=_axcodes(original.affine))(on_oriented)
+        if tuple(on_oriented.shape[1:]) != spatial_size or not np.allclose(np.asarray(on_oriented.affine), np.asarray(original.affine), atol=1e-4):
+            from monai.transforms import SpatialResample
+
+            on_oriented = SpatialResample(mode="nearest")(on_oriented, dst_affine=original.affine, spatial_size=spatial_size)
+    return MetaTensor(on_oriented.as_tensor().round().long(), affine=original.affine)
+
+
+def segment(model: SegmentationModel, image: MetaTensor, device: torch.device | str = "cpu") -> MetaTensor:
+    """Segment ``image`` ``(1, I, J, K)``; returns an int64 label map on the same grid."""
+    prepared, _ = prepare_volume(model, image)
+    return labels_on_input_grid(prepared, predict_probabilities(model, prepared.tensor, torch.device(device)))
+
+
+def _intensity_normalizer(settings: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    method = settings.get("method", "none")
+    if method == "none":
+        return lambda volume: volume
+    if method == "zscore":
+        return lambda volume: NormalizeIntensity()(volume[None])[0]
+    if method in ("percentile", "range"):
+        return percentile_normalize
+    if method == "deepbet":
+        return _deepbet_normalize
+    raise BadInputError(f"Unsupported intensity normalisation {method!r} in the model spec.")
+
+
+def load_segmentation_model(source: str) -> SegmentationModel:
+    """``"deepbet"``/``"deepbet-bbox"`` for the packaged deepbet network, else a MedGen model folder
+    (``model.json`` + safetensors, see :mod:`medgen.models`) of a segmentation network with a softmax head."""
+    if source in ("deepbet", "deepbet-bbox"):
+        return deepbet_model("bbox")
+    from medgen.models import load_model
+
+    network, spec = load_model(source)
+    if spec.output_activation not in ("softmax", "none") or len(spec.class_names) < 2:
+        raise BadInputError(
+            f"{source} is not a multi-class segmentation model (output {spec.output_activation!r}, classes {spec.class_names})."
+        )
+    if hasattr(network, "softmax"):
+        network.softmax = False
+    preprocessing = spec.preprocessing
+    patch = tuple(preprocessing.patch_size or (96, 96, 96))
+    spacing = tuple(preprocessing.spacing_mm) if preprocessing.spacing_mm else None
+    return SegmentationModel(network, list(spec.class_names[1:]), None, patch, spacing, _intensity_normalizer(preprocessing.intensity), spec.name or str(source))
