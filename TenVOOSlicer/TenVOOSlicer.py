@@ -20,7 +20,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from medgen.slicer.volume_job import VolumeJobLogicMixin, run_selftest_on_synthetic_volume
+from medgen.slicer.scene_job import SceneJobLogicMixin, run_selftest_on_synthetic_volume
 from medgen.slicerqt.module_widget import ModuleWidgetMixin
 from TenVOOSlicerLib import jobs
 
@@ -100,7 +100,7 @@ class TenVOOSlicerWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKObs
         self.jobPanel.set_can_start(canApply)
 
 
-class TenVOOSlicerLogic(VolumeJobLogicMixin, ScriptedLoadableModuleLogic):
+class TenVOOSlicerLogic(SceneJobLogicMixin, ScriptedLoadableModuleLogic):
     """Starts and imports this module's jobs; usable from the Python console without the panel.
 
     Example: ``TenVOOSlicerLogic().runSelftest(volumeNode, "TenVOOSlicer")`` runs the selftest job

@@ -5,9 +5,9 @@ Until the translation job kind exists, Apply runs the built-in ``selftest`` job,
 :func:`apply_job_request` with the real request.
 """
 
-from medgen.slicer.volume_job import VolumeJobRequest, selftest_request
+from medgen.slicer.scene_job import JobRequest, selftest_request
 
 
-def apply_job_request(input_volume) -> VolumeJobRequest:
+def apply_job_request(input_volume) -> JobRequest:
     """The job Apply starts on ``input_volume``."""
     return selftest_request(input_volume, output_suffix="Translation")

@@ -1,13 +1,11 @@
-"""The jobs the Synthetic Data panel starts.
-
-Until the synthesis job kind exists, Apply runs the built-in ``selftest`` job, so the whole path
-(export, worker, progress, import) is exercised; the synthesis issue replaces
-:func:`apply_job_request` with the real request.
+"""The job the Synthetic Data panel's Apply button starts: the built-in ``selftest`` on the Setup
+section's volume, which proves that torch, the worker and the import work. Paired synthesis has its
+own buttons (see :mod:`MedGenSynthesisLib.paired`).
 """
 
-from medgen.slicer.volume_job import VolumeJobRequest, selftest_request
+from medgen.slicer.scene_job import JobRequest, selftest_request
 
 
-def apply_job_request(input_volume) -> VolumeJobRequest:
+def apply_job_request(input_volume) -> JobRequest:
     """The job Apply starts on ``input_volume``."""
     return selftest_request(input_volume, output_suffix="Synthesis")

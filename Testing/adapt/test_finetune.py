@@ -29,7 +29,7 @@ SPEC = dict(network="UNet", kwargs=UNET_KWARGS, class_names=["background", "blob
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
     """A tiny UNet pretrained (full fine-tuning) on *bright* blobs: the 'pretrained model' to adapt."""
-    from conftest import oblique_affine
+    from medgen_testing import oblique_affine
 
     from medgen.peft import merge
 

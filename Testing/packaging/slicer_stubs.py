@@ -21,6 +21,32 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 MODULE_NAMES = ("TenVOOSlicer", "MedGenSynthesis", "CrossModalTranslate")
 
 
+class FakeWidget(types.SimpleNamespace):
+    """A Qt widget reduced to its properties and the slots connected to it."""
+
+    def connect(self, signal, slot):
+        self.slots = {**getattr(self, "slots", {}), signal: slot}
+
+    def setRange(self, minimum, maximum):
+        self.range = (minimum, maximum)
+
+    def setValue(self, value):
+        self.value = value
+
+
+class FakeRunner:
+    """A worker process that runs until the test says how it ended."""
+
+    def __init__(self):
+        self.cancelled, self.returncode, self.result, self.error = False, None, None, None
+
+    def poll(self):
+        return self.returncode is None
+
+    def cancel(self):
+        self.cancelled = True
+
+
 def _scripted_loadable_module() -> types.ModuleType:
     """The four base classes of a scripted module, reduced to what the module files rely on."""
     module = types.ModuleType("slicer.ScriptedLoadableModule")

@@ -66,8 +66,8 @@ def test_apply_starts_a_job_on_the_selected_volume(module_name, mrml_scene):
     assert request.kind == "selftest"
     assert request.input_nodes == {"image": volume}
     assert request.reference_node is volume
-    assert list(request.output_node_names) == ["image"]
-    assert request.output_node_names["image"].startswith("patient CT ")
+    (output_import,) = request.imports
+    assert output_import.output == "image" and output_import.node_name.startswith("patient CT ")
 
 
 @pytest.mark.parametrize("path", [p for m in MODULE_NAMES for p in module_python_files(m)], ids=lambda p: p.name)

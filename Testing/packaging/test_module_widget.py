@@ -8,28 +8,7 @@ from pathlib import Path
 import pytest
 import slicer
 
-from slicer_stubs import MODULE_NAMES, slicer_gui_stubs
-
-
-class FakeWidget(types.SimpleNamespace):
-    """A Qt widget reduced to its properties and the slots connected to it."""
-
-    def connect(self, signal, slot):
-        self.slots = {**getattr(self, "slots", {}), signal: slot}
-
-    def setRange(self, minimum, maximum):
-        self.range = (minimum, maximum)
-
-    def setValue(self, value):
-        self.value = value
-
-
-class FakeRunner:
-    def __init__(self):
-        self.cancelled = False
-
-    def cancel(self):
-        self.cancelled = True
+from slicer_stubs import MODULE_NAMES, FakeRunner, FakeWidget, slicer_gui_stubs
 
 
 class RecordingLogic:
@@ -103,7 +82,7 @@ def test_check_setup_reports_torch_and_runs_the_selftest(panel):
     assert widget.ui.setupStatusLabel.text.startswith("PyTorch ")
     (started,) = widget.logic.started
     assert started["request"].kind == "selftest" and started["jobRoot"] == "/data/jobs"
-    assert started["request"].output_node_names["image"] == f"patient T1 {widget.moduleName} selftest"
+    assert started["request"].imports[0].node_name == f"patient T1 {widget.moduleName} selftest"
 
 
 def test_check_setup_without_a_volume_explains_what_is_missing(panel):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import slicer.util
 
-from medgen.slicer.volume_job import VolumeJobLogicMixin, selftest_request
+from medgen.slicer.scene_job import SceneJobLogicMixin, selftest_request
 from slicer_stubs import slicer_gui_stubs
 
 # Each test starts a worker process that imports torch and MONAI: tens of seconds on a 2-core machine.
@@ -19,16 +19,20 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def input_volume(mrml_scene):
     voxels = np.random.default_rng(0).random((6, 8, 10), dtype=np.float32)
-    return slicer.util.addVolumeFromArray(voxels, name="patient MR")
+    volume = slicer.util.addVolumeFromArray(voxels, name="patient MR")
+    # outside the Slicer app no plugin files new nodes in the subject hierarchy; do what the user would
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(mrml_scene)
+    hierarchy.CreateItem(hierarchy.CreateFolderItem(hierarchy.GetSceneItemID(), "patient study"), volume)
+    return volume
 
 
 def test_run_job_imports_the_output_next_to_the_input(input_volume, mrml_scene, tmp_path):
-    outputs = VolumeJobLogicMixin().runJob(selftest_request(input_volume, "Check"), jobRoot=tmp_path, device="cpu")
-    assert [node.GetName() for node in outputs] == ["patient MR Check selftest"]
-    assert slicer.util.arrayFromVolume(outputs[0]).shape == (6, 8, 10)
+    outputs = SceneJobLogicMixin().runJob(selftest_request(input_volume, "Check"), jobRoot=tmp_path, device="cpu")
+    assert [node.GetName() for node in outputs.values()] == ["patient MR Check selftest"]
+    assert slicer.util.arrayFromVolume(outputs["image"]).shape == (6, 8, 10)
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(mrml_scene)
-    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(outputs[0])) == hierarchy.GetItemParent(
-        hierarchy.GetItemByDataNode(input_volume))
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(outputs["image"])) == hierarchy.GetItemParent(
+        hierarchy.GetItemByDataNode(input_volume)) == hierarchy.GetItemByName("patient study")
 
 
 def test_job_panel_follows_a_real_worker_to_the_import(input_volume, mrml_scene, tmp_path):
@@ -39,9 +43,9 @@ def test_job_panel_follows_a_real_worker_to_the_import(input_volume, mrml_scene,
         progress_bar = types.SimpleNamespace(setRange=lambda low, high: None, setValue=lambda value: None)
         status_label = types.SimpleNamespace(text="")
         panel = JobPanel(apply_button, progress_bar, status_label)
-        logic, request, imported = VolumeJobLogicMixin(), selftest_request(input_volume, "Panel"), []
+        logic, request, imported = SceneJobLogicMixin(), selftest_request(input_volume, "Panel"), []
         runner = logic.startJob(request, jobRoot=tmp_path, device="cpu", onEvent=panel.handle_event)
-        panel.track(runner, lambda result: imported.extend(logic.importResults(request, result)), "cpu")
+        panel.track(runner, lambda result: imported.extend(logic.importResults(request, result).values()), "cpu")
         deadline = time.monotonic() + 120
         while panel.busy and time.monotonic() < deadline:
             panel.poll()  # what the panel's QTimer does every 200 ms inside Slicer

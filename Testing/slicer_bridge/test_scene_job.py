@@ -11,7 +11,7 @@ from monai.data import MetaTensor
 
 from medgen.jobs.exit_codes import ExitCode
 from medgen.labels import LabelInfo, load_labels
-from medgen.slicer.scene_job import OutputImport, SceneJob, import_outputs, write_node_inputs
+from medgen.slicer.scene_job import JobRequest, OutputImport, SceneJob, import_outputs, write_node_inputs
 from medgen.slicer.segmentations import labelmap_to_segmentation, segment_labels
 from medgen.slicer.volumes import ijk_to_ras_of, tensor_to_volume_node
 
@@ -28,9 +28,10 @@ def input_node(mrml_scene, oblique):
 
 
 def test_selftest_on_a_scene_volume_imports_result_with_input_geometry(mrml_scene, input_node, tmp_path, oblique):
-    job = SceneJob("selftest", {"image": input_node}, {"steps": 2}, tmp_path, device="cpu").start()
+    request = JobRequest("selftest", {"image": input_node}, {"steps": 2}, imports=(OutputImport("image", "T1 smoothed"),))
+    job = SceneJob(request, tmp_path, device="cpu").start()
     assert job.wait(timeout_s=120) == ExitCode.OK
-    nodes = job.import_results([OutputImport("image", "T1 smoothed")], scene=mrml_scene)
+    nodes = job.import_results(scene=mrml_scene)
     output = nodes["image"]
     assert output.GetName() == "T1 smoothed"
     np.testing.assert_allclose(ijk_to_ras_of(output), oblique, atol=1e-5)
@@ -40,12 +41,13 @@ def test_selftest_on_a_scene_volume_imports_result_with_input_geometry(mrml_scen
 def test_cancelled_job_leaves_the_scene_intact(mrml_scene, input_node, tmp_path):
     before = _scene_snapshot(mrml_scene)
     voxels_before = slicer.util.arrayFromVolume(input_node).copy()
-    job = SceneJob("selftest", {"image": input_node}, {"steps": 500, "step_delay_s": 0.05}, tmp_path, device="cpu").start()
+    request = JobRequest("selftest", {"image": input_node}, {"steps": 500, "step_delay_s": 0.05}, imports=(OutputImport("image", "never"),))
+    job = SceneJob(request, tmp_path, device="cpu").start()
     while job.poll() and not any(e["event"] == "progress" for e in job.runner.events):
         time.sleep(0.05)
     job.cancel()
     assert job.wait(timeout_s=60) == ExitCode.CANCELLED
-    assert job.import_results([OutputImport("image", "never")], scene=mrml_scene) == {}
+    assert job.import_results(scene=mrml_scene) == {}
     assert _scene_snapshot(mrml_scene) == before
     assert np.array_equal(slicer.util.arrayFromVolume(input_node), voxels_before)
 

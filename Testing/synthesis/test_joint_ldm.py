@@ -36,7 +36,7 @@ def _phantom(seed: int, oblique):
 
 @pytest.fixture(scope="module")
 def trained_model(tmp_path_factory):
-    from conftest import oblique_affine
+    from medgen_testing import oblique_affine
 
     pairs, labels = prepare_pairs([(f"c{i}", *_phantom(i, oblique_affine())) for i in range(2)], shape=(16, 16, 16), labels=LABELS)
     torch.manual_seed(0)

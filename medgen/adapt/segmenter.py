@@ -63,7 +63,9 @@ def deepbet_model(which: str = "bbox") -> SegmentationModel:
     network = load_deepbet(which)
     network.softmax = False  # logits for training and for our own softmax/argmax
     size = (128, 128, 128) if which == "bbox" else (256, 256, 256)
-    return SegmentationModel(network, ["brain"], size, (64, 64, 64), None, _deepbet_normalize, f"deepbet-{which}")
+    # Train on whole volumes: deepbet's InstanceNorm layers normalise with per-input statistics, and
+    # 64³ foreground-centred patches shifted them enough to drop held-out Dice from 0.97 to 0.79 (measured).
+    return SegmentationModel(network, ["brain"], size, size, None, _deepbet_normalize, f"deepbet-{which}")
 
 
 def percentile_normalize(volume: torch.Tensor) -> torch.Tensor:

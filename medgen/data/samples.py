@@ -135,6 +135,25 @@ def load_sample_case(size: str = "reduced", seed: int = 0, noise_std: float = 0.
     )
 
 
+def with_simulated_head(image: MetaTensor, brain_mask: MetaTensor, *, scalp_intensity: float = 0.9, gap_mm: float = 4.0,
+                        thickness_mm: float = 6.0, noise_std: float = 0.03, seed: int = 0) -> MetaTensor:
+    """``image`` plus a SIMULATED scalp: a shell ``gap_mm`` outside the brain, ``thickness_mm`` thick, with
+    bright fat-like signal, and background noise everywhere, so brain extraction is not a threshold.
+
+    Args:
+        image, brain_mask: ``(1, I, J, K)`` on one grid (the mask 0/1).
+        scalp_intensity: shell signal in the image's [0, 1] range.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    spacing = np.linalg.norm(np.asarray(image.affine)[:3, :3], axis=0)
+    distance_mm = distance_transform_edt(brain_mask[0].numpy() == 0, sampling=spacing)
+    shell = torch.from_numpy(((distance_mm > gap_mm) & (distance_mm <= gap_mm + thickness_mm)).astype(np.float32))[None]
+    generator = torch.Generator().manual_seed(seed)
+    noisy = image.as_tensor() + scalp_intensity * shell + noise_std * torch.randn(image.shape, generator=generator).abs()
+    return MetaTensor(noisy.clamp(0, 1), affine=image.affine)
+
+
 def write_sample_case(case: SampleCase, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write every volume of ``case`` as NIfTI plus ``labels.json`` and a README; returns name -> path."""
     out_dir = Path(out_dir)

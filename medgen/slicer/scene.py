@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+LABELMAP_CLASS = "vtkMRMLLabelMapVolumeNode"
+SCALAR_VOLUME_CLASS = "vtkMRMLScalarVolumeNode"
+
 
 def resolve_scene(scene=None):
     """``scene`` if given, else Slicer's global ``slicer.mrmlScene``."""
@@ -26,20 +29,35 @@ def segmentations_logic(scene):
     return logic
 
 
-def place_next_to(node, reference_node) -> None:
-    """Put ``node`` in ``reference_node``'s subject-hierarchy folder/study and under its parent transform."""
+def subject_hierarchy(scene):
+    """The scene's subject hierarchy node."""
     import slicer
 
-    scene = node.GetScene()
-    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    return slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+
+
+def create_folder(scene, name: str) -> int:
+    """Add a subject-hierarchy folder called ``name`` at the top of the scene; returns its item ID."""
+    hierarchy = subject_hierarchy(scene)
+    return hierarchy.CreateFolderItem(hierarchy.GetSceneItemID(), name)
+
+
+def place_in_folder(node, parent_item: int) -> None:
+    """Make ``node``'s subject-hierarchy item a child of ``parent_item`` (a folder, study or the scene)."""
+    hierarchy = subject_hierarchy(node.GetScene())
+    item = hierarchy.GetItemByDataNode(node)
+    if item:
+        hierarchy.SetItemParent(item, parent_item)
+    else:  # outside the app no plugin logic adds items for new nodes
+        hierarchy.CreateItem(parent_item, node)
+
+
+def place_next_to(node, reference_node) -> None:
+    """Put ``node`` in ``reference_node``'s subject-hierarchy folder/study and under its parent transform."""
+    hierarchy = subject_hierarchy(node.GetScene())
     if hierarchy is not None:
         reference_item = hierarchy.GetItemByDataNode(reference_node)
-        parent_item = hierarchy.GetItemParent(reference_item) if reference_item else hierarchy.GetSceneItemID()
-        item = hierarchy.GetItemByDataNode(node)
-        if item:
-            hierarchy.SetItemParent(item, parent_item)
-        else:  # outside the app no plugin logic adds items for new nodes
-            hierarchy.CreateItem(parent_item, node)
+        place_in_folder(node, hierarchy.GetItemParent(reference_item) if reference_item else hierarchy.GetSceneItemID())
     node.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
 
 

@@ -1,8 +1,14 @@
 """A job fed from scene nodes whose results come back as nodes: the flow every module Logic uses.
 
-Inputs are written to files in the job folder (volumes as NRRD, segmentations as a label map on
-their reference volume's grid plus ``labels.json``), the worker runs out of process, and outputs
-are imported only after the job succeeded, so a cancelled or failed job never touches the scene.
+A :class:`JobRequest` says which job kind to run, which nodes (and files) are its inputs and how
+its outputs come back. :class:`SceneJob` writes the inputs into a job folder (volumes as NRRD,
+segmentations as a label map on their reference volume's grid plus ``labels.json``), runs the
+worker out of process, and imports outputs only after the job succeeded, so a cancelled or failed
+job never touches the scene. Every module's Logic mixes in :class:`SceneJobLogicMixin`, so the
+panels start, wait for and import jobs the same way.
+
+No ``qt`` here, and nothing that imports torch at file scope: Slicer loads this module at startup,
+before the user may have installed torch, so the scene bridge is imported inside the functions.
 """
 
 from __future__ import annotations
@@ -14,10 +20,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from medgen.errors import MedGenError
 from medgen.labels import load_labels, save_labels
 from medgen.slicer.runner import JobRunner, write_job
-from medgen.slicer.segmentations import labelmap_to_segmentation, segmentation_to_labelmap
-from medgen.slicer.volumes import LABELMAP_CLASS, file_to_volume_node, volume_node_to_file
+from medgen.slicer.scene import LABELMAP_CLASS, SCALAR_VOLUME_CLASS
+
+#: steps of the built-in ``selftest`` job started by "Check setup": a few seconds on a CPU
+SELFTEST_STEPS = 3
 
 
 def write_node_inputs(nodes: dict[str, Any], folder: str | os.PathLike, reference_node=None) -> dict[str, str]:
@@ -26,9 +35,12 @@ def write_node_inputs(nodes: dict[str, Any], folder: str | os.PathLike, referenc
     Segmentation nodes are exported on ``reference_node``'s grid (``<name>.nrrd`` + ``<name>_labels.json``).
     """
     from medgen.io import save_volume
+    from medgen.slicer.segmentations import segmentation_to_labelmap
+    from medgen.slicer.volumes import volume_node_to_file
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if nodes:
+        folder.mkdir(parents=True, exist_ok=True)
     paths: dict[str, str] = {}
     for name, node in nodes.items():
         if node.IsA("vtkMRMLSegmentationNode"):
@@ -47,23 +59,28 @@ class OutputImport:
     Args:
         output: key in the result's ``outputs``.
         node_name: name of the new node.
-        as_type: ``volume``, ``labelmap`` or ``segmentation`` (the latter reads ``<stem>_labels.json`` next to the file if present).
+        as_type: ``volume``, ``labelmap`` or ``segmentation``.
+        labels_file: names and colours of a ``segmentation``'s label values (default: ``<stem>_labels.json``
+            next to the output file, if present).
     """
 
     output: str
     node_name: str
     as_type: str = "volume"
+    labels_file: str | None = None
 
 
 def import_outputs(outputs: dict[str, str], imports: list[OutputImport], reference_node=None, scene=None) -> dict[str, Any]:
     """Create one node per :class:`OutputImport`, placed next to ``reference_node``; returns output -> node."""
     from medgen.io import load_volume
+    from medgen.slicer.segmentations import labelmap_to_segmentation
+    from medgen.slicer.volumes import file_to_volume_node
 
     nodes = {}
     for spec in imports:
         path = Path(outputs[spec.output])
         if spec.as_type == "segmentation":
-            labels_file = path.with_name(path.name.split(".")[0] + "_labels.json")
+            labels_file = Path(spec.labels_file) if spec.labels_file else path.with_name(path.name.split(".")[0] + "_labels.json")
             labels = load_labels(labels_file) if labels_file.exists() else []
             nodes[spec.output] = labelmap_to_segmentation(
                 load_volume(path, label=True), labels, spec.node_name, scene=scene, reference_node=reference_node
@@ -75,37 +92,89 @@ def import_outputs(outputs: dict[str, str], imports: list[OutputImport], referen
     return nodes
 
 
-class SceneJob:
-    """Run a job kind on scene nodes: ``start()``, then ``poll()`` from a timer (or ``wait()``), then ``import_results()``.
+@dataclasses.dataclass(frozen=True)
+class JobRequest:
+    """One job to run on scene nodes: what goes in, and how the results come back.
+
+    Subclasses change :meth:`write_inputs` or :meth:`import_results` for jobs whose inputs or outputs
+    are more than one file per node (training sets, generated collections).
 
     Args:
-        kind: job kind.
-        input_nodes: input name -> volume or segmentation node.
-        params: the kind's parameters.
-        job_root: folder for job folders (e.g. ``slicer.util.tempDirectory()`` or a user setting).
-        device, seed: as in ``job.json``.
-        reference_node: grid for segmentation inputs and where results are placed (default: first volume input).
+        kind: the job kind (``selftest``, ``synth-train``, ...), as the worker knows it.
+        input_nodes: job input name -> volume or segmentation node to write as that input.
+        params: the job's parameters (validated by the worker).
+        imports: the outputs to load into the scene after success.
+        input_files: job input name -> file path(s) passed as they are (model folders, datasets).
+        reference_node: grid for segmentation inputs and where results are placed (default: the first
+            scalar volume among ``input_nodes``).
+        seed: random seed of the job.
+    """
+
+    kind: str
+    input_nodes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    imports: tuple[OutputImport, ...] = ()
+    input_files: dict[str, Any] = dataclasses.field(default_factory=dict)
+    reference_node: Any = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.reference_node is None:
+            volumes = (node for node in self.input_nodes.values() if node.IsA(SCALAR_VOLUME_CLASS) and not node.IsA(LABELMAP_CLASS))
+            object.__setattr__(self, "reference_node", next(volumes, None))
+
+    def write_inputs(self, folder: Path) -> dict[str, Any]:
+        """Write the input nodes into ``folder``; returns the ``inputs`` of ``job.json``."""
+        return {**write_node_inputs(self.input_nodes, folder, self.reference_node), **self.input_files}
+
+    def import_results(self, result: dict, scene=None) -> dict[str, Any]:
+        """Bring the succeeded job's outputs into the scene; returns output name -> new node."""
+        return import_outputs(result["outputs"], list(self.imports), self.reference_node, scene)
+
+
+def selftest_request(input_volume, output_suffix: str) -> JobRequest:
+    """The built-in ``selftest`` job on ``input_volume``; it proves torch, the worker and the import work."""
+    return JobRequest(
+        kind="selftest",
+        input_nodes={"image": input_volume},
+        params={"steps": SELFTEST_STEPS},
+        imports=(OutputImport("image", f"{input_volume.GetName()} {output_suffix} selftest"),),
+    )
+
+
+def optional_folder(path) -> Path | None:
+    """A folder field of a parameter node, or None when none was chosen (an empty path reads back as ".")."""
+    return None if str(path or "") in ("", ".") else Path(path)
+
+
+def default_job_root() -> Path:
+    """Where jobs go when the user chose no output folder: Slicer's temporary folder."""
+    import slicer
+
+    return Path(slicer.app.temporaryPath) / "MedGenJobs"
+
+
+class SceneJob:
+    """Run a :class:`JobRequest`: ``start()``, then ``poll()`` from a timer (or ``wait()``), then ``import_results()``.
+
+    Args:
+        request: what to run and how its results come back.
+        job_root: folder for job folders (e.g. a user setting, or :func:`default_job_root`).
+        device: as in ``job.json``.
         on_event: called with each worker event.
     """
 
     def __init__(
         self,
-        kind: str,
-        input_nodes: dict[str, Any],
-        params: dict[str, Any],
+        request: JobRequest,
         job_root: str | os.PathLike,
         device: str = "auto",
-        seed: int = 0,
-        reference_node=None,
         on_event: Callable[[dict], None] | None = None,
     ) -> None:
-        self.kind = kind
-        self.reference_node = reference_node or next(
-            (node for node in input_nodes.values() if node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA(LABELMAP_CLASS)), None
-        )
+        self.request = request
         inputs_dir = Path(job_root) / f"inputs-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
-        inputs = write_node_inputs(input_nodes, inputs_dir, self.reference_node)
-        self.job_dir = write_job(job_root, kind, inputs, params, device=device, seed=seed)
+        inputs = request.write_inputs(inputs_dir)
+        self.job_dir = write_job(job_root, request.kind, inputs, request.params, device=device, seed=request.seed)
         self.runner = JobRunner(self.job_dir, on_event=on_event)
 
     def start(self) -> "SceneJob":
@@ -125,8 +194,53 @@ class SceneJob:
     def succeeded(self) -> bool:
         return self.runner.returncode == 0 and self.runner.result is not None
 
-    def import_results(self, imports: list[OutputImport], scene=None) -> dict[str, Any]:
+    def import_results(self, scene=None) -> dict[str, Any]:
         """Import the outputs of a succeeded job (nothing is imported otherwise)."""
-        if not self.succeeded:
-            return {}
-        return import_outputs(self.runner.result["outputs"], imports, self.reference_node, scene)
+        return self.request.import_results(self.runner.result, scene) if self.succeeded else {}
+
+
+class SceneJobLogicMixin:
+    """What every MedGen module Logic can do with jobs, from the GUI or from the Python console.
+
+    The module's Logic defines ``applyJobRequest(parameterNode) -> JobRequest`` for its Apply button.
+    """
+
+    def startJob(self, request: JobRequest, jobRoot=None, device="auto", onEvent=None) -> JobRunner:
+        """Start ``request`` without blocking; returns the runner (the panel polls it)."""
+        return SceneJob(request, jobRoot or default_job_root(), device=device, on_event=onEvent).start().runner
+
+    def importResults(self, request: JobRequest, result: dict) -> dict[str, Any]:
+        """Bring the finished job's outputs into the scene; returns output name -> new node."""
+        return request.import_results(result)
+
+    def runJob(self, request: JobRequest, jobRoot=None, device="auto") -> dict[str, Any]:
+        """Run ``request`` to the end (for scripts and self-tests) and return the imported nodes.
+
+        Raises:
+            MedGenError: with the worker's message when the job failed.
+        """
+        runner = self.startJob(request, jobRoot=jobRoot, device=device)
+        returncode = runner.wait()
+        if returncode != 0 or runner.result is None:
+            message = (runner.error or {}).get("message", f"exit code {returncode}")
+            raise MedGenError(f"The {request.kind} job failed: {message}")
+        return self.importResults(request, runner.result)
+
+    def runSelftest(self, inputVolume, outputSuffix: str, jobRoot=None, device="auto") -> dict[str, Any]:
+        """Run the built-in selftest job on ``inputVolume`` to the end; returns the imported output node(s)."""
+        return self.runJob(selftest_request(inputVolume, outputSuffix), jobRoot=jobRoot, device=device)
+
+
+def run_selftest_on_synthetic_volume(logic: SceneJobLogicMixin, outputSuffix: str) -> tuple[tuple, list[tuple]]:
+    """The modules' in-Slicer self-test: selftest a small random volume on the CPU.
+
+    Returns:
+        the input's voxel array shape and the shapes of the imported output volumes.
+    """
+    import numpy as np
+    import slicer.util
+
+    voxels = np.random.default_rng(0).random((8, 12, 16), dtype=np.float32)
+    input_volume = slicer.util.addVolumeFromArray(voxels, name="selftest input")
+    outputs = logic.runSelftest(input_volume, outputSuffix, device="cpu")
+    return voxels.shape, [slicer.util.arrayFromVolume(node).shape for node in outputs.values()]

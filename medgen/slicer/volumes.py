@@ -17,10 +17,7 @@ from monai.data import MetaTensor
 
 from medgen.errors import BadInputError
 from medgen.io import load_volume, save_volume
-from medgen.slicer.scene import place_next_to, remove_nodes, resolve_scene
-
-LABELMAP_CLASS = "vtkMRMLLabelMapVolumeNode"
-SCALAR_VOLUME_CLASS = "vtkMRMLScalarVolumeNode"
+from medgen.slicer.scene import LABELMAP_CLASS, SCALAR_VOLUME_CLASS, place_next_to, remove_nodes, resolve_scene
 
 
 def ijk_to_ras_of(node) -> np.ndarray:

@@ -5,7 +5,7 @@ mixes in :class:`ModuleWidgetMixin` and keeps only what differs per module (its 
 ``initializeParameterNode()`` and ``_checkCanApply()``). The mixin expects the template's
 attributes: ``self.ui`` (with ``applyButton``, ``progressBar``, ``statusLabel``,
 ``checkSetupButton``, ``installDependenciesButton``, ``setupStatusLabel``),
-``self.logic`` (a :class:`medgen.slicer.volume_job.VolumeJobLogicMixin`), ``self._parameterNode``
+``self.logic`` (a :class:`medgen.slicer.scene_job.SceneJobLogicMixin`), ``self._parameterNode``
 (with ``inputVolume``, ``device``, ``outputFolder``), ``self.moduleName`` and ``self.resourcePath``.
 """
 
@@ -18,7 +18,7 @@ import slicer
 import vtk
 
 from medgen.slicer.dependencies import ensure_dependencies, format_torch_report, torch_report
-from medgen.slicer.volume_job import VolumeJobRequest, selftest_request
+from medgen.slicer.scene_job import JobRequest, optional_folder, selftest_request
 from medgen.slicerqt.job_panel import JobPanel
 
 
@@ -71,10 +71,15 @@ class ModuleWidgetMixin:
 
     def onApplyButton(self) -> None:
         """Start the module's job, or cancel it when one is running (the button reads Cancel then)."""
-        if self.jobPanel.busy:
-            self.jobPanel.cancel()
+        self.startOrCancel(self.jobPanel, lambda: self.logic.applyJobRequest(self._parameterNode))
+
+    def startOrCancel(self, jobPanel: JobPanel, makeRequest) -> None:
+        """A job button's click: cancel ``jobPanel``'s running job, else start ``makeRequest()`` there."""
+        if jobPanel.busy:
+            jobPanel.cancel()
             return
-        self.startJob(self.logic.applyJobRequest(self._parameterNode))
+        with slicer.util.tryWithErrorDisplay("Starting the job failed.", waitCursor=True):
+            self.startJob(makeRequest(), jobPanel)
 
     def onCheckSetupButton(self) -> None:
         """Show torch/CUDA/device and run the built-in selftest job on the selected volume."""
@@ -108,16 +113,18 @@ class ModuleWidgetMixin:
             importlib.reload(sys.modules[name])
         super().onReload()
 
-    def startJob(self, request: VolumeJobRequest) -> None:
-        """Start ``request`` in a worker process and let the job panel follow it."""
+    def startJob(self, request: JobRequest, jobPanel: JobPanel | None = None) -> None:
+        """Start ``request`` in a worker process and let ``jobPanel`` (default: Apply's) follow it.
+
+        Callers show errors (``tryWithErrorDisplay``): a request can be refused before anything starts.
+        """
+        jobPanel = jobPanel or self.jobPanel
         device = self._parameterNode.device
-        outputFolder = str(self._parameterNode.outputFolder)
-        with slicer.util.tryWithErrorDisplay("Starting the job failed.", waitCursor=True):
-            runner = self.logic.startJob(
-                request,
-                # "." is the parameter node's empty path: no folder chosen yet
-                jobRoot=None if outputFolder in ("", ".") else outputFolder,
-                device=device,
-                onEvent=self.jobPanel.handle_event,
-            )
-            self.jobPanel.track(runner, lambda result: self.logic.importResults(request, result), device)
+        outputFolder = optional_folder(self._parameterNode.outputFolder)
+        runner = self.logic.startJob(
+            request,
+            jobRoot=outputFolder and str(outputFolder),
+            device=device,
+            onEvent=jobPanel.handle_event,
+        )
+        jobPanel.track(runner, lambda result: self.logic.importResults(request, result), device)

@@ -1,0 +1,168 @@
+"""Benchmark: LMI map time and peak memory, fast operator vs the unfold-based port of the released code.
+
+Usage::
+
+    python bench/bench_lmi.py                      # CPU, 32³ and 48³
+    python bench/bench_lmi.py --device cuda        # GPU, 64³ and 128³
+    python bench/bench_lmi.py --sizes 16 24 --mode clean
+
+Each (method, size) runs in a fresh subprocess so that peak memory is its own: on CUDA
+``torch.cuda.max_memory_allocated`` above the inputs, on CPU the growth of the process's peak
+resident set (``ru_maxrss``) over the inputs. Both methods get the same memory budget. On a shared
+CPU, wall time swings with the load; ``cpu_s`` (process CPU time) is the steadier number. Writes
+``bench/results/lmi_<device>.json`` and prints a markdown table with the speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+METHODS = ("unfold_port", "medgen_lmi")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _measure(method: str, size: int, device_name: str, mode: str, budget_mb: float, output_path: str) -> dict:
+    """Run one LMI map in this process and return its wall time and peak memory."""
+    sys.path.insert(0, str(REPO_ROOT))
+    import torch
+    from safetensors.torch import save_file
+
+    from medgen.devices import select_device
+    from medgen.translate.lmi import lmi_map
+    from medgen.translate.lmi_reference import lmi_map_reference
+
+    device = select_device(device_name)
+    operator = lmi_map if method == "medgen_lmi" else lmi_map_reference
+    options = dict(compat=mode == "compat", memory_budget_mb=budget_mb)
+    generator = torch.Generator().manual_seed(0)
+    source = torch.rand((1, 1, size, size, size), generator=generator)
+    # a diffusion-like moving volume: the source plus Gaussian noise, partly outside [0, 1]
+    moving = source * 0.7 + 0.3 * torch.randn(source.shape, generator=generator)
+    source, moving = source.to(device), moving.to(device)
+    warm_up = torch.rand((1, 1, 6, 6, 6), device=device)
+    operator(warm_up, warm_up, **options)
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    synchronize()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline_bytes = torch.cuda.memory_allocated(device)
+    baseline_rss_mb = _peak_rss_mb()
+    start, start_cpu = time.perf_counter(), time.process_time()
+    lmi, offsets = operator(source, moving, **options)
+    synchronize()
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+    if device.type == "cuda":
+        peak_mb = (torch.cuda.max_memory_allocated(device) - baseline_bytes) / 2**20
+    else:
+        peak_mb = _peak_rss_mb() - baseline_rss_mb
+    save_file({"lmi": lmi.cpu().contiguous(), "offsets": offsets.cpu().contiguous()}, output_path)
+    return {
+        "method": method, "size": size, "seconds": round(seconds, 4), "cpu_s": round(cpu_seconds, 4),
+        "peak_mb": round(peak_mb, 1),
+    }
+
+
+def _run_worker(method: str, size: int, args: argparse.Namespace, output_path: str) -> dict:
+    command = [
+        sys.executable, __file__, "--worker", method, "--sizes", str(size), "--device", args.device,
+        "--mode", args.mode, "--memory-budget-mb", str(args.memory_budget_mb), "--output", output_path,
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _compare(paths: dict[str, str]) -> dict:
+    """Max |Δ| of the maps and the fraction of voxels whose displacement differs (near-ties)."""
+    from safetensors.torch import load_file
+
+    port, ours = load_file(paths["unfold_port"]), load_file(paths["medgen_lmi"])
+    return {
+        "max_abs_diff": float((port["lmi"] - ours["lmi"]).abs().max()),
+        "offset_disagreement": float((port["offsets"] != ours["offsets"]).any(dim=1).float().mean()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--sizes", type=int, nargs="+", help="cube edges (default: 32 48 on CPU, 64 128 on CUDA)")
+    parser.add_argument("--mode", choices=("compat", "clean"), default="compat",
+                        help="compat is the released algorithm (the port's home ground)")
+    parser.add_argument("--memory-budget-mb", type=float, help="budget for both methods (default 1024 CPU, 16384 CUDA)")
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    on_cuda = args.device.startswith("cuda")
+    args.sizes = args.sizes or ([64, 128] if on_cuda else [32, 48])
+    args.memory_budget_mb = args.memory_budget_mb or (16384.0 if on_cuda else 1024.0)
+    if args.worker:
+        measurement = _measure(args.worker, args.sizes[0], args.device, args.mode, args.memory_budget_mb, args.output)
+        print(json.dumps(measurement))
+        return
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from common import machine  # bench/common.py, next to this script
+
+    from medgen.devices import describe_device, select_device
+
+    rows, table = [], []
+    with tempfile.TemporaryDirectory() as scratch:
+        for size in args.sizes:
+            paths = {method: str(Path(scratch) / f"{method}_{size}.safetensors") for method in METHODS}
+            measured = {method: _run_worker(method, size, args, paths[method]) for method in METHODS}
+            agreement = _compare(paths)
+            speedup = measured["unfold_port"]["seconds"] / measured["medgen_lmi"]["seconds"]
+            cpu_speedup = measured["unfold_port"]["cpu_s"] / measured["medgen_lmi"]["cpu_s"]
+            rows.extend(measured.values())
+            table.append(
+                {"size": size, "speedup": round(speedup, 2), "cpu_speedup": round(cpu_speedup, 2), **agreement}
+            )
+    result = {
+        "benchmark": "lmi_map",
+        "mode": args.mode,
+        "memory_budget_mb": args.memory_budget_mb,
+        "device": describe_device(select_device(args.device)),
+        "machine": machine(),
+        "measurements": rows,
+        "comparison": table,
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out_path = RESULTS_DIR / f"lmi_{args.device.replace(':', '')}.json"
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
+
+    by_key = {(row["method"], row["size"]): row for row in rows}
+    print(f"LMI map, {args.mode} mode, {result['device']['name']}, budget {args.memory_budget_mb:.0f} MB\n")
+    print(
+        "| size | unfold port s | medgen s | speed-up | port CPU s | medgen CPU s | CPU-time speed-up "
+        "| port peak MB | medgen peak MB | max abs diff | offsets differ |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for entry in table:
+        port, ours = by_key[("unfold_port", entry["size"])], by_key[("medgen_lmi", entry["size"])]
+        print(
+            f"| {entry['size']}³ | {port['seconds']:.2f} | {ours['seconds']:.2f} | {entry['speedup']:.1f}× | "
+            f"{port['cpu_s']:.1f} | {ours['cpu_s']:.1f} | {entry['cpu_speedup']:.1f}× | {port['peak_mb']:.0f} | "
+            f"{ours['peak_mb']:.0f} | {entry['max_abs_diff']:.1e} | "
+            f"{entry['offset_disagreement']:.2%} |"
+        )
+    print(f"\nwritten {out_path.relative_to(REPO_ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
