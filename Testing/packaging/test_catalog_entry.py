@@ -61,3 +61,15 @@ def test_license_is_apache_2_in_the_root():
     text = (REPOSITORY / "LICENSE").read_text(encoding="utf-8")
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert "END OF TERMS AND CONDITIONS" in text
+
+
+def test_screenshot_and_icon_urls_point_at_files_in_the_repository():
+    """The Extensions Index fetches these raw URLs from main: every file they name must be committed."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    cmake = (root / "CMakeLists.txt").read_text()
+    urls = re.findall(r'set\(EXTENSION_(?:ICONURL|SCREENSHOTURLS)\s*"([^"]+)"\)', cmake)
+    paths = [url.split("/main/", 1)[1] for value in urls for url in value.split()]
+    assert paths and all((root / path).is_file() and path.endswith(".png") for path in paths), paths
