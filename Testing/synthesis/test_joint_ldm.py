@@ -16,6 +16,7 @@ from medgen.progress import CallbackReporter
 from medgen.slicer.runner import run_job_blocking, write_job
 from medgen.synthesis.joint_ldm import JointLDMConfig, generate_pairs, train_joint_ldm, write_generated_pairs
 from medgen.synthesis.prepare import prepare_pairs
+from medgen_testing import oblique_affine
 
 FAST = dict(vae_phase1_steps=4, vae_phase2_steps=2, ldm_steps=4, checkpoint_every=2)
 LABELS = [LabelInfo("cavity", 1, (1.0, 0.0, 0.0)), LabelInfo("wall", 2, (0.0, 1.0, 0.0))]
@@ -36,7 +37,7 @@ def _phantom(seed: int, oblique):
 
 @pytest.fixture(scope="module")
 def trained_model(tmp_path_factory):
-    from medgen_testing import oblique_affine
+
 
     pairs, labels = prepare_pairs([(f"c{i}", *_phantom(i, oblique_affine())) for i in range(2)], shape=(16, 16, 16), labels=LABELS)
     torch.manual_seed(0)
@@ -129,3 +130,12 @@ def test_training_pairs_of_different_geometry_are_bad_input(tmp_path, oblique):
     job = run_job_blocking(write_job(tmp_path / "jobs", "synth-train", {"folder": str(tmp_path)}, {"shape": [16, 16, 16], **FAST}), timeout_s=300)
     assert job.returncode == ExitCode.BAD_INPUT
     assert "a image and a label" in job.error["message"]
+
+
+def test_a_single_training_case_trains_with_a_warning(tmp_path):
+    pairs, labels = prepare_pairs([("only", *_phantom(0, oblique_affine()))], shape=(16, 16, 16), labels=LABELS)
+    logs = []
+    reporter = CallbackReporter(lambda e: logs.append(e) if e["event"] == "log" else None)
+    train_joint_ldm(pairs, labels, tmp_path / "model", JointLDMConfig.tiny(vae_phase1_steps=1, vae_phase2_steps=0, ldm_steps=1), reporter=reporter)
+    assert any(e["level"] == "warning" and "one training case" in e["message"] for e in logs)
+    assert (tmp_path / "model" / "medgen_model.json").is_file()
