@@ -37,8 +37,6 @@ def _phantom(seed: int, oblique):
 
 @pytest.fixture(scope="module")
 def trained_model(tmp_path_factory):
-
-
     pairs, labels = prepare_pairs([(f"c{i}", *_phantom(i, oblique_affine())) for i in range(2)], shape=(16, 16, 16), labels=LABELS)
     torch.manual_seed(0)
     model_dir = train_joint_ldm(pairs, labels, tmp_path_factory.mktemp("model"), JointLDMConfig.tiny(**FAST))
