@@ -1,0 +1,78 @@
+"""Job kinds of adaptation: ``finetune``, ``infer`` and ``evaluate`` (schemas; handlers in :mod:`medgen.adapt.jobs`)."""
+
+from medgen.jobs.kinds import PATH_LIST, JobKind, path_input, register
+
+
+_MODEL_PARAM = {"type": "string", "default": "deepbet", "description": "'deepbet' or use the model_folder input"}
+_SEGMENTATION_MODEL_INPUT = path_input("MedGen segmentation model folder (model.json + safetensors)")
+
+register(
+    JobKind(
+        name="finetune",
+        handler="medgen.adapt.jobs:run_finetune",
+        summary="Few-shot fine-tuning of a segmentation network with a PEFT method (TenVOO, LoRA, ...); writes an adapter.",
+        uses_hf_transformers=True,
+        inputs={
+            "type": "object",
+            "properties": {
+                "images": PATH_LIST, "labels": PATH_LIST,
+                "val_image": path_input("held-out image for early stopping"),
+                "val_label": path_input("its segmentation"),
+                "model_folder": _SEGMENTATION_MODEL_INPUT,
+            },
+            "required": ["images", "labels"],
+            "dependentRequired": {"val_image": ["val_label"], "val_label": ["val_image"]},
+            "additionalProperties": False,
+        },
+        params={
+            "type": "object",
+            "properties": {
+                "model": _MODEL_PARAM,
+                "method": {"enum": ["tenvoo-l", "tenvoo-q", "lora", "ia3", "bitfit", "affine-norm", "adaptformer",
+                                    "linear-probe", "spatial-adapter", "full"], "default": "tenvoo-l"},
+                "method_options": {"type": "object", "default": {}},
+                "steps": {"type": "integer", "minimum": 1, "default": 60},
+                "lr": {"type": "number", "exclusiveMinimum": 0, "default": 1e-3},
+                "batch_size": {"type": "integer", "minimum": 1, "default": 1},
+                "val_every": {"type": "integer", "minimum": 1, "default": 20},
+                "patience": {"type": "integer", "minimum": 1, "default": 5},
+                "foreground_ratio": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.5},
+            },
+            "additionalProperties": False,
+        },
+    )
+)
+
+register(
+    JobKind(
+        name="infer",
+        handler="medgen.adapt.jobs:run_infer",
+        summary="Segment a volume with a base or adapted segmentation network.",
+        uses_hf_transformers=True,
+        inputs={
+            "type": "object",
+            "properties": {"image": path_input("volume to segment"), "adapter": path_input("adapter folder from finetune"),
+                           "model_folder": _SEGMENTATION_MODEL_INPUT},
+            "required": ["image"],
+            "additionalProperties": False,
+        },
+        params={"type": "object", "properties": {"model": _MODEL_PARAM}, "additionalProperties": False},
+    )
+)
+
+register(
+    JobKind(
+        name="evaluate",
+        handler="medgen.adapt.jobs:run_evaluate",
+        summary="Dice per segment of base vs adapted model on a held-out volume with a reference segmentation.",
+        uses_hf_transformers=True,
+        inputs={
+            "type": "object",
+            "properties": {"image": path_input("held-out volume"), "reference": path_input("its reference segmentation"),
+                           "adapter": path_input("adapter folder from finetune"), "model_folder": _SEGMENTATION_MODEL_INPUT},
+            "required": ["image", "reference"],
+            "additionalProperties": False,
+        },
+        params={"type": "object", "properties": {"model": _MODEL_PARAM}, "additionalProperties": False},
+    )
+)
