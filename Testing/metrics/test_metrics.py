@@ -38,3 +38,33 @@ def test_image_metrics():
 def test_shape_mismatch_is_a_clear_error():
     with pytest.raises(BadInputError, match="differ in shape"):
         dice_per_class(torch.zeros(4, 4, 4), torch.zeros(4, 4, 5), 2)
+
+
+def test_fid_on_pluggable_encoder_features_separates_distributions():
+    from monai.networks.nets import UNet
+
+    from medgen.metrics import frechet_distance, layer_features
+
+    torch.manual_seed(0)
+    network = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,), num_res_units=0)
+    layer = next(name for name, module in network.named_modules() if isinstance(module, torch.nn.Conv3d))
+    real = [torch.rand(1, 16, 16, 16) for _ in range(6)]
+    same = [torch.rand(1, 16, 16, 16) for _ in range(6)]
+    shifted = [torch.rand(1, 16, 16, 16) * 0.2 + 0.8 for _ in range(6)]
+    real_f, same_f, shifted_f = (layer_features(network, layer, vols) for vols in (real, same, shifted))
+    assert real_f.shape == (6, 4)
+    assert frechet_distance(real_f, real_f) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(real_f, shifted_f) > 10 * frechet_distance(real_f, same_f)
+    with pytest.raises(BadInputError, match="no layer"):
+        layer_features(network, "nope", real)
+
+
+def test_mmd_and_ms_ssim():
+    from medgen.metrics import maximum_mean_discrepancy, ms_ssim_3d
+
+    a, b = torch.rand(4, 1, 8, 8, 8), torch.rand(4, 1, 8, 8, 8)
+    assert maximum_mean_discrepancy(a, b + 1.0) > maximum_mean_discrepancy(a, b) + 100  # unbiased estimate: a shift dominates
+    volume = torch.rand(48, 48, 48)
+    assert ms_ssim_3d(volume, volume) == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(BadInputError, match="MS-SSIM"):
+        ms_ssim_3d(torch.rand(16, 16, 16), torch.rand(16, 16, 16))

@@ -1,6 +1,16 @@
-"""Evaluation metrics, thin over MONAI: segmentation overlap/distance and image similarity."""
+"""Evaluation metrics, thin over MONAI: segmentation overlap/distance, image similarity, distributions."""
 
+from medgen.metrics.distribution import frechet_distance, layer_features, maximum_mean_discrepancy, ms_ssim_3d
 from medgen.metrics.images import psnr, ssim_3d
 from medgen.metrics.segmentation import dice_per_class, hd95_per_class
 
-__all__ = ["dice_per_class", "hd95_per_class", "psnr", "ssim_3d"]
+__all__ = [
+    "dice_per_class",
+    "frechet_distance",
+    "hd95_per_class",
+    "layer_features",
+    "maximum_mean_discrepancy",
+    "ms_ssim_3d",
+    "psnr",
+    "ssim_3d",
+]
