@@ -1,4 +1,4 @@
-"""TenVOO Fine-Tune: adapt a pretrained 3D network to a few labelled volumes with TenVOO adapters.
+"""TenVOO Fine-Tune: adapt a pretrained 3D segmentation network to a few labelled volumes with TenVOO adapters.
 
 The panel only wires the GUI; jobs run in a separate worker process (see :mod:`medgen.slicer`).
 torch and MONAI are never imported here, so the module loads before they are installed.
@@ -8,7 +8,7 @@ import pathlib
 from typing import Annotated
 
 import slicer
-from slicer import vtkMRMLScalarVolumeNode
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
@@ -20,9 +20,11 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from medgen.slicer.scene_job import SceneJobLogicMixin, run_selftest_on_synthetic_volume
+from medgen.errors import BadInputError
+from medgen.slicer.scene_job import JobRequest, SceneJobLogicMixin, optional_folder, run_selftest_on_synthetic_volume
+from medgen.slicerqt.job_panel import JobPanel
 from medgen.slicerqt.module_widget import ModuleWidgetMixin
-from TenVOOSlicerLib import jobs
+from TenVOOSlicerLib import adaptation, jobs
 
 
 class TenVOOSlicer(ScriptedLoadableModule):
@@ -35,9 +37,13 @@ class TenVOOSlicer(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["MedGen developers"]
         self.parent.helpText = _(
-            "Fine-tune a pretrained 3D segmentation or generative network on a few labelled volumes "
-            "with TenVOO tensor-network adapters, which train a small fraction of the weights. "
-            "Computation runs in a background process; Apply turns into Cancel while it runs. "
+            "Fine-tune a pretrained 3D segmentation network (the built-in deepbet brain extraction, or a MedGen "
+            "model folder) on a few volume+segmentation pairs with TenVOO tensor-network adapters (or LoRA, "
+            "BitFit, ...), which train a small fraction of the weights. Segment names must be the model's "
+            "class names. 'Preview' counts the trainable parameters; 'Train' writes an adapter folder; "
+            "'Segment' applies the adapted model to a volume; 'Compare' reports the Dice of the base and the "
+            "adapted model on a held-out volume with its reference segmentation. "
+            "Computation runs in a background process; each button turns into Cancel while its job runs. "
             "Use 'Setup' to install PyTorch and MONAI and to check that the computation works."
         )
         self.parent.acknowledgementText = _(
@@ -50,18 +56,40 @@ class TenVOOSlicer(ScriptedLoadableModule):
 class TenVOOSlicerParameterNode:
     """The panel's settings, saved with the scene.
 
-    inputVolume - the volume the job runs on.
+    inputVolume - the volume the Setup selftest runs on.
     device - where the worker computes: auto (CUDA when usable), cpu or cuda.
     outputFolder - where job folders are written; empty means Slicer's temporary folder.
+    modelSource - the built-in deepbet brain extraction, or a MedGen segmentation model folder.
+    modelFolder - that model folder.
+    method, rank - the adaptation method and its rank (TenVOO and LoRA).
+    steps, learningRate - training length and learning rate.
+    validationVolume, validationSegmentation - optional held-out pair for early stopping.
+    adapterOutputFolder - where Train saves the adapter; empty keeps it in the job folder.
+    adapterFolder - the adapter Segment and Compare use; set to the last trained adapter.
+    segmentVolume - the volume Segment runs on.
+    compareVolume, compareSegmentation - the held-out pair Compare scores both models on.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     outputFolder: pathlib.Path
+    modelSource: Annotated[str, Choice([adaptation.BUILTIN_MODEL, "folder"])] = adaptation.BUILTIN_MODEL
+    modelFolder: pathlib.Path
+    method: Annotated[str, Choice(list(adaptation.METHODS))] = "tenvoo-l"
+    rank: int = 4
+    steps: int = 60
+    learningRate: float = 1e-3
+    validationVolume: vtkMRMLScalarVolumeNode
+    validationSegmentation: vtkMRMLSegmentationNode
+    adapterOutputFolder: pathlib.Path
+    adapterFolder: pathlib.Path
+    segmentVolume: vtkMRMLScalarVolumeNode
+    compareVolume: vtkMRMLScalarVolumeNode
+    compareSegmentation: vtkMRMLSegmentationNode
 
 
 class TenVOOSlicerWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The module panel: inputs, device, output folder, Apply/Cancel, progress and Setup."""
+    """The module panel: model and method, training pairs, Train, Segment, Compare, and Setup."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -81,10 +109,83 @@ class TenVOOSlicerWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKObs
 
         self.logic = TenVOOSlicerLogic()
         self.setupJobControls()
+        self.setupFineTuning()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
+
+    def setupFineTuning(self) -> None:
+        """Train, Segment and Compare each get their own button (turning into Cancel), progress bar and status line."""
+        locked = [self.ui.checkSetupButton, self.ui.installDependenciesButton]
+        self.trainPanel = JobPanel(self.ui.trainButton, self.ui.trainProgressBar, self.ui.trainStatusLabel, locked)
+        self.segmentPanel = JobPanel(self.ui.segmentButton, self.ui.segmentProgressBar, self.ui.segmentStatusLabel, locked)
+        self.comparePanel = JobPanel(self.ui.compareButton, self.ui.compareProgressBar, self.ui.compareStatusLabel, locked)
+        # Missing inputs are reported when a button is pressed, with what to do (BadInputError).
+        for panel in (self.trainPanel, self.segmentPanel, self.comparePanel):
+            panel.set_can_start(True)
+        self.trainingReadout = adaptation.TrainingReadout()
+        self.ui.previewButton.connect("clicked(bool)", self.onPreviewButton)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
+        self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.compareButton.connect("clicked(bool)", self.onCompareButton)
+        self.ui.addPairButton.connect("clicked(bool)", self.onAddPairButton)
+        self.ui.removePairButton.connect("clicked(bool)", self.onRemovePairButton)
+
+    def onPreviewButton(self) -> None:
+        """Build the model with the chosen method here and show how many parameters would train."""
+        with slicer.util.tryWithErrorDisplay("Counting the parameters failed.", waitCursor=True):
+            counts = self.logic.previewParameterCount(self._parameterNode)
+            self.ui.parameterCountLabel.text = adaptation.format_parameter_count(*counts)
+
+    def onTrainButton(self) -> None:
+        self.trainingReadout = adaptation.TrainingReadout()
+        self.startOrCancel(self.trainPanel, lambda: self.logic.finetuneRequest(self._parameterNode, self.trainingPairs()),
+                           onEvent=self.onTrainingEvent)
+
+    def onTrainingEvent(self, event: dict) -> None:
+        """Show the latest loss and validation Dice while training runs."""
+        self.trainingReadout.record(event)
+        self.ui.lossLabel.text = self.trainingReadout.text()
+
+    def onSegmentButton(self) -> None:
+        self.startOrCancel(self.segmentPanel, lambda: self.logic.segmentRequest(self._parameterNode))
+
+    def onCompareButton(self) -> None:
+        self.startOrCancel(self.comparePanel, lambda: self.logic.compareRequest(self._parameterNode),
+                           onImported=self.showDiceTable)
+
+    def showDiceTable(self, imported: dict) -> None:
+        self.ui.diceLabel.text = adaptation.format_dice_rows(imported["dice"])
+
+    def onAddPairButton(self) -> None:
+        """Add a table row with a volume selector and a segmentation selector."""
+        table = self.ui.trainingPairsTable
+        row = table.rowCount
+        table.insertRow(row)
+        for column, nodeType in enumerate(("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode")):
+            selector = slicer.qMRMLNodeComboBox()
+            selector.nodeTypes = [nodeType]
+            selector.showChildNodeTypes = False  # no label map volumes in the image column
+            selector.addEnabled = False
+            selector.removeEnabled = False
+            selector.noneEnabled = True
+            selector.setMRMLScene(slicer.mrmlScene)
+            table.setCellWidget(row, column, selector)
+
+    def onRemovePairButton(self) -> None:
+        """Remove the selected row (the last one when none is selected)."""
+        table = self.ui.trainingPairsTable
+        if table.rowCount:
+            table.removeRow(table.currentRow() if table.currentRow() >= 0 else table.rowCount - 1)
+
+    def trainingPairs(self) -> list:
+        """The table's rows as :class:`TenVOOSlicerLib.adaptation.TrainingPair` (nodes may be None)."""
+        table = self.ui.trainingPairsTable
+        return [
+            adaptation.TrainingPair(table.cellWidget(row, 0).currentNode(), table.cellWidget(row, 1).currentNode())
+            for row in range(table.rowCount)
+        ]
 
     def initializeParameterNode(self) -> None:
         """Get the scene's parameter node and pick the first volume when none is selected."""
@@ -96,15 +197,16 @@ class TenVOOSlicerWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKObs
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         canApply = bool(self._parameterNode and self._parameterNode.inputVolume)
-        self.ui.applyButton.toolTip = _("Run the job on the input volume") if canApply else _("Select an input volume")
+        self.ui.applyButton.toolTip = _("Run the selftest job on the selftest volume") if canApply else _("Select a selftest volume")
         self.jobPanel.set_can_start(canApply)
 
 
 class TenVOOSlicerLogic(SceneJobLogicMixin, ScriptedLoadableModuleLogic):
     """Starts and imports this module's jobs; usable from the Python console without the panel.
 
-    Example: ``TenVOOSlicerLogic().runSelftest(volumeNode, "TenVOOSlicer")`` runs the selftest job
-    to the end and returns the output volume node(s).
+    Examples: ``TenVOOSlicerLogic().runSelftest(volumeNode, "TenVOOSlicer")`` runs the selftest job
+    to the end; ``logic.runJob(adaptation.finetune_request("deepbet", pairs, "tenvoo-l", {"rank": 4}))``
+    trains an adapter (see :mod:`TenVOOSlicerLib.adaptation`).
     """
 
     def __init__(self) -> None:
@@ -114,8 +216,51 @@ class TenVOOSlicerLogic(SceneJobLogicMixin, ScriptedLoadableModuleLogic):
         return TenVOOSlicerParameterNode(super().getParameterNode())
 
     def applyJobRequest(self, parameterNode: TenVOOSlicerParameterNode):
-        """The job Apply starts for the panel's current settings."""
+        """The job Apply (Setup section) starts for the panel's current settings."""
         return jobs.apply_job_request(parameterNode.inputVolume)
+
+    def model(self, parameterNode: TenVOOSlicerParameterNode) -> str:
+        """``"deepbet"`` or the chosen model folder."""
+        if parameterNode.modelSource == adaptation.BUILTIN_MODEL:
+            return adaptation.BUILTIN_MODEL
+        folder = optional_folder(parameterNode.modelFolder)
+        if folder is None:
+            raise BadInputError("Choose the model folder, or use the built-in deepbet model.")
+        return adaptation.model_source(folder)
+
+    def previewParameterCount(self, parameterNode: TenVOOSlicerParameterNode) -> tuple[int, int]:
+        """``(trainable, total)`` parameters of the model with the chosen method (computed here, not in a job)."""
+        options = adaptation.method_options(parameterNode.method, parameterNode.rank)
+        return adaptation.preview_parameter_count(self.model(parameterNode), parameterNode.method, options)
+
+    def finetuneRequest(self, parameterNode: TenVOOSlicerParameterNode, pairs: list) -> JobRequest:
+        """The ``finetune`` job for the panel's settings and training ``pairs``."""
+        validation = None
+        if parameterNode.validationVolume or parameterNode.validationSegmentation:
+            validation = adaptation.TrainingPair(parameterNode.validationVolume, parameterNode.validationSegmentation)
+        return adaptation.finetune_request(
+            self.model(parameterNode), pairs, parameterNode.method,
+            adaptation.method_options(parameterNode.method, parameterNode.rank),
+            validation=validation, adapter_folder=optional_folder(parameterNode.adapterOutputFolder),
+            steps=parameterNode.steps, lr=parameterNode.learningRate,
+        )
+
+    def segmentRequest(self, parameterNode: TenVOOSlicerParameterNode) -> JobRequest:
+        """The ``infer`` job: the (adapted) model on the chosen volume."""
+        return adaptation.infer_request(self.model(parameterNode), parameterNode.segmentVolume,
+                                        optional_folder(parameterNode.adapterFolder))
+
+    def compareRequest(self, parameterNode: TenVOOSlicerParameterNode) -> JobRequest:
+        """The ``evaluate`` job: base vs adapted Dice on the held-out pair."""
+        return adaptation.compare_request(self.model(parameterNode), parameterNode.compareVolume,
+                                          parameterNode.compareSegmentation, optional_folder(parameterNode.adapterFolder))
+
+    def importResults(self, request: JobRequest, result: dict) -> dict:
+        """Import as every module does, and remember a newly trained adapter for Segment and Compare."""
+        imported = super().importResults(request, result)
+        if request.kind == adaptation.FINETUNE_KIND:
+            self.getParameterNode().adapterFolder = imported["adapter"]
+        return imported
 
 
 class TenVOOSlicerTest(ScriptedLoadableModuleTest):

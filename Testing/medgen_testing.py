@@ -54,3 +54,60 @@ def make_mrml_scene():
     for key, value in saved.items():
         setattr(slicer, key, value)
     scene.Clear(1)
+
+
+#: a tiny two-class MONAI UNet: the "pretrained segmentation model" of the adaptation tests
+TINY_UNET_KWARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [8, 16], "strides": [2],
+                    "num_res_units": 0}
+
+
+def tiny_unet_spec(**overrides):
+    """The model spec of :data:`TINY_UNET_KWARGS`: classes background and ``blob``, 16³ patches."""
+    from medgen.models import ModelSpec, Preprocessing
+
+    return ModelSpec(**{"network": "UNet", "kwargs": TINY_UNET_KWARGS, "class_names": ["background", "blob"],
+                        "output_activation": "softmax", "name": "tiny-unet",
+                        "preprocessing": Preprocessing(intensity={"method": "percentile"}, patch_size=[16, 16, 16]),
+                        **overrides})
+
+
+def blob_case(seed: int, affine: np.ndarray, dark: bool = True):
+    """A 24³ volume with one cube "blob" (label 1): bright on dark (pretraining contrast) or, by default,
+    dark on bright (the new contrast the pretrained model must be adapted to).
+
+    Returns:
+        ``(image, label)`` MetaTensors ``(1, 24, 24, 24)`` with ``affine``.
+    """
+    import torch
+    from monai.data import MetaTensor
+
+    generator = torch.Generator().manual_seed(seed)
+    label = torch.zeros(1, 24, 24, 24, dtype=torch.int64)
+    corner = torch.randint(3, 12, (3,), generator=generator)
+    label[0, corner[0]:corner[0] + 8, corner[1]:corner[1] + 8, corner[2]:corner[2] + 8] = 1
+    image = 0.2 + 0.6 * label.float() + 0.05 * torch.randn((1, 24, 24, 24), generator=generator)
+    image = 1.0 - image if dark else image
+    affine = torch.from_numpy(affine)
+    return MetaTensor(image, affine=affine), MetaTensor(label, affine=affine)
+
+
+def pretrained_blob_model(scratch, folder):
+    """Save into ``folder`` a tiny UNet pretrained (full fine-tuning) on *bright* blobs; ``scratch`` holds
+    the intermediate files. A few seconds on a CPU."""
+    import torch
+    from monai.networks.nets import UNet
+
+    from medgen.adapt.finetune import FinetuneConfig, finetune_segmentation
+    from medgen.adapt.segmenter import load_segmentation_model
+    from medgen.models import save_model
+    from medgen.peft import inject, merge
+
+    torch.manual_seed(0)
+    save_model(UNet(**TINY_UNET_KWARGS), tiny_unet_spec(), scratch / "random")
+    model = load_segmentation_model(str(scratch / "random"))
+    inject(model.network, "full")
+    cases = [blob_case(seed, oblique_affine(), dark=False) for seed in range(4)]
+    config = FinetuneConfig(steps=40, val_every=20, lr=1e-2, amp=False)
+    finetune_segmentation(model, cases, config, checkpoint_dir=scratch / "ckpt")
+    save_model(merge(model.network), tiny_unet_spec(), folder)
+    return folder

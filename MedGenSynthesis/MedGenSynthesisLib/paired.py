@@ -13,14 +13,13 @@ No ``qt`` here; torch and MONAI are imported inside the functions that need them
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 from medgen.errors import BadInputError
 from medgen.labels import LabelInfo, save_labels
 from medgen.slicer.scene import create_folder, place_in_folder, remove_nodes, resolve_scene, subject_hierarchy
-from medgen.slicer.scene_job import JobRequest, OutputImport, import_outputs
+from medgen.slicer.scene_job import JobRequest, OutputImport, check_free_destination, import_outputs, move_into
 
 TRAIN_KIND = "synth-train"
 GENERATE_KIND = "synthesize"
@@ -63,22 +62,6 @@ def check_training_pairs(pairs: Sequence[TrainingPair]) -> None:
                 f"Training pair {number}: segmentation '{pair.segmentation.GetName()}' has no segments. "
                 "Draw or load the structures to synthesise, or remove the pair."
             )
-
-
-def check_free_destination(folder: Path | None) -> None:
-    """Refuse a destination folder that already holds something (checked again when moving)."""
-    if folder is not None and folder.exists() and any(folder.iterdir()):
-        raise BadInputError(f"{folder} already exists and is not empty; choose another folder or remove it.")
-
-
-def move_into(source: str | Path, destination: str | Path) -> Path:
-    """Move a finished output folder to where the user asked for it; never overwrites anything."""
-    destination = Path(destination)
-    check_free_destination(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    if destination.exists():
-        destination.rmdir()
-    return Path(shutil.move(str(source), str(destination)))
 
 
 @dataclasses.dataclass(frozen=True)

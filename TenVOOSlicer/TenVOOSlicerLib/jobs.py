@@ -1,8 +1,6 @@
-"""The jobs the TenVOO Fine-Tune panel starts.
-
-Until the fine-tuning job kind exists, Apply runs the built-in ``selftest`` job, so the whole path
-(export, worker, progress, import) is exercised; the fine-tuning issue replaces
-:func:`apply_job_request` with the adapter training request.
+"""The job the TenVOO Fine-Tune panel's Apply button (Setup section) starts: the built-in ``selftest``
+on the Setup section's volume, which proves that torch, the worker and the import work. Fine-tuning,
+segmenting and comparing have their own buttons (see :mod:`TenVOOSlicerLib.adaptation`).
 """
 
 from medgen.slicer.scene_job import JobRequest, selftest_request

@@ -6,56 +6,24 @@ import json
 
 import pytest
 import torch
-from monai.data import MetaTensor
 from monai.networks.nets import UNet
 
+from medgen_testing import TINY_UNET_KWARGS, blob_case, pretrained_blob_model, tiny_unet_spec
 from medgen.adapt.finetune import FinetuneConfig, finetune_segmentation, sample_patch
 from medgen.adapt.segmenter import load_segmentation_model, segment
 from medgen.errors import BadInputError, CancelledError
 from medgen.io import load_volume, save_volume
 from medgen.jobs.exit_codes import ExitCode
-from medgen.models import ModelSpec, Preprocessing, save_model
+from medgen.models import Preprocessing, save_model
 from medgen.peft import inject
 from medgen.progress import CallbackReporter
 from medgen.slicer.runner import run_job_blocking, write_job
-
-UNET_KWARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [8, 16], "strides": [2], "num_res_units": 0}
-
-
-SPEC = dict(network="UNet", kwargs=UNET_KWARGS, class_names=["background", "blob"], output_activation="softmax",
-            preprocessing=Preprocessing(intensity={"method": "percentile"}, patch_size=[16, 16, 16]), name="tiny-unet")
 
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
     """A tiny UNet pretrained (full fine-tuning) on *bright* blobs: the 'pretrained model' to adapt."""
-    from medgen_testing import oblique_affine
-
-    from medgen.peft import merge
-
-    torch.manual_seed(0)
-    scratch = tmp_path_factory.mktemp("scratch")
-    save_model(UNet(**UNET_KWARGS), ModelSpec(**SPEC), scratch / "random")
-    model = load_segmentation_model(str(scratch / "random"))
-    inject(model.network, "full")
-    cases = [_blob_case(seed, oblique_affine(), dark=False) for seed in range(4)]
-    finetune_segmentation(model, cases, FinetuneConfig(steps=40, val_every=20, lr=1e-2, amp=False), checkpoint_dir=scratch / "ckpt")
-    folder = tmp_path_factory.mktemp("unet")
-    save_model(merge(model.network), ModelSpec(**SPEC), folder)
-    return folder
-
-
-def _blob_case(seed: int, oblique, dark: bool = True):
-    """A 24³ volume with one cube "blob" (label 1): bright on dark (pretraining contrast) or, by default,
-    dark on bright (the new contrast the pretrained model must be adapted to)."""
-    generator = torch.Generator().manual_seed(seed)
-    label = torch.zeros(1, 24, 24, 24, dtype=torch.int64)
-    corner = torch.randint(3, 12, (3,), generator=generator)
-    label[0, corner[0]:corner[0] + 8, corner[1]:corner[1] + 8, corner[2]:corner[2] + 8] = 1
-    image = 0.2 + 0.6 * label.float() + 0.05 * torch.randn((1, 24, 24, 24), generator=generator)
-    image = 1.0 - image if dark else image
-    affine = torch.from_numpy(oblique)
-    return MetaTensor(image, affine=affine), MetaTensor(label, affine=affine)
+    return pretrained_blob_model(tmp_path_factory.mktemp("scratch"), tmp_path_factory.mktemp("unet"))
 
 
 def test_foreground_patches_hit_the_label():
@@ -71,8 +39,8 @@ def test_tenvoo_adapts_a_pretrained_model_to_a_new_contrast(model_folder, obliqu
     model = load_segmentation_model(str(model_folder))
     model.network.softmax = False
     inject(model.network, "tenvoo-l", rank=2, exclude_first_last_conv=False)
-    training = [_blob_case(seed, oblique) for seed in range(3)]
-    held_out = _blob_case(10, oblique)
+    training = [blob_case(seed, oblique) for seed in range(3)]
+    held_out = blob_case(10, oblique)
     from medgen.metrics import dice_per_class
 
     before = dice_per_class(segment(model, held_out[0])[0], held_out[1][0], 2)[1]
@@ -92,11 +60,11 @@ def test_cancel_keeps_the_last_checkpoint_and_a_rerun_resumes(model_folder, obli
     reporter = CallbackReporter(lambda e: steps_seen.append(e["step"]) if e["event"] == "progress" else None,
                                 should_stop=lambda: len(steps_seen) >= 7)
     with pytest.raises(CancelledError):
-        finetune_segmentation(model, [_blob_case(0, oblique)], FinetuneConfig(steps=20, val_every=5, amp=False),
+        finetune_segmentation(model, [blob_case(0, oblique)], FinetuneConfig(steps=20, val_every=5, amp=False),
                               checkpoint_dir=tmp_path / "ckpt", reporter=reporter)
     assert (tmp_path / "ckpt" / "latest.json").exists()
     resumed = []
-    result = finetune_segmentation(model, [_blob_case(0, oblique)], FinetuneConfig(steps=20, val_every=5, amp=False),
+    result = finetune_segmentation(model, [blob_case(0, oblique)], FinetuneConfig(steps=20, val_every=5, amp=False),
                                    checkpoint_dir=tmp_path / "ckpt",
                                    reporter=CallbackReporter(lambda e: resumed.append(e["step"]) if e["event"] == "progress" else None))
     assert result.steps == 20 and min(resumed) > 1  # continued after the checkpoint, not from step 1
@@ -105,7 +73,7 @@ def test_cancel_keeps_the_last_checkpoint_and_a_rerun_resumes(model_folder, obli
 def test_bad_training_data_is_refused_before_training(model_folder, oblique, tmp_path):
     model = load_segmentation_model(str(model_folder))
     inject(model.network, "bitfit")
-    image, label = _blob_case(0, oblique)
+    image, label = blob_case(0, oblique)
     with pytest.raises(BadInputError, match="empty segmentation"):
         finetune_segmentation(model, [(image, label * 0)], FinetuneConfig(steps=2), checkpoint_dir=tmp_path)
     with pytest.raises(BadInputError, match=r"label values \[0, 3\].*classes 0..1"):
@@ -119,9 +87,9 @@ def test_bad_training_data_is_refused_before_training(model_folder, oblique, tmp
 def test_finetune_infer_evaluate_jobs(model_folder, oblique, tmp_path):
     files = []
     for seed in range(3):
-        image, label = _blob_case(seed, oblique)
+        image, label = blob_case(seed, oblique)
         files.append((str(save_volume(image, tmp_path / f"i{seed}.nii.gz")), str(save_volume(label, tmp_path / f"l{seed}.nii.gz", label=True))))
-    held_image, held_label = _blob_case(10, oblique)
+    held_image, held_label = blob_case(10, oblique)
     held = (str(save_volume(held_image, tmp_path / "held.nii.gz")), str(save_volume(held_label, tmp_path / "held_l.nii.gz", label=True)))
     finetune = run_job_blocking(write_job(tmp_path / "jobs", "finetune", {
         "images": [f[0] for f in files], "labels": [f[1] for f in files], "model_folder": str(model_folder),
@@ -149,9 +117,8 @@ def test_adapter_of_another_base_is_refused(model_folder, oblique, tmp_path):
     save_adapter(model.network, tmp_path / "adapter")
     other = tmp_path / "other"
     torch.manual_seed(5)
-    save_model(UNet(**UNET_KWARGS), ModelSpec(network="UNet", kwargs=UNET_KWARGS, class_names=["background", "blob"],
-                                              output_activation="softmax", preprocessing=Preprocessing(patch_size=[16, 16, 16])), other)
-    image, _ = _blob_case(0, oblique)
+    save_model(UNet(**TINY_UNET_KWARGS), tiny_unet_spec(preprocessing=Preprocessing(patch_size=[16, 16, 16]), name=""), other)
+    image, _ = blob_case(0, oblique)
     job = run_job_blocking(write_job(tmp_path / "jobs", "infer", {"image": str(save_volume(image, tmp_path / "x.nii.gz")),
                                                                    "adapter": str(tmp_path / "adapter"), "model_folder": str(other)}), timeout_s=300)
     assert job.returncode == ExitCode.BAD_INPUT and "base" in job.error["message"]

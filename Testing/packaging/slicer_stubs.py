@@ -34,6 +34,42 @@ class FakeWidget(types.SimpleNamespace):
         self.value = value
 
 
+class FakeTable(FakeWidget):
+    """A QTableWidget holding one widget per cell."""
+
+    def __init__(self):
+        super().__init__(rows=[], selected=-1)
+
+    @property
+    def rowCount(self):
+        return len(self.rows)
+
+    def insertRow(self, row):
+        self.rows.insert(row, {})
+
+    def removeRow(self, row):
+        del self.rows[row]
+
+    def currentRow(self):
+        return self.selected
+
+    def setCellWidget(self, row, column, widget):
+        self.rows[row][column] = widget
+
+    def cellWidget(self, row, column):
+        return self.rows[row][column]
+
+
+class FakeNodeSelector(types.SimpleNamespace):
+    """qMRMLNodeComboBox: the node the user picked, and the scene it lists."""
+
+    def setMRMLScene(self, scene):
+        self.scene, self.node = scene, None
+
+    def currentNode(self):
+        return self.node
+
+
 class FakeRunner:
     """A worker process that runs until the test says how it ended."""
 
@@ -45,6 +81,26 @@ class FakeRunner:
 
     def cancel(self):
         self.cancelled = True
+
+
+def fake_ui(module_name: str) -> types.SimpleNamespace:
+    """``self.ui`` of a module widget: a :class:`FakeWidget` for every widget named in its .ui file
+    (a :class:`FakeTable` for table widgets), each button showing the text the .ui gives it."""
+    import xml.etree.ElementTree as ElementTree
+
+    root = ElementTree.parse(REPOSITORY / module_name / "Resources" / "UI" / f"{module_name}.ui").getroot()
+    widgets = {}
+    for element in root.iter("widget"):
+        text = element.find("property[@name='text']/string")
+        widgets[element.get("name")] = FakeTable() if element.get("class") == "QTableWidget" else FakeWidget(
+            text="" if text is None else text.text, enabled=True, toolTip="")
+    return types.SimpleNamespace(**widgets)
+
+
+def fake_app() -> types.SimpleNamespace:
+    """``slicer.app`` as far as the panels use it (wait cursor, testing mode)."""
+    return types.SimpleNamespace(setOverrideCursor=lambda cursor: None, restoreOverrideCursor=lambda: None,
+                                 testingEnabled=lambda: True)
 
 
 def _scripted_loadable_module() -> types.ModuleType:

@@ -61,7 +61,8 @@ def test_apply_starts_the_job_then_cancels_it(panel):
     widget.onApplyButton()
     (started,) = widget.logic.started
     assert started["device"] == "cpu" and started["jobRoot"] is None  # no folder chosen: Slicer's temp folder
-    assert started["onEvent"] == widget.jobPanel.handle_event
+    started["onEvent"]({"event": "progress", "phase": "selftest", "step": 1, "total": 3})  # worker events reach the panel
+    assert widget.ui.statusLabel.text.startswith("selftest 1/3")
     assert widget.ui.applyButton.text == "Cancel" and not widget.ui.checkSetupButton.enabled
     widget.onApplyButton()
     assert widget.jobPanel._runner.cancelled

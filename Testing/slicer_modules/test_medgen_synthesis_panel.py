@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import types
-import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import pytest
@@ -19,60 +18,18 @@ from medgen.slicer.segmentations import labelmap_to_segmentation
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPOSITORY / "Testing" / "packaging"))
-from slicer_stubs import FakeRunner, FakeWidget, slicer_gui_stubs  # noqa: E402
-
-
-class FakeTable(FakeWidget):
-    """A QTableWidget holding one widget per cell."""
-
-    def __init__(self):
-        super().__init__(rows=[], selected=-1)
-
-    @property
-    def rowCount(self):
-        return len(self.rows)
-
-    def insertRow(self, row):
-        self.rows.insert(row, {})
-
-    def removeRow(self, row):
-        del self.rows[row]
-
-    def currentRow(self):
-        return self.selected
-
-    def setCellWidget(self, row, column, widget):
-        self.rows[row][column] = widget
-
-    def cellWidget(self, row, column):
-        return self.rows[row][column]
-
-
-class FakeNodeSelector(types.SimpleNamespace):
-    """qMRMLNodeComboBox: the node the user picked, and the scene it lists."""
-
-    def setMRMLScene(self, scene):
-        self.scene, self.node = scene, None
-
-    def currentNode(self):
-        return self.node
+from slicer_stubs import FakeNodeSelector, FakeRunner, fake_app, fake_ui, slicer_gui_stubs  # noqa: E402
 
 
 @pytest.fixture
 def panel(mrml_scene, monkeypatch):
     """The module widget on fake widgets (every name in the .ui), a real Logic whose jobs are recorded."""
-    app = types.SimpleNamespace(setOverrideCursor=lambda cursor: None, restoreOverrideCursor=lambda: None,
-                                testingEnabled=lambda: True)
-    monkeypatch.setattr(slicer, "app", app, raising=False)
+    monkeypatch.setattr(slicer, "app", fake_app(), raising=False)
     monkeypatch.setattr(slicer, "qMRMLNodeComboBox", FakeNodeSelector, raising=False)
-    ui_file = REPOSITORY / "MedGenSynthesis" / "Resources" / "UI" / "MedGenSynthesis.ui"
-    names = [widget.get("name") for widget in ElementTree.parse(ui_file).getroot().iter("widget")]
     with slicer_gui_stubs():
         module_file = __import__("MedGenSynthesis")
         widget = module_file.MedGenSynthesisWidget()
-        widget.ui = types.SimpleNamespace(**{name: FakeWidget(text="", enabled=True, toolTip="") for name in names})
-        widget.ui.trainingPairsTable = FakeTable()
-        widget.ui.trainButton.text, widget.ui.generateButton.text = "Train", "Generate"
+        widget.ui = fake_ui("MedGenSynthesis")
         widget.logic = module_file.MedGenSynthesisLogic()
         started = []
         monkeypatch.setattr(widget.logic, "startJob", lambda request, **kwargs: started.append(request) or FakeRunner())

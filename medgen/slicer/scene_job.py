@@ -16,11 +16,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from medgen.errors import MedGenError
+from medgen.errors import BadInputError, MedGenError
 from medgen.labels import load_labels, save_labels
 from medgen.slicer.runner import JobRunner, write_job
 from medgen.slicer.scene import LABELMAP_CLASS, SCALAR_VOLUME_CLASS
@@ -145,6 +146,22 @@ def selftest_request(input_volume, output_suffix: str) -> JobRequest:
 def optional_folder(path) -> Path | None:
     """A folder field of a parameter node, or None when none was chosen (an empty path reads back as ".")."""
     return None if str(path or "") in ("", ".") else Path(path)
+
+
+def check_free_destination(folder: Path | None) -> None:
+    """Refuse a destination folder that already holds something (checked again when moving)."""
+    if folder is not None and folder.exists() and any(folder.iterdir()):
+        raise BadInputError(f"{folder} already exists and is not empty; choose another folder or remove it.")
+
+
+def move_into(source: str | Path, destination: str | Path) -> Path:
+    """Move a finished output folder to where the user asked for it; never overwrites anything."""
+    destination = Path(destination)
+    check_free_destination(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if destination.exists():
+        destination.rmdir()
+    return Path(shutil.move(str(source), str(destination)))
 
 
 def default_job_root() -> Path:

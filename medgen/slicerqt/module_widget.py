@@ -73,13 +73,14 @@ class ModuleWidgetMixin:
         """Start the module's job, or cancel it when one is running (the button reads Cancel then)."""
         self.startOrCancel(self.jobPanel, lambda: self.logic.applyJobRequest(self._parameterNode))
 
-    def startOrCancel(self, jobPanel: JobPanel, makeRequest) -> None:
-        """A job button's click: cancel ``jobPanel``'s running job, else start ``makeRequest()`` there."""
+    def startOrCancel(self, jobPanel: JobPanel, makeRequest, onEvent=None, onImported=None) -> None:
+        """A job button's click: cancel ``jobPanel``'s running job, else start ``makeRequest()`` there
+        (``onEvent`` and ``onImported`` as in :meth:`startJob`)."""
         if jobPanel.busy:
             jobPanel.cancel()
             return
         with slicer.util.tryWithErrorDisplay("Starting the job failed.", waitCursor=True):
-            self.startJob(makeRequest(), jobPanel)
+            self.startJob(makeRequest(), jobPanel, onEvent=onEvent, onImported=onImported)
 
     def onCheckSetupButton(self) -> None:
         """Show torch/CUDA/device and run the built-in selftest job on the selected volume."""
@@ -113,18 +114,33 @@ class ModuleWidgetMixin:
             importlib.reload(sys.modules[name])
         super().onReload()
 
-    def startJob(self, request: JobRequest, jobPanel: JobPanel | None = None) -> None:
+    def startJob(self, request: JobRequest, jobPanel: JobPanel | None = None, onEvent=None, onImported=None) -> None:
         """Start ``request`` in a worker process and let ``jobPanel`` (default: Apply's) follow it.
 
         Callers show errors (``tryWithErrorDisplay``): a request can be refused before anything starts.
+
+        Args:
+            onEvent: also called with each worker event (e.g. a live loss readout).
+            onImported: called with what the Logic imported once the job succeeded (e.g. to show a table).
         """
         jobPanel = jobPanel or self.jobPanel
         device = self._parameterNode.device
         outputFolder = optional_folder(self._parameterNode.outputFolder)
+
+        def handleEvent(event: dict) -> None:
+            jobPanel.handle_event(event)
+            if onEvent:
+                onEvent(event)
+
+        def importResults(result: dict) -> None:
+            imported = self.logic.importResults(request, result)
+            if onImported:
+                onImported(imported)
+
         runner = self.logic.startJob(
             request,
             jobRoot=outputFolder and str(outputFolder),
             device=device,
-            onEvent=jobPanel.handle_event,
+            onEvent=handleEvent,
         )
-        jobPanel.track(runner, lambda result: self.logic.importResults(request, result), device)
+        jobPanel.track(runner, importResults, device)

@@ -1,0 +1,161 @@
+"""TenVOO Fine-Tune module on a real MRML scene: scene pairs -> adapter -> adapted segmentation and Dice table.
+
+The worker runs for real on a tiny UNet pretrained on bright blobs, adapted to dark blobs; one adapter
+is trained per file and shared.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import vtk
+
+from medgen_testing import blob_case, make_mrml_scene, oblique_affine, pretrained_blob_model
+from medgen.errors import BadInputError
+from medgen.jobs.exit_codes import ExitCode
+from medgen.labels import LabelInfo
+from medgen.slicer.scene import subject_hierarchy
+from medgen.slicer.scene_job import SceneJob, SceneJobLogicMixin
+from medgen.slicer.segmentations import labelmap_to_segmentation, segment_labels
+from medgen.slicer.volumes import ijk_to_ras_of, tensor_to_volume_node
+
+slicer = pytest.importorskip("slicer")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "TenVOOSlicer"))
+from TenVOOSlicerLib import adaptation  # noqa: E402  (the module folder is what Slicer puts on sys.path)
+
+OPTIONS = {"rank": 2, "exclude_first_last_conv": False}
+TRAINING = dict(steps=10, lr=1e-2, val_every=5)
+
+
+def _blob_pair(scene, name: str, seed: int, segment_names=("tumour",)):
+    """A dark-blob volume and its segmentation (value 3, so class values must be remapped to 1)."""
+    image, label = blob_case(seed, oblique_affine())
+    volume = tensor_to_volume_node(image, f"{name} MR", scene=scene)
+    labels = [LabelInfo(segment, 3 + n, (1.0, 0.5, 0.0)) for n, segment in enumerate(segment_names)]
+    segmentation = labelmap_to_segmentation(label * 3, labels, f"{name} segmentation", scene=scene, reference_node=volume)
+    return adaptation.TrainingPair(volume, segmentation)
+
+
+def _scene_snapshot(scene):
+    return sorted((scene.GetNthNode(i).GetID(), scene.GetNthNode(i).GetName()) for i in range(scene.GetNumberOfNodes()))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(pretrained_blob_model(tmp_path_factory.mktemp("scratch"), tmp_path_factory.mktemp("unet")))
+
+
+@pytest.fixture(scope="module")
+def trained(model, tmp_path_factory):
+    """Two scene pairs plus a validation pair, adapted with TenVOO-L through the worker."""
+    scenes = make_mrml_scene()
+    scene = next(scenes)
+    pairs = [_blob_pair(scene, f"case {n}", n) for n in range(2)]
+    validation = _blob_pair(scene, "validation", 10, segment_names=("blob",))
+    adapter_folder = tmp_path_factory.mktemp("adapters") / "blob adapter"
+    request = adaptation.finetune_request(model, pairs, "tenvoo-l", OPTIONS, validation=validation,
+                                          adapter_folder=adapter_folder, **TRAINING)
+    readout = adaptation.TrainingReadout()
+    job = SceneJob(request, tmp_path_factory.mktemp("jobs"), device="cpu", on_event=readout.record).start()
+    assert job.wait(timeout_s=600) == ExitCode.OK, job.runner.error
+    yield {"outputs": job.import_results(), "readout": readout, "inputs": job.job_dir, "adapter_folder": adapter_folder}
+    next(scenes, None)
+
+
+def test_preview_counts_what_the_method_trains(model):
+    from medgen.adapt.segmenter import load_segmentation_model
+    from medgen.peft import inject, trainable_parameters
+
+    trainable, total = adaptation.preview_parameter_count(model, "tenvoo-l", OPTIONS)
+    network = load_segmentation_model(model).network
+    inject(network, "tenvoo-l", **OPTIONS)
+    assert trainable == trainable_parameters(network) > 0
+    assert total == sum(parameter.numel() for parameter in network.parameters()) > trainable
+    assert adaptation.format_parameter_count(trainable, total).startswith(f"Trainable parameters: {trainable:,} of {total:,} (")
+
+
+def test_training_pairs_are_written_with_the_model_class_values(trained):
+    from medgen.io import load_volume
+
+    inputs = next((trained["inputs"].parent).glob("inputs-*"))
+    for stem in ("pair000", "pair001", "validation"):
+        label = load_volume(inputs / f"{stem}_label.nrrd", label=True)
+        assert torch.equal(torch.unique(label), torch.tensor([0, 1]))  # segment value 3 -> class 1
+        np.testing.assert_allclose(label.affine.numpy(), oblique_affine(), atol=1e-5)
+
+
+def test_finetune_saves_the_adapter_where_asked_and_reports_loss_and_validation_dice(trained):
+    outputs = trained["outputs"]
+    assert outputs["adapter"] == trained["adapter_folder"] and any(outputs["adapter"].iterdir())
+    assert outputs["report"].is_file()
+    readout = trained["readout"]
+    assert readout.step == TRAINING["steps"] and readout.loss > 0 and 0 <= readout.val_dice <= 1
+    assert readout.text().startswith("step 10: loss ") and "validation Dice" in readout.text()
+
+
+def test_infer_imports_the_class_names_on_the_input_grid_next_to_it(trained, model, mrml_scene, tmp_path):
+    held_out = _blob_pair(mrml_scene, "held-out", 20)
+    hierarchy = subject_hierarchy(mrml_scene)
+    study = hierarchy.CreateFolderItem(hierarchy.GetSceneItemID(), "study")
+    hierarchy.CreateItem(study, held_out.volume)  # outside the app, new nodes get no subject-hierarchy item
+    nodes = SceneJobLogicMixin().runJob(adaptation.infer_request(model, held_out.volume, trained["outputs"]["adapter"]),
+                                        jobRoot=tmp_path, device="cpu")
+    segmentation = nodes["segmentation"]
+    assert segmentation.GetName() == "held-out MR adapted segmentation"
+    assert [label.name for label in segment_labels(segmentation)] == ["blob"]
+    assert segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole()) is held_out.volume
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(segmentation)) == study
+    voxels = segmentation.GetSegmentation().GetNthSegment(0).GetRepresentation("Binary labelmap")
+    image_to_world = vtk.vtkMatrix4x4()
+    voxels.GetImageToWorldMatrix(image_to_world)
+    matrix = np.array([[image_to_world.GetElement(row, column) for column in range(4)] for row in range(4)])
+    np.testing.assert_allclose(matrix, ijk_to_ras_of(held_out.volume), atol=1e-5)
+
+
+def test_compare_returns_base_and_adapted_dice_per_class(trained, model, mrml_scene, tmp_path):
+    held_out = _blob_pair(mrml_scene, "held-out", 21)
+    before = _scene_snapshot(mrml_scene)
+    result = SceneJobLogicMixin().runJob(
+        adaptation.compare_request(model, held_out.volume, held_out.segmentation, trained["outputs"]["adapter"]),
+        jobRoot=tmp_path, device="cpu")
+    (row,) = result["dice"]
+    assert row["class"] == "blob" and 0 <= row["base_dice"] <= 1 and 0 <= row["adapted_dice"] <= 1
+    assert adaptation.format_dice_rows(result["dice"]).startswith("blob: base ")
+    assert _scene_snapshot(mrml_scene) == before
+
+
+def test_segments_that_are_not_model_classes_are_refused_before_any_job(model, mrml_scene, tmp_path):
+    good = _blob_pair(mrml_scene, "good", 0)
+    two_segments = _blob_pair(mrml_scene, "bad", 1, segment_names=("blob", "vessel"))
+    with pytest.raises(BadInputError, match=r"Segment 'vessel' of segmentation 'bad segmentation' .* one of: blob"):
+        adaptation.finetune_request(model, [good, two_segments], "tenvoo-l", OPTIONS)
+    with pytest.raises(BadInputError, match="Segment 'vessel'"):
+        adaptation.compare_request(model, two_segments.volume, two_segments.segmentation, tmp_path)
+    with pytest.raises(BadInputError, match="Training pair 2 lacks"):
+        adaptation.finetune_request(model, [good, adaptation.TrainingPair(good.volume, None)])
+    (tmp_path / "used" / "old adapter").mkdir(parents=True)
+    with pytest.raises(BadInputError, match="used already exists and is not empty"):
+        adaptation.finetune_request(model, [good], adapter_folder=tmp_path / "used")
+    (tmp_path / "used" / "old adapter").rmdir()
+    (tmp_path / "used").rmdir()
+    # deepbet's single class is "brain": a one-segment segmentation maps to it whatever its name
+    assert adaptation.class_values(good.segmentation, adaptation.model_class_names("deepbet")) == {3: 1}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cancelled_training_leaves_the_scene_unchanged(model, mrml_scene, tmp_path):
+    pairs = [_blob_pair(mrml_scene, "case", 0)]
+    before = _scene_snapshot(mrml_scene)
+    request = adaptation.finetune_request(model, pairs, "tenvoo-l", OPTIONS, steps=5000)
+    job = SceneJob(request, tmp_path, device="cpu").start()
+    while job.poll() and not any(event["event"] == "progress" for event in job.runner.events):
+        time.sleep(0.05)
+    job.cancel()
+    assert job.wait(timeout_s=120) == ExitCode.CANCELLED
+    assert job.import_results() == {}
+    assert _scene_snapshot(mrml_scene) == before
