@@ -60,3 +60,26 @@ def test_sampling_gives_volumes_in_range_deterministically():
 def test_volumes_of_different_shapes_are_refused(tmp_path):
     with pytest.raises(BadInputError, match="share one shape"):
         finetune_generator(_unet(), [torch.rand(1, 8, 8, 8), torch.rand(1, 8, 8, 6)], GeneratorFinetuneConfig(steps=1), checkpoint_dir=tmp_path)
+
+
+def test_generator_jobs_through_the_worker(tmp_path, oblique):
+    from monai.data import MetaTensor
+
+    from medgen.io import load_volume, save_volume
+    from medgen.jobs.exit_codes import ExitCode
+    from medgen.models import ModelSpec, save_model
+    from medgen.slicer.runner import run_job_blocking, write_job
+
+    kwargs = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "channels": [8, 16], "attention_levels": [False, False],
+              "num_res_blocks": 1, "norm_num_groups": 8}
+    save_model(_unet(), ModelSpec(network="DiffusionModelUNet", kwargs=kwargs, name="tiny-ddpm"), tmp_path / "ddpm")
+    paths = [str(save_volume(MetaTensor(v, affine=torch.from_numpy(oblique)), tmp_path / f"v{i}.nii.gz")) for i, v in enumerate(_volumes(2))]
+    params = {"shape": [8, 8, 8], "num_train_timesteps": 20}
+    tune = run_job_blocking(write_job(tmp_path / "jobs", "finetune-generator", {"volumes": paths, "model_folder": str(tmp_path / "ddpm")},
+                                      {**params, "method_options": {"rank": 2, "exclude_first_last_conv": False}, "steps": 3}), timeout_s=600)
+    assert tune.returncode == ExitCode.OK, tune.error
+    draw = run_job_blocking(write_job(tmp_path / "jobs", "sample-generator", {"model_folder": str(tmp_path / "ddpm"),
+                                      "adapter": tune.result["outputs"]["adapter"], "reference": paths[0]}, {**params, "count": 2}), timeout_s=600)
+    assert draw.returncode == ExitCode.OK, draw.error
+    sample = load_volume(draw.result["outputs"]["volume_0001"])
+    assert sample.shape == (1, 8, 8, 8) and 0.0 <= float(sample.min()) and float(sample.max()) <= 1.0

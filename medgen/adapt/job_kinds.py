@@ -76,3 +76,57 @@ register(
         params={"type": "object", "properties": {"model": _MODEL_PARAM}, "additionalProperties": False},
     )
 )
+
+_GENERATOR_SHAPE = {"type": "array", "items": {"type": "integer", "minimum": 4}, "minItems": 3, "maxItems": 3, "default": [32, 32, 32]}
+_TIMESTEPS = {"type": "integer", "minimum": 2, "maximum": 4000, "default": 1000}
+
+register(
+    JobKind(
+        name="finetune-generator",
+        handler="medgen.adapt.jobs:run_finetune_generator",
+        summary="Fine-tune a pretrained 3D DDPM generator on a few volumes with a PEFT method (TenVOO paper setting).",
+        uses_hf_transformers=True,
+        inputs={
+            "type": "object",
+            "properties": {"volumes": PATH_LIST, "model_folder": path_input("MedGen model folder of a DiffusionModelUNet")},
+            "required": ["volumes", "model_folder"],
+            "additionalProperties": False,
+        },
+        params={
+            "type": "object",
+            "properties": {
+                "method": {"enum": ["tenvoo-l", "tenvoo-q", "lora", "ia3", "bitfit", "affine-norm", "full"], "default": "tenvoo-l"},
+                "method_options": {"type": "object", "default": {}},
+                "shape": _GENERATOR_SHAPE,
+                "steps": {"type": "integer", "minimum": 1, "default": 200},
+                "lr": {"type": "number", "exclusiveMinimum": 0, "default": 1e-4},
+                "batch_size": {"type": "integer", "minimum": 1, "default": 1},
+                "num_train_timesteps": _TIMESTEPS,
+            },
+            "additionalProperties": False,
+        },
+    )
+)
+
+register(
+    JobKind(
+        name="sample-generator",
+        handler="medgen.adapt.jobs:run_sample_generator",
+        summary="Sample N volumes from a base or adapted 3D DDPM generator.",
+        uses_hf_transformers=True,
+        inputs={
+            "type": "object",
+            "properties": {"model_folder": path_input("MedGen model folder of a DiffusionModelUNet"),
+                           "adapter": path_input("adapter folder from finetune-generator"),
+                           "reference": path_input("volume whose (resized) grid the samples take")},
+            "required": ["model_folder"],
+            "additionalProperties": False,
+        },
+        params={
+            "type": "object",
+            "properties": {"count": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 2}, "shape": _GENERATOR_SHAPE,
+                           "num_train_timesteps": _TIMESTEPS},
+            "additionalProperties": False,
+        },
+    )
+)

@@ -83,3 +83,56 @@ def run_evaluate(ctx: JobContext) -> dict:
         ctx.reporter.progress("evaluating", step + 1, 2)
     path = write_text_atomic(ctx.output_path("evaluation.json"), json.dumps(report, indent=2) + "\n")
     return {"outputs": {"report": str(path)}, **report}
+
+
+def _generator_volume(path: str, shape: tuple[int, int, int]):
+    """A volume resized to the generator's grid, intensities scaled to [0, 1] (0.5-99.5 percentiles)."""
+    from monai.transforms import Resize, ScaleIntensityRangePercentiles
+
+    volume = load_volume(path, name=Path(path).name)
+    resized = Resize(spatial_size=shape, mode="trilinear")(volume)
+    return ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True)(resized)
+
+
+def _generator_unet(ctx: JobContext):
+    from medgen.models import load_model
+
+    unet, spec = load_model(ctx.inputs["model_folder"])
+    if spec.network != "DiffusionModelUNet":
+        raise BadInputError(f"{ctx.inputs['model_folder']} holds a {spec.network}, not a DiffusionModelUNet generator.")
+    return unet
+
+
+def run_finetune_generator(ctx: JobContext) -> dict:
+    """Fine-tune a DDPM generator (MedGen model folder) on a few volumes with a PEFT method; save the adapter."""
+    from medgen.adapt.generator import GeneratorFinetuneConfig, finetune_generator
+
+    shape = tuple(ctx.params["shape"])
+    volumes = [_generator_volume(path, shape).as_tensor() for path in ctx.inputs["volumes"]]
+    unet = _generator_unet(ctx)
+    inject(unet, ctx.params["method"], **ctx.params["method_options"])
+    ctx.reporter.log(f"{ctx.params['method']}: {trainable_parameters(unet):,} trainable parameters")
+    config = GeneratorFinetuneConfig(steps=ctx.params["steps"], lr=ctx.params["lr"], batch_size=ctx.params["batch_size"],
+                                     num_train_timesteps=ctx.params["num_train_timesteps"], seed=ctx.spec.seed)
+    last_loss = finetune_generator(unet, volumes, config, checkpoint_dir=ctx.output_path("checkpoints"), device=ctx.device, reporter=ctx.reporter)
+    adapter_dir = save_adapter(unet, ctx.output_path("adapter"))
+    return {"outputs": {"adapter": str(adapter_dir)}, "last_loss": last_loss, "trainable_parameters": trainable_parameters(unet)}
+
+
+def run_sample_generator(ctx: JobContext) -> dict:
+    """Sample N volumes from a base or adapted DDPM generator (on the reference volume's resized grid if given)."""
+    import torch
+    from monai.data import MetaTensor
+
+    from medgen.adapt.generator import sample_volumes
+
+    shape = tuple(ctx.params["shape"])
+    unet = _generator_unet(ctx)
+    if "adapter" in ctx.inputs:
+        load_adapter(unet, ctx.inputs["adapter"])
+    affine = _generator_volume(ctx.inputs["reference"], shape).affine if "reference" in ctx.inputs else torch.eye(4, dtype=torch.float64)
+    volumes = sample_volumes(unet, ctx.params["count"], shape, num_train_timesteps=ctx.params["num_train_timesteps"],
+                             seed=ctx.spec.seed, device=ctx.device, reporter=ctx.reporter)
+    outputs = {f"volume_{i:04d}": str(save_volume(MetaTensor(volume, affine=affine), ctx.output_path(f"sample_{i:04d}.nii.gz")))
+               for i, volume in enumerate(volumes)}
+    return {"outputs": outputs}
