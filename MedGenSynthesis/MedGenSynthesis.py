@@ -23,6 +23,7 @@ from slicer.util import VTKObservationMixin
 from medgen.slicer.scene_job import JobRequest, SceneJobLogicMixin, optional_folder, run_selftest_on_synthetic_volume
 from medgen.slicerqt.job_panel import JobPanel
 from medgen.slicerqt.module_widget import ModuleWidgetMixin
+from medgen.slicerqt.pair_table import PairTableMixin
 from MedGenSynthesisLib import jobs, paired
 
 
@@ -87,7 +88,7 @@ class MedGenSynthesisParameterNode:
     nnunetName: str = "MedGenSynthetic"
 
 
-class MedGenSynthesisWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
+class MedGenSynthesisWidget(ModuleWidgetMixin, PairTableMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The module panel: paired synthesis (training pairs, Train, Generate) and Setup (dependencies, selftest)."""
 
     def __init__(self, parent=None) -> None:
@@ -133,34 +134,6 @@ class MedGenSynthesisWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget, VTK
     def onGenerateButton(self) -> None:
         self.startOrCancel(self.generatePanel, lambda: self.logic.generateRequest(self._parameterNode))
 
-    def onAddPairButton(self) -> None:
-        """Add a table row with a volume selector and a segmentation selector."""
-        table = self.ui.trainingPairsTable
-        row = table.rowCount
-        table.insertRow(row)
-        for column, nodeType in enumerate(("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode")):
-            selector = slicer.qMRMLNodeComboBox()
-            selector.nodeTypes = [nodeType]
-            selector.showChildNodeTypes = False  # no label map volumes in the image column
-            selector.addEnabled = False
-            selector.removeEnabled = False
-            selector.noneEnabled = True
-            selector.setMRMLScene(slicer.mrmlScene)
-            table.setCellWidget(row, column, selector)
-
-    def onRemovePairButton(self) -> None:
-        """Remove the selected row (the last one when none is selected)."""
-        table = self.ui.trainingPairsTable
-        if table.rowCount:
-            table.removeRow(table.currentRow() if table.currentRow() >= 0 else table.rowCount - 1)
-
-    def trainingPairs(self) -> list:
-        """The table's rows as :class:`MedGenSynthesisLib.paired.TrainingPair` (nodes may be None)."""
-        table = self.ui.trainingPairsTable
-        return [
-            paired.TrainingPair(table.cellWidget(row, 0).currentNode(), table.cellWidget(row, 1).currentNode())
-            for row in range(table.rowCount)
-        ]
 
     def initializeParameterNode(self) -> None:
         """Get the scene's parameter node and pick the first volume when none is selected."""

@@ -24,6 +24,7 @@ from medgen.errors import BadInputError
 from medgen.slicer.scene_job import JobRequest, SceneJobLogicMixin, optional_folder, run_selftest_on_synthetic_volume
 from medgen.slicerqt.job_panel import JobPanel
 from medgen.slicerqt.module_widget import ModuleWidgetMixin
+from medgen.slicerqt.pair_table import PairTableMixin
 from TenVOOSlicerLib import adaptation, jobs
 
 
@@ -88,7 +89,7 @@ class TenVOOSlicerParameterNode:
     compareSegmentation: vtkMRMLSegmentationNode
 
 
-class TenVOOSlicerWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
+class TenVOOSlicerWidget(ModuleWidgetMixin, PairTableMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The module panel: model and method, training pairs, Train, Segment, Compare, and Setup."""
 
     def __init__(self, parent=None) -> None:
@@ -158,34 +159,6 @@ class TenVOOSlicerWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKObs
     def showDiceTable(self, imported: dict) -> None:
         self.ui.diceLabel.text = adaptation.format_dice_rows(imported["dice"])
 
-    def onAddPairButton(self) -> None:
-        """Add a table row with a volume selector and a segmentation selector."""
-        table = self.ui.trainingPairsTable
-        row = table.rowCount
-        table.insertRow(row)
-        for column, nodeType in enumerate(("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode")):
-            selector = slicer.qMRMLNodeComboBox()
-            selector.nodeTypes = [nodeType]
-            selector.showChildNodeTypes = False  # no label map volumes in the image column
-            selector.addEnabled = False
-            selector.removeEnabled = False
-            selector.noneEnabled = True
-            selector.setMRMLScene(slicer.mrmlScene)
-            table.setCellWidget(row, column, selector)
-
-    def onRemovePairButton(self) -> None:
-        """Remove the selected row (the last one when none is selected)."""
-        table = self.ui.trainingPairsTable
-        if table.rowCount:
-            table.removeRow(table.currentRow() if table.currentRow() >= 0 else table.rowCount - 1)
-
-    def trainingPairs(self) -> list:
-        """The table's rows as :class:`TenVOOSlicerLib.adaptation.TrainingPair` (nodes may be None)."""
-        table = self.ui.trainingPairsTable
-        return [
-            adaptation.TrainingPair(table.cellWidget(row, 0).currentNode(), table.cellWidget(row, 1).currentNode())
-            for row in range(table.rowCount)
-        ]
 
     def initializeParameterNode(self) -> None:
         """Get the scene's parameter node and pick the first volume when none is selected."""

@@ -19,19 +19,12 @@ from typing import Any, Sequence
 from medgen.errors import BadInputError
 from medgen.labels import LabelInfo, save_labels
 from medgen.slicer.scene import create_folder, place_in_folder, remove_nodes, resolve_scene, subject_hierarchy
-from medgen.slicer.scene_job import JobRequest, OutputImport, check_free_destination, import_outputs, move_into
+from medgen.slicer.scene_job import JobRequest, OutputImport, TrainingPair, check_free_destination, import_outputs, move_into
 
 TRAIN_KIND = "synth-train"
 GENERATE_KIND = "synthesize"
 PRESETS = ("tiny", "diff3")
 
-
-@dataclasses.dataclass(frozen=True)
-class TrainingPair:
-    """One training case from the scene: an image volume and a segmentation drawn on it."""
-
-    volume: Any
-    segmentation: Any
 
 
 def training_labels(segmentation_nodes: Sequence) -> list[LabelInfo]:

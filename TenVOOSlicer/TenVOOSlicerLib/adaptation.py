@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from medgen.errors import BadInputError
-from medgen.slicer.scene_job import JobRequest, OutputImport, check_free_destination, move_into
+from medgen.slicer.scene_job import JobRequest, OutputImport, TrainingPair, check_free_destination, move_into
 
 FINETUNE_KIND, INFER_KIND, EVALUATE_KIND = "finetune", "infer", "evaluate"
 BUILTIN_MODEL = "deepbet"
@@ -35,13 +35,6 @@ METHODS = ("tenvoo-l", "tenvoo-q", "lora", "ia3", "bitfit", "affine-norm", "adap
 RANKED_METHODS = ("tenvoo-l", "tenvoo-q", "lora")
 _VALIDATION_DICE = re.compile(r"validation Dice ([0-9.]+)")
 
-
-@dataclasses.dataclass(frozen=True)
-class TrainingPair:
-    """One labelled case from the scene: an image volume and a segmentation drawn on it."""
-
-    volume: Any
-    segmentation: Any
 
 
 def model_source(model_folder: str | Path | None) -> str:

@@ -64,6 +64,8 @@ def test_every_self_ui_reference_names_a_widget(module_name):
     names = set(widget_classes(ui_tree(module_name)))
     references = ui_attribute_references(REPOSITORY / module_name / f"{module_name}.py")
     references |= ui_attribute_references(SHARED_WIDGET_CODE)
+    if "PairTableMixin" in (REPOSITORY / module_name / f"{module_name}.py").read_text(encoding="utf-8"):
+        references |= ui_attribute_references(REPOSITORY / "medgen" / "slicerqt" / "pair_table.py")
     assert references, "the widget code uses self.ui"
     assert references <= names, f"missing in the .ui: {sorted(references - names)}"
 

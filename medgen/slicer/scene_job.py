@@ -30,6 +30,15 @@ from medgen.slicer.scene import LABELMAP_CLASS, SCALAR_VOLUME_CLASS
 SELFTEST_STEPS = 3
 
 
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPair:
+    """One labelled case from the scene: an image volume node and a segmentation node drawn on it."""
+
+    volume: Any
+    segmentation: Any
+
+
 def write_node_inputs(nodes: dict[str, Any], folder: str | os.PathLike, reference_node=None) -> dict[str, str]:
     """Write each node to a file in ``folder``; returns input name -> path for ``job.json``.
 
