@@ -67,6 +67,16 @@ def cmd_synthesize(args) -> int:
     return _submit("synthesize", {"model": str(args.model)}, params, args)
 
 
+def cmd_translate_train(args) -> int:
+    params = {"grid": args.grid, "mode": args.mode, "preset": args.preset, "steps": args.steps, "conditioned": not args.unconditional}
+    return _submit("translate-train", {"volumes": [str(path) for path in args.volumes]}, params, args)
+
+
+def cmd_translate(args) -> int:
+    params = {"sampler": args.sampler, "steps": args.steps, "sdedit_start": args.sdedit_start}
+    return _submit("translate", {"source": str(args.source), "model": str(args.model)}, params, args)
+
+
 def cmd_export_nnunet(args) -> int:
     from medgen.labels import load_labels
     from medgen.synthesis.nnunet_export import export_nnunet
@@ -158,6 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
     synthesize.add_argument("--nnunet-name", default="MedGenSynthetic")
     _add_job_options(synthesize)
     synthesize.set_defaults(func=cmd_synthesize)
+
+    translate_train = commands.add_parser("translate-train", help="train an LMI translation model on target-modality volumes")
+    translate_train.add_argument("volumes", type=Path, nargs="+", help="target-modality volumes (e.g. T1)")
+    translate_train.add_argument("--grid", type=int, nargs=3, default=[32, 32, 32])
+    translate_train.add_argument("--mode", choices=["2.5d", "3d"], default="2.5d")
+    translate_train.add_argument("--preset", choices=["tiny", "midiffusion"], default="tiny")
+    translate_train.add_argument("--steps", type=int, help="training steps (override the preset)")
+    translate_train.add_argument("--unconditional", action="store_true", help="train the SDEdit baseline instead")
+    _add_job_options(translate_train)
+    translate_train.set_defaults(func=cmd_translate_train)
+
+    translate = commands.add_parser("translate", help="translate a volume zero-shot into the model's modality")
+    translate.add_argument("source", type=Path)
+    translate.add_argument("model", type=Path, help="model folder from translate-train")
+    translate.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    translate.add_argument("--steps", type=int, default=100, help="DDIM steps")
+    translate.add_argument("--sdedit-start", type=int, help="SDEdit baseline: start timestep (unconditional model)")
+    _add_job_options(translate)
+    translate.set_defaults(func=cmd_translate)
 
     export = commands.add_parser("export-nnunet", help="write a folder of {case}_0000/{case} pairs as an nnU-Net v2 dataset")
     export.add_argument("pairs", type=Path)

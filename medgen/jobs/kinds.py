@@ -95,3 +95,4 @@ register(
 # The capabilities register their job kinds (schemas only: handlers are imported when a job runs).
 import medgen.adapt.job_kinds  # noqa: E402,F401
 import medgen.synthesis.job_kinds  # noqa: E402,F401
+import medgen.translate.job_kinds  # noqa: E402,F401

@@ -213,7 +213,7 @@ def train_joint_ldm(
         checkpoint_dir=out_dir / "ldm", reporter=_Phase(reporter, "ldm"),
     )
     save_weights(vae.state_dict(), out_dir / "vae.safetensors")
-    ldm_weights = result.ema_model.module if result.ema_model is not None and hasattr(result.ema_model, "module") else unet
+    ldm_weights = result.ema_model if result.ema_model is not None else unet  # EMA weights for sampling
     save_weights(ldm_weights.state_dict(), out_dir / "ldm.safetensors")
     write_model_json(
         out_dir, TASK, config=dataclasses.asdict(config), num_classes=num_classes,

@@ -1,0 +1,36 @@
+"""Job kinds of modality translation: ``translate-train`` and ``translate`` (schemas; handlers in :mod:`medgen.translate.jobs`)."""
+
+from medgen.jobs.kinds import PATH_LIST, JobKind, object_schema, path_input, register
+
+register(
+    JobKind(
+        name="translate-train",
+        handler="medgen.translate.jobs:run_translate_train",
+        summary="Train an LMI-conditioned DDPM on target-modality volumes only (zero-shot translation model).",
+        inputs=object_schema({"volumes": PATH_LIST}, required=("volumes",)),
+        params=object_schema({
+            "preset": {"enum": ["tiny", "midiffusion"], "default": "tiny"},
+            "mode": {"enum": ["2.5d", "3d"], "default": "2.5d"},
+            "grid": {"type": "array", "items": {"type": "integer", "minimum": 8}, "minItems": 3, "maxItems": 3, "default": [32, 32, 32]},
+            "conditioned": {"type": "boolean", "default": True},
+            "steps": {"type": "integer", "minimum": 1},
+            "batch_size": {"type": "integer", "minimum": 1},
+            "lr": {"type": "number", "exclusiveMinimum": 0},
+        }),
+    )
+)
+
+register(
+    JobKind(
+        name="translate",
+        handler="medgen.translate.jobs:run_translate",
+        summary="Translate a volume into the model's modality (LMI-guided DDPM/DDIM, or SDEdit with an unconditional model).",
+        inputs=object_schema({"source": path_input("volume to translate"), "model": path_input("model folder from translate-train")},
+                             required=("source", "model")),
+        params=object_schema({
+            "sampler": {"enum": ["ddpm", "ddim"], "default": "ddpm"},
+            "steps": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+            "sdedit_start": {"type": ["integer", "null"], "minimum": 0, "maximum": 999, "default": None},
+        }),
+    )
+)

@@ -1,0 +1,34 @@
+"""Worker handlers of the translation job kinds ``translate-train`` and ``translate``."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from medgen.io import load_volume, save_volume
+from medgen.jobs.context import JobContext
+from medgen.translate.model import TranslationConfig, train_translation, translate_volume
+
+TRAINING_OVERRIDES = ("steps", "batch_size", "lr", "conditioned", "mode")
+
+
+def run_translate_train(ctx: JobContext) -> dict:
+    """Train an LMI translation model (or, ``conditioned: false``, an SDEdit baseline) on target-modality volumes."""
+    volumes = [load_volume(path, name=Path(path).name) for path in ctx.inputs["volumes"]]
+    overrides = {name: ctx.params[name] for name in TRAINING_OVERRIDES if name in ctx.params}
+    overrides["grid"] = tuple(ctx.params["grid"])
+    config = TranslationConfig.tiny(**overrides) if ctx.params["preset"] == "tiny" else dataclasses.replace(TranslationConfig(), **overrides)
+    model_dir = train_translation(volumes, ctx.output_path("model"), config, device=ctx.device, reporter=ctx.reporter)
+    return {"outputs": {"model": str(model_dir)}}
+
+
+def run_translate(ctx: JobContext) -> dict:
+    """Translate the source volume; the output keeps the source's voxel grid."""
+    source = load_volume(ctx.inputs["source"], name="source volume")
+    params = ctx.params
+    translated = translate_volume(
+        source, ctx.inputs["model"], sampler=params["sampler"], steps=params["steps"],
+        sdedit_start=params.get("sdedit_start"), seed=ctx.spec.seed, device=ctx.device, reporter=ctx.reporter,
+    )
+    output = save_volume(translated, ctx.output_path("translated.nii.gz"))
+    return {"outputs": {"translated": str(output)}}
