@@ -1,0 +1,73 @@
+"""Benchmark of zero-shot translation wall time per volume (issue: CrossModalTranslate, deliverable 7).
+
+Trains nothing: an LMI-conditioned UNet with random weights has the cost of a trained one. Measures the
+seconds to translate one volume with the released 1000-step DDPM and with DDIM, in 2.5D and 3D modes,
+with the per-step LMI share. Defaults: the MIDiffusion network at 128x128x64 (2.5D) on CUDA; a tiny
+network at 32^3 with few steps on CPU.
+Usage: python bench/bench_translation.py [--device cuda] [--grid 128 128 64] [--ddpm-steps 1000] [--ddim-steps 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from monai.data import MetaTensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+
+from medgen.synthesis.model_folder import save_weights, write_model_json  # noqa: E402
+from medgen.translate.lmi import lmi_map  # noqa: E402
+from medgen.translate.model import TASK, TranslationConfig, build_unet, to_model_grid, translate_volume  # noqa: E402
+
+
+def _model_folder(config: TranslationConfig) -> Path:
+    import dataclasses
+
+    folder = Path(tempfile.mkdtemp())
+    save_weights(build_unet(config).state_dict(), folder / "unet.safetensors")
+    write_model_json(folder, TASK, config=dataclasses.asdict(config), training_volumes=0)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--grid", type=int, nargs=3)
+    parser.add_argument("--ddpm-steps", type=int, help="timesteps of the DDPM run (default 1000 on CUDA, 20 on CPU)")
+    parser.add_argument("--ddim-steps", type=int, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    grid = tuple(args.grid or ((128, 128, 64) if on_gpu else (32, 32, 32)))
+    ddpm_steps = args.ddpm_steps or (1000 if on_gpu else 20)
+    ddim_steps = args.ddim_steps or (50 if on_gpu else 10)
+    source = MetaTensor(torch.rand(1, *grid), affine=torch.eye(4, dtype=torch.float64))
+    rows = []
+    for mode in ("2.5d", "3d"):
+        base = dict(mode=mode, grid=grid, num_train_timesteps=ddpm_steps, memory_budget_mb=16384 if on_gpu else 1024)
+        config = TranslationConfig(**base) if on_gpu else TranslationConfig.tiny(**base)
+        folder = _model_folder(config)
+        grid_tensor = to_model_grid(source, config, "source").to(device)
+        start = time.perf_counter()
+        lmi_map(grid_tensor, grid_tensor, memory_budget_mb=config.memory_budget_mb)
+        lmi_s = time.perf_counter() - start
+        for sampler, steps in (("ddpm", ddpm_steps), ("ddim", ddim_steps)):
+            start = time.perf_counter()
+            translate_volume(source, folder, sampler=sampler, steps=steps, device=device)
+            if on_gpu:
+                torch.cuda.synchronize(device)
+            total = time.perf_counter() - start
+            n_steps = ddpm_steps if sampler == "ddpm" else steps
+            rows.append({"mode": mode, "grid": "x".join(map(str, grid)), "sampler": sampler, "steps": n_steps,
+                         "s_per_volume": total, "lmi_s_per_step": lmi_s, "lmi_share": min(1.0, lmi_s * n_steps / total)})
+    write_results(f"translation_{device.type}", rows, {"grid": grid, "ddpm_steps": ddpm_steps, "ddim_steps": ddim_steps})
+
+
+if __name__ == "__main__":
+    main()
