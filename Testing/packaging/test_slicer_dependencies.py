@@ -151,3 +151,19 @@ def test_torch_report_describes_this_machine():
     assert report["device"] == ("cpu" if not report["cuda_available"] else torch.cuda.get_device_name(0))
     assert dependencies.format_torch_report(report).startswith(f"PyTorch {torch.__version__} | CUDA: ")
     assert "not installed" in dependencies.format_torch_report({"installed": False})
+
+
+@pytest.mark.parametrize("module_name", MODULE_NAMES)
+def test_module_requirements_cover_the_library_dependencies(module_name):
+    """What pyproject says medgen needs must be installable in Slicer's Python (torch/numpy/SimpleITK come with
+    Slicer or the PyTorch extension; HF peft only where adapters are trained)."""
+    import re
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    declared = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())["project"]["dependencies"]
+    needed = {re.split(r"[<>=~!\[ ]", requirement)[0].lower() for requirement in declared} - {"torch", "numpy", "simpleitk"}
+    if module_name != "TenVOOSlicer":
+        needed -= {"peft"}
+    path = REPOSITORY / module_name / "Resources" / f"{module_name}-requirements.txt"
+    listed = {requirement.name.lower() for requirement in dependencies.read_requirements(path)}
+    assert needed <= listed, sorted(needed - listed)
