@@ -197,3 +197,33 @@ def slicer_gui_stubs():
             for name in set(sys.modules) - modules_before:
                 if name.split(".")[0] in stub_dependent_roots or name.startswith("medgen.slicerqt"):
                     del sys.modules[name]
+
+
+@contextlib.contextmanager
+def fake_module_widget(module_name: str, monkeypatch, parameters: dict, record=lambda request, kwargs: request):
+    """A module's widget on fake widgets (every name in its .ui) with a real Logic whose jobs are recorded.
+
+    Args:
+        module_name: e.g. ``"TenVOOSlicer"``.
+        monkeypatch: pytest's fixture (undoes the ``slicer`` patches).
+        parameters: the parameter-node fields the widget reads.
+        record: what to keep per started job, from ``(request, startJob keyword arguments)``.
+
+    Yields:
+        ``(widget, started)``: ``started`` collects ``record(...)`` for every job the widget starts.
+    """
+    import slicer
+
+    monkeypatch.setattr(slicer, "app", fake_app(), raising=False)
+    monkeypatch.setattr(slicer, "qMRMLNodeComboBox", FakeNodeSelector, raising=False)
+    with slicer_gui_stubs():
+        module_file = __import__(module_name)
+        widget = getattr(module_file, f"{module_name}Widget")()
+        widget.ui = fake_ui(module_name)
+        widget.logic = getattr(module_file, f"{module_name}Logic")()
+        started = []
+        monkeypatch.setattr(widget.logic, "startJob", lambda request, **kwargs: started.append(record(request, kwargs)) or FakeRunner())
+        widget._parameterNode = types.SimpleNamespace(**parameters)
+        monkeypatch.setattr(widget.logic, "getParameterNode", lambda: widget._parameterNode)
+        widget.setupJobControls()
+        yield widget, started

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 from pathlib import Path
 
 import pytest
-import slicer
 import torch
 from monai.data import MetaTensor
 
@@ -18,31 +16,21 @@ from medgen.slicer.segmentations import labelmap_to_segmentation
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPOSITORY / "Testing" / "packaging"))
-from slicer_stubs import FakeNodeSelector, FakeRunner, fake_app, fake_ui, slicer_gui_stubs  # noqa: E402
+from slicer_stubs import fake_module_widget  # noqa: E402
 
 
 @pytest.fixture
 def panel(mrml_scene, monkeypatch):
     """The module widget on fake widgets (every name in the .ui), a real Logic whose jobs are recorded."""
-    monkeypatch.setattr(slicer, "app", fake_app(), raising=False)
-    monkeypatch.setattr(slicer, "qMRMLNodeComboBox", FakeNodeSelector, raising=False)
-    with slicer_gui_stubs():
-        module_file = __import__("MedGenSynthesis")
-        widget = module_file.MedGenSynthesisWidget()
-        widget.ui = fake_ui("MedGenSynthesis")
-        widget.logic = module_file.MedGenSynthesisLogic()
-        started = []
-        monkeypatch.setattr(widget.logic, "startJob", lambda request, **kwargs: started.append(request) or FakeRunner())
-        widget._parameterNode = types.SimpleNamespace(
-            inputVolume=None, device="cpu", outputFolder=Path("."), trainingSource="scene", trainingFolder=Path("."),
-            modelOutputFolder=Path("."), shapeI=32, shapeJ=32, shapeK=16, preset="tiny", modelFolder=Path("."),
-            pairCount=3, seed=7, samplingSteps=20, batchSize=2, nnunetFolder=Path("."), nnunetDatasetId=501,
-            nnunetName="MedGenSynthetic",
-        )
-        widget.setupJobControls()
+    parameters = dict(
+        inputVolume=None, device="cpu", outputFolder=Path("."), trainingSource="scene", trainingFolder=Path("."),
+        modelOutputFolder=Path("."), shapeI=32, shapeJ=32, shapeK=16, preset="tiny", modelFolder=Path("."),
+        pairCount=3, seed=7, samplingSteps=20, batchSize=2, nnunetFolder=Path("."), nnunetDatasetId=501,
+        nnunetName="MedGenSynthetic",
+    )
+    with fake_module_widget("MedGenSynthesis", monkeypatch, parameters) as (widget, started):
         widget.setupPairedSynthesis()
         yield widget, started
-
 
 def _pair_nodes(scene):
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "case MR")

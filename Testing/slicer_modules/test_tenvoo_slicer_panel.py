@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -17,33 +16,21 @@ from medgen.slicer.segmentations import labelmap_to_segmentation
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPOSITORY / "Testing" / "packaging"))
-from slicer_stubs import FakeNodeSelector, FakeRunner, fake_app, fake_ui, slicer_gui_stubs  # noqa: E402
+from slicer_stubs import fake_module_widget  # noqa: E402
 
 
 @pytest.fixture
 def panel(mrml_scene, monkeypatch):
     """The module widget on fake widgets (every name in the .ui), a real Logic whose jobs are recorded."""
-    monkeypatch.setattr(slicer, "app", fake_app(), raising=False)
-    monkeypatch.setattr(slicer, "qMRMLNodeComboBox", FakeNodeSelector, raising=False)
-    with slicer_gui_stubs():
-        module_file = __import__("TenVOOSlicer")
-        widget = module_file.TenVOOSlicerWidget()
-        widget.ui = fake_ui("TenVOOSlicer")
-        widget.logic = module_file.TenVOOSlicerLogic()
-        started = []
-        monkeypatch.setattr(widget.logic, "startJob",
-                            lambda request, **kwargs: started.append((request, kwargs)) or FakeRunner())
-        widget._parameterNode = types.SimpleNamespace(
-            inputVolume=None, device="cpu", outputFolder=Path("."), modelSource="deepbet", modelFolder=Path("."),
-            method="tenvoo-q", rank=3, steps=25, learningRate=5e-4, validationVolume=None, validationSegmentation=None,
-            adapterOutputFolder=Path("."), adapterFolder=Path("."), segmentVolume=None, compareVolume=None,
-            compareSegmentation=None,
-        )
-        monkeypatch.setattr(widget.logic, "getParameterNode", lambda: widget._parameterNode)
-        widget.setupJobControls()
+    parameters = dict(
+        inputVolume=None, device="cpu", outputFolder=Path("."), modelSource="deepbet", modelFolder=Path("."),
+        method="tenvoo-q", rank=3, steps=25, learningRate=5e-4, validationVolume=None, validationSegmentation=None,
+        adapterOutputFolder=Path("."), adapterFolder=Path("."), segmentVolume=None, compareVolume=None,
+        compareSegmentation=None,
+    )
+    with fake_module_widget("TenVOOSlicer", monkeypatch, parameters, record=lambda request, kwargs: (request, kwargs)) as (widget, started):
         widget.setupFineTuning()
         yield widget, started
-
 
 def _pair_nodes(scene, segment_name="brain"):
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "case MR")
