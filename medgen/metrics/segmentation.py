@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
@@ -37,3 +39,29 @@ def hd95_per_class(prediction: torch.Tensor, reference: torch.Tensor, num_classe
     distance = compute_hausdorff_distance(pred_1h, ref_1h, include_background=False, percentile=95, spacing=spacing_mm)[0]
     empty = (pred_1h[:, 1:].sum(dim=(0, 2, 3, 4)) == 0) | (ref_1h[:, 1:].sum(dim=(0, 2, 3, 4)) == 0)
     return torch.where(empty, torch.full_like(distance, float("nan")), distance).cpu().numpy()
+
+
+def dice_with_convention(
+    prediction: torch.Tensor, reference: torch.Tensor, labels: dict[str, int | Sequence[int]]
+) -> dict[str, float]:
+    """Dice per named structure of two integer label maps, with MRGen's evaluation convention (spec B.6).
+
+    A structure given as several label values (e.g. ``"kidney": (2, 3)``) is their union. Both maps
+    empty for a structure -> 1; reference empty but prediction not -> 0.
+
+    Args:
+        prediction, reference: integer label maps of one shape (any number of dimensions).
+        labels: structure name -> label value or values.
+    """
+    prediction = torch.as_tensor(prediction).long()
+    reference = torch.as_tensor(reference).long().to(prediction.device)
+    if prediction.shape != reference.shape:
+        raise BadInputError(f"Prediction {tuple(prediction.shape)} and reference {tuple(reference.shape)} differ in shape.")
+    scores = {}
+    for name, values in labels.items():
+        ids = torch.as_tensor(np.atleast_1d(values).astype(np.int64), device=prediction.device)
+        predicted, expected = torch.isin(prediction, ids), torch.isin(reference, ids)
+        total = int(predicted.sum()) + int(expected.sum())
+        overlap = int((predicted & expected).sum())
+        scores[name] = 1.0 if total == 0 else 2.0 * overlap / total
+    return scores
