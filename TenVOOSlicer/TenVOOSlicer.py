@@ -7,6 +7,7 @@ torch and MONAI are never imported here, so the module loads before they are ins
 import pathlib
 from typing import Annotated
 
+import qt
 import slicer
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
@@ -21,8 +22,9 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from medgen.errors import BadInputError
+from medgen.slicer.plots import LossPlot
 from medgen.slicer.scene_job import JobRequest, SceneJobLogicMixin, optional_folder, run_selftest_on_synthetic_volume
-from medgen.slicerqt.job_panel import JobPanel
+from medgen.slicerqt.job_panel import JobPanel, JobState
 from medgen.slicerqt.module_widget import ModuleWidgetMixin
 from medgen.slicerqt.pair_table import PairTableMixin
 from TenVOOSlicerLib import adaptation, jobs
@@ -41,9 +43,11 @@ class TenVOOSlicer(ScriptedLoadableModule):
             "Fine-tune a pretrained 3D segmentation network (the built-in deepbet brain extraction, or a MedGen "
             "model folder) on a few volume+segmentation pairs with TenVOO tensor-network adapters (or LoRA, "
             "BitFit, ...), which train a small fraction of the weights. Segment names must be the model's "
-            "class names. 'Preview' counts the trainable parameters; 'Train' writes an adapter folder; "
-            "'Segment' applies the adapted model to a volume; 'Compare' reports the Dice of the base and the "
-            "adapted model on a held-out volume with its reference segmentation. "
+            "class names. 'Preview' counts the trainable parameters; 'Train' writes an adapter folder and draws "
+            "the loss in the 'TenVOO training loss' chart; 'Save adapter' copies it where you choose and "
+            "'Load adapter' checks a saved one against the model; 'Segment' applies the adapted model to a "
+            "volume; 'Compare' reports the Dice of the base and the adapted model on a held-out volume with its "
+            "reference segmentation. "
             "Computation runs in a background process; each button turns into Cancel while its job runs. "
             "Use 'Setup' to install PyTorch and MONAI and to check that the computation works."
         )
@@ -119,7 +123,8 @@ class TenVOOSlicerWidget(ModuleWidgetMixin, PairTableMixin, ScriptedLoadableModu
     def setupFineTuning(self) -> None:
         """Train, Segment and Compare each get their own button (turning into Cancel), progress bar and status line."""
         locked = [self.ui.checkSetupButton, self.ui.installDependenciesButton]
-        self.trainPanel = JobPanel(self.ui.trainButton, self.ui.trainProgressBar, self.ui.trainStatusLabel, locked)
+        self.trainPanel = JobPanel(self.ui.trainButton, self.ui.trainProgressBar, self.ui.trainStatusLabel, locked,
+                                   loss_plot=self.logic.lossPlot)
         self.segmentPanel = JobPanel(self.ui.segmentButton, self.ui.segmentProgressBar, self.ui.segmentStatusLabel, locked)
         self.comparePanel = JobPanel(self.ui.compareButton, self.ui.compareProgressBar, self.ui.compareStatusLabel, locked)
         # Missing inputs are reported when a button is pressed, with what to do (BadInputError).
@@ -130,6 +135,8 @@ class TenVOOSlicerWidget(ModuleWidgetMixin, PairTableMixin, ScriptedLoadableModu
         self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.compareButton.connect("clicked(bool)", self.onCompareButton)
+        self.ui.saveAdapterButton.connect("clicked(bool)", self.onSaveAdapterButton)
+        self.ui.loadAdapterButton.connect("clicked(bool)", self.onLoadAdapterButton)
         self.ui.addPairButton.connect("clicked(bool)", self.onAddPairButton)
         self.ui.removePairButton.connect("clicked(bool)", self.onRemovePairButton)
 
@@ -143,6 +150,9 @@ class TenVOOSlicerWidget(ModuleWidgetMixin, PairTableMixin, ScriptedLoadableModu
         self.trainingReadout = adaptation.TrainingReadout()
         self.startOrCancel(self.trainPanel, lambda: self.logic.finetuneRequest(self._parameterNode, self.trainingPairs()),
                            onEvent=self.onTrainingEvent)
+        if self.trainPanel.state is JobState.RUNNING:
+            # The panel empties the chart and draws each loss; show it in the layout's plot view.
+            slicer.modules.plots.logic().ShowChartInLayout(self.logic.lossPlot.chart_node)
 
     def onTrainingEvent(self, event: dict) -> None:
         """Show the latest loss and validation Dice while training runs."""
@@ -159,6 +169,23 @@ class TenVOOSlicerWidget(ModuleWidgetMixin, PairTableMixin, ScriptedLoadableModu
     def showDiceTable(self, imported: dict) -> None:
         self.ui.diceLabel.text = adaptation.format_dice_rows(imported["dice"])
 
+    def onSaveAdapterButton(self) -> None:
+        """Ask for a new or empty folder and copy the adapter in use there."""
+        destination = qt.QFileDialog.getExistingDirectory(self.parent, _("Choose an empty folder for the adapter"))
+        if not destination:
+            return
+        with slicer.util.tryWithErrorDisplay("Saving the adapter failed.", waitCursor=True):
+            saved = self.logic.saveAdapter(destination, self._parameterNode)
+            self.ui.adapterStatusLabel.text = f"Saved to {saved}; Segment and Compare use this copy."
+
+    def onLoadAdapterButton(self) -> None:
+        """Ask for a saved adapter folder, check it against the selected model and use it."""
+        folder = qt.QFileDialog.getExistingDirectory(self.parent, _("Choose a saved adapter folder"))
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay("Loading the adapter failed.", waitCursor=True):
+            summary = self.logic.loadAdapter(folder, self._parameterNode)
+            self.ui.adapterStatusLabel.text = f"Loaded {adaptation.format_adapter(summary)} from {folder}."
 
     def initializeParameterNode(self) -> None:
         """Get the scene's parameter node and pick the first volume when none is selected."""
@@ -179,11 +206,16 @@ class TenVOOSlicerLogic(SceneJobLogicMixin, ScriptedLoadableModuleLogic):
 
     Examples: ``TenVOOSlicerLogic().runSelftest(volumeNode, "TenVOOSlicer")`` runs the selftest job
     to the end; ``logic.runJob(adaptation.finetune_request("deepbet", pairs, "tenvoo-l", {"rank": 4}))``
-    trains an adapter (see :mod:`TenVOOSlicerLib.adaptation`).
+    trains an adapter (see :mod:`TenVOOSlicerLib.adaptation`); ``logic.startJob(request, onEvent=logic.lossPlot.record)``
+    draws its loss in the scene; ``logic.saveAdapter(folder)`` and ``logic.loadAdapter(folder)`` keep and reuse it.
     """
+
+    #: chart (and node-name prefix) of the training loss; one set of nodes, reused by every run
+    LOSS_CHART_NAME = "TenVOO training loss"
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        self.lossPlot = LossPlot(slicer.mrmlScene, self.LOSS_CHART_NAME)
 
     def getParameterNode(self) -> TenVOOSlicerParameterNode:
         return TenVOOSlicerParameterNode(super().getParameterNode())
@@ -227,6 +259,35 @@ class TenVOOSlicerLogic(SceneJobLogicMixin, ScriptedLoadableModuleLogic):
         """The ``evaluate`` job: base vs adapted Dice on the held-out pair."""
         return adaptation.compare_request(self.model(parameterNode), parameterNode.compareVolume,
                                           parameterNode.compareSegmentation, optional_folder(parameterNode.adapterFolder))
+
+    def saveAdapter(self, destination, parameterNode: TenVOOSlicerParameterNode | None = None) -> pathlib.Path:
+        """Copy the adapter in use (the last trained one) into ``destination``, a new or empty folder (never
+        overwritten); the copy becomes the adapter Segment and Compare use.
+
+        Raises:
+            BadInputError: no adapter yet, or ``destination`` holds something already.
+        """
+        parameterNode = parameterNode or self.getParameterNode()
+        adapter = optional_folder(parameterNode.adapterFolder)
+        if adapter is None:
+            raise BadInputError("There is no adapter to save yet: train one first (or load a saved one).")
+        saved = adaptation.save_adapter_copy(adapter, destination)
+        parameterNode.adapterFolder = saved
+        return saved
+
+    def loadAdapter(self, folder, parameterNode: TenVOOSlicerParameterNode | None = None) -> dict:
+        """Check the saved adapter in ``folder`` against the selected model and make it the adapter in use.
+
+        Returns:
+            the adapter's method, options and trained parameter count (see :func:`adaptation.check_adapter`).
+
+        Raises:
+            ModelError: the adapter does not fit the model or was trained on other base weights (hash mismatch).
+        """
+        parameterNode = parameterNode or self.getParameterNode()
+        summary = adaptation.check_adapter(self.model(parameterNode), folder)
+        parameterNode.adapterFolder = pathlib.Path(folder)
+        return summary
 
     def importResults(self, request: JobRequest, result: dict) -> dict:
         """Import as every module does, and remember a newly trained adapter for Segment and Compare."""

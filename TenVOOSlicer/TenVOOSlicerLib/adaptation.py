@@ -8,6 +8,8 @@ Usable from the Python console without the panel, e.g.::
     adapter = logic.runJob(adaptation.finetune_request("deepbet", pairs, "tenvoo-l", {"rank": 4}))["adapter"]
     segmentation = logic.runJob(adaptation.infer_request("deepbet", mr3, adapter))["segmentation"]
     rows = logic.runJob(adaptation.compare_request("deepbet", mr4, seg4, adapter))["dice"]
+    adaptation.save_adapter_copy(adapter, "/data/adapters/brain T2")     # keep it outside the job folder
+    print(adaptation.check_adapter("deepbet", "/data/adapters/brain T2"))  # refuses another base model
 
 The model is ``"deepbet"`` (built-in brain extraction, class ``brain``) or a MedGen segmentation
 model folder. Training and reference segmentations are exported on their own volume's grid with the
@@ -19,11 +21,14 @@ No ``qt`` here; torch and MONAI are imported inside the functions that need them
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from medgen.errors import BadInputError
+from medgen.errors import BadInputError, ModelError
 from medgen.slicer.scene_job import JobRequest, OutputImport, TrainingPair, check_free_destination, move_into
 
 FINETUNE_KIND, INFER_KIND, EVALUATE_KIND = "finetune", "infer", "evaluate"
@@ -237,6 +242,78 @@ def _adapter_input(adapter: str | Path | None) -> dict[str, str]:
     if not Path(adapter).is_dir():
         raise BadInputError(f"Adapter folder {adapter} does not exist; train an adapter or choose its folder.")
     return {"adapter": str(adapter)}
+
+
+def save_adapter_copy(adapter: str | Path, destination: str | Path) -> Path:
+    """Copy a trained adapter folder (config + safetensors) to ``destination``, all at once or not at all.
+
+    The files are copied into a hidden sibling of ``destination`` and renamed into place, so an
+    interrupted copy never leaves a half adapter where the user looks for one.
+
+    Args:
+        adapter: the adapter folder a ``finetune`` job wrote.
+        destination: a folder that does not exist yet or is empty; never overwritten.
+
+    Returns:
+        ``destination``.
+
+    Raises:
+        BadInputError: ``adapter`` is not an adapter folder, or ``destination`` holds something already.
+    """
+    from medgen.peft.adapter_io import CONFIG_FILE, WEIGHTS_FILE
+
+    adapter, destination = Path(adapter), Path(destination)
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (adapter / name).is_file()]
+    if missing:
+        raise BadInputError(f"{adapter} is not an adapter folder (it lacks {', '.join(missing)}); train an adapter first.")
+    check_free_destination(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".part", dir=destination.parent))
+    try:
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            shutil.copy2(adapter / name, staging / name)
+        check_free_destination(destination)  # the user may have written there meanwhile
+        if destination.exists():
+            destination.rmdir()
+        os.rename(staging, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return destination
+
+
+def check_adapter(model: str, adapter: str | Path) -> dict[str, Any]:
+    """Load ``adapter`` onto ``model`` here, proving that it fits before any job uses it.
+
+    Returns:
+        ``{"method", "options", "trainable_parameters"}`` of the adapter.
+
+    Raises:
+        BadInputError: ``adapter`` is not a folder.
+        ModelError: the adapter files are unreadable, do not fit the network, or were trained on other
+            base weights (their SHA-256 differs); the message names the model and says what to choose.
+    """
+    from medgen.adapt.segmenter import load_segmentation_model
+    from medgen.peft import load_adapter, trainable_parameters
+    from medgen.peft.inject import adapter_record
+
+    adapter = Path(adapter)
+    if not adapter.is_dir():
+        raise BadInputError(f"Adapter folder {adapter} does not exist; choose a folder saved after training.")
+    network = load_segmentation_model(model).network
+    try:
+        load_adapter(network, adapter)
+    except ModelError as error:
+        raise ModelError(f"The adapter in {adapter} does not fit the selected model ({model}): {error} "
+                         "Select the model the adapter was trained from, or choose another adapter.") from error
+    record = adapter_record(network)
+    return {"method": record.method, "options": dict(record.options), "trainable_parameters": trainable_parameters(network)}
+
+
+def format_adapter(summary: dict[str, Any]) -> str:
+    """``tenvoo-l adapter (rank 4), 1,234 trained parameters``, for the panel's status line."""
+    options = ", ".join(f"{key} {value}" for key, value in summary["options"].items())
+    method = f"{summary['method']} adapter" + (f" ({options})" if options else "")
+    return f"{method}, {summary['trainable_parameters']:,} trained parameters"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from monai.networks.nets import DiffusionModelUNet
@@ -83,3 +86,36 @@ def test_generator_jobs_through_the_worker(tmp_path, oblique):
     assert draw.returncode == ExitCode.OK, draw.error
     sample = load_volume(draw.result["outputs"]["volume_0001"])
     assert sample.shape == (1, 8, 8, 8) and 0.0 <= float(sample.min()) and float(sample.max()) <= 1.0
+    # FID of the samples against the training volumes: the base generator's own encoder gives the features
+    samples = sorted(draw.result["outputs"].values())
+    evaluate = run_job_blocking(write_job(tmp_path / "jobs", "evaluate", {"model_folder": str(tmp_path / "ddpm"),
+                                                                          "real": paths, "generated": samples}), timeout_s=300)
+    assert evaluate.returncode == ExitCode.OK, evaluate.error
+    report = json.loads(Path(evaluate.result["outputs"]["report"]).read_text())
+    features = report["feature_network"]
+    assert (features["name"], features["source"], features["feature_dim"]) == ("tiny-ddpm", "base model", 16)
+    assert features["layer"].startswith("middle_block.") and "weights SHA-256 " in features["weights"]
+    assert report["fid"] >= 0 and (report["real_count"], report["generated_count"]) == (2, 2)
+
+
+def test_fid_with_a_user_supplied_feature_network_names_it(tmp_path, oblique):
+    from monai.data import MetaTensor
+    from monai.networks.nets import UNet
+
+    from medgen.io import save_volume
+    from medgen.jobs.exit_codes import ExitCode
+    from medgen.models import ModelSpec, save_model
+    from medgen.slicer.runner import run_job_blocking, write_job
+
+    kwargs = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2], "num_res_units": 0}
+    save_model(UNet(**kwargs), ModelSpec(network="UNet", kwargs=kwargs, name="feature unet"), tmp_path / "features")
+    affine = torch.from_numpy(oblique)
+    paths = [str(save_volume(MetaTensor(volume, affine=affine), tmp_path / f"v{i}.nii.gz")) for i, volume in enumerate(_volumes(4))]
+    inputs = {"feature_model_folder": str(tmp_path / "features"), "real": paths[:2], "generated": paths[2:]}
+    job = run_job_blocking(write_job(tmp_path / "jobs", "evaluate", inputs, {"feature_layer": "model.0.conv"}), timeout_s=300)
+    assert job.returncode == ExitCode.OK, job.error
+    features = job.result["feature_network"]
+    assert (features["name"], features["layer"], features["source"], features["feature_dim"]) == (
+        "feature unet", "model.0.conv", "user-supplied", 4)
+    with pytest.raises(BadInputError, match="'generated' is a dependency of 'real'"):  # refused before any job starts
+        write_job(tmp_path / "jobs", "evaluate", {"real": paths[:2]})

@@ -68,3 +68,52 @@ def test_mmd_and_ms_ssim():
     assert ms_ssim_3d(volume, volume) == pytest.approx(1.0, abs=1e-4)
     with pytest.raises(BadInputError, match="MS-SSIM"):
         ms_ssim_3d(torch.rand(16, 16, 16), torch.rand(16, 16, 16))
+
+
+def _tiny_unet():
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    return UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2), num_res_units=0)
+
+
+def test_the_default_feature_layer_is_the_encoder_bottleneck():
+    from medgen.metrics.distribution import bottleneck_layer
+
+    network = _tiny_unet()
+    grids = {}
+
+    def record_grid(name):
+        def hook(module, inputs, output):
+            grids[name] = tuple(output.shape[2:])
+        return hook
+
+    hooks = [module.register_forward_hook(record_grid(name))
+             for name, module in network.named_modules() if isinstance(module, torch.nn.Conv3d)]
+    layer = bottleneck_layer(network, torch.rand(1, 16, 16, 16))
+    for hook in hooks:
+        hook.remove()
+    assert grids[layer] == (4, 4, 4) == min(grids.values())  # 16³ halved twice
+    assert dict(network.named_modules())[layer].out_channels == 16
+    with pytest.raises(BadInputError, match="runs no Conv3d"):
+        bottleneck_layer(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 2)), torch.rand(1, 2, 2, 2))
+
+
+def test_the_fid_report_names_the_feature_network_layer_and_weights():
+    from medgen.metrics.distribution import FeatureNetwork, bottleneck_layer, fid_report
+
+    network = _tiny_unet()
+    real = [torch.rand(1, 16, 16, 16) for _ in range(5)]
+    generated = [torch.rand(1, 16, 16, 16) * 0.2 + 0.8 for _ in range(4)]
+    layer = bottleneck_layer(network, real[0])
+    features = FeatureNetwork(network, layer, "tiny unet", "model folder /models/tiny, weights SHA-256 abc")
+    report = fid_report(real, generated, features)
+    assert report["feature_network"] == {"name": "tiny unet", "layer": layer, "feature_dim": 16, "source": "base model",
+                                         "weights": "model folder /models/tiny, weights SHA-256 abc"}
+    assert (report["real_count"], report["generated_count"]) == (5, 4)
+    assert report["fid"] > 10 * fid_report(real, real[::-1], features)["fid"]
+    timestep_calls = []
+    traced = FeatureNetwork(network, layer, "tiny unet", "w", "user-supplied",
+                            forward=lambda net, batch: timestep_calls.append(batch.shape) or net(batch))
+    assert fid_report(real, generated, traced)["fid"] == pytest.approx(report["fid"])
+    assert timestep_calls == [(1, 1, 16, 16, 16)] * 9

@@ -149,3 +149,20 @@ def test_apply_stays_disabled_until_inputs_allow_it(panel_module, widgets):
 @pytest.mark.parametrize("seconds, text", [(8, "8s"), (75.2, "1m15s"), (3700, "1h01m")])
 def test_durations_read_naturally(panel_module, seconds, text):
     assert panel_module.format_duration(seconds) == text
+
+
+def test_a_loss_plot_is_emptied_per_job_and_gets_every_loss(panel_module, widgets, mrml_scene):
+    from medgen.slicer.plots import LossPlot
+
+    plot = LossPlot(mrml_scene, refresh_interval_s=3600)
+    panel = panel_module.JobPanel(widgets.apply, widgets.progress, widgets.status, loss_plot=plot)
+    panel.set_can_start(True)
+    plot.append(7, 9.0)  # left from an earlier run
+    events = [{"event": "progress", "phase": "training", "step": step, "total": 3, "loss": 1.0 / step} for step in (1, 2, 3)]
+    track(panel, ScriptedRunner(events, result={"outputs": {}}), [])
+    assert plot.points() == ([], [])
+    redraws = [0]
+    plot.table_node.GetTable().AddObserver("ModifiedEvent", lambda caller, event: redraws.__setitem__(0, redraws[0] + 1))
+    poll_until_idle(panel)
+    assert plot.points() == ([1.0, 2.0, 3.0], [1.0, 0.5, 1.0 / 3])
+    assert redraws == [1]  # throttled while running, drawn once when the job ended

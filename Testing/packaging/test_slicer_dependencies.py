@@ -167,3 +167,39 @@ def test_module_requirements_cover_the_library_dependencies(module_name):
     path = REPOSITORY / module_name / "Resources" / f"{module_name}-requirements.txt"
     listed = {requirement.name.lower() for requirement in dependencies.read_requirements(path)}
     assert needed <= listed, sorted(needed - listed)
+
+
+def test_no_deps_requirements_are_confirmed_then_installed_with_no_deps(tmp_path, monkeypatch, fake_pytorch_utils,
+                                                                       fake_packaging, calls):
+    import shlex
+
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", Recorder(calls, "confirm", returns=True), raising=False)
+    monkeypatch.setattr(slicer.util, "pip_install", Recorder(calls, "pip_install"), raising=False)
+    path = requirements_file(tmp_path, "monai~=1.6")
+    (tmp_path / "requirements-nodeps.txt").write_text(f"# weights only\n{ABSENT_REQUIREMENT}\nnibabel>=5.0\n")
+    assert dependencies.no_deps_requirements_file(path) == tmp_path / "requirements-nodeps.txt"
+    assert dependencies.ensure_dependencies(path, requester="TenVOOSlicer") is False
+    install_calls = [call for call in calls if call[0] in ("confirm", "pip_install", "pip_ensure")]
+    assert [name for name, _, _ in install_calls] == ["confirm", "pip_install"]  # monai and nibabel are installed here
+    question = install_calls[0][1][0]
+    assert "without their dependencies" in question and ABSENT_REQUIREMENT in question and "nibabel" not in question
+    assert install_calls[1][1] == ("--no-deps 'medgen-test-absent-package>=1.0'",)
+    assert shlex.split(install_calls[1][1][0]) == ["--no-deps", ABSENT_REQUIREMENT]
+
+
+def test_declined_no_deps_install_raises_and_installs_nothing(tmp_path, monkeypatch, calls):
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", Recorder(calls, "confirm", returns=False), raising=False)
+    monkeypatch.setattr(slicer.util, "pip_install", Recorder(calls, "pip_install"), raising=False)
+    requirements = dependencies.read_requirements(requirements_file(tmp_path, ABSENT_REQUIREMENT))
+    with pytest.raises(DependencyError, match="cannot run without: medgen-test-absent-package>=1.0"):
+        dependencies.ensure_requirements(requirements, requester="X", no_deps=True)
+    assert [name for name, _, _ in calls] == ["confirm"]
+
+
+def test_deepbet_is_the_only_no_deps_requirement_and_is_not_in_the_main_file():
+    path = REPOSITORY / "TenVOOSlicer" / "Resources" / "TenVOOSlicer-requirements.txt"
+    no_deps = dependencies.read_requirements(dependencies.no_deps_requirements_file(path))
+    assert [requirement.name for requirement in no_deps] == ["deepbet"]
+    assert "deepbet" not in {requirement.name for requirement in dependencies.read_requirements(path)}
+    cmake = (REPOSITORY / "TenVOOSlicer" / "CMakeLists.txt").read_text()
+    assert "Resources/${MODULE_NAME}-requirements-nodeps.txt" in cmake  # installed next to the main file

@@ -15,8 +15,8 @@ import pytest
 import torch
 import vtk
 
-from medgen_testing import blob_case, make_mrml_scene, oblique_affine, pretrained_blob_model
-from medgen.errors import BadInputError
+from medgen_testing import TINY_UNET_KWARGS, blob_case, make_mrml_scene, oblique_affine, pretrained_blob_model, tiny_unet_spec
+from medgen.errors import BadInputError, ModelError
 from medgen.jobs.exit_codes import ExitCode
 from medgen.labels import LabelInfo
 from medgen.slicer.scene import subject_hierarchy
@@ -159,3 +159,37 @@ def test_cancelled_training_leaves_the_scene_unchanged(model, mrml_scene, tmp_pa
     assert job.wait(timeout_s=120) == ExitCode.CANCELLED
     assert job.import_results() == {}
     assert _scene_snapshot(mrml_scene) == before
+
+
+def test_a_trained_adapter_is_copied_whole_to_a_new_folder_and_nothing_is_overwritten(trained, tmp_path):
+    adapter = trained["outputs"]["adapter"]
+    kept = adaptation.save_adapter_copy(adapter, tmp_path / "kept" / "blob T2")
+    assert kept == tmp_path / "kept" / "blob T2"
+    assert sorted(path.name for path in kept.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    for path in kept.iterdir():
+        assert path.read_bytes() == (adapter / path.name).read_bytes()
+    empty = tmp_path / "kept" / "empty"
+    empty.mkdir()
+    assert adaptation.save_adapter_copy(kept, empty) == empty  # an existing empty folder is fine
+    with pytest.raises(BadInputError, match="blob T2 already exists and is not empty"):
+        adaptation.save_adapter_copy(adapter, kept)
+    with pytest.raises(BadInputError, match="is not an adapter folder .*adapter_config.json"):
+        adaptation.save_adapter_copy(tmp_path / "kept", tmp_path / "other")
+    assert sorted(path.name for path in (tmp_path / "kept").iterdir()) == ["blob T2", "empty"]  # no staging left
+
+
+def test_a_saved_adapter_is_checked_against_the_selected_base_model(trained, model, tmp_path):
+    from medgen.models import save_model
+    from monai.networks.nets import UNet
+
+    summary = adaptation.check_adapter(model, trained["outputs"]["adapter"])
+    assert summary["method"] == "tenvoo-l" and summary["options"] == OPTIONS and summary["trainable_parameters"] > 0
+    assert adaptation.format_adapter(summary).startswith(
+        f"tenvoo-l adapter (rank 2, exclude_first_last_conv False), {summary['trainable_parameters']:,} trained")
+    torch.manual_seed(5)  # same architecture and classes, other weights
+    other = tmp_path / "other model"
+    save_model(UNet(**TINY_UNET_KWARGS), tiny_unet_spec(), other)
+    with pytest.raises(ModelError, match=r"does not fit the selected model \(.*other model\).*SHA-256.*Select the model the adapter"):
+        adaptation.check_adapter(str(other), trained["outputs"]["adapter"])
+    with pytest.raises(BadInputError, match="does not exist"):
+        adaptation.check_adapter(model, tmp_path / "nowhere")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,14 @@ def panel(mrml_scene, monkeypatch):
         adapterOutputFolder=Path("."), adapterFolder=Path("."), segmentVolume=None, compareVolume=None,
         compareSegmentation=None,
     )
+    shown_charts = []
+    plots_logic = types.SimpleNamespace(ShowChartInLayout=shown_charts.append)
+    monkeypatch.setattr(slicer.modules, "plots", types.SimpleNamespace(logic=lambda: plots_logic), raising=False)
     with fake_module_widget("TenVOOSlicer", monkeypatch, parameters, record=lambda request, kwargs: (request, kwargs)) as (widget, started):
         widget.setupFineTuning()
+        widget.shown_charts = shown_charts
         yield widget, started
+
 
 def _pair_nodes(scene, segment_name="brain"):
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "case MR")
@@ -39,6 +45,13 @@ def _pair_nodes(scene, segment_name="brain"):
     labels = [LabelInfo(segment_name, 1, (1.0, 0.0, 0.0))]
     segmentation = labelmap_to_segmentation(MetaTensor(label), labels, "case seg", scene=scene)
     return volume, segmentation
+
+
+def _add_pair_row(widget, volume, segmentation):
+    """What the user does in the training-pairs table: add a row and pick its two nodes."""
+    widget.onAddPairButton()
+    widget.ui.trainingPairsTable.cellWidget(0, 0).node = volume
+    widget.ui.trainingPairsTable.cellWidget(0, 1).node = segmentation
 
 
 def test_train_starts_on_the_table_pairs_with_the_panel_settings_then_cancels(panel, mrml_scene):
@@ -66,13 +79,29 @@ def test_train_starts_on_the_table_pairs_with_the_panel_settings_then_cancels(pa
     assert widget.trainPanel._runner.cancelled and len(started) == 1
 
 
+def test_training_draws_its_loss_in_one_reused_chart_shown_in_the_layout(panel, mrml_scene):
+    widget, started = panel
+    volume, segmentation = _pair_nodes(mrml_scene)
+    _add_pair_row(widget, volume, segmentation)
+    for run, losses in enumerate(([0.9, 0.6, 0.4], [0.8, 0.7])):
+        widget.onTrainButton()
+        runner = widget.trainPanel._runner
+        for step, loss in enumerate(losses, start=1):
+            # the worker's events reach the panel through the runner, as JobRunner.poll delivers them
+            started[-1][1]["onEvent"]({"event": "progress", "phase": "training", "step": step, "total": 3, "loss": loss})
+        runner.returncode, runner.result = 1, None
+        widget.trainPanel.poll()
+        assert widget.logic.lossPlot.points() == ([float(step) for step in range(1, len(losses) + 1)], losses)
+    chart = widget.logic.lossPlot.chart_node
+    assert widget.shown_charts == [chart, chart]
+    assert chart.GetName() == "TenVOO training loss" and mrml_scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode") == 1
+
+
 def test_a_segment_that_is_no_model_class_is_refused_and_nothing_starts(panel, mrml_scene):
     widget, started = panel
     volume, segmentation = _pair_nodes(mrml_scene)
     segmentation.GetSegmentation().AddEmptySegment("skull", "skull")
-    widget.onAddPairButton()
-    widget.ui.trainingPairsTable.cellWidget(0, 0).node = volume
-    widget.ui.trainingPairsTable.cellWidget(0, 1).node = segmentation
+    _add_pair_row(widget, volume, segmentation)
     with pytest.raises(BadInputError, match="Segment 'skull' of segmentation 'case seg' is not a class of the model"):
         widget.onTrainButton()
     assert started == [] and widget.ui.trainButton.text == "Train"
@@ -81,9 +110,7 @@ def test_a_segment_that_is_no_model_class_is_refused_and_nothing_starts(panel, m
 def test_a_finished_training_becomes_the_adapter_to_segment_and_compare_with(panel, mrml_scene, tmp_path):
     widget, started = panel
     volume, segmentation = _pair_nodes(mrml_scene, segment_name="anything")  # one segment -> deepbet's class
-    widget.onAddPairButton()
-    widget.ui.trainingPairsTable.cellWidget(0, 0).node = volume
-    widget.ui.trainingPairsTable.cellWidget(0, 1).node = segmentation
+    _add_pair_row(widget, volume, segmentation)
     adapter = tmp_path / "saved adapter"
     widget._parameterNode.adapterOutputFolder = adapter
     widget.onTrainButton()
@@ -132,3 +159,57 @@ def test_preview_shows_the_parameter_count(panel, monkeypatch):
     widget.onPreviewButton()
     assert counted == [widget._parameterNode]
     assert widget.ui.parameterCountLabel.text == "Trainable parameters: 1,234 of 5,678,901 (0.0217 %)"
+
+
+def _choose_folder(folder):
+    """The folder the (faked) Qt folder dialog returns; "" is the user pressing Cancel."""
+    sys.modules["qt"].QFileDialog.getExistingDirectory.return_value = str(folder)
+
+
+def test_save_adapter_copies_the_adapter_in_use_to_the_chosen_folder_once(panel, tmp_path):
+    widget, _ = panel
+    trained = tmp_path / "job" / "outputs" / "adapter"
+    trained.mkdir(parents=True)
+    (trained / "adapter_config.json").write_text("{}")
+    (trained / "adapter_model.safetensors").write_bytes(b"weights")
+    widget._parameterNode.adapterFolder = trained
+    _choose_folder("")
+    widget.onSaveAdapterButton()
+    assert widget._parameterNode.adapterFolder == trained
+    _choose_folder(tmp_path / "kept")
+    widget.onSaveAdapterButton()
+    assert (tmp_path / "kept" / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert widget._parameterNode.adapterFolder == tmp_path / "kept"
+    assert widget.ui.adapterStatusLabel.text.startswith(f"Saved to {tmp_path / 'kept'}")
+    with pytest.raises(BadInputError, match="kept already exists and is not empty"):
+        widget.onSaveAdapterButton()
+    widget._parameterNode.adapterFolder = Path(".")
+    with pytest.raises(BadInputError, match="no adapter to save yet: train one first"):
+        widget.logic.saveAdapter(tmp_path / "elsewhere", widget._parameterNode)
+
+
+def test_load_adapter_refuses_an_adapter_of_another_base_model(panel, tmp_path):
+    from monai.networks.nets import UNet
+
+    from medgen.adapt.segmenter import load_segmentation_model
+    from medgen.errors import ModelError
+    from medgen.models import save_model
+    from medgen.peft import inject, save_adapter
+    from medgen_testing import TINY_UNET_KWARGS, tiny_unet_spec
+
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        save_model(UNet(**TINY_UNET_KWARGS), tiny_unet_spec(), tmp_path / f"model {seed}")
+    network = load_segmentation_model(str(tmp_path / "model 0")).network
+    save_adapter(inject(network, "bitfit"), tmp_path / "adapter")
+    widget, _ = panel
+    widget._parameterNode.modelSource, widget._parameterNode.modelFolder = "folder", tmp_path / "model 1"
+    _choose_folder(tmp_path / "adapter")
+    with pytest.raises(ModelError, match=r"does not fit the selected model \(.*model 1\).*SHA-256"):
+        widget.onLoadAdapterButton()
+    assert widget._parameterNode.adapterFolder == Path(".")
+    widget._parameterNode.modelFolder = tmp_path / "model 0"
+    widget.onLoadAdapterButton()
+    assert widget._parameterNode.adapterFolder == tmp_path / "adapter"
+    assert widget.ui.adapterStatusLabel.text.startswith("Loaded bitfit adapter, ")
+    assert "trained parameters from" in widget.ui.adapterStatusLabel.text

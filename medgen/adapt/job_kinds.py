@@ -64,16 +64,26 @@ register(
     JobKind(
         name="evaluate",
         handler="medgen.adapt.jobs:run_evaluate",
-        summary="Dice per segment of base vs adapted model on a held-out volume with a reference segmentation.",
+        summary="Dice per segment of base vs adapted model on a held-out pair, and/or FID of generated vs real volumes.",
         uses_hf_transformers=True,
         inputs={
             "type": "object",
             "properties": {"image": path_input("held-out volume"), "reference": path_input("its reference segmentation"),
-                           "adapter": path_input("adapter folder from finetune"), "model_folder": _SEGMENTATION_MODEL_INPUT},
-            "required": ["image", "reference"],
+                           "adapter": path_input("adapter folder from finetune"), "model_folder": path_input(
+                               "MedGen model folder (segmentation model, or the generator whose encoder gives FID features)"),
+                           "real": PATH_LIST, "generated": PATH_LIST,
+                           "feature_model_folder": path_input("MedGen model folder of the FID feature network "
+                                                              "(default: the base model's own encoder)")},
+            "anyOf": [{"required": ["image"]}, {"required": ["real"]}],
+            "dependentRequired": {"image": ["reference"], "reference": ["image"], "real": ["generated"],
+                                  "generated": ["real"], "feature_model_folder": ["real"]},
             "additionalProperties": False,
         },
-        params={"type": "object", "properties": {"model": _MODEL_PARAM}, "additionalProperties": False},
+        params={"type": "object", "properties": {
+            "model": _MODEL_PARAM,
+            "feature_layer": {"type": "string", "minLength": 1,
+                              "description": "FID feature layer (dotted module name); default: the encoder's last convolution"},
+        }, "additionalProperties": False},
     )
 )
 

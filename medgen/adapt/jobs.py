@@ -71,7 +71,16 @@ def run_infer(ctx: JobContext) -> dict:
 
 
 def run_evaluate(ctx: JobContext) -> dict:
-    """Dice per class of the base model and of the adapted model against a reference segmentation."""
+    """Dice per class of the base and the adapted model on a held-out pair (``image`` + ``reference``), and/or
+    FID of ``generated`` against ``real`` volumes, naming the feature network in the report."""
+    report = _dice_report(ctx) if "image" in ctx.inputs else {}
+    if "real" in ctx.inputs:
+        report.update(_fid_report(ctx))
+    path = write_text_atomic(ctx.output_path("evaluation.json"), json.dumps(report, indent=2) + "\n")
+    return {"outputs": {"report": str(path)}, **report}
+
+
+def _dice_report(ctx: JobContext) -> dict:
     image, reference = _pair(ctx.inputs["image"], ctx.inputs["reference"], "held-out")
     base = load_segmentation_model(_model_source(ctx))
     adapted = _model_with_optional_adapter(ctx)
@@ -81,8 +90,45 @@ def run_evaluate(ctx: JobContext) -> dict:
         labels = segment(model, image, ctx.device)
         report[f"{name}_dice"] = dice_per_class(labels[0], reference[0], model.num_classes)[1:].tolist()
         ctx.reporter.progress("evaluating", step + 1, 2)
-    path = write_text_atomic(ctx.output_path("evaluation.json"), json.dumps(report, indent=2) + "\n")
-    return {"outputs": {"report": str(path)}, **report}
+    return report
+
+
+def _generator_at_timestep_zero(network, batch):
+    """A DDPM UNet's features of a clean volume: its prediction at timestep 0."""
+    import torch
+
+    return network(batch, timesteps=torch.zeros(len(batch), dtype=torch.long, device=batch.device))
+
+
+def _feature_network(ctx: JobContext, example):
+    """The user's ``feature_model_folder``, else the base model's own encoder; both local, never downloaded."""
+    from medgen.metrics.distribution import FeatureNetwork, bottleneck_layer, call_network
+    from medgen.models import deepbet_spec, load_model
+
+    folder = ctx.inputs.get("feature_model_folder") or ctx.inputs.get("model_folder")
+    if folder:
+        network, spec = load_model(folder)
+        weights = f"model folder {folder}, weights SHA-256 {spec.weights_hash or 'not recorded'}"
+    else:
+        network = load_segmentation_model(_model_source(ctx)).network
+        spec = deepbet_spec()
+        weights = f"{spec.provenance['source']} wheel, {spec.provenance['archive']}"
+    network.to(ctx.device)
+    forward = _generator_at_timestep_zero if spec.network == "DiffusionModelUNet" else call_network
+    layer = ctx.params.get("feature_layer") or bottleneck_layer(network, example, forward)
+    return FeatureNetwork(network, layer, spec.name or Path(folder).name, weights,
+                          "user-supplied" if "feature_model_folder" in ctx.inputs else "base model", forward)
+
+
+def _fid_report(ctx: JobContext) -> dict:
+    from medgen.metrics.distribution import fid_report
+
+    real = [load_volume(path, name=f"real volume {Path(path).name}").as_tensor() for path in ctx.inputs["real"]]
+    generated = [load_volume(path, name=f"generated volume {Path(path).name}").as_tensor() for path in ctx.inputs["generated"]]
+    ctx.reporter.check_cancelled()
+    feature_network = _feature_network(ctx, real[0])
+    ctx.reporter.log(f"FID features: {feature_network.name}, layer {feature_network.layer} ({feature_network.source})")
+    return fid_report(real, generated, feature_network, ctx.device)
 
 
 def _generator_volume(path: str, shape: tuple[int, int, int]):

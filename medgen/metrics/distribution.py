@@ -1,13 +1,15 @@
 """Distribution metrics of generated volumes: FID on pluggable 3D features, MMD, MS-SSIM (MONAI).
 
 No feature network is downloaded at run time: FID uses features from a network the caller supplies
-(any ``nn.Module`` and one of its layers), typically the base model's own encoder; the report says
-which network and layer were used.
+(a :class:`FeatureNetwork`: any ``nn.Module``, one of its layers and where its weights came from),
+typically the base model's own encoder; :func:`fid_report` says which network, layer and weights
+produced the features.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import dataclasses
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from monai.metrics import FIDMetric, MMDMetric, MultiScaleSSIMMetric
@@ -16,14 +18,25 @@ from torch import nn
 from medgen.errors import BadInputError
 
 
+#: runs the feature network on one batch ``(1, C, D, H, W)``; e.g. a DDPM UNet also needs its timestep
+Forward = Callable[[nn.Module, torch.Tensor], Any]
+
+
+def call_network(network: nn.Module, batch: torch.Tensor) -> Any:
+    """The default :data:`Forward`: ``network(batch)``."""
+    return network(batch)
+
+
 @torch.no_grad()
-def layer_features(network: nn.Module, layer: str, volumes: Iterable[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
+def layer_features(network: nn.Module, layer: str, volumes: Iterable[torch.Tensor], device: torch.device | str = "cpu",
+                   forward: Forward = call_network) -> torch.Tensor:
     """Global-average-pooled activations of ``network.<layer>`` for each volume.
 
     Args:
         network: feature network (eval mode is set here).
         layer: dotted module name, e.g. ``"encoder.3"`` (see ``network.named_modules()``).
         volumes: tensors ``(C, D, H, W)`` in the network's input convention.
+        forward: how to run ``network`` on a ``(1, C, D, H, W)`` batch (default: ``network(batch)``).
 
     Returns:
         ``(N, F)`` float32 features.
@@ -38,7 +51,7 @@ def layer_features(network: nn.Module, layer: str, volumes: Iterable[torch.Tenso
     try:
         for volume in volumes:
             captured.clear()
-            network(volume[None].float().to(device))
+            forward(network, volume[None].float().to(device))
             activation = captured[-1]
             features.append(activation.float().flatten(2).mean(-1)[0].cpu())
     finally:
@@ -51,6 +64,86 @@ def layer_features(network: nn.Module, layer: str, volumes: Iterable[torch.Tenso
 def frechet_distance(real_features: torch.Tensor, generated_features: torch.Tensor) -> float:
     """FID between two ``(N, F)`` feature sets (MONAI ``FIDMetric``)."""
     return float(FIDMetric()(generated_features.double(), real_features.double()))
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureNetwork:
+    """The network whose activations FID compares, and what the report says about it.
+
+    Args:
+        network: a local network (nothing is downloaded).
+        layer: dotted name of the module whose output is pooled into features (see :func:`bottleneck_layer`).
+        name: what the report calls the network (e.g. the model's name).
+        weights: where its weights came from (e.g. ``"model folder /data/unet, SHA-256 1f2e..."``).
+        source: ``"base model"`` (its own encoder, the default) or ``"user-supplied"``.
+        forward: how to run it on a ``(1, C, D, H, W)`` batch (see :func:`layer_features`).
+    """
+
+    network: nn.Module
+    layer: str
+    name: str
+    weights: str
+    source: str = "base model"
+    forward: Forward = call_network
+
+    def features(self, volumes: Iterable[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
+        """``(N, F)`` pooled activations of :attr:`layer` (see :func:`layer_features`)."""
+        return layer_features(self.network, self.layer, volumes, device, self.forward)
+
+    def describe(self) -> dict[str, str]:
+        """The report's ``feature_network`` entry: name, layer, weights and source."""
+        return {"name": self.name, "layer": self.layer, "weights": self.weights, "source": self.source}
+
+
+@torch.no_grad()
+def bottleneck_layer(network: nn.Module, example: torch.Tensor, forward: Forward = call_network) -> str:
+    """The default feature layer: the bottleneck convolution, where activations are coarsest.
+
+    One forward pass on ``example`` ``(C, D, H, W)`` records every convolution's output grid. In an
+    encoder-decoder the first run of convolutions at the smallest grid holds the end of the encoder, the
+    bottleneck and the start of the decoder (a DDPM UNet's last down block, middle block and first up
+    block), so the layer is the convolution in the middle of that run. Where another layer suits the data
+    better, name it (the evaluate job's ``feature_layer``).
+
+    Raises:
+        BadInputError: the network runs no 3D convolution on this input.
+    """
+    grids: list[tuple[str, int]] = []
+    hooks = [module.register_forward_hook(lambda module, inputs, output, name=name: grids.append((name, output[0, 0].numel())))
+             for name, module in network.named_modules() if isinstance(module, nn.Conv3d)]
+    network.eval()
+    try:
+        forward(network, example[None].float().to(next(network.parameters()).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not grids:
+        raise BadInputError(f"{type(network).__name__} runs no Conv3d; name its feature layer explicitly.")
+    smallest = min(voxels for _, voxels in grids)
+    first = next(index for index, (_, voxels) in enumerate(grids) if voxels == smallest)
+    last = first
+    while last + 1 < len(grids) and grids[last + 1][1] == smallest:
+        last += 1
+    return grids[(first + last + 1) // 2][0]  # upper middle: a run of [encoder, bottleneck] gives the bottleneck
+
+
+def fid_report(real: Sequence[torch.Tensor], generated: Sequence[torch.Tensor], feature_network: FeatureNetwork,
+               device: torch.device | str = "cpu") -> dict[str, Any]:
+    """FID of ``generated`` against ``real`` volumes ``(C, D, H, W)``, with the network that produced the features.
+
+    Returns:
+        ``{"fid", "real_count", "generated_count", "feature_network": {"name", "layer", "weights", "source",
+        "feature_dim"}}``; with fewer volumes than ``feature_dim`` the covariances are singular and the FID is
+        noisy, which the counts let a reader judge.
+    """
+    real_features = feature_network.features(real, device)
+    generated_features = feature_network.features(generated, device)
+    return {
+        "fid": frechet_distance(real_features, generated_features),
+        "real_count": len(real_features),
+        "generated_count": len(generated_features),
+        "feature_network": {**feature_network.describe(), "feature_dim": int(real_features.shape[1])},
+    }
 
 
 def maximum_mean_discrepancy(real: torch.Tensor, generated: torch.Tensor) -> float:

@@ -1,10 +1,14 @@
 """Install MedGen's Python dependencies inside 3D Slicer, always after asking the user.
 
 PyTorch comes from the PyTorch extension's installer (it picks the wheel that fits the GPU driver);
-every other package comes from the module's ``Resources/requirements.txt`` through Slicer's pip
-helpers: ``slicer.packaging.pip_ensure`` on Slicer >= 5.12, ``slicer.util.pip_install`` after a
+every other package comes from the module's ``Resources/<Module>-requirements.txt`` through Slicer's
+pip helpers: ``slicer.packaging.pip_ensure`` on Slicer >= 5.12, ``slicer.util.pip_install`` after a
 confirmation dialog on 5.10. Packages that Slicer itself ships (numpy, SimpleITK, vtk) are never
 requested: replacing them breaks Slicer.
+
+Packages listed in the sibling ``<Module>-requirements-nodeps.txt`` are installed with ``pip install
+--no-deps``, after their own confirmation: deepbet, for one, only contributes the weight files in its
+wheel, while its declared dependencies would pull a second torch next to the PyTorch extension's.
 
 ``slicer`` and ``torch`` are imported inside the functions, so this module imports in plain Python
 and nothing is installed at import time.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,9 @@ TORCH_REQUIREMENT = ">=2.4"
 #: distributions a requirements file must not list: Slicer ships numpy, SimpleITK and vtk (replacing
 #: them breaks Slicer), and torch must come from the PyTorch extension's installer
 UNREQUESTABLE_PACKAGES = frozenset({"numpy", "simpleitk", "vtk", "torch"})
+
+#: suffix of the requirements file whose packages are installed without their dependencies
+NO_DEPS_SUFFIX = "-nodeps"
 
 
 class DependencyError(MedGenError):
@@ -109,12 +117,20 @@ def ensure_torch() -> None:
         )
 
 
-def ensure_requirements(requirements: list[Requirement], requester: str) -> bool:
+def no_deps_requirements_file(requirements_file: str | Path) -> Path:
+    """``<Module>-requirements-nodeps.txt`` next to ``<Module>-requirements.txt`` (it may not exist)."""
+    path = Path(requirements_file)
+    return path.with_name(f"{path.stem}{NO_DEPS_SUFFIX}{path.suffix}")
+
+
+def ensure_requirements(requirements: list[Requirement], requester: str, no_deps: bool = False) -> bool:
     """Install the missing ``requirements`` after asking the user; return True when a restart is needed.
 
     Args:
         requirements: parsed with :func:`read_requirements`.
         requester: the module name shown in Slicer's confirmation dialog.
+        no_deps: install with ``pip install --no-deps`` (always through ``slicer.util.pip_install`` after
+            our own confirmation, since ``pip_ensure`` resolves dependencies).
 
     Raises:
         DependencyError: when the user declined.
@@ -127,6 +143,14 @@ def ensure_requirements(requirements: list[Requirement], requester: str) -> bool
         return False
     restart_needed = any(_imported_already(requirement) for requirement in missing)
     missing_text = [str(requirement) for requirement in missing]
+    if no_deps:
+        question = (f"{requester} needs these Python packages, installed without their dependencies "
+                    "(those would replace Slicer's PyTorch):\n\n" + "\n".join(missing_text) + "\n\nInstall them now?")
+        if not slicer.util.confirmOkCancelDisplay(question, "Install Python packages"):
+            raise DependencyError(f"{requester} cannot run without: {', '.join(missing_text)}.")
+        # One string of pip arguments (pip_install splits it like a shell), which every Slicer version accepts.
+        slicer.util.pip_install(shlex.join(["--no-deps", *missing_text]))
+        return restart_needed
     packaging = getattr(slicer, "packaging", None)
     if packaging is None:
         # Slicer 5.10 has no slicer.packaging: ask ourselves, then use the plain pip wrapper.
@@ -143,9 +167,14 @@ def ensure_requirements(requirements: list[Requirement], requester: str) -> bool
 
 
 def ensure_dependencies(requirements_file: str | Path, requester: str) -> bool:
-    """Ensure torch and the module's ``requirements.txt``; return True when Slicer should restart."""
+    """Ensure torch, the module's requirements and its ``--no-deps`` ones (see :func:`no_deps_requirements_file`),
+    in that order; return True when Slicer should restart."""
     ensure_torch()
-    return ensure_requirements(read_requirements(requirements_file), requester)
+    restart_needed = ensure_requirements(read_requirements(requirements_file), requester)
+    no_deps_file = no_deps_requirements_file(requirements_file)
+    if no_deps_file.is_file():
+        restart_needed |= ensure_requirements(read_requirements(no_deps_file), requester, no_deps=True)
+    return restart_needed
 
 
 def torch_report() -> dict[str, Any]:

@@ -62,10 +62,18 @@ def place_next_to(node, reference_node) -> None:
 
 
 def remove_nodes(scene, *nodes) -> None:
-    """Remove helper nodes (and their display/storage nodes) from ``scene``."""
+    """Remove nodes (with their display/storage nodes and subject-hierarchy items) from ``scene``.
+
+    The item goes first: outside the app no plugin removes it with its node, so a folder removed
+    later would otherwise keep dangling children.
+    """
+    hierarchy = subject_hierarchy(scene)
     for node in nodes:
         if node is None or node.GetScene() is not scene:
             continue
+        item = hierarchy.GetItemByDataNode(node) if hierarchy is not None else 0
+        if item:
+            hierarchy.RemoveItem(item, False, False)
         helpers = []
         if node.IsA("vtkMRMLDisplayableNode"):
             helpers += [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]

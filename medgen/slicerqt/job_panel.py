@@ -3,8 +3,9 @@
 A :class:`JobPanel` watches one :class:`medgen.slicer.runner.JobRunner` at a time. A ``qt.QTimer``
 calls the runner's ``poll()`` every :data:`POLL_INTERVAL_MS`; the runner forwards the worker's
 JSON-lines events to :meth:`JobPanel.handle_event`, which moves the progress bar and rewrites the
-status line (phase, step/total, ETA, loss, device). When the worker exits, the completion callback
-runs on the main thread (the timer's thread), where touching the MRML scene is safe.
+status line (phase, step/total, ETA, loss, device) and, when the panel has one, adds the loss to a live
+chart (:class:`medgen.slicer.plots.LossPlot`). When the worker exits, the completion callback runs on
+the main thread (the timer's thread), where touching the MRML scene is safe.
 
 States::
 
@@ -65,14 +66,17 @@ class JobPanel:
         progress_bar: determinate from the job's progress events.
         status_label: phase, step/total, ETA, loss and device; the error message after a failure.
         locked_while_busy: other buttons (Check setup, Install dependencies) disabled while a job runs.
+        loss_plot: a :class:`medgen.slicer.plots.LossPlot` (or anything with ``reset()``, ``record(event)`` and
+            ``flush()``) that each job's loss is drawn on, emptied when a job starts; None draws nothing.
     """
 
-    def __init__(self, apply_button, progress_bar, status_label, locked_while_busy=()) -> None:
+    def __init__(self, apply_button, progress_bar, status_label, locked_while_busy=(), loss_plot=None) -> None:
         self._apply_button = apply_button
         self._apply_text = apply_button.text
         self._progress_bar = progress_bar
         self._status_label = status_label
         self._locked_while_busy = list(locked_while_busy)
+        self.loss_plot = loss_plot
         self._can_start = False
         self._runner = None
         self._on_succeeded: Callable[[dict], None] | None = None
@@ -108,6 +112,8 @@ class JobPanel:
         self.state = JobState.RUNNING
         self._progress_bar.setRange(0, 0)  # busy indicator until the first progress event
         self._status_label.text = f"Starting | device {device}"
+        if self.loss_plot is not None:
+            self.loss_plot.reset()
         self._show_state()
         self._timer.start()
 
@@ -128,6 +134,8 @@ class JobPanel:
             self._progress_bar.setRange(0, total)
             self._progress_bar.setValue(min(int(event.get("step", 0)), total))
             self._status_label.text = describe_progress(event, self._device)
+            if self.loss_plot is not None:
+                self.loss_plot.record(event)
         elif event.get("event") == "log":
             logging.info(event.get("message", ""))
 
@@ -141,6 +149,8 @@ class JobPanel:
             self._finish_failed(str(error))
             return
         self._timer.stop()
+        if self.loss_plot is not None:
+            self.loss_plot.flush()  # the points that arrived since the last throttled redraw
         self._finish()
 
     def _finish(self) -> None:
