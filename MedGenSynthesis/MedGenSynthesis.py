@@ -7,6 +7,7 @@ torch and MONAI are never imported here, so the module loads before they are ins
 import pathlib
 from typing import Annotated
 
+import qt
 import slicer
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
@@ -20,11 +21,18 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from medgen.slicer.scene_job import JobRequest, SceneJobLogicMixin, optional_folder, run_selftest_on_synthetic_volume
+from medgen.errors import MedGenError
+from medgen.slicer.scene_job import (
+    JobRequest,
+    SceneJobLogicMixin,
+    TrainingPair,
+    optional_folder,
+    run_selftest_on_synthetic_volume,
+)
 from medgen.slicerqt.job_panel import JobPanel
 from medgen.slicerqt.module_widget import ModuleWidgetMixin
 from medgen.slicerqt.pair_table import PairTableMixin
-from MedGenSynthesisLib import jobs, paired
+from MedGenSynthesisLib import from_masks, jobs, paired
 
 
 class MedGenSynthesis(ScriptedLoadableModule):
@@ -41,6 +49,10 @@ class MedGenSynthesis(ScriptedLoadableModule):
             "label map, with latent diffusion and ControlNet models, to enlarge segmentation training sets. "
             "'Paired synthesis' trains a joint image+label model on volume+segmentation pairs (or an nnU-Net "
             "folder) and generates new pairs as volumes and segmentations, optionally as an nnU-Net dataset. "
+            "'From masks' trains a mask-conditioned model on segmented source-modality volumes plus unlabelled "
+            "target-modality volumes, then generates target-modality images for segmentations (segment names "
+            "must be the model's organs), keeps the candidates that an independent checker agrees with and "
+            "loads them as volumes and segmentations, with a table of every candidate's scores. "
             "Computation runs in a background process; Train and Generate turn into Cancel while they run. "
             "Use 'Setup' to install PyTorch and MONAI and to check that the computation works."
         )
@@ -66,6 +78,20 @@ class MedGenSynthesisParameterNode:
     pairCount, seed, samplingSteps, batchSize - what Generate makes, and how.
     nnunetFolder - nnU-Net raw folder receiving Dataset{ID}_{name}; empty means no export.
     nnunetDatasetId, nnunetName - the exported dataset's ID and name.
+
+    From masks (see :mod:`MedGenSynthesisLib.from_masks`); the checked segmentations/volumes and the
+    target modality combo box are read from the widgets, as their choices depend on the scene and the model:
+    maskTrainingSource - train on the checked scene nodes, or on the source and target folders.
+    maskSourceFolder, maskTargetFolder - nnU-Net-named source pairs, and target-modality volume files.
+    sourceModality, trainTargetModality, region - the prompt fields of the model to train.
+    maskShapeI, maskShapeJ, maskShapeK, maskPreset, maskEncoding - its grid, size preset and mask encoding.
+    maskModelOutputFolder - where the trained mask model goes; empty keeps it in the job folder.
+    maskSource - masks from the checked segmentations, or from maskFolder (label maps in organ values).
+    maskModelFolder - the mask model generation uses; set to the last trained one.
+    candidates, candidateChunk, maskSteps, guidanceScale, maskSeed - what is generated per mask, and how.
+    checkerFolder - segmentation model scoring the candidates; empty uses the job's default checker.
+    minAvgConfidence, minAvgIou, minOrganIou, minOrganConfidence, topK - the acceptance thresholds.
+    maskNnunetFolder, maskNnunetDatasetId, maskNnunetName - nnU-Net export of the accepted pairs.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -86,10 +112,40 @@ class MedGenSynthesisParameterNode:
     nnunetFolder: pathlib.Path
     nnunetDatasetId: int = 501
     nnunetName: str = "MedGenSynthetic"
+    maskTrainingSource: Annotated[str, Choice(["scene", "folder"])] = "scene"
+    maskSourceFolder: pathlib.Path
+    maskTargetFolder: pathlib.Path
+    sourceModality: str = "CT"
+    trainTargetModality: str = "T2 MRI"
+    region: str = "abdomen"
+    maskShapeI: int = 32
+    maskShapeJ: int = 32
+    maskShapeK: int = 32
+    maskPreset: Annotated[str, Choice(list(from_masks.PRESETS))] = "tiny"
+    maskEncoding: Annotated[str, Choice(list(from_masks.ENCODINGS))] = "one-hot"
+    maskModelOutputFolder: pathlib.Path
+    maskSource: Annotated[str, Choice(["scene", "folder"])] = "scene"
+    maskFolder: pathlib.Path
+    maskModelFolder: pathlib.Path
+    candidates: int = 20
+    candidateChunk: int = 10
+    maskSteps: int = 50
+    guidanceScale: float = 7.0
+    maskSeed: int = 0
+    checkerFolder: pathlib.Path
+    minAvgConfidence: float = from_masks.DEFAULT_THRESHOLDS["avg_confidence"]
+    minAvgIou: float = from_masks.DEFAULT_THRESHOLDS["avg_iou"]
+    minOrganIou: float = from_masks.DEFAULT_THRESHOLDS["organ_iou"]
+    minOrganConfidence: float = from_masks.DEFAULT_THRESHOLDS["organ_confidence"]
+    topK: int = from_masks.DEFAULT_THRESHOLDS["top_k"]
+    maskNnunetFolder: pathlib.Path
+    maskNnunetDatasetId: int = 502
+    maskNnunetName: str = "MedGenFromMasks"
 
 
 class MedGenSynthesisWidget(ModuleWidgetMixin, PairTableMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The module panel: paired synthesis (training pairs, Train, Generate) and Setup (dependencies, selftest)."""
+    """The module panel: paired synthesis (training pairs, Train, Generate), from masks (Train mask model,
+    Generate from masks, the candidate table) and Setup (dependencies, selftest)."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -110,6 +166,7 @@ class MedGenSynthesisWidget(ModuleWidgetMixin, PairTableMixin, ScriptedLoadableM
         self.logic = MedGenSynthesisLogic()
         self.setupJobControls()
         self.setupPairedSynthesis()
+        self.setupFromMasks()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -134,6 +191,72 @@ class MedGenSynthesisWidget(ModuleWidgetMixin, PairTableMixin, ScriptedLoadableM
     def onGenerateButton(self) -> None:
         self.startOrCancel(self.generatePanel, lambda: self.logic.generateRequest(self._parameterNode))
 
+    def setupFromMasks(self) -> None:
+        """Train mask model and Generate from masks each get their own button (turning into Cancel),
+        progress bar and status line; generation also shows per-mask progress and the candidate table."""
+        locked = [self.ui.checkSetupButton, self.ui.installDependenciesButton]
+        self.maskTrainPanel = JobPanel(self.ui.maskTrainButton, self.ui.maskTrainProgressBar, self.ui.maskTrainStatusLabel, locked)
+        self.fromMasksPanel = JobPanel(self.ui.fromMasksButton, self.ui.fromMasksProgressBar, self.ui.fromMasksStatusLabel, locked)
+        # Missing inputs are reported when a button is pressed, with what to do (BadInputError).
+        self.maskTrainPanel.set_can_start(True)
+        self.fromMasksPanel.set_can_start(True)
+        self.generationProgress = from_masks.GenerationProgress()
+        self.fromMasksRequest = None
+        self.ui.maskTrainButton.connect("clicked(bool)", self.onMaskTrainButton)
+        self.ui.fromMasksButton.connect("clicked(bool)", self.onFromMasksButton)
+        self.ui.maskModelFolderPathLineEdit.connect("currentPathChanged(QString)", self.onMaskModelFolderChanged)
+
+    def onMaskTrainButton(self) -> None:
+        self.startOrCancel(self.maskTrainPanel, lambda: self.logic.maskTrainRequest(
+            self._parameterNode, self.ui.maskSourceSegmentationsComboBox.checkedNodes(),
+            self.ui.maskTargetVolumesComboBox.checkedNodes()))
+
+    def onFromMasksButton(self) -> None:
+        def makeRequest() -> JobRequest:
+            self.fromMasksRequest = self.logic.maskGenerateRequest(
+                self._parameterNode, self.ui.maskSegmentationsComboBox.checkedNodes(), self.ui.targetModalityComboBox.currentText)
+            return self.fromMasksRequest
+
+        if not self.fromMasksPanel.busy:
+            self.generationProgress = from_masks.GenerationProgress()
+        self.startOrCancel(self.fromMasksPanel, makeRequest, onEvent=self.onFromMasksEvent, onImported=self.showFromMasksResults)
+
+    def onFromMasksEvent(self, event: dict) -> None:
+        """Show per-mask and per-candidate progress; after a cancel, load the pairs accepted so far."""
+        self.generationProgress.record(event)
+        self.ui.maskProgressLabel.text = self.generationProgress.text()
+        if event.get("event") == "error" and event.get("kind") == "cancelled" and self.generationProgress.job_dir:
+            with slicer.util.tryWithErrorDisplay("Loading the pairs accepted before the cancel failed."):
+                self.showFromMasksResults(self.logic.importAcceptedSoFar(self.fromMasksRequest, self.generationProgress.job_dir))
+
+    def showFromMasksResults(self, imported: dict) -> None:
+        """Fill the candidate table (every candidate's scores and decision) and the summary line."""
+        headers, cells = from_masks.table_cells(imported["candidates"])
+        table = self.ui.candidateTable
+        table.clear()
+        table.setColumnCount(len(headers))
+        table.setHorizontalHeaderLabels(headers)
+        table.setRowCount(len(cells))
+        for row, texts in enumerate(cells):
+            for column, text in enumerate(texts):
+                table.setItem(row, column, qt.QTableWidgetItem(text))
+        self.ui.fromMasksSummaryLabel.text = from_masks.summary(imported)
+
+    def onMaskModelFolderChanged(self, path: str) -> None:
+        """Offer the chosen model's target modalities and list its organs (or say why the folder is unusable)."""
+        combo = self.ui.targetModalityComboBox
+        combo.clear()
+        if optional_folder(path) is None:
+            self.ui.maskModelOrgansLabel.text = "Choose a model folder."
+            return
+        try:
+            info = self.logic.modelInfo(path)
+        except MedGenError as error:
+            self.ui.maskModelOrgansLabel.text = str(error)
+            return
+        combo.addItems(list(info.target_modalities))
+        self.ui.maskModelOrgansLabel.text = ", ".join(info.organ_names)
+
 
     def initializeParameterNode(self) -> None:
         """Get the scene's parameter node and pick the first volume when none is selected."""
@@ -155,7 +278,8 @@ class MedGenSynthesisLogic(SceneJobLogicMixin, ScriptedLoadableModuleLogic):
     Examples: ``MedGenSynthesisLogic().runSelftest(volumeNode, "MedGenSynthesis")`` runs the selftest job
     to the end; ``logic.runJob(paired.train_request_from_scene(pairs, [64, 64, 64]))`` trains a model and
     ``logic.runJob(paired.generate_request(modelFolder, 4))`` imports 4 generated pairs
-    (see :mod:`MedGenSynthesisLib.paired`).
+    (see :mod:`MedGenSynthesisLib.paired`); ``logic.runJob(from_masks.generate_request(maskModel, [segmentation]))``
+    imports the accepted images generated for a segmentation (see :mod:`MedGenSynthesisLib.from_masks`).
     """
 
     def __init__(self) -> None:
@@ -187,11 +311,58 @@ class MedGenSynthesisLogic(SceneJobLogicMixin, ScriptedLoadableModuleLogic):
             nnunet_dataset_id=parameterNode.nnunetDatasetId, nnunet_name=parameterNode.nnunetName,
         )
 
+    def maskTrainRequest(self, parameterNode: MedGenSynthesisParameterNode, sourceSegmentations: list,
+                         targetVolumes: list) -> JobRequest:
+        """The ``maskgen-train`` job: each source segmentation with its reference volume, plus the target
+        volumes (used when the training data is the scene), or the two folders."""
+        settings = dict(
+            source_modality=parameterNode.sourceModality, target_modality=parameterNode.trainTargetModality,
+            region=parameterNode.region, shape=[parameterNode.maskShapeI, parameterNode.maskShapeJ, parameterNode.maskShapeK],
+            preset=parameterNode.maskPreset, encoding=parameterNode.maskEncoding,
+            model_folder=optional_folder(parameterNode.maskModelOutputFolder),
+        )
+        if parameterNode.maskTrainingSource == "folder":
+            return from_masks.train_request(source_folder=optional_folder(parameterNode.maskSourceFolder),
+                                            target_folder=optional_folder(parameterNode.maskTargetFolder), **settings)
+        pairs = [TrainingPair(from_masks.mask_reference(segmentation), segmentation) for segmentation in sourceSegmentations]
+        return from_masks.train_request(pairs, targetVolumes, **settings)
+
+    def maskGenerateRequest(self, parameterNode: MedGenSynthesisParameterNode, segmentations: list,
+                            targetModality: str) -> JobRequest:
+        """The ``maskgen`` job on the checked ``segmentations`` (or the mask folder) for the panel's settings."""
+        fromFolder = parameterNode.maskSource == "folder"
+        return from_masks.generate_request(
+            optional_folder(parameterNode.maskModelFolder), [] if fromFolder else segmentations, targetModality,
+            mask_folder=optional_folder(parameterNode.maskFolder) if fromFolder else None,
+            candidates=parameterNode.candidates, chunk=parameterNode.candidateChunk, steps=parameterNode.maskSteps,
+            guidance_scale=parameterNode.guidanceScale, seed=parameterNode.maskSeed,
+            thresholds={"avg_confidence": parameterNode.minAvgConfidence, "avg_iou": parameterNode.minAvgIou,
+                        "organ_iou": parameterNode.minOrganIou, "organ_confidence": parameterNode.minOrganConfidence,
+                        "top_k": parameterNode.topK},
+            checker_folder=optional_folder(parameterNode.checkerFolder),
+            nnunet_folder=optional_folder(parameterNode.maskNnunetFolder),
+            nnunet_dataset_id=parameterNode.maskNnunetDatasetId, nnunet_name=parameterNode.maskNnunetName,
+        )
+
+    def modelInfo(self, folder) -> from_masks.ModelInfo:
+        """Organs and target modalities of a mask-conditioned model folder."""
+        return from_masks.model_info(optional_folder(folder))
+
+    def candidateTable(self, report: dict) -> list:
+        """The rows of the accepted/rejected table for a ``maskgen`` report (see :func:`from_masks.candidate_rows`)."""
+        return from_masks.candidate_rows(report)
+
+    def importAcceptedSoFar(self, request: JobRequest, jobDir) -> dict:
+        """After a cancelled ``maskgen`` job: load the pairs it accepted before it stopped (nothing if none)."""
+        return request.import_pairs(pathlib.Path(jobDir) / "outputs")
+
     def importResults(self, request: JobRequest, result: dict) -> dict:
-        """Import as every module does, and remember a newly trained model for Generate."""
+        """Import as every module does, and remember a newly trained model for Generate / Generate from masks."""
         imported = super().importResults(request, result)
         if request.kind == paired.TRAIN_KIND:
             self.getParameterNode().modelFolder = imported["model"]
+        elif request.kind == from_masks.TRAIN_KIND:
+            self.getParameterNode().maskModelFolder = imported["model"]
         return imported
 
 

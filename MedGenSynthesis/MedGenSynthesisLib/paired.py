@@ -161,12 +161,36 @@ class GenerateRequest(JobRequest):
 
     def import_results(self, result: dict, scene=None) -> dict[str, Any]:
         """Move the nnU-Net dataset (if any) into place, then import the pairs; returns output -> node (or path)."""
-        outputs = result["outputs"]
-        dataset = {}
-        if self.nnunet_folder is not None:
-            exported = Path(outputs["nnunet_dataset"])
-            dataset["nnunet_dataset"] = move_into(exported, self.nnunet_folder / exported.name)
-        return {**import_generated_pairs(outputs, scene), **dataset}
+        dataset = move_exported_dataset(result["outputs"], self.nnunet_folder)
+        return {**import_generated_pairs(result["outputs"], scene), **dataset}
+
+
+def nnunet_export_params(
+    nnunet_folder: str | Path | None, dataset_id: int | None, name: str, channel_name: str
+) -> tuple[Path | None, dict[str, Any]]:
+    """The nnU-Net export settings of a generation job: ``(destination folder or None, job params)``.
+
+    Raises:
+        BadInputError: export asked without a dataset ID, or the dataset folder already exists.
+    """
+    from medgen.synthesis.nnunet_export import dataset_folder_name
+
+    if not nnunet_folder:
+        return None, {"nnunet_dataset_id": None}
+    if not dataset_id:
+        raise BadInputError("Give an nnU-Net dataset ID (1..999) to export the pairs, or clear the export folder.")
+    nnunet_folder = Path(nnunet_folder)
+    check_free_destination(nnunet_folder / dataset_folder_name(dataset_id, name))
+    return nnunet_folder, {"nnunet_dataset_id": int(dataset_id), "nnunet_name": name, "channel_name": channel_name}
+
+
+def move_exported_dataset(outputs: dict[str, str], nnunet_folder: Path | None) -> dict[str, Path]:
+    """Move the job's nnU-Net dataset into ``nnunet_folder``; ``{"nnunet_dataset": its new path}``, or ``{}``
+    when no export was asked or the job wrote none (nothing to export)."""
+    if nnunet_folder is None or "nnunet_dataset" not in outputs:
+        return {}
+    exported = Path(outputs["nnunet_dataset"])
+    return {"nnunet_dataset": move_into(exported, nnunet_folder / exported.name)}
 
 
 def generate_request(
@@ -189,18 +213,12 @@ def generate_request(
     """
     from medgen.synthesis.joint_ldm import TASK
     from medgen.synthesis.model_folder import read_model_json
-    from medgen.synthesis.nnunet_export import dataset_folder_name
 
     if model_folder is None:
         raise BadInputError("Choose the model folder that a training job wrote.")
     read_model_json(model_folder, TASK)
-    params = {"count": int(count), "batch_size": int(batch_size), "steps": int(steps), "nnunet_dataset_id": None}
-    nnunet_folder = Path(nnunet_folder) if nnunet_folder else None
-    if nnunet_folder is not None:
-        if not nnunet_dataset_id:
-            raise BadInputError("Give an nnU-Net dataset ID (1..999) to export the pairs, or clear the export folder.")
-        check_free_destination(nnunet_folder / dataset_folder_name(nnunet_dataset_id, nnunet_name))
-        params.update(nnunet_dataset_id=int(nnunet_dataset_id), nnunet_name=nnunet_name, channel_name=channel_name)
+    nnunet_folder, export = nnunet_export_params(nnunet_folder, nnunet_dataset_id, nnunet_name, channel_name)
+    params = {"count": int(count), "batch_size": int(batch_size), "steps": int(steps), **export}
     return GenerateRequest(GENERATE_KIND, params=params, input_files={"model": str(model_folder)}, seed=seed,
                            nnunet_folder=nnunet_folder)
 

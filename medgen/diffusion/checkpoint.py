@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -118,7 +119,7 @@ def load_checkpoint(directory: str | Path) -> tuple[dict, dict | None, dict, dic
         ema_state = load_file(str(ema_path)) if ema_path.is_file() else None
         trainer_state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
         info = json.loads((directory / INFO_FILE).read_text())
-    except (OSError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         raise ModelError(
             f"Checkpoint {directory} cannot be read ({error}); resume from an older one or start afresh."
         ) from error
@@ -143,7 +144,11 @@ def load_trained_weights(network: nn.Module, checkpoint: str | Path, use_ema: bo
             raise ModelError(f"No checkpoint found in {checkpoint}: expected {MODEL_FILE} or {LATEST_FILE} there.")
     weights_path = directory / EMA_FILE if use_ema and (directory / EMA_FILE).is_file() else directory / MODEL_FILE
     try:
-        network.load_state_dict(load_file(str(weights_path)))
+        state = load_file(str(weights_path))
+    except (OSError, SafetensorError) as error:
+        raise ModelError(f"{weights_path} is missing or corrupted ({error}); re-run the training.") from error
+    try:
+        network.load_state_dict(state)
     except RuntimeError as error:
         raise ModelError(f"{weights_path} does not fit {type(network).__name__}: {error}") from error
     return network

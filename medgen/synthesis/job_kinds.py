@@ -1,6 +1,18 @@
-"""Job kinds of paired synthesis: ``synth-train`` and ``synthesize`` (schemas; handlers in :mod:`medgen.synthesis.jobs`)."""
+"""Job kinds of synthesis (schemas only): paired ``synth-train``/``synthesize`` (handlers in :mod:`medgen.synthesis.jobs`) and
+mask-conditioned ``maskgen-train``/``maskgen`` (handlers in :mod:`medgen.synthesis.maskgen_jobs`)."""
 
 from medgen.jobs.kinds import PATH_LIST, JobKind, path_input, register
+
+#: the training grid of a synthesis model: shape (voxels) and optional resampling spacing
+_GRID = {
+    "shape": {"type": "array", "items": {"type": "integer", "minimum": 8}, "minItems": 3, "maxItems": 3, "default": [32, 32, 32]},
+    "spacing_mm": {"type": ["array", "null"], "items": {"type": "number", "exclusiveMinimum": 0}, "minItems": 3, "maxItems": 3, "default": None},
+}
+#: optional nnU-Net export of generated pairs (the dataset name is per kind)
+_NNUNET_EXPORT = {
+    "nnunet_dataset_id": {"type": ["integer", "null"], "minimum": 1, "maximum": 999, "default": None},
+    "channel_name": {"type": "string", "default": "MRI"},
+}
 
 
 register(
@@ -22,8 +34,7 @@ register(
         params={
             "type": "object",
             "properties": {
-                "shape": {"type": "array", "items": {"type": "integer", "minimum": 8}, "minItems": 3, "maxItems": 3, "default": [32, 32, 32]},
-                "spacing_mm": {"type": ["array", "null"], "items": {"type": "number", "exclusiveMinimum": 0}, "minItems": 3, "maxItems": 3, "default": None},
+                **_GRID,
                 "preset": {"enum": ["tiny", "diff3"], "default": "tiny"},
                 "vae_phase1_steps": {"type": "integer", "minimum": 0},
                 "vae_phase2_steps": {"type": "integer", "minimum": 0},
@@ -55,10 +66,96 @@ register(
                 "count": {"type": "integer", "minimum": 0, "maximum": 100000, "default": 4},
                 "batch_size": {"type": "integer", "minimum": 1, "maximum": 64, "default": 1},
                 "steps": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
-                "nnunet_dataset_id": {"type": ["integer", "null"], "minimum": 1, "maximum": 999, "default": None},
+                **_NNUNET_EXPORT,
                 "nnunet_name": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$", "default": "MedGenSynthetic"},
-                "channel_name": {"type": "string", "default": "MRI"},
             },
+            "additionalProperties": False,
+        },
+    )
+)
+
+_MODALITY = {"type": "string", "minLength": 1}
+_FRACTION = {"type": "number", "minimum": 0, "maximum": 1}
+
+register(
+    JobKind(
+        name="maskgen-train",
+        handler="medgen.synthesis.maskgen_jobs:run_maskgen_train",
+        summary="Train an MRGen-style mask-conditioned generator (VAE, prompt UNet, ControlNet, checker; resumable by stage).",
+        inputs={
+            "type": "object",
+            "properties": {
+                "source_images": PATH_LIST,
+                "source_labels": PATH_LIST,
+                "target_images": PATH_LIST,
+                "label_names": path_input("labels.json naming the organ label values"),
+            },
+            "required": ["source_images", "source_labels", "target_images"],
+            "additionalProperties": False,
+        },
+        params={
+            "type": "object",
+            "properties": {
+                **_GRID,
+                "preset": {"enum": ["tiny", "mrgen"], "default": "tiny"},
+                "source_modality": _MODALITY,
+                "target_modality": _MODALITY,
+                "source_attributes": {"type": "string", "default": ""},
+                "target_attributes": {"type": "string", "default": ""},
+                "region": {"type": "string", "default": ""},
+                "encoding": {"enum": ["one-hot", "merged"], "default": "one-hot"},
+                "vae_steps": {"type": "integer", "minimum": 0},
+                "unet_steps": {"type": "integer", "minimum": 0},
+                "controlnet_steps": {"type": "integer", "minimum": 0},
+                "train_checker": {"type": "boolean"},
+                "checker_steps": {"type": "integer", "minimum": 0},
+                "batch_size": {"type": "integer", "minimum": 1},
+                "grad_accum_steps": {"type": "integer", "minimum": 1},
+                "checkpoint_every": {"type": "integer", "minimum": 1},
+                "amp": {"type": "boolean"},
+            },
+            "required": ["source_modality", "target_modality"],
+            "additionalProperties": False,
+        },
+    )
+)
+
+register(
+    JobKind(
+        name="maskgen",
+        handler="medgen.synthesis.maskgen_jobs:run_maskgen",
+        summary="Render target-modality images of label maps with a mask-conditioned model; keep the checker-accepted pairs.",
+        inputs={
+            "type": "object",
+            "properties": {
+                "model": path_input("model folder written by maskgen-train"),
+                "masks": PATH_LIST,
+                "checker": path_input("checker folder (default: the model's own checker/)"),
+            },
+            "required": ["model", "masks"],
+            "additionalProperties": False,
+        },
+        params={
+            "type": "object",
+            "properties": {
+                "target_modality": _MODALITY,
+                "candidates": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 20},
+                "chunk": {"type": "integer", "minimum": 1, "maximum": 64, "default": 10},
+                "steps": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
+                "guidance_scale": {"type": "number", "minimum": 0, "maximum": 50, "default": 7.0},
+                "thresholds": {
+                    "type": "object",
+                    "properties": {
+                        "avg_confidence": _FRACTION, "avg_iou": _FRACTION, "organ_iou": _FRACTION, "organ_confidence": _FRACTION,
+                        "top_k": {"type": "integer", "minimum": 1},
+                    },
+                    "additionalProperties": False,
+                    "default": {},
+                },
+                **_NNUNET_EXPORT,
+                "nnunet_name": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$", "default": "MedGenMaskGen"},
+            },
+            "required": ["target_modality"],
             "additionalProperties": False,
         },
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from medgen.errors import ModelError
@@ -55,7 +56,7 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load safetensors weights; :class:`ModelError` for a missing or corrupted file."""
     try:
         return load_file(str(path))
-    except (OSError, RuntimeError, ValueError) as error:
+    except (OSError, RuntimeError, ValueError, SafetensorError) as error:
         raise ModelError(f"Weights file {path} is missing or corrupted ({error}). Re-run the training job.") from None
 
 

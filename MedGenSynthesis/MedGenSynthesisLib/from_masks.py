@@ -1,0 +1,562 @@
+"""From masks: train a mask-conditioned model, generate target-modality images for scene masks, keep the
+candidates an independent checker agrees with, and import the accepted pairs as nodes.
+
+Usable from the Python console without the panel, e.g.::
+
+    logic = slicer.util.getModuleLogic("MedGenSynthesis")
+    request = from_masks.train_request([TrainingPair(ct, ctSegmentation)], [t2a, t2b], source_modality="CT",
+                                       target_modality="T2", region="abdomen", shape=[32, 32, 32])
+    model = logic.runJob(request)["model"]
+    nodes = logic.runJob(from_masks.generate_request(model, [ctSegmentation], "T2", candidates=20))
+
+Segment names are matched to the model's organs by name, so a mask's label values need not follow the
+model's numbering. No ``qt`` here; torch and MONAI are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+from medgen.errors import BadInputError
+from medgen.labels import LabelInfo, load_labels, make_labels, save_labels
+from medgen.slicer.scene import create_folder, place_in_folder, remove_nodes, resolve_scene, subject_hierarchy
+from medgen.slicer.scene_job import JobRequest, TrainingPair, check_free_destination
+from MedGenSynthesisLib import paired
+
+TRAIN_KIND = "maskgen-train"
+GENERATE_KIND = "maskgen"
+PRESETS = ("tiny", "mrgen")
+ENCODINGS = ("one-hot", "merged")
+#: MRGen's acceptance thresholds (spec B.5): strict pass keeps 2 of the top 5, relaxed (all four minus 0.1) keeps 1
+DEFAULT_THRESHOLDS = {"avg_confidence": 0.9, "avg_iou": 0.8, "organ_iou": 0.7, "organ_confidence": 0.8, "top_k": 5}
+PAIR_IMAGE_SUFFIX = "_image.nii.gz"
+PAIR_LABEL_SUFFIX = "_label.nii.gz"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What the panel needs to know about a mask-conditioned model folder.
+
+    Args:
+        folder: the model folder.
+        organs: the organs it generates, label value ``j`` = ``organs[j-1]``, with display colours.
+        target_modalities: modality names it can generate: the one it was trained to fill in first,
+            then the other modalities it has a prompt for.
+        source_modality: the modality its training masks came with.
+    """
+
+    folder: Path
+    organs: tuple[LabelInfo, ...]
+    target_modalities: tuple[str, ...]
+    source_modality: str
+
+    @property
+    def organ_names(self) -> list[str]:
+        return [organ.name for organ in self.organs]
+
+
+def model_info(folder: str | Path | None) -> ModelInfo:
+    """Read ``medgen_model.json`` of a ``maskgen-train`` model folder.
+
+    Raises:
+        BadInputError: no folder given.
+        ModelError: the folder holds no mask-conditioned model.
+    """
+    from medgen.synthesis.maskgen import TASK
+    from medgen.synthesis.model_folder import read_model_json
+
+    if folder is None:
+        raise BadInputError("Choose the model folder that a mask-model training job wrote.")
+    document = read_model_json(folder, TASK)
+    organs = tuple(LabelInfo(entry["name"], int(entry["value"]), tuple(entry["color"])) for entry in document["organs"])
+    modalities = dict.fromkeys([document["target_modality"], *document["prompts"]])
+    return ModelInfo(Path(folder), organs, tuple(modalities), document["source_modality"])
+
+
+def organ_values(segmentation_node, organs: Sequence[LabelInfo]) -> dict[int, int]:
+    """Segment label value -> the model's organ value, matching segment names to organ names.
+
+    Names match ignoring case and surrounding spaces; organs the segmentation lacks are simply absent.
+
+    Raises:
+        BadInputError: no segments, or a segment whose name is not an organ of the model (the message
+            lists the segment names and the model's organs).
+    """
+    from medgen.slicer.segmentations import segment_labels
+
+    name = segmentation_node.GetName()
+    segments = segment_labels(segmentation_node)
+    if not segments:
+        raise BadInputError(f"Segmentation '{name}' has no segments; draw or load the organs to generate images for.")
+    value_of = {organ.name.strip().lower(): organ.value for organ in organs}
+    unknown = [segment.name for segment in segments if segment.name.strip().lower() not in value_of]
+    if unknown:
+        raise BadInputError(
+            f"Segmentation '{name}' has segments {unknown} that are not organs of the model. "
+            f"Its segments: {[segment.name for segment in segments]}; the model's organs: "
+            f"{[organ.name for organ in organs]}. Rename the segments to the model's organ names or remove them."
+        )
+    return {segment.value: value_of[segment.name.strip().lower()] for segment in segments}
+
+
+def mask_reference(segmentation_node):
+    """The volume whose grid a segmentation is exported on: its reference-geometry volume.
+
+    Raises:
+        BadInputError: the segmentation names no reference volume.
+    """
+    reference = segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole())
+    if reference is None:
+        raise BadInputError(
+            f"Segmentation '{segmentation_node.GetName()}' has no reference volume, so its voxel grid is unknown. "
+            "Select its source volume in the Segment Editor (or Segmentations module) first."
+        )
+    return reference
+
+
+def _file_stem(name: str, taken: set[str]) -> str:
+    """A file-name-safe, unique stem for a node name (the job names its outputs after it)."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "mask"
+    unique, number = stem, 2
+    while unique in taken:
+        unique, number = f"{stem}_{number}", number + 1
+    taken.add(unique)
+    return unique
+
+
+def write_mask(segmentation_node, organs: Sequence[LabelInfo], path: Path) -> Path:
+    """Write a segmentation as a label map of organ values on its reference volume's grid (exact geometry)."""
+    import torch
+    from monai.data import MetaTensor
+
+    from medgen.io import save_volume
+    from medgen.slicer.segmentations import segmentation_to_labelmap
+
+    mapping = organ_values(segmentation_node, organs)
+    labelmap, _ = segmentation_to_labelmap(segmentation_node, mask_reference(segmentation_node))
+    lookup = torch.zeros(max(mapping) + 1, dtype=torch.int64)
+    for segment_value, organ_value in mapping.items():
+        lookup[segment_value] = organ_value
+    return save_volume(MetaTensor(lookup[labelmap.as_tensor()], affine=labelmap.affine), path, label=True)
+
+
+def volume_files(folder: str | Path | None, what: str) -> list[str]:
+    """The volume files directly in ``folder`` (sorted), for folder inputs of either job."""
+    from medgen.io.volumes import SUPPORTED_SUFFIXES, volume_suffix
+
+    if folder is None or not Path(folder).is_dir():
+        raise BadInputError(f"The {what} folder {folder} does not exist; pick a folder of volume files.")
+    files = sorted(str(path) for path in Path(folder).iterdir()
+                   if path.is_file() and not path.name.startswith(".") and volume_suffix(path))
+    if not files:
+        raise BadInputError(f"The {what} folder {folder} holds no volume files ({', '.join(SUPPORTED_SUFFIXES)}).")
+    return files
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRequest(paired.TrainRequest):
+    """A ``maskgen-train`` job; its result is the model folder (moved to ``model_folder`` when given).
+
+    Args:
+        pairs: source-modality scene pairs (empty when ``input_files`` names source files).
+        target_volumes: unlabelled target-modality volume nodes (empty when ``input_files`` names target files).
+    """
+
+    target_volumes: tuple = ()
+    folder_labels: tuple[LabelInfo, ...] = ()
+
+    def write_inputs(self, folder: Path) -> dict[str, Any]:
+        """Source pairs as images + label maps sharing one ``labels.json`` (by segment name), targets as images."""
+        from medgen.slicer.volumes import volume_node_to_file
+
+        inputs = dict(self.input_files)
+        if self.folder_labels:
+            inputs["label_names"] = str(save_labels(list(self.folder_labels), folder / "labels.json"))
+        if self.pairs:
+            written = super().write_inputs(folder)
+            inputs.update(source_images=written["images"], source_labels=written["labels"], label_names=written["label_names"])
+        if self.target_volumes:
+            folder.mkdir(parents=True, exist_ok=True)
+            inputs["target_images"] = [
+                str(volume_node_to_file(volume, folder / f"target{index:03d}_image.nrrd"))
+                for index, volume in enumerate(self.target_volumes)
+            ]
+        return inputs
+
+
+def _source_files(folder: str | Path | None) -> tuple[dict[str, Any], list[LabelInfo]]:
+    """Source inputs from an nnU-Net-named folder, and the organs its ``dataset.json`` names (if any)."""
+    from medgen.synthesis.prepare import find_nnunet_pairs
+
+    if folder is None or not Path(folder).is_dir():
+        raise BadInputError(f"Source folder {folder} does not exist; pick an nnU-Net raw dataset folder.")
+    triples = find_nnunet_pairs(folder)
+    inputs = {"source_images": [str(image) for _, image, _ in triples], "source_labels": [str(label) for _, _, label in triples]}
+    dataset_json = Path(folder) / "dataset.json"
+    if not dataset_json.is_file():
+        return inputs, []
+    labels = json.loads(dataset_json.read_text(encoding="utf-8")).get("labels", {})
+    return inputs, make_labels({name: value for name, value in labels.items() if int(value) != 0})
+
+
+def train_request(
+    source_pairs: Sequence[TrainingPair] = (), target_volumes: Sequence = (), *, source_folder: str | Path | None = None,
+    target_folder: str | Path | None = None, source_modality: str, target_modality: str, region: str = "",
+    shape: Sequence[int] = (32, 32, 32), preset: str = "tiny", encoding: str = "one-hot", spacing_mm=None,
+    model_folder: str | Path | None = None, seed: int = 0, **overrides,
+) -> TrainRequest:
+    """A ``maskgen-train`` job: source-modality images with masks, plus unlabelled target-modality images.
+
+    Args:
+        source_pairs: scene (volume, segmentation) pairs; segment names become the model's organs.
+        target_volumes: scene volumes of the target modality (no labels needed).
+        source_folder: instead of ``source_pairs``, an nnU-Net raw folder (``imagesTr``/``labelsTr``,
+            organ names from its ``dataset.json``) or a flat ``{case}_0000.nii.gz`` + ``{case}.nii.gz`` folder.
+        target_folder: instead of ``target_volumes``, a folder of target-modality volume files.
+        source_modality, target_modality: modality names put in the prompts (e.g. ``"CT"``, ``"T2 MRI"``).
+        region: body region put in the prompts (e.g. ``"abdomen"``).
+        shape: training grid ``[I, J, K]`` in voxels; preset: ``tiny`` (CPU minutes) or ``mrgen`` (GPU);
+        encoding: masks as ``one-hot`` channels (recommended in 3D) or MRGen's ``merged`` single channel.
+        spacing_mm: resample to this spacing first; None keeps each volume's spacing.
+        model_folder: where to put the trained model (must not hold anything yet); None keeps it in the job folder.
+        overrides: step counts and ``amp`` of the job kind.
+
+    Raises:
+        BadInputError: no source or no target data, missing nodes, empty names, a bad grid, preset or
+            encoding, or a model folder that is not empty.
+    """
+    if source_pairs:
+        paired.check_training_pairs(source_pairs)
+        input_files, folder_labels = {}, []
+    elif source_folder is not None:
+        input_files, folder_labels = _source_files(source_folder)
+    else:
+        raise BadInputError("No source data: add source-modality volumes with their segmentations, or pick a source folder.")
+    if any(volume is None for volume in target_volumes):
+        raise BadInputError("A target-modality row has no volume selected; select one or remove the row.")
+    if not target_volumes:
+        if target_folder is None:
+            raise BadInputError("No target-modality data: select unlabelled target volumes, or pick a target folder.")
+        input_files["target_images"] = volume_files(target_folder, "target-modality")
+    if not source_modality.strip() or not target_modality.strip():
+        raise BadInputError("Name the source and the target modality (e.g. 'CT' and 'T2 MRI'); the prompts need both.")
+    if source_modality.strip() == target_modality.strip():
+        raise BadInputError(f"Source and target modality are both '{source_modality}'; the target must be another modality.")
+    if preset not in PRESETS:
+        raise BadInputError(f"Unknown preset {preset!r}; use one of {', '.join(PRESETS)}.")
+    if encoding not in ENCODINGS:
+        raise BadInputError(f"Unknown mask encoding {encoding!r}; use one of {', '.join(ENCODINGS)}.")
+    if len(shape) != 3 or any(int(size) < 8 for size in shape):
+        raise BadInputError(f"The training grid needs 3 sizes of at least 8 voxels; got {list(shape)}.")
+    model_folder = Path(model_folder) if model_folder else None
+    check_free_destination(model_folder)
+    params = {"shape": [int(size) for size in shape], "spacing_mm": list(spacing_mm) if spacing_mm else None,
+              "preset": preset, "source_modality": source_modality.strip(), "target_modality": target_modality.strip(),
+              "region": region.strip(), "encoding": encoding, **overrides}
+    return TrainRequest(TRAIN_KIND, params=params, pairs=tuple(source_pairs), target_volumes=tuple(target_volumes),
+                        folder_labels=tuple(folder_labels), input_files=input_files, model_folder=model_folder, seed=seed)
+
+
+# -------------------------------------------------------------------------------------------- generation
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateRequest(JobRequest):
+    """A ``maskgen`` job whose accepted pairs come back as volume + segmentation nodes in one folder.
+
+    Args:
+        masks: segmentation nodes, each written as a label map of the model's organ values on its
+            reference volume's grid (``input_files["masks"]`` holds label-map files given as they are).
+        organs: the model's organs (names, values, colours).
+        nnunet_folder: where the exported nnU-Net dataset is moved (e.g. ``$nnUNet_raw``); None: no export.
+    """
+
+    masks: tuple = ()
+    organs: tuple[LabelInfo, ...] = ()
+    nnunet_folder: Path | None = None
+
+    @property
+    def target_modality(self) -> str:
+        return self.params["target_modality"]
+
+    def write_inputs(self, folder: Path) -> dict[str, Any]:
+        """Each segmentation as ``<node name>.nii.gz`` (the job names its outputs after the file)."""
+        inputs = dict(self.input_files)
+        if self.masks:
+            taken: set[str] = set()
+            inputs["masks"] = [
+                str(write_mask(node, self.organs, folder / f"{_file_stem(node.GetName(), taken)}.nii.gz")) for node in self.masks
+            ]
+        return inputs
+
+    def import_results(self, result: dict, scene=None) -> dict[str, Any]:
+        """Move the nnU-Net dataset (if any) into place, then import the accepted pairs (see :meth:`import_pairs`)."""
+        outputs = result["outputs"]
+        dataset = paired.move_exported_dataset(outputs, self.nnunet_folder)  # none when nothing was accepted
+        return {**self.import_pairs(Path(outputs["pairs"]).parent, scene), **dataset}
+
+    def import_pairs(self, outputs_dir: str | Path, scene=None) -> dict[str, Any]:
+        """Import the accepted pairs found in a job's ``outputs`` folder: after success, or after a cancel
+        (the job keeps the pairs accepted so far; only complete image + label pairs are taken).
+
+        Returns:
+            ``{"pairs": {pair id: (volume node, segmentation node)}, "report": report dict or None,
+            "candidates": candidate_rows(report)}``; nothing stays in the scene if an import fails.
+        """
+        outputs_dir = Path(outputs_dir)
+        report_file = outputs_dir / "report.json"
+        report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else None
+        pairs = import_accepted_pairs(outputs_dir / "pairs", list(self.organs), self.target_modality, scene)
+        return {"pairs": pairs, "report": report, "candidates": candidate_rows(report) if report else []}
+
+
+def generate_request(
+    model_folder: str | Path | None, masks: Sequence = (), target_modality: str = "", *, mask_folder: str | Path | None = None,
+    candidates: int = 20, chunk: int = 10, steps: int = 50, guidance_scale: float = 7.0,
+    thresholds: dict[str, float] | None = None, seed: int = 0, checker_folder: str | Path | None = None,
+    nnunet_folder: str | Path | None = None, nnunet_dataset_id: int | None = None,
+    nnunet_name: str = "MedGenFromMasks", channel_name: str = "MRI",
+) -> GenerateRequest:
+    """A ``maskgen`` job: ``candidates`` target-modality images per mask, filtered by a checker.
+
+    Args:
+        model_folder: written by a ``maskgen-train`` job.
+        masks: segmentation nodes; segment names must be organs of the model (any label values).
+        target_modality: one of the model's target modalities (default: its first).
+        mask_folder: instead of ``masks``, a folder of label maps already in the model's organ values.
+        candidates: images generated per mask, ``chunk`` at a time, each with ``steps`` DDIM steps and
+            classifier-free guidance ``guidance_scale``.
+        thresholds: acceptance settings overriding :data:`DEFAULT_THRESHOLDS` (``avg_confidence``,
+            ``avg_iou``, ``organ_iou``, ``organ_confidence`` in [0, 1], ``top_k``).
+        seed: the same seed and settings give the same candidates.
+        checker_folder: a segmentation model folder that scores the candidates; None: the job's default checker.
+        nnunet_folder: nnU-Net raw folder that receives ``Dataset{id:03d}_{name}``; None: no export.
+        nnunet_dataset_id, nnunet_name, channel_name: the exported dataset's ID (1..999), name and channel.
+
+    Raises:
+        ModelError: the folder holds no mask-conditioned model.
+        BadInputError: no masks, a segment that is not an organ of the model, a modality the model does
+            not know, thresholds outside [0, 1], or an export without ID or onto an existing dataset.
+    """
+    info = model_info(model_folder)
+    target_modality = target_modality.strip() or next(iter(info.target_modalities), "")
+    if info.target_modalities and target_modality not in info.target_modalities:
+        raise BadInputError(
+            f"The model does not know the modality '{target_modality}'; it generates {list(info.target_modalities)}."
+        )
+    if any(node is None for node in masks):
+        raise BadInputError("A selected mask is missing; select segmentation nodes or a folder of label maps.")
+    for node in masks:  # refused here, before any file is written, with both name lists
+        organ_values(node, info.organs)
+        mask_reference(node)
+    if masks:
+        input_files = {}
+    elif mask_folder is not None:
+        input_files = {"masks": volume_files(mask_folder, "mask")}
+    else:
+        raise BadInputError("No masks: select segmentation nodes, or pick a folder of label maps.")
+    merged_thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+    out_of_range = {name: value for name, value in merged_thresholds.items() if name != "top_k" and not 0.0 <= value <= 1.0}
+    if out_of_range:
+        raise BadInputError(f"Thresholds are fractions in [0, 1]; got {out_of_range}.")
+    if checker_folder is not None:
+        input_files["checker"] = str(checker_folder)
+    nnunet_folder, export = paired.nnunet_export_params(nnunet_folder, nnunet_dataset_id, nnunet_name, channel_name)
+    params = {
+        "target_modality": target_modality, "candidates": int(candidates), "chunk": int(chunk), "steps": int(steps),
+        "guidance_scale": float(guidance_scale),
+        "thresholds": {name: (int(value) if name == "top_k" else float(value)) for name, value in merged_thresholds.items()},
+        **export,
+    }
+    return GenerateRequest(GENERATE_KIND, params=params, input_files={"model": str(info.folder), **input_files}, seed=seed,
+                           masks=tuple(masks), organs=info.organs, nnunet_folder=nnunet_folder)
+
+
+def accepted_pair_files(pairs_dir: str | Path) -> list[tuple[str, Path, Path]]:
+    """``(pair id, image, label)`` of every complete pair in a job's pairs folder, sorted by id.
+
+    A pair whose label map is not written yet (a cancel between the two files) is left out; temporary
+    files of unfinished writes never match the names.
+    """
+    pairs_dir = Path(pairs_dir)
+    if not pairs_dir.is_dir():
+        return []
+    pairs = []
+    for image in sorted(pairs_dir.glob(f"*{PAIR_IMAGE_SUFFIX}")):
+        pair_id = image.name[: -len(PAIR_IMAGE_SUFFIX)]
+        label = pairs_dir / f"{pair_id}{PAIR_LABEL_SUFFIX}"
+        if label.is_file() and not image.name.startswith("."):
+            pairs.append((pair_id, image, label))
+    return pairs
+
+
+def import_accepted_pairs(pairs_dir: str | Path, organs: list[LabelInfo], target_modality: str, scene=None) -> dict[str, tuple]:
+    """Load each complete pair as a volume and a segmentation into one subject-hierarchy folder named after the job.
+
+    Segment names and colours come from the pairs folder's ``labels.json`` (``organs`` when it is missing).
+
+    Returns:
+        pair id -> ``(volume node, segmentation node)``; nothing stays in the scene if an import fails.
+    """
+    from medgen.io import load_volume
+    from medgen.slicer.segmentations import labelmap_to_segmentation
+    from medgen.slicer.volumes import file_to_volume_node
+
+    pair_files = accepted_pair_files(pairs_dir)
+    if not pair_files:
+        return {}
+    scene = resolve_scene(scene)
+    labels_file = Path(pairs_dir) / "labels.json"
+    labels = load_labels(labels_file) if labels_file.is_file() else organs
+    folder = create_folder(scene, Path(pairs_dir).parent.parent.name)  # JOB_DIR/outputs/pairs
+    pairs: dict[str, tuple] = {}
+    created = []
+    try:
+        for pair_id, image_file, label_file in pair_files:
+            volume = file_to_volume_node(image_file, f"{pair_id} {target_modality}", scene=scene)
+            created.append(volume)
+            place_in_folder(volume, folder)
+            segmentation = labelmap_to_segmentation(load_volume(label_file, label=True), labels,
+                                                    f"{pair_id} {target_modality} segmentation", scene=scene, reference_node=volume)
+            created.append(segmentation)
+            pairs[pair_id] = (volume, segmentation)
+    except Exception:
+        _remove_imported(scene, folder, created)
+        raise
+    return pairs
+
+
+def _remove_imported(scene, folder: int, nodes: list) -> None:
+    """Undo a partial import: the nodes with their subject-hierarchy items, then the folder."""
+    remove_nodes(scene, *nodes)
+    subject_hierarchy(scene).RemoveItem(folder)
+
+
+# ------------------------------------------------------------------------------------- report and progress
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidateRow:
+    """One row of the accepted/rejected table: a candidate, or a mask that produced none.
+
+    Args:
+        mask: the conditioning mask's id.
+        candidate: the candidate's index within its mask; None for a mask row (skipped, nothing generated).
+        avg_iou, avg_confidence: checker averages over the organs present in the mask (None for a mask row).
+        organ_scores: organ name -> ``{"iou", "dice", "confidence"}``; an organ absent from the mask maps to None.
+        decision: ``accepted``, ``rejected`` or the mask's status (e.g. ``skipped: empty mask``).
+        detail: the acceptance path (``strict``/``relaxed``) of an accepted candidate, why a rejected one
+            was not kept, or empty.
+    """
+
+    mask: str
+    candidate: int | None
+    avg_iou: float | None
+    avg_confidence: float | None
+    organ_scores: dict[str, dict[str, float] | None]
+    decision: str
+    detail: str = ""
+
+
+def candidate_rows(report: dict[str, Any]) -> list[CandidateRow]:
+    """The table rows of a ``maskgen`` report: every candidate of every mask, in report order; a mask
+    with no candidates (skipped) gets one row carrying its status."""
+    rows = []
+    for mask in report["masks"]:
+        if not mask.get("candidates"):
+            rows.append(CandidateRow(mask["mask_id"], None, None, None, {}, mask["status"]))
+            continue
+        for candidate in mask["candidates"]:
+            absent = set(candidate.get("absent_organs", []))
+            scores = {
+                organ: None if organ in absent else {
+                    "iou": candidate["organ_iou"][organ], "dice": candidate["organ_dice"][organ],
+                    "confidence": candidate["organ_confidence"][organ],
+                }
+                for organ in candidate["organ_iou"]
+            }
+            detail = mask["path"] if candidate["decision"] == "accepted" else candidate["reason"]
+            rows.append(CandidateRow(mask["mask_id"], int(candidate["candidate"]), float(candidate["avg_iou"]),
+                                     float(candidate["avg_confidence"]), scores, candidate["decision"], detail))
+    return rows
+
+
+def table_cells(rows: Sequence[CandidateRow]) -> tuple[list[str], list[list[str]]]:
+    """Column headers and text cells of the candidate table (one ``IoU / conf.`` column per organ).
+
+    Returns:
+        ``(headers, cells)``: scores with 3 decimals, ``absent`` for an organ missing from the mask,
+        empty cells where a mask row has no scores.
+    """
+    organs = list(dict.fromkeys(organ for row in rows for organ in row.organ_scores))
+    headers = ["Mask", "Candidate", "Avg IoU", "Avg conf.", *(f"{organ} IoU / conf." for organ in organs), "Decision"]
+    cells = []
+    for row in rows:
+        organ_cells = []
+        for organ in organs:
+            score = row.organ_scores.get(organ, {})
+            organ_cells.append("absent" if score is None else f"{score['iou']:.3f} / {score['confidence']:.3f}" if score else "")
+        decision = f"{row.decision} ({row.detail})" if row.detail else row.decision
+        cells.append([
+            row.mask, "" if row.candidate is None else str(row.candidate),
+            "" if row.avg_iou is None else f"{row.avg_iou:.3f}", "" if row.avg_confidence is None else f"{row.avg_confidence:.3f}",
+            *organ_cells, decision,
+        ])
+    return headers, cells
+
+
+def summary(imported: dict[str, Any]) -> str:
+    """One line after a run, e.g. ``4 pairs accepted from 3 masks; none accepted: case_B; skipped: case_C (empty mask)``."""
+    report = imported.get("report")
+    text = f"{len(imported['pairs'])} pair(s) accepted"
+    if not report:
+        return text
+    masks = report["masks"]
+    text += f" from {len(masks)} mask(s)"
+    none_accepted = [mask["mask_id"] for mask in masks if mask["status"] == "none accepted"]
+    skipped = [f"{mask['mask_id']} ({mask['status'].removeprefix('skipped: ')})" for mask in masks if mask["status"].startswith("skipped")]
+    if none_accepted:
+        text += f"; none accepted: {', '.join(none_accepted)}"
+    if skipped:
+        text += f"; skipped: {', '.join(skipped)}"
+    return text
+
+
+class GenerationProgress:
+    """Where a ``maskgen`` job is, per mask and per candidate, from its progress events.
+
+    The ``masks`` phase counts finished masks; the phases reported within a mask (``candidates``,
+    ``denoising``) start again for every mask, so they are forgotten when a mask finishes.
+    """
+
+    def __init__(self) -> None:
+        self.mask_step = 0
+        self.mask_total = 0
+        self.inner: dict[str, tuple[int, int]] = {}
+        self.job_dir: Path | None = None
+
+    def record(self, event: dict[str, Any]) -> None:
+        """Take one worker event (pass as an ``onEvent`` callback)."""
+        if event.get("event") == "started":
+            self.job_dir = Path(event["job_dir"])
+        if event.get("event") != "progress":
+            return
+        step, total = int(event.get("step", 0)), int(event.get("total", 0))
+        if event.get("phase") == "masks":
+            self.inner = {}
+            self.mask_step, self.mask_total = step, total
+        else:
+            self.inner[event.get("phase", "working")] = (step, total)
+
+    def text(self) -> str:
+        """E.g. ``masks done 1/5 | candidates 10/20 | denoising 30/50``."""
+        parts = [f"masks done {self.mask_step}/{self.mask_total}"] if self.mask_total else []
+        parts += [f"{phase} {step}/{total}" for phase, (step, total) in self.inner.items()]
+        return " | ".join(parts) or "Waiting for the first mask..."

@@ -1,0 +1,244 @@
+"""Mask-conditioned (MRGen-style) synthesis on tiny data: spec B.10 oracles 4-6, MRGen's timesteps, resumable
+stages, generation on the mask's grid, filtering, report and cancellation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from medgen.diffusion import controlnet_denoiser, cfg_denoiser, sample
+from medgen.errors import BadInputError, CancelledError
+from medgen.io import load_volume
+from medgen.progress import CallbackReporter
+from medgen.synthesis.filtering import FilterThresholds
+from medgen.synthesis.maskgen import MaskGenModel, generate_candidates, generate_on_model_grid, synthesize_from_masks, train_maskgen
+from medgen.synthesis.maskgen_networks import (
+    MaskGenConfig,
+    build_controlnet,
+    build_image_vae,
+    build_latent_unet,
+    sampling_scheduler,
+)
+from medgen.synthesis.masks import control_tensor
+from medgen.synthesis.prompts import Prompt
+from medgen_testing import oblique_affine
+
+SIZE = 16
+FAST = dict(vae_steps=4, unet_steps=4, controlnet_steps=4, checker_steps=4, checkpoint_every=2)
+SOURCE, TARGET = Prompt("T1 MRI", region="abdomen"), Prompt("T2 MRI", region="abdomen")
+LUT_A, LUT_B = (0.1, 0.8, 0.5), (0.6, 0.2, 0.95)  # background, organ 1, organ 2 (spec B.10 item 10)
+ACCEPT_ALL = FilterThresholds(avg_confidence=0.0, avg_iou=0.0, organ_iou=0.0, organ_confidence=0.0)
+QUICK = dict(candidates=2, chunk=2, steps=2)
+
+
+def phantom(seed: int, lut, affine=None):
+    """A 16³ LUT phantom: a large 'liver' sphere (1) and a small 'kidney' sphere (2) at a random offset."""
+    generator = torch.Generator().manual_seed(seed)
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, SIZE)] * 3, indexing="ij"))
+    shift = ((torch.rand(3, generator=generator) - 0.5) * 0.3).view(3, 1, 1, 1)
+    label = torch.zeros(SIZE, SIZE, SIZE, dtype=torch.int64)
+    label[(grid - shift - torch.tensor([-0.3, 0.0, 0.0]).view(3, 1, 1, 1)).pow(2).sum(0) < 0.2] = 1
+    label[(grid - shift - torch.tensor([0.45, 0.0, 0.0]).view(3, 1, 1, 1)).pow(2).sum(0) < 0.08] = 2
+    image = torch.tensor(lut)[label] + 0.03 * torch.randn((SIZE,) * 3, generator=generator)
+    affine = torch.eye(4, dtype=torch.float64) if affine is None else torch.as_tensor(affine)
+    return MetaTensor(image.clamp(0, 1)[None], affine=affine), MetaTensor(label[None], affine=affine)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    sources = [phantom(seed, LUT_A) for seed in range(3)]
+    targets = [phantom(10 + seed, LUT_B)[0] for seed in range(3)]
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("maskgen")
+    train_maskgen(sources, targets, ["liver", "kidney"], folder, MaskGenConfig.tiny(**FAST), source_prompt=SOURCE, target_prompt=TARGET)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return MaskGenModel.load(model_dir)
+
+
+def test_training_writes_a_complete_model_folder(model_dir):
+    document = json.loads((model_dir / "medgen_model.json").read_text())
+    assert document["task"] == "mask-conditioned-ldm"
+    assert [organ["name"] for organ in document["organs"]] == ["liver", "kidney"]
+    assert document["prompts"]["T2 MRI"]["organs"] == ["liver", "kidney"]  # target prompts name the organs (B.4)
+    assert document["prompt_encoder"]["vocabulary"]["modalities"] == ["T1 MRI", "T2 MRI"]
+    assert document["grid_shape"] == [SIZE] * 3 and document["latent_shape"] == [4, 4, 4, 4]
+    for name in ("vae", "unet", "prompt_encoder", "controlnet"):
+        assert (model_dir / f"{name}.safetensors").is_file()
+    assert (model_dir / "checker" / "medgen_model.json").is_file()
+
+
+def test_scale_factor_normalises_the_latents(model_dir):
+    from safetensors.torch import load_file
+
+    latents = load_file(str(model_dir / "latents.safetensors"))
+    scale = json.loads((model_dir / "medgen_model.json").read_text())["scale_factor"]
+    assert scale != pytest.approx(0.18215)
+    z = latents["mu"] + latents["sigma"] * torch.randn(latents["mu"].shape, generator=torch.Generator().manual_seed(7))
+    assert float((z * scale).std()) == pytest.approx(1.0, abs=0.15)
+
+
+def test_training_again_skips_finished_stages(model_dir):
+    events = []
+    train_maskgen([phantom(s, LUT_A) for s in range(3)], [phantom(10 + s, LUT_B)[0] for s in range(3)], ["liver", "kidney"], model_dir,
+                  MaskGenConfig.tiny(**FAST), source_prompt=SOURCE, target_prompt=TARGET, reporter=CallbackReporter(events.append))
+    assert not [e for e in events if e["event"] == "progress"]
+    resumed = [e["message"] for e in events if e["event"] == "log" and e["message"].startswith("Resumed")]
+    assert len(resumed) == 3 and all("at step 4 of 4" in message for message in resumed)
+
+
+def test_oracle4_controlnet_starts_as_the_unet():
+    config = MaskGenConfig.tiny()
+    torch.manual_seed(1)
+    unet = build_latent_unet(config).eval()
+    controlnet = build_controlnet(config, 2, unet).eval()
+    assert torch.equal(controlnet.conv_in.conv.weight, unet.conv_in.conv.weight)
+    x, t = torch.randn(2, 4, 4, 4, 4), torch.tensor([10, 900])
+    context, control = torch.randn(2, 5, config.prompt_embedding_dim), torch.rand(2, 2, SIZE, SIZE, SIZE) * 2 - 1
+    with torch.no_grad():
+        down, mid = controlnet(x, t, control, context=context)
+        assert all(not residual.any() for residual in [*down, mid])
+        plain = unet(x, timesteps=t, context=context)
+        steered = unet(x, timesteps=t, context=context, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    assert torch.equal(plain, steered)
+
+
+@pytest.mark.parametrize("vae_channels, control_channels, size", [((8, 16, 16), (8, 16, 32), 16), ((8, 16, 16, 16), (8, 16, 16, 32), 32)])
+def test_oracle5_latent_and_residual_shapes(vae_channels, control_channels, size):
+    config = MaskGenConfig.tiny(vae_channels=vae_channels, control_embedding_channels=control_channels)
+    factor = config.downsample_factor
+    with torch.no_grad():
+        mu, _ = build_image_vae(config).encode(torch.rand(1, 1, size, size, size))
+    assert tuple(mu.shape) == (1, config.latent_channels, size // factor, size // factor, size // factor)
+    unet, latent = build_latent_unet(config), torch.randn(1, config.latent_channels, *mu.shape[2:])
+    skips = []
+    for block in unet.down_blocks:
+        block.register_forward_hook(lambda module, args, output: skips.extend(output[1]))
+    context, t = torch.randn(1, 5, config.prompt_embedding_dim), torch.tensor([3])
+    with torch.no_grad():
+        unet(latent, timesteps=t, context=context)
+        down, mid = build_controlnet(config, 2, unet)(latent, t, torch.rand(1, 2, size, size, size), context=context)
+    skips.insert(0, None)  # the UNet's conv_in output is the first skip connection; its shape is the latent grid's
+    assert len(down) == len(skips)
+    assert [tuple(r.shape) for r in down[1:]] == [tuple(s.shape) for s in skips[1:]]
+    assert tuple(down[0].shape[2:]) == tuple(latent.shape[2:])
+    assert mid.shape[2:] == skips[-1].shape[2:]
+
+
+def test_control_embedding_must_match_the_vae_factor():
+    with pytest.raises(BadInputError, match="downsample by the VAE factor 4, so it needs 3 widths"):
+        MaskGenConfig.tiny(control_embedding_channels=(8, 16, 16, 32))
+
+
+def test_mrgen_leading_timesteps():
+    scheduler, timesteps = sampling_scheduler(MaskGenConfig(), 50)
+    assert timesteps[:3] == [981, 961, 941] and timesteps[-1] == 1 and len(timesteps) == 50
+    assert not scheduler.clip_sample and float(scheduler.final_alpha_cumprod) == float(scheduler.alphas_cumprod[0])
+
+
+def _manual_sampling(model, label, denoiser_of, seed=0, steps=2):
+    """An independent composition of the loop: noise, DDIM over MRGen's timesteps, decode."""
+    scheduler, timesteps = sampling_scheduler(model.config, steps)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((1, *model.document["latent_shape"]), generator=generator)
+    control = control_tensor(label, 2)[None]
+    z = sample(denoiser_of(control), scheduler, noise, timesteps=timesteps, generator=generator)
+    with torch.no_grad():
+        return model.vae.decode(z / model.scale_factor).clamp(0, 1)
+
+
+def test_oracle6_guidance_one_and_zero_are_the_single_branches(model):
+    label = phantom(0, LUT_A)[1]
+    prompt = model.prompt("T2 MRI")
+    with torch.no_grad():
+        cond, uncond = model.prompt_encoder.encode_prompts([prompt]), model.prompt_encoder.encode_prompts([Prompt.empty()])
+
+    def branch(context):
+        return lambda control: controlnet_denoiser(model.unet, model.controlnet, control, context)
+
+    generated = {}
+    for scale, expected in ((1.0, branch(cond)), (0.0, branch(uncond))):
+        generated[scale] = generate_on_model_grid(model, label, prompt, count=1, steps=2, guidance_scale=scale)
+        assert torch.equal(generated[scale], _manual_sampling(model, label, expected)), scale
+    assert not torch.equal(generated[1.0], generated[0.0])
+    # scale 7 runs both branches as one doubled batch: the engine's sequential cfg_denoiser up to batching round-off
+    guided = generate_on_model_grid(model, label, prompt, count=1, steps=2, guidance_scale=7.0)
+    sequential = _manual_sampling(model, label, lambda c: cfg_denoiser(branch(cond)(c), branch(uncond)(c), 7.0))
+    assert torch.allclose(guided, sequential, atol=1e-5)
+
+
+def test_candidates_are_in_range_and_seeded(model_dir, model):
+    label = phantom(1, LUT_A)[1]
+    first = generate_candidates(model_dir, label, model.prompt("T2 MRI"), count=2, chunk=1, steps=2, seed=4)
+    assert first.shape == (2, 1, SIZE, SIZE, SIZE) and 0.0 <= float(first.min()) and float(first.max()) <= 1.0
+    assert torch.equal(first, generate_candidates(model_dir, label, model.prompt("T2 MRI"), count=2, chunk=1, steps=2, seed=4))
+    assert not torch.equal(first[0], first[1])
+
+
+def test_mask_on_another_grid_comes_back_on_its_own_grid(model_dir, model):
+    affine = oblique_affine(spacing=(1.5, 0.7, 1.1))
+    _, label = phantom(2, LUT_A)
+    label = MetaTensor(torch.nn.functional.interpolate(label.as_tensor()[None].float(), size=(12, 20, 14), mode="nearest")[0].long(),
+                       affine=torch.from_numpy(affine))
+    logs = []
+    images = generate_candidates(model_dir, label, model.prompt("T2 MRI"), count=1, steps=2,
+                                 reporter=CallbackReporter(lambda e: logs.append(e.get("message", ""))))
+    assert images.shape == (1, 1, 12, 20, 14)
+    assert any("resampled (nearest) to the model grid (16, 16, 16)" in message for message in logs)
+
+
+def test_synthesis_filters_skips_and_reports(model_dir, tmp_path):
+    affine = oblique_affine()
+    _, mask = phantom(3, LUT_A, affine)
+    oblique_mask = MetaTensor(mask.as_tensor()[:, :12, :14, :10], affine=torch.from_numpy(affine))
+    empty = MetaTensor(torch.zeros_like(mask.as_tensor()), affine=torch.from_numpy(affine))
+    report = synthesize_from_masks(model_dir, [("m0", phantom(4, LUT_A)[1]), ("empty", empty), ("oblique", oblique_mask)], tmp_path,
+                                   target_modality="T2 MRI", thresholds=ACCEPT_ALL, **QUICK)
+    document = json.loads(report.report_path.read_text())
+    statuses = {entry["mask_id"]: entry["status"] for entry in document["masks"]}
+    assert statuses == {"m0": "accepted", "empty": "skipped: empty mask", "oblique": "accepted"}
+    assert document["prompt"] == "T2 MRI, abdomen, liver, kidney" and document["accepted_pairs"] == 4
+    for entry in document["masks"][::2]:
+        assert [c["candidate"] for c in entry["candidates"]] == [0, 1]
+        assert all(c["decision"] == "accepted" and set(c["organ_iou"]) == {"liver", "kidney"} for c in entry["candidates"])
+    image = load_volume(tmp_path / "oblique_0_image.nii.gz")
+    label = load_volume(tmp_path / "oblique_0_label.nii.gz", label=True)
+    assert image.shape == (1, 12, 14, 10) and np.allclose(image.affine.numpy(), affine, atol=1e-5)
+    assert torch.equal(label.as_tensor(), oblique_mask.as_tensor())
+    assert (tmp_path / "labels.json").is_file() and len(report.pairs) == 4
+
+
+def test_strict_thresholds_reject_and_say_why(model_dir, tmp_path):
+    report = synthesize_from_masks(model_dir, [("m0", phantom(5, LUT_A)[1])], tmp_path, target_modality="T2 MRI",
+                                   thresholds=FilterThresholds(avg_confidence=1.0, avg_iou=1.0, organ_iou=1.0, organ_confidence=1.0), **QUICK)
+    entry = json.loads(report.report_path.read_text())["masks"][0]
+    assert entry["status"] == "none accepted" and entry["path"] == "none" and report.pairs == []
+    assert all(c["decision"] == "rejected" and "fails the relaxed thresholds" in c["reason"] for c in entry["candidates"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.json", "report.json"]
+
+
+def test_unknown_organs_and_modalities_are_bad_input(model_dir, tmp_path):
+    label = phantom(0, LUT_A)[1].clone()
+    label[0, 0, 0, 0] = 5
+    with pytest.raises(BadInputError, match=r"label values \[5\].*\{1: 'liver', 2: 'kidney'\}"):
+        synthesize_from_masks(model_dir, [("bad", label)], tmp_path, target_modality="T2 MRI", **QUICK)
+    with pytest.raises(BadInputError, match=r"'CT'.*\['T1 MRI', 'T2 MRI'\]"):
+        synthesize_from_masks(model_dir, [("ok", phantom(0, LUT_A)[1])], tmp_path, target_modality="CT", **QUICK)
+    assert not list(tmp_path.glob("*.nii.gz"))
+
+
+def test_cancelling_keeps_the_accepted_pairs(model_dir, tmp_path):
+    reporter = CallbackReporter(should_stop=lambda: any(tmp_path.glob("*_image.nii.gz")))
+    with pytest.raises(CancelledError):
+        synthesize_from_masks(model_dir, [("first", phantom(6, LUT_A)[1]), ("second", phantom(7, LUT_A)[1])], tmp_path,
+                              target_modality="T2 MRI", thresholds=ACCEPT_ALL, reporter=reporter, **QUICK)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "first_0_image.nii.gz", "first_0_label.nii.gz", "first_1_image.nii.gz", "first_1_label.nii.gz", "labels.json", "report.json"]
+    assert [entry["mask_id"] for entry in json.loads((tmp_path / "report.json").read_text())["masks"]] == ["first"]

@@ -1,0 +1,87 @@
+"""The ``maskgen-train`` and ``maskgen`` job kinds through the worker process, with nnU-Net's own dataset check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from medgen.cli.main import build_parser
+from medgen.errors import BadInputError
+from medgen.io import load_volume, save_volume
+from medgen.jobs.exit_codes import ExitCode
+from medgen.labels import LabelInfo, save_labels
+from medgen.slicer.runner import run_job_blocking, write_job
+from test_maskgen import LUT_A, LUT_B, phantom
+
+FAST = {"vae_steps": 2, "unet_steps": 2, "controlnet_steps": 2, "checker_steps": 2, "checkpoint_every": 1}
+ACCEPT_ALL = {"avg_confidence": 0.0, "avg_iou": 0.0, "organ_iou": 0.0, "organ_confidence": 0.0}
+
+
+def _write_cases(folder, oblique):
+    """Source pairs with label values 3 and 7 (remapped to 1, 2 by training), target images, labels.json."""
+    affine = torch.from_numpy(oblique)
+    sources, labels, targets = [], [], []
+    for seed in range(2):
+        image, label = phantom(seed, LUT_A, oblique)
+        relabelled = torch.where(label.as_tensor() == 1, 3, torch.where(label.as_tensor() == 2, 7, 0))
+        sources.append(str(save_volume(image, folder / f"s{seed}_0000.nii.gz")))
+        labels.append(str(save_volume(MetaTensor(relabelled, affine=affine), folder / f"s{seed}.nii.gz", label=True)))
+        targets.append(str(save_volume(phantom(10 + seed, LUT_B, oblique)[0], folder / f"t{seed}.nii.gz")))
+    save_labels([LabelInfo("liver", 3, (1.0, 0.0, 0.0)), LabelInfo("kidney", 7, (0.0, 1.0, 0.0))], folder / "labels.json")
+    return sources, labels, targets
+
+
+def test_maskgen_jobs_end_to_end_with_nnunet_export(tmp_path, oblique):
+    sources, labels, targets = _write_cases(tmp_path, oblique)
+    train = run_job_blocking(write_job(
+        tmp_path / "jobs", "maskgen-train",
+        {"source_images": sources, "source_labels": labels, "target_images": targets, "label_names": str(tmp_path / "labels.json")},
+        {"shape": [16, 16, 16], "preset": "tiny", "source_modality": "T1 MRI", "target_modality": "T2 MRI", "region": "abdomen", **FAST},
+        device="cpu"), timeout_s=900)
+    assert train.returncode == ExitCode.OK, train.error
+    assert {"vae", "latents", "unet", "controlnet", "checker"} <= {e["phase"] for e in train.events if e["event"] == "progress"}
+    model = train.result["outputs"]["model"]
+
+    mask = phantom(5, LUT_A, oblique)[1]
+    mask_path = str(save_volume(mask, tmp_path / "case5.nii.gz", label=True))
+    empty_path = str(save_volume(MetaTensor(torch.zeros_like(mask.as_tensor()), affine=mask.affine), tmp_path / "blank.nii.gz", label=True))
+    synth = run_job_blocking(write_job(
+        tmp_path / "jobs", "maskgen", {"model": model, "masks": [mask_path, empty_path]},
+        {"target_modality": "T2 MRI", "candidates": 2, "chunk": 2, "steps": 2, "thresholds": ACCEPT_ALL,
+         "nnunet_dataset_id": 77, "nnunet_name": "MaskGen"}, device="cpu", seed=3), timeout_s=900)
+    assert synth.returncode == ExitCode.OK, synth.error
+    assert synth.result["masks"] == {"case5": "accepted", "blank": "skipped: empty mask"} and synth.result["accepted"] == 2
+    report = json.loads(open(synth.result["outputs"]["report"]).read())
+    assert report["seed"] == 3 and [m["status"] for m in report["masks"]] == ["accepted", "skipped: empty mask"]
+    image = load_volume(f"{synth.result['outputs']['pairs']}/case5_0_image.nii.gz")
+    assert torch.allclose(image.affine, mask.affine.to(image.affine.dtype), atol=1e-5)
+    dataset = synth.result["outputs"]["nnunet_dataset"]
+    document = json.loads(open(f"{dataset}/dataset.json").read())
+    assert document["labels"] == {"background": 0, "liver": 1, "kidney": 2} and document["numTraining"] == 2
+    verify = pytest.importorskip("nnunetv2.experiment_planning.verify_dataset_integrity").verify_dataset_integrity
+    verify(dataset, num_processes=1)
+
+    unknown = run_job_blocking(write_job(
+        tmp_path / "jobs", "maskgen", {"model": model, "masks": [mask_path]}, {"target_modality": "CT"}, device="cpu"), timeout_s=300)
+    assert unknown.returncode == ExitCode.BAD_INPUT
+    assert "'CT'" in unknown.error["message"] and "['T1 MRI', 'T2 MRI']" in unknown.error["message"]
+
+
+def test_maskgen_train_needs_the_modalities(tmp_path, oblique):
+    sources, labels, targets = _write_cases(tmp_path, oblique)
+    with pytest.raises(BadInputError, match="'target_modality' is a required property"):
+        write_job(tmp_path / "jobs", "maskgen-train", {"source_images": sources, "source_labels": labels, "target_images": targets},
+                  {"source_modality": "T1 MRI"}, device="cpu")
+
+
+def test_cli_commands_map_onto_the_job_kinds(tmp_path):
+    parser = build_parser()
+    train = parser.parse_args(["maskgen-train", "--source-images", "a.nii.gz", "--source-labels", "a_seg.nii.gz",
+                               "--target-images", "b.nii.gz", "--source-modality", "T1", "--target-modality", "T2"])
+    synth = parser.parse_args(["maskgen", "model", "m1.nii.gz", "m2.nii.gz", "--target-modality", "T2", "--nnunet-id", "5"])
+    assert train.func.__name__ == "cmd_maskgen_train" and train.preset == "tiny" and train.encoding == "one-hot"
+    assert synth.func.__name__ == "cmd_maskgen" and [str(p) for p in synth.masks] == ["m1.nii.gz", "m2.nii.gz"]
+    assert synth.candidates == 20 and synth.steps == 50 and synth.guidance_scale == 7.0

@@ -1,0 +1,535 @@
+"""MRGen-style mask-conditioned synthesis in 3D (spec B.9): train once, then render target-modality
+images from source-modality organ masks.
+
+Training runs four resumable stages in one model folder: ``vae/`` (image VAE), ``latents.safetensors``
+(posteriors + ``scale_factor`` = 1/std(z)), ``unet/`` (prompt-conditioned latent UNet trained jointly with
+the learned prompt encoder on all images), ``controlnet/`` (the ControlNet alone, on the mixed set:
+source images with their masks, target images with the empty control) and ``checker/`` (the independent
+organ checker used for filtering, trained on the source label maps only). A stage whose checkpoint has
+reached its step count is skipped; an interrupted one continues. ``medgen_model.json`` is written last.
+
+Generation follows MRGen's inference (spec B.5): DDIM with diffusers' "leading" timesteps, classifier-free
+guidance against the *embedding of the empty prompt*, the ControlNet applied to both branches, K candidates
+per mask in chunks; candidates are scored by the checker and filtered by :func:`select_candidates`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import ResizeWithPadOrCrop, Spacing, SpatialResample
+from monai.utils import convert_to_tensor
+from torch import nn
+
+from medgen.diffusion import TrainConfig, controlnet_denoiser, noise_prediction_loss, sample, train_diffusion
+from medgen.errors import BadInputError, ModelError
+from medgen.io import save_volume
+from medgen.io.atomic import write_text_atomic
+from medgen.labels import LabelInfo, make_labels, save_labels
+from medgen.progress import Reporter, as_reporter
+from medgen.synthesis.checker import CheckerConfig, load_checker, save_checker, score_candidates, train_checker
+from medgen.synthesis.filtering import CandidateScore, FilterDecision, FilterThresholds, select_candidates
+from medgen.synthesis.joint_ldm import _check_pairs, _Phase
+from medgen.synthesis.latents import encode_posteriors
+from medgen.synthesis.maskgen_networks import (
+    MaskGenConfig,
+    PromptedUNet,
+    build_controlnet,
+    build_image_vae,
+    build_latent_unet,
+    image_vae_loss,
+    sampling_scheduler,
+    training_scheduler,
+)
+from medgen.synthesis.masks import MASK_THRESHOLD, control_channels, control_tensor, foreground_fraction
+from medgen.synthesis.model_folder import MODEL_JSON, load_into, load_weights, read_model_json, save_weights, write_model_json
+from medgen.synthesis.prompts import LearnedPromptEncoder, Prompt, PromptVocabulary, compose_training_set, drop_prompt
+
+TASK = "mask-conditioned-ldm"
+CHECKER_DIR = "checker"
+
+
+def _train_config(config: MaskGenConfig, max_steps: int, num_samples: int, ema: bool) -> TrainConfig:
+    return TrainConfig(
+        max_steps=max_steps, batch_size=min(config.batch_size, num_samples), grad_accum_steps=config.grad_accum_steps,
+        grad_clip_norm=config.grad_clip_norm, ema_decay=config.ema_decay if ema else None, amp=config.amp,
+        checkpoint_every=config.checkpoint_every, keep_checkpoints=1,
+    )
+
+
+def _organ_labels(organ_names: Sequence[str | LabelInfo]) -> list[LabelInfo]:
+    """Organ ``j`` is label value ``j``: names become labels 1..N with default colours."""
+    if all(isinstance(organ, LabelInfo) for organ in organ_names):
+        labels = sorted(organ_names, key=lambda label: label.value)
+        if [label.value for label in labels] != list(range(1, len(labels) + 1)):
+            raise BadInputError(f"Organ label values must be 1..N; got {[label.value for label in labels]}.")
+        return labels
+    return make_labels([str(name) for name in organ_names])
+
+
+def _vae_stage(images: torch.Tensor, config: MaskGenConfig, out_dir: Path, device, reporter) -> nn.Module:
+    """Stage 1: the image VAE on every training image ``(N, 1, I, J, K)``; returns it frozen."""
+    vae = build_image_vae(config).to(device)
+    train_diffusion(
+        vae, lambda model, batch: image_vae_loss(model, images[batch].to(device), config), list(range(len(images))),
+        torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=1e-2),
+        _train_config(config, config.vae_steps, len(images), ema=False), checkpoint_dir=out_dir / "vae", reporter=_Phase(reporter, "vae"),
+    )
+    vae.eval().requires_grad_(False)
+    save_weights(vae.state_dict(), out_dir / "vae.safetensors")
+    return vae
+
+
+@dataclasses.dataclass
+class _LatentData:
+    """What stages 2 and 3 draw from: the training samples, their posteriors ``(N, C_lat, d, h, w)`` and prompts."""
+
+    samples: list
+    mu: torch.Tensor
+    sigma: torch.Tensor
+    scale_factor: float
+    vocabulary: PromptVocabulary
+    prompt_dropout: float
+
+    def draw_latents(self, batch: torch.Tensor) -> torch.Tensor:
+        """Fresh scaled latents ``(mu + sigma * eps) * scale_factor``; eps from torch's global RNG (bit-exact resume)."""
+        mu, sigma = self.mu[batch.to(self.mu.device)], self.sigma[batch.to(self.mu.device)]
+        return (mu + sigma * torch.randn(mu.shape, device=mu.device)) * self.scale_factor
+
+    def dropped_tokens(self, batch: torch.Tensor) -> torch.Tensor:
+        """Token ids ``(B, L)`` of the batch's prompts, each replaced by the empty prompt with ``prompt_dropout``."""
+        prompts = [drop_prompt(self.samples[int(i)].prompt, self.prompt_dropout, None) for i in batch]
+        return self.vocabulary.encode(prompts).to(self.mu.device)
+
+
+def _latent_stage(vae, images, samples, vocabulary, config: MaskGenConfig, out_dir: Path, device, reporter) -> _LatentData:
+    """Encode every training image once (posterior mean and std) and fix ``scale_factor`` = 1/std(z)."""
+    latents_path = out_dir / "latents.safetensors"
+    if not latents_path.exists():
+        reporter.progress("latents", 0, len(images))
+        mu, sigma = encode_posteriors(vae, images.to(device))
+        # spec B.9: the std of z drawn once from the training posteriors, not SD's 0.18215
+        z = mu + sigma * torch.randn(mu.shape, generator=torch.Generator(device=mu.device).manual_seed(0), device=mu.device)
+        save_weights({"mu": mu, "sigma": sigma, "scale_factor": 1.0 / z.std().reshape(1)}, latents_path)
+        reporter.progress("latents", len(images), len(images))
+    latents = load_weights(latents_path)
+    return _LatentData(samples, latents["mu"].to(device), latents["sigma"].to(device), float(latents["scale_factor"]),
+                       vocabulary, config.prompt_dropout)
+
+
+def _unet_stage(data: _LatentData, config: MaskGenConfig, out_dir: Path, device, reporter) -> PromptedUNet:
+    """Stage 2: the latent UNet and the learned prompt encoder, jointly, on all images; returns the frozen EMA copy."""
+    scheduler = training_scheduler(config)
+    prompted = PromptedUNet(build_latent_unet(config), LearnedPromptEncoder(data.vocabulary, config.prompt_embedding_dim)).to(device)
+
+    def unet_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        token_ids = data.dropped_tokens(batch)
+        return noise_prediction_loss(lambda x_t, t: model(x_t, t, token_ids), scheduler, data.draw_latents(batch))
+
+    result = train_diffusion(
+        prompted, unet_loss, list(range(len(data.samples))),
+        torch.optim.AdamW(prompted.parameters(), lr=config.unet_lr, weight_decay=1e-2),
+        _train_config(config, config.unet_steps, len(data.samples), ema=True),
+        checkpoint_dir=out_dir / "unet", reporter=_Phase(reporter, "unet"),
+    )
+    prompted = (result.ema_model if result.ema_model is not None else prompted).eval().requires_grad_(False)
+    save_weights(prompted.unet.state_dict(), out_dir / "unet.safetensors")
+    save_weights(prompted.prompt_encoder.state_dict(), out_dir / "prompt_encoder.safetensors")
+    return prompted
+
+
+def _controlnet_stage(
+    data: _LatentData, prompted: PromptedUNet, num_organs: int, config: MaskGenConfig, out_dir: Path, device, reporter
+) -> None:
+    """Stage 3: the ControlNet alone (UNet and prompt encoder frozen) on the mixed source/target set."""
+    scheduler = training_scheduler(config)
+    controlnet = build_controlnet(config, control_channels(num_organs, config.control_encoding), prompted.unet).to(device)
+
+    def controlnet_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            context = prompted.prompt_encoder(data.dropped_tokens(batch))
+        control = torch.stack([data.samples[int(i)].control(config.control_encoding) for i in batch]).to(device)
+        return noise_prediction_loss(controlnet_denoiser(prompted.unet, model, control, context), scheduler, data.draw_latents(batch))
+
+    result = train_diffusion(
+        controlnet, controlnet_loss, list(range(len(data.samples))),
+        torch.optim.AdamW(controlnet.parameters(), lr=config.controlnet_lr, weight_decay=1e-2),
+        _train_config(config, config.controlnet_steps, len(data.samples), ema=True),
+        checkpoint_dir=out_dir / "controlnet", reporter=_Phase(reporter, "controlnet"),
+    )
+    save_weights((result.ema_model if result.ema_model is not None else controlnet).state_dict(), out_dir / "controlnet.safetensors")
+
+
+def _checker_stage(sources, organ_names, config: MaskGenConfig, out_dir: Path, device, reporter) -> None:
+    """Stage 4: the independent checker, from the source label maps (+ images) only, never the generator."""
+    checker_config = CheckerConfig.tiny() if config.checker_preset == "tiny" else CheckerConfig()
+    steps = checker_config.steps if config.checker_steps is None else config.checker_steps
+    checker_config = dataclasses.replace(checker_config, batch_size=min(checker_config.batch_size, len(sources)), steps=steps)
+    checker = train_checker(
+        [sample.label for sample in sources], len(organ_names), checker_config, images=[sample.image for sample in sources],
+        device=device, reporter=_Phase(reporter, "checker"), checkpoint_dir=out_dir / "checker_checkpoints",
+    )
+    save_checker(checker, checker_config, len(organ_names), out_dir / CHECKER_DIR, organ_names=organ_names)
+
+
+def train_maskgen(
+    source_cases: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    target_images: Sequence[torch.Tensor],
+    organ_names: Sequence[str | LabelInfo],
+    out_dir: str | os.PathLike,
+    config: MaskGenConfig | None = None,
+    *,
+    source_prompt: Prompt,
+    target_prompt: Prompt,
+    device: torch.device | str = "cpu",
+    reporter: Reporter | None = None,
+) -> Path:
+    """Train the mask-conditioned generator (and its checker); returns the model folder.
+
+    Args:
+        source_cases: source-modality ``(image (1, I, J, K) in [0, 1], label (1, I, J, K) int)`` on one grid;
+            label value ``j`` = ``organ_names[j-1]``. Cases without any organ voxel are left out.
+        target_images: target-modality images ``(1, I, J, K)`` in [0, 1] on the same grid (no labels).
+        organ_names: the N organ names in label order (or :class:`LabelInfo` with values 1..N and colours).
+        out_dir: model folder; a partial run there is resumed stage by stage.
+        config: architecture and schedule (default :class:`MaskGenConfig`).
+        source_prompt, target_prompt: prompts of the two modalities (their ``organs`` are set to the organ names).
+        device: training device.
+        reporter: progress per stage (``vae``, ``latents``, ``unet``, ``controlnet``, ``checker``) and cancellation.
+    """
+    config = config or MaskGenConfig()
+    reporter = as_reporter(reporter)
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    organs = _organ_labels(organ_names)
+    names = tuple(organ.name for organ in organs)
+    if source_prompt.modality == target_prompt.modality:
+        raise BadInputError(f"Source and target modality must differ; both are {source_prompt.modality!r}.")
+    source_prompt = dataclasses.replace(source_prompt, organs=names)
+    target_prompt = dataclasses.replace(target_prompt, organs=names)
+    samples = compose_training_set(source_cases, target_images, source_prompt, target_prompt)
+    if len(samples) < len(source_cases) + len(target_images):
+        reporter.log(f"{len(source_cases) + len(target_images) - len(samples)} source case(s) without any organ left out.", "warning")
+    shape = _check_pairs(samples, config.downsample_factor)  # TrainingSample has .image like PreparedPair
+    images = torch.stack([convert_to_tensor(sample.image, track_meta=False).float() for sample in samples])
+
+    vae = _vae_stage(images, config, out_dir, device, reporter)
+    vocabulary = PromptVocabulary.from_prompts([source_prompt, target_prompt])
+    data = _latent_stage(vae, images, samples, vocabulary, config, out_dir, device, reporter)
+    prompted = _unet_stage(data, config, out_dir, device, reporter)
+    _controlnet_stage(data, prompted, len(organs), config, out_dir, device, reporter)
+    if config.train_checker and not (out_dir / CHECKER_DIR / MODEL_JSON).is_file():
+        _checker_stage([sample for sample in samples if sample.is_source], names, config, out_dir, device, reporter)
+
+    first_image = source_cases[0][0]
+    affine = first_image.affine if isinstance(first_image, MetaTensor) else torch.eye(4)
+    write_model_json(
+        out_dir, TASK, config=dataclasses.asdict(config), organs=[dataclasses.asdict(organ) for organ in organs],
+        prompts={prompt.modality: dataclasses.asdict(prompt) for prompt in (source_prompt, target_prompt)},
+        source_modality=source_prompt.modality, target_modality=target_prompt.modality,
+        prompt_encoder=prompted.prompt_encoder.to_config(), scale_factor=data.scale_factor, grid_shape=list(shape),
+        affine=np.asarray(affine, dtype=float).tolist(), latent_shape=list(data.mu.shape[1:]),
+    )
+    return out_dir
+
+
+@dataclasses.dataclass
+class MaskGenModel:
+    """A trained generator loaded for sampling (eval mode, frozen).
+
+    Attributes:
+        document: the model's ``medgen_model.json``.
+        organs: organ ``j`` = ``organs[j-1]`` (label value j).
+        prompts: the training prompts by modality.
+        grid_affine: the training grid's affine; ``grid_shape`` its shape ``(I, J, K)``.
+    """
+
+    document: dict
+    config: MaskGenConfig
+    vae: nn.Module
+    unet: nn.Module
+    prompt_encoder: LearnedPromptEncoder
+    controlnet: nn.Module
+    scale_factor: float
+    organs: list[LabelInfo]
+    prompts: dict[str, Prompt]
+    grid_shape: tuple[int, ...]
+    grid_affine: torch.Tensor
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, device: torch.device | str = "cpu") -> "MaskGenModel":
+        model_dir, device = Path(model_dir), torch.device(device)
+        document = read_model_json(model_dir, TASK)
+        config = MaskGenConfig.from_dict(document["config"])
+        organs = [LabelInfo(e["name"], int(e["value"]), tuple(e["color"])) for e in document["organs"]]
+        prompt_encoder = load_into(LearnedPromptEncoder.from_config(document["prompt_encoder"]), model_dir / "prompt_encoder.safetensors")
+        unet = load_into(build_latent_unet(config), model_dir / "unet.safetensors")
+        controlnet = build_controlnet(config, control_channels(len(organs), config.control_encoding))
+        controlnet = load_into(controlnet, model_dir / "controlnet.safetensors")
+        vae = load_into(build_image_vae(config), model_dir / "vae.safetensors")
+        networks = [network.to(device).eval().requires_grad_(False) for network in (vae, unet, prompt_encoder, controlnet)]
+        prompts = {modality: Prompt(**fields) for modality, fields in document["prompts"].items()}
+        return cls(document, config, *networks, float(document["scale_factor"]), organs, prompts,
+                   tuple(document["grid_shape"]), torch.tensor(document["affine"], dtype=torch.float64))
+
+    def prompt(self, modality: str) -> Prompt:
+        """The training prompt of ``modality``; :class:`BadInputError` listing the known ones otherwise."""
+        if modality not in self.prompts:
+            raise BadInputError(f"The model does not know the modality {modality!r}; it was trained on {sorted(self.prompts)}.")
+        return self.prompts[modality]
+
+    def check_label(self, label: torch.Tensor, what: str) -> None:
+        """:class:`BadInputError` when ``label`` holds values that are not organs of the model."""
+        found = sorted({int(v) for v in torch.unique(torch.as_tensor(label)).tolist()} - {0})
+        unknown = [value for value in found if not 1 <= value <= len(self.organs)]
+        if unknown:
+            known = {organ.value: organ.name for organ in self.organs}
+            raise BadInputError(
+                f"{what} holds label values {unknown} that are not organs of the model (found {found}; the model knows "
+                f"{known}). Remap the mask to the model's label values."
+            )
+
+    def to_model_grid(self, label: torch.Tensor) -> tuple[MetaTensor, bool]:
+        """The mask on the training grid's shape and spacing (nearest neighbour, centred pad/crop; its own
+        orientation is kept); ``(label, True)`` when it had to be resampled."""
+        spacing = self.grid_affine[:3, :3].norm(dim=0)
+        if not isinstance(label, MetaTensor):
+            label = MetaTensor(label, affine=self.grid_affine if tuple(label.shape[1:]) == self.grid_shape else torch.eye(4))
+        own_spacing = torch.as_tensor(label.affine, dtype=torch.float64)[:3, :3].norm(dim=0)
+        if tuple(label.shape[1:]) == self.grid_shape and torch.allclose(own_spacing, spacing, rtol=1e-3):
+            return label, False
+        resampled = Spacing(pixdim=spacing.tolist(), mode="nearest")(label.float())
+        resampled = ResizeWithPadOrCrop(self.grid_shape)(resampled)
+        return MetaTensor(resampled.as_tensor().round().long(), affine=resampled.affine), True
+
+
+def guided_denoiser(model: MaskGenModel, control: torch.Tensor, context: torch.Tensor, empty_context: torch.Tensor,
+                    guidance_scale: float, conditioning_scale: float = 1.0):
+    """MRGen's CFG denoiser: ControlNet + UNet on both branches, the empty-prompt context as the unconditional one.
+
+    At scale 1 (0) only the conditional (unconditional) branch runs, as diffusers skips CFG; otherwise both
+    branches run as one doubled batch (as MONAI's inferer does), which is the same arithmetic as
+    :func:`medgen.diffusion.cfg_denoiser` up to floating-point batching effects.
+
+    Args:
+        control: ``(B, C_ctrl, I, J, K)`` at image resolution; context, empty_context: ``(1, L, E)``.
+    """
+    batch = control.shape[0]
+
+    def branch(branch_control: torch.Tensor, branch_context: torch.Tensor):
+        return controlnet_denoiser(model.unet, model.controlnet, branch_control, branch_context, conditioning_scale)
+
+    if guidance_scale in (0.0, 1.0):
+        return branch(control, (context if guidance_scale == 1.0 else empty_context).expand(batch, -1, -1))
+    both = branch(torch.cat([control, control]), torch.cat([empty_context.expand(batch, -1, -1), context.expand(batch, -1, -1)]))
+
+    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        unconditional, conditional = both(torch.cat([x_t, x_t]), torch.cat([t, t])).chunk(2)
+        return unconditional + guidance_scale * (conditional - unconditional)
+
+    return denoise
+
+
+def generate_on_model_grid(
+    model: MaskGenModel, label: torch.Tensor, prompt: Prompt, *, count: int = 20, chunk: int = 10, steps: int = 50,
+    guidance_scale: float = 7.0, conditioning_scale: float = 1.0, seed: int = 0, device: torch.device | str = "cpu",
+    reporter: Reporter | None = None,
+) -> torch.Tensor:
+    """``count`` candidates ``(count, 1, I, J, K)`` in [0, 1] (CPU) for a label map already on the model grid."""
+    if count < 1 or chunk < 1:
+        raise BadInputError(f"count and chunk must be >= 1; got count={count}, chunk={chunk}.")
+    reporter = as_reporter(reporter)
+    device = torch.device(device)
+    control = control_tensor(label, len(model.organs), model.config.control_encoding).to(device)[None]
+    with torch.no_grad():
+        context = model.prompt_encoder.encode_prompts([prompt])
+        empty_context = model.prompt_encoder.encode_prompts([Prompt.empty()])  # the true "" embedding (spec B.5)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    latent_shape = tuple(model.document["latent_shape"])
+    candidates = []
+    for start in range(0, count, chunk):
+        size = min(chunk, count - start)
+        scheduler, timesteps = sampling_scheduler(model.config, steps)
+        noise = torch.randn((size, *latent_shape), generator=generator, device=device)
+        controls = control.expand(size, *control.shape[1:])
+        denoise = guided_denoiser(model, controls, context, empty_context, guidance_scale, conditioning_scale)
+        z = sample(denoise, scheduler, noise, timesteps=timesteps, generator=generator, reporter=reporter, phase="denoising")
+        with torch.no_grad():
+            candidates.append(model.vae.decode(z / model.scale_factor).clamp(0.0, 1.0).cpu())
+        reporter.progress("candidates", start + size, count)
+    return torch.cat(candidates)
+
+
+def _to_mask_grid(images: torch.Tensor, grid_label: MetaTensor, label: torch.Tensor) -> torch.Tensor:
+    """Candidates ``(B, 1, ...)`` on ``grid_label``'s grid resampled (trilinear) onto ``label``'s grid."""
+    resampled = SpatialResample(mode="bilinear", padding_mode="border")(
+        MetaTensor(images[:, 0], affine=grid_label.affine), dst_affine=torch.as_tensor(label.affine), spatial_size=tuple(label.shape[1:]),
+    )
+    return convert_to_tensor(resampled, track_meta=False).float()[:, None].clamp(0.0, 1.0)
+
+
+def generate_candidates(
+    model_dir: str | os.PathLike, label: torch.Tensor, prompt: Prompt, *, count: int = 20, chunk: int = 10, steps: int = 50,
+    guidance_scale: float = 7.0, conditioning_scale: float = 1.0, seed: int = 0, device: torch.device | str = "cpu",
+    reporter: Reporter | None = None,
+) -> torch.Tensor:
+    """Render ``count`` images of the mask ``label`` in ``prompt``'s modality.
+
+    Args:
+        model_dir: folder written by :func:`train_maskgen`.
+        label: integer label map ``(1, I, J, K)`` (MetaTensor: its affine is used), values organs of the model.
+            A mask on another grid is resampled (nearest) to the model's shape and spacing, and the images are
+            resampled back (trilinear), so they always lie on the mask's grid.
+        prompt: e.g. the model's target prompt (``MaskGenModel.prompt(modality)``).
+        count, chunk: candidates, and how many are denoised at once (bounds memory).
+        steps: DDIM steps at MRGen's timesteps (981, 961, ..., 1 for 50).
+        guidance_scale: CFG scale against the empty prompt (1 = conditional only, 0 = unconditional only).
+        conditioning_scale: ControlNet residual multiplier (both CFG branches).
+        seed: seeds the starting noise of all candidates.
+
+    Returns:
+        float ``(count, 1, I, J, K)`` in [0, 1] on the mask's grid (CPU).
+    """
+    reporter = as_reporter(reporter)
+    model = MaskGenModel.load(model_dir, device)
+    model.check_label(label, "The mask")
+    grid_label, resampled = model.to_model_grid(label)
+    if resampled:
+        reporter.log(f"The mask {tuple(label.shape[1:])} was resampled (nearest) to the model grid {model.grid_shape}.")
+    images = generate_on_model_grid(model, grid_label, prompt, count=count, chunk=chunk, steps=steps, guidance_scale=guidance_scale,
+                                    conditioning_scale=conditioning_scale, seed=seed, device=device, reporter=reporter)
+    return _to_mask_grid(images, grid_label, label) if resampled else images
+
+
+@dataclasses.dataclass
+class MaskResult:
+    """What happened to one conditioning mask: ``status`` is ``accepted``, ``none accepted`` or ``skipped: empty mask``."""
+
+    mask_id: str
+    status: str
+    scores: list[CandidateScore] = dataclasses.field(default_factory=list)
+    decision: FilterDecision | None = None
+    pairs: list[tuple[Path, Path]] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        accepted = {score.candidate for score in self.decision.accepted} if self.decision else set()
+        rejected = self.decision.rejected if self.decision else {}
+        return {
+            "mask_id": self.mask_id, "status": self.status, "path": self.decision.path if self.decision else None,
+            "candidates": [{**score.to_dict(), "decision": "accepted" if score.candidate in accepted else "rejected",
+                            "reason": rejected.get(score.candidate, "")} for score in self.scores],
+            "pairs": [{"image": image.name, "label": label.name} for image, label in self.pairs],
+        }
+
+
+@dataclasses.dataclass
+class MaskGenReport:
+    """All masks of a :func:`synthesize_from_masks` run; ``report_path`` is its ``report.json``."""
+
+    masks: list[MaskResult]
+    report_path: Path
+
+    @property
+    def pairs(self) -> list[tuple[Path, Path]]:
+        return [pair for mask in self.masks for pair in mask.pairs]
+
+
+def _write_report(path: Path, settings: dict, results: list[MaskResult]) -> None:
+    document = {**settings, "masks": [result.to_dict() for result in results],
+                "accepted_pairs": sum(len(result.pairs) for result in results)}
+    write_text_atomic(path, json.dumps(document, indent=2) + "\n")
+
+
+def synthesize_from_masks(
+    model_dir: str | os.PathLike,
+    masks: Sequence[tuple[str, torch.Tensor]],
+    out_dir: str | os.PathLike,
+    *,
+    target_modality: str | None = None,
+    target_prompt: Prompt | None = None,
+    candidates: int = 20,
+    chunk: int = 10,
+    steps: int = 50,
+    guidance_scale: float = 7.0,
+    thresholds: FilterThresholds = FilterThresholds(),
+    checker: nn.Module | str | os.PathLike | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    reporter: Reporter | None = None,
+    report_path: str | os.PathLike | None = None,
+) -> MaskGenReport:
+    """MRGen's data engine: per mask generate candidates, score them with the checker, keep the accepted ones.
+
+    Accepted pairs are written as they are accepted (``{mask_id}_{k}_image.nii.gz`` on the mask's grid and
+    ``{mask_id}_{k}_label.nii.gz`` = the conditioning mask, k the candidate index), with ``labels.json`` and
+    ``report.json`` (every candidate's scores and decision, each mask's status) rewritten after every mask,
+    so a cancelled run keeps a consistent folder. A mask whose foreground fraction is <= ``MASK_THRESHOLD`` is
+    skipped; a mask with no accepted candidate is reported, not an error.
+
+    Args:
+        model_dir: folder written by :func:`train_maskgen`.
+        masks: ``(mask_id, label (1, I, J, K))``; ids are unique file-name stems.
+        out_dir: output folder.
+        target_modality, target_prompt: the modality to render (a modality of the model) or an explicit prompt.
+        candidates, chunk, steps, guidance_scale: see :func:`generate_candidates`; mask ``i`` uses seed ``seed + i``.
+        thresholds: acceptance settings (:class:`FilterThresholds`).
+        checker: a checker module or folder; None uses the model's own ``checker/``.
+        report_path: where ``report.json`` goes (default ``out_dir/report.json``).
+    """
+    reporter = as_reporter(reporter)
+    out_dir = Path(out_dir)
+    report_path = Path(report_path) if report_path is not None else out_dir / "report.json"
+    model = MaskGenModel.load(model_dir, device)
+    if (target_modality is None) == (target_prompt is None):
+        raise BadInputError("Give exactly one of target_modality and target_prompt.")
+    prompt = target_prompt or model.prompt(target_modality)
+    ids = [mask_id for mask_id, _ in masks]
+    if len(set(ids)) != len(ids) or any(not mask_id or "/" in mask_id or "\\" in mask_id for mask_id in ids):
+        raise BadInputError(f"Mask ids must be unique, non-empty file-name stems; got {ids}.")
+    for mask_id, label in masks:
+        model.check_label(label, f"Mask {mask_id!r}")
+    if not isinstance(checker, nn.Module):
+        checker_dir = Path(checker) if checker is not None else Path(model_dir) / CHECKER_DIR
+        if not (checker_dir / MODEL_JSON).is_file():
+            raise ModelError(f"No checker in {checker_dir}: train the model with train_checker on, or pass a checker folder.")
+        checker = load_checker(checker_dir, device)
+    names = [organ.name for organ in model.organs]
+    save_labels(model.organs, out_dir / "labels.json")
+    settings = {"model": str(model_dir), "prompt": prompt.text(), "candidates": candidates, "steps": steps,
+                "guidance_scale": guidance_scale, "seed": seed, "thresholds": dataclasses.asdict(thresholds)}
+    results: list[MaskResult] = []
+    for index, (mask_id, label) in enumerate(masks):
+        reporter.check_cancelled()
+        if foreground_fraction(label) <= MASK_THRESHOLD:
+            reporter.log(f"Mask {mask_id!r} skipped: its foreground fraction is at most {MASK_THRESHOLD}.")
+            results.append(MaskResult(mask_id, "skipped: empty mask"))
+        else:
+            grid_label, resampled = model.to_model_grid(label)
+            if resampled:
+                reporter.log(f"Mask {mask_id!r} {tuple(label.shape[1:])} was resampled (nearest) to the model grid {model.grid_shape}.")
+            images = generate_on_model_grid(model, grid_label, prompt, count=candidates, chunk=chunk, steps=steps,
+                                            guidance_scale=guidance_scale, seed=seed + index, device=device, reporter=reporter)
+            scores = score_candidates(checker, images, grid_label, names, mask_id=mask_id)
+            decision = select_candidates(scores, thresholds)
+            result = MaskResult(mask_id, "accepted" if decision.accepted else "none accepted", scores, decision)
+            for score in decision.accepted:
+                image = images[score.candidate : score.candidate + 1]
+                image = _to_mask_grid(image, grid_label, label) if resampled else image
+                affine, voxels = (label.affine, label.as_tensor()) if isinstance(label, MetaTensor) else (model.grid_affine, label)
+                stem = out_dir / f"{mask_id}_{score.candidate}"
+                result.pairs.append((
+                    save_volume(MetaTensor(image[0], affine=affine), f"{stem}_image.nii.gz"),
+                    save_volume(MetaTensor(voxels.long(), affine=affine), f"{stem}_label.nii.gz", label=True),
+                ))
+            reporter.log(f"Mask {mask_id!r}: {len(decision.accepted)} of {candidates} candidate(s) accepted ({decision.path}).")
+            results.append(result)
+        _write_report(report_path, settings, results)
+        reporter.progress("masks", index + 1, len(masks))
+    return MaskGenReport(results, report_path)

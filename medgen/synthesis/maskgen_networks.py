@@ -1,0 +1,208 @@
+"""Networks and schedules of the 3D MRGen-style mask-conditioned generator (spec B.9).
+
+Three MONAI networks share one latent space: an image ``AutoencoderKL`` (1 channel, ``f``-times
+downsampling), a prompt-conditioned ``DiffusionModelUNet`` (cross-attention on the context of a
+:class:`medgen.synthesis.prompts.LearnedPromptEncoder`) and a ``ControlNet`` copied from that UNet.
+The ControlNet's conditioning embedding must downsample the image-resolution control by exactly ``f``
+(``len(control_embedding_channels) == log2(f) + 1``, spec D), otherwise its residuals miss the latent grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from torch import nn
+
+from medgen.diffusion import strided_timesteps
+from medgen.errors import BadInputError
+from medgen.synthesis.joint_vae import kl_divergence
+from medgen.synthesis.masks import ENCODINGS
+from medgen.synthesis.prompts import LearnedPromptEncoder
+
+#: MRGen's noise schedule (Stable Diffusion's): scaled-linear betas 0.00085 -> 0.012 over 1000 steps
+SCHEDULE = dict(schedule="scaled_linear_beta", beta_start=0.00085, beta_end=0.012)
+
+
+@dataclasses.dataclass
+class MaskGenConfig:
+    """Settings of the mask-conditioned generator (defaults: a 3D GPU recipe after spec B.9; :meth:`tiny` for CPU).
+
+    Args:
+        vae_channels, vae_res_blocks, vae_norm_groups, latent_channels: image VAE; ``len(vae_channels) - 1``
+            downsamplings (B.9: ``(c, 2c, 4c, 4c)``, 8x).
+        vae_loss: ``"l2"`` (MRGen) or ``"l1"`` reconstruction term, mean over voxels.
+        vae_kl_weight: w_KL on the KL *averaged* over latent elements (MRGen: 1e-4 with this reduction).
+        unet_channels, unet_attention, unet_res_blocks, unet_norm_groups, num_head_channels: latent UNet
+            (and ControlNet) architecture; cross-attention (the prompt) acts only at levels with attention.
+        prompt_embedding_dim: E, the context width of the learned prompt encoder (cross_attention_dim).
+        control_encoding: ``"one-hot"`` (one channel per organ, recommended in 3D) or ``"merged"`` (MRGen's 1 channel).
+        control_embedding_channels: ControlNet conditioning embedding widths; length ``log2(f) + 1``.
+        prompt_dropout: probability a training prompt becomes the empty prompt (MRGen: 0.1, enables CFG).
+        vae_steps, unet_steps, controlnet_steps: optimiser steps per stage.
+        vae_lr, unet_lr, controlnet_lr: AdamW learning rates (MRGen: 5e-5, 1e-5, 1e-5 at far larger batches;
+            the UNet default is higher because it is trained from scratch on a small 3D set).
+        batch_size, grad_accum_steps, amp, checkpoint_every: as in :class:`medgen.diffusion.TrainConfig`.
+        grad_clip_norm: max gradient norm (MRGen's ControlNet: 1.0; used for every stage).
+        ema_decay: EMA decay of the UNet + prompt encoder and of the ControlNet (sampling uses EMA weights).
+        num_train_timesteps: diffusion steps T.
+        train_checker: also train the independent organ checker used to filter candidates (stage 4).
+        checker_preset: ``"default"`` or ``"tiny"`` :class:`medgen.synthesis.checker.CheckerConfig`.
+        checker_steps: training steps of the checker (None: the preset's).
+    """
+
+    vae_channels: tuple[int, ...] = (32, 64, 128, 128)
+    vae_res_blocks: int = 2
+    vae_norm_groups: int = 32
+    latent_channels: int = 8
+    vae_loss: str = "l2"
+    vae_kl_weight: float = 1e-4
+    unet_channels: tuple[int, ...] = (64, 128, 256)
+    unet_attention: tuple[bool, ...] = (False, True, True)
+    unet_res_blocks: int = 2
+    unet_norm_groups: int = 32
+    num_head_channels: int = 32
+    prompt_embedding_dim: int = 256
+    control_encoding: str = "one-hot"
+    control_embedding_channels: tuple[int, ...] = (16, 32, 96, 256)
+    prompt_dropout: float = 0.1
+    vae_steps: int = 20000
+    unet_steps: int = 50000
+    controlnet_steps: int = 20000
+    vae_lr: float = 5e-5
+    unet_lr: float = 1e-4
+    controlnet_lr: float = 1e-5
+    batch_size: int = 1
+    grad_accum_steps: int = 4
+    amp: bool = True
+    checkpoint_every: int = 1000
+    grad_clip_norm: float = 1.0
+    ema_decay: float = 0.999
+    num_train_timesteps: int = 1000
+    train_checker: bool = True
+    checker_preset: str = "default"
+    checker_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.control_encoding not in ENCODINGS:
+            raise BadInputError(f"Unknown control encoding {self.control_encoding!r}; use one of {ENCODINGS}.")
+        if self.vae_loss not in ("l1", "l2"):
+            raise BadInputError(f"vae_loss must be 'l1' or 'l2'; got {self.vae_loss!r}.")
+        expected = int(math.log2(self.downsample_factor)) + 1
+        if len(self.control_embedding_channels) != expected:
+            raise BadInputError(
+                f"The ControlNet conditioning embedding must downsample by the VAE factor {self.downsample_factor}, "
+                f"so it needs {expected} widths; got {tuple(self.control_embedding_channels)}."
+            )
+        if len(self.unet_attention) != len(self.unet_channels) or not any(self.unet_attention):
+            raise BadInputError(
+                f"unet_attention needs one flag per UNet level ({len(self.unet_channels)}) and at least one True "
+                f"(the prompt acts through cross-attention); got {tuple(self.unet_attention)}."
+            )
+
+    @classmethod
+    def tiny(cls, **overrides) -> "MaskGenConfig":
+        """A CPU configuration for tests and demos: 4x VAE (16³ -> 4³ latents), small widths, few steps."""
+        settings = dict(
+            vae_channels=(8, 16, 16), vae_res_blocks=1, vae_norm_groups=4, latent_channels=4,
+            unet_channels=(16, 32), unet_attention=(False, True), unet_res_blocks=1, unet_norm_groups=8,
+            num_head_channels=8, prompt_embedding_dim=16, control_embedding_channels=(8, 16, 32),
+            vae_steps=60, unet_steps=60, controlnet_steps=60, vae_lr=2e-3, unet_lr=1e-3, controlnet_lr=1e-3,
+            grad_accum_steps=1, amp=False, checkpoint_every=20, ema_decay=0.9, checker_preset="tiny",
+        )
+        settings.update(overrides)
+        return cls(**settings)
+
+    @classmethod
+    def from_dict(cls, document: dict) -> "MaskGenConfig":
+        """Rebuild from :func:`dataclasses.asdict` output read back from JSON (lists -> tuples)."""
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in document.items()})
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.vae_channels) - 1)
+
+
+def build_image_vae(config: MaskGenConfig) -> AutoencoderKL:
+    """MONAI ``AutoencoderKL``: image ``(B, 1, I, J, K)`` in [0, 1] <-> latent ``(B, C_lat, I/f, J/f, K/f)``."""
+    return AutoencoderKL(
+        spatial_dims=3, in_channels=1, out_channels=1, channels=tuple(config.vae_channels),
+        latent_channels=config.latent_channels, num_res_blocks=config.vae_res_blocks,
+        attention_levels=(False,) * len(config.vae_channels), norm_num_groups=config.vae_norm_groups,
+        with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False,
+    )
+
+
+def image_vae_loss(vae: AutoencoderKL, image: torch.Tensor, config: MaskGenConfig) -> torch.Tensor:
+    """Mean L2 (or L1) reconstruction + ``vae_kl_weight`` · KL averaged over latent elements (spec B.2)."""
+    reconstruction, mu, sigma = vae(image)
+    reconstruction_loss = (F.mse_loss if config.vae_loss == "l2" else F.l1_loss)(reconstruction, image)
+    return reconstruction_loss + config.vae_kl_weight * kl_divergence(mu, sigma) / mu[0].numel()
+
+
+def _unet_kwargs(config: MaskGenConfig) -> dict:
+    """Arguments the UNet and its ControlNet must share for the weight copy to line up."""
+    return dict(
+        spatial_dims=3, in_channels=config.latent_channels, channels=tuple(config.unet_channels),
+        attention_levels=tuple(config.unet_attention), num_res_blocks=config.unet_res_blocks,
+        norm_num_groups=config.unet_norm_groups, num_head_channels=config.num_head_channels,
+        with_conditioning=True, cross_attention_dim=config.prompt_embedding_dim,
+    )
+
+
+def build_latent_unet(config: MaskGenConfig) -> DiffusionModelUNet:
+    """Prompt-conditioned latent ``DiffusionModelUNet`` (epsilon prediction)."""
+    return DiffusionModelUNet(out_channels=config.latent_channels, **_unet_kwargs(config))
+
+
+def build_controlnet(config: MaskGenConfig, control_channels: int, unet: DiffusionModelUNet | None = None) -> ControlNet:
+    """MONAI ``ControlNet`` taking the image-resolution control ``(B, control_channels, I, J, K)``.
+
+    With ``unet``, the shared encoder weights are copied from it (``ControlNetModel.from_unet``): only the
+    zero convolutions and the conditioning embedding stay fresh, so at initialisation every residual is 0
+    and UNet + ControlNet predicts exactly what the UNet alone does.
+    """
+    controlnet = ControlNet(
+        conditioning_embedding_in_channels=control_channels,
+        conditioning_embedding_num_channels=tuple(config.control_embedding_channels),
+        **_unet_kwargs(config),
+    )
+    if unet is not None:
+        # strict=False: the UNet's decoder keys have no ControlNet counterpart, the zero convs no UNet one
+        controlnet.load_state_dict(unet.state_dict(), strict=False)
+    return controlnet
+
+
+class PromptedUNet(nn.Module):
+    """The latent UNet and the prompt encoder trained jointly in stage 2 as one module (one EMA, one DDP wrap).
+
+    ``forward(x_t (B, C_lat, d, h, w), t (B,), token_ids (B, L)) -> epsilon prediction (B, C_lat, d, h, w)``.
+    """
+
+    def __init__(self, unet: DiffusionModelUNet, prompt_encoder: LearnedPromptEncoder) -> None:
+        super().__init__()
+        self.unet, self.prompt_encoder = unet, prompt_encoder
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_t, timesteps=t, context=self.prompt_encoder(token_ids))
+
+
+def training_scheduler(config: MaskGenConfig) -> DDPMScheduler:
+    """DDPM, scaled-linear betas 0.00085 -> 0.012, epsilon prediction (spec B.3)."""
+    return DDPMScheduler(num_train_timesteps=config.num_train_timesteps, **SCHEDULE)
+
+
+def sampling_scheduler(config: MaskGenConfig, steps: int) -> tuple[DDIMScheduler, list[int]]:
+    """DDIM as MRGen samples (spec QB5): ``set_alpha_to_one=False``, ``steps_offset=1``, no clipping, and
+    diffusers' "leading" timesteps ``981, 961, ..., 1`` for 50 steps (MONAI's own spacing differs)."""
+    stride = config.num_train_timesteps // max(steps, 1)
+    offset = min(1, stride - 1)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=config.num_train_timesteps, clip_sample=False, set_alpha_to_one=False,
+        steps_offset=offset, **SCHEDULE,
+    )
+    return scheduler, strided_timesteps(config.num_train_timesteps, steps, offset=offset)
