@@ -1,4 +1,4 @@
-"""Cross-Modal Translation: translate a volume into another modality (for example MR to CT) with diffusion.
+"""Cross-Modal Translation: translate a volume into another modality (for example T2 to T1) with diffusion.
 
 The panel only wires the GUI; jobs run in a separate worker process (see :mod:`medgen.slicer`).
 torch and MONAI are never imported here, so the module loads before they are installed.
@@ -7,6 +7,7 @@ torch and MONAI are never imported here, so the module loads before they are ins
 import pathlib
 from typing import Annotated
 
+import qt
 import slicer
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
@@ -20,9 +21,14 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from medgen.slicer.scene_job import SceneJobLogicMixin, run_selftest_on_synthetic_volume
+from medgen.errors import BadInputError, MedGenError
+from medgen.slicer.scene_job import JobRequest, SceneJobLogicMixin, optional_folder, run_selftest_on_synthetic_volume
+from medgen.slicerqt.job_panel import JobPanel
 from medgen.slicerqt.module_widget import ModuleWidgetMixin
-from CrossModalTranslateLib import jobs
+from CrossModalTranslateLib import jobs, translation
+
+#: the application setting that remembers the last valid model folder between sessions
+MODEL_FOLDER_SETTING = "CrossModalTranslate/ModelFolder"
 
 
 class CrossModalTranslate(ScriptedLoadableModule):
@@ -35,9 +41,12 @@ class CrossModalTranslate(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["MedGen developers"]
         self.parent.helpText = _(
-            "Translate a volume into another imaging modality (for example MR to CT) with a diffusion model "
-            "guided by a modality-independent structure map, keeping the input's voxel grid. "
-            "Computation runs in a background process; Apply turns into Cancel while it runs. "
+            "Translate a volume into another imaging modality (for example T2 to T1) with a diffusion model "
+            "guided by a modality-independent structure map (LMI), keeping the source's voxel grid. "
+            "'Translate' runs a model folder on the source volume; the result is a new volume named after the "
+            "source and both modalities, which 'Segment in Segment Editor' opens for segmentation. "
+            "'Train a model' trains a model on volumes of the target modality only (from the scene or a folder). "
+            "Computation runs in a background process; Translate and Train turn into Cancel while they run. "
             "Use 'Setup' to install PyTorch and MONAI and to check that the computation works."
         )
         self.parent.acknowledgementText = _(
@@ -50,18 +59,47 @@ class CrossModalTranslate(ScriptedLoadableModule):
 class CrossModalTranslateParameterNode:
     """The panel's settings, saved with the scene.
 
-    inputVolume - the volume the job runs on.
+    inputVolume - the volume the Setup selftest runs on.
     device - where the worker computes: auto (CUDA when usable), cpu or cuda.
     outputFolder - where job folders are written; empty means Slicer's temporary folder.
+    sourceVolume - the volume to translate.
+    sourceModality - its modality (optional; names the output).
+    modelFolder - the translation model; remembered in the application settings.
+    sampler, samplingSteps, seed - how the translation is sampled.
+    memoryBudgetMb - LMI chunk budget in MB; 0 means the model's own setting.
+    translatedVolume - the latest translation, which the Segment Editor button opens.
+    trainingSource - train on the volumes checked in the scene, or on a folder of volume files.
+    trainingFolder - that folder.
+    targetModality - the modality of the training volumes, stored in the model.
+    mode, preset, gridI, gridJ, gridK, trainingSteps - the model and its training.
+    modelOutputFolder - where the trained model goes; empty keeps it in the job folder.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     outputFolder: pathlib.Path
+    sourceVolume: vtkMRMLScalarVolumeNode
+    sourceModality: str = ""
+    modelFolder: pathlib.Path
+    sampler: Annotated[str, Choice(list(translation.SAMPLERS))] = "ddim"
+    samplingSteps: int = 50
+    seed: int = 0
+    memoryBudgetMb: float = 0.0
+    translatedVolume: vtkMRMLScalarVolumeNode
+    trainingSource: Annotated[str, Choice(["scene", "folder"])] = "scene"
+    trainingFolder: pathlib.Path
+    targetModality: str = "T1"
+    mode: Annotated[str, Choice(list(translation.MODES))] = "2.5d"
+    preset: Annotated[str, Choice(list(translation.PRESETS))] = "tiny"
+    gridI: int = 32
+    gridJ: int = 32
+    gridK: int = 32
+    trainingSteps: int = 200
+    modelOutputFolder: pathlib.Path
 
 
 class CrossModalTranslateWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The module panel: inputs, device, output folder, Apply/Cancel, progress and Setup."""
+    """The module panel: Translate (source, model, sampler, output, Segment Editor), Train a model, and Setup."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -81,30 +119,113 @@ class CrossModalTranslateWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget,
 
         self.logic = CrossModalTranslateLogic()
         self.setupJobControls()
+        self.setupTranslation()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
 
+    def setupTranslation(self) -> None:
+        """Translate and Train each get their own button (turning into Cancel), progress bar and status line."""
+        locked = [self.ui.checkSetupButton, self.ui.installDependenciesButton]
+        self.translatePanel = JobPanel(self.ui.translateButton, self.ui.translateProgressBar, self.ui.translateStatusLabel, locked)
+        self.trainPanel = JobPanel(self.ui.trainButton, self.ui.trainProgressBar, self.ui.trainStatusLabel, locked)
+        # Missing inputs are reported when a button is pressed, with what to do (BadInputError).
+        self.translatePanel.set_can_start(True)
+        self.trainPanel.set_can_start(True)
+        self.ui.translateButton.connect("clicked(bool)", self.onTranslateButton)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
+        self.ui.segmentEditorButton.connect("clicked(bool)", self.onSegmentEditorButton)
+        self.ui.modelFolderButton.connect("directoryChanged(QString)", self.onModelFolderChanged)
+        self.ui.translatedVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onTranslatedVolumeSelected)
+
+    def onTranslateButton(self) -> None:
+        self.startOrCancel(self.translatePanel, lambda: self.logic.panelTranslationRequest(self._parameterNode),
+                           onImported=self.onTranslated)
+
+    def onTrainButton(self) -> None:
+        checkedVolumes = list(self.ui.trainingVolumesSelector.checkedNodes())
+        self.startOrCancel(self.trainPanel, lambda: self.logic.panelTrainRequest(self._parameterNode, checkedVolumes),
+                           onImported=self.onTrained)
+
+    def onTranslated(self, imported: dict) -> None:
+        """The new translation becomes the output volume the Segment Editor button opens."""
+        self._parameterNode.translatedVolume = imported["translated"]
+        self.updateSegmentEditorButton()
+
+    def onTrained(self, imported: dict) -> None:
+        """A newly trained model becomes the model to translate with (and is remembered)."""
+        self._parameterNode.modelFolder = imported["model"]
+        self.onModelFolderChanged()
+
+    def onModelFolderChanged(self, *unused) -> None:
+        """Describe the chosen model folder, or say what is wrong with it; remember it once it is valid."""
+        folder = optional_folder(self._parameterNode.modelFolder)
+        if folder is None:
+            self.ui.modelInfoLabel.text = _("No model chosen: choose a model folder or train a model.")
+            return
+        try:
+            info = self.logic.modelInfo(folder)
+        except (MedGenError, ImportError) as error:  # reported in the panel; Translate refuses the folder again
+            self.ui.modelInfoLabel.text = str(error)
+            return
+        self.ui.modelInfoLabel.text = info.describe()
+        qt.QSettings().setValue(MODEL_FOLDER_SETTING, str(folder))
+
+    def updateSegmentEditorButton(self) -> None:
+        """The Segment Editor button works on the output volume, so it is enabled only when there is one."""
+        self.onTranslatedVolumeSelected(self._parameterNode.translatedVolume if self._parameterNode else None)
+
+    def onTranslatedVolumeSelected(self, volumeNode) -> None:
+        """The output selector changed (a new translation, another pick, or the output was deleted)."""
+        self.ui.segmentEditorButton.enabled = volumeNode is not None
+
+    def onSegmentEditorButton(self) -> None:
+        """Switch to the Segment Editor with a segmentation on the output volume selected."""
+        with slicer.util.tryWithErrorDisplay(_("Opening the Segment Editor failed."), waitCursor=True):
+            volumeNode = self._parameterNode.translatedVolume
+            segmentationNode = self.logic.segmentationFor(volumeNode)
+            slicer.util.selectModule("SegmentEditor")
+            editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+            editor.setSegmentationNode(segmentationNode)
+            editor.setSourceVolumeNode(volumeNode)
+
     def initializeParameterNode(self) -> None:
-        """Get the scene's parameter node and pick the first volume when none is selected."""
+        """Get the scene's parameter node, pick the first volume and the remembered model when none is chosen."""
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode:
-                self._parameterNode.inputVolume = firstVolumeNode
+        firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        if firstVolumeNode and not self._parameterNode.inputVolume:
+            self._parameterNode.inputVolume = firstVolumeNode
+        if firstVolumeNode and not self._parameterNode.sourceVolume:
+            self._parameterNode.sourceVolume = firstVolumeNode
+        self.restoreModelFolder()
+        self.onModelFolderChanged()
+        self.updateSegmentEditorButton()
+
+    def restoreModelFolder(self) -> None:
+        """Start from the model folder of the last session when the scene has none chosen."""
+        if optional_folder(self._parameterNode.modelFolder) is None:
+            remembered = qt.QSettings().value(MODEL_FOLDER_SETTING, "")
+            if remembered:
+                self._parameterNode.modelFolder = pathlib.Path(remembered)
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         canApply = bool(self._parameterNode and self._parameterNode.inputVolume)
-        self.ui.applyButton.toolTip = _("Run the job on the input volume") if canApply else _("Select an input volume")
+        self.ui.applyButton.toolTip = _("Run the selftest job on the selftest volume") if canApply else _("Select a selftest volume")
         self.jobPanel.set_can_start(canApply)
 
 
 class CrossModalTranslateLogic(SceneJobLogicMixin, ScriptedLoadableModuleLogic):
     """Starts and imports this module's jobs; usable from the Python console without the panel.
 
-    Example: ``CrossModalTranslateLogic().runSelftest(volumeNode, "CrossModalTranslate")`` runs the selftest job
-    to the end and returns the output volume node(s).
+    Examples::
+
+        logic = slicer.util.getModuleLogic("CrossModalTranslate")
+        model = logic.train([t1a, t1b], targetModality="T1", steps=200)      # blocks; returns the model folder
+        print(logic.modelInfo(model).describe())
+        output = logic.translate(t2Node, model, sourceModality="T2", steps=50)  # blocks; returns the new volume node
+
+    ``translationRequest``/``trainRequest`` build the same jobs for :meth:`startJob` (non-blocking).
     """
 
     def __init__(self) -> None:
@@ -113,9 +234,63 @@ class CrossModalTranslateLogic(SceneJobLogicMixin, ScriptedLoadableModuleLogic):
     def getParameterNode(self) -> CrossModalTranslateParameterNode:
         return CrossModalTranslateParameterNode(super().getParameterNode())
 
-    def applyJobRequest(self, parameterNode: CrossModalTranslateParameterNode):
-        """The job Apply starts for the panel's current settings."""
+    def applyJobRequest(self, parameterNode: CrossModalTranslateParameterNode) -> JobRequest:
+        """The job the Setup section's Apply ("Run selftest") starts."""
         return jobs.apply_job_request(parameterNode.inputVolume)
+
+    def modelInfo(self, modelFolder) -> translation.ModelInfo:
+        """What a model folder holds; raises a clear error naming what is missing (see :func:`translation.model_info`)."""
+        return translation.model_info(modelFolder)
+
+    def translationRequest(self, sourceVolumeNode, modelFolder, *, sampler: str = "ddim", steps: int = 50, seed: int = 0,
+                           sourceModality: str = "", memoryBudgetMb: float | None = None) -> JobRequest:
+        """The ``translate`` job: ``sourceVolumeNode`` into the model's modality (checked before anything starts)."""
+        return translation.translate_request(sourceVolumeNode, modelFolder, sampler=sampler, steps=steps, seed=seed,
+                                             source_modality=sourceModality, memory_budget_mb=memoryBudgetMb)
+
+    def trainRequest(self, volumesOrFolder, outputFolder=None, *, targetModality: str, steps: int | None = None,
+                     mode: str = "2.5d", grid=(32, 32, 32), preset: str = "tiny", seed: int = 0) -> JobRequest:
+        """The ``translate-train`` job on scene volumes (a list of nodes) or a folder of volume files.
+
+        ``outputFolder`` is where the model goes (must be empty); None keeps it in the job folder.
+        """
+        options = dict(target_modality=targetModality, grid=grid, mode=mode, preset=preset, steps=steps,
+                       model_folder=outputFolder, seed=seed)
+        if isinstance(volumesOrFolder, (str, pathlib.Path)):
+            return translation.train_request_from_folder(volumesOrFolder, **options)
+        return translation.train_request_from_scene(list(volumesOrFolder), **options)
+
+    def translate(self, sourceVolumeNode, modelFolder, *, device: str = "auto", jobRoot=None, **options):
+        """Translate to the end and return the new volume node (options as :meth:`translationRequest`)."""
+        request = self.translationRequest(sourceVolumeNode, modelFolder, **options)
+        return self.runJob(request, jobRoot=jobRoot, device=device)["translated"]
+
+    def train(self, volumesOrFolder, outputFolder=None, *, device: str = "auto", jobRoot=None, **options) -> pathlib.Path:
+        """Train to the end and return the model folder (options as :meth:`trainRequest`)."""
+        return self.runJob(self.trainRequest(volumesOrFolder, outputFolder, **options), jobRoot=jobRoot, device=device)["model"]
+
+    def segmentationFor(self, volumeNode):
+        """The segmentation to edit on ``volumeNode``: an existing one drawn on it, else a new empty one next to it."""
+        return translation.segmentation_for(volumeNode)
+
+    def panelTranslationRequest(self, parameterNode: CrossModalTranslateParameterNode) -> JobRequest:
+        """The ``translate`` job for the panel's Translate settings."""
+        return self.translationRequest(
+            parameterNode.sourceVolume, optional_folder(parameterNode.modelFolder), sampler=parameterNode.sampler,
+            steps=parameterNode.samplingSteps, seed=parameterNode.seed, sourceModality=parameterNode.sourceModality,
+            memoryBudgetMb=parameterNode.memoryBudgetMb or None,
+        )
+
+    def panelTrainRequest(self, parameterNode: CrossModalTranslateParameterNode, checkedVolumes: list) -> JobRequest:
+        """The ``translate-train`` job for the panel's Train settings and the volumes checked in the scene."""
+        source = optional_folder(parameterNode.trainingFolder) if parameterNode.trainingSource == "folder" else checkedVolumes
+        if source is None:
+            raise BadInputError("Choose the training folder, or train on volumes checked in the scene.")
+        return self.trainRequest(
+            source, optional_folder(parameterNode.modelOutputFolder), targetModality=parameterNode.targetModality,
+            steps=parameterNode.trainingSteps, mode=parameterNode.mode, preset=parameterNode.preset,
+            grid=(parameterNode.gridI, parameterNode.gridJ, parameterNode.gridK),
+        )
 
 
 class CrossModalTranslateTest(ScriptedLoadableModuleTest):

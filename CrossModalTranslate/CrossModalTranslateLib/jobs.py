@@ -1,8 +1,6 @@
-"""The jobs the Cross-Modal Translation panel starts.
-
-Until the translation job kind exists, Apply runs the built-in ``selftest`` job, so the whole path
-(export, worker, progress, import) is exercised; the translation issue replaces
-:func:`apply_job_request` with the real request.
+"""The job the Cross-Modal Translation panel's Apply button starts: the built-in ``selftest`` on the Setup
+section's volume, which proves that torch, the worker and the import work. Translation and training
+have their own buttons (see :mod:`CrossModalTranslateLib.translation`).
 """
 
 from medgen.slicer.scene_job import JobRequest, selftest_request

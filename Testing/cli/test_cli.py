@@ -48,3 +48,21 @@ def test_bad_input_exit_code_and_message(tmp_path):
     result = _medgen("submit", "selftest", "--inputs", '{"image": "missing.nii.gz"}', "--job-root", str(tmp_path))
     assert result.returncode == 2
     assert "does not exist" in result.stderr
+
+
+def test_demo_translation_step_says_it_is_a_tiny_cpu_model_and_prints_both_agreements(tmp_path, capsys):
+    """The demo's translation step, shrunk (its real settings take about two minutes: see medgen.cli.demo)."""
+    import re
+
+    from medgen.cli.demo import _translation_step
+    from medgen.io import load_volume
+
+    assert _translation_step(tmp_path, "cpu", grid=[16, 16, 8], training_steps=2, sampling_steps=2) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[demo]")]
+    assert any("TINY 2.5D CPU model (2 steps on a 16x16x8 grid) on the real T1 only" in line for line in said)
+    assert "SIMULATED PD -> T1 with a tiny CPU model" in said[-4]
+    agreement = re.fullmatch(r"\[demo\] LMI agreement of the translation with its PD source (\S+) vs with an unrelated source (\S+)", said[-1])
+    assert agreement and all(0.0 <= float(value) <= 1.0 for value in agreement.groups())
+    source = load_volume(tmp_path / "translation" / "pd_simulated.nii.gz")
+    translated = load_volume(next((tmp_path / "jobs").glob("translate-2*")) / "outputs" / "translated.nii.gz")
+    assert translated.shape == source.shape and torch.allclose(translated.affine, source.affine, atol=1e-5)

@@ -67,13 +67,35 @@ def cmd_synthesize(args) -> int:
     return _submit("synthesize", {"model": str(args.model)}, params, args)
 
 
+def cmd_maskgen_train(args) -> int:
+    inputs = {"source_images": [str(p) for p in args.source_images], "source_labels": [str(p) for p in args.source_labels],
+              "target_images": [str(p) for p in args.target_images]}
+    if args.label_names:
+        inputs["label_names"] = str(args.label_names)
+    params = {"shape": args.shape, "spacing_mm": args.spacing_mm, "preset": args.preset, "source_modality": args.source_modality,
+              "target_modality": args.target_modality, "region": args.region, "encoding": args.encoding,
+              "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "controlnet_steps": args.controlnet_steps}
+    return _submit("maskgen-train", inputs, params, args)
+
+
+def cmd_maskgen(args) -> int:
+    inputs = {"model": str(args.model), "masks": [str(p) for p in args.masks]}
+    if args.checker:
+        inputs["checker"] = str(args.checker)
+    params = {"target_modality": args.target_modality, "candidates": args.candidates, "chunk": args.chunk, "steps": args.steps,
+              "guidance_scale": args.guidance_scale, "nnunet_dataset_id": args.nnunet_id, "nnunet_name": args.nnunet_name}
+    return _submit("maskgen", inputs, params, args)
+
+
 def cmd_translate_train(args) -> int:
-    params = {"grid": args.grid, "mode": args.mode, "preset": args.preset, "steps": args.steps, "conditioned": not args.unconditional}
+    params = {"grid": args.grid, "mode": args.mode, "preset": args.preset, "steps": args.steps, "conditioned": not args.unconditional,
+              "target_modality": args.target_modality}
     return _submit("translate-train", {"volumes": [str(path) for path in args.volumes]}, params, args)
 
 
 def cmd_translate(args) -> int:
-    params = {"sampler": args.sampler, "steps": args.steps, "sdedit_start": args.sdedit_start}
+    params = {"sampler": args.sampler, "steps": args.steps, "sdedit_start": args.sdedit_start,
+              "memory_budget_mb": args.memory_budget_mb}
     return _submit("translate", {"source": str(args.source), "model": str(args.model)}, params, args)
 
 
@@ -169,6 +191,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_options(synthesize)
     synthesize.set_defaults(func=cmd_synthesize)
 
+    maskgen_train = commands.add_parser("maskgen-train", help="train a mask-conditioned generator (source images+labels, target images)")
+    maskgen_train.add_argument("--source-images", type=Path, nargs="+", required=True, help="source-modality images")
+    maskgen_train.add_argument("--source-labels", type=Path, nargs="+", required=True, help="their organ label maps (same order)")
+    maskgen_train.add_argument("--target-images", type=Path, nargs="+", required=True, help="target-modality images (no labels needed)")
+    maskgen_train.add_argument("--source-modality", required=True, help='prompt modality of the source images, e.g. "T1 Abdomen MRI"')
+    maskgen_train.add_argument("--target-modality", required=True, help='prompt modality of the target images, e.g. "T2 SPIR Abdomen MRI"')
+    maskgen_train.add_argument("--region", default="", help="body region named in the prompts")
+    maskgen_train.add_argument("--label-names", type=Path, help="labels.json naming the organ label values")
+    maskgen_train.add_argument("--shape", type=int, nargs=3, default=[32, 32, 32], help="training grid (voxels)")
+    maskgen_train.add_argument("--spacing-mm", type=float, nargs=3, help="resample the volumes to this spacing first")
+    maskgen_train.add_argument("--preset", choices=["tiny", "mrgen"], default="tiny", help="tiny: minutes on CPU; mrgen: the 3D recipe (GPU)")
+    maskgen_train.add_argument("--encoding", choices=["one-hot", "merged"], default="one-hot", help="mask encoding of the ControlNet input")
+    maskgen_train.add_argument("--vae-steps", type=int, help="VAE steps (override the preset)")
+    maskgen_train.add_argument("--unet-steps", type=int, help="latent UNet steps (override the preset)")
+    maskgen_train.add_argument("--controlnet-steps", type=int, help="ControlNet steps (override the preset)")
+    _add_job_options(maskgen_train)
+    maskgen_train.set_defaults(func=cmd_maskgen_train)
+
+    maskgen = commands.add_parser("maskgen", help="render target-modality images of label maps; keep the checker-accepted pairs")
+    maskgen.add_argument("model", type=Path, help="model folder written by maskgen-train")
+    maskgen.add_argument("masks", type=Path, nargs="+", help="label maps to render")
+    maskgen.add_argument("--target-modality", required=True, help="a modality the model was trained on")
+    maskgen.add_argument("--checker", type=Path, help="checker folder (default: the model's own)")
+    maskgen.add_argument("--candidates", type=int, default=20, help="candidates generated per mask")
+    maskgen.add_argument("--chunk", type=int, default=10, help="candidates denoised at once")
+    maskgen.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    maskgen.add_argument("--guidance-scale", type=float, default=7.0, help="classifier-free guidance scale")
+    maskgen.add_argument("--nnunet-id", type=int, help="also export the accepted pairs as an nnU-Net v2 dataset with this id")
+    maskgen.add_argument("--nnunet-name", default="MedGenMaskGen")
+    _add_job_options(maskgen)
+    maskgen.set_defaults(func=cmd_maskgen)
+
     translate_train = commands.add_parser("translate-train", help="train an LMI translation model on target-modality volumes")
     translate_train.add_argument("volumes", type=Path, nargs="+", help="target-modality volumes (e.g. T1)")
     translate_train.add_argument("--grid", type=int, nargs=3, default=[32, 32, 32])
@@ -176,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     translate_train.add_argument("--preset", choices=["tiny", "midiffusion"], default="tiny")
     translate_train.add_argument("--steps", type=int, help="training steps (override the preset)")
     translate_train.add_argument("--unconditional", action="store_true", help="train the SDEdit baseline instead")
+    translate_train.add_argument("--target-modality", help="modality of the training volumes (e.g. T1), recorded in the model")
     _add_job_options(translate_train)
     translate_train.set_defaults(func=cmd_translate_train)
 
@@ -185,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     translate.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     translate.add_argument("--steps", type=int, default=100, help="DDIM steps")
     translate.add_argument("--sdedit-start", type=int, help="SDEdit baseline: start timestep (unconditional model)")
+    translate.add_argument("--memory-budget-mb", type=float, help="LMI chunk budget in MB (default: the model's); lower it on GPU out-of-memory")
     _add_job_options(translate)
     translate.set_defaults(func=cmd_translate)
 

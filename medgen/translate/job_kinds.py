@@ -16,6 +16,8 @@ register(
             "steps": {"type": "integer", "minimum": 1},
             "batch_size": {"type": "integer", "minimum": 1},
             "lr": {"type": "number", "exclusiveMinimum": 0},
+            "target_modality": {"type": ["string", "null"], "default": None,
+                                "description": "modality of the training volumes (e.g. T1), recorded in the model"},
         }),
     )
 )
@@ -31,6 +33,8 @@ register(
             "sampler": {"enum": ["ddpm", "ddim"], "default": "ddpm"},
             "steps": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
             "sdedit_start": {"type": ["integer", "null"], "minimum": 0, "maximum": 999, "default": None},
+            "memory_budget_mb": {"type": ["number", "null"], "exclusiveMinimum": 0, "default": None,
+                                 "description": "LMI chunk budget in MB (null: the model's); lower it on GPU out-of-memory"},
         }),
     )
 )

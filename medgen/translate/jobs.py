@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
+
+from medgen.errors import OutOfMemoryError
 from medgen.io import load_volume, save_volume
 from medgen.jobs.context import JobContext
 from medgen.translate.model import TranslationConfig, train_translation, translate_volume
@@ -18,7 +21,8 @@ def run_translate_train(ctx: JobContext) -> dict:
     overrides = {name: ctx.params[name] for name in TRAINING_OVERRIDES if name in ctx.params}
     overrides["grid"] = tuple(ctx.params["grid"])
     config = TranslationConfig.tiny(**overrides) if ctx.params["preset"] == "tiny" else dataclasses.replace(TranslationConfig(), **overrides)
-    model_dir = train_translation(volumes, ctx.output_path("model"), config, device=ctx.device, reporter=ctx.reporter)
+    model_dir = train_translation(volumes, ctx.output_path("model"), config, device=ctx.device, reporter=ctx.reporter,
+                                  target_modality=ctx.params.get("target_modality"))
     return {"outputs": {"model": str(model_dir)}}
 
 
@@ -26,9 +30,18 @@ def run_translate(ctx: JobContext) -> dict:
     """Translate the source volume; the output keeps the source's voxel grid."""
     source = load_volume(ctx.inputs["source"], name="source volume")
     params = ctx.params
-    translated = translate_volume(
-        source, ctx.inputs["model"], sampler=params["sampler"], steps=params["steps"],
-        sdedit_start=params.get("sdedit_start"), seed=ctx.spec.seed, device=ctx.device, reporter=ctx.reporter,
-    )
+    try:
+        translated = translate_volume(
+            source, ctx.inputs["model"], sampler=params["sampler"], steps=params["steps"],
+            sdedit_start=params.get("sdedit_start"), seed=ctx.spec.seed, device=ctx.device, reporter=ctx.reporter,
+            memory_budget_mb=params.get("memory_budget_mb"),
+        )
+    except (OutOfMemoryError, torch.OutOfMemoryError) as error:
+        budget = params.get("memory_budget_mb")
+        raise OutOfMemoryError(
+            f"Out of {ctx.device} memory translating a {tuple(source.shape[1:])} volume. Lower the LMI memory budget "
+            f"(memory_budget_mb, now {f'{budget:g} MB' if budget else 'the model default'}; e.g. 256), "
+            "or translate on the CPU."
+        ) from error
     output = save_volume(translated, ctx.output_path("translated.nii.gz"))
     return {"outputs": {"translated": str(output)}}

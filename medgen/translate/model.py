@@ -130,8 +130,12 @@ def train_translation(
     *,
     device: torch.device | str = "cpu",
     reporter: Reporter | None = None,
+    target_modality: str | None = None,
 ) -> Path:
-    """Train on target-modality volumes only; returns the model folder (resumes a partial run there)."""
+    """Train on target-modality volumes only; returns the model folder (resumes a partial run there).
+
+    ``target_modality`` (e.g. ``"T1"``) is recorded in ``medgen_model.json`` so that translations can be named after it.
+    """
     config = config or TranslationConfig()
     reporter = as_reporter(reporter)
     device = torch.device(device)
@@ -168,7 +172,8 @@ def train_translation(
     )
     trained = result.ema_model if result.ema_model is not None else unet
     save_weights(trained.state_dict(), Path(out_dir) / "unet.safetensors")
-    write_model_json(out_dir, TASK, config=dataclasses.asdict(config), training_volumes=len(volumes))
+    write_model_json(out_dir, TASK, config=dataclasses.asdict(config), training_volumes=len(volumes),
+                     target_modality=target_modality)
     return Path(out_dir)
 
 
@@ -188,6 +193,7 @@ def translate_volume(
     seed: int = 0,
     device: torch.device | str = "cpu",
     reporter: Reporter | None = None,
+    memory_budget_mb: float | None = None,
 ) -> MetaTensor:
     """Translate ``source`` ``(1, I, J, K)`` into the model's modality; the output keeps the source's geometry.
 
@@ -196,9 +202,12 @@ def translate_volume(
         steps: DDIM steps (ignored by ``ddpm``).
         sdedit_start: SDEdit baseline: noise the source to this timestep and denoise (needs an unconditional model).
         seed: noise seed.
+        memory_budget_mb: LMI chunk budget for this run (None: the model's); lower it when the GPU runs out of memory.
     """
     device = torch.device(device)
     config, unet = load_translation_model(model_dir, device)
+    if memory_budget_mb is not None:
+        config = dataclasses.replace(config, memory_budget_mb=float(memory_budget_mb))
     source_grid = to_model_grid(source, config, "source volume").to(device)
     T = config.num_train_timesteps
     if sampler == "ddpm":
