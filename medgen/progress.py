@@ -95,3 +95,20 @@ class CallbackReporter:
 def as_reporter(reporter: Reporter | None) -> Reporter:
     """Return ``reporter`` or a :class:`NullReporter` when it is None."""
     return reporter if reporter is not None else NullReporter()
+
+
+class PhaseReporter:
+    """Wraps a reporter and renames every progress phase to ``phase``, so a shared trainer's
+    ``training`` phase shows which stage of a multi-stage job runs (``vae``, ``ldm``, ...)."""
+
+    def __init__(self, reporter: Reporter, phase: str) -> None:
+        self._reporter, self._phase = reporter, phase
+
+    def progress(self, phase: str, step: int, total: int, **metrics) -> None:
+        self._reporter.progress(self._phase, step, total, **metrics)
+
+    def log(self, message: str, level: str = "info") -> None:
+        self._reporter.log(message, level)
+
+    def check_cancelled(self) -> None:
+        self._reporter.check_cancelled()

@@ -9,6 +9,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from medgen.diffusion import (
     SIGMOID_SCHEDULE,
+    batched_cfg_denoiser,
     cfg_denoiser,
     controlnet_denoiser,
     sample,
@@ -213,3 +214,16 @@ def test_cfg_combines_conditional_and_unconditional():
     t = torch.tensor([0])
     assert torch.equal(cfg_denoiser(conditional, unconditional, 1.0)(x, t), conditional(x, t))
     assert torch.equal(cfg_denoiser(conditional, unconditional, 3.0)(x, t), torch.full_like(x, 3.0))
+
+
+def test_batched_cfg_equals_sequential_cfg():
+    x, t = torch.randn(2, 1, 4, 4, 4), torch.tensor([5, 5])
+    conditional = lambda x_t, t_: 2.0 * x_t + 1.0  # noqa: E731
+    unconditional = lambda x_t, t_: x_t - 1.0  # noqa: E731
+
+    def both(x_t, t_):  # first half unconditional, second half conditional
+        half = x_t.shape[0] // 2
+        return torch.cat([unconditional(x_t[:half], t_[:half]), conditional(x_t[half:], t_[half:])])
+
+    for scale in (0.0, 1.0, 7.0):
+        assert torch.allclose(batched_cfg_denoiser(both, scale)(x, t), cfg_denoiser(conditional, unconditional, scale)(x, t))

@@ -5,7 +5,7 @@ Importing this package registers :data:`SIGMOID_SCHEDULE` in MONAI's ``NoiseSche
 """
 
 from medgen.diffusion.checkpoint import latest_checkpoint, load_trained_weights
-from medgen.diffusion.denoisers import cfg_denoiser, controlnet_denoiser, unet_denoiser
+from medgen.diffusion.denoisers import batched_cfg_denoiser, cfg_denoiser, controlnet_denoiser, unet_denoiser
 from medgen.diffusion.distributed import DistContext, dist_context_from_env, init_distributed, shard_indices
 from medgen.diffusion.objectives import noise_prediction_loss
 from medgen.diffusion.sampling import Denoiser, sample, sdedit, strided_timesteps
@@ -18,6 +18,7 @@ __all__ = [
     "DistContext",
     "TrainConfig",
     "TrainResult",
+    "batched_cfg_denoiser",
     "cfg_denoiser",
     "controlnet_denoiser",
     "dist_context_from_env",

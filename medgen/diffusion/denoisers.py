@@ -83,3 +83,21 @@ def cfg_denoiser(conditional: Denoiser, unconditional: Denoiser, guidance_scale:
         return prediction_uncond + guidance_scale * (conditional(x_t, t) - prediction_uncond)
 
     return denoise
+
+
+def batched_cfg_denoiser(both_branches: Denoiser, guidance_scale: float) -> Denoiser:
+    """Classifier-free guidance with both branches in one doubled batch (one network call per step).
+
+    Same arithmetic as :func:`cfg_denoiser` up to batching round-off, usually faster on a GPU.
+
+    Args:
+        both_branches: denoiser whose conditioning is already doubled so that, called on
+            ``cat([x_t, x_t])``, the first half is the unconditional and the second the conditional prediction.
+        guidance_scale: as for :func:`cfg_denoiser`.
+    """
+
+    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        unconditional, conditional = both_branches(torch.cat([x_t, x_t]), torch.cat([t, t])).chunk(2)
+        return unconditional + guidance_scale * (conditional - unconditional)
+
+    return denoise

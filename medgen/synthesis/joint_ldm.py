@@ -23,7 +23,6 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from medgen.diffusion import (
     SIGMOID_SCHEDULE,
     TrainConfig,
-    load_trained_weights,
     noise_prediction_loss,
     sample,
     strided_timesteps,
@@ -33,11 +32,11 @@ from medgen.diffusion import (
 from medgen.errors import BadInputError
 from medgen.io import save_volume
 from medgen.labels import LabelInfo, save_labels
-from medgen.progress import Reporter, as_reporter
+from medgen.progress import PhaseReporter, Reporter, as_reporter
 from medgen.synthesis.joint_vae import JointVAEConfig, build_joint_vae, decode_pair, joint_input, joint_vae_loss
 from medgen.synthesis.latents import LatentSet, encode_posteriors
 from medgen.synthesis.model_folder import load_into, load_weights, read_model_json, save_weights, write_model_json
-from medgen.synthesis.prepare import PreparedPair
+from medgen.synthesis.prepare import PreparedPair, check_common_grid
 
 TASK = "joint-image-label-ldm"
 
@@ -108,17 +107,6 @@ def training_scheduler(config: JointLDMConfig) -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=config.num_train_timesteps, schedule=SIGMOID_SCHEDULE, clip_sample=True)
 
 
-def _check_pairs(pairs: list[PreparedPair], factor: int) -> tuple[int, ...]:
-    if not pairs:
-        raise BadInputError("No training pairs were given.")
-    shape = tuple(pairs[0].image.shape[1:])
-    if any(tuple(pair.image.shape[1:]) != shape for pair in pairs):
-        raise BadInputError("All training pairs must share one grid: prepare them with medgen.synthesis.prepare_pairs.")
-    if any(size % factor for size in shape):
-        raise BadInputError(f"The grid {shape} must be divisible by {factor} (the VAE downsamples {factor}x).")
-    return shape
-
-
 def _vae_stage(vae, pairs, config: JointLDMConfig, run_dir: Path, device, reporter) -> None:
     images = torch.stack([pair.image.as_tensor() for pair in pairs])
     labels = torch.stack([pair.label.as_tensor() for pair in pairs])
@@ -135,24 +123,8 @@ def _vae_stage(vae, pairs, config: JointLDMConfig, run_dir: Path, device, report
             vae, vae_loss, dataset, optimizer,
             TrainConfig(max_steps=max_steps, batch_size=min(config.batch_size, len(pairs)), grad_accum_steps=config.grad_accum_steps,
                         amp=config.amp, checkpoint_every=config.checkpoint_every, keep_checkpoints=1),
-            checkpoint_dir=run_dir / "vae", reporter=_Phase(reporter, "vae"),
+            checkpoint_dir=run_dir / "vae", reporter=PhaseReporter(reporter, "vae"),
         )
-
-
-class _Phase:
-    """Renames the trainer's ``training`` phase so progress shows which stage runs."""
-
-    def __init__(self, reporter: Reporter, phase: str) -> None:
-        self._reporter, self._phase = reporter, phase
-
-    def progress(self, phase: str, step: int, total: int, **metrics) -> None:
-        self._reporter.progress(self._phase, step, total, **metrics)
-
-    def log(self, message: str, level: str = "info") -> None:
-        self._reporter.log(message, level)
-
-    def check_cancelled(self) -> None:
-        self._reporter.check_cancelled()
 
 
 def train_joint_ldm(
@@ -181,7 +153,7 @@ def train_joint_ldm(
     num_classes = len(labels) + 1
     if len(pairs) < 2:
         reporter.log("Only one training case: the model can only learn to reproduce it.", "warning")
-    shape = _check_pairs(pairs, config.vae_config(num_classes).downsample_factor)
+    shape = check_common_grid(pairs, config.vae_config(num_classes).downsample_factor)
     if max(int(pair.label.max()) for pair in pairs) >= num_classes:
         raise BadInputError(f"Label values must lie in 0..{num_classes - 1} ({len(labels)} named labels).")
 
@@ -210,7 +182,7 @@ def train_joint_ldm(
         TrainConfig(max_steps=config.ldm_steps, batch_size=min(config.batch_size, len(pairs)), grad_accum_steps=config.grad_accum_steps,
                     ema_decay=config.ema_decay, ema_every=config.ema_every, amp=config.amp,
                     checkpoint_every=config.checkpoint_every, keep_checkpoints=1),
-        checkpoint_dir=out_dir / "ldm", reporter=_Phase(reporter, "ldm"),
+        checkpoint_dir=out_dir / "ldm", reporter=PhaseReporter(reporter, "ldm"),
     )
     save_weights(vae.state_dict(), out_dir / "vae.safetensors")
     ldm_weights = result.ema_model if result.ema_model is not None else unet  # EMA weights for sampling

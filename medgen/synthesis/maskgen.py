@@ -28,15 +28,14 @@ from monai.transforms import ResizeWithPadOrCrop, Spacing, SpatialResample
 from monai.utils import convert_to_tensor
 from torch import nn
 
-from medgen.diffusion import TrainConfig, controlnet_denoiser, noise_prediction_loss, sample, train_diffusion
+from medgen.diffusion import TrainConfig, batched_cfg_denoiser, controlnet_denoiser, noise_prediction_loss, sample, train_diffusion
 from medgen.errors import BadInputError, ModelError
 from medgen.io import save_volume
 from medgen.io.atomic import write_text_atomic
 from medgen.labels import LabelInfo, make_labels, save_labels
-from medgen.progress import Reporter, as_reporter
+from medgen.progress import PhaseReporter, Reporter, as_reporter
 from medgen.synthesis.checker import CheckerConfig, load_checker, save_checker, score_candidates, train_checker
 from medgen.synthesis.filtering import CandidateScore, FilterDecision, FilterThresholds, select_candidates
-from medgen.synthesis.joint_ldm import _check_pairs, _Phase
 from medgen.synthesis.latents import encode_posteriors
 from medgen.synthesis.maskgen_networks import (
     MaskGenConfig,
@@ -50,6 +49,7 @@ from medgen.synthesis.maskgen_networks import (
 )
 from medgen.synthesis.masks import MASK_THRESHOLD, control_channels, control_tensor, foreground_fraction
 from medgen.synthesis.model_folder import MODEL_JSON, load_into, load_weights, read_model_json, save_weights, write_model_json
+from medgen.synthesis.prepare import check_common_grid
 from medgen.synthesis.prompts import LearnedPromptEncoder, Prompt, PromptVocabulary, compose_training_set, drop_prompt
 
 TASK = "mask-conditioned-ldm"
@@ -80,7 +80,7 @@ def _vae_stage(images: torch.Tensor, config: MaskGenConfig, out_dir: Path, devic
     train_diffusion(
         vae, lambda model, batch: image_vae_loss(model, images[batch].to(device), config), list(range(len(images))),
         torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=1e-2),
-        _train_config(config, config.vae_steps, len(images), ema=False), checkpoint_dir=out_dir / "vae", reporter=_Phase(reporter, "vae"),
+        _train_config(config, config.vae_steps, len(images), ema=False), checkpoint_dir=out_dir / "vae", reporter=PhaseReporter(reporter, "vae"),
     )
     vae.eval().requires_grad_(False)
     save_weights(vae.state_dict(), out_dir / "vae.safetensors")
@@ -137,7 +137,7 @@ def _unet_stage(data: _LatentData, config: MaskGenConfig, out_dir: Path, device,
         prompted, unet_loss, list(range(len(data.samples))),
         torch.optim.AdamW(prompted.parameters(), lr=config.unet_lr, weight_decay=1e-2),
         _train_config(config, config.unet_steps, len(data.samples), ema=True),
-        checkpoint_dir=out_dir / "unet", reporter=_Phase(reporter, "unet"),
+        checkpoint_dir=out_dir / "unet", reporter=PhaseReporter(reporter, "unet"),
     )
     prompted = (result.ema_model if result.ema_model is not None else prompted).eval().requires_grad_(False)
     save_weights(prompted.unet.state_dict(), out_dir / "unet.safetensors")
@@ -162,7 +162,7 @@ def _controlnet_stage(
         controlnet, controlnet_loss, list(range(len(data.samples))),
         torch.optim.AdamW(controlnet.parameters(), lr=config.controlnet_lr, weight_decay=1e-2),
         _train_config(config, config.controlnet_steps, len(data.samples), ema=True),
-        checkpoint_dir=out_dir / "controlnet", reporter=_Phase(reporter, "controlnet"),
+        checkpoint_dir=out_dir / "controlnet", reporter=PhaseReporter(reporter, "controlnet"),
     )
     save_weights((result.ema_model if result.ema_model is not None else controlnet).state_dict(), out_dir / "controlnet.safetensors")
 
@@ -174,7 +174,7 @@ def _checker_stage(sources, organ_names, config: MaskGenConfig, out_dir: Path, d
     checker_config = dataclasses.replace(checker_config, batch_size=min(checker_config.batch_size, len(sources)), steps=steps)
     checker = train_checker(
         [sample.label for sample in sources], len(organ_names), checker_config, images=[sample.image for sample in sources],
-        device=device, reporter=_Phase(reporter, "checker"), checkpoint_dir=out_dir / "checker_checkpoints",
+        device=device, reporter=PhaseReporter(reporter, "checker"), checkpoint_dir=out_dir / "checker_checkpoints",
     )
     save_checker(checker, checker_config, len(organ_names), out_dir / CHECKER_DIR, organ_names=organ_names)
 
@@ -217,7 +217,7 @@ def train_maskgen(
     samples = compose_training_set(source_cases, target_images, source_prompt, target_prompt)
     if len(samples) < len(source_cases) + len(target_images):
         reporter.log(f"{len(source_cases) + len(target_images) - len(samples)} source case(s) without any organ left out.", "warning")
-    shape = _check_pairs(samples, config.downsample_factor)  # TrainingSample has .image like PreparedPair
+    shape = check_common_grid(samples, config.downsample_factor)  # TrainingSample has .image like PreparedPair
     images = torch.stack([convert_to_tensor(sample.image, track_meta=False).float() for sample in samples])
 
     vae = _vae_stage(images, config, out_dir, device, reporter)
@@ -315,8 +315,7 @@ def guided_denoiser(model: MaskGenModel, control: torch.Tensor, context: torch.T
     """MRGen's CFG denoiser: ControlNet + UNet on both branches, the empty-prompt context as the unconditional one.
 
     At scale 1 (0) only the conditional (unconditional) branch runs, as diffusers skips CFG; otherwise both
-    branches run as one doubled batch (as MONAI's inferer does), which is the same arithmetic as
-    :func:`medgen.diffusion.cfg_denoiser` up to floating-point batching effects.
+    branches run as one doubled batch (:func:`medgen.diffusion.batched_cfg_denoiser`, as MONAI's inferer does).
 
     Args:
         control: ``(B, C_ctrl, I, J, K)`` at image resolution; context, empty_context: ``(1, L, E)``.
@@ -329,12 +328,7 @@ def guided_denoiser(model: MaskGenModel, control: torch.Tensor, context: torch.T
     if guidance_scale in (0.0, 1.0):
         return branch(control, (context if guidance_scale == 1.0 else empty_context).expand(batch, -1, -1))
     both = branch(torch.cat([control, control]), torch.cat([empty_context.expand(batch, -1, -1), context.expand(batch, -1, -1)]))
-
-    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        unconditional, conditional = both(torch.cat([x_t, x_t]), torch.cat([t, t])).chunk(2)
-        return unconditional + guidance_scale * (conditional - unconditional)
-
-    return denoise
+    return batched_cfg_denoiser(both, guidance_scale)
 
 
 def generate_on_model_grid(

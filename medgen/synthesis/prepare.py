@@ -145,3 +145,20 @@ def load_pairs_from_folder(folder: str | os.PathLike) -> list[tuple[str, MetaTen
         (case, load_volume(image, name=image.name), load_volume(label, label=True, name=label.name))
         for case, image, label in find_nnunet_pairs(folder)
     ]
+
+
+def check_common_grid(cases: list, factor: int) -> tuple[int, ...]:
+    """The shared voxel grid ``(I, J, K)`` of training cases (anything with an ``image`` ``(1, I, J, K)``).
+
+    Raises:
+        BadInputError: no cases, cases on different grids, or a grid not divisible by the
+            autoencoder's downsampling ``factor``.
+    """
+    if not cases:
+        raise BadInputError("No training pairs were given.")
+    shape = tuple(cases[0].image.shape[1:])
+    if any(tuple(case.image.shape[1:]) != shape for case in cases):
+        raise BadInputError("All training pairs must share one grid: prepare them with medgen.synthesis.prepare_pairs.")
+    if any(size % factor for size in shape):
+        raise BadInputError(f"The grid {shape} must be divisible by {factor} (the VAE downsamples {factor}x).")
+    return shape
