@@ -79,12 +79,15 @@ def main() -> None:
 
     vae = load_into(build_joint_vae(config.vae_config(3)), model_dir / "vae.safetensors").eval()
     with torch.no_grad():
-        dices = []
+        dices, reconstructed_levels = [], []
         for pair in pairs:
             mu, _ = vae.encode(joint_input(pair.image[None].as_tensor(), pair.label[None].as_tensor()))
-            _, label = decode_pair(vae, mu)
-            dices.append(dice_per_class(label[0, 0], pair.label[0].as_tensor(), num_classes=3))
+            image, label = decode_pair(vae, mu)
+            true_label = pair.label[0].as_tensor()
+            dices.append(dice_per_class(label[0, 0], true_label, num_classes=3))
+            reconstructed_levels.append([float(image[0, 0][true_label == c].mean()) for c in (1, 2)])
     dice = np.mean(dices, axis=0)
+    cavity_level, wall_level = np.mean(reconstructed_levels, axis=0)
 
     cavity_means, wall_means, enclosed = [], [], []
     for image, label in generate_pairs(model_dir, args.samples, seed=1, steps=50, device=args.device):
@@ -97,6 +100,8 @@ def main() -> None:
     rows = [
         {"check": "(a) VAE reconstruction Dice, cavity", "value": float(dice[1]), "target": ">= 0.9"},
         {"check": "(a) VAE reconstruction Dice, wall", "value": float(dice[2]), "target": ">= 0.9"},
+        {"check": "(a) VAE reconstructed mean intensity, cavity", "value": float(cavity_level), "target": f"training {CAVITY_LEVEL}"},
+        {"check": "(a) VAE reconstructed mean intensity, wall", "value": float(wall_level), "target": f"training {WALL_LEVEL}"},
         {"check": "(b) generated mean intensity in cavity", "value": float(np.mean(cavity_means)) if cavity_means else float("nan"), "target": f"< wall (training {CAVITY_LEVEL})"},
         {"check": "(b) generated mean intensity in wall", "value": float(np.mean(wall_means)) if wall_means else float("nan"), "target": f"training {WALL_LEVEL}"},
         {"check": "(b) |generated gap - training gap|", "value": abs(gap - (WALL_LEVEL - CAVITY_LEVEL)), "target": "<= 0.1"},

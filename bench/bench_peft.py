@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import platform
 import resource
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -61,10 +63,17 @@ def synchronize(device: torch.device) -> None:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """GPU: peak allocated since the last reset; CPU: the process's peak RSS so far (monotonic over the run)."""
+    """GPU: peak allocated since the last reset; CPU: this process's peak RSS (each CPU method runs in its own
+    process, see :func:`bench_backbone`, so the peak belongs to that method)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def resident_mb() -> float:
+    """Current resident set size of this process in MB (Linux)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def timed(function, repeats: int, device: torch.device) -> float:
@@ -80,15 +89,21 @@ def timed(function, repeats: int, device: torch.device) -> float:
     return statistics.median(durations)
 
 
-def bench_method(base, method, options, inputs, device, repeats) -> dict:
+def bench_method(base, method, options, inputs, device, repeats, threads=None) -> dict:
     """Inject, time a train step, then merge and time inference of base / adapted / merged models."""
+    if threads:
+        torch.set_num_threads(threads)
     options = dict(options)
     preset = options.pop("preset", None)
+    base = base.to(device)
+    with torch.no_grad():  # timed here too, so base / adapted / merged compare within one process
+        base_s = timed(lambda: base(*inputs), repeats, device)
     model = inject(copy.deepcopy(base), method, preset=preset, **options).to(device)
     trainable = trainable_parameters(model)
     optimizer = torch.optim.Adam([parameter for parameter in model.parameters() if parameter.requires_grad], lr=1e-5)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    before_training_mb = resident_mb() if device.type == "cpu" else 0.0
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)
@@ -107,20 +122,27 @@ def bench_method(base, method, options, inputs, device, repeats) -> dict:
         "trainable_parameters": trainable,
         "train_step_s": step_s,
         "peak_memory_mb": peak_mb,
+        "training_memory_mb": peak_mb - before_training_mb if device.type == "cpu" else peak_mb,
         "adapted_inference_s": adapted_s,
         "merged_inference_s": merged_s,
+        "base_inference_s": base_s,
     }
 
 
-def bench_backbone(name, base, methods, inputs, device, repeats) -> list[dict]:
-    base = base.to(device)  # trained in the mode it comes in: UNet train(), Swin eval() as FSEFT does
-    with torch.no_grad():
-        base_s = timed(lambda: base(*inputs), repeats, device)
+def run_isolated(function, *args):
+    """Run ``function(*args)`` in a fresh spawned process (its own peak RSS) and return its result."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def bench_backbone(name, base, methods, inputs, device, repeats, threads=None) -> list[dict]:
+    # trained in the mode it comes in: UNet train(), Swin eval() as FSEFT does
     total = sum(parameter.numel() for parameter in base.parameters())
     rows = []
     for method, options in methods:
-        row = bench_method(base.cpu(), method, options, inputs, device, repeats)
-        row.update(backbone=name, total_parameters=total, base_inference_s=base_s)
+        arguments = (base.cpu(), method, options, inputs, device, repeats, threads)
+        row = run_isolated(bench_method, *arguments) if device.type == "cpu" else bench_method(*arguments)
+        row.update(backbone=name, total_parameters=total)
         rows.append(row)
         print(f"  {name} {method}: {row['trainable_parameters']:,} trainable, step {row['train_step_s']:.3f} s")
     return rows
@@ -128,7 +150,7 @@ def bench_backbone(name, base, methods, inputs, device, repeats) -> list[dict]:
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| backbone | method | trainable | % | train step (s) | peak mem (MB) "
+        "| backbone | method | trainable | % | train step (s) | training memory (MB) "
         "| base / adapted / merged inference (s) |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -136,7 +158,7 @@ def markdown_table(rows: list[dict]) -> str:
         percent = 100.0 * row["trainable_parameters"] / row["total_parameters"]
         lines.append(
             f"| {row['backbone']} | {row['method']} | {row['trainable_parameters']:,} | {percent:.3f} | "
-            f"{row['train_step_s']:.3f} | {row['peak_memory_mb']:.0f} | {row['base_inference_s']:.3f} / "
+            f"{row['train_step_s']:.3f} | {row['training_memory_mb']:.0f} | {row['base_inference_s']:.3f} / "
             f"{row['adapted_inference_s']:.3f} / {row['merged_inference_s']:.3f} |"
         )
     return "\n".join(lines)
@@ -149,7 +171,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (after one warm-up)")
     parser.add_argument("--paper-unet", action="store_true", help="use the 166.7 M-parameter TenVOO paper UNet")
     parser.add_argument("--swin-feature-size", type=int, default=None, help="SwinUNETR width (default 12 CPU / 48 GPU)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (one gives steadier timings on a shared machine)")
     args = parser.parse_args()
+    if device_is_cpu := not args.device.startswith("cuda"):
+        torch.set_num_threads(args.threads)
 
     device = select_device(args.device)
     on_gpu = device.type == "cuda"
@@ -161,12 +186,13 @@ def main() -> None:
 
     unet_inputs = (torch.randn(1, 1, size, size, size, device=device), torch.randint(0, 1000, (1,), device=device))
     unet = build_unet(args.paper_unet or on_gpu)
-    rows = bench_backbone("ddpm-unet", unet, UNET_METHODS, unet_inputs, device, args.repeats)
+    threads = args.threads if device_is_cpu else None
+    rows = bench_backbone("ddpm-unet", unet, UNET_METHODS, unet_inputs, device, args.repeats, threads)
     # instance norms with running statistics keep a 1³ bottleneck valid at 32³ in eval mode (FSEFT trains in eval)
     norm = ("instance", {"track_running_stats": True})
     swin = SwinUNETR(in_channels=1, out_channels=1, feature_size=feature_size, norm_name=norm)
     swin_inputs = (torch.randn(1, 1, swin_size, swin_size, swin_size, device=device),)
-    rows += bench_backbone("swin-unetr", swin.eval(), SWIN_METHODS, swin_inputs, device, args.repeats)
+    rows += bench_backbone("swin-unetr", swin.eval(), SWIN_METHODS, swin_inputs, device, args.repeats, threads)
 
     result = {
         "device": describe_device(device),
@@ -177,6 +203,8 @@ def main() -> None:
         "swin_feature_size": feature_size,
         "paper_unet": bool(args.paper_unet or on_gpu),
         "repeats": args.repeats,
+        "cpu_threads": threads,
+        "memory_note": "CPU: each method runs in its own process; training memory = peak RSS - RSS before its first step",
         "rows": rows,
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from medgen.errors import BadInputError
 from medgen.labels import LabelInfo, load_labels, make_labels, save_labels
 from medgen.slicer.scene import create_folder, place_in_folder, remove_nodes, resolve_scene, subject_hierarchy
 from medgen.slicer.scene_job import JobRequest, TrainingPair, check_free_destination
+from medgen.synthesis.filtering import FilterThresholds
 from MedGenSynthesisLib import paired
 
 TRAIN_KIND = "maskgen-train"
@@ -32,7 +33,7 @@ GENERATE_KIND = "maskgen"
 PRESETS = ("tiny", "mrgen")
 ENCODINGS = ("one-hot", "merged")
 #: MRGen's acceptance thresholds (spec B.5): strict pass keeps 2 of the top 5, relaxed (all four minus 0.1) keeps 1
-DEFAULT_THRESHOLDS = {"avg_confidence": 0.9, "avg_iou": 0.8, "organ_iou": 0.7, "organ_confidence": 0.8, "top_k": 5}
+DEFAULT_THRESHOLDS = {name: getattr(FilterThresholds(), name) for name in ("avg_confidence", "avg_iou", "organ_iou", "organ_confidence", "top_k")}
 PAIR_IMAGE_SUFFIX = "_image.nii.gz"
 PAIR_LABEL_SUFFIX = "_label.nii.gz"
 

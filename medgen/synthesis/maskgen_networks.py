@@ -171,10 +171,25 @@ def build_controlnet(config: MaskGenConfig, control_channels: int, unet: Diffusi
         conditioning_embedding_num_channels=tuple(config.control_embedding_channels),
         **_unet_kwargs(config),
     )
+    _propagating_init(controlnet.controlnet_cond_embedding)
     if unet is not None:
         # strict=False: the UNet's decoder keys have no ControlNet counterpart, the zero convs no UNet one
         controlnet.load_state_dict(unet.state_dict(), strict=False)
     return controlnet
+
+
+def _propagating_init(embedding: nn.Module) -> None:
+    """He-normal init of the conditioning embedding's hidden convolutions (``conv_out`` stays zero).
+
+    Measured on the tiny 3D embedding with MONAI's default init, the spatial std of a one-hot mask's
+    features shrinks about 5x per convolution (0.064 -> 0.0003 after five), so the zero ``conv_out``
+    sees a nearly constant input, its gradient carries no mask information and the trained ControlNet
+    ignored the mask. With fan-in He init the std stays at 0.3-0.4 through the stack.
+    """
+    for module in embedding.modules():
+        if isinstance(module, nn.Conv3d | nn.Conv2d) and module is not embedding.conv_out.conv:
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            nn.init.zeros_(module.bias)
 
 
 class PromptedUNet(nn.Module):
