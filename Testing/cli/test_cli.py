@@ -66,3 +66,21 @@ def test_demo_translation_step_says_it_is_a_tiny_cpu_model_and_prints_both_agree
     source = load_volume(tmp_path / "translation" / "pd_simulated.nii.gz")
     translated = load_volume(next((tmp_path / "jobs").glob("translate-2*")) / "outputs" / "translated.nii.gz")
     assert translated.shape == source.shape and torch.allclose(translated.affine, source.affine, atol=1e-5)
+
+
+def test_demo_mask_synthesis_step_reports_every_mask(tmp_path, capsys):
+    """The demo's mask-conditioned step, shrunk (its real settings take a couple of minutes: see medgen.cli.demo)."""
+    import json
+    import re
+
+    from medgen.cli.demo import _mask_synthesis_step
+
+    assert _mask_synthesis_step(tmp_path, "cpu", grid=[16, 16, 16], stage_steps=2, checker_steps=2, candidates=2) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[demo]")]
+    assert any("TINY CPU model (2 steps per stage on a 16x16x16 grid)" in line for line in said)
+    verdicts = [re.fullmatch(r"\[demo\]   mask (\S+): (\d) of 2 candidates accepted \((.+); best checker IoU (\S+)\)", line) for line in said]
+    verdicts = [match for match in verdicts if match]
+    assert [match.group(1) for match in verdicts] == ["mask_5", "mask_6"]
+    report = json.loads(next((tmp_path / "jobs").glob("maskgen-2*/outputs/report.json")).read_text())
+    assert [len(mask["candidates"]) for mask in report["masks"]] == [2, 2]
+    assert all(0.0 <= float(match.group(4)) <= 1.0 for match in verdicts)
