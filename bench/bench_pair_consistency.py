@@ -7,7 +7,7 @@ noise, random sizes and centres. After a short fit of the joint model it reports
     training contrast (target: cavity darker, gap within 0.1);
 (c) the fraction of generated pairs whose cavity is one connected component enclosed by wall
     (target >= 90 %).
-Usage: python bench/bench_pair_consistency.py [--size 16] [--cases 8] [--vae-steps 400] [--ldm-steps 600] [--samples 20]
+Usage: python bench/bench_pair_consistency.py [--size 16] [--cases 8] [--vae-steps 2500] [--ldm-steps 6000] [--samples 20]
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=16)
     parser.add_argument("--cases", type=int, default=8)
-    parser.add_argument("--vae-steps", type=int, default=400)
-    parser.add_argument("--ldm-steps", type=int, default=600)
+    parser.add_argument("--vae-steps", type=int, default=2500)
+    parser.add_argument("--ldm-steps", type=int, default=6000)
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
