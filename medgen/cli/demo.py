@@ -63,25 +63,12 @@ def run_demo(out_dir: Path, device: str = "auto", size: str = "tiny") -> int:
 def _adaptation_step(out_dir: Path, device: str) -> int:
     import json
 
-    import torch
-    from monai.data import MetaTensor
-
     from medgen.cli.main import _run_job_dir
-    from medgen.data.samples import load_sample_case, with_simulated_head
-    from medgen.io import save_volume
     from medgen.slicer.runner import write_job
 
     _say("step 2: adapt the pretrained deepbet brain-extraction network (trained on T1) to a new contrast")
     _say("  with TenVOO-L adapters; the contrast is a SIMULATED T2 with a simulated scalp (4 mm grid)")
-    folder = out_dir / "adaptation"
-    files = {}
-    for role, seed, mirrored in (("train_a", 1, False), ("train_b", 2, False), ("validation", 4, False), ("held_out", 3, True)):
-        case = load_sample_case("small", seed=seed)
-        image, mask = with_simulated_head(case.t2_simulated, case.brain_mask, seed=seed), case.brain_mask
-        if mirrored:  # held-out: another noise/bias draw, mirrored left-right
-            image, mask = (MetaTensor(torch.flip(v.as_tensor(), dims=[1]), affine=v.affine) for v in (image, mask))
-        files[role] = (str(save_volume(image, folder / f"{role}_t2_simulated.nii.gz")),
-                       str(save_volume(mask, folder / f"{role}_brain_mask.nii.gz", label=True)))
+    files = adaptation_cases(out_dir / "adaptation")
     finetune = write_job(out_dir / "jobs", "finetune", {
         "images": [files["train_a"][0], files["train_b"][0]], "labels": [files["train_a"][1], files["train_b"][1]],
         "val_image": files["validation"][0], "val_label": files["validation"][1]},
@@ -99,6 +86,29 @@ def _adaptation_step(out_dir: Path, device: str) -> int:
         _say(f"held-out brain Dice: deepbet as shipped {report['base_dice'][0]:.4f} -> with TenVOO-L adapter {report['adapted_dice'][0]:.4f}")
         _say(f"adapter: {finetune / 'outputs' / 'adapter'} (report: {finetune / 'outputs' / 'finetune_report.json'})")
     return code
+
+
+def adaptation_cases(folder: Path) -> dict[str, tuple[str, str]]:
+    """The adaptation task's (image, brain mask) files by role: ``train_a``, ``train_b``, ``validation``, ``held_out``.
+
+    SIMULATED T2 with a simulated scalp on the 4 mm grid, one noise/bias draw per role; the held-out case is
+    also mirrored left-right.
+    """
+    import torch
+    from monai.data import MetaTensor
+
+    from medgen.data.samples import load_sample_case, with_simulated_head
+    from medgen.io import save_volume
+
+    files = {}
+    for role, seed, mirrored in (("train_a", 1, False), ("train_b", 2, False), ("validation", 4, False), ("held_out", 3, True)):
+        case = load_sample_case("small", seed=seed)
+        image, mask = with_simulated_head(case.t2_simulated, case.brain_mask, seed=seed), case.brain_mask
+        if mirrored:
+            image, mask = (MetaTensor(torch.flip(v.as_tensor(), dims=[1]), affine=v.affine) for v in (image, mask))
+        files[role] = (str(save_volume(image, folder / f"{role}_t2_simulated.nii.gz")),
+                       str(save_volume(mask, folder / f"{role}_brain_mask.nii.gz", label=True)))
+    return files
 
 
 def _augmented_training_pairs(paths: dict, folder: Path) -> Path:
