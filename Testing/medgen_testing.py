@@ -111,3 +111,19 @@ def pretrained_blob_model(scratch, folder):
     finetune_segmentation(model, cases, config, checkpoint_dir=scratch / "ckpt")
     save_model(merge(model.network), tiny_unet_spec(), folder)
     return folder
+
+
+def verify_nnunet_dataset(dataset_dir) -> None:
+    """Run nnU-Net v2's own ``verify_dataset_integrity`` on ``dataset_dir`` in a fresh Python process.
+
+    In-process, its multiprocessing pool starts from a pytest process that holds torch's thread pools, and a
+    CI run hung there once; a fresh interpreter has no threads to inherit and a timeout turns a hang into a failure.
+    """
+    import subprocess
+    import sys
+
+    pytest.importorskip("nnunetv2.experiment_planning.verify_dataset_integrity")
+    code = ("import sys; from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity; "
+            "verify_dataset_integrity(sys.argv[1], num_processes=1)")
+    checked = subprocess.run([sys.executable, "-c", code, str(dataset_dir)], capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 0, f"nnU-Net's integrity check failed:\n{checked.stdout[-2000:]}\n{checked.stderr[-2000:]}"

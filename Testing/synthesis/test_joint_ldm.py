@@ -16,7 +16,7 @@ from medgen.progress import CallbackReporter
 from medgen.slicer.runner import run_job_blocking, write_job
 from medgen.synthesis.joint_ldm import JointLDMConfig, generate_pairs, train_joint_ldm, write_generated_pairs
 from medgen.synthesis.prepare import prepare_pairs
-from medgen_testing import oblique_affine
+from medgen_testing import oblique_affine, verify_nnunet_dataset
 
 FAST = dict(vae_phase1_steps=4, vae_phase2_steps=2, ldm_steps=4, checkpoint_every=2)
 LABELS = [LabelInfo("cavity", 1, (1.0, 0.0, 0.0)), LabelInfo("wall", 2, (0.0, 1.0, 0.0))]
@@ -115,8 +115,7 @@ def test_synth_jobs_through_the_worker_export_nnunet(tmp_path, oblique, trained_
     assert synth.returncode == ExitCode.OK, synth.error
     dataset = synth.result["outputs"]["nnunet_dataset"]
     assert json.loads(open(f"{dataset}/dataset.json").read())["labels"] == {"background": 0, "cavity": 1, "wall": 2}
-    verify = pytest.importorskip("nnunetv2.experiment_planning.verify_dataset_integrity").verify_dataset_integrity
-    verify(dataset, num_processes=1)
+    verify_nnunet_dataset(dataset)
 
 
 def test_training_pairs_of_different_geometry_are_bad_input(tmp_path, oblique):

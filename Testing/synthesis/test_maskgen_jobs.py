@@ -14,6 +14,7 @@ from medgen.io import load_volume, save_volume
 from medgen.jobs.exit_codes import ExitCode
 from medgen.labels import LabelInfo, save_labels
 from medgen.slicer.runner import run_job_blocking, write_job
+from medgen_testing import verify_nnunet_dataset
 from test_maskgen import LUT_A, LUT_B, phantom
 
 FAST = {"vae_steps": 2, "unet_steps": 2, "controlnet_steps": 2, "checker_steps": 2, "checkpoint_every": 1}
@@ -61,8 +62,7 @@ def test_maskgen_jobs_end_to_end_with_nnunet_export(tmp_path, oblique):
     dataset = synth.result["outputs"]["nnunet_dataset"]
     document = json.loads(open(f"{dataset}/dataset.json").read())
     assert document["labels"] == {"background": 0, "liver": 1, "kidney": 2} and document["numTraining"] == 2
-    verify = pytest.importorskip("nnunetv2.experiment_planning.verify_dataset_integrity").verify_dataset_integrity
-    verify(dataset, num_processes=1)
+    verify_nnunet_dataset(dataset)
 
     unknown = run_job_blocking(write_job(
         tmp_path / "jobs", "maskgen", {"model": model, "masks": [mask_path]}, {"target_modality": "CT"}, device="cpu"), timeout_s=300)

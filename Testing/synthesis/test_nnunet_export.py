@@ -12,6 +12,7 @@ from medgen.errors import BadInputError, GeometryMismatchError
 from medgen.io import load_volume, save_volume
 from medgen.progress import CallbackReporter
 from medgen.synthesis.nnunet_export import export_nnunet
+from medgen_testing import verify_nnunet_dataset
 
 LABELS = {"background": 0, "CSF": 1, "grey matter": 2, "white matter": 3}
 
@@ -24,8 +25,7 @@ def _pair(oblique, seed):
 
 
 def _verify_with_nnunet(dataset_dir):
-    verify = pytest.importorskip("nnunetv2.experiment_planning.verify_dataset_integrity").verify_dataset_integrity
-    verify(str(dataset_dir), num_processes=1)
+    verify_nnunet_dataset(dataset_dir)
 
 
 def test_synthetic_and_real_cases_pass_nnunet_integrity_check(tmp_path, oblique):
