@@ -127,3 +127,18 @@ def verify_nnunet_dataset(dataset_dir) -> None:
             "verify_dataset_integrity(sys.argv[1], num_processes=1)")
     checked = subprocess.run([sys.executable, "-c", code, str(dataset_dir)], capture_output=True, text=True, timeout=300)
     assert checked.returncode == 0, f"nnU-Net's integrity check failed:\n{checked.stdout[-2000:]}\n{checked.stderr[-2000:]}"
+
+
+def scene_snapshot(scene) -> list[tuple[str, str]]:
+    """Sorted (ID, name) of every node in ``scene``: equal snapshots = an unchanged scene."""
+    return sorted((scene.GetNthNode(i).GetID(), scene.GetNthNode(i).GetName()) for i in range(scene.GetNumberOfNodes()))
+
+
+def cancel_once_running(job, started=lambda event: event["event"] == "progress") -> None:
+    """Wait until a started :class:`medgen.slicer.scene_job.SceneJob` emits an event matching ``started``
+    (default: its first progress event), then cancel it."""
+    import time
+
+    while job.poll() and not any(started(event) for event in job.runner.events):
+        time.sleep(0.05)
+    job.cancel()

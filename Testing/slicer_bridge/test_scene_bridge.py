@@ -8,7 +8,7 @@ import torch
 from monai.data import MetaTensor
 
 from medgen.errors import BadInputError
-from medgen.io import load_volume, save_volume
+from medgen.io import load_volume
 from medgen.labels import LabelInfo
 from medgen.slicer.segmentations import labelmap_to_segmentation, segment_labels, segmentation_to_labelmap
 from medgen.slicer.volumes import (

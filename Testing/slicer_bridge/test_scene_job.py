@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -14,12 +13,9 @@ from medgen.labels import LabelInfo, load_labels
 from medgen.slicer.scene_job import JobRequest, OutputImport, SceneJob, import_outputs, write_node_inputs
 from medgen.slicer.segmentations import labelmap_to_segmentation, segment_labels
 from medgen.slicer.volumes import ijk_to_ras_of, tensor_to_volume_node
+from medgen_testing import cancel_once_running, scene_snapshot
 
 slicer = pytest.importorskip("slicer")
-
-
-def _scene_snapshot(scene):
-    return sorted((scene.GetNthNode(i).GetID(), scene.GetNthNode(i).GetName()) for i in range(scene.GetNumberOfNodes()))
 
 
 @pytest.fixture
@@ -39,16 +35,14 @@ def test_selftest_on_a_scene_volume_imports_result_with_input_geometry(mrml_scen
 
 
 def test_cancelled_job_leaves_the_scene_intact(mrml_scene, input_node, tmp_path):
-    before = _scene_snapshot(mrml_scene)
+    before = scene_snapshot(mrml_scene)
     voxels_before = slicer.util.arrayFromVolume(input_node).copy()
     request = JobRequest("selftest", {"image": input_node}, {"steps": 500, "step_delay_s": 0.05}, imports=(OutputImport("image", "never"),))
     job = SceneJob(request, tmp_path, device="cpu").start()
-    while job.poll() and not any(e["event"] == "progress" for e in job.runner.events):
-        time.sleep(0.05)
-    job.cancel()
+    cancel_once_running(job)
     assert job.wait(timeout_s=60) == ExitCode.CANCELLED
     assert job.import_results(scene=mrml_scene) == {}
-    assert _scene_snapshot(mrml_scene) == before
+    assert scene_snapshot(mrml_scene) == before
     assert np.array_equal(slicer.util.arrayFromVolume(input_node), voxels_before)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from monai.data import MetaTensor
 from safetensors.torch import save_file
 
-from medgen_testing import oblique_affine
+from medgen_testing import cancel_once_running, oblique_affine, scene_snapshot
 from medgen.errors import BadInputError, MedGenError, ModelError, OutOfMemoryError
 from medgen.io import load_volume, save_volume
 from medgen.jobs.exit_codes import ExitCode
@@ -46,10 +45,6 @@ def _phantom(contrast=(0.8, 0.4, 0.05), seed: int = 0) -> MetaTensor:
     image = torch.where(radius < 0.5, core, torch.where(radius < 0.9, shell, background))
     image = image + 0.02 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
     return MetaTensor(image[None].float(), affine=torch.from_numpy(oblique_affine()))
-
-
-def _scene_snapshot(scene):
-    return sorted((scene.GetNthNode(i).GetID(), scene.GetNthNode(i).GetName()) for i in range(scene.GetNumberOfNodes()))
 
 
 @pytest.fixture(scope="module")
@@ -121,27 +116,25 @@ def test_translation_comes_back_as_one_volume_next_to_the_source_with_its_geomet
 
 
 def test_cancelled_translation_leaves_the_scene_unchanged(model, t2_source, mrml_scene, tmp_path):
-    before = _scene_snapshot(mrml_scene)
+    before = scene_snapshot(mrml_scene)
     request = translation.translate_request(t2_source, model, sampler="ddpm")  # 1000 steps: still running when cancelled
     job = SceneJob(request, tmp_path, device="cpu").start()
-    while job.poll() and not any(event.get("phase") == "translating" for event in job.runner.events):
-        time.sleep(0.05)
-    job.cancel()
+    cancel_once_running(job, started=lambda event: event.get("phase") == "translating")
     assert job.wait(timeout_s=120) == ExitCode.CANCELLED
     assert job.import_results() == {}
-    assert _scene_snapshot(mrml_scene) == before
+    assert scene_snapshot(mrml_scene) == before
 
 
 def test_failed_translation_leaves_the_scene_unchanged(model, t2_source, mrml_scene, tmp_path):
     broken = shutil.copytree(model, tmp_path / "broken model")
     request = translation.translate_request(t2_source, broken, steps=2)
     save_file({"stray": torch.zeros(1)}, str(broken / "unet.safetensors"))  # replaced after the request was checked
-    before = _scene_snapshot(mrml_scene)
+    before = scene_snapshot(mrml_scene)
     with slicer_gui_stubs():
         logic = __import__("CrossModalTranslate").CrossModalTranslateLogic()
         with pytest.raises(MedGenError, match="The translate job failed: .*unet.safetensors does not fit DiffusionModelUNet"):
             logic.runJob(request, jobRoot=tmp_path / "jobs", device="cpu")
-    assert _scene_snapshot(mrml_scene) == before
+    assert scene_snapshot(mrml_scene) == before
 
 
 @pytest.mark.parametrize("defect, message", [

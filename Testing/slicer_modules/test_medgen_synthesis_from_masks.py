@@ -15,7 +15,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from medgen_testing import oblique_affine
+from medgen_testing import oblique_affine, scene_snapshot
 from medgen.errors import BadInputError, ModelError
 from medgen.io import load_volume, save_volume
 from medgen.labels import LabelInfo, load_labels, save_labels
@@ -56,10 +56,6 @@ def _segmented_volume(scene, name: str, segments: list[LabelInfo], affine=None):
     segmentation = labelmap_to_segmentation(MetaTensor(label, affine=affine), segments, f"{name} segmentation",
                                             scene=scene, reference_node=volume)
     return volume, segmentation, label
-
-
-def _scene_snapshot(scene):
-    return sorted((scene.GetNthNode(i).GetID(), scene.GetNthNode(i).GetName()) for i in range(scene.GetNumberOfNodes()))
 
 
 def _score(mask_id: str, candidate: int, iou: float, confidence: float, absent=()) -> CandidateScore:
@@ -281,13 +277,13 @@ def test_a_cancelled_job_loads_only_the_complete_pairs_it_kept(mrml_scene, tmp_p
 def test_a_cancel_before_any_acceptance_or_a_broken_file_leaves_the_scene_unchanged(mrml_scene, tmp_path):
     request = from_masks.generate_request(_model_folder(tmp_path / "model"), mask_folder=_mask_folder(tmp_path))
     hierarchy = subject_hierarchy(mrml_scene)
-    before, items_before = _scene_snapshot(mrml_scene), hierarchy.GetNumberOfItems()
+    before, items_before = scene_snapshot(mrml_scene), hierarchy.GetNumberOfItems()
     assert request.import_pairs(tmp_path / "never-started" / "outputs")["pairs"] == {}
     outputs = _finished_job(tmp_path / "jobs", oblique_affine(), {"case_A_0": 1, "case_A_1": 2}, None)
     (outputs / "pairs" / "case_A_1_label.nii.gz").write_bytes(b"not a volume")
     with pytest.raises(BadInputError):
         request.import_pairs(outputs)
-    assert _scene_snapshot(mrml_scene) == before and hierarchy.GetNumberOfItems() == items_before
+    assert scene_snapshot(mrml_scene) == before and hierarchy.GetNumberOfItems() == items_before
 
 
 # -------------------------------------------------------------------------------- the table and progress

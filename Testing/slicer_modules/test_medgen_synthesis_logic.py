@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from medgen_testing import make_mrml_scene, oblique_affine
+from medgen_testing import cancel_once_running, make_mrml_scene, oblique_affine, scene_snapshot
 from medgen.errors import BadInputError
 from medgen.io import load_volume
 from medgen.jobs.exit_codes import ExitCode
@@ -48,10 +47,6 @@ def _phantom_pair(scene, name: str, affine: np.ndarray, labels: list[LabelInfo],
     segmentation = labelmap_to_segmentation(MetaTensor(label, affine=affine_tensor), labels, f"{name} segmentation",
                                             scene=scene, reference_node=volume)
     return paired.TrainingPair(volume, segmentation)
-
-
-def _scene_snapshot(scene):
-    return sorted((scene.GetNthNode(i).GetID(), scene.GetNthNode(i).GetName()) for i in range(scene.GetNumberOfNodes()))
 
 
 @pytest.fixture(scope="module")
@@ -124,14 +119,12 @@ def test_generated_pairs_come_back_named_coloured_on_the_model_grid_in_one_folde
 
 
 def test_cancelled_generation_leaves_the_scene_unchanged(trained, mrml_scene, tmp_path):
-    before = _scene_snapshot(mrml_scene)
+    before = scene_snapshot(mrml_scene)
     job = SceneJob(paired.generate_request(trained["model"], 50, steps=500), tmp_path, device="cpu").start()
-    while job.poll() and not any(event["event"] == "progress" for event in job.runner.events):
-        time.sleep(0.05)
-    job.cancel()
+    cancel_once_running(job)
     assert job.wait(timeout_s=120) == ExitCode.CANCELLED
     assert job.import_results() == {}
-    assert _scene_snapshot(mrml_scene) == before
+    assert scene_snapshot(mrml_scene) == before
 
 
 def test_pair_without_segments_is_refused_before_any_job_starts(mrml_scene, tmp_path):

@@ -7,7 +7,6 @@ is trained per file and shared.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 import torch
 import vtk
 
-from medgen_testing import TINY_UNET_KWARGS, blob_case, make_mrml_scene, oblique_affine, pretrained_blob_model, tiny_unet_spec
+from medgen_testing import TINY_UNET_KWARGS, blob_case, cancel_once_running, make_mrml_scene, oblique_affine, pretrained_blob_model, scene_snapshot, tiny_unet_spec
 from medgen.errors import BadInputError, ModelError
 from medgen.jobs.exit_codes import ExitCode
 from medgen.labels import LabelInfo
@@ -39,10 +38,6 @@ def _blob_pair(scene, name: str, seed: int, segment_names=("tumour",)):
     labels = [LabelInfo(segment, 3 + n, (1.0, 0.5, 0.0)) for n, segment in enumerate(segment_names)]
     segmentation = labelmap_to_segmentation(label * 3, labels, f"{name} segmentation", scene=scene, reference_node=volume)
     return adaptation.TrainingPair(volume, segmentation)
-
-
-def _scene_snapshot(scene):
-    return sorted((scene.GetNthNode(i).GetID(), scene.GetNthNode(i).GetName()) for i in range(scene.GetNumberOfNodes()))
 
 
 @pytest.fixture(scope="module")
@@ -119,14 +114,14 @@ def test_infer_imports_the_class_names_on_the_input_grid_next_to_it(trained, mod
 
 def test_compare_returns_base_and_adapted_dice_per_class(trained, model, mrml_scene, tmp_path):
     held_out = _blob_pair(mrml_scene, "held-out", 21)
-    before = _scene_snapshot(mrml_scene)
+    before = scene_snapshot(mrml_scene)
     result = SceneJobLogicMixin().runJob(
         adaptation.compare_request(model, held_out.volume, held_out.segmentation, trained["outputs"]["adapter"]),
         jobRoot=tmp_path, device="cpu")
     (row,) = result["dice"]
     assert row["class"] == "blob" and 0 <= row["base_dice"] <= 1 and 0 <= row["adapted_dice"] <= 1
     assert adaptation.format_dice_rows(result["dice"]).startswith("blob: base ")
-    assert _scene_snapshot(mrml_scene) == before
+    assert scene_snapshot(mrml_scene) == before
 
 
 def test_segments_that_are_not_model_classes_are_refused_before_any_job(model, mrml_scene, tmp_path):
@@ -150,15 +145,13 @@ def test_segments_that_are_not_model_classes_are_refused_before_any_job(model, m
 
 def test_cancelled_training_leaves_the_scene_unchanged(model, mrml_scene, tmp_path):
     pairs = [_blob_pair(mrml_scene, "case", 0)]
-    before = _scene_snapshot(mrml_scene)
+    before = scene_snapshot(mrml_scene)
     request = adaptation.finetune_request(model, pairs, "tenvoo-l", OPTIONS, steps=5000)
     job = SceneJob(request, tmp_path, device="cpu").start()
-    while job.poll() and not any(event["event"] == "progress" for event in job.runner.events):
-        time.sleep(0.05)
-    job.cancel()
+    cancel_once_running(job)
     assert job.wait(timeout_s=120) == ExitCode.CANCELLED
     assert job.import_results() == {}
-    assert _scene_snapshot(mrml_scene) == before
+    assert scene_snapshot(mrml_scene) == before
 
 
 def test_a_trained_adapter_is_copied_whole_to_a_new_folder_and_nothing_is_overwritten(trained, tmp_path):
