@@ -305,3 +305,134 @@ def test_o18_precision_after_small_step():
             update = (layer.adapted_weight() - layer.base.weight).double().numpy()
         rms_error = float(np.sqrt(np.mean((update - reference) ** 2)))
         assert rms_error <= 1e-6
+
+
+def uncached_update(layer: TenVOOLayer) -> torch.Tensor:
+    """ΔW(θ) − ΔW(θ0) the direct way, both contracted from scratch in float64."""
+    with torch.no_grad():
+        left, right = layer._factors_fp64(dict(layer.cores.items()))
+        left0, right0 = layer._factors_fp64(layer.cores_init.as_dict())
+        return layer._weight_view(left @ right - left0 @ right0)
+
+
+@pytest.mark.parametrize("make", [lambda: TenVOOConv3d(nn.Conv3d(32, 64, 3), 4, "l"),
+                                  lambda: TenVOOConv3d(nn.Conv3d(32, 64, 3), 4, "q"),
+                                  lambda: TenVOOLinear(nn.Linear(128, 32), 4)])
+def test_initial_factor_cache(make):
+    """θ0's factors are cached, match the uncached update and are recomputed when the buffers change."""
+    layer = make()
+    perturb_cores(layer)
+    with torch.no_grad():
+        first = layer.weight_update()
+        cached = layer._initial_cache[1]
+        assert torch.equal(layer.weight_update(), first) and layer._initial_cache[1] is cached
+    assert (first.double() - uncached_update(layer)).abs().max().item() <= 1e-6 * first.abs().max().item()
+    # an adapter file / checkpoint restores other θ0 values in place: the cache must follow
+    other = make()
+    layer.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert not layer.weight_update().any()  # θ == θ0 again: exactly zero update
+        perturb_cores(layer)
+        assert (layer.weight_update().double() - uncached_update(layer)).abs().max().item() <= 1e-6
+    layer.to(torch.float64)
+    assert layer._initial_cache is None
+    with torch.no_grad():
+        update = layer.weight_update()
+    assert update.dtype == torch.float64  # float64 W0 keeps a float64 update
+    assert (update - uncached_update(layer)).abs().max().item() <= 1e-12
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        next(iter(twin.cores_init.as_dict().values())).add_(1.0)
+        assert not torch.equal(twin.weight_update(), layer.weight_update())
+        assert (twin.weight_update() - uncached_update(twin)).abs().max().item() <= 1e-12
+
+
+def test_reduced_precision_matmul_falls_back_to_float64():
+    """With bf16/TF32 float32 matmuls enabled by the user, the update product runs in float64 (spec Q13)."""
+    from medgen.peft.tenvoo_layer import fp32_matmul_is_ieee
+
+    layer = TenVOOConv3d(nn.Conv3d(32, 32, 3), 4, "l")
+    assert fp32_matmul_is_ieee(torch.device("cpu"))
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        assert not fp32_matmul_is_ieee(torch.device("cpu"))
+        with torch.no_grad():
+            assert layer.weight_update().dtype == torch.float64
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert fp32_matmul_is_ieee(torch.device("cpu"))
+
+
+def test_inference_weight_cache():
+    """Without autograd the adapted weight is reused until cores, θ0 or W0 change, and never enters a graph."""
+    layer = TenVOOConv3d(nn.Conv3d(32, 64, 3), 4, "l")
+    perturb_cores(layer)
+    optimizer = torch.optim.SGD(layer.cores.parameters(), lr=0.1)
+    with torch.no_grad():
+        cached = layer.adapted_weight()
+        assert layer.adapted_weight() is cached
+        assert torch.equal(cached, layer._compute_adapted_weight())
+    trained = layer.adapted_weight()  # autograd on: a fresh differentiable weight, the cache is released
+    assert trained is not cached and trained.grad_fn is not None and layer._weight_cache is None
+    trained.sum().backward()
+    optimizer.step()  # bumps the cores' version counters
+    with torch.no_grad():
+        stepped = layer.adapted_weight()
+        assert not torch.equal(stepped, cached)
+        assert torch.equal(stepped, layer._compute_adapted_weight())
+        assert layer.adapted_weight() is stepped
+    layer.load_state_dict(TenVOOConv3d(nn.Conv3d(32, 64, 3), 4, "l").state_dict())
+    with torch.no_grad():
+        assert torch.equal(layer.adapted_weight(), layer.base.weight)  # θ == θ0: no update left
+    layer.to(torch.float64)
+    with torch.inference_mode():
+        moved = layer.adapted_weight()
+        assert moved.dtype == torch.float64 and layer.adapted_weight() is moved
+    with torch.no_grad():
+        written = layer.adapted_weight()
+        written.add_(1.0)  # a caller writing into the returned weight must not poison the next call
+        assert torch.equal(layer.adapted_weight(), layer._compute_adapted_weight())
+
+
+def test_grouped_updates_match_per_layer():
+    """prepare_updates contracts layers of equal core shapes together; values and gradients equal the per-layer path."""
+    from medgen.peft.tenvoo_layer import prepare_updates
+
+    torch.manual_seed(0)
+    layers = [TenVOOConv3d(nn.Conv3d(32, 64, 3), 4, mode) for mode in ("l", "l", "q", "q")]
+    layers += [TenVOOLinear(nn.Linear(128, 32), 4) for _ in range(2)] + [TenVOOConv3d(nn.Conv3d(64, 32, 3), 4, "l")]
+    for seed, layer in enumerate(layers):
+        perturb_cores(layer, seed=seed)
+    cores = [core for layer in layers for core in layer.cores.values()]
+    alone = [layer.weight_update() for layer in layers]
+    alone_grads = torch.autograd.grad(sum(update.square().sum() for update in alone), cores)
+    prepare_updates(layers)
+    assert all(layer._prepared is not None for layer in layers)
+    grouped = [layer.weight_update() for layer in layers]
+    assert all(layer._prepared is None for layer in layers)  # used once
+    grouped_grads = torch.autograd.grad(sum(update.square().sum() for update in grouped), cores)
+    for one, other in zip(alone + list(alone_grads), grouped + list(grouped_grads)):
+        assert torch.allclose(one, other, rtol=1e-6, atol=1e-9)
+    prepare_updates(layers[:1])
+    with torch.no_grad():
+        layers[0].cores["9"].add_(1.0)  # an optimizer step between preparing and using: the operands are stale
+    assert torch.allclose(layers[0].weight_update(), uncached_update(layers[0]).float(), atol=1e-5)
+
+
+def test_model_hooks_prepare_and_release():
+    """inject() groups the updates once per training forward and leaves no graph piece on the layers after it."""
+    unet = inject(tiny_unet(), "tenvoo-l", preset="tenvoo-paper")
+    perturb_cores(unet)
+    volume, timesteps = unet_inputs()
+    with torch.no_grad():
+        reference = unet(volume, timesteps)
+    output = unet(volume, timesteps)
+    layers = [module for module in unet.modules() if isinstance(module, TenVOOLayer)]
+    assert all(layer._prepared is None for layer in layers)
+    assert (output - reference).abs().max().item() <= 1e-6
+    output.pow(2).mean().backward()
+    assert all(core.grad is not None for layer in layers for core in layer.cores.values())
+    twin = copy.deepcopy(unet)  # the hooks are plain functions: the copy prepares its own layers
+    twin_output = twin(volume, timesteps)
+    assert torch.equal(twin_output, output)

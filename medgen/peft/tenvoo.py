@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from medgen.peft.config import MethodConfig, match_modules, select_types
 from medgen.peft.tenvoo_conv import TenVOOConv3d
+from medgen.peft.tenvoo_layer import TenVOOLayer, prepare_updates, release_updates
 from medgen.peft.tenvoo_linear import TenVOOLinear
 
 
@@ -55,8 +57,29 @@ def apply_tenvoo(model: nn.Module, config: TenVOOConfig, mode: str) -> list[str]
         if config.train_bias and layer.bias is not None:
             layer.bias.requires_grad_(True)
         wrapped_names.append(name)
+    # module-level functions, not closures: a deep copy of the model must act on its own layers
+    model.register_forward_pre_hook(_prepare_tenvoo_updates)
+    model.register_forward_hook(_release_tenvoo_updates)
     if config.train_norms:
         for parameter_name, parameter in model.named_parameters():
             if "norm" in parameter_name.lower():
                 parameter.requires_grad_(True)
     return wrapped_names
+
+
+def _tenvoo_layers(model: nn.Module) -> list[TenVOOLayer]:
+    # walked at every forward: merge() may have replaced layers since the hooks were registered
+    return [module for module in model.modules() if isinstance(module, TenVOOLayer)]
+
+
+def _prepare_tenvoo_updates(model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: contract all layers' factors in batched groups before a training forward (without
+    autograd each layer's cached weight is used instead)."""
+    if torch.is_grad_enabled():
+        prepare_updates(_tenvoo_layers(model))
+
+
+def _release_tenvoo_updates(model: nn.Module, args: tuple, output) -> None:
+    """Forward hook: drop operands the forward did not use, so no graph piece outlives it."""
+    if torch.is_grad_enabled():
+        release_updates(_tenvoo_layers(model))

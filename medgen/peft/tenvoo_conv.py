@@ -16,7 +16,7 @@ from torch import nn
 
 from medgen.errors import BadInputError
 from medgen.peft.tenvoo_factors import factorize
-from medgen.peft.tenvoo_layer import TenVOOLayer, uniform_bound_4d
+from medgen.peft.tenvoo_layer import TenVOOLayer, contract_pair, uniform_bound_4d
 
 MODES = ("l", "q")
 
@@ -52,32 +52,68 @@ def conv_core_shapes(
     }
 
 
-def _contract_l(c: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """TenVOO-L: QPab,Rbcd,Ddef,Hfgh,Whij,Zjkl,YlmX,cane,iomk,gno -> XYZPQRDHW, in a cheap pairwise order."""
-    inp = torch.einsum("QPab,Rbcd->PQRacd", c["0"], c["1"])
-    inp = torch.einsum("PQRacd,cane->PQRdne", inp, c["7"])
-    inp = torch.einsum("PQRdne,Ddef->PQRDnf", inp, c["2"])
-    out = torch.einsum("YlmX,Zjkl->XYZjkm", c["6"], c["5"])
-    out = torch.einsum("XYZjkm,iomk->XYZjio", out, c["8"])
-    out = torch.einsum("XYZjio,Whij->XYZWho", out, c["4"])
-    mid = torch.einsum("Hfgh,gno->Hfhno", c["3"], c["9"])
-    inp = torch.einsum("PQRDnf,Hfhno->PQRDHho", inp, mid)
-    return torch.einsum("XYZWho,PQRDHho->XYZPQRDHW", out, inp)
+#: core key -> (stored labels, operand labels) of TenVOO-L: each core is cast already laid out for its contraction
+OPERANDS_L = {
+    "0": ("QPab", "PQab"), "1": ("Rbcd", "bRcd"), "2": ("Ddef", "deDf"), "3": ("Hfgh", "Hfhg"), "4": ("Whij", "jiWh"),
+    "5": ("Zjkl", "lZjk"), "6": ("YlmX", "XYml"), "7": ("cane", "acne"), "8": ("iomk", "mkio"), "9": ("gno", "gno"),
+}
+#: the same for TenVOO-Q (core '3' is HFgh, F its size-1 leg)
+OPERANDS_Q = {
+    "0": ("QPab", "PQab"), "1": ("Rbcd", "bRcd"), "2": ("Ddef", "dDef"), "3": ("HFgh", "gHFh"), "4": ("Wgij", "jWig"),
+    "5": ("Zjkl", "lZjk"), "6": ("YlmX", "XYml"), "7": ("kmno", "mkno"), "8": ("acpn", "acpn"), "9": ("eiop", "epio"),
+}
 
 
-def _contract_q(c: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """TenVOO-Q: QPab,Rbcd,Ddef,Hfgh,Wgij,Zjkl,YlmX,kmno,acpn,eiop -> XYZPQRDHW, in a cheap pairwise order."""
-    inp = torch.einsum("QPab,Rbcd->PQRacd", c["0"], c["1"])
-    inp = torch.einsum("PQRacd,acpn->PQRdpn", inp, c["8"])
+def _matrices(out: torch.Tensor, inp: torch.Tensor, bonds: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G, rows, bonds) from ``out`` (G, *rows, *bonds) and (G, bonds, columns) from ``inp`` (G, *columns, *bonds)."""
+    groups = out.shape[0]
+    return out.reshape(groups, -1, bonds), inp.reshape(groups, -1, bonds).transpose(1, 2)
+
+
+def _factors_l(c: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """TenVOO-L: QPab,Rbcd,Ddef,Hfgh,Whij,Zjkl,YlmX,cane,iomk,gno -> XYZPQRDHW, in a cheap pairwise order.
+
+    Args:
+        c: G stacked cores each, (G, *labels) with the labels of :data:`OPERANDS_L`.
+
+    Returns:
+        (G, Cout·kW, r²) output-side and (G, r², Cin·kD·kH) input-side factors, cut at the bonds h, o.
+    """
+    inp = contract_pair("PQab,bRcd->PQaRcd", c["0"], c["1"])
+    inp = contract_pair("PQaRcd,acne->PQRdne", inp, c["7"])
+    inp = contract_pair("PQRdne,deDf->PQRnDf", inp, c["2"])
+    mid = contract_pair("Hfhg,gno->Hfhno", c["3"], c["9"])
+    inp = contract_pair("PQRnDf,Hfhno->PQRDHho", inp, mid)
+    out = contract_pair("XYml,lZjk->XYmZjk", c["6"], c["5"])
+    out = contract_pair("XYmZjk,mkio->XYZjio", out, c["8"])
+    out = contract_pair("XYZjio,jiWh->XYZWho", out, c["4"])
+    bonds = out.shape[-2] * out.shape[-1]
+    # inp is laid out (P,Q,R,D,H | h,o): the input-side factor is its transpose, a view
+    return _matrices(out, inp, bonds)
+
+
+def _factors_q(c: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """TenVOO-Q: QPab,Rbcd,Ddef,HFgh,Wgij,Zjkl,YlmX,kmno,acpn,eiop -> XYZPQRDHW, in a cheap pairwise order.
+
+    Args:
+        c: G stacked cores each, (G, *labels) with the labels of :data:`OPERANDS_Q`.
+
+    Returns:
+        (G, Cout·kW·kH, r³) output-side and (G, r³, Cin·kD) input-side factors, cut at the bonds n, i, o.
+    """
+    inp = contract_pair("PQab,bRcd->PQaRcd", c["0"], c["1"])
     # bond f has size 1 on core '3' (broadcast): equivalent to summing core '2' over that leg
-    inp = torch.einsum("PQRdpn,Dde->PQRDpne", inp, c["2"].sum(dim=3))
-    inp = torch.einsum("PQRDpne,eiop->PQRDnio", inp, c["9"])
-    out = torch.einsum("YlmX,Zjkl->XYZjkm", c["6"], c["5"])
-    out = torch.einsum("XYZjkm,kmno->XYZjno", out, c["7"])
-    # core '3': its size-1 leg and its dangling last leg are both summed out, leaving a (kH, r) matrix
-    kernel_wh = torch.einsum("Wgij,Hg->WHij", c["4"], c["3"].sum(dim=(1, 3)))
-    out = torch.einsum("XYZjno,WHij->XYZWHnoi", out, kernel_wh)
-    return torch.einsum("XYZWHnoi,PQRDnio->XYZPQRDHW", out, inp)
+    inp = contract_pair("PQaRcd,dDe->PQaRcDe", inp, c["2"].sum(dim=-1))
+    inp = contract_pair("PQaRcDe,acpn->PQRDepn", inp, c["8"])
+    inp = contract_pair("PQRDepn,epio->PQRDnio", inp, c["9"])
+    out = contract_pair("XYml,lZjk->XYmZjk", c["6"], c["5"])
+    out = contract_pair("XYmZjk,mkno->XYZjno", out, c["7"])
+    # core '3': its size-1 leg and its dangling last leg are both summed out, leaving an (r, kH) matrix
+    kernel_wh = contract_pair("jWig,gH->jWiH", c["4"], c["3"].sum(dim=(-2, -1)))
+    out = contract_pair("XYZjno,jWiH->XYZWHnio", out, kernel_wh)
+    bonds = out.shape[-3] * out.shape[-2] * out.shape[-1]
+    # inp is laid out (P,Q,R,D | n,i,o): the input-side factor is its transpose, a view
+    return _matrices(out, inp, bonds)
 
 
 class TenVOOConv3d(TenVOOLayer):
@@ -123,10 +159,17 @@ class TenVOOConv3d(TenVOOLayer):
         super().__init__(base, shapes, bounds, zero_key="9", init=init)
         self.rank = rank
         self.mode = mode
+        self.operand_layouts = OPERANDS_L if mode == "l" else OPERANDS_Q
 
-    def _contract(self, cores: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        tensor = _contract_l(cores) if self.mode == "l" else _contract_q(cores)
-        return tensor.reshape(self.base.weight.shape)
+    def _factors(self, cores: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return _factors_l(cores) if self.mode == "l" else _factors_q(cores)
+
+    def _weight_view(self, matrix: torch.Tensor) -> torch.Tensor:
+        c_out, c_in, k_d, k_h, k_w = self.base.weight.shape
+        if self.mode == "l":  # rows (Cout, kW), columns (Cin, kD, kH)
+            return matrix.view(c_out, k_w, c_in, k_d, k_h).permute(0, 2, 3, 4, 1)
+        # rows (Cout, kW, kH), columns (Cin, kD)
+        return matrix.view(c_out, k_w, k_h, c_in, k_d).permute(0, 3, 4, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Adapted convolution.

@@ -15,7 +15,7 @@ from torch import nn
 
 from medgen.errors import BadInputError
 from medgen.peft.tenvoo_factors import factorize
-from medgen.peft.tenvoo_layer import TenVOOLayer
+from medgen.peft.tenvoo_layer import TenVOOLayer, contract_pair
 
 
 def linear_core_shapes(in_factors: Sequence[int], out_factors: Sequence[int], rank: int) -> dict[str, tuple[int, ...]]:
@@ -64,9 +64,18 @@ class TenVOOLinear(TenVOOLayer):
         super().__init__(base, shapes, bounds, zero_key="-2 -3", init=init)
         self.rank = rank
 
-    def _contract(self, cores: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        tensor = torch.einsum("uvQR,wZPv,XYwu->XYZPQR", cores["-1 -2"], cores["-1 -3"], cores["-2 -3"])
-        return tensor.reshape(self.base.weight.shape)
+    #: the gates laid out for the contraction (see :attr:`TenVOOLayer.operand_layouts`)
+    operand_layouts = {"-1 -2": ("uvQR", "uQRv"), "-1 -3": ("wZPv", "vwZP"), "-2 -3": ("XYwu", "XYuw")}
+
+    def _factors(self, cores: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """G stacked gates '-2 -3' as (G, g0·g1, u·w) and the two other gates contracted over v, (G, u·w, g2·in)."""
+        outer = cores["-2 -3"]
+        inner = contract_pair("uQRv,vwZP->uwZPQR", cores["-1 -2"], cores["-1 -3"])
+        groups, bonds = outer.shape[0], outer.shape[-2] * outer.shape[-1]
+        return outer.reshape(groups, -1, bonds), inner.reshape(groups, bonds, -1)
+
+    def _weight_view(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.view(self.base.weight.shape)  # rows (X, Y), columns (Z, P, Q, R): already (out, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Adapted linear map.
