@@ -6,10 +6,15 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from medgen_testing import make_mrml_scene, oblique_affine
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+if not torch.cuda.is_available():
+    # the fused LMI kernel is tested on the CPU under Triton's interpreter, which must be chosen
+    # before triton is first imported (its standard library is compiled at import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):

@@ -7,7 +7,6 @@ reference geometry is cropped to the segments' extent (so a reference volume is 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from monai.data import MetaTensor
 

@@ -174,6 +174,118 @@ def _kernel_field(volume: torch.Tensor, settings: LmiSettings) -> torch.Tensor:
     return kernel_values(units.reshape(-1), settings)
 
 
+#: kernels the operator can run on; "auto" picks Triton on CUDA when it is installed, PyTorch otherwise
+BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_available() -> bool:
+    """True when the fused Triton kernel can be imported (Triton installed; a CUDA build or its interpreter)."""
+    try:
+        import medgen.translate.lmi_triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise BadInputError(f"LMI backend must be one of {list(BACKENDS)}, got {backend!r}.")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton" and not triton_available():
+        raise BadInputError(
+            "LMI backend 'triton' needs the triton package (shipped with CUDA builds of PyTorch); "
+            "use backend='torch' or 'auto'."
+        )
+    return backend
+
+
+def triton_chunk_voxels(batch: int, spatial: tuple[int, ...], settings: LmiSettings, memory_budget_mb: float) -> int:
+    """Voxels per chunk of the Triton path: two padded float32 volumes and the outputs are held for the
+    call, each chunk voxel adds its C float32 scores and their argmax; 10 % allowance for the allocator.
+
+    Raises:
+        BadInputError: when the budget cannot hold the volumes plus a small chunk.
+    """
+    voxels = batch * math.prod(spatial)
+    padded_voxels = batch * math.prod(n + 1 for n in spatial)
+    candidates = (2 * settings.radius + 1) ** len(spatial)
+    fixed = 8 * padded_voxels + (12 + 16 * len(spatial)) * voxels + WORKSPACE_BYTES
+    per_voxel = int(1.1 * (4 * candidates + 16))
+    budget = memory_budget_mb * 2**20
+    if budget < fixed + 64 * per_voxel:
+        needed_mb = math.ceil((fixed + 64 * per_voxel) / 2**20)
+        raise BadInputError(
+            f"memory_budget_mb={memory_budget_mb} is too small for an LMI map of {batch}×{spatial}: "
+            f"at least {needed_mb} MB are needed; raise the budget or use smaller volumes."
+        )
+    largest = min(voxels, int((budget - fixed) // per_voxel))
+    return -(-voxels // -(-voxels // largest))
+
+
+class _TorchScorer:
+    """Candidate scores of a voxel run with PyTorch ops: kernel fields gathered by index, one batched
+    matmul per candidate for the joints (see the module docstring for the memory formula)."""
+
+    def __init__(self, source, moving, spatial, window_tables, candidate_tables, settings):
+        self.settings, self.spatial = settings, spatial
+        self.window_tables, self.candidate_tables = window_tables, candidate_tables
+        self.padded = tuple(n + 1 for n in spatial)
+        self.source_field = _kernel_field(source, settings)
+        self.moving_field = _kernel_field(moving, settings)
+        # Σ_{k,l} J = Σ_i (Σ_k κ(a_i))·(Σ_l κ(b_i)): the joint's mass from per-sample sums, no K×K pass
+        self.source_row_sums, self.moving_row_sums = self.source_field.sum(dim=1), self.moving_field.sum(dim=1)
+        ndim = len(spatial)
+        self.candidates = list(itertools.product(range(2 * settings.radius + 1), repeat=ndim))
+
+    def __call__(self, voxel: torch.Tensor) -> torch.Tensor:
+        """``(N, C)`` scores of the flat voxel indices ``voxel`` (N,)."""
+        settings, bins, ndim = self.settings, self.settings.bins, len(self.spatial)
+        voxels_per_item = math.prod(self.spatial)
+        item_base = (voxel // voxels_per_item) * math.prod(self.padded)
+        voxel_coords = list(torch.unravel_index(voxel % voxels_per_item, self.spatial))
+        window_offsets = _chunk_axis_offsets(self.window_tables, voxel_coords, self.padded)
+        window_rows = _window_indices(window_offsets, (0,) * ndim, item_base)
+        source_windows = self.source_field[window_rows]  # (N, n, K)
+        source_entropy = marginal_entropy(source_windows)
+        source_sample_sums = self.source_row_sums[window_rows]
+        # a row of ones under Aᵀ makes the joint matmul also return Σ_i κ(b_i), the moving marginal
+        source_windows_t = torch.ones((voxel.numel(), bins + 1, window_rows.shape[1]), device=voxel.device)
+        source_windows_t[:, :bins] = source_windows.transpose(1, 2)  # (N, K+1, n), contiguous for bmm
+        del source_windows
+        candidate_offsets = _chunk_axis_offsets(self.candidate_tables, voxel_coords, self.padded)
+        scores = torch.empty((voxel.numel(), len(self.candidates)), dtype=torch.float32, device=voxel.device)
+        for index, candidate in enumerate(self.candidates):
+            rows = _window_indices(candidate_offsets, candidate, item_base)
+            joint_and_marginal = torch.bmm(source_windows_t, self.moving_field[rows])  # (N, K+1, K)
+            moving_entropy = histogram_entropy(joint_and_marginal[:, -1] / rows.shape[1])
+            mass = (source_sample_sums * self.moving_row_sums[rows]).sum(dim=1)
+            joint_entropy = _joint_entropy_bits(joint_and_marginal[:, :-1], mass)
+            scores[:, index] = mutual_information_score(
+                source_entropy, moving_entropy, joint_entropy, settings.normalize
+            )
+        return scores
+
+
+class _TritonScorer:
+    """Candidate scores of a voxel run with the fused kernel of :mod:`medgen.translate.lmi_triton`."""
+
+    def __init__(self, source, moving, spatial, window_tables, candidate_tables, settings):
+        from medgen.translate.lmi_triton import candidate_scores
+
+        ndim = len(spatial)
+        self.score = candidate_scores
+        self.units = [
+            torch.nn.functional.pad(to_kernel_units(volume, settings), (0, 1) * ndim)[:, 0].contiguous()
+            for volume in (source, moving)
+        ]
+        self.arguments = (spatial, window_tables, candidate_tables, settings)
+
+    def __call__(self, voxel: torch.Tensor) -> torch.Tensor:
+        start, count = int(voxel[0]), voxel.numel()
+        return self.score(*self.units, *self.arguments, start, count)
+
+
 def lmi_map(
     source: torch.Tensor,
     moving: torch.Tensor,
@@ -185,6 +297,7 @@ def lmi_map(
     normalize: bool = True,
     compat: bool = False,
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    backend: str = "auto",
     reporter: Reporter | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Locale-based mutual information map M_{source,moving} and the best displacement per voxel.
@@ -209,6 +322,10 @@ def lmi_map(
             3D compat applies the released per-axis rule to all three axes (an extension).
         memory_budget_mb: upper bound for this call's tensors; sets the voxels per chunk
             (module docstring gives the formula). Raise it on a GPU for speed.
+        backend: "torch" (PyTorch ops, any device), "triton" (fused kernel of
+            :mod:`medgen.translate.lmi_triton`, needs Triton; runs on CUDA or under Triton's CPU
+            interpreter) or "auto" (Triton on CUDA when installed, else PyTorch). Both give the
+            same values to float32 rounding.
         reporter: optional progress/cancel hook; one ``progress("lmi", chunk, chunks)`` per chunk.
 
     Returns:
@@ -218,54 +335,32 @@ def lmi_map(
 
     Raises:
         BadInputError: wrong rank/channels, different shapes or devices, NaN/inf values, invalid
-            settings, or a budget too small for the volume.
+            settings or backend, or a budget too small for the volume.
         OutOfMemoryError: the device ran out of memory; lower ``memory_budget_mb``.
     """
     settings = LmiSettings(window, radius, bins, sigma, normalize, compat)
     ndim = check_volume_pair(source, moving)
     reporter = as_reporter(reporter)
     batch, spatial, device = source.shape[0], tuple(source.shape[2:]), source.device
-    voxels_per_item = math.prod(spatial)
-    total_voxels = batch * voxels_per_item
-    chunk_voxels = chunk_voxels_for_budget(batch, spatial, settings, memory_budget_mb)
+    backend = _resolve_backend(backend, device)
+    total_voxels = batch * math.prod(spatial)
+    if backend == "triton":
+        chunk_voxels, scorer_class = triton_chunk_voxels(batch, spatial, settings, memory_budget_mb), _TritonScorer
+    else:
+        chunk_voxels, scorer_class = chunk_voxels_for_budget(batch, spatial, settings, memory_budget_mb), _TorchScorer
     displacements = candidate_displacements(ndim, settings)
-    # per-axis table indices of each candidate, in the raster order of ``displacements``
-    candidates = list(itertools.product(range(2 * radius + 1), repeat=ndim))
     window_tables = [_axis_sample_coordinates(n, settings, False, device) for n in spatial]
     candidate_tables = [_axis_sample_coordinates(n, settings, True, device) for n in spatial]
-    padded = tuple(n + 1 for n in spatial)
     try:
-        source_field = _kernel_field(source, settings)
-        moving_field = _kernel_field(moving, settings)
-        # Σ_{k,l} J = Σ_i (Σ_k κ(a_i))·(Σ_l κ(b_i)): the joint's mass from per-sample sums, no K×K pass
-        source_row_sums, moving_row_sums = source_field.sum(dim=1), moving_field.sum(dim=1)
+        scorer = scorer_class(source, moving, spatial, window_tables, candidate_tables, settings)
         lmi = torch.empty(total_voxels, dtype=torch.float32, device=device)
         best_candidate = torch.empty(total_voxels, dtype=torch.long, device=device)
         chunk_starts = range(0, total_voxels, chunk_voxels)
         for step, start in enumerate(chunk_starts):
             reporter.check_cancelled()
             voxel = torch.arange(start, min(start + chunk_voxels, total_voxels), device=device)
-            item_base = (voxel // voxels_per_item) * math.prod(padded)
-            voxel_coords = list(torch.unravel_index(voxel % voxels_per_item, spatial))
-            window_offsets = _chunk_axis_offsets(window_tables, voxel_coords, padded)
-            window_rows = _window_indices(window_offsets, (0,) * ndim, item_base)
-            source_windows = source_field[window_rows]  # (N, n, K)
-            source_entropy = marginal_entropy(source_windows)
-            source_sample_sums = source_row_sums[window_rows]
-            # a row of ones under Aᵀ makes the joint matmul also return Σ_i κ(b_i), the moving marginal
-            source_windows_t = torch.ones((voxel.numel(), bins + 1, window_rows.shape[1]), device=device)
-            source_windows_t[:, :bins] = source_windows.transpose(1, 2)  # (N, K+1, n), contiguous for bmm
-            del source_windows
-            candidate_offsets = _chunk_axis_offsets(candidate_tables, voxel_coords, padded)
-            scores = torch.empty((voxel.numel(), len(candidates)), dtype=torch.float32, device=device)
-            for index, candidate in enumerate(candidates):
-                rows = _window_indices(candidate_offsets, candidate, item_base)
-                joint_and_marginal = torch.bmm(source_windows_t, moving_field[rows])  # (N, K+1, K)
-                moving_entropy = histogram_entropy(joint_and_marginal[:, -1] / rows.shape[1])
-                mass = (source_sample_sums * moving_row_sums[rows]).sum(dim=1)
-                joint_entropy = _joint_entropy_bits(joint_and_marginal[:, :-1], mass)
-                scores[:, index] = mutual_information_score(source_entropy, moving_entropy, joint_entropy, normalize)
-            lmi[voxel], best_candidate[voxel] = pick_best_candidate(scores, len(candidates) // 2, not compat)
+            scores = scorer(voxel)
+            lmi[voxel], best_candidate[voxel] = pick_best_candidate(scores, displacements.shape[0] // 2, not compat)
             reporter.progress("lmi", step + 1, len(chunk_starts))
     except torch.OutOfMemoryError as error:
         raise OutOfMemoryError(
