@@ -51,8 +51,8 @@ def _measure(method: str, size: int, device_name: str, mode: str, budget_mb: flo
     # a diffusion-like moving volume: the source plus Gaussian noise, partly outside [0, 1]
     moving = source * 0.7 + 0.3 * torch.randn(source.shape, generator=generator)
     source, moving = source.to(device), moving.to(device)
-    warm_up = torch.rand((1, 1, 6, 6, 6), device=device)
-    operator(warm_up, warm_up, **options)
+    # warm up on the measured size: Triton compiles one kernel per size class (e.g. edges divisible by 16)
+    operator(source, moving, **options)
 
     def synchronize() -> None:
         if device.type == "cuda":

@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--grid", type=int, nargs=3)
     parser.add_argument("--ddpm-steps", type=int, help="timesteps of the DDPM run (default 1000 on CUDA, 20 on CPU)")
     parser.add_argument("--ddim-steps", type=int, default=None)
+    parser.add_argument("--modes", nargs="+", choices=("2.5d", "3d"), default=["2.5d", "3d"])
+    parser.add_argument("--samplers", nargs="+", choices=("ddpm", "ddim"), default=["ddpm", "ddim"])
     args = parser.parse_args()
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -49,15 +51,22 @@ def main() -> None:
     ddim_steps = args.ddim_steps or (50 if on_gpu else 10)
     source = MetaTensor(torch.rand(1, *grid), affine=torch.eye(4, dtype=torch.float64))
     rows = []
-    for mode in ("2.5d", "3d"):
+    for mode in args.modes:
         base = dict(mode=mode, grid=grid, num_train_timesteps=ddpm_steps, memory_budget_mb=16384 if on_gpu else 1024)
         config = TranslationConfig(**base) if on_gpu else TranslationConfig.tiny(**base)
         folder = _model_folder(config)
         grid_tensor = to_model_grid(source, config, "source").to(device)
+        lmi_map(grid_tensor, grid_tensor, memory_budget_mb=config.memory_budget_mb)  # warm-up (kernel compile)
+        if on_gpu:
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         lmi_map(grid_tensor, grid_tensor, memory_budget_mb=config.memory_budget_mb)
+        if on_gpu:
+            torch.cuda.synchronize(device)
         lmi_s = time.perf_counter() - start
         for sampler, steps in (("ddpm", ddpm_steps), ("ddim", ddim_steps)):
+            if sampler not in args.samplers:
+                continue
             start = time.perf_counter()
             translate_volume(source, folder, sampler=sampler, steps=steps, device=device)
             if on_gpu:
