@@ -17,8 +17,8 @@ Measured:
 (c) a tiny segmenter (the checker's network, trained on real images only) trained on the accepted synthetic B
     pairs beats one trained on the raw A cases, both tested on real B (``--segmenter-steps 0`` skips it).
 
-Usage: python bench/bench_maskgen_fidelity.py [--size 16] [--vae-steps 1000] [--unet-steps 3000]
-    [--controlnet-steps 300 1500] [--controlnet-lr 2e-3] [--checker-steps 1000] [--candidates 4] [--ddim-steps 20]
+Usage: python bench/bench_maskgen_fidelity.py [--size 16] [--vae-factor 2] [--vae-steps 2500] [--unet-steps 3000]
+    [--controlnet-steps 1500 6000] [--controlnet-lr 2e-3] [--checker-steps 1000] [--candidates 4] [--ddim-steps 20]
     [--guidance 3] [--segmenter-steps 400] [--work DIR]   (~15-20 min on a loaded 2-core CPU)
 """
 
@@ -55,6 +55,8 @@ LUT_B = (0.5, 0.9, 0.15)
 SOURCE, TARGET = Prompt("A MRI", region="abdomen"), Prompt("B MRI", region="abdomen")
 #: fixed, relaxed acceptance thresholds (MRGen's 0.9/0.8/0.7/0.8 are for a full-size checker)
 THRESHOLDS = FilterThresholds(avg_confidence=0.75, avg_iou=0.6, organ_iou=0.5, organ_confidence=0.7)
+#: tiny-preset overrides per VAE downsampling factor (the ControlNet embedding downsamples by the same factor)
+VAE_FACTOR_OVERRIDES = {4: {}, 2: {"vae_channels": (8, 16), "control_embedding_channels": (8, 16)}}
 
 
 def phantom_label(seed: int, size: int) -> torch.Tensor:
@@ -163,9 +165,11 @@ def main() -> None:
     parser.add_argument("--targets", type=int, default=24, help="unlabelled modality-B training images")
     parser.add_argument("--masks", type=int, default=12, help="held-out A masks to generate B images from")
     parser.add_argument("--references", type=int, default=8, help="labelled real B images (classifier fit, segmenter test)")
-    parser.add_argument("--vae-steps", type=int, default=1000)
+    parser.add_argument("--vae-factor", type=int, choices=(2, 4), default=2,
+                        help="VAE downsampling: 4 is the tiny preset (16³ -> 4³ latents), 2 keeps 8³ latents")
+    parser.add_argument("--vae-steps", type=int, default=2500)
     parser.add_argument("--unet-steps", type=int, default=3000)
-    parser.add_argument("--controlnet-steps", type=int, nargs="+", default=[300, 1500],
+    parser.add_argument("--controlnet-steps", type=int, nargs="+", default=[1500, 6000],
                         help="increasing ControlNet step counts to evaluate at (0 is always evaluated first)")
     parser.add_argument("--controlnet-lr", type=float, default=2e-3)
     parser.add_argument("--checker-steps", type=int, default=1000)
@@ -199,7 +203,7 @@ def main() -> None:
 
     timings, stages = {}, {}
     for controlnet_steps in [0, *args.controlnet_steps]:
-        config = MaskGenConfig.tiny(vae_steps=args.vae_steps, unet_steps=args.unet_steps, controlnet_steps=controlnet_steps,
+        config = MaskGenConfig.tiny(**VAE_FACTOR_OVERRIDES[args.vae_factor], vae_steps=args.vae_steps, unet_steps=args.unet_steps, controlnet_steps=controlnet_steps,
                                     checker_steps=args.checker_steps, controlnet_lr=args.controlnet_lr, batch_size=args.batch_size, checkpoint_every=100)
         stage_s = time.monotonic()
         torch.manual_seed(0)
@@ -212,6 +216,12 @@ def main() -> None:
 
     final_steps = args.controlnet_steps[-1]
     final = stages[final_steps]
+    # the generator cannot be more faithful than its VAE: real B of the masks encoded and decoded
+    vae = MaskGenModel.load(work / "model").vae
+    with torch.no_grad():
+        reconstructed = [vae.decode_stage_2_outputs(vae.encode_stage_2_inputs(render(l, LUT_B, 2000 + s)[None].float()))[0]
+                         for s, l in enumerate(mask_labels)]
+    dice_rows(rows, "VAE reconstruction of real B of the masks (generator ceiling)", mean_dice(classifier, reconstructed, mask_labels))
     dice_rows(rows, "generated B, ControlNet untrained", stages[0]["dice"])
     dice_rows(rows, f"generated B, ControlNet {final_steps} steps", final["dice"], ">= 0.8")
     if final["accepted_dice"] is not None:

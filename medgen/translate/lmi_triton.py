@@ -202,7 +202,8 @@ def candidate_scores(
             *lengths, *strides, math.prod(padded), width, EPSILON,
             P0=samples[0], P1=samples[1], P2=samples[2], NP=max(16, triton.next_power_of_2(math.prod(samples))),
             Q1=steps[1], Q2=steps[2], CANDIDATES=n_candidates, BINS=settings.bins,
-            KP=max(16, triton.next_power_of_2(settings.bins)), NORMALIZE=settings.normalize, DOT=DOT_PRECISION, num_warps=NUM_WARPS,
+            KP=max(16, triton.next_power_of_2(settings.bins)), NORMALIZE=settings.normalize, DOT=DOT_PRECISION,
+            num_warps=NUM_WARPS,
         )
     return scores
 
