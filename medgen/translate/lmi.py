@@ -82,17 +82,15 @@ def bytes_per_chunk_voxel(ndim: int, settings: LmiSettings) -> int:
     return int(1.1 * (4 * floats + 8 * indices))
 
 
-def chunk_voxels_for_budget(
-    batch: int, spatial: tuple[int, ...], settings: LmiSettings, memory_budget_mb: float
+def _chunk_voxels(
+    batch: int, spatial: tuple[int, ...], fixed: int, per_voxel: int, memory_budget_mb: float
 ) -> int:
-    """Largest number of voxels per chunk whose peak memory stays within ``memory_budget_mb``.
+    """Largest equal chunk (voxels) with ``fixed + chunk·per_voxel`` bytes within ``memory_budget_mb``.
 
     Raises:
-        BadInputError: when the budget cannot hold even the fixed part plus one small chunk.
+        BadInputError: when the budget cannot hold the fixed part plus a 64-voxel chunk.
     """
     budget = memory_budget_mb * 2**20
-    per_voxel = bytes_per_chunk_voxel(len(spatial), settings)
-    fixed = fixed_bytes(batch, spatial, settings)
     minimum_chunk = 64
     if budget < fixed + minimum_chunk * per_voxel:
         needed_mb = math.ceil((fixed + minimum_chunk * per_voxel) / 2**20)
@@ -104,6 +102,19 @@ def chunk_voxels_for_budget(
     largest = min(voxels, int((budget - fixed) // per_voxel))
     # equal chunks: a short last chunk would allocate odd sizes that fragment the host heap
     return -(-voxels // -(-voxels // largest))
+
+
+def chunk_voxels_for_budget(
+    batch: int, spatial: tuple[int, ...], settings: LmiSettings, memory_budget_mb: float
+) -> int:
+    """Voxels per chunk of the PyTorch operator whose peak memory stays within ``memory_budget_mb``.
+
+    Raises:
+        BadInputError: when the budget cannot hold even the fixed part plus one small chunk.
+    """
+    fixed = fixed_bytes(batch, spatial, settings)
+    per_voxel = bytes_per_chunk_voxel(len(spatial), settings)
+    return _chunk_voxels(batch, spatial, fixed, per_voxel, memory_budget_mb)
 
 
 def _axis_sample_coordinates(length: int, settings: LmiSettings, displaced: bool, device: torch.device) -> torch.Tensor:
@@ -212,15 +223,7 @@ def triton_chunk_voxels(batch: int, spatial: tuple[int, ...], settings: LmiSetti
     candidates = (2 * settings.radius + 1) ** len(spatial)
     fixed = 8 * padded_voxels + (12 + 16 * len(spatial)) * voxels + WORKSPACE_BYTES
     per_voxel = int(1.1 * (4 * candidates + 16))
-    budget = memory_budget_mb * 2**20
-    if budget < fixed + 64 * per_voxel:
-        needed_mb = math.ceil((fixed + 64 * per_voxel) / 2**20)
-        raise BadInputError(
-            f"memory_budget_mb={memory_budget_mb} is too small for an LMI map of {batch}×{spatial}: "
-            f"at least {needed_mb} MB are needed; raise the budget or use smaller volumes."
-        )
-    largest = min(voxels, int((budget - fixed) // per_voxel))
-    return -(-voxels // -(-voxels // largest))
+    return _chunk_voxels(batch, spatial, fixed, per_voxel, memory_budget_mb)
 
 
 class _TorchScorer:
