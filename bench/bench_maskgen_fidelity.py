@@ -149,7 +149,7 @@ def evaluate_stage(model_dir: Path, masks: list, classifier, args, out_dir: Path
 
 def train_segmenter(images: list, labels: list, steps: int) -> torch.nn.Module:
     """The checker's tiny UNet trained supervised on ``images`` only (no intensity randomisation)."""
-    config = CheckerConfig.tiny(steps=steps, real_image_prob=1.0, checkpoint_every=max(steps, 1))
+    config = CheckerConfig.tiny(steps=steps, real_image_prob=1.0, checkpoint_every=max(steps, 1), batch_size=min(2, len(images)))
     return train_checker(labels, len(ORGANS), config, images=images)
 
 

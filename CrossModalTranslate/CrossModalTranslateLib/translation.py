@@ -171,7 +171,7 @@ def translate_request(
     Args:
         source_volume: a scalar volume node of any contrast; written with its exact geometry.
         model_folder: written by a ``translate-train`` job (checked here, see :func:`model_info`).
-        sampler: ``ddim`` (``steps`` strided steps, deterministic) or ``ddpm`` (all T steps, as published; slow).
+        sampler: ``ddim`` (``steps`` strided steps, fresh noise each step: eta 1) or ``ddpm`` (all T steps, as published; slow).
         steps: DDIM steps, 1..1000 (ignored by ``ddpm``).
         seed: the same seed and settings give the same translation.
         source_modality: names the output ``"<source> (<source modality>→<target modality>)"``.

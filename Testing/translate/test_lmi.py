@@ -106,7 +106,37 @@ def test_oracle5_flat_regions(compat):
     assert torch.isfinite(lmi).all()
     assert _interior(lmi, 1).max() < 1e-3  # spec 3D clean: 6e-9
     if not compat:
+        assert lmi.max() < 1e-3  # replicate padding: the border of a constant volume is flat too
         assert (_interior(offsets) == 0).all()  # clean ties go to δ = 0
+    else:
+        assert lmi.max() > 0.1  # the released zero padding makes an edge at the border
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 9, 7), (1, 1, 6, 5, 7)], ids=["2d", "3d"])
+def test_clean_mode_replicates_the_border(shape):
+    """Clean windows beyond the border read the nearest edge voxel: the map equals the interior of the
+    map of the inputs replicate-padded by window//2 + radius (whose windows never leave the padded volume)."""
+    source, moving = _noise(shape, seed=3), _noise(shape, seed=4)
+    lmi, offsets = lmi_map(source, moving)
+    margin = 2
+    pad = lambda volume: torch.nn.functional.pad(volume, (margin,) * (2 * (len(shape) - 2)), mode="replicate")  # noqa: E731
+    padded_lmi, padded_offsets = lmi_map(pad(source), pad(moving))
+    assert torch.allclose(lmi, _interior(padded_lmi, margin), atol=1e-6)
+    assert (offsets == _interior(padded_offsets, margin)).float().mean() > 0.99  # only near-ties may differ
+
+
+def test_clean_border_is_modality_invariant():
+    """A bright-background and a dark-background rendering of one textured layout give the same border LMI
+    in clean mode (zero padding would add an edge only where the background is bright)."""
+    labels = (torch.arange(12).view(1, 1, 12, 1) // 4 + torch.arange(12).view(1, 1, 1, 12) // 6) % 3
+    texture = 0.02 * _noise((1, 1, 12, 12), seed=5)
+    dark, bright = torch.tensor([0.05, 0.5, 0.95]), torch.tensor([0.5, 0.95, 0.05])
+    dark_lmi = lmi_map(dark[labels] + texture, dark[labels] + texture)[0]
+    bright_lmi = lmi_map(bright[labels] + texture, bright[labels] + texture)[0]
+    assert (dark_lmi - bright_lmi).abs().mean() < 0.02
+    compat_dark = lmi_map(dark[labels] + texture, dark[labels] + texture, compat=True)[0]
+    compat_bright = lmi_map(bright[labels] + texture, bright[labels] + texture, compat=True)[0]
+    assert (compat_dark - compat_bright).abs().mean() > 2 * (dark_lmi - bright_lmi).abs().mean()
 
 
 def test_oracle6_identical_windows_do_not_give_one():
@@ -187,6 +217,8 @@ def test_compat_windows_reproduce_quirk_q1_rows():
     assert table[0, :, 0].tolist() == [8, 8, 0]  # at the border the repeated centre is padding (index 8)
     clean_table = _axis_sample_coordinates(8, LmiSettings(), True, torch.device("cpu"))
     assert clean_table[2, :, 4].tolist() == [4, 5, 6]  # clean: the true window centred at u+1
+    assert clean_table[0, :, 0].tolist() == [0, 0, 0]  # clean: beyond the border, the edge voxel
+    assert clean_table[2, :, 7].tolist() == [7, 7, 7]
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,15 @@ def test_translation_keeps_the_source_geometry_and_range(lmi_model):
     assert torch.equal(translated, again)
 
 
+def test_ddim_eta_sets_the_step_noise(lmi_model):
+    source = _phantom(5, contrast=(0.9, 0.1, 0.5))
+    deterministic = translate_volume(source, lmi_model, sampler="ddim", steps=5, eta=0.0, seed=1)
+    stochastic = translate_volume(source, lmi_model, sampler="ddim", steps=5, seed=1)  # default eta = 1
+    assert not torch.equal(deterministic, stochastic)
+    with pytest.raises(BadInputError, match="eta"):
+        translate_volume(source, lmi_model, sampler="ddim", steps=5, eta=1.5)
+
+
 def test_lmi_agreement_is_higher_with_own_source_than_with_noise(lmi_model):
     config = TranslationConfig.tiny(**TINY)
     source = _phantom(5, contrast=(0.9, 0.1, 0.5))

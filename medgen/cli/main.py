@@ -94,7 +94,7 @@ def cmd_translate_train(args) -> int:
 
 
 def cmd_translate(args) -> int:
-    params = {"sampler": args.sampler, "steps": args.steps, "sdedit_start": args.sdedit_start,
+    params = {"sampler": args.sampler, "steps": args.steps, "sdedit_start": args.sdedit_start, "eta": args.eta,
               "memory_budget_mb": args.memory_budget_mb}
     return _submit("translate", {"source": str(args.source), "model": str(args.model)}, params, args)
 
@@ -240,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     translate.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     translate.add_argument("--steps", type=int, default=100, help="DDIM steps")
     translate.add_argument("--sdedit-start", type=int, help="SDEdit baseline: start timestep (unconditional model)")
+    translate.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity: 1 = fresh noise every step (default), 0 = deterministic")
     translate.add_argument("--memory-budget-mb", type=float, help="LMI chunk budget in MB (default: the model's); lower it on GPU out-of-memory")
     _add_job_options(translate)
     translate.set_defaults(func=cmd_translate)

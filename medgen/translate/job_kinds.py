@@ -33,6 +33,8 @@ register(
             "sampler": {"enum": ["ddpm", "ddim"], "default": "ddpm"},
             "steps": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
             "sdedit_start": {"type": ["integer", "null"], "minimum": 0, "maximum": 999, "default": None},
+            "eta": {"type": "number", "minimum": 0, "maximum": 1, "default": 1.0,
+                    "description": "DDIM stochasticity: 1 = fresh noise every step (robust), 0 = deterministic"},
             "memory_budget_mb": {"type": ["number", "null"], "exclusiveMinimum": 0, "default": None,
                                  "description": "LMI chunk budget in MB (null: the model's); lower it on GPU out-of-memory"},
         }),

@@ -33,7 +33,7 @@ def run_translate(ctx: JobContext) -> dict:
     try:
         translated = translate_volume(
             source, ctx.inputs["model"], sampler=params["sampler"], steps=params["steps"],
-            sdedit_start=params.get("sdedit_start"), seed=ctx.spec.seed, device=ctx.device, reporter=ctx.reporter,
+            sdedit_start=params.get("sdedit_start"), eta=params.get("eta", 1.0), seed=ctx.spec.seed, device=ctx.device, reporter=ctx.reporter,
             memory_budget_mb=params.get("memory_budget_mb"),
         )
     except (OutOfMemoryError, torch.OutOfMemoryError) as error:

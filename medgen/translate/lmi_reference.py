@@ -2,7 +2,8 @@
 
 This is the baseline of ``bench/bench_lmi.py`` and the oracle the tests compare the fast operator
 (:func:`medgen.translate.lmi.lmi_map`) against. It follows the released structure on purpose:
-unfold the zero-padded images into windows, build the candidate windows by unfolding again
+unfold the padded images into windows (compat: zero padding as released; clean: replicate
+padding), build the candidate windows by unfolding again
 (compat: the released double unfold of the window-expanded image, which produces quirk Q1;
 clean: true windows centred at u+δ), evaluate the kernel on every sample of every
 (voxel, candidate) pair, take each joint histogram as a (K×n)·(n×K) matmul, and keep the best
@@ -36,17 +37,18 @@ def _pair_floats(n_samples: int, bins: int) -> int:
     return 4 * n_samples * bins + 3 * bins * bins
 
 
-def _unfold_windows(volume: torch.Tensor, window: int, padding: int) -> torch.Tensor:
-    """Zero-pad every spatial axis by ``padding`` and unfold windows of edge ``window`` (a view).
+def _unfold_windows(volume: torch.Tensor, window: int, padding: int, mode: str = "constant") -> torch.Tensor:
+    """Pad every spatial axis by ``padding`` and unfold windows of edge ``window`` (a view).
 
     Args:
         volume: ``(B, 1, *spatial)``.
+        mode: ``torch.nn.functional.pad`` mode: "constant" (zeros, compat) or "replicate" (clean).
 
     Returns:
         ``(B, 1, *positions, *window_axes)`` with one window per position.
     """
     ndim = volume.dim() - 2
-    padded = torch.nn.functional.pad(volume, (padding,) * (2 * ndim))
+    padded = torch.nn.functional.pad(volume, (padding,) * (2 * ndim), mode=mode)
     for axis in range(ndim):
         padded = padded.unfold(2 + axis, window, 1)
     return padded
@@ -78,7 +80,7 @@ def _compat_candidate_windows(moving: torch.Tensor, window: int) -> torch.Tensor
 def _clean_candidate_windows(moving: torch.Tensor, window: int, radius: int) -> torch.Tensor:
     """True displaced windows: ``(B, *spatial, *candidate_axes, *window_axes)`` view, window centred at u+δ."""
     ndim = moving.dim() - 2
-    windows = _unfold_windows(moving, window, window // 2 + radius)  # positions cover u+δ for all δ
+    windows = _unfold_windows(moving, window, window // 2 + radius, "replicate")  # positions cover u+δ for all δ
     for axis in range(ndim):
         windows = windows.unfold(2 + axis, 2 * radius + 1, 1)
     # (B, 1, *L, *p, *q) -> (B, *L, *q, *p)
@@ -119,7 +121,7 @@ def lmi_map_reference(
     reporter = as_reporter(reporter)
     source_units = to_kernel_units(source, settings)
     moving_units = to_kernel_units(moving, settings)
-    source_windows = _unfold_windows(source_units, window, window // 2)[:, 0]  # (B, *L, *p)
+    source_windows = _unfold_windows(source_units, window, window // 2, "constant" if compat else "replicate")[:, 0]  # (B, *L, *p)
     if compat:
         candidate_windows = _compat_candidate_windows(moving_units, window)
     else:

@@ -6,8 +6,9 @@ windows and the K×K joint histogram in device memory and reads them back for th
 traffic and many small kernels bound it (≈ 2.7× the unfold port at 64³ on an H100). Here every
 joint lives in registers from its first sample to its entropy:
 
-- the window samples are read from the two zero-padded intensity volumes through the same per-axis
-  coordinate tables as the PyTorch operator (so compat quirk Q1 and zero padding are identical);
+- the window samples are read from the two intensity volumes (plus one zero plane per axis) through
+  the same per-axis coordinate tables as the PyTorch operator (so compat quirk Q1, compat zero
+  padding and clean replicate padding are identical);
 - the Gaussian kernel of each sample against the K bin centres is evaluated on the fly into an
   (n, K) tile, once for the source window and once per candidate window;
 - the joint is one small matrix product Aᵀ·B (K×n by n×K, IEEE float32, no TF32);
