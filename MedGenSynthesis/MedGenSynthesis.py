@@ -85,6 +85,7 @@ class MedGenSynthesisParameterNode:
     maskSourceFolder, maskTargetFolder - nnU-Net-named source pairs, and target-modality volume files.
     sourceModality, trainTargetModality, region - the prompt fields of the model to train.
     maskShapeI, maskShapeJ, maskShapeK, maskPreset, maskEncoding - its grid, size preset and mask encoding.
+    maskPseudoLabels - train the ControlNet also on the target volumes with the checker's masks (extension).
     maskModelOutputFolder - where the trained mask model goes; empty keeps it in the job folder.
     maskSource - masks from the checked segmentations, or from maskFolder (label maps in organ values).
     maskModelFolder - the mask model generation uses; set to the last trained one.
@@ -123,6 +124,7 @@ class MedGenSynthesisParameterNode:
     maskShapeK: int = 32
     maskPreset: Annotated[str, Choice(list(from_masks.PRESETS))] = "tiny"
     maskEncoding: Annotated[str, Choice(list(from_masks.ENCODINGS))] = "one-hot"
+    maskPseudoLabels: bool = False
     maskModelOutputFolder: pathlib.Path
     maskSource: Annotated[str, Choice(["scene", "folder"])] = "scene"
     maskFolder: pathlib.Path
@@ -320,6 +322,7 @@ class MedGenSynthesisLogic(SceneJobLogicMixin, ScriptedLoadableModuleLogic):
             region=parameterNode.region, shape=[parameterNode.maskShapeI, parameterNode.maskShapeJ, parameterNode.maskShapeK],
             preset=parameterNode.maskPreset, encoding=parameterNode.maskEncoding,
             model_folder=optional_folder(parameterNode.maskModelOutputFolder),
+            target_pseudo_labels=parameterNode.maskPseudoLabels,
         )
         if parameterNode.maskTrainingSource == "folder":
             return from_masks.train_request(source_folder=optional_folder(parameterNode.maskSourceFolder),

@@ -178,6 +178,8 @@ def main() -> None:
     parser.add_argument("--ddim-steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--segmenter-steps", type=int, default=400, help="(c); 0 skips it")
+    parser.add_argument("--target-pseudo-labels", action="store_true",
+                        help="extension: the ControlNet also sees the B images with the checker's predicted masks")
     parser.add_argument("--threads", type=int, default=1, help="tiny 3D nets run far faster on one thread on a loaded CPU")
     parser.add_argument("--work", default=None, help="model/output folder (default: a new temporary one)")
     args = parser.parse_args()
@@ -204,7 +206,8 @@ def main() -> None:
     timings, stages = {}, {}
     for controlnet_steps in [0, *args.controlnet_steps]:
         config = MaskGenConfig.tiny(**VAE_FACTOR_OVERRIDES[args.vae_factor], vae_steps=args.vae_steps, unet_steps=args.unet_steps, controlnet_steps=controlnet_steps,
-                                    checker_steps=args.checker_steps, controlnet_lr=args.controlnet_lr, batch_size=args.batch_size, checkpoint_every=100)
+                                    checker_steps=args.checker_steps, controlnet_lr=args.controlnet_lr, batch_size=args.batch_size, checkpoint_every=100,
+                                    target_pseudo_labels=args.target_pseudo_labels)
         stage_s = time.monotonic()
         torch.manual_seed(0)
         train_maskgen(sources, targets, list(ORGANS), work / "model", config, source_prompt=SOURCE, target_prompt=TARGET)
@@ -261,7 +264,7 @@ def main() -> None:
     settings = {key: value for key, value in vars(args).items()}
     settings.update(lut_a=LUT_A, lut_b=LUT_B, thresholds=dataclasses.asdict(THRESHOLDS),
                     classifier="per-class 1D Gaussian fitted on the labelled real B references")
-    write_results("maskgen_fidelity_cpu", rows, settings)
+    write_results("maskgen_fidelity_pseudolabels_cpu" if args.target_pseudo_labels else "maskgen_fidelity_cpu", rows, settings)
 
 
 if __name__ == "__main__":

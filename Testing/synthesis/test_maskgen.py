@@ -15,7 +15,10 @@ from medgen.errors import BadInputError, CancelledError
 from medgen.io import load_volume
 from medgen.progress import CallbackReporter
 from medgen.synthesis.filtering import FilterThresholds
-from medgen.synthesis.maskgen import MaskGenModel, generate_candidates, generate_on_model_grid, synthesize_from_masks, train_maskgen
+from medgen.synthesis.checker import load_checker
+from medgen.synthesis.maskgen import (
+    MaskGenModel, generate_candidates, generate_on_model_grid, pseudo_labelled_targets, synthesize_from_masks, train_maskgen,
+)
 from medgen.synthesis.maskgen_networks import (
     MaskGenConfig,
     build_controlnet,
@@ -24,7 +27,7 @@ from medgen.synthesis.maskgen_networks import (
     sampling_scheduler,
 )
 from medgen.synthesis.masks import control_tensor
-from medgen.synthesis.prompts import Prompt
+from medgen.synthesis.prompts import Prompt, compose_training_set
 from medgen_testing import oblique_affine
 
 SIZE = 16
@@ -92,6 +95,35 @@ def test_training_again_skips_finished_stages(model_dir):
     assert not [e for e in events if e["event"] == "progress"]
     resumed = [e["message"] for e in events if e["event"] == "log" and e["message"].startswith("Resumed")]
     assert len(resumed) == 3 and all("at step 4 of 4" in message for message in resumed)
+
+
+def test_target_pseudo_labels_come_from_the_checker(model_dir):
+    checker = load_checker(model_dir / "checker")
+    named = {"organs": ("liver", "kidney")}
+    samples = compose_training_set([phantom(s, LUT_A) for s in range(2)], [phantom(10 + s, LUT_B)[0] for s in range(2)],
+                                   Prompt(**vars(SOURCE) | named), Prompt(**vars(TARGET) | named))
+    labelled = pseudo_labelled_targets(samples, checker, "cpu")
+    assert [sample.is_source for sample in labelled] == [True, True, False, False]
+    assert all(new.label is old.label for new, old in zip(labelled[:2], samples[:2]))  # source masks untouched
+    for new, old in zip(labelled[2:], samples[2:]):
+        assert old.label is None and new.image is old.image
+        with torch.no_grad():
+            expected = checker(torch.as_tensor(old.image)[None].float())[0].argmax(0, keepdim=True)
+        assert new.label.shape == (1, SIZE, SIZE, SIZE) and torch.equal(new.label, expected)
+        assert torch.equal(new.control(), control_tensor(expected, 2, "one-hot"))
+
+
+def test_training_with_target_pseudo_labels_trains_the_checker_first(tmp_path):
+    with pytest.raises(BadInputError, match="checker"):
+        MaskGenConfig.tiny(target_pseudo_labels=True, train_checker=False)
+    events = []
+    torch.manual_seed(0)
+    train_maskgen([phantom(s, LUT_A) for s in range(2)], [phantom(10 + s, LUT_B)[0] for s in range(2)], ["liver", "kidney"], tmp_path,
+                  MaskGenConfig.tiny(**FAST, target_pseudo_labels=True), source_prompt=SOURCE, target_prompt=TARGET,
+                  reporter=CallbackReporter(events.append))
+    phases = [e["phase"] for e in events if e["event"] == "progress"]
+    assert phases.index("controlnet") > max(i for i, phase in enumerate(phases) if phase == "checker")
+    assert MaskGenModel.load(tmp_path).config.target_pseudo_labels
 
 
 def test_oracle4_controlnet_starts_as_the_unet():

@@ -74,7 +74,8 @@ def cmd_maskgen_train(args) -> int:
         inputs["label_names"] = str(args.label_names)
     params = {"shape": args.shape, "spacing_mm": args.spacing_mm, "preset": args.preset, "source_modality": args.source_modality,
               "target_modality": args.target_modality, "region": args.region, "encoding": args.encoding,
-              "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "controlnet_steps": args.controlnet_steps}
+              "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "controlnet_steps": args.controlnet_steps,
+              "target_pseudo_labels": args.target_pseudo_labels}
     return _submit("maskgen-train", inputs, params, args)
 
 
@@ -206,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     maskgen_train.add_argument("--vae-steps", type=int, help="VAE steps (override the preset)")
     maskgen_train.add_argument("--unet-steps", type=int, help="latent UNet steps (override the preset)")
     maskgen_train.add_argument("--controlnet-steps", type=int, help="ControlNet steps (override the preset)")
+    maskgen_train.add_argument("--target-pseudo-labels", action="store_true",
+                               help="extension (not in MRGen): train the ControlNet also on the target images with the checker's masks")
     _add_job_options(maskgen_train)
     maskgen_train.set_defaults(func=cmd_maskgen_train)
 

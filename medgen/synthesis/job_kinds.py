@@ -109,6 +109,8 @@ register(
                 "controlnet_steps": {"type": "integer", "minimum": 0},
                 "train_checker": {"type": "boolean"},
                 "checker_steps": {"type": "integer", "minimum": 0},
+                "target_pseudo_labels": {"type": "boolean", "default": False,
+                                         "description": "extension: the ControlNet also sees the target images with the checker's masks"},
                 "batch_size": {"type": "integer", "minimum": 1},
                 "grad_accum_steps": {"type": "integer", "minimum": 1},
                 "checkpoint_every": {"type": "integer", "minimum": 1},

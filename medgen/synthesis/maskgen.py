@@ -50,7 +50,7 @@ from medgen.synthesis.maskgen_networks import (
 from medgen.synthesis.masks import MASK_THRESHOLD, control_channels, control_tensor, foreground_fraction
 from medgen.synthesis.model_folder import MODEL_JSON, load_into, load_weights, read_model_json, save_weights, write_model_json
 from medgen.synthesis.prepare import check_common_grid
-from medgen.synthesis.prompts import LearnedPromptEncoder, Prompt, PromptVocabulary, compose_training_set, drop_prompt
+from medgen.synthesis.prompts import LearnedPromptEncoder, Prompt, PromptVocabulary, TrainingSample, compose_training_set, drop_prompt
 
 TASK = "mask-conditioned-ldm"
 CHECKER_DIR = "checker"
@@ -168,7 +168,8 @@ def _controlnet_stage(
 
 
 def _checker_stage(sources, organ_names, config: MaskGenConfig, out_dir: Path, device, reporter) -> None:
-    """Stage 4: the independent checker, from the source label maps (+ images) only, never the generator."""
+    """The independent checker, from the source label maps (+ images) only, never the generator; trained
+    before stage 3, which may use it for target pseudo-labels (``MaskGenConfig.target_pseudo_labels``)."""
     checker_config = CheckerConfig.tiny() if config.checker_preset == "tiny" else CheckerConfig()
     steps = checker_config.steps if config.checker_steps is None else config.checker_steps
     checker_config = dataclasses.replace(checker_config, batch_size=min(checker_config.batch_size, len(sources)), steps=steps)
@@ -177,6 +178,19 @@ def _checker_stage(sources, organ_names, config: MaskGenConfig, out_dir: Path, d
         device=device, reporter=PhaseReporter(reporter, "checker"), checkpoint_dir=out_dir / "checker_checkpoints",
     )
     save_checker(checker, checker_config, len(organ_names), out_dir / CHECKER_DIR, organ_names=organ_names)
+
+
+def pseudo_labelled_targets(samples: Sequence[TrainingSample], checker: nn.Module, device) -> list[TrainingSample]:
+    """``samples`` with every target-modality sample given the checker's predicted label map ``(1, I, J, K)``
+    (argmax over background + organs); source samples are returned unchanged."""
+    labelled = []
+    for sample in samples:
+        if not sample.is_source:
+            with torch.no_grad():
+                label = checker(convert_to_tensor(sample.image, track_meta=False)[None].float().to(device))[0].argmax(0, keepdim=True)
+            sample = dataclasses.replace(sample, label=label.cpu())
+        labelled.append(sample)
+    return labelled
 
 
 def train_maskgen(
@@ -202,7 +216,7 @@ def train_maskgen(
         config: architecture and schedule (default :class:`MaskGenConfig`).
         source_prompt, target_prompt: prompts of the two modalities (their ``organs`` are set to the organ names).
         device: training device.
-        reporter: progress per stage (``vae``, ``latents``, ``unet``, ``controlnet``, ``checker``) and cancellation.
+        reporter: progress per stage (``vae``, ``latents``, ``unet``, ``checker``, ``controlnet``) and cancellation.
     """
     config = config or MaskGenConfig()
     reporter = as_reporter(reporter)
@@ -224,9 +238,12 @@ def train_maskgen(
     vocabulary = PromptVocabulary.from_prompts([source_prompt, target_prompt])
     data = _latent_stage(vae, images, samples, vocabulary, config, out_dir, device, reporter)
     prompted = _unet_stage(data, config, out_dir, device, reporter)
-    _controlnet_stage(data, prompted, len(organs), config, out_dir, device, reporter)
     if config.train_checker and not (out_dir / CHECKER_DIR / MODEL_JSON).is_file():
         _checker_stage([sample for sample in samples if sample.is_source], names, config, out_dir, device, reporter)
+    if config.target_pseudo_labels:
+        checker = load_checker(out_dir / CHECKER_DIR, device)
+        data = dataclasses.replace(data, samples=pseudo_labelled_targets(data.samples, checker, device))
+    _controlnet_stage(data, prompted, len(organs), config, out_dir, device, reporter)
 
     first_image = source_cases[0][0]
     affine = first_image.affine if isinstance(first_image, MetaTensor) else torch.eye(4)

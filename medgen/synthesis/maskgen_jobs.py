@@ -18,8 +18,8 @@ from medgen.synthesis.nnunet_export import export_nnunet
 from medgen.synthesis.prepare import prepare_pairs
 
 #: training settings a job may override (names of :class:`MaskGenConfig` fields)
-CONFIG_OVERRIDES = ("vae_steps", "unet_steps", "controlnet_steps", "checker_steps", "train_checker", "batch_size", "grad_accum_steps",
-                    "checkpoint_every", "amp")
+CONFIG_OVERRIDES = ("vae_steps", "unet_steps", "controlnet_steps", "checker_steps", "train_checker", "target_pseudo_labels", "batch_size",
+                    "grad_accum_steps", "checkpoint_every", "amp")
 
 
 def _stem(path: str) -> str:

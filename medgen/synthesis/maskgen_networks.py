@@ -53,6 +53,12 @@ class MaskGenConfig:
         train_checker: also train the independent organ checker used to filter candidates (stage 4).
         checker_preset: ``"default"`` or ``"tiny"`` :class:`medgen.synthesis.checker.CheckerConfig`.
         checker_steps: training steps of the checker (None: the preset's).
+        target_pseudo_labels: an extension, not in MRGen (default off): stage 3 sees the target images with the
+            checker's predicted masks instead of empty ones. With one annotated source modality the ControlNet
+            otherwise only ever sees a mask with source-modality images and paints the source's contrast inside
+            it; the checker is trained on source masks with randomised intensities, so it segments the target
+            modality too. Needs ``train_checker``. The checker then also filters candidates of a generator that
+            learnt from its predictions, so it is less independent.
     """
 
     vae_channels: tuple[int, ...] = (32, 64, 128, 128)
@@ -86,10 +92,13 @@ class MaskGenConfig:
     train_checker: bool = True
     checker_preset: str = "default"
     checker_steps: int | None = None
+    target_pseudo_labels: bool = False
 
     def __post_init__(self) -> None:
         if self.control_encoding not in ENCODINGS:
             raise BadInputError(f"Unknown control encoding {self.control_encoding!r}; use one of {ENCODINGS}.")
+        if self.target_pseudo_labels and not self.train_checker:
+            raise BadInputError("target_pseudo_labels needs the checker (train_checker=True): it predicts the target masks.")
         if self.vae_loss not in ("l1", "l2"):
             raise BadInputError(f"vae_loss must be 'l1' or 'l2'; got {self.vae_loss!r}.")
         expected = int(math.log2(self.downsample_factor)) + 1
