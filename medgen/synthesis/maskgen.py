@@ -1,11 +1,12 @@
 """MRGen-style mask-conditioned synthesis in 3D (spec B.9): train once, then render target-modality
 images from source-modality organ masks.
 
-Training runs four resumable stages in one model folder: ``vae/`` (image VAE), ``latents.safetensors``
+Training runs resumable stages in one model folder: ``vae/`` (image VAE), ``latents.safetensors``
 (posteriors + ``scale_factor`` = 1/std(z)), ``unet/`` (prompt-conditioned latent UNet trained jointly with
-the learned prompt encoder on all images), ``controlnet/`` (the ControlNet alone, on the mixed set:
-source images with their masks, target images with the empty control) and ``checker/`` (the independent
-organ checker used for filtering, trained on the source label maps only). A stage whose checkpoint has
+the learned prompt encoder on all images), ``checker/`` (the independent organ checker used for
+filtering, trained on the source label maps only) and ``controlnet/`` (the ControlNet alone, on the mixed
+set: source images with their masks, target images with the empty control, or with the checker's masks
+when ``MaskGenConfig.target_pseudo_labels`` is set, an extension). A stage whose checkpoint has
 reached its step count is skipped; an interrupted one continues. ``medgen_model.json`` is written last.
 
 Generation follows MRGen's inference (spec B.5): DDIM with diffusers' "leading" timesteps, classifier-free

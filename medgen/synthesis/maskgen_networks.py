@@ -50,7 +50,7 @@ class MaskGenConfig:
         grad_clip_norm: max gradient norm (MRGen's ControlNet: 1.0; used for every stage).
         ema_decay: EMA decay of the UNet + prompt encoder and of the ControlNet (sampling uses EMA weights).
         num_train_timesteps: diffusion steps T.
-        train_checker: also train the independent organ checker used to filter candidates (stage 4).
+        train_checker: also train the independent organ checker used to filter candidates (before stage 3).
         checker_preset: ``"default"`` or ``"tiny"`` :class:`medgen.synthesis.checker.CheckerConfig`.
         checker_steps: training steps of the checker (None: the preset's).
         target_pseudo_labels: an extension, not in MRGen (default off): stage 3 sees the target images with the
