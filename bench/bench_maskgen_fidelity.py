@@ -204,7 +204,14 @@ def main() -> None:
     dice_rows(rows, "raw A of the masks (baseline)", mean_dice(classifier, [render(l, LUT_A, 2000 + s) for s, l in enumerate(mask_labels)], mask_labels))
 
     timings, stages = {}, {}
-    for controlnet_steps in [0, *args.controlnet_steps]:
+    # a resumed --work folder cannot go back: a stage below its ControlNet checkpoint would evaluate the later model
+    latest = work / "model" / "controlnet" / "latest.json"
+    trained = json.loads(latest.read_text())["step"] if latest.is_file() else 0
+    if trained > args.controlnet_steps[-1]:
+        parser.error(f"--work holds a ControlNet trained {trained} steps, more than the last --controlnet-steps")
+    if trained:
+        print(f"--work holds a ControlNet trained {trained} steps: step counts below it are not evaluated", flush=True)
+    for controlnet_steps in [steps for steps in [0, *args.controlnet_steps] if steps >= trained]:
         config = MaskGenConfig.tiny(**VAE_FACTOR_OVERRIDES[args.vae_factor], vae_steps=args.vae_steps, unet_steps=args.unet_steps, controlnet_steps=controlnet_steps,
                                     checker_steps=args.checker_steps, controlnet_lr=args.controlnet_lr, batch_size=args.batch_size, checkpoint_every=100,
                                     target_pseudo_labels=args.target_pseudo_labels)
@@ -225,7 +232,8 @@ def main() -> None:
         reconstructed = [vae.decode_stage_2_outputs(vae.encode_stage_2_inputs(render(l, LUT_B, 2000 + s)[None].float()))[0]
                          for s, l in enumerate(mask_labels)]
     dice_rows(rows, "VAE reconstruction of real B of the masks (generator ceiling)", mean_dice(classifier, reconstructed, mask_labels))
-    dice_rows(rows, "generated B, ControlNet untrained", stages[0]["dice"])
+    if 0 in stages:
+        dice_rows(rows, "generated B, ControlNet untrained", stages[0]["dice"])
     dice_rows(rows, f"generated B, ControlNet {final_steps} steps", final["dice"], ">= 0.8")
     if final["accepted_dice"] is not None:
         dice_rows(rows, f"accepted generated B, ControlNet {final_steps} steps", final["accepted_dice"])
