@@ -19,7 +19,7 @@ Measured:
 
 Usage: python bench/bench_maskgen_fidelity.py [--size 16] [--vae-factor 2] [--vae-steps 2500] [--unet-steps 3000]
     [--controlnet-steps 1500 6000] [--controlnet-lr 2e-3] [--checker-steps 1000] [--candidates 4] [--ddim-steps 20]
-    [--guidance 3] [--segmenter-steps 400] [--work DIR]   (~15-20 min on a loaded 2-core CPU)
+    [--guidance 3] [--segmenter-steps 400] [--unet-attention 1 1] [--target-pseudo-labels] [--work DIR]   (~15-20 min on a loaded 2-core CPU)
 """
 
 from __future__ import annotations
@@ -178,6 +178,9 @@ def main() -> None:
     parser.add_argument("--ddim-steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--segmenter-steps", type=int, default=400, help="(c); 0 skips it")
+    parser.add_argument("--unet-attention", type=int, nargs=2, choices=(0, 1), default=None, metavar="FLAG",
+                        help="attention (so the prompt) per latent UNet level (default: the tiny preset's 1 1; "
+                             "0 1 keeps the prompt off the high-resolution level)")
     parser.add_argument("--target-pseudo-labels", action="store_true",
                         help="extension: the ControlNet also sees the B images with the checker's predicted masks")
     parser.add_argument("--threads", type=int, default=1, help="tiny 3D nets run far faster on one thread on a loaded CPU")
@@ -211,10 +214,11 @@ def main() -> None:
         parser.error(f"--work holds a ControlNet trained {trained} steps, more than the last --controlnet-steps")
     if trained:
         print(f"--work holds a ControlNet trained {trained} steps: step counts below it are not evaluated", flush=True)
+    unet_overrides = {} if args.unet_attention is None else {"unet_attention": tuple(map(bool, args.unet_attention))}
     for controlnet_steps in [steps for steps in [0, *args.controlnet_steps] if steps >= trained]:
         config = MaskGenConfig.tiny(**VAE_FACTOR_OVERRIDES[args.vae_factor], vae_steps=args.vae_steps, unet_steps=args.unet_steps, controlnet_steps=controlnet_steps,
                                     checker_steps=args.checker_steps, controlnet_lr=args.controlnet_lr, batch_size=args.batch_size, checkpoint_every=100,
-                                    target_pseudo_labels=args.target_pseudo_labels)
+                                    target_pseudo_labels=args.target_pseudo_labels, **unet_overrides)
         stage_s = time.monotonic()
         torch.manual_seed(0)
         train_maskgen(sources, targets, list(ORGANS), work / "model", config, source_prompt=SOURCE, target_prompt=TARGET)
@@ -270,7 +274,7 @@ def main() -> None:
     for what, seconds in timings.items():
         rows.append({"check": f"time: {what} (s)", "value": seconds, "target": ""})
     settings = {key: value for key, value in vars(args).items()}
-    settings.update(lut_a=LUT_A, lut_b=LUT_B, thresholds=dataclasses.asdict(THRESHOLDS),
+    settings.update(lut_a=LUT_A, lut_b=LUT_B, thresholds=dataclasses.asdict(THRESHOLDS), unet_attention=config.unet_attention,
                     classifier="per-class 1D Gaussian fitted on the labelled real B references")
     write_results("maskgen_fidelity_pseudolabels_cpu" if args.target_pseudo_labels else "maskgen_fidelity_cpu", rows, settings)
 

@@ -142,6 +142,28 @@ def test_oracle4_controlnet_starts_as_the_unet():
     assert torch.equal(plain, steered)
 
 
+@pytest.mark.parametrize("attention, prompt_reaches_level_0", [((True, True), True), ((False, True), False)])
+def test_the_prompt_reaches_the_highest_resolution_controlnet_residual(attention, prompt_reaches_level_0):
+    """The default puts cross-attention at every level: the residual the ControlNet adds after the first
+    (highest-resolution) level changes with the prompt; with attention at the low level only it cannot,
+    and the ControlNet would paint one contrast for every modality there."""
+    assert MaskGenConfig.tiny().unet_attention == (True, True) and all(MaskGenConfig().unet_attention)
+    config = MaskGenConfig.tiny(unet_attention=attention)
+    torch.manual_seed(2)
+    controlnet = build_controlnet(config, 2, build_latent_unet(config)).eval()
+    with torch.no_grad():  # as if trained: zero-initialised convs and attention outputs pass features on
+        for parameter in controlnet.parameters():
+            if not parameter.any():
+                parameter.normal_(std=0.1)
+    x, t, control = torch.randn(1, 4, 4, 4, 4), torch.tensor([500]), torch.rand(1, 2, SIZE, SIZE, SIZE)
+    with torch.no_grad():
+        first, second = (controlnet(x, t, control, context=torch.randn(1, 5, config.prompt_embedding_dim))[0] for _ in range(2))
+    # residual 0 is conv_in + the control embedding (prompt-free by design); residual 1 ends level 0
+    assert torch.equal(first[0], second[0])
+    assert (not torch.allclose(first[1], second[1], atol=1e-6)) == prompt_reaches_level_0
+    assert not torch.allclose(first[-1], second[-1], atol=1e-6)
+
+
 @pytest.mark.parametrize("vae_channels, control_channels, size", [((8, 16, 16), (8, 16, 32), 16), ((8, 16, 16, 16), (8, 16, 16, 32), 32)])
 def test_oracle5_latent_and_residual_shapes(vae_channels, control_channels, size):
     config = MaskGenConfig.tiny(vae_channels=vae_channels, control_embedding_channels=control_channels)

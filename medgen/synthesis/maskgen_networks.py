@@ -39,6 +39,11 @@ class MaskGenConfig:
         vae_kl_weight: w_KL on the KL *averaged* over latent elements (MRGen: 1e-4 with this reduction).
         unet_channels, unet_attention, unet_res_blocks, unet_norm_groups, num_head_channels: latent UNet
             (and ControlNet) architecture; cross-attention (the prompt) acts only at levels with attention.
+            Default: every level, as MRGen's UNet has cross-attention at its highest-resolution levels. Without
+            it the highest-resolution path of the UNet and the ControlNet residual added to it never see the
+            modality, so the ControlNet paints one contrast for both modalities (measured on the toy fidelity
+            bench with target pseudo-labels: small-organ Dice 0.21 with attention at the low level only, 0.46
+            with attention at both).
         prompt_embedding_dim: E, the context width of the learned prompt encoder (cross_attention_dim).
         control_encoding: ``"one-hot"`` (one channel per organ, recommended in 3D) or ``"merged"`` (MRGen's 1 channel).
         control_embedding_channels: ControlNet conditioning embedding widths; length ``log2(f) + 1``.
@@ -68,7 +73,7 @@ class MaskGenConfig:
     vae_loss: str = "l2"
     vae_kl_weight: float = 1e-4
     unet_channels: tuple[int, ...] = (64, 128, 256)
-    unet_attention: tuple[bool, ...] = (False, True, True)
+    unet_attention: tuple[bool, ...] = (True, True, True)
     unet_res_blocks: int = 2
     unet_norm_groups: int = 32
     num_head_channels: int = 32
@@ -118,7 +123,7 @@ class MaskGenConfig:
         """A CPU configuration for tests and demos: 4x VAE (16³ -> 4³ latents), small widths, few steps."""
         settings = dict(
             vae_channels=(8, 16, 16), vae_res_blocks=1, vae_norm_groups=4, latent_channels=4,
-            unet_channels=(16, 32), unet_attention=(False, True), unet_res_blocks=1, unet_norm_groups=8,
+            unet_channels=(16, 32), unet_attention=(True, True), unet_res_blocks=1, unet_norm_groups=8,
             num_head_channels=8, prompt_embedding_dim=16, control_embedding_channels=(8, 16, 32),
             vae_steps=60, unet_steps=60, controlnet_steps=60, vae_lr=2e-3, unet_lr=1e-3, controlnet_lr=1e-3,
             grad_accum_steps=1, amp=False, checkpoint_every=20, ema_decay=0.9, checker_preset="tiny",
