@@ -19,7 +19,8 @@ Measured:
 
 Usage: python bench/bench_maskgen_fidelity.py [--size 16] [--vae-factor 2] [--vae-steps 2500] [--unet-steps 3000]
     [--controlnet-steps 1500 6000] [--controlnet-lr 2e-3] [--checker-steps 1000] [--candidates 4] [--ddim-steps 20]
-    [--guidance 3] [--segmenter-steps 400] [--unet-attention 1 1] [--target-pseudo-labels] [--work DIR]   (~15-20 min on a loaded 2-core CPU)
+    [--guidance 3] [--segmenter-steps 400] [--unet-attention 1 1] [--target-pseudo-labels] [--work DIR]
+    (~30 min per 6000 ControlNet steps on one CPU thread)
 """
 
 from __future__ import annotations
