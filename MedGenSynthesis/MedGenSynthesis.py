@@ -89,7 +89,8 @@ class MedGenSynthesisParameterNode:
     maskModelOutputFolder - where the trained mask model goes; empty keeps it in the job folder.
     maskSource - masks from the checked segmentations, or from maskFolder (label maps in organ values).
     maskModelFolder - the mask model generation uses; set to the last trained one.
-    candidates, candidateChunk, maskSteps, guidanceScale, maskSeed - what is generated per mask, and how.
+    candidates, candidateChunk, maskSteps, guidanceScale, conditioningScale, maskSeed - what is generated per mask,
+        and how (conditioningScale: the ControlNet strength).
     checkerFolder - segmentation model scoring the candidates; empty uses the job's default checker.
     minAvgConfidence, minAvgIou, minOrganIou, minOrganConfidence, topK - the acceptance thresholds.
     maskNnunetFolder, maskNnunetDatasetId, maskNnunetName - nnU-Net export of the accepted pairs.
@@ -133,6 +134,7 @@ class MedGenSynthesisParameterNode:
     candidateChunk: int = 10
     maskSteps: int = 50
     guidanceScale: float = 7.0
+    conditioningScale: float = 1.0
     maskSeed: int = 0
     checkerFolder: pathlib.Path
     minAvgConfidence: float = from_masks.DEFAULT_THRESHOLDS["avg_confidence"]
@@ -338,7 +340,8 @@ class MedGenSynthesisLogic(SceneJobLogicMixin, ScriptedLoadableModuleLogic):
             optional_folder(parameterNode.maskModelFolder), [] if fromFolder else segmentations, targetModality,
             mask_folder=optional_folder(parameterNode.maskFolder) if fromFolder else None,
             candidates=parameterNode.candidates, chunk=parameterNode.candidateChunk, steps=parameterNode.maskSteps,
-            guidance_scale=parameterNode.guidanceScale, seed=parameterNode.maskSeed,
+            guidance_scale=parameterNode.guidanceScale, conditioning_scale=parameterNode.conditioningScale,
+            seed=parameterNode.maskSeed,
             thresholds={"avg_confidence": parameterNode.minAvgConfidence, "avg_iou": parameterNode.minAvgIou,
                         "organ_iou": parameterNode.minOrganIou, "organ_confidence": parameterNode.minOrganConfidence,
                         "top_k": parameterNode.topK},

@@ -19,7 +19,8 @@ Measured:
 
 Usage: python bench/bench_maskgen_fidelity.py [--size 16] [--vae-factor 2] [--vae-steps 2500] [--unet-steps 3000]
     [--controlnet-steps 1500 6000] [--controlnet-lr 2e-3] [--checker-steps 1000] [--candidates 4] [--ddim-steps 20]
-    [--guidance 3] [--segmenter-steps 400] [--unet-attention 1 1] [--target-pseudo-labels] [--work DIR]
+    [--guidance 3] [--conditioning-scale 1] [--ema-decay D] [--segmenter-steps 400] [--unet-attention 1 1]
+    [--target-pseudo-labels] [--work DIR] [--results NAME]
     (~30 min per 6000 ControlNet steps on one CPU thread)
 """
 
@@ -131,16 +132,24 @@ def evaluate_stage(model_dir: Path, masks: list, classifier, args, out_dir: Path
     for index, (_, label) in enumerate(masks):
         # synthesize_from_masks seeds mask i with seed + i (seed 0): these are the candidates its filter sees
         candidates.append(generate_on_model_grid(model, label, prompt, count=args.candidates, chunk=args.candidates,
-                                                 steps=args.ddim_steps, guidance_scale=args.guidance, seed=index))
+                                                 steps=args.ddim_steps, guidance_scale=args.guidance,
+                                                 conditioning_scale=args.conditioning_scale, seed=index))
     dice = [[organ_dice(classifier(image), label[0]) for image in images] for images, (_, label) in zip(candidates, masks)]
+    # mean intensity of each class region of every candidate: is the contrast B's, A's, or between?
+    means = [[[float(image[0][label[0] == c].mean()) for c in range(1 + len(ORGANS))] for image in images]
+             for images, (_, label) in zip(candidates, masks)]
+    in_source_contrast = [[abs(m[0] - LUT_A[0]) < abs(m[0] - LUT_B[0]) for m in per_mask] for per_mask in means]
     report = synthesize_from_masks(model_dir, masks, out_dir, target_modality=TARGET.modality, candidates=args.candidates,
                                    chunk=args.candidates, steps=args.ddim_steps, guidance_scale=args.guidance,
-                                   thresholds=THRESHOLDS, seed=0)
+                                   conditioning_scale=args.conditioning_scale, thresholds=THRESHOLDS, seed=0)
     scores = [score for result in report.masks for score in result.scores]
     accepted = [(m, score.candidate) for m, result in enumerate(report.masks) for score in result.decision.accepted]
     return {
         "dice": [statistics.mean(d[j] for per_mask in dice for d in per_mask) for j in range(len(ORGANS))],
         "accepted_dice": [statistics.mean(dice[m][k][j] for m, k in accepted) for j in range(len(ORGANS))] if accepted else None,
+        "class_means": [statistics.mean(m[c] for per_mask in means for m in per_mask) for c in range(1 + len(ORGANS))],
+        "in_source_contrast": statistics.mean(flag for per_mask in in_source_contrast for flag in per_mask),
+        "accepted_in_source_contrast": statistics.mean(in_source_contrast[m][k] for m, k in accepted) if accepted else None,
         "masks_accepted": statistics.mean(result.status == "accepted" for result in report.masks),
         "candidates_passing": statistics.mean(not THRESHOLDS.failures(score) for score in scores),
         "checker_avg_iou": statistics.mean(score.avg_iou for score in scores),
@@ -175,9 +184,12 @@ def main() -> None:
     parser.add_argument("--controlnet-lr", type=float, default=2e-3)
     parser.add_argument("--checker-steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--ema-decay", type=float, default=None,
+                        help="EMA decay of the latent UNet and ControlNet (default: the tiny preset's 0.9, sized for 60-step tests)")
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--ddim-steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--conditioning-scale", type=float, default=1.0, help="ControlNet strength at generation")
     parser.add_argument("--segmenter-steps", type=int, default=400, help="(c); 0 skips it")
     parser.add_argument("--unet-attention", type=int, nargs=2, choices=(0, 1), default=None, metavar="FLAG",
                         help="attention (so the prompt) per latent UNet level (default: the tiny preset's 1 1; "
@@ -186,6 +198,8 @@ def main() -> None:
                         help="extension: the ControlNet also sees the B images with the checker's predicted masks")
     parser.add_argument("--threads", type=int, default=1, help="tiny 3D nets run far faster on one thread on a loaded CPU")
     parser.add_argument("--work", default=None, help="model/output folder (default: a new temporary one)")
+    parser.add_argument("--results", default=None,
+                        help="results file name (default: maskgen_fidelity[_pseudolabels]_cpu)")
     args = parser.parse_args()
     if sorted(set(args.controlnet_steps)) != args.controlnet_steps or args.controlnet_steps[0] < 1:
         parser.error("--controlnet-steps must be increasing and positive")
@@ -216,6 +230,8 @@ def main() -> None:
     if trained:
         print(f"--work holds a ControlNet trained {trained} steps: step counts below it are not evaluated", flush=True)
     unet_overrides = {} if args.unet_attention is None else {"unet_attention": tuple(map(bool, args.unet_attention))}
+    if args.ema_decay is not None:
+        unet_overrides["ema_decay"] = args.ema_decay
     for controlnet_steps in [steps for steps in [0, *args.controlnet_steps] if steps >= trained]:
         config = MaskGenConfig.tiny(**VAE_FACTOR_OVERRIDES[args.vae_factor], vae_steps=args.vae_steps, unet_steps=args.unet_steps, controlnet_steps=controlnet_steps,
                                     checker_steps=args.checker_steps, controlnet_lr=args.controlnet_lr, batch_size=args.batch_size, checkpoint_every=100,
@@ -249,6 +265,14 @@ def main() -> None:
                      "value": stage["candidates_passing"], "target": "rises with steps"})
         rows.append({"check": f"checker avg IoU of candidates, ControlNet {controlnet_steps} steps", "value": stage["checker_avg_iou"],
                      "target": ""})
+        for name, value, lut_value in zip(("background", *ORGANS), stage["class_means"], LUT_B):
+            rows.append({"check": f"generated B mean intensity in the {name} mask, ControlNet {controlnet_steps} steps", "value": value,
+                         "target": f"B's {lut_value}"})
+        rows.append({"check": f"candidates in A's contrast (background nearer A's than B's), ControlNet {controlnet_steps} steps",
+                     "value": stage["in_source_contrast"], "target": ""})
+        if stage["accepted_in_source_contrast"] is not None:
+            rows.append({"check": f"accepted candidates in A's contrast, ControlNet {controlnet_steps} steps",
+                         "value": stage["accepted_in_source_contrast"], "target": ""})
     checker = load_checker(work / "model" / "checker")
     real_scores = [score_candidates(checker, render(label, LUT_B, 2000 + seed)[None], label, list(ORGANS), mask_id=f"m{seed}")[0]
                    for seed, label in enumerate(mask_labels)]
@@ -277,7 +301,8 @@ def main() -> None:
     settings = {key: value for key, value in vars(args).items()}
     settings.update(lut_a=LUT_A, lut_b=LUT_B, thresholds=dataclasses.asdict(THRESHOLDS), unet_attention=config.unet_attention,
                     classifier="per-class 1D Gaussian fitted on the labelled real B references")
-    write_results("maskgen_fidelity_pseudolabels_cpu" if args.target_pseudo_labels else "maskgen_fidelity_cpu", rows, settings)
+    write_results(args.results or ("maskgen_fidelity_pseudolabels_cpu" if args.target_pseudo_labels else "maskgen_fidelity_cpu"),
+                  rows, settings)
 
 
 if __name__ == "__main__":

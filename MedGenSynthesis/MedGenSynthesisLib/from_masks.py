@@ -320,7 +320,7 @@ class GenerateRequest(JobRequest):
 
 def generate_request(
     model_folder: str | Path | None, masks: Sequence = (), target_modality: str = "", *, mask_folder: str | Path | None = None,
-    candidates: int = 20, chunk: int = 10, steps: int = 50, guidance_scale: float = 7.0,
+    candidates: int = 20, chunk: int = 10, steps: int = 50, guidance_scale: float = 7.0, conditioning_scale: float = 1.0,
     thresholds: dict[str, float] | None = None, seed: int = 0, checker_folder: str | Path | None = None,
     nnunet_folder: str | Path | None = None, nnunet_dataset_id: int | None = None,
     nnunet_name: str = "MedGenFromMasks", channel_name: str = "MRI",
@@ -333,7 +333,8 @@ def generate_request(
         target_modality: one of the model's target modalities (default: its first).
         mask_folder: instead of ``masks``, a folder of label maps already in the model's organ values.
         candidates: images generated per mask, ``chunk`` at a time, each with ``steps`` DDIM steps and
-            classifier-free guidance ``guidance_scale``.
+            classifier-free guidance ``guidance_scale``; ``conditioning_scale`` multiplies the ControlNet residuals
+            (1 = as trained, > 1 holds the image closer to the mask).
         thresholds: acceptance settings overriding :data:`DEFAULT_THRESHOLDS` (``avg_confidence``,
             ``avg_iou``, ``organ_iou``, ``organ_confidence`` in [0, 1], ``top_k``).
         seed: the same seed and settings give the same candidates.
@@ -372,7 +373,7 @@ def generate_request(
     nnunet_folder, export = paired.nnunet_export_params(nnunet_folder, nnunet_dataset_id, nnunet_name, channel_name)
     params = {
         "target_modality": target_modality, "candidates": int(candidates), "chunk": int(chunk), "steps": int(steps),
-        "guidance_scale": float(guidance_scale),
+        "guidance_scale": float(guidance_scale), "conditioning_scale": float(conditioning_scale),
         "thresholds": {name: (int(value) if name == "top_k" else float(value)) for name, value in merged_thresholds.items()},
         **export,
     }

@@ -127,7 +127,7 @@ def test_a_segmentation_becomes_a_mask_in_model_organ_values_on_its_exact_obliqu
     assert torch.equal(mask.as_tensor(), expected)
     assert request.params == {
         "target_modality": "T2 MRI", "candidates": 6, "chunk": 3, "steps": 5, "guidance_scale": 7.0,
-        "thresholds": {**from_masks.DEFAULT_THRESHOLDS, "avg_iou": 0.5}, "nnunet_dataset_id": None,
+        "conditioning_scale": 1.0, "thresholds": {**from_masks.DEFAULT_THRESHOLDS, "avg_iou": 0.5}, "nnunet_dataset_id": None,
     }
     assert request.seed == 4 and request.kind == "maskgen"
 

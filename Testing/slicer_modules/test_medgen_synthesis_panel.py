@@ -114,7 +114,8 @@ MASK_PARAMETERS = dict(
     maskTrainingSource="scene", maskSourceFolder=Path("."), maskTargetFolder=Path("."), sourceModality="CT",
     trainTargetModality="T2 MRI", region="abdomen", maskShapeI=16, maskShapeJ=16, maskShapeK=8, maskPreset="tiny",
     maskEncoding="one-hot", maskPseudoLabels=True, maskModelOutputFolder=Path("."), maskSource="scene", maskFolder=Path("."),
-    maskModelFolder=Path("."), candidates=6, candidateChunk=3, maskSteps=5, guidanceScale=4.5, maskSeed=3,
+    maskModelFolder=Path("."), candidates=6, candidateChunk=3, maskSteps=5, guidanceScale=4.5, conditioningScale=1.5,
+    maskSeed=3,
     checkerFolder=Path("."), minAvgConfidence=0.85, minAvgIou=0.75, minOrganIou=0.6, minOrganConfidence=0.7, topK=4,
     maskNnunetFolder=Path("."), maskNnunetDatasetId=502, maskNnunetName="MedGenFromMasks",
 )
@@ -239,7 +240,7 @@ def test_generate_from_masks_sends_the_panel_settings_then_turns_into_cancel(mas
     assert request.kind == "maskgen" and request.masks == (segmentation,) and request.seed == 3
     assert request.params == {
         "target_modality": "T2 MRI", "candidates": 6, "chunk": 3, "steps": 5, "guidance_scale": 4.5,
-        "thresholds": {"avg_confidence": 0.85, "avg_iou": 0.75, "organ_iou": 0.6, "organ_confidence": 0.7, "top_k": 4},
+        "conditioning_scale": 1.5, "thresholds": {"avg_confidence": 0.85, "avg_iou": 0.75, "organ_iou": 0.6, "organ_confidence": 0.7, "top_k": 4},
         "nnunet_dataset_id": None,
     }
     assert kwargs["device"] == "cpu"

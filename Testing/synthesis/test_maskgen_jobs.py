@@ -81,7 +81,8 @@ def test_cli_commands_map_onto_the_job_kinds(tmp_path):
     parser = build_parser()
     train = parser.parse_args(["maskgen-train", "--source-images", "a.nii.gz", "--source-labels", "a_seg.nii.gz",
                                "--target-images", "b.nii.gz", "--source-modality", "T1", "--target-modality", "T2"])
-    synth = parser.parse_args(["maskgen", "model", "m1.nii.gz", "m2.nii.gz", "--target-modality", "T2", "--nnunet-id", "5"])
+    synth = parser.parse_args(["maskgen", "model", "m1.nii.gz", "m2.nii.gz", "--target-modality", "T2", "--nnunet-id", "5",
+                               "--conditioning-scale", "1.5"])
     assert train.func.__name__ == "cmd_maskgen_train" and train.preset == "tiny" and train.encoding == "one-hot"
     assert synth.func.__name__ == "cmd_maskgen" and [str(p) for p in synth.masks] == ["m1.nii.gz", "m2.nii.gz"]
-    assert synth.candidates == 20 and synth.steps == 50 and synth.guidance_scale == 7.0
+    assert synth.candidates == 20 and synth.steps == 50 and synth.guidance_scale == 7.0 and synth.conditioning_scale == 1.5

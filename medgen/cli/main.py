@@ -84,7 +84,8 @@ def cmd_maskgen(args) -> int:
     if args.checker:
         inputs["checker"] = str(args.checker)
     params = {"target_modality": args.target_modality, "candidates": args.candidates, "chunk": args.chunk, "steps": args.steps,
-              "guidance_scale": args.guidance_scale, "nnunet_dataset_id": args.nnunet_id, "nnunet_name": args.nnunet_name}
+              "guidance_scale": args.guidance_scale, "conditioning_scale": args.conditioning_scale,
+              "nnunet_dataset_id": args.nnunet_id, "nnunet_name": args.nnunet_name}
     return _submit("maskgen", inputs, params, args)
 
 
@@ -221,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     maskgen.add_argument("--chunk", type=int, default=10, help="candidates denoised at once")
     maskgen.add_argument("--steps", type=int, default=50, help="DDIM steps")
     maskgen.add_argument("--guidance-scale", type=float, default=7.0, help="classifier-free guidance scale")
+    maskgen.add_argument("--conditioning-scale", type=float, default=1.0,
+                         help="ControlNet strength: multiplier of its residuals (1 = as trained; > 1 follows the mask more)")
     maskgen.add_argument("--nnunet-id", type=int, help="also export the accepted pairs as an nnU-Net v2 dataset with this id")
     maskgen.add_argument("--nnunet-name", default="MedGenMaskGen")
     _add_job_options(maskgen)

@@ -145,6 +145,7 @@ register(
                 "chunk": {"type": "integer", "minimum": 1, "maximum": 64, "default": 10},
                 "steps": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
                 "guidance_scale": {"type": "number", "minimum": 0, "maximum": 50, "default": 7.0},
+                "conditioning_scale": {"type": "number", "minimum": 0, "maximum": 10, "default": 1.0},
                 "thresholds": {
                     "type": "object",
                     "properties": {

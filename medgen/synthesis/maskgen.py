@@ -470,6 +470,7 @@ def synthesize_from_masks(
     chunk: int = 10,
     steps: int = 50,
     guidance_scale: float = 7.0,
+    conditioning_scale: float = 1.0,
     thresholds: FilterThresholds = FilterThresholds(),
     checker: nn.Module | str | os.PathLike | None = None,
     seed: int = 0,
@@ -490,7 +491,8 @@ def synthesize_from_masks(
         masks: ``(mask_id, label (1, I, J, K))``; ids are unique file-name stems.
         out_dir: output folder.
         target_modality, target_prompt: the modality to render (a modality of the model) or an explicit prompt.
-        candidates, chunk, steps, guidance_scale: see :func:`generate_candidates`; mask ``i`` uses seed ``seed + i``.
+        candidates, chunk, steps, guidance_scale, conditioning_scale: see :func:`generate_candidates`; mask ``i``
+            uses seed ``seed + i``.
         thresholds: acceptance settings (:class:`FilterThresholds`).
         checker: a checker module or folder; None uses the model's own ``checker/``.
         report_path: where ``report.json`` goes (default ``out_dir/report.json``).
@@ -515,7 +517,7 @@ def synthesize_from_masks(
     names = [organ.name for organ in model.organs]
     save_labels(model.organs, out_dir / "labels.json")
     settings = {"model": str(model_dir), "prompt": prompt.text(), "candidates": candidates, "steps": steps,
-                "guidance_scale": guidance_scale, "seed": seed, "thresholds": dataclasses.asdict(thresholds)}
+                "guidance_scale": guidance_scale, "conditioning_scale": conditioning_scale, "seed": seed, "thresholds": dataclasses.asdict(thresholds)}
     results: list[MaskResult] = []
     for index, (mask_id, label) in enumerate(masks):
         reporter.check_cancelled()
@@ -527,7 +529,8 @@ def synthesize_from_masks(
             if resampled:
                 reporter.log(f"Mask {mask_id!r} {tuple(label.shape[1:])} was resampled (nearest) to the model grid {model.grid_shape}.")
             images = generate_on_model_grid(model, grid_label, prompt, count=candidates, chunk=chunk, steps=steps,
-                                            guidance_scale=guidance_scale, seed=seed + index, device=device, reporter=reporter)
+                                            guidance_scale=guidance_scale, conditioning_scale=conditioning_scale, seed=seed + index,
+                                            device=device, reporter=reporter)
             scores = score_candidates(checker, images, grid_label, names, mask_id=mask_id)
             decision = select_candidates(scores, thresholds)
             result = MaskResult(mask_id, "accepted" if decision.accepted else "none accepted", scores, decision)
