@@ -229,13 +229,13 @@ def main() -> None:
         parser.error(f"--work holds a ControlNet trained {trained} steps, more than the last --controlnet-steps")
     if trained:
         print(f"--work holds a ControlNet trained {trained} steps: step counts below it are not evaluated", flush=True)
-    unet_overrides = {} if args.unet_attention is None else {"unet_attention": tuple(map(bool, args.unet_attention))}
+    config_overrides = {} if args.unet_attention is None else {"unet_attention": tuple(map(bool, args.unet_attention))}
     if args.ema_decay is not None:
-        unet_overrides["ema_decay"] = args.ema_decay
+        config_overrides["ema_decay"] = args.ema_decay
     for controlnet_steps in [steps for steps in [0, *args.controlnet_steps] if steps >= trained]:
         config = MaskGenConfig.tiny(**VAE_FACTOR_OVERRIDES[args.vae_factor], vae_steps=args.vae_steps, unet_steps=args.unet_steps, controlnet_steps=controlnet_steps,
                                     checker_steps=args.checker_steps, controlnet_lr=args.controlnet_lr, batch_size=args.batch_size, checkpoint_every=100,
-                                    target_pseudo_labels=args.target_pseudo_labels, **unet_overrides)
+                                    target_pseudo_labels=args.target_pseudo_labels, **config_overrides)
         stage_s = time.monotonic()
         torch.manual_seed(0)
         train_maskgen(sources, targets, list(ORGANS), work / "model", config, source_prompt=SOURCE, target_prompt=TARGET)

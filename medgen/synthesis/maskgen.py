@@ -517,7 +517,8 @@ def synthesize_from_masks(
     names = [organ.name for organ in model.organs]
     save_labels(model.organs, out_dir / "labels.json")
     settings = {"model": str(model_dir), "prompt": prompt.text(), "candidates": candidates, "steps": steps,
-                "guidance_scale": guidance_scale, "conditioning_scale": conditioning_scale, "seed": seed, "thresholds": dataclasses.asdict(thresholds)}
+                "guidance_scale": guidance_scale, "conditioning_scale": conditioning_scale, "seed": seed,
+                "thresholds": dataclasses.asdict(thresholds)}
     results: list[MaskResult] = []
     for index, (mask_id, label) in enumerate(masks):
         reporter.check_cancelled()
@@ -529,8 +530,8 @@ def synthesize_from_masks(
             if resampled:
                 reporter.log(f"Mask {mask_id!r} {tuple(label.shape[1:])} was resampled (nearest) to the model grid {model.grid_shape}.")
             images = generate_on_model_grid(model, grid_label, prompt, count=candidates, chunk=chunk, steps=steps,
-                                            guidance_scale=guidance_scale, conditioning_scale=conditioning_scale, seed=seed + index,
-                                            device=device, reporter=reporter)
+                                            guidance_scale=guidance_scale, conditioning_scale=conditioning_scale,
+                                            seed=seed + index, device=device, reporter=reporter)
             scores = score_candidates(checker, images, grid_label, names, mask_id=mask_id)
             decision = select_candidates(scores, thresholds)
             result = MaskResult(mask_id, "accepted" if decision.accepted else "none accepted", scores, decision)

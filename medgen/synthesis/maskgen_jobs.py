@@ -79,7 +79,8 @@ def run_maskgen(ctx: JobContext) -> dict:
     report = synthesize_from_masks(
         model_dir, masks, ctx.output_path("pairs"), target_modality=params["target_modality"], candidates=params["candidates"],
         chunk=params["chunk"], steps=params["steps"], guidance_scale=params["guidance_scale"],
-        conditioning_scale=params["conditioning_scale"], thresholds=FilterThresholds(**params["thresholds"]), checker=ctx.inputs.get("checker"), seed=ctx.spec.seed,
+        conditioning_scale=params["conditioning_scale"], thresholds=FilterThresholds(**params["thresholds"]),
+        checker=ctx.inputs.get("checker"), seed=ctx.spec.seed,
         device=ctx.device, reporter=ctx.reporter, report_path=ctx.output_path("report.json"),
     )
     outputs = {"pairs": str(ctx.output_path("pairs")), "report": str(report.report_path)}
