@@ -17,8 +17,8 @@ Measured:
 (c) a tiny segmenter (the checker's network, trained on real images only) trained on the accepted synthetic B
     pairs beats one trained on the raw A cases, both tested on real B (``--segmenter-steps 0`` skips it).
 
-Usage: python bench/bench_maskgen_fidelity.py [--size 16] [--vae-factor 2] [--vae-steps 2500] [--unet-steps 3000]
-    [--controlnet-steps 1500 6000] [--controlnet-lr 2e-3] [--checker-steps 1000] [--candidates 4] [--ddim-steps 20]
+Usage: python bench/bench_maskgen_fidelity.py [--size 16] [--small-organ-radius 0.22 0.35] [--vae-factor 2] [--vae-steps 6000] [--vae-lr 2e-3] [--unet-steps 3000]
+    [--controlnet-steps 1500 6000] [--controlnet-lr 1e-3] [--checker-steps 1000] [--candidates 4] [--ddim-steps 20]
     [--guidance 3] [--conditioning-scale 1] [--ema-decay D] [--segmenter-steps 400] [--unet-attention 1 1]
     [--target-pseudo-labels] [--work DIR] [--results NAME]
     (~30 min per 6000 ControlNet steps on one CPU thread)
@@ -59,12 +59,15 @@ SOURCE, TARGET = Prompt("A MRI", region="abdomen"), Prompt("B MRI", region="abdo
 THRESHOLDS = FilterThresholds(avg_confidence=0.75, avg_iou=0.6, organ_iou=0.5, organ_confidence=0.7)
 #: tiny-preset overrides per VAE downsampling factor (the ControlNet embedding downsamples by the same factor)
 VAE_FACTOR_OVERRIDES = {4: {}, 2: {"vae_channels": (8, 16), "control_embedding_channels": (8, 16)}}
+#: radii of the small organ, in half-widths of the grid: 1.6-2.6 voxels at 16³
+SMALL_RADIUS = (0.22, 0.35)
 
 
-def phantom_label(seed: int, size: int) -> torch.Tensor:
+def phantom_label(seed: int, size: int, small_radius: tuple[float, float] = SMALL_RADIUS) -> torch.Tensor:
     """``(1, I, J, K)`` int64: a large ellipsoid (1) and a small one (2) side by side along x, which one on the
-    left drawn at random, with random radii and centre jitter (so an unconditional model cannot guess the
-    layout); the small one never overwrites the large one."""
+    left drawn at random, with random radii (the small one's uniform in ``small_radius``, in units of the
+    half-width of the grid) and centre jitter (so an unconditional model cannot guess the layout); the small
+    one never overwrites the large one."""
     generator = torch.Generator().manual_seed(seed)
     grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, size)] * 3, indexing="ij"))
 
@@ -77,7 +80,7 @@ def phantom_label(seed: int, size: int) -> torch.Tensor:
     side = 1.0 if torch.rand((), generator=generator) < 0.5 else -1.0
     label = torch.zeros((size,) * 3, dtype=torch.int64)
     label[ellipsoid(torch.tensor([-0.35 * side, 0.0, 0.0]) + uniform(-0.2, 0.2), uniform(0.35, 0.55))] = 1
-    small = ellipsoid(torch.tensor([0.5 * side, 0.0, 0.0]) + uniform(-0.15, 0.15), uniform(0.22, 0.35))
+    small = ellipsoid(torch.tensor([0.5 * side, 0.0, 0.0]) + uniform(-0.15, 0.15), uniform(*small_radius))
     label[small & (label == 0)] = 2
     return label[None]
 
@@ -171,17 +174,20 @@ def segmenter_dice(segmenter: torch.nn.Module, images: list, labels: list) -> li
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=16, help="cubic grid size (multiple of 4)")
+    parser.add_argument("--small-organ-radius", dest="small_radius", type=float, nargs=2, default=SMALL_RADIUS,
+                        metavar=("LOW", "HIGH"), help="radius range of the small organ in half-widths of the grid")
     parser.add_argument("--sources", type=int, default=24, help="labelled modality-A training cases")
     parser.add_argument("--targets", type=int, default=24, help="unlabelled modality-B training images")
     parser.add_argument("--masks", type=int, default=12, help="held-out A masks to generate B images from")
     parser.add_argument("--references", type=int, default=8, help="labelled real B images (classifier fit, segmenter test)")
     parser.add_argument("--vae-factor", type=int, choices=(2, 4), default=2,
                         help="VAE downsampling: 4 is the tiny preset (16³ -> 4³ latents), 2 keeps 8³ latents")
-    parser.add_argument("--vae-steps", type=int, default=2500)
+    parser.add_argument("--vae-steps", type=int, default=6000)
+    parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--controlnet-steps", type=int, nargs="+", default=[1500, 6000],
                         help="increasing ControlNet step counts to evaluate at (0 is always evaluated first)")
-    parser.add_argument("--controlnet-lr", type=float, default=2e-3)
+    parser.add_argument("--controlnet-lr", type=float, default=1e-3)
     parser.add_argument("--checker-steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--ema-decay", type=float, default=None,
@@ -207,13 +213,14 @@ def main() -> None:
     started_s = time.monotonic()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="maskgen_fidelity_"))
     size = args.size
+    small_radius = tuple(args.small_radius)
 
     sources = [(render(label, LUT_A, seed), MetaTensor(label, affine=torch.eye(4, dtype=torch.float64)))
-               for seed in range(args.sources) for label in [phantom_label(seed, size)]]
-    targets = [render(phantom_label(1000 + seed, size), LUT_B, 1000 + seed) for seed in range(args.targets)]
-    mask_labels = [phantom_label(2000 + seed, size) for seed in range(args.masks)]
+               for seed in range(args.sources) for label in [phantom_label(seed, size, small_radius)]]
+    targets = [render(phantom_label(1000 + seed, size, small_radius), LUT_B, 1000 + seed) for seed in range(args.targets)]
+    mask_labels = [phantom_label(2000 + seed, size, small_radius) for seed in range(args.masks)]
     masks = [(f"mask{seed}", MetaTensor(label, affine=torch.eye(4, dtype=torch.float64))) for seed, label in enumerate(mask_labels)]
-    reference_labels = [phantom_label(3000 + seed, size) for seed in range(args.references)]
+    reference_labels = [phantom_label(3000 + seed, size, small_radius) for seed in range(args.references)]
     reference_images = [render(label, LUT_B, 3000 + seed) for seed, label in enumerate(reference_labels)]
     classifier = GaussianVoxelClassifier(reference_images, reference_labels, 1 + len(ORGANS))
 
@@ -233,7 +240,7 @@ def main() -> None:
     if args.ema_decay is not None:
         config_overrides["ema_decay"] = args.ema_decay
     for controlnet_steps in [steps for steps in [0, *args.controlnet_steps] if steps >= trained]:
-        config = MaskGenConfig.tiny(**VAE_FACTOR_OVERRIDES[args.vae_factor], vae_steps=args.vae_steps, unet_steps=args.unet_steps, controlnet_steps=controlnet_steps,
+        config = MaskGenConfig.tiny(**VAE_FACTOR_OVERRIDES[args.vae_factor], vae_steps=args.vae_steps, vae_lr=args.vae_lr, unet_steps=args.unet_steps, controlnet_steps=controlnet_steps,
                                     checker_steps=args.checker_steps, controlnet_lr=args.controlnet_lr, batch_size=args.batch_size, checkpoint_every=100,
                                     target_pseudo_labels=args.target_pseudo_labels, **config_overrides)
         stage_s = time.monotonic()

@@ -13,6 +13,7 @@ from monai.data import MetaTensor
 from medgen.diffusion import controlnet_denoiser, cfg_denoiser, sample
 from medgen.errors import BadInputError, CancelledError
 from medgen.io import load_volume
+from medgen.metrics import psnr
 from medgen.progress import CallbackReporter
 from medgen.synthesis.filtering import FilterThresholds
 from medgen.synthesis.checker import load_checker
@@ -86,6 +87,15 @@ def test_scale_factor_normalises_the_latents(model_dir):
     assert scale != pytest.approx(0.18215)
     z = latents["mu"] + latents["sigma"] * torch.randn(latents["mu"].shape, generator=torch.Generator().manual_seed(7))
     assert float((z * scale).std()) == pytest.approx(1.0, abs=0.15)
+
+
+def test_the_vae_reconstruction_psnr_is_recorded(model_dir, model):
+    images = torch.stack([phantom(seed, LUT_A)[0].as_tensor() for seed in range(3)] + [phantom(10 + seed, LUT_B)[0].as_tensor() for seed in range(3)])
+    with torch.no_grad():
+        per_image = [psnr(model.vae.reconstruct(image[None])[0], image) for image in images]
+    recorded = json.loads((model_dir / "medgen_model.json").read_text())["vae_reconstruction_psnr_db"]
+    assert recorded == pytest.approx(sum(per_image) / len(per_image), rel=1e-4)
+    assert 0 < recorded < 60
 
 
 def test_training_again_skips_finished_stages(model_dir):

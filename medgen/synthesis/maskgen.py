@@ -34,6 +34,7 @@ from medgen.errors import BadInputError, ModelError
 from medgen.io import save_volume
 from medgen.io.atomic import write_text_atomic
 from medgen.labels import LabelInfo, make_labels, save_labels
+from medgen.metrics import psnr
 from medgen.progress import PhaseReporter, Reporter, as_reporter
 from medgen.synthesis.checker import CheckerConfig, load_checker, save_checker, score_candidates, train_checker
 from medgen.synthesis.filtering import CandidateScore, FilterDecision, FilterThresholds, select_candidates
@@ -86,6 +87,14 @@ def _vae_stage(images: torch.Tensor, config: MaskGenConfig, out_dir: Path, devic
     vae.eval().requires_grad_(False)
     save_weights(vae.state_dict(), out_dir / "vae.safetensors")
     return vae
+
+
+def reconstruction_psnr(vae: nn.Module, images: torch.Tensor, device) -> float:
+    """Mean PSNR (dB, data range 1) of the VAE's reconstructions (decoded posterior means) of ``images``
+    ``(N, 1, I, J, K)``. Generated images are no sharper than this: on the toy fidelity bench 28 dB left the
+    small organ at Dice 0.83 after decoding, 32 dB at 0.97."""
+    with torch.no_grad():
+        return float(np.mean([psnr(vae.reconstruct(image[None].to(device))[0].cpu(), image) for image in images]))
 
 
 @dataclasses.dataclass
@@ -236,6 +245,9 @@ def train_maskgen(
     images = torch.stack([convert_to_tensor(sample.image, track_meta=False).float() for sample in samples])
 
     vae = _vae_stage(images, config, out_dir, device, reporter)
+    vae_psnr_db = reconstruction_psnr(vae, images, device)
+    reporter.log(f"VAE reconstruction of the {len(images)} training images: {vae_psnr_db:.1f} dB PSNR (mean); "
+                 "generated images are no sharper.")
     vocabulary = PromptVocabulary.from_prompts([source_prompt, target_prompt])
     data = _latent_stage(vae, images, samples, vocabulary, config, out_dir, device, reporter)
     prompted = _unet_stage(data, config, out_dir, device, reporter)
@@ -254,6 +266,7 @@ def train_maskgen(
         source_modality=source_prompt.modality, target_modality=target_prompt.modality,
         prompt_encoder=prompted.prompt_encoder.to_config(), scale_factor=data.scale_factor, grid_shape=list(shape),
         affine=np.asarray(affine, dtype=float).tolist(), latent_shape=list(data.mu.shape[1:]),
+        vae_reconstruction_psnr_db=vae_psnr_db,
     )
     return out_dir
 
