@@ -17,7 +17,8 @@ Measured:
 (c) a tiny segmenter (the checker's network, trained on real images only) trained on the accepted synthetic B
     pairs beats one trained on the raw A cases, both tested on real B (``--segmenter-steps 0`` skips it).
 
-Usage: python bench/bench_maskgen_fidelity.py [--size 16] [--small-organ-radius 0.22 0.35] [--vae-factor 2] [--vae-steps 6000] [--vae-lr 2e-3] [--unet-steps 3000]
+Usage: python bench/bench_maskgen_fidelity.py [--size 16] [--small-organ-radius 0.22 0.35] [--vae-factor 2]
+    [--vae-steps 6000] [--vae-lr 2e-3] [--unet-steps 3000]
     [--controlnet-steps 1500 6000] [--controlnet-lr 1e-3] [--checker-steps 1000] [--candidates 4] [--ddim-steps 20]
     [--guidance 3] [--conditioning-scale 1] [--ema-decay D] [--segmenter-steps 400] [--unet-attention 1 1]
     [--target-pseudo-labels] [--work DIR] [--results NAME]
@@ -217,7 +218,8 @@ def main() -> None:
 
     sources = [(render(label, LUT_A, seed), MetaTensor(label, affine=torch.eye(4, dtype=torch.float64)))
                for seed in range(args.sources) for label in [phantom_label(seed, size, small_radius)]]
-    targets = [render(phantom_label(1000 + seed, size, small_radius), LUT_B, 1000 + seed) for seed in range(args.targets)]
+    targets = [render(phantom_label(1000 + seed, size, small_radius), LUT_B, 1000 + seed)
+               for seed in range(args.targets)]
     mask_labels = [phantom_label(2000 + seed, size, small_radius) for seed in range(args.masks)]
     masks = [(f"mask{seed}", MetaTensor(label, affine=torch.eye(4, dtype=torch.float64))) for seed, label in enumerate(mask_labels)]
     reference_labels = [phantom_label(3000 + seed, size, small_radius) for seed in range(args.references)]
@@ -240,7 +242,8 @@ def main() -> None:
     if args.ema_decay is not None:
         config_overrides["ema_decay"] = args.ema_decay
     for controlnet_steps in [steps for steps in [0, *args.controlnet_steps] if steps >= trained]:
-        config = MaskGenConfig.tiny(**VAE_FACTOR_OVERRIDES[args.vae_factor], vae_steps=args.vae_steps, vae_lr=args.vae_lr, unet_steps=args.unet_steps, controlnet_steps=controlnet_steps,
+        config = MaskGenConfig.tiny(**VAE_FACTOR_OVERRIDES[args.vae_factor], vae_steps=args.vae_steps, vae_lr=args.vae_lr,
+                                    unet_steps=args.unet_steps, controlnet_steps=controlnet_steps,
                                     checker_steps=args.checker_steps, controlnet_lr=args.controlnet_lr, batch_size=args.batch_size, checkpoint_every=100,
                                     target_pseudo_labels=args.target_pseudo_labels, **config_overrides)
         stage_s = time.monotonic()

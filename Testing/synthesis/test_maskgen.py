@@ -90,7 +90,7 @@ def test_scale_factor_normalises_the_latents(model_dir):
 
 
 def test_the_vae_reconstruction_psnr_is_recorded(model_dir, model):
-    images = torch.stack([phantom(seed, LUT_A)[0].as_tensor() for seed in range(3)] + [phantom(10 + seed, LUT_B)[0].as_tensor() for seed in range(3)])
+    images = [phantom(seed, LUT_A)[0].as_tensor() for seed in range(3)] + [phantom(10 + seed, LUT_B)[0].as_tensor() for seed in range(3)]
     with torch.no_grad():
         per_image = [psnr(model.vae.reconstruct(image[None])[0], image) for image in images]
     recorded = json.loads((model_dir / "medgen_model.json").read_text())["vae_reconstruction_psnr_db"]
