@@ -218,8 +218,8 @@ def main() -> None:
 
     sources = [(render(label, LUT_A, seed), MetaTensor(label, affine=torch.eye(4, dtype=torch.float64)))
                for seed in range(args.sources) for label in [phantom_label(seed, size, small_radius)]]
-    targets = [render(phantom_label(1000 + seed, size, small_radius), LUT_B, 1000 + seed)
-               for seed in range(args.targets)]
+    target_labels = [phantom_label(1000 + seed, size, small_radius) for seed in range(args.targets)]
+    targets = [render(label, LUT_B, 1000 + seed) for seed, label in enumerate(target_labels)]
     mask_labels = [phantom_label(2000 + seed, size, small_radius) for seed in range(args.masks)]
     masks = [(f"mask{seed}", MetaTensor(label, affine=torch.eye(4, dtype=torch.float64))) for seed, label in enumerate(mask_labels)]
     reference_labels = [phantom_label(3000 + seed, size, small_radius) for seed in range(args.references)]
@@ -290,6 +290,10 @@ def main() -> None:
                  "target": ""})
     rows.append({"check": "real B of the masks passing the thresholds", "value": statistics.mean(not THRESHOLDS.failures(s) for s in real_scores),
                  "target": ""})
+    with torch.no_grad():
+        # what --target-pseudo-labels hands the ControlNet: the checker's labels of the B training images
+        dice_rows(rows, "checker on the real B training images (its pseudo-labels)",
+                  mean_dice(lambda image: checker(image[None].float())[0].argmax(0), targets, target_labels))
 
     if args.segmenter_steps and final["pairs"]:
         stage_s = time.monotonic()

@@ -4,7 +4,9 @@ The checker must segment the TARGET modality, yet only the SOURCE modality has l
 MONAI UNet trained SynthSeg-style on the source label maps with domain-randomised intensities: every
 sample gives each label value a random mean intensity in [0, 1] (plus random within-label texture),
 then a random blur, smooth bias field and Gaussian noise, so the network learns shapes rather than
-one contrast. Real source images can be mixed in (``real_image_prob``).
+one contrast. Real source images can be mixed in (``real_image_prob``). Label map and image are first
+flipped and affinely warped together (``spatial_prob``), so a few label maps teach shapes at new positions
+and poses instead of being memorised.
 
 A candidate is scored per organ against its conditioning mask: IoU and Dice of the checker's argmax,
 and a confidence = mean max-softmax inside the predicted organ (0 if nothing is predicted). Any
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
-from monai.transforms import Compose, RandBiasField, RandGaussianNoise, RandGaussianSmooth
+from monai.transforms import Compose, RandAffined, RandBiasField, RandFlipd, RandGaussianNoise, RandGaussianSmooth
 from monai.utils import convert_to_tensor
 from torch import nn
 
@@ -55,6 +57,9 @@ class CheckerConfig:
         noise_std_max: additive Gaussian noise std drawn from [0, noise_std_max].
         real_image_prob: chance of training on the real source image instead of a randomised one
             (only where images are given).
+        spatial_prob: chance that a sample's label map and image are warped together by a random affine
+            (rotation up to ``rotate_max`` radians and scaling up to ``scale_max`` per axis); each axis is
+            also flipped with this chance. 0 trains on the label maps as given.
     """
 
     channels: tuple[int, ...] = (16, 32, 64, 128)
@@ -71,6 +76,9 @@ class CheckerConfig:
     bias_coeff_max: float = 0.3
     noise_std_max: float = 0.05
     real_image_prob: float = 0.2
+    spatial_prob: float = 0.5
+    rotate_max: float = 0.26
+    scale_max: float = 0.1
 
     @classmethod
     def tiny(cls, **overrides) -> "CheckerConfig":
@@ -176,6 +184,17 @@ def _intensity_transforms(config: CheckerConfig) -> Compose:
     )
 
 
+def spatial_transforms(config: CheckerConfig) -> Compose:
+    """Joint flips and affine warp of ``{"label", "image"}`` (nearest for the label, bilinear for the image)."""
+    keys = ("label", "image")
+    flips = [RandFlipd(keys, prob=config.spatial_prob, spatial_axis=axis) for axis in range(3)]
+    affine = RandAffined(
+        keys, prob=config.spatial_prob, rotate_range=(config.rotate_max,) * 3, scale_range=(config.scale_max,) * 3,
+        mode=("nearest", "bilinear"), padding_mode="border",
+    )
+    return Compose([*flips, affine])
+
+
 def randomised_image(label: torch.Tensor, num_organs: int, config: CheckerConfig, transforms: Compose) -> torch.Tensor:
     """A SynthSeg-style image ``(1, I, J, K)`` of an integer label map ``(1, I, J, K)``.
 
@@ -240,14 +259,21 @@ def train_checker(
     torch.manual_seed(config.seed)
     checker = build_checker(config, num_organs).to(device)
     transforms = _intensity_transforms(config)
+    spatial = spatial_transforms(config) if config.spatial_prob > 0 else None
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
 
     def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = []
+        inputs, labels = [], []
         for label, image, has_image in zip(batch["label"], batch["image"], batch["has_image"]):
+            if spatial is not None:
+                spatial.set_random_state(seed=int(torch.randint(2**31 - 1, ())))
+                warped = spatial({"label": label.float(), "image": image})
+                label = convert_to_tensor(warped["label"], track_meta=False).round().long()
+                image = convert_to_tensor(warped["image"], track_meta=False).float()
             use_real = bool(has_image) and torch.rand(()).item() < config.real_image_prob
             inputs.append(image if use_real else randomised_image(label, num_organs, config, transforms))
-        return dice_ce(model(torch.stack(inputs)), batch["label"])
+            labels.append(label)
+        return dice_ce(model(torch.stack(inputs)), torch.stack(labels))
 
     train_config = TrainConfig(
         max_steps=config.steps, batch_size=config.batch_size, amp=config.amp, seed=config.seed,
