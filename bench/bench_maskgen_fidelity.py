@@ -21,7 +21,7 @@ Usage: python bench/bench_maskgen_fidelity.py [--size 16] [--small-organ-radius 
     [--vae-steps 6000] [--vae-lr 2e-3] [--unet-steps 3000]
     [--controlnet-steps 1500 6000] [--controlnet-lr 1e-3] [--checker-steps 1000] [--candidates 4] [--ddim-steps 20]
     [--guidance 3] [--conditioning-scale 1] [--ema-decay D] [--segmenter-steps 400] [--unet-attention 1 1]
-    [--target-pseudo-labels] [--work DIR] [--results NAME]
+    [--target-pseudo-labels] [--seed 0] [--work DIR] [--results NAME]
     (~30 min per 6000 ControlNet steps on one CPU thread)
 """
 
@@ -203,6 +203,7 @@ def main() -> None:
                              "0 1 keeps the prompt off the high-resolution level)")
     parser.add_argument("--target-pseudo-labels", action="store_true",
                         help="extension: the ControlNet also sees the B images with the checker's predicted masks")
+    parser.add_argument("--seed", type=int, default=0, help="training seed of every stage (the data are fixed)")
     parser.add_argument("--threads", type=int, default=1, help="tiny 3D nets run far faster on one thread on a loaded CPU")
     parser.add_argument("--work", default=None, help="model/output folder (default: a new temporary one)")
     parser.add_argument("--results", default=None,
@@ -245,9 +246,9 @@ def main() -> None:
         config = MaskGenConfig.tiny(**VAE_FACTOR_OVERRIDES[args.vae_factor], vae_steps=args.vae_steps, vae_lr=args.vae_lr,
                                     unet_steps=args.unet_steps, controlnet_steps=controlnet_steps,
                                     checker_steps=args.checker_steps, controlnet_lr=args.controlnet_lr, batch_size=args.batch_size, checkpoint_every=100,
-                                    target_pseudo_labels=args.target_pseudo_labels, **config_overrides)
+                                    target_pseudo_labels=args.target_pseudo_labels, seed=args.seed, **config_overrides)
         stage_s = time.monotonic()
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         train_maskgen(sources, targets, list(ORGANS), work / "model", config, source_prompt=SOURCE, target_prompt=TARGET)
         timings[f"train to controlnet step {controlnet_steps}"] = time.monotonic() - stage_s
         stage_s = time.monotonic()

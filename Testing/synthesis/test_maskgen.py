@@ -136,6 +136,22 @@ def test_training_with_target_pseudo_labels_trains_the_checker_first(tmp_path):
     assert MaskGenModel.load(tmp_path).config.target_pseudo_labels
 
 
+def test_the_training_seed_is_recorded_and_reproducible(model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    weights = {}
+    for seed in (0, 1):
+        torch.manual_seed(0)  # the networks' initialisation: the caller's RNG, as in model_dir
+        folder = tmp_path / f"seed{seed}"
+        train_maskgen([phantom(s, LUT_A) for s in range(3)], [phantom(10 + s, LUT_B)[0] for s in range(3)], ["liver", "kidney"],
+                      folder, MaskGenConfig.tiny(**FAST, seed=seed), source_prompt=SOURCE, target_prompt=TARGET)
+        assert MaskGenModel.load(folder).config.seed == seed
+        weights[seed] = load_file(folder / "controlnet.safetensors")
+    reference = load_file(model_dir / "controlnet.safetensors")
+    assert all(torch.equal(weights[0][name], reference[name]) for name in reference)
+    assert not all(torch.equal(weights[1][name], reference[name]) for name in reference)
+
+
 def test_oracle4_controlnet_starts_as_the_unet():
     config = MaskGenConfig.tiny()
     torch.manual_seed(1)

@@ -115,6 +115,7 @@ register(
                 "grad_accum_steps": {"type": "integer", "minimum": 1},
                 "checkpoint_every": {"type": "integer", "minimum": 1},
                 "amp": {"type": "boolean"},
+                "seed": {"type": "integer", "minimum": 0, "description": "seeds the training of every stage"},
             },
             "required": ["source_modality", "target_modality"],
             "additionalProperties": False,

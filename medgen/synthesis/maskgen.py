@@ -62,7 +62,7 @@ def _train_config(config: MaskGenConfig, max_steps: int, num_samples: int, ema: 
     return TrainConfig(
         max_steps=max_steps, batch_size=min(config.batch_size, num_samples), grad_accum_steps=config.grad_accum_steps,
         grad_clip_norm=config.grad_clip_norm, ema_decay=config.ema_decay if ema else None, amp=config.amp,
-        checkpoint_every=config.checkpoint_every, keep_checkpoints=1,
+        checkpoint_every=config.checkpoint_every, keep_checkpoints=1, seed=config.seed,
     )
 
 
@@ -183,7 +183,8 @@ def _checker_stage(sources, organ_names, config: MaskGenConfig, out_dir: Path, d
     before stage 3, which may use it for target pseudo-labels (``MaskGenConfig.target_pseudo_labels``)."""
     checker_config = CheckerConfig.tiny() if config.checker_preset == "tiny" else CheckerConfig()
     steps = checker_config.steps if config.checker_steps is None else config.checker_steps
-    checker_config = dataclasses.replace(checker_config, batch_size=min(checker_config.batch_size, len(sources)), steps=steps)
+    checker_config = dataclasses.replace(checker_config, batch_size=min(checker_config.batch_size, len(sources)), steps=steps,
+                                         seed=config.seed)
     checker = train_checker(
         [sample.label for sample in sources], len(organ_names), checker_config, images=[sample.image for sample in sources],
         device=device, reporter=PhaseReporter(reporter, "checker"), checkpoint_dir=out_dir / "checker_checkpoints",

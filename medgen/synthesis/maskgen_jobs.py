@@ -19,7 +19,7 @@ from medgen.synthesis.prepare import prepare_pairs
 
 #: training settings a job may override (names of :class:`MaskGenConfig` fields)
 CONFIG_OVERRIDES = ("vae_steps", "unet_steps", "controlnet_steps", "checker_steps", "train_checker", "target_pseudo_labels", "batch_size",
-                    "grad_accum_steps", "checkpoint_every", "amp")
+                    "grad_accum_steps", "checkpoint_every", "amp", "seed")
 
 
 def _stem(path: str) -> str:

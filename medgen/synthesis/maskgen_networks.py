@@ -64,6 +64,7 @@ class MaskGenConfig:
             it; the checker is trained on source masks with randomised intensities, so it segments the target
             modality too. Needs ``train_checker``. The checker then also filters candidates of a generator that
             learnt from its predictions, so it is less independent.
+        seed: seeds every stage's training (torch's RNG and the data order) and the checker's.
     """
 
     vae_channels: tuple[int, ...] = (32, 64, 128, 128)
@@ -98,6 +99,7 @@ class MaskGenConfig:
     checker_preset: str = "default"
     checker_steps: int | None = None
     target_pseudo_labels: bool = False
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.control_encoding not in ENCODINGS:
