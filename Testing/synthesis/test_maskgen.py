@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
+from safetensors.torch import load_file
 
 from medgen.diffusion import controlnet_denoiser, cfg_denoiser, sample
 from medgen.errors import BadInputError, CancelledError
@@ -137,8 +138,6 @@ def test_training_with_target_pseudo_labels_trains_the_checker_first(tmp_path):
 
 
 def test_the_training_seed_is_recorded_and_reproducible(model_dir, tmp_path):
-    from safetensors.torch import load_file
-
     weights = {}
     for seed in (0, 1):
         torch.manual_seed(0)  # the networks' initialisation: the caller's RNG, as in model_dir

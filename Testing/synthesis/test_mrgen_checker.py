@@ -10,11 +10,11 @@ from torch import nn
 from medgen.errors import GeometryMismatchError, ModelError
 from medgen.synthesis.checker import (
     CheckerConfig,
-    spatial_transforms,
     checker_from_model,
     load_checker,
     save_checker,
     score_candidates,
+    spatial_transforms,
     train_checker,
 )
 from medgen.synthesis.filtering import select_candidates
