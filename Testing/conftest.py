@@ -11,6 +11,9 @@ import torch
 from medgen_testing import make_mrml_scene, oblique_affine
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# every test, and every module-scoped fixture built before the first test's seeding, on the same thread count:
+# float reductions differ between thread counts, and tests compare trained weights bit for bit
+torch.set_num_threads(2)
 if not torch.cuda.is_available():
     # the fused LMI kernel is tested on the CPU under Triton's interpreter, which must be chosen
     # before triton is first imported (its standard library is compiled at import)

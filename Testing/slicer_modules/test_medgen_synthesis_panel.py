@@ -113,7 +113,7 @@ def test_a_finished_training_becomes_the_model_to_generate_from(panel, tmp_path,
 MASK_PARAMETERS = dict(
     maskTrainingSource="scene", maskSourceFolder=Path("."), maskTargetFolder=Path("."), sourceModality="CT",
     trainTargetModality="T2 MRI", region="abdomen", maskShapeI=16, maskShapeJ=16, maskShapeK=8, maskPreset="tiny",
-    maskEncoding="one-hot", maskPseudoLabels=True, maskModelOutputFolder=Path("."), maskSource="scene", maskFolder=Path("."),
+    maskEncoding="one-hot", maskPseudoLabels=True, maskMirror=True, maskModelOutputFolder=Path("."), maskSource="scene", maskFolder=Path("."),
     maskModelFolder=Path("."), candidates=6, candidateChunk=3, maskSteps=5, guidanceScale=4.5, conditioningScale=1.5,
     maskSeed=3,
     checkerFolder=Path("."), minAvgConfidence=0.85, minAvgIou=0.75, minOrganIou=0.6, minOrganConfidence=0.7, topK=4,
@@ -305,7 +305,7 @@ def test_train_mask_model_pairs_each_segmentation_with_its_reference_volume(mask
     assert request.kind == "maskgen-train" and request.target_volumes == (target,)
     assert [(pair.volume, pair.segmentation) for pair in request.pairs] == [(volume, segmentation)]
     assert request.params["shape"] == [16, 16, 8] and request.params["source_modality"] == "CT"
-    assert request.params["target_pseudo_labels"] is True
+    assert request.params["target_pseudo_labels"] is True and request.params["controlnet_flip_axes"] == [0, 1, 2]
     assert widget.ui.maskTrainButton.text == "Cancel"
     runner = widget.maskTrainPanel._runner
     runner.returncode, runner.result = 0, {"outputs": {"model": str(tmp_path / "job" / "outputs" / "model")}}

@@ -19,7 +19,8 @@ from medgen.progress import CallbackReporter
 from medgen.synthesis.filtering import FilterThresholds
 from medgen.synthesis.checker import load_checker
 from medgen.synthesis.maskgen import (
-    MaskGenModel, generate_candidates, generate_on_model_grid, pseudo_labelled_targets, synthesize_from_masks, train_maskgen,
+    MaskGenModel, flip_combinations, flip_spatial, generate_candidates, generate_on_model_grid, pseudo_labelled_targets,
+    synthesize_from_masks, train_maskgen,
 )
 from medgen.synthesis.maskgen_networks import (
     MaskGenConfig,
@@ -149,6 +150,38 @@ def test_the_training_seed_is_recorded_and_reproducible(model_dir, tmp_path):
     reference = load_file(model_dir / "controlnet.safetensors")
     assert all(torch.equal(weights[0][name], reference[name]) for name in reference)
     assert not all(torch.equal(weights[1][name], reference[name]) for name in reference)
+
+
+def test_flip_combinations_and_flips():
+    assert flip_combinations((2, 0)) == [(), (0,), (2,), (0, 2)]
+    assert len(flip_combinations((0, 1, 2))) == 8
+    volume = torch.arange(24.0).reshape(1, 2, 3, 4)
+    assert torch.equal(flip_spatial(volume, ()), volume)
+    assert torch.equal(flip_spatial(volume, (0, 2)), volume.flip(1).flip(3))
+    for axes in ((3,), (0, 0)):
+        with pytest.raises(BadInputError, match="controlnet_flip_axes"):
+            MaskGenConfig.tiny(controlnet_flip_axes=axes)
+
+
+def test_flip_augmentation_encodes_each_flipped_image_and_changes_only_the_controlnet(model_dir, tmp_path):
+    sources, targets = [phantom(s, LUT_A) for s in range(3)], [phantom(10 + s, LUT_B)[0] for s in range(3)]
+    torch.manual_seed(0)  # as in model_dir: same data, networks and seed, only the ControlNet's samples are flipped
+    train_maskgen(sources, targets, ["liver", "kidney"], tmp_path, MaskGenConfig.tiny(**FAST, controlnet_flip_axes=(0, 2)),
+                  source_prompt=SOURCE, target_prompt=TARGET)
+    model = MaskGenModel.load(tmp_path)
+    assert model.config.controlnet_flip_axes == (0, 2)
+    flipped = load_file(tmp_path / "flipped_latents.safetensors")
+    assert sorted(flipped) == ["mu_flip0", "mu_flip02", "mu_flip2", "sigma_flip0", "sigma_flip02", "sigma_flip2"]
+    images = torch.stack([image.as_tensor() for image, _ in sources] + [image.as_tensor() for image in targets]).float()
+    with torch.no_grad():
+        mu, sigma = model.vae.encode(flip_spatial(images, (0, 2)))
+    torch.testing.assert_close(flipped["mu_flip02"], mu)
+    torch.testing.assert_close(flipped["sigma_flip02"], sigma)
+    for name in ("unet.safetensors", "vae.safetensors"):
+        reference = load_file(model_dir / name)
+        assert all(torch.equal(tensor, reference[key]) for key, tensor in load_file(tmp_path / name).items())
+    reference = load_file(model_dir / "controlnet.safetensors")
+    assert not all(torch.equal(tensor, reference[key]) for key, tensor in load_file(tmp_path / "controlnet.safetensors").items())
 
 
 def test_oracle4_controlnet_starts_as_the_unet():

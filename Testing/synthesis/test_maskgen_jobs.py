@@ -14,6 +14,7 @@ from medgen.io import load_volume, save_volume
 from medgen.jobs.exit_codes import ExitCode
 from medgen.labels import LabelInfo, save_labels
 from medgen.slicer.runner import run_job_blocking, write_job
+from medgen.synthesis.maskgen import MaskGenModel
 from medgen_testing import verify_nnunet_dataset
 from test_maskgen import LUT_A, LUT_B, phantom
 
@@ -40,11 +41,13 @@ def test_maskgen_jobs_end_to_end_with_nnunet_export(tmp_path, oblique):
     train = run_job_blocking(write_job(
         tmp_path / "jobs", "maskgen-train",
         {"source_images": sources, "source_labels": labels, "target_images": targets, "label_names": str(tmp_path / "labels.json")},
-        {"shape": [16, 16, 16], "preset": "tiny", "source_modality": "T1 MRI", "target_modality": "T2 MRI", "region": "abdomen", **FAST},
+        {"shape": [16, 16, 16], "preset": "tiny", "source_modality": "T1 MRI", "target_modality": "T2 MRI", "region": "abdomen",
+         "controlnet_flip_axes": [0, 2], **FAST},
         device="cpu"), timeout_s=900)
     assert train.returncode == ExitCode.OK, train.error
     assert {"vae", "latents", "unet", "controlnet", "checker"} <= {e["phase"] for e in train.events if e["event"] == "progress"}
     model = train.result["outputs"]["model"]
+    assert MaskGenModel.load(model).config.controlnet_flip_axes == (0, 2)
 
     mask = phantom(5, LUT_A, oblique)[1]
     mask_path = str(save_volume(mask, tmp_path / "case5.nii.gz", label=True))
@@ -75,14 +78,20 @@ def test_maskgen_train_needs_the_modalities(tmp_path, oblique):
     with pytest.raises(BadInputError, match="'target_modality' is a required property"):
         write_job(tmp_path / "jobs", "maskgen-train", {"source_images": sources, "source_labels": labels, "target_images": targets},
                   {"source_modality": "T1 MRI"}, device="cpu")
+    with pytest.raises(BadInputError, match="controlnet_flip_axes"):
+        write_job(tmp_path / "jobs", "maskgen-train", {"source_images": sources, "source_labels": labels, "target_images": targets},
+                  {"source_modality": "T1 MRI", "target_modality": "T2 MRI", "controlnet_flip_axes": [0, 3]}, device="cpu")
 
 
 def test_cli_commands_map_onto_the_job_kinds(tmp_path):
     parser = build_parser()
     train = parser.parse_args(["maskgen-train", "--source-images", "a.nii.gz", "--source-labels", "a_seg.nii.gz",
-                               "--target-images", "b.nii.gz", "--source-modality", "T1", "--target-modality", "T2"])
+                               "--target-images", "b.nii.gz", "--source-modality", "T1", "--target-modality", "T2", "--flip-axes", "0", "2"])
     synth = parser.parse_args(["maskgen", "model", "m1.nii.gz", "m2.nii.gz", "--target-modality", "T2", "--nnunet-id", "5",
                                "--conditioning-scale", "1.5"])
     assert train.func.__name__ == "cmd_maskgen_train" and train.preset == "tiny" and train.encoding == "one-hot"
+    assert train.flip_axes == [0, 2] and parser.parse_args(["maskgen-train", "--source-images", "a", "--source-labels", "b",
+                                                            "--target-images", "c", "--source-modality", "T1",
+                                                            "--target-modality", "T2"]).flip_axes == []
     assert synth.func.__name__ == "cmd_maskgen" and [str(p) for p in synth.masks] == ["m1.nii.gz", "m2.nii.gz"]
     assert synth.candidates == 20 and synth.steps == 50 and synth.guidance_scale == 7.0 and synth.conditioning_scale == 1.5

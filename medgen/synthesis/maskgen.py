@@ -17,6 +17,7 @@ per mask in chunks; candidates are scored by the checker and filtered by :func:`
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 from pathlib import Path
@@ -98,9 +99,26 @@ def reconstruction_psnr(vae: nn.Module, images: torch.Tensor, mu: torch.Tensor) 
         return float(np.mean([psnr(vae.decode(z[None])[0].cpu(), image) for z, image in zip(mu, images)]))
 
 
+#: spatial axes to flip together (0 = I, 1 = J, 2 = K); ``()`` is the identity
+Flip = tuple[int, ...]
+
+
+def flip_combinations(axes: Sequence[int]) -> list[Flip]:
+    """All subsets of the spatial ``axes`` (0..2), the identity ``()`` first: ``(0, 2)`` -> ``[(), (0,), (2,), (0, 2)]``."""
+    axes = sorted(axes)
+    return [combination for size in range(len(axes) + 1) for combination in itertools.combinations(axes, size)]
+
+
+def flip_spatial(volume: torch.Tensor, flip: Flip) -> torch.Tensor:
+    """``volume`` ``(..., I, J, K)`` flipped along the spatial axes in ``flip`` (0 = I, 1 = J, 2 = K)."""
+    return volume.flip([axis - 3 for axis in flip]) if flip else volume
+
+
 @dataclasses.dataclass
 class _LatentData:
-    """What stages 2 and 3 draw from: the training samples, their posteriors ``(N, C_lat, d, h, w)`` and prompts."""
+    """What stages 2 and 3 draw from: the training samples, their posteriors ``(N, C_lat, d, h, w)`` and prompts;
+    ``flipped`` maps each flip of :func:`flip_combinations` to the posteriors ``(mu, sigma)`` of the flipped images
+    (the identity ``()`` to ``mu, sigma``)."""
 
     samples: list
     mu: torch.Tensor
@@ -108,11 +126,28 @@ class _LatentData:
     scale_factor: float
     vocabulary: PromptVocabulary
     prompt_dropout: float
+    flipped: dict[Flip, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
-    def draw_latents(self, batch: torch.Tensor) -> torch.Tensor:
-        """Fresh scaled latents ``(mu + sigma * eps) * scale_factor``; eps from torch's global RNG (bit-exact resume)."""
-        mu, sigma = self.mu[batch.to(self.mu.device)], self.sigma[batch.to(self.mu.device)]
+    def __post_init__(self) -> None:
+        self.flipped = {(): (self.mu, self.sigma), **self.flipped}
+
+    def draw_latents(self, batch: torch.Tensor, flips: Sequence[Flip] | None = None) -> torch.Tensor:
+        """Fresh scaled latents ``(mu + sigma * eps) * scale_factor`` of sample ``batch[b]`` flipped by ``flips[b]``
+        (default: none); eps from torch's global RNG (bit-exact resume)."""
+        if flips is None:
+            mu, sigma = self.mu[batch.to(self.mu.device)], self.sigma[batch.to(self.mu.device)]
+        else:
+            mu = torch.stack([self.flipped[flip][0][int(i)] for i, flip in zip(batch, flips)])
+            sigma = torch.stack([self.flipped[flip][1][int(i)] for i, flip in zip(batch, flips)])
         return (mu + sigma * torch.randn(mu.shape, device=mu.device)) * self.scale_factor
+
+    def random_flips(self, count: int) -> list[Flip]:
+        """``count`` flips drawn uniformly from ``flipped`` (each axis flipped with probability 1/2) with torch's
+        RNG; without flip augmentation the identity, drawing nothing (so the RNG stream is MRGen's)."""
+        combinations = list(self.flipped)
+        if len(combinations) == 1:
+            return [()] * count
+        return [combinations[int(index)] for index in torch.randint(len(combinations), (count,))]
 
     def dropped_tokens(self, batch: torch.Tensor) -> torch.Tensor:
         """Token ids ``(B, L)`` of the batch's prompts, each replaced by the empty prompt with ``prompt_dropout``."""
@@ -121,7 +156,8 @@ class _LatentData:
 
 
 def _latent_stage(vae, images, samples, vocabulary, config: MaskGenConfig, out_dir: Path, device, reporter) -> _LatentData:
-    """Encode every training image once (posterior mean and std) and fix ``scale_factor`` = 1/std(z)."""
+    """Encode every training image once (posterior mean and std) and fix ``scale_factor`` = 1/std(z); with
+    ``config.controlnet_flip_axes`` also every flipped copy (``flipped_latents.safetensors``, one entry per flip)."""
     latents_path = out_dir / "latents.safetensors"
     if not latents_path.exists():
         reporter.progress("latents", 0, len(images))
@@ -131,8 +167,16 @@ def _latent_stage(vae, images, samples, vocabulary, config: MaskGenConfig, out_d
         save_weights({"mu": mu, "sigma": sigma, "scale_factor": 1.0 / z.std().reshape(1)}, latents_path)
         reporter.progress("latents", len(images), len(images))
     latents = load_weights(latents_path)
+    flips, flipped_path, flipped = flip_combinations(config.controlnet_flip_axes)[1:], out_dir / "flipped_latents.safetensors", {}
+    stored = load_weights(flipped_path) if flips and flipped_path.exists() else {}
+    for flip in flips:
+        key = "flip" + "".join(map(str, flip))
+        if f"mu_{key}" not in stored:
+            stored[f"mu_{key}"], stored[f"sigma_{key}"] = encode_posteriors(vae, flip_spatial(images, flip).to(device))
+            save_weights(stored, flipped_path)
+        flipped[flip] = (stored[f"mu_{key}"].to(device), stored[f"sigma_{key}"].to(device))
     return _LatentData(samples, latents["mu"].to(device), latents["sigma"].to(device), float(latents["scale_factor"]),
-                       vocabulary, config.prompt_dropout)
+                       vocabulary, config.prompt_dropout, flipped)
 
 
 def _unet_stage(data: _LatentData, config: MaskGenConfig, out_dir: Path, device, reporter) -> PromptedUNet:
@@ -166,8 +210,11 @@ def _controlnet_stage(
     def controlnet_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             context = prompted.prompt_encoder(data.dropped_tokens(batch))
-        control = torch.stack([data.samples[int(i)].control(config.control_encoding) for i in batch]).to(device)
-        return noise_prediction_loss(controlnet_denoiser(prompted.unet, model, control, context), scheduler, data.draw_latents(batch))
+        flips = data.random_flips(len(batch))
+        control = torch.stack([flip_spatial(data.samples[int(i)].control(config.control_encoding), flip)
+                               for i, flip in zip(batch, flips)]).to(device)
+        return noise_prediction_loss(controlnet_denoiser(prompted.unet, model, control, context), scheduler,
+                                     data.draw_latents(batch, flips))
 
     result = train_diffusion(
         controlnet, controlnet_loss, list(range(len(data.samples))),

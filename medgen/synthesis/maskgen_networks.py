@@ -64,6 +64,11 @@ class MaskGenConfig:
             it; the checker is trained on source masks with randomised intensities, so it segments the target
             modality too. Needs ``train_checker``. The checker then also filters candidates of a generator that
             learnt from its predictions, so it is less independent.
+        controlnet_flip_axes: an extension, not in MRGen (default none): stage 3 flips each training sample (image
+            and control together) along each of these spatial axes (0, 1, 2 = I, J, K) with probability 1/2; the
+            latents of every flipped image are encoded once (``flipped_latents.safetensors``). With a few dozen
+            training volumes the ControlNet otherwise memorises them (toy fidelity bench: small-organ Dice 0.89 on
+            training masks, 0.79 on new ones). Only for axes along which a mirrored volume is still plausible.
         seed: seeds every stage's training (torch's RNG and the data order) and the checker's.
     """
 
@@ -99,6 +104,7 @@ class MaskGenConfig:
     checker_preset: str = "default"
     checker_steps: int | None = None
     target_pseudo_labels: bool = False
+    controlnet_flip_axes: tuple[int, ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -106,6 +112,8 @@ class MaskGenConfig:
             raise BadInputError(f"Unknown control encoding {self.control_encoding!r}; use one of {ENCODINGS}.")
         if self.target_pseudo_labels and not self.train_checker:
             raise BadInputError("target_pseudo_labels needs the checker (train_checker=True): it predicts the target masks.")
+        if len(set(self.controlnet_flip_axes)) != len(self.controlnet_flip_axes) or not set(self.controlnet_flip_axes) <= {0, 1, 2}:
+            raise BadInputError(f"controlnet_flip_axes must be distinct spatial axes among 0, 1, 2; got {tuple(self.controlnet_flip_axes)}.")
         if self.vae_loss not in ("l1", "l2"):
             raise BadInputError(f"vae_loss must be 'l1' or 'l2'; got {self.vae_loss!r}.")
         expected = int(math.log2(self.downsample_factor)) + 1
