@@ -4,6 +4,7 @@ stages, generation on the mask's grid, filtering, report and cancellation."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from monai.data import MetaTensor
 from safetensors.torch import load_file
 
 from medgen.diffusion import controlnet_denoiser, cfg_denoiser, sample
-from medgen.errors import BadInputError, CancelledError
+from medgen.errors import BadInputError, CancelledError, ModelError
 from medgen.io import load_volume
 from medgen.metrics import psnr
 from medgen.progress import CallbackReporter
@@ -358,6 +359,16 @@ def test_unknown_organs_and_modalities_are_bad_input(model_dir, tmp_path):
     with pytest.raises(BadInputError, match=r"'CT'.*\['T1 MRI', 'T2 MRI'\]"):
         synthesize_from_masks(model_dir, [("ok", phantom(0, LUT_A)[1])], tmp_path, target_modality="CT", **QUICK)
     assert not list(tmp_path.glob("*.nii.gz"))
+
+
+def test_a_model_with_unknown_settings_is_a_model_error(model_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    document = json.loads((folder / "medgen_model.json").read_text())
+    document["config"]["setting_from_a_newer_version"] = 1
+    (folder / "medgen_model.json").write_text(json.dumps(document))
+    with pytest.raises(ModelError, match=r"Unknown mask-model settings \['setting_from_a_newer_version'\]"):
+        MaskGenModel.load(folder)
 
 
 def test_cancelling_keeps_the_accepted_pairs(model_dir, tmp_path):

@@ -19,7 +19,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from medgen.diffusion import strided_timesteps
-from medgen.errors import BadInputError
+from medgen.errors import BadInputError, ModelError
 from medgen.synthesis.joint_vae import kl_divergence
 from medgen.synthesis.masks import ENCODINGS
 from medgen.synthesis.prompts import LearnedPromptEncoder
@@ -143,7 +143,12 @@ class MaskGenConfig:
 
     @classmethod
     def from_dict(cls, document: dict) -> "MaskGenConfig":
-        """Rebuild from :func:`dataclasses.asdict` output read back from JSON (lists -> tuples)."""
+        """Rebuild from :func:`dataclasses.asdict` output read back from JSON (lists -> tuples); :class:`ModelError`
+        for settings this version does not know (a model folder from another MedGen version)."""
+        fields = {field.name for field in dataclasses.fields(cls)}
+        unknown = set(document) - fields
+        if unknown:
+            raise ModelError(f"Unknown mask-model settings {sorted(unknown)}; this MedGen version knows {sorted(fields)}.")
         return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in document.items()})
 
     @property
