@@ -34,7 +34,7 @@ from medgen.errors import BadInputError, GeometryMismatchError, ModelError
 from medgen.progress import Reporter
 from medgen.synthesis.filtering import CandidateScore
 from medgen.synthesis.masks import check_label_map
-from medgen.synthesis.model_folder import load_into, read_model_json, save_weights, write_model_json
+from medgen.synthesis.model_folder import check_known_settings, load_into, read_model_json, save_weights, write_model_json
 
 TASK = "mrgen-checker"
 WEIGHTS = "checker.safetensors"
@@ -91,10 +91,7 @@ class CheckerConfig:
 
     @classmethod
     def from_dict(cls, document: dict[str, Any]) -> "CheckerConfig":
-        fields = {field.name for field in dataclasses.fields(cls)}
-        unknown = set(document) - fields
-        if unknown:
-            raise ModelError(f"Unknown checker settings {sorted(unknown)}; this MedGen version knows {sorted(fields)}.")
+        check_known_settings(cls, document, "checker")
         values = dict(document)
         for key in ("channels", "strides"):
             if key in values:

@@ -134,11 +134,9 @@ class _LatentData:
     def draw_latents(self, batch: torch.Tensor, flips: Sequence[Flip] | None = None) -> torch.Tensor:
         """Fresh scaled latents ``(mu + sigma * eps) * scale_factor`` of sample ``batch[b]`` flipped by ``flips[b]``
         (default: none); eps from torch's global RNG (bit-exact resume)."""
-        if flips is None:
-            mu, sigma = self.mu[batch.to(self.mu.device)], self.sigma[batch.to(self.mu.device)]
-        else:
-            mu = torch.stack([self.flipped[flip][0][int(i)] for i, flip in zip(batch, flips)])
-            sigma = torch.stack([self.flipped[flip][1][int(i)] for i, flip in zip(batch, flips)])
+        flips = [()] * len(batch) if flips is None else flips
+        mu = torch.stack([self.flipped[flip][0][int(i)] for i, flip in zip(batch, flips)])
+        sigma = torch.stack([self.flipped[flip][1][int(i)] for i, flip in zip(batch, flips)])
         return (mu + sigma * torch.randn(mu.shape, device=mu.device)) * self.scale_factor
 
     def random_flips(self, count: int) -> list[Flip]:

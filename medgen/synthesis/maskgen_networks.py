@@ -19,9 +19,10 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from medgen.diffusion import strided_timesteps
-from medgen.errors import BadInputError, ModelError
+from medgen.errors import BadInputError
 from medgen.synthesis.joint_vae import kl_divergence
 from medgen.synthesis.masks import ENCODINGS
+from medgen.synthesis.model_folder import check_known_settings
 from medgen.synthesis.prompts import LearnedPromptEncoder
 
 #: MRGen's noise schedule (Stable Diffusion's): scaled-linear betas 0.00085 -> 0.012 over 1000 steps
@@ -145,10 +146,7 @@ class MaskGenConfig:
     def from_dict(cls, document: dict) -> "MaskGenConfig":
         """Rebuild from :func:`dataclasses.asdict` output read back from JSON (lists -> tuples); :class:`ModelError`
         for settings this version does not know (a model folder from another MedGen version)."""
-        fields = {field.name for field in dataclasses.fields(cls)}
-        unknown = set(document) - fields
-        if unknown:
-            raise ModelError(f"Unknown mask-model settings {sorted(unknown)}; this MedGen version knows {sorted(fields)}.")
+        check_known_settings(cls, document, "mask-model")
         return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in document.items()})
 
     @property

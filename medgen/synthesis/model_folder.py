@@ -6,6 +6,7 @@ architecture settings, the label names and the voxel grid of what the model gene
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -43,6 +44,15 @@ def read_model_json(folder: str | os.PathLike, task: str) -> dict[str, Any]:
             "Pick the folder written by the matching training job."
         )
     return document
+
+
+def check_known_settings(config_class: type, document: dict[str, Any], what: str) -> None:
+    """:class:`ModelError` naming the keys of ``document`` that are not fields of the dataclass ``config_class``
+    (a model folder written by another MedGen version); ``what`` names the settings in the message."""
+    fields = {field.name for field in dataclasses.fields(config_class)}
+    unknown = set(document) - fields
+    if unknown:
+        raise ModelError(f"Unknown {what} settings {sorted(unknown)}; this MedGen version knows {sorted(fields)}.")
 
 
 def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
