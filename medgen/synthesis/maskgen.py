@@ -167,12 +167,14 @@ def _latent_stage(vae, images, samples, vocabulary, config: MaskGenConfig, out_d
     latents = load_weights(latents_path)
     flips, flipped_path, flipped = flip_combinations(config.controlnet_flip_axes)[1:], out_dir / "flipped_latents.safetensors", {}
     stored = load_weights(flipped_path) if flips and flipped_path.exists() else {}
+    keys = {flip: "flip" + "".join(map(str, flip)) for flip in flips}
+    missing = [flip for flip in flips if f"mu_{keys[flip]}" not in stored]
+    for flip in missing:
+        stored[f"mu_{keys[flip]}"], stored[f"sigma_{keys[flip]}"] = encode_posteriors(vae, flip_spatial(images, flip).to(device))
+    if missing:  # written once: rewriting the growing file after every flip costs more I/O than re-encoding saves
+        save_weights(stored, flipped_path)
     for flip in flips:
-        key = "flip" + "".join(map(str, flip))
-        if f"mu_{key}" not in stored:
-            stored[f"mu_{key}"], stored[f"sigma_{key}"] = encode_posteriors(vae, flip_spatial(images, flip).to(device))
-            save_weights(stored, flipped_path)
-        flipped[flip] = (stored[f"mu_{key}"].to(device), stored[f"sigma_{key}"].to(device))
+        flipped[flip] = (stored[f"mu_{keys[flip]}"].to(device), stored[f"sigma_{keys[flip]}"].to(device))
     return _LatentData(samples, latents["mu"].to(device), latents["sigma"].to(device), float(latents["scale_factor"]),
                        vocabulary, config.prompt_dropout, flipped)
 
