@@ -86,7 +86,7 @@ class MedGenSynthesisParameterNode:
     sourceModality, trainTargetModality, region - the prompt fields of the model to train.
     maskShapeI, maskShapeJ, maskShapeK, maskPreset, maskEncoding - its grid, size preset and mask encoding.
     maskPseudoLabels - train the ControlNet also on the target volumes with the checker's masks (extension).
-    maskMirror - the ControlNet stage flips each training volume + mask at random along every voxel axis (extension).
+    maskMirror - the latent UNet and ControlNet stages flip each training volume + mask at random along every voxel axis (extension).
     maskModelOutputFolder - where the trained mask model goes; empty keeps it in the job folder.
     maskSource - masks from the checked segmentations, or from maskFolder (label maps in organ values).
     maskModelFolder - the mask model generation uses; set to the last trained one.
@@ -328,6 +328,7 @@ class MedGenSynthesisLogic(SceneJobLogicMixin, ScriptedLoadableModuleLogic):
             model_folder=optional_folder(parameterNode.maskModelOutputFolder),
             target_pseudo_labels=parameterNode.maskPseudoLabels,
             controlnet_flip_axes=[0, 1, 2] if parameterNode.maskMirror else [],
+            unet_flip_axes=[0, 1, 2] if parameterNode.maskMirror else [],
         )
         if parameterNode.maskTrainingSource == "folder":
             return from_masks.train_request(source_folder=optional_folder(parameterNode.maskSourceFolder),

@@ -21,7 +21,7 @@ Usage: python bench/bench_maskgen_fidelity.py [--size 16] [--small-organ-radius 
     [--vae-steps 6000] [--vae-lr 2e-3] [--unet-steps 3000]
     [--controlnet-steps 1500 6000] [--controlnet-lr 1e-3] [--checker-steps 1000] [--candidates 4] [--ddim-steps 20]
     [--guidance 3] [--conditioning-scale 1] [--ema-decay D] [--segmenter-steps 400] [--unet-attention 1 1]
-    [--target-pseudo-labels] [--controlnet-flip-axes 0 1 2] [--seed 0] [--work DIR] [--results NAME]
+    [--target-pseudo-labels] [--controlnet-flip-axes 0 1 2] [--unet-flip-axes 0 1 2] [--seed 0] [--work DIR] [--results NAME]
     (~30 min per 6000 ControlNet steps on one CPU thread)
 """
 
@@ -205,6 +205,8 @@ def main() -> None:
                         help="extension: the ControlNet also sees the B images with the checker's predicted masks")
     parser.add_argument("--controlnet-flip-axes", type=int, nargs="*", choices=(0, 1, 2), default=[],
                         help="extension: the ControlNet stage flips image + mask along these axes at random (the phantoms are symmetric)")
+    parser.add_argument("--unet-flip-axes", type=int, nargs="*", choices=(0, 1, 2), default=[],
+                        help="extension: the latent UNet stage flips the images along these axes at random")
     parser.add_argument("--seed", type=int, default=0, help="training seed of every stage (the data are fixed)")
     parser.add_argument("--threads", type=int, default=1, help="tiny 3D nets run far faster on one thread on a loaded CPU")
     parser.add_argument("--work", default=None, help="model/output folder (default: a new temporary one)")
@@ -245,6 +247,7 @@ def main() -> None:
     if args.ema_decay is not None:
         config_overrides["ema_decay"] = args.ema_decay
     config_overrides["controlnet_flip_axes"] = tuple(args.controlnet_flip_axes)
+    config_overrides["unet_flip_axes"] = tuple(args.unet_flip_axes)
     for controlnet_steps in [steps for steps in [0, *args.controlnet_steps] if steps >= trained]:
         config = MaskGenConfig.tiny(**VAE_FACTOR_OVERRIDES[args.vae_factor], vae_steps=args.vae_steps, vae_lr=args.vae_lr,
                                     unet_steps=args.unet_steps, controlnet_steps=controlnet_steps,

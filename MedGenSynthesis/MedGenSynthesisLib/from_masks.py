@@ -227,7 +227,7 @@ def train_request(
         encoding: masks as ``one-hot`` channels (recommended in 3D) or MRGen's ``merged`` single channel.
         spacing_mm: resample to this spacing first; None keeps each volume's spacing.
         model_folder: where to put the trained model (must not hold anything yet); None keeps it in the job folder.
-        overrides: step counts, ``amp`` and ``target_pseudo_labels`` of the job kind.
+        overrides: step counts, ``amp``, ``target_pseudo_labels`` and the flip axes of the job kind.
 
     Raises:
         BadInputError: no source or no target data, missing nodes, empty names, a bad grid, preset or

@@ -305,7 +305,8 @@ def test_train_mask_model_pairs_each_segmentation_with_its_reference_volume(mask
     assert request.kind == "maskgen-train" and request.target_volumes == (target,)
     assert [(pair.volume, pair.segmentation) for pair in request.pairs] == [(volume, segmentation)]
     assert request.params["shape"] == [16, 16, 8] and request.params["source_modality"] == "CT"
-    assert request.params["target_pseudo_labels"] is True and request.params["controlnet_flip_axes"] == [0, 1, 2]
+    assert request.params["target_pseudo_labels"] is True
+    assert request.params["controlnet_flip_axes"] == request.params["unet_flip_axes"] == [0, 1, 2]
     assert widget.ui.maskTrainButton.text == "Cancel"
     runner = widget.maskTrainPanel._runner
     runner.returncode, runner.result = 0, {"outputs": {"model": str(tmp_path / "job" / "outputs" / "model")}}

@@ -20,7 +20,7 @@ from medgen.progress import CallbackReporter
 from medgen.synthesis.filtering import FilterThresholds
 from medgen.synthesis.checker import load_checker
 from medgen.synthesis.maskgen import (
-    MaskGenModel, flip_combinations, flip_spatial, generate_candidates, generate_on_model_grid, pseudo_labelled_targets,
+    MaskGenModel, _LatentData, flip_combinations, flip_spatial, generate_candidates, generate_on_model_grid, pseudo_labelled_targets,
     synthesize_from_masks, train_maskgen,
 )
 from medgen.synthesis.maskgen_networks import (
@@ -159,9 +159,20 @@ def test_flip_combinations_and_flips():
     volume = torch.arange(24.0).reshape(1, 2, 3, 4)
     assert torch.equal(flip_spatial(volume, ()), volume)
     assert torch.equal(flip_spatial(volume, (0, 2)), volume.flip(1).flip(3))
-    for axes in ((3,), (0, 0)):
-        with pytest.raises(BadInputError, match="controlnet_flip_axes"):
-            MaskGenConfig.tiny(controlnet_flip_axes=axes)
+    for name in ("controlnet_flip_axes", "unet_flip_axes"):
+        for axes in ((3,), (0, 0)):
+            with pytest.raises(BadInputError, match=name):
+                MaskGenConfig.tiny(**{name: axes})
+
+
+def test_random_flips_draw_only_the_stage_axes_and_nothing_without_them():
+    mu = torch.zeros(2, 1, 2, 2, 2)
+    data = _LatentData([None, None], mu, mu, 1.0, None, 0.0, {flip: (mu, mu) for flip in flip_combinations((0, 1, 2))[1:]})
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    assert data.random_flips(3, ()) == [(), (), ()] and torch.equal(torch.get_rng_state(), state)
+    drawn = {flip for _ in range(20) for flip in data.random_flips(4, (0, 2))}
+    assert drawn == {(), (0,), (2,), (0, 2)}
 
 
 def test_flip_augmentation_encodes_each_flipped_image_and_changes_only_the_controlnet(model_dir, tmp_path):
@@ -183,6 +194,20 @@ def test_flip_augmentation_encodes_each_flipped_image_and_changes_only_the_contr
         assert all(torch.equal(tensor, reference[key]) for key, tensor in load_file(tmp_path / name).items())
     reference = load_file(model_dir / "controlnet.safetensors")
     assert not all(torch.equal(tensor, reference[key]) for key, tensor in load_file(tmp_path / "controlnet.safetensors").items())
+
+
+def test_unet_flip_augmentation_encodes_its_flips_and_changes_the_unet(model_dir, tmp_path):
+    sources, targets = [phantom(s, LUT_A) for s in range(3)], [phantom(10 + s, LUT_B)[0] for s in range(3)]
+    torch.manual_seed(0)  # as in model_dir: only the UNet's samples are flipped (and so the ControlNet sees another UNet)
+    train_maskgen(sources, targets, ["liver", "kidney"], tmp_path, MaskGenConfig.tiny(**FAST, unet_flip_axes=(1,)),
+                  source_prompt=SOURCE, target_prompt=TARGET)
+    model = MaskGenModel.load(tmp_path)
+    assert model.config.unet_flip_axes == (1,) and model.config.controlnet_flip_axes == ()
+    assert sorted(load_file(tmp_path / "flipped_latents.safetensors")) == ["mu_flip1", "sigma_flip1"]
+    reference = load_file(model_dir / "vae.safetensors")
+    assert all(torch.equal(tensor, reference[key]) for key, tensor in load_file(tmp_path / "vae.safetensors").items())
+    reference = load_file(model_dir / "unet.safetensors")
+    assert not all(torch.equal(tensor, reference[key]) for key, tensor in load_file(tmp_path / "unet.safetensors").items())
 
 
 def test_oracle4_controlnet_starts_as_the_unet():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
+from medgen.cli import main as cli_main
 from medgen.cli.main import build_parser
 from medgen.errors import BadInputError
 from medgen.io import load_volume, save_volume
@@ -42,12 +43,13 @@ def test_maskgen_jobs_end_to_end_with_nnunet_export(tmp_path, oblique):
         tmp_path / "jobs", "maskgen-train",
         {"source_images": sources, "source_labels": labels, "target_images": targets, "label_names": str(tmp_path / "labels.json")},
         {"shape": [16, 16, 16], "preset": "tiny", "source_modality": "T1 MRI", "target_modality": "T2 MRI", "region": "abdomen",
-         "controlnet_flip_axes": [0, 2], **FAST},
+         "controlnet_flip_axes": [0, 2], "unet_flip_axes": [0, 2], **FAST},
         device="cpu"), timeout_s=900)
     assert train.returncode == ExitCode.OK, train.error
     assert {"vae", "latents", "unet", "controlnet", "checker"} <= {e["phase"] for e in train.events if e["event"] == "progress"}
     model = train.result["outputs"]["model"]
-    assert MaskGenModel.load(model).config.controlnet_flip_axes == (0, 2)
+    config = MaskGenModel.load(model).config
+    assert config.controlnet_flip_axes == (0, 2) and config.unet_flip_axes == (0, 2)
 
     mask = phantom(5, LUT_A, oblique)[1]
     mask_path = str(save_volume(mask, tmp_path / "case5.nii.gz", label=True))
@@ -83,7 +85,7 @@ def test_maskgen_train_needs_the_modalities(tmp_path, oblique):
                   {"source_modality": "T1 MRI", "target_modality": "T2 MRI", "controlnet_flip_axes": [0, 3]}, device="cpu")
 
 
-def test_cli_commands_map_onto_the_job_kinds(tmp_path):
+def test_cli_commands_map_onto_the_job_kinds(tmp_path, monkeypatch):
     parser = build_parser()
     train = parser.parse_args(["maskgen-train", "--source-images", "a.nii.gz", "--source-labels", "a_seg.nii.gz",
                                "--target-images", "b.nii.gz", "--source-modality", "T1", "--target-modality", "T2", "--flip-axes", "0", "2"])
@@ -93,5 +95,10 @@ def test_cli_commands_map_onto_the_job_kinds(tmp_path):
     assert train.flip_axes == [0, 2] and parser.parse_args(["maskgen-train", "--source-images", "a", "--source-labels", "b",
                                                             "--target-images", "c", "--source-modality", "T1",
                                                             "--target-modality", "T2"]).flip_axes == []
+    submitted = []
+    monkeypatch.setattr(cli_main, "_submit", lambda kind, inputs, params, args: submitted.append((kind, params)) or 0)
+    assert train.func(train) == 0
+    ((kind, params),) = submitted
+    assert kind == "maskgen-train" and params["controlnet_flip_axes"] == params["unet_flip_axes"] == [0, 2]
     assert synth.func.__name__ == "cmd_maskgen" and [str(p) for p in synth.masks] == ["m1.nii.gz", "m2.nii.gz"]
     assert synth.candidates == 20 and synth.steps == 50 and synth.guidance_scale == 7.0 and synth.conditioning_scale == 1.5

@@ -75,7 +75,8 @@ def cmd_maskgen_train(args) -> int:
     params = {"shape": args.shape, "spacing_mm": args.spacing_mm, "preset": args.preset, "source_modality": args.source_modality,
               "target_modality": args.target_modality, "region": args.region, "encoding": args.encoding,
               "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "controlnet_steps": args.controlnet_steps,
-              "target_pseudo_labels": args.target_pseudo_labels, "controlnet_flip_axes": args.flip_axes}
+              "target_pseudo_labels": args.target_pseudo_labels, "controlnet_flip_axes": args.flip_axes,
+              "unet_flip_axes": args.flip_axes}
     return _submit("maskgen-train", inputs, params, args)
 
 
@@ -211,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     maskgen_train.add_argument("--target-pseudo-labels", action="store_true",
                                help="extension (not in MRGen): train the ControlNet also on the target images with the checker's masks")
     maskgen_train.add_argument("--flip-axes", type=int, nargs="+", choices=[0, 1, 2], default=[], metavar="AXIS",
-                               help="extension (not in MRGen): the ControlNet stage mirrors image + mask along these voxel axes "
-                                    "(0 1 2 = I J K) at random; only axes along which a mirrored volume is still plausible")
+                               help="extension (not in MRGen): the latent UNet and ControlNet stages mirror image + mask along "
+                                    "these voxel axes (0 1 2 = I J K) at random; only axes along which a mirrored volume is still plausible")
     _add_job_options(maskgen_train)
     maskgen_train.set_defaults(func=cmd_maskgen_train)
 

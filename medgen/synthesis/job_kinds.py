@@ -113,6 +113,8 @@ register(
                                          "description": "extension: the ControlNet also sees the target images with the checker's masks"},
                 "controlnet_flip_axes": {"type": "array", "items": {"enum": [0, 1, 2]}, "uniqueItems": True, "default": [],
                                          "description": "extension: the ControlNet stage mirrors image + mask along these voxel axes at random"},
+                "unet_flip_axes": {"type": "array", "items": {"enum": [0, 1, 2]}, "uniqueItems": True, "default": [],
+                                   "description": "extension: the latent UNet stage mirrors the images along these voxel axes at random"},
                 "batch_size": {"type": "integer", "minimum": 1},
                 "grad_accum_steps": {"type": "integer", "minimum": 1},
                 "checkpoint_every": {"type": "integer", "minimum": 1},

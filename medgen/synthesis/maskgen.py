@@ -131,18 +131,17 @@ class _LatentData:
     def __post_init__(self) -> None:
         self.flipped = {(): (self.mu, self.sigma), **self.flipped}
 
-    def draw_latents(self, batch: torch.Tensor, flips: Sequence[Flip] | None = None) -> torch.Tensor:
-        """Fresh scaled latents ``(mu + sigma * eps) * scale_factor`` of sample ``batch[b]`` flipped by ``flips[b]``
-        (default: none); eps from torch's global RNG (bit-exact resume)."""
-        flips = [()] * len(batch) if flips is None else flips
+    def draw_latents(self, batch: torch.Tensor, flips: Sequence[Flip]) -> torch.Tensor:
+        """Fresh scaled latents ``(mu + sigma * eps) * scale_factor`` of sample ``batch[b]`` flipped by ``flips[b]``;
+        eps from torch's global RNG (bit-exact resume)."""
         mu = torch.stack([self.flipped[flip][0][int(i)] for i, flip in zip(batch, flips)])
         sigma = torch.stack([self.flipped[flip][1][int(i)] for i, flip in zip(batch, flips)])
         return (mu + sigma * torch.randn(mu.shape, device=mu.device)) * self.scale_factor
 
-    def random_flips(self, count: int) -> list[Flip]:
-        """``count`` flips drawn uniformly from ``flipped`` (each axis flipped with probability 1/2) with torch's
-        RNG; without flip augmentation the identity, drawing nothing (so the RNG stream is MRGen's)."""
-        combinations = list(self.flipped)
+    def random_flips(self, count: int, axes: Sequence[int]) -> list[Flip]:
+        """``count`` flips drawn uniformly from :func:`flip_combinations` of ``axes`` (each axis flipped with
+        probability 1/2) with torch's RNG; for no axes the identity, drawing nothing (so the RNG stream is MRGen's)."""
+        combinations = flip_combinations(axes)
         if len(combinations) == 1:
             return [()] * count
         return [combinations[int(index)] for index in torch.randint(len(combinations), (count,))]
@@ -155,7 +154,8 @@ class _LatentData:
 
 def _latent_stage(vae, images, samples, vocabulary, config: MaskGenConfig, out_dir: Path, device, reporter) -> _LatentData:
     """Encode every training image once (posterior mean and std) and fix ``scale_factor`` = 1/std(z); with
-    ``config.controlnet_flip_axes`` also every flipped copy (``flipped_latents.safetensors``, one entry per flip)."""
+    flip axes (``config.unet_flip_axes``, ``config.controlnet_flip_axes``) also every flipped copy
+    (``flipped_latents.safetensors``, one entry per flip of either stage)."""
     latents_path = out_dir / "latents.safetensors"
     if not latents_path.exists():
         reporter.progress("latents", 0, len(images))
@@ -165,7 +165,8 @@ def _latent_stage(vae, images, samples, vocabulary, config: MaskGenConfig, out_d
         save_weights({"mu": mu, "sigma": sigma, "scale_factor": 1.0 / z.std().reshape(1)}, latents_path)
         reporter.progress("latents", len(images), len(images))
     latents = load_weights(latents_path)
-    flips, flipped_path, flipped = flip_combinations(config.controlnet_flip_axes)[1:], out_dir / "flipped_latents.safetensors", {}
+    all_flips = set(flip_combinations(config.unet_flip_axes)) | set(flip_combinations(config.controlnet_flip_axes))
+    flips, flipped_path, flipped = sorted(all_flips - {()}), out_dir / "flipped_latents.safetensors", {}
     stored = load_weights(flipped_path) if flips and flipped_path.exists() else {}
     keys = {flip: "flip" + "".join(map(str, flip)) for flip in flips}
     missing = [flip for flip in flips if f"mu_{keys[flip]}" not in stored]
@@ -180,13 +181,15 @@ def _latent_stage(vae, images, samples, vocabulary, config: MaskGenConfig, out_d
 
 
 def _unet_stage(data: _LatentData, config: MaskGenConfig, out_dir: Path, device, reporter) -> PromptedUNet:
-    """Stage 2: the latent UNet and the learned prompt encoder, jointly, on all images; returns the frozen EMA copy."""
+    """Stage 2: the latent UNet and the learned prompt encoder, jointly, on all images (flipped at random along
+    ``config.unet_flip_axes``); returns the frozen EMA copy."""
     scheduler = training_scheduler(config)
     prompted = PromptedUNet(build_latent_unet(config), LearnedPromptEncoder(data.vocabulary, config.prompt_embedding_dim)).to(device)
 
     def unet_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         token_ids = data.dropped_tokens(batch)
-        return noise_prediction_loss(lambda x_t, t: model(x_t, t, token_ids), scheduler, data.draw_latents(batch))
+        latents = data.draw_latents(batch, data.random_flips(len(batch), config.unet_flip_axes))
+        return noise_prediction_loss(lambda x_t, t: model(x_t, t, token_ids), scheduler, latents)
 
     result = train_diffusion(
         prompted, unet_loss, list(range(len(data.samples))),
@@ -210,7 +213,7 @@ def _controlnet_stage(
     def controlnet_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             context = prompted.prompt_encoder(data.dropped_tokens(batch))
-        flips = data.random_flips(len(batch))
+        flips = data.random_flips(len(batch), config.controlnet_flip_axes)
         control = torch.stack([flip_spatial(data.samples[int(i)].control(config.control_encoding), flip)
                                for i, flip in zip(batch, flips)]).to(device)
         return noise_prediction_loss(controlnet_denoiser(prompted.unet, model, control, context), scheduler,

@@ -58,7 +58,8 @@ def run_maskgen_train(ctx: JobContext) -> dict:
     ctx.reporter.log(f"{len(sources)} source and {len(targets)} target volume(s) on a {shape} grid, organs: {[o.name for o in organs]}")
     overrides = {name: params[name] for name in CONFIG_OVERRIDES if name in params}
     overrides["control_encoding"] = params["encoding"]
-    overrides["controlnet_flip_axes"] = tuple(params["controlnet_flip_axes"])
+    for name in ("controlnet_flip_axes", "unet_flip_axes"):
+        overrides[name] = tuple(params[name])
     config = MaskGenConfig.tiny(**overrides) if params["preset"] == "tiny" else dataclasses.replace(MaskGenConfig(), **overrides)
     model_dir = train_maskgen(
         [(pair.image, pair.label) for pair in sources], [pair.image for pair in targets], organs, ctx.output_path("model"), config,
