@@ -73,7 +73,9 @@ class MaskGenConfig:
         unet_flip_axes: the same extension for stage 2 (default none): the latent UNet learns the mirrored
             volumes too. Set it with ``controlnet_flip_axes``: a UNet that only saw the training poses denoises
             their mirrored versions worse (toy bench: noise MSE 0.199 on the training latents, 0.225-0.229 on
-            each mirrored set), and the mirrored ControlNet then renders the large organ too dark.
+            each mirrored set). Six toy seeds at 18,000 ControlNet steps: Dice 0.91/0.85 (large/small organ)
+            with both stages mirrored vs 0.88/0.84 with the ControlNet alone; the large organ stays a little
+            darker than the target either way, so the UNet explains only part of that.
         seed: seeds every stage's training (torch's RNG and the data order) and the checker's.
     """
 
