@@ -26,18 +26,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medgen.errors import ModelError
+from medgen.io.atomic import write_text_atomic
 
 LATEST_FILE = "latest.json"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "trainer_state.pt"
 INFO_FILE = "info.json"
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2))
-    os.replace(temporary, path)
 
 
 def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -84,7 +79,7 @@ def save_checkpoint(
         # a directory cannot be replaced in one rename, so move it aside first
         os.replace(target, superseded)
     os.replace(temporary, target)
-    _write_json_atomic(checkpoint_dir / LATEST_FILE, {"step": step, "directory": name})
+    write_text_atomic(checkpoint_dir / LATEST_FILE, json.dumps({"step": step, "directory": name}, indent=2))
     # Leftovers of killed writers (hidden names) and checkpoints beyond keep_last go.
     stale = [*checkpoint_dir.glob(".tmp_step_*"), *checkpoint_dir.glob(".old_step_*")]
     for old in stale + sorted(checkpoint_dir.glob("step_*"))[: -max(1, keep_last)]:

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from medgen.errors import ModelError
+from medgen.io.atomic import write_text_atomic
 from medgen.models.registry import network_factory
-from medgen.models.weights import atomic_write
 
 SPEC_FORMAT = "medgen-model/1"
 SPEC_FILE = "model.json"
@@ -199,4 +199,4 @@ def write_spec(spec: ModelSpec, path: str | os.PathLike) -> Path:
         text = json.dumps(spec.to_dict(), indent=2, sort_keys=False)
     except TypeError as error:
         raise ModelError(f"Model spec for {spec.network} holds a value JSON cannot store ({error}).") from error
-    return atomic_write(path, lambda temp_path: Path(temp_path).write_text(text + "\n", encoding="utf-8"))
+    return write_text_atomic(path, text + "\n")

@@ -11,9 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import tempfile
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -21,24 +20,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medgen.errors import ModelError
+from medgen.io.atomic import atomic_output
 
 #: how many differing keys an error message lists before it says "and N more"
 _KEYS_SHOWN = 5
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(temp_path)`` and rename the temporary file onto ``path`` (same folder, atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temp_path)
-        os.replace(temp_path, path)
-    except BaseException:
-        Path(temp_path).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def weights_hash(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) -> str:
@@ -86,7 +71,9 @@ def write_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.Pat
     """Write tensors to a safetensors file atomically (contiguous CPU copies, shared storage split)."""
     # clone: safetensors refuses tensors that share storage (tied weights, views)
     tensors = {name: tensor.detach().cpu().clone().contiguous() for name, tensor in state_dict.items()}
-    return atomic_write(path, lambda temp_path: save_file(tensors, temp_path))
+    with atomic_output(path) as temp_path:
+        save_file(tensors, temp_path)
+    return Path(path)
 
 
 def torch_load_weights(path: str | os.PathLike) -> object:
