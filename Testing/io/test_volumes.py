@@ -106,12 +106,24 @@ def test_single_slice_volume_is_refused(tmp_path):
         load_volume(tmp_path / "flat.nrrd")
 
 
-def test_nan_voxels_are_refused(tmp_path):
+@pytest.mark.parametrize("suffix", list(TOLERANCE))
+@pytest.mark.parametrize("label", [False, True])
+def test_nan_and_infinite_voxels_are_refused_in_every_format(tmp_path, suffix, label):
+    # SimpleITK's NIfTI reader returns these voxels as 0: the NIfTI files are checked with nibabel too
     array = np.zeros((4, 5, 6), np.float32)
     array[1, 2, 3] = np.nan
-    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "nan.nrrd"))
-    with pytest.raises(BadInputError, match="1 NaN or infinite"):
-        load_volume(tmp_path / "nan.nrrd")
+    array[0, 0, 0] = np.inf
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / f"nan{suffix}"))
+    with pytest.raises(BadInputError, match="NaN"):
+        load_volume(tmp_path / f"nan{suffix}", label=label)
+
+
+def test_truncated_nifti_is_refused(tmp_path):
+    # SimpleITK fills the missing end of a truncated .nii.gz with zeros instead of failing
+    path = save_volume(MetaTensor(torch.rand(1, 24, 24, 24), affine=torch.eye(4, dtype=torch.float64)), tmp_path / "t1.nii.gz")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(BadInputError, match="truncated or corrupted"):
+        load_volume(path)
 
 
 def test_float_label_map_with_fractions_is_refused(tmp_path):

@@ -7,6 +7,7 @@ so the affine is flipped on the way in and out (the only LPS<->RAS conversion in
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ def volume_suffix(path: str | os.PathLike) -> str:
     return ""
 
 
-def _read_sitk(path: Path) -> sitk.Image:
+def _read_sitk(path: Path, name: str) -> sitk.Image:
     if not path.exists():
         raise BadInputError(f"Volume file {path} does not exist. Check the path or pick another file.")
     if path.is_dir():
@@ -42,9 +43,31 @@ def _read_sitk(path: Path) -> sitk.Image:
             "or a folder holding one DICOM series."
         )
     try:
-        return sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise BadInputError(f"Could not read {path}: the file is unreadable or corrupted ({_first_line(error)}).") from error
+    if volume_suffix(path) in (".nii", ".nii.gz"):
+        _check_nifti_voxels(path, name)
+    return image
+
+
+def _check_nifti_voxels(path: Path, name: str) -> None:
+    """Re-read a NIfTI file's voxels with nibabel: refuse a truncated file and NaN/Inf voxels.
+
+    Measured with SimpleITK 2.5.7 (ITK 5.4): its NIfTI reader returns NaN and infinite voxels as 0 and
+    fills the missing end of a truncated ``.nii.gz`` with zeros, without an error, so neither can be
+    seen in the array it returns. nibabel raises on the truncated stream and keeps non-finite values.
+    """
+    import nibabel as nib
+
+    try:
+        voxels = np.asanyarray(nib.load(str(path)).dataobj)
+    except (EOFError, OSError, ValueError, zlib.error) as error:
+        raise BadInputError(
+            f"Could not read {path}: the file is truncated or corrupted ({_first_line(error)}). Copy or export it again."
+        ) from error
+    if np.issubdtype(voxels.dtype, np.floating):
+        check_finite(torch.from_numpy(np.ascontiguousarray(voxels)), name)
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -95,7 +118,7 @@ def load_volume(path: str | os.PathLike, *, label: bool = False, name: str | Non
     """
     path = Path(path)
     name = name or path.name
-    image = _read_sitk(path)
+    image = _read_sitk(path, name)
     if image.GetDimension() != 3:
         raise BadInputError(
             f"{name} is {image.GetDimension()}D (size {image.GetSize()}) but a 3D volume is needed. "
