@@ -28,9 +28,9 @@ from common import write_results  # noqa: E402
 
 from medgen.labels import LabelInfo  # noqa: E402
 from medgen.metrics import dice_per_class  # noqa: E402
+from medgen.models.weights import load_weights_into  # noqa: E402
 from medgen.synthesis.joint_ldm import JointLDMConfig, generate_pairs, train_joint_ldm  # noqa: E402
 from medgen.synthesis.joint_vae import build_joint_vae, decode_pair, joint_input  # noqa: E402
-from medgen.synthesis.model_folder import load_into  # noqa: E402
 from medgen.synthesis.prepare import PreparedPair  # noqa: E402
 
 LABELS = [LabelInfo("cavity", 1, (1.0, 0.2, 0.2)), LabelInfo("wall", 2, (0.9, 0.9, 0.3))]
@@ -77,7 +77,7 @@ def main() -> None:
     model_dir = train_joint_ldm(pairs, LABELS, Path(tempfile.mkdtemp()) / "model", config, device=args.device)
     train_s = time.perf_counter() - start
 
-    vae = load_into(build_joint_vae(config.vae_config(3)), model_dir / "vae.safetensors").eval()
+    vae = load_weights_into(build_joint_vae(config.vae_config(3)), model_dir / "vae.safetensors").eval()
     with torch.no_grad():
         dices, reconstructed_levels = [], []
         for pair in pairs:

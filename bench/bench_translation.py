@@ -22,7 +22,8 @@ from monai.data import MetaTensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
-from medgen.synthesis.model_folder import save_weights, write_model_json  # noqa: E402
+from medgen.io.model_folder import write_model_json  # noqa: E402
+from medgen.models.weights import write_safetensors  # noqa: E402
 from medgen.translate.lmi import lmi_map  # noqa: E402
 from medgen.translate.model import TASK, TranslationConfig, build_unet, to_model_grid, translate_volume  # noqa: E402
 
@@ -31,7 +32,7 @@ def _model_folder(config: TranslationConfig) -> Path:
     import dataclasses
 
     folder = Path(tempfile.mkdtemp())
-    save_weights(build_unet(config).state_dict(), folder / "unet.safetensors")
+    write_safetensors(build_unet(config).state_dict(), folder / "unet.safetensors")
     write_model_json(folder, TASK, config=dataclasses.asdict(config), training_volumes=0)
     return folder
 

@@ -79,7 +79,7 @@ def test_worker_stops_on_sigterm_alone(tmp_path, input_volume):
     assert runner.error["message"].startswith("Cancelled by the user")
 
 
-def _raw_job(tmp_path, document) -> "Path":
+def _raw_job(tmp_path, document):
     job_dir = tmp_path / "raw_job"
     job_dir.mkdir()
     (job_dir / JOB_FILE).write_text(document if isinstance(document, str) else json.dumps(document))

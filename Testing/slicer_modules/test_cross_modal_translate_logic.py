@@ -132,7 +132,7 @@ def test_failed_translation_leaves_the_scene_unchanged(model, t2_source, mrml_sc
     before = scene_snapshot(mrml_scene)
     with slicer_gui_stubs():
         logic = __import__("CrossModalTranslate").CrossModalTranslateLogic()
-        with pytest.raises(MedGenError, match="The translate job failed: .*unet.safetensors does not fit DiffusionModelUNet"):
+        with pytest.raises(MedGenError, match="The translate job failed: Weights from .*unet.safetensors do not fit the network DiffusionModelUNet"):
             logic.runJob(request, jobRoot=tmp_path / "jobs", device="cpu")
     assert scene_snapshot(mrml_scene) == before
 

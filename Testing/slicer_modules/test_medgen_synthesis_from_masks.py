@@ -18,13 +18,13 @@ from monai.data import MetaTensor
 from medgen_testing import oblique_affine, scene_snapshot
 from medgen.errors import BadInputError, ModelError
 from medgen.io import load_volume, save_volume
+from medgen.io.model_folder import write_model_json
 from medgen.labels import LabelInfo, load_labels, save_labels
 from medgen.slicer.scene import subject_hierarchy
 from medgen.slicer.scene_job import TrainingPair
 from medgen.slicer.segmentations import labelmap_to_segmentation, segment_labels
 from medgen.slicer.volumes import ijk_to_ras_of, tensor_to_volume_node, volume_node_to_tensor
 from medgen.synthesis.filtering import CandidateScore, FilterThresholds, select_candidates
-from medgen.synthesis.model_folder import write_model_json
 
 slicer = pytest.importorskip("slicer")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedGenSynthesis"))

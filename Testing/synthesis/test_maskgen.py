@@ -17,8 +17,8 @@ from medgen.errors import BadInputError, CancelledError, ModelError
 from medgen.io import load_volume
 from medgen.metrics import psnr
 from medgen.progress import CallbackReporter
-from medgen.synthesis.filtering import FilterThresholds
 from medgen.synthesis.checker import load_checker
+from medgen.synthesis.filtering import FilterThresholds
 from medgen.synthesis.maskgen import (
     MaskGenModel, _LatentData, flip_combinations, flip_spatial, generate_candidates, generate_on_model_grid, pseudo_labelled_targets,
     synthesize_from_masks, train_maskgen,
@@ -337,13 +337,23 @@ def test_synthesis_filters_skips_and_reports(model_dir, tmp_path):
     _, mask = phantom(3, LUT_A, affine)
     oblique_mask = MetaTensor(mask.as_tensor()[:, :12, :14, :10], affine=torch.from_numpy(affine))
     empty = MetaTensor(torch.zeros_like(mask.as_tensor()), affine=torch.from_numpy(affine))
-    report = synthesize_from_masks(model_dir, [("m0", phantom(4, LUT_A)[1]), ("empty", empty), ("oblique", oblique_mask)], tmp_path,
-                                   target_modality="T2 MRI", thresholds=ACCEPT_ALL, **QUICK)
+    m0 = phantom(4, LUT_A)[1]
+    # organs in two corners of a field of view three times the model's: the centred crop loses them all
+    corner = torch.zeros((1, 48, 48, 48), dtype=torch.int64)
+    corner[:, :10, :10, :10] = 1
+    corner[:, -10:, -10:, -10:] = 2
+    corner = MetaTensor(corner, affine=m0.affine)
+    masks = [("m0", m0), ("empty", empty), ("oblique", oblique_mask), ("corner", corner)]
+    logs = []
+    report = synthesize_from_masks(model_dir, masks, tmp_path, target_modality="T2 MRI", thresholds=ACCEPT_ALL,
+                                   reporter=CallbackReporter(lambda e: logs.append(e.get("message", ""))), **QUICK)
     document = json.loads(report.report_path.read_text())
     statuses = {entry["mask_id"]: entry["status"] for entry in document["masks"]}
-    assert statuses == {"m0": "accepted", "empty": "skipped: empty mask", "oblique": "accepted"}
+    assert statuses == {"m0": "accepted", "empty": "skipped: empty mask", "oblique": "accepted",
+                        "corner": "skipped: organs outside the model grid"}
+    assert any("'corner' skipped: on the model grid (16, 16, 16)" in message for message in logs)
     assert document["prompt"] == "T2 MRI, abdomen, liver, kidney" and document["accepted_pairs"] == 4
-    for entry in document["masks"][::2]:
+    for entry in document["masks"][:3:2]:
         assert [c["candidate"] for c in entry["candidates"]] == [0, 1]
         assert all(c["decision"] == "accepted" and set(c["organ_iou"]) == {"liver", "kidney"} for c in entry["candidates"])
     image = load_volume(tmp_path / "oblique_0_image.nii.gz")

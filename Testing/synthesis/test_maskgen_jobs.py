@@ -37,7 +37,7 @@ def _write_cases(folder, oblique):
     return sources, labels, targets
 
 
-def test_maskgen_jobs_end_to_end_with_nnunet_export(tmp_path, oblique):
+def test_maskgen_jobs_end_to_end_with_nnunet_export(tmp_path, oblique, capsys):
     sources, labels, targets = _write_cases(tmp_path, oblique)
     train = run_job_blocking(write_job(
         tmp_path / "jobs", "maskgen-train",
@@ -47,6 +47,8 @@ def test_maskgen_jobs_end_to_end_with_nnunet_export(tmp_path, oblique):
         device="cpu"), timeout_s=900)
     assert train.returncode == ExitCode.OK, train.error
     assert {"vae", "latents", "unet", "controlnet", "checker"} <= {e["phase"] for e in train.events if e["event"] == "progress"}
+    warnings = [e["message"] for e in train.events if e["event"] == "log" and e.get("level") == "warning"]
+    assert any("renumbered 1..2 (liver 3 -> 1, kidney 7 -> 2)" in message for message in warnings)
     model = train.result["outputs"]["model"]
     config = MaskGenModel.load(model).config
     assert config.controlnet_flip_axes == (0, 2) and config.unet_flip_axes == (0, 2)
@@ -69,10 +71,29 @@ def test_maskgen_jobs_end_to_end_with_nnunet_export(tmp_path, oblique):
     assert document["labels"] == {"background": 0, "liver": 1, "kidney": 2} and document["numTraining"] == 2
     verify_nnunet_dataset(dataset)
 
+    # the command line says on stderr what the job did besides its output paths (here: nothing accepted)
+    code = cli_main.main(["submit", "maskgen", "--inputs", json.dumps({"model": model, "masks": [empty_path]}),
+                          "--params", json.dumps({"target_modality": "T2 MRI"}), "--device", "cpu", "--job-root", str(tmp_path / "cli")])
+    said = capsys.readouterr()
+    assert code == 0 and '[medgen] masks: {"blank": "skipped: empty mask"}' in said.err and "[medgen] accepted: 0" in said.err
+    assert set(json.loads(said.out)) == {"pairs", "report"}
+
     unknown = run_job_blocking(write_job(
         tmp_path / "jobs", "maskgen", {"model": model, "masks": [mask_path]}, {"target_modality": "CT"}, device="cpu"), timeout_s=300)
     assert unknown.returncode == ExitCode.BAD_INPUT
     assert "'CT'" in unknown.error["message"] and "['T1 MRI', 'T2 MRI']" in unknown.error["message"]
+
+
+def test_maskgen_train_refuses_source_label_maps_without_organs(tmp_path, oblique):
+    sources, labels, targets = _write_cases(tmp_path, oblique)
+    blank = [str(save_volume(MetaTensor(torch.zeros((1, 16, 16, 16), dtype=torch.int64), affine=torch.from_numpy(oblique)),
+                             tmp_path / f"blank{index}.nii.gz", label=True)) for index in range(2)]
+    train = run_job_blocking(write_job(
+        tmp_path / "jobs", "maskgen-train", {"source_images": sources, "source_labels": blank, "target_images": targets},
+        {"shape": [16, 16, 16], "preset": "tiny", "source_modality": "T1 MRI", "target_modality": "T2 MRI", **FAST}, device="cpu"),
+        timeout_s=300)
+    assert train.returncode == ExitCode.BAD_INPUT
+    assert "None of the source label maps ['blank0.nii.gz', 'blank1.nii.gz'] holds an organ" in train.error["message"]
 
 
 def test_maskgen_train_needs_the_modalities(tmp_path, oblique):

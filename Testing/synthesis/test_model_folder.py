@@ -1,21 +1,26 @@
-"""Generative model folders: corrupted or missing weights are clear ModelErrors, never internal errors."""
+"""Generative model folders: corrupted or missing weights and unusable settings are clear ModelErrors,
+never internal errors."""
 
 from __future__ import annotations
+
+import dataclasses
+import json
 
 import pytest
 import torch
 
 from medgen.diffusion import load_trained_weights
 from medgen.errors import ModelError
-from medgen.synthesis.model_folder import load_into, load_weights, read_model_json, save_weights, write_model_json
+from medgen.io.model_folder import MODEL_JSON, model_config, read_model_json, write_model_json
+from medgen.models.weights import load_weights_into, read_safetensors, write_safetensors
 
 
 def test_round_trip_and_task_check(tmp_path):
     network = torch.nn.Linear(3, 2)
-    save_weights(network.state_dict(), tmp_path / "net.safetensors")
+    write_safetensors(network.state_dict(), tmp_path / "net.safetensors")
     write_model_json(tmp_path, "some-task", size=3)
     assert read_model_json(tmp_path, "some-task")["size"] == 3
-    restored = load_into(torch.nn.Linear(3, 2), tmp_path / "net.safetensors")
+    restored = load_weights_into(torch.nn.Linear(3, 2), tmp_path / "net.safetensors")
     assert torch.equal(restored.weight, network.weight)
     with pytest.raises(ModelError, match="other-task"):
         read_model_json(tmp_path, "other-task")
@@ -25,10 +30,51 @@ def test_round_trip_and_task_check(tmp_path):
 def test_corrupted_weights_are_a_model_error(tmp_path, content):
     path = tmp_path / "net.safetensors"
     path.write_bytes(content)
-    with pytest.raises(ModelError, match="missing or corrupted"):
-        load_weights(path)
+    with pytest.raises(ModelError, match="truncated or corrupted"):
+        read_safetensors(path)
     checkpoint = tmp_path / "step_00000001"
     checkpoint.mkdir()
     (checkpoint / "model.safetensors").write_bytes(content)
     with pytest.raises(ModelError, match="missing or corrupted"):
         load_trained_weights(torch.nn.Linear(3, 2), checkpoint)
+
+
+def test_weights_of_other_shapes_are_a_model_error_naming_them(tmp_path):
+    write_safetensors(torch.nn.Linear(3, 2).state_dict(), tmp_path / "net.safetensors")
+    with pytest.raises(ModelError, match=r"shape mismatches \(1\): weight: file \[2, 3\] vs model \[2, 4\]"):
+        load_weights_into(torch.nn.Linear(4, 2), tmp_path / "net.safetensors")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    channels: tuple[int, ...]
+    steps: int = 10
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError("steps must be positive")
+
+
+def test_model_config_round_trips_lists_to_tuples(tmp_path):
+    write_model_json(tmp_path, "task", config=dataclasses.asdict(_Settings((8, 16))))
+    assert model_config(tmp_path, read_model_json(tmp_path, "task"), _Settings, "test") == _Settings((8, 16))
+
+
+@pytest.mark.parametrize("config, message", [
+    (None, "settings are missing"),
+    ([8, 16], "not a JSON object"),
+    ({"channels": [8], "future_setting": 1}, r"Unknown test settings \['future_setting'\]"),
+    ({"steps": 3}, "cannot be used .*channels"),
+    ({"channels": [8], "steps": 0}, "cannot be used .*steps must be positive"),
+])
+def test_unusable_model_settings_are_a_model_error_naming_the_file(tmp_path, config, message):
+    document = {"task": "task"} if config is None else {"task": "task", "config": config}
+    (tmp_path / MODEL_JSON).write_text(json.dumps(document))
+    with pytest.raises(ModelError, match=f"{MODEL_JSON}: .*{message}.*Re-run the training job"):
+        model_config(tmp_path, read_model_json(tmp_path, "task"), _Settings, "test")
+
+
+def test_a_json_file_that_is_not_an_object_is_not_a_model_folder(tmp_path):
+    (tmp_path / MODEL_JSON).write_text("[1, 2]")
+    with pytest.raises(ModelError, match="holds a model for task None"):
+        read_model_json(tmp_path, "task")

@@ -90,3 +90,26 @@ def test_cancelled_export_leaves_a_consistent_dataset(tmp_path, oblique):
     assert json.loads((dataset / "dataset.json").read_text())["numTraining"] == 2
     assert not [p for p in dataset.rglob("*") if ".part" in p.name]
     _verify_with_nnunet(dataset)
+
+
+def test_files_that_block_the_export_are_clear_errors(tmp_path, oblique):
+    (tmp_path / "a file").write_text("not a folder")
+    with pytest.raises(BadInputError, match="a file is a file, but the nnU-Net export needs a folder"):
+        export_nnunet([_pair(oblique, 0)], tmp_path / "a file", dataset_id=507, name="Out", labels=LABELS)
+    dataset = tmp_path / "Dataset508_Broken"
+    dataset.mkdir()
+    (dataset / "dataset.json").write_text('{"labels": ')
+    with pytest.raises(BadInputError, match="dataset.json exists but cannot be read"):
+        export_nnunet([_pair(oblique, 0)], tmp_path, dataset_id=508, name="Broken", labels=LABELS)
+
+
+def test_a_bad_pair_names_its_files_and_the_cases_already_exported(tmp_path, oblique):
+    files = []
+    for index, (image, label) in enumerate([_pair(oblique, 0), _pair(oblique, 1)]):
+        if index == 1:
+            label[0, 0, 0, 0] = 9
+        files.append((save_volume(image, tmp_path / f"p{index}_0000.nii.gz"), save_volume(label, tmp_path / f"p{index}.nii.gz", label=True)))
+    with pytest.raises(BadInputError, match=r"Case 1 \(p1_0000.nii.gz \+ p1.nii.gz\): label values \[9\].*"
+                                            r"The 1 case\(s\) exported before it are complete and kept in .*Dataset509_Part"):
+        export_nnunet(files, tmp_path / "out", dataset_id=509, name="Part", labels=LABELS)
+    verify_nnunet_dataset(tmp_path / "out" / "Dataset509_Part")

@@ -46,6 +46,13 @@ def test_unnamed_label_values_are_refused_when_names_are_given(oblique):
         prepare_pairs([("a", image, label)], shape=(16, 16, 16), labels=[LabelInfo("liver", 3, (1, 0, 0))])
 
 
+def test_constant_image_is_refused_naming_its_case(oblique):
+    image, label = _pair(oblique)
+    flat = MetaTensor(torch.full_like(image.as_tensor(), 7.0), affine=image.affine)
+    with pytest.raises(BadInputError, match=r"The image of case 'flat' is constant \(every voxel 7\)"):
+        prepare_pairs([("a", image, label), ("flat", flat, label)], shape=(16, 16, 16))
+
+
 def test_pair_with_different_grids_is_refused(oblique):
     image, label = _pair(oblique)
     with pytest.raises(GeometryMismatchError, match="a image and a label"):

@@ -84,6 +84,43 @@ def test_bad_sources_are_clear_errors(lmi_model, tmp_path):
         translate_volume(_phantom(1), tmp_path)
 
 
+def test_model_folder_with_unusable_settings_is_a_model_error(lmi_model, tmp_path):
+    import json
+    import shutil
+
+    folder = shutil.copytree(lmi_model, tmp_path / "model")
+    document = json.loads((folder / "medgen_model.json").read_text())
+    for config, message in ((None, "settings are missing"), ({**document["config"], "future": 1}, "Unknown translation-model settings")):
+        (folder / "medgen_model.json").write_text(json.dumps({**document, "config": config}))
+        with pytest.raises(ModelError, match=message):
+            translate_volume(_phantom(1), folder, sampler="ddim", steps=2)
+    # weights of another architecture: a ModelError listing the mismatched shapes, not a RuntimeError
+    (folder / "medgen_model.json").write_text(json.dumps({**document, "config": {**document["config"], "channels": [8, 32]}}))
+    with pytest.raises(ModelError, match="shape mismatches"):
+        translate_volume(_phantom(1), folder, sampler="ddim", steps=2)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(grid=(9, 9, 9)), r"I and J must be multiples of 2 \(e.g. \(8, 8, 9\)\)"),
+    (dict(grid=(16, 16, 9), mode="3d"), r"I, J and K must be multiples of 2"),
+    (dict(mode="2d"), "'2.5d' or '3d'"),
+])
+def test_settings_the_network_cannot_use_are_refused_before_training(overrides, message):
+    with pytest.raises(BadInputError, match=message):
+        TranslationConfig.tiny(**overrides)
+
+
+def test_training_volumes_without_anatomy_are_a_clear_error(tmp_path):
+    # one dark voxel on a zero background: both scaling percentiles are 0, so every slice scales to 0
+    sparse = torch.zeros(1, 20, 18, 10)
+    sparse[0, 0, 0, 0] = -1000.0
+    with pytest.raises(BadInputError, match="Every axial slice of the 1 training volume"):
+        train_translation([MetaTensor(sparse, affine=torch.eye(4, dtype=torch.float64))], tmp_path, TranslationConfig.tiny(**TINY))
+    constant = MetaTensor(torch.ones(1, 8, 8, 8), affine=torch.eye(4, dtype=torch.float64), meta={"filename_or_obj": "/data/flat_t1.nii.gz"})
+    with pytest.raises(BadInputError, match="flat_t1.nii.gz is constant"):
+        train_translation([constant], tmp_path, TranslationConfig.tiny(**TINY))
+
+
 def test_translation_jobs_through_the_worker(tmp_path):
     from medgen.io import load_volume, save_volume
     from medgen.jobs.exit_codes import ExitCode

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from medgen.errors import MedGenError
+from medgen.errors import BadInputError, MedGenError
 from medgen.jobs.exit_codes import ExitCode
 
 
@@ -29,6 +29,11 @@ def _run_job_dir(job_dir: Path, verbose: bool = False) -> int:
         code = runner.wait()
     view.close()
     if runner.result:
+        # stdout holds only the output paths (machine-readable); what else the job reports (e.g. how many
+        # pairs were accepted per mask) goes to stderr, so a run that wrote nothing says so
+        for key, value in runner.result.items():
+            if key not in ("event", "outputs"):
+                print(f"[medgen] {key}: {json.dumps(value)}", file=sys.stderr)
         print(json.dumps(runner.result.get("outputs", {}), indent=2))
     if runner.error:
         print(f"[medgen] {runner.error['kind']}: {runner.error['message']}", file=sys.stderr)
@@ -41,7 +46,18 @@ def cmd_run(args) -> int:
 
 def cmd_submit(args) -> int:
     """Write a job folder for ``kind`` from JSON inputs/params and run it."""
-    return _submit(args.kind, json.loads(args.inputs), json.loads(args.params), args)
+    return _submit(args.kind, _json_object(args.inputs, "--inputs"), _json_object(args.params, "--params"), args)
+
+
+def _json_object(text: str, option: str) -> dict:
+    """The JSON object given to ``option``; :class:`BadInputError` for anything else."""
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise BadInputError(f"{option} is not valid JSON ({error}): give an object such as '{{\"steps\": 5}}'.") from None
+    if not isinstance(value, dict):
+        raise BadInputError(f"{option} must be a JSON object such as '{{\"steps\": 5}}'; got {type(value).__name__} {text!r}.")
+    return value
 
 
 def _submit(kind: str, inputs: dict, params: dict, args) -> int:

@@ -1,9 +1,11 @@
-"""Volume files <-> geometry-carrying tensors (the only place that touches image files).
+"""Volume files <-> geometry-carrying tensors (the only place that touches image files), atomic
+writes, and the ``medgen_model.json`` of generative model folders.
 
 Tensors are ``monai.data.MetaTensor`` shaped ``(C, I, J, K)`` whose ``affine`` maps voxel indices
 (i, j, k) to RAS millimetres, exactly Slicer's IJK-to-RAS matrix.
 
-Names are imported lazily so ``medgen.io.atomic`` stays usable without torch/MONAI installed.
+Names are imported lazily so ``medgen.io.atomic`` and ``medgen.io.model_folder`` stay usable without
+torch/MONAI installed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ import importlib
 _EXPORTS = {
     "atomic_output": "medgen.io.atomic",
     "write_text_atomic": "medgen.io.atomic",
+    "MODEL_JSON": "medgen.io.model_folder",
+    "model_config": "medgen.io.model_folder",
+    "read_model_json": "medgen.io.model_folder",
+    "write_model_json": "medgen.io.model_folder",
     "SUPPORTED_SUFFIXES": "medgen.io.volumes",
     "load_volume": "medgen.io.volumes",
     "save_volume": "medgen.io.volumes",

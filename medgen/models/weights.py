@@ -176,3 +176,13 @@ def load_state_dict_checked(
             "Check that the model spec (network class and arguments) matches the checkpoint it was saved with."
         )
     model.load_state_dict(dict(state_dict), strict=strict)
+
+
+def load_weights_into(network: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Fill ``network`` from a safetensors file with exactly its keys and shapes; returns ``network``.
+
+    Raises:
+        ModelError: the file is missing or corrupted, or its tensors do not fit the network (listed).
+    """
+    load_state_dict_checked(network, read_safetensors(path), source=str(path))
+    return network

@@ -31,10 +31,11 @@ from torch import nn
 
 from medgen.diffusion import TrainConfig, train_diffusion
 from medgen.errors import BadInputError, GeometryMismatchError, ModelError
+from medgen.io.model_folder import model_config, read_model_json, write_model_json
+from medgen.models.weights import load_weights_into, write_safetensors
 from medgen.progress import Reporter
 from medgen.synthesis.filtering import CandidateScore
 from medgen.synthesis.masks import check_label_map
-from medgen.synthesis.model_folder import check_known_settings, load_into, read_model_json, save_weights, write_model_json
 
 TASK = "mrgen-checker"
 WEIGHTS = "checker.safetensors"
@@ -88,15 +89,6 @@ class CheckerConfig:
         )
         settings.update(overrides)
         return cls(**settings)
-
-    @classmethod
-    def from_dict(cls, document: dict[str, Any]) -> "CheckerConfig":
-        check_known_settings(cls, document, "checker")
-        values = dict(document)
-        for key in ("channels", "strides"):
-            if key in values:
-                values[key] = tuple(values[key])
-        return cls(**values)
 
     @property
     def input_multiple(self) -> int:
@@ -348,7 +340,7 @@ def save_checker(
     if not isinstance(model, Checker):
         raise BadInputError(f"save_checker saves checkers built by train_checker/load_checker; got {type(model).__name__}.")
     folder = Path(folder)
-    save_weights(model.network.state_dict(), folder / WEIGHTS)
+    write_safetensors(model.network.state_dict(), folder / WEIGHTS)
     names = list(organ_names) if organ_names is not None else None
     write_model_json(folder, TASK, config=dataclasses.asdict(config), num_organs=int(num_organs), organ_names=names)
     return folder
@@ -357,7 +349,7 @@ def save_checker(
 def load_checker(folder: str | os.PathLike, device: str | torch.device = "cpu") -> Checker:
     """The checker saved by :func:`save_checker`, in eval mode on ``device``."""
     document = read_model_json(folder, TASK)
-    config = CheckerConfig.from_dict(document["config"])
+    config = model_config(folder, document, CheckerConfig, "checker")
     checker = build_checker(config, int(document["num_organs"]))
-    load_into(checker.network, Path(folder) / WEIGHTS)
+    load_weights_into(checker.network, Path(folder) / WEIGHTS)
     return checker.to(device).eval()

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from medgen.errors import BadInputError
 from medgen.io import load_volume
+from medgen.io.model_folder import read_model_json
 from medgen.jobs.context import JobContext
 from medgen.labels import load_labels
 from medgen.synthesis.joint_ldm import TASK, JointLDMConfig, write_generated_pairs
-from medgen.synthesis.model_folder import read_model_json
 from medgen.synthesis.nnunet_export import export_nnunet
 from medgen.synthesis.prepare import load_pairs_from_folder, prepare_pairs
 

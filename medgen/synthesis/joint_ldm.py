@@ -31,11 +31,12 @@ from medgen.diffusion import (
 )
 from medgen.errors import BadInputError
 from medgen.io import save_volume
+from medgen.io.model_folder import model_config, read_model_json, write_model_json
 from medgen.labels import LabelInfo, save_labels
+from medgen.models.weights import load_weights_into, read_safetensors, write_safetensors
 from medgen.progress import PhaseReporter, Reporter, as_reporter
 from medgen.synthesis.joint_vae import JointVAEConfig, build_joint_vae, decode_pair, joint_input, joint_vae_loss
 from medgen.synthesis.latents import LatentSet, encode_posteriors
-from medgen.synthesis.model_folder import load_into, load_weights, read_model_json, save_weights, write_model_json
 from medgen.synthesis.prepare import PreparedPair, check_common_grid
 
 TASK = "joint-image-label-ldm"
@@ -166,9 +167,9 @@ def train_joint_ldm(
         reporter.progress("latents", 0, len(pairs))
         inputs = torch.stack([joint_input(pair.image.as_tensor()[None], pair.label.as_tensor()[None])[0] for pair in pairs])
         mu, sigma = encode_posteriors(vae, inputs.to(device))
-        save_weights(LatentSet.from_posteriors(mu, sigma).state(), latents_path)
+        write_safetensors(LatentSet.from_posteriors(mu, sigma).state(), latents_path)
         reporter.progress("latents", len(pairs), len(pairs))
-    latents = LatentSet.from_state(load_weights(latents_path))
+    latents = LatentSet.from_state(read_safetensors(latents_path))
 
     unet = build_latent_unet(config).to(device)
     scheduler = training_scheduler(config)
@@ -184,9 +185,9 @@ def train_joint_ldm(
                     checkpoint_every=config.checkpoint_every, keep_checkpoints=1),
         checkpoint_dir=out_dir / "ldm", reporter=PhaseReporter(reporter, "ldm"),
     )
-    save_weights(vae.state_dict(), out_dir / "vae.safetensors")
+    write_safetensors(vae.state_dict(), out_dir / "vae.safetensors")
     ldm_weights = result.ema_model if result.ema_model is not None else unet  # EMA weights for sampling
-    save_weights(ldm_weights.state_dict(), out_dir / "ldm.safetensors")
+    write_safetensors(ldm_weights.state_dict(), out_dir / "ldm.safetensors")
     write_model_json(
         out_dir, TASK, config=dataclasses.asdict(config), num_classes=num_classes,
         labels=[dataclasses.asdict(label) for label in labels], grid_shape=list(shape),
@@ -197,10 +198,10 @@ def train_joint_ldm(
 
 def _rebuild(model_dir: Path, device: torch.device):
     document = read_model_json(model_dir, TASK)
-    config = JointLDMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in document["config"].items()})
-    vae = load_into(build_joint_vae(config.vae_config(document["num_classes"])), model_dir / "vae.safetensors").to(device).eval()
-    unet = load_into(build_latent_unet(config), model_dir / "ldm.safetensors").to(device).eval()
-    latents = LatentSet.from_state(load_weights(model_dir / "latents.safetensors"))
+    config = model_config(model_dir, document, JointLDMConfig, "paired-synthesis")
+    vae = load_weights_into(build_joint_vae(config.vae_config(document["num_classes"])), model_dir / "vae.safetensors").to(device).eval()
+    unet = load_weights_into(build_latent_unet(config), model_dir / "ldm.safetensors").to(device).eval()
+    latents = LatentSet.from_state(read_safetensors(model_dir / "latents.safetensors"))
     labels = [LabelInfo(e["name"], int(e["value"]), tuple(e["color"])) for e in document["labels"]]
     return document, config, vae, unet, latents, labels
 

@@ -50,8 +50,9 @@ from medgen.synthesis.maskgen_networks import (
     sampling_scheduler,
     training_scheduler,
 )
+from medgen.io.model_folder import MODEL_JSON, model_config, read_model_json, write_model_json
+from medgen.models.weights import load_weights_into, read_safetensors, write_safetensors
 from medgen.synthesis.masks import MASK_THRESHOLD, control_channels, control_tensor, foreground_fraction
-from medgen.synthesis.model_folder import MODEL_JSON, load_into, load_weights, read_model_json, save_weights, write_model_json
 from medgen.synthesis.prepare import check_common_grid
 from medgen.synthesis.prompts import LearnedPromptEncoder, Prompt, PromptVocabulary, TrainingSample, compose_training_set, drop_prompt
 
@@ -86,7 +87,7 @@ def _vae_stage(images: torch.Tensor, config: MaskGenConfig, out_dir: Path, devic
         _train_config(config, config.vae_steps, len(images), ema=False), checkpoint_dir=out_dir / "vae", reporter=PhaseReporter(reporter, "vae"),
     )
     vae.eval().requires_grad_(False)
-    save_weights(vae.state_dict(), out_dir / "vae.safetensors")
+    write_safetensors(vae.state_dict(), out_dir / "vae.safetensors")
     return vae
 
 
@@ -162,18 +163,18 @@ def _latent_stage(vae, images, samples, vocabulary, config: MaskGenConfig, out_d
         mu, sigma = encode_posteriors(vae, images.to(device))
         # spec B.9: the std of z drawn once from the training posteriors, not SD's 0.18215
         z = mu + sigma * torch.randn(mu.shape, generator=torch.Generator(device=mu.device).manual_seed(0), device=mu.device)
-        save_weights({"mu": mu, "sigma": sigma, "scale_factor": 1.0 / z.std().reshape(1)}, latents_path)
+        write_safetensors({"mu": mu, "sigma": sigma, "scale_factor": 1.0 / z.std().reshape(1)}, latents_path)
         reporter.progress("latents", len(images), len(images))
-    latents = load_weights(latents_path)
+    latents = read_safetensors(latents_path)
     all_flips = set(flip_combinations(config.unet_flip_axes)) | set(flip_combinations(config.controlnet_flip_axes))
     flips, flipped_path, flipped = sorted(all_flips - {()}), out_dir / "flipped_latents.safetensors", {}
-    stored = load_weights(flipped_path) if flips and flipped_path.exists() else {}
+    stored = read_safetensors(flipped_path) if flips and flipped_path.exists() else {}
     keys = {flip: "flip" + "".join(map(str, flip)) for flip in flips}
     missing = [flip for flip in flips if f"mu_{keys[flip]}" not in stored]
     for flip in missing:
         stored[f"mu_{keys[flip]}"], stored[f"sigma_{keys[flip]}"] = encode_posteriors(vae, flip_spatial(images, flip).to(device))
     if missing:  # written once: rewriting the growing file after every flip costs more I/O than re-encoding saves
-        save_weights(stored, flipped_path)
+        write_safetensors(stored, flipped_path)
     for flip in flips:
         flipped[flip] = (stored[f"mu_{keys[flip]}"].to(device), stored[f"sigma_{keys[flip]}"].to(device))
     return _LatentData(samples, latents["mu"].to(device), latents["sigma"].to(device), float(latents["scale_factor"]),
@@ -198,8 +199,8 @@ def _unet_stage(data: _LatentData, config: MaskGenConfig, out_dir: Path, device,
         checkpoint_dir=out_dir / "unet", reporter=PhaseReporter(reporter, "unet"),
     )
     prompted = (result.ema_model if result.ema_model is not None else prompted).eval().requires_grad_(False)
-    save_weights(prompted.unet.state_dict(), out_dir / "unet.safetensors")
-    save_weights(prompted.prompt_encoder.state_dict(), out_dir / "prompt_encoder.safetensors")
+    write_safetensors(prompted.unet.state_dict(), out_dir / "unet.safetensors")
+    write_safetensors(prompted.prompt_encoder.state_dict(), out_dir / "prompt_encoder.safetensors")
     return prompted
 
 
@@ -225,7 +226,7 @@ def _controlnet_stage(
         _train_config(config, config.controlnet_steps, len(data.samples), ema=True),
         checkpoint_dir=out_dir / "controlnet", reporter=PhaseReporter(reporter, "controlnet"),
     )
-    save_weights((result.ema_model if result.ema_model is not None else controlnet).state_dict(), out_dir / "controlnet.safetensors")
+    write_safetensors((result.ema_model if result.ema_model is not None else controlnet).state_dict(), out_dir / "controlnet.safetensors")
 
 
 def _checker_stage(sources, organ_names, config: MaskGenConfig, out_dir: Path, device, reporter) -> None:
@@ -246,12 +247,13 @@ def pseudo_labelled_targets(samples: Sequence[TrainingSample], checker: nn.Modul
     """``samples`` with every target-modality sample given the checker's predicted label map ``(1, I, J, K)``
     (argmax over background + organs); source samples are returned unchanged."""
     labelled = []
-    for sample in samples:
-        if not sample.is_source:
+    for training_sample in samples:
+        if not training_sample.is_source:
             with torch.no_grad():
-                label = checker(convert_to_tensor(sample.image, track_meta=False)[None].float().to(device))[0].argmax(0, keepdim=True)
-            sample = dataclasses.replace(sample, label=label.cpu())
-        labelled.append(sample)
+                image = convert_to_tensor(training_sample.image, track_meta=False)[None].float().to(device)
+                label = checker(image)[0].argmax(0, keepdim=True)
+            training_sample = dataclasses.replace(training_sample, label=label.cpu())
+        labelled.append(training_sample)
     return labelled
 
 
@@ -350,13 +352,13 @@ class MaskGenModel:
     def load(cls, model_dir: str | os.PathLike, device: torch.device | str = "cpu") -> "MaskGenModel":
         model_dir, device = Path(model_dir), torch.device(device)
         document = read_model_json(model_dir, TASK)
-        config = MaskGenConfig.from_dict(document["config"])
+        config = model_config(model_dir, document, MaskGenConfig, "mask-model")
         organs = [LabelInfo(e["name"], int(e["value"]), tuple(e["color"])) for e in document["organs"]]
-        prompt_encoder = load_into(LearnedPromptEncoder.from_config(document["prompt_encoder"]), model_dir / "prompt_encoder.safetensors")
-        unet = load_into(build_latent_unet(config), model_dir / "unet.safetensors")
+        prompt_encoder = load_weights_into(LearnedPromptEncoder.from_config(document["prompt_encoder"]), model_dir / "prompt_encoder.safetensors")
+        unet = load_weights_into(build_latent_unet(config), model_dir / "unet.safetensors")
         controlnet = build_controlnet(config, control_channels(len(organs), config.control_encoding))
-        controlnet = load_into(controlnet, model_dir / "controlnet.safetensors")
-        vae = load_into(build_image_vae(config), model_dir / "vae.safetensors")
+        controlnet = load_weights_into(controlnet, model_dir / "controlnet.safetensors")
+        vae = load_weights_into(build_image_vae(config), model_dir / "vae.safetensors")
         networks = [network.to(device).eval().requires_grad_(False) for network in (vae, unet, prompt_encoder, controlnet)]
         prompts = {modality: Prompt(**fields) for modality, fields in document["prompts"].items()}
         return cls(document, config, *networks, float(document["scale_factor"]), organs, prompts,
@@ -487,7 +489,8 @@ def generate_candidates(
 
 @dataclasses.dataclass
 class MaskResult:
-    """What happened to one conditioning mask: ``status`` is ``accepted``, ``none accepted`` or ``skipped: empty mask``."""
+    """What happened to one conditioning mask: ``status`` is ``accepted``, ``none accepted``, ``skipped: empty mask``
+    or ``skipped: organs outside the model grid``."""
 
     mask_id: str
     status: str
@@ -587,13 +590,19 @@ def synthesize_from_masks(
     results: list[MaskResult] = []
     for index, (mask_id, label) in enumerate(masks):
         reporter.check_cancelled()
+        grid_label, resampled = model.to_model_grid(label)
+        if resampled:
+            reporter.log(f"Mask {mask_id!r} {tuple(label.shape[1:])} was resampled (nearest) to the model grid {model.grid_shape}.")
         if foreground_fraction(label) <= MASK_THRESHOLD:
-            reporter.log(f"Mask {mask_id!r} skipped: its foreground fraction is at most {MASK_THRESHOLD}.")
+            reporter.log(f"Mask {mask_id!r} skipped: its foreground fraction is at most {MASK_THRESHOLD}.", "warning")
             results.append(MaskResult(mask_id, "skipped: empty mask"))
+        elif foreground_fraction(grid_label) <= MASK_THRESHOLD:
+            reporter.log(
+                f"Mask {mask_id!r} skipped: on the model grid {model.grid_shape} (its spacing, cropped around the mask's "
+                f"centre) at most {MASK_THRESHOLD:.1%} of the voxels are organ: the organs lie outside the model's field "
+                "of view. Crop the mask around its organs first.", "warning")
+            results.append(MaskResult(mask_id, "skipped: organs outside the model grid"))
         else:
-            grid_label, resampled = model.to_model_grid(label)
-            if resampled:
-                reporter.log(f"Mask {mask_id!r} {tuple(label.shape[1:])} was resampled (nearest) to the model grid {model.grid_shape}.")
             images = generate_on_model_grid(model, grid_label, prompt, count=candidates, chunk=chunk, steps=steps,
                                             guidance_scale=guidance_scale, conditioning_scale=conditioning_scale,
                                             seed=seed + index, device=device, reporter=reporter)

@@ -103,6 +103,9 @@ def export_nnunet(
         raise BadInputError(f"Case prefix {case_prefix!r} may only hold letters, digits, '_' and '-'.")
     reporter = as_reporter(reporter)
     dataset_dir = Path(out_root) / dataset_folder_name(dataset_id, name)
+    blocking = next((folder for folder in (Path(out_root), dataset_dir) if folder.exists() and not folder.is_dir()), None)
+    if blocking is not None:
+        raise BadInputError(f"{blocking} is a file, but the nnU-Net export needs a folder there. Pick another output folder.")
     images_dir, labels_dir = dataset_dir / "imagesTr", dataset_dir / "labelsTr"
     images_dir.mkdir(parents=True, exist_ok=True)
     labels_dir.mkdir(parents=True, exist_ok=True)
@@ -112,16 +115,23 @@ def export_nnunet(
     cases = list(cases) if not hasattr(cases, "__next__") else cases
     total = len(cases) if hasattr(cases, "__len__") else 0
     index = 0
+    written = 0
     for number, (image_like, label_like) in enumerate(cases):
         reporter.check_cancelled()
-        image, label_map = _as_volume(image_like, False, "image"), _as_volume(label_like, True, "label")
-        _check_pair(image, label_map, allowed_values, number)
+        try:
+            image, label_map = _as_volume(image_like, False, "image"), _as_volume(label_like, True, "label")
+            _check_pair(image, label_map, allowed_values, _case_name(image_like, label_like, number))
+        except BadInputError as error:
+            if not written:
+                raise
+            raise BadInputError(f"{error} The {written} case(s) exported before it are complete and kept in {dataset_dir}.") from None
         while f"{case_prefix}_{index:04d}" in existing:
             index += 1
         case = f"{case_prefix}_{index:04d}"
         save_volume(image.float(), images_dir / f"{case}_0000{FILE_ENDING}")
         save_volume(label_map, labels_dir / f"{case}{FILE_ENDING}", label=True)
         existing.add(case)
+        written += 1
         write_text_atomic(dataset_dir / "dataset.json", _dataset_json(labels, channel_name, len(existing)))
         reporter.progress("export", number + 1, max(total, number + 1), case=case)
     write_text_atomic(dataset_dir / "dataset.json", _dataset_json(labels, channel_name, len(_existing_cases(labels_dir))))
@@ -132,7 +142,14 @@ def _check_compatible(dataset_dir: Path, labels: dict[str, int], channel_name: s
     json_path = dataset_dir / "dataset.json"
     if not json_path.exists():
         return
-    existing = json.loads(json_path.read_text(encoding="utf-8"))
+    try:
+        existing = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise BadInputError(
+            f"{json_path} exists but cannot be read ({error}). Fix or remove it, or export to another dataset id."
+        ) from None
+    if not isinstance(existing, dict):
+        raise BadInputError(f"{json_path} exists but is not an nnU-Net dataset.json. Fix or remove it, or use another dataset id.")
     if existing.get("labels") != labels or existing.get("channel_names") != {"0": channel_name}:
         raise BadInputError(
             f"{dataset_dir.name} already exists with labels {existing.get('labels')} and channels "
@@ -141,14 +158,22 @@ def _check_compatible(dataset_dir: Path, labels: dict[str, int], channel_name: s
         )
 
 
-def _check_pair(image, label_map, allowed_values: set[int], number: int) -> None:
+def _case_name(image_like: VolumeLike, label_like: VolumeLike, number: int) -> str:
+    """How a case is called in error messages: its files when it came as paths, its position otherwise."""
+    if isinstance(image_like, torch.Tensor) or isinstance(label_like, torch.Tensor):
+        return f"case {number}"
+    return f"case {number} ({Path(image_like).name} + {Path(label_like).name})"
+
+
+def _check_pair(image, label_map, allowed_values: set[int], case: str) -> None:
+    sentence_start = case[:1].upper() + case[1:]
     if image.shape[0] != 1 or label_map.shape[0] != 1:
-        raise BadInputError(f"Case {number}: expected single-channel image and label, got {tuple(image.shape)} and {tuple(label_map.shape)}.")
-    check_finite(image, f"case {number} image")
-    check_same_geometry(image, label_map, f"case {number} image", f"case {number} label")
+        raise BadInputError(f"{sentence_start}: expected single-channel image and label, got {tuple(image.shape)} and {tuple(label_map.shape)}.")
+    check_finite(image, f"{case} image")
+    check_same_geometry(image, label_map, f"{case} image", f"{case} label")
     found = {int(v) for v in torch.unique(torch.as_tensor(label_map)).tolist()}
     unexpected = sorted(found - allowed_values)
     if unexpected:
         raise BadInputError(
-            f"Case {number}: label values {unexpected} are not among the dataset's labels {sorted(allowed_values)}."
+            f"{sentence_start}: label values {unexpected} are not among the dataset's labels {sorted(allowed_values)}."
         )

@@ -115,6 +115,11 @@ def prepare_pairs(
         raise BadInputError("No training pairs were given.")
     for case, image, label in pairs:
         check_same_geometry(image, label, f"{case} image", f"{case} label")
+        if float(image.max() - image.min()) == 0.0:
+            raise BadInputError(
+                f"The image of case {case!r} is constant (every voxel {float(image.max()):g}): it has no contrast to "
+                "learn from. Remove it or pick the right file."
+            )
     mapping, new_labels = label_remapping([label for _, _, label in pairs], labels)
     steps = []
     if spacing_mm is not None:

@@ -23,11 +23,14 @@ from monai.transforms import ScaleIntensityRangePercentiles
 
 from medgen.diffusion import TrainConfig, sample, sdedit, strided_timesteps, train_diffusion
 from medgen.errors import BadInputError
+from medgen.io.model_folder import model_config, read_model_json, write_model_json
+from medgen.models.weights import load_weights_into, write_safetensors
 from medgen.progress import Reporter, as_reporter
-from medgen.synthesis.model_folder import load_into, read_model_json, save_weights, write_model_json
 from medgen.translate.lmi import lmi_map
 
 TASK = "lmi-translation"
+#: 2.5d training drops axial slices whose largest scaled intensity is at most this (background only)
+EMPTY_SLICE_MAX = 0.05
 
 
 @dataclasses.dataclass
@@ -71,10 +74,23 @@ class TranslationConfig:
         settings.update(overrides)
         return cls(**settings)
 
-    @property
-    def spatial_dims(self) -> int:
+    def __post_init__(self) -> None:
         if self.mode not in ("2.5d", "3d"):
             raise BadInputError(f"Translation mode must be '2.5d' or '3d'; got {self.mode!r}.")
+        if len(self.grid) != 3 or min(self.grid) < 1:
+            raise BadInputError(f"The model grid must be three positive voxel counts (I, J, K); got {tuple(self.grid)}.")
+        # the UNet halves each network axis once per level after the first; the skips need exact halves
+        multiple = 2 ** (len(self.channels) - 1)
+        network_axes = self.grid[:2] if self.mode == "2.5d" else self.grid
+        if any(size % multiple for size in network_axes):
+            fitted = tuple(max(multiple, round(size / multiple) * multiple) for size in network_axes) + tuple(self.grid[len(network_axes):])
+            raise BadInputError(
+                f"The model grid {tuple(self.grid)} does not fit a {len(self.channels)}-level network: "
+                f"{'I and J' if self.mode == '2.5d' else 'I, J and K'} must be multiples of {multiple} (e.g. {fitted})."
+            )
+
+    @property
+    def spatial_dims(self) -> int:
         return 2 if self.mode == "2.5d" else 3
 
 
@@ -123,6 +139,12 @@ def from_model_grid(grid_tensor: torch.Tensor, reference: MetaTensor, config: Tr
     return MetaTensor(resized[0].clamp(0, 1), affine=reference.affine)
 
 
+def _volume_name(volume: torch.Tensor, index: int) -> str:
+    """The file name a loaded training volume came from, for error messages; its index otherwise."""
+    source = volume.meta.get("filename_or_obj") if isinstance(volume, MetaTensor) else None
+    return Path(str(source)).name if source else f"training volume {index}"
+
+
 def train_translation(
     volumes: list[MetaTensor],
     out_dir: str | os.PathLike,
@@ -141,9 +163,15 @@ def train_translation(
     device = torch.device(device)
     if not volumes:
         raise BadInputError("Training a translation model needs at least one target-modality volume.")
-    data = torch.cat([to_model_grid(volume, config, f"training volume {n}") for n, volume in enumerate(volumes)])
+    data = torch.cat([to_model_grid(volume, config, _volume_name(volume, n)) for n, volume in enumerate(volumes)])
     if config.spatial_dims == 2:
-        data = data[data.flatten(1).amax(1) > 0.05]  # drop empty slices
+        data = data[data.flatten(1).amax(1) > EMPTY_SLICE_MAX]
+        if not len(data):
+            raise BadInputError(
+                f"Every axial slice of the {len(volumes)} training volume(s) is empty once scaled to [0, 1] (0.5-99.5 "
+                f"percentiles; no voxel above {EMPTY_SLICE_MAX}): the volumes are almost all background. "
+                "Train on volumes with visible anatomy."
+            )
     data = data.to(device)
     self_lmi = None
     if config.conditioned:  # M(x0, x0) is fixed per sample: compute it once (spec A.8 caching)
@@ -171,7 +199,7 @@ def train_translation(
         checkpoint_dir=Path(out_dir) / "checkpoints", reporter=reporter,
     )
     trained = result.ema_model if result.ema_model is not None else unet
-    save_weights(trained.state_dict(), Path(out_dir) / "unet.safetensors")
+    write_safetensors(trained.state_dict(), Path(out_dir) / "unet.safetensors")
     write_model_json(out_dir, TASK, config=dataclasses.asdict(config), training_volumes=len(volumes),
                      target_modality=target_modality)
     return Path(out_dir)
@@ -179,8 +207,8 @@ def train_translation(
 
 def load_translation_model(model_dir: str | os.PathLike, device: torch.device) -> tuple[TranslationConfig, DiffusionModelUNet]:
     document = read_model_json(model_dir, TASK)
-    config = TranslationConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in document["config"].items()})
-    return config, load_into(build_unet(config), Path(model_dir) / "unet.safetensors").to(device).eval()
+    config = model_config(model_dir, document, TranslationConfig, "translation-model")
+    return config, load_weights_into(build_unet(config), Path(model_dir) / "unet.safetensors").to(device).eval()
 
 
 def translate_volume(
