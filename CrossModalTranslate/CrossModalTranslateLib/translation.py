@@ -69,7 +69,7 @@ def model_info(folder: str | Path | None) -> ModelInfo:
         BadInputError: no folder chosen, or it does not exist.
         ModelError: no ``medgen_model.json``, one of another task, no settings in it, or no weights file.
     """
-    from medgen.synthesis.model_folder import read_model_json
+    from medgen.io.model_folder import read_model_json
     from medgen.translate.model import TASK
 
     if folder is None or str(folder) in ("", "."):

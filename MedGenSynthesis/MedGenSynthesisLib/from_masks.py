@@ -68,7 +68,7 @@ def model_info(folder: str | Path | None) -> ModelInfo:
         ModelError: the folder holds no mask-conditioned model.
     """
     from medgen.synthesis.maskgen import TASK
-    from medgen.synthesis.model_folder import read_model_json
+    from medgen.io.model_folder import read_model_json
 
     if folder is None:
         raise BadInputError("Choose the model folder that a mask-model training job wrote.")

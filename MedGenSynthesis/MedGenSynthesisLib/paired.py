@@ -212,7 +212,7 @@ def generate_request(
         BadInputError: export asked without a dataset ID, or the dataset folder already exists.
     """
     from medgen.synthesis.joint_ldm import TASK
-    from medgen.synthesis.model_folder import read_model_json
+    from medgen.io.model_folder import read_model_json
 
     if model_folder is None:
         raise BadInputError("Choose the model folder that a training job wrote.")
