@@ -96,6 +96,20 @@ def test_maskgen_train_refuses_source_label_maps_without_organs(tmp_path, obliqu
     assert "None of the source label maps ['blank0.nii.gz', 'blank1.nii.gz'] holds an organ" in train.error["message"]
 
 
+def test_maskgen_train_names_the_files_of_a_pair_whose_geometry_differs(tmp_path, oblique):
+    sources, labels, targets = _write_cases(tmp_path, oblique)
+    shifted = oblique.copy()
+    shifted[:3, 3] += 2.0
+    moved = load_volume(labels[1], label=True)
+    labels[1] = str(save_volume(MetaTensor(moved.as_tensor(), affine=torch.from_numpy(shifted)), tmp_path / "moved_seg.nii.gz", label=True))
+    train = run_job_blocking(write_job(
+        tmp_path / "jobs", "maskgen-train", {"source_images": sources, "source_labels": labels, "target_images": targets},
+        {"shape": [16, 16, 16], "preset": "tiny", "source_modality": "T1 MRI", "target_modality": "T2 MRI", **FAST}, device="cpu"),
+        timeout_s=300)
+    assert train.returncode == ExitCode.BAD_INPUT
+    assert "s1_0000.nii.gz and moved_seg.nii.gz" in train.error["message"]
+
+
 def test_maskgen_train_needs_the_modalities(tmp_path, oblique):
     sources, labels, targets = _write_cases(tmp_path, oblique)
     with pytest.raises(BadInputError, match="'target_modality' is a required property"):

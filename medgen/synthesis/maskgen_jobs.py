@@ -9,7 +9,7 @@ import torch
 from monai.data import MetaTensor
 
 from medgen.errors import BadInputError
-from medgen.io import load_volume
+from medgen.io import check_same_geometry, load_volume
 from medgen.io.model_folder import read_model_json
 from medgen.jobs.context import JobContext
 from medgen.labels import load_labels
@@ -30,8 +30,12 @@ def _source_cases(ctx: JobContext) -> list[tuple[str, MetaTensor, MetaTensor]]:
     images, labels = ctx.inputs["source_images"], ctx.inputs["source_labels"]
     if len(images) != len(labels):
         raise BadInputError(f"Give one label map per source image (got {len(images)} images, {len(labels)} label maps).")
-    return [(_stem(image), load_volume(image, name=Path(image).name), load_volume(label, label=True, name=Path(label).name))
-            for image, label in zip(images, labels)]
+    cases = []
+    for image_path, label_path in zip(images, labels):
+        image, label = load_volume(image_path, name=Path(image_path).name), load_volume(label_path, label=True, name=Path(label_path).name)
+        check_same_geometry(image, label, Path(image_path).name, Path(label_path).name)  # named by file, before prepare_pairs
+        cases.append((_stem(image_path), image, label))
+    return cases
 
 
 def _target_cases(ctx: JobContext) -> list[tuple[str, MetaTensor, MetaTensor]]:
