@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     maskgen = commands.add_parser("maskgen", help="render target-modality images of label maps; keep the checker-accepted pairs")
     maskgen.add_argument("model", type=Path, help="model folder written by maskgen-train")
-    maskgen.add_argument("masks", type=Path, nargs="+", help="label maps to render")
+    maskgen.add_argument("masks", type=Path, nargs="+", help="label maps to render, valued like the model's organs (1..K, listed in its medgen_model.json and by the training log)")
     maskgen.add_argument("--target-modality", required=True, help="a modality the model was trained on")
     maskgen.add_argument("--checker", type=Path, help="checker folder (default: the model's own)")
     maskgen.add_argument("--candidates", type=int, default=20, help="candidates generated per mask")
