@@ -62,7 +62,7 @@ def _check_nifti_voxels(path: Path, name: str) -> None:
 
     try:
         voxels = np.asanyarray(nib.load(str(path)).dataobj)
-    except (EOFError, OSError, ValueError, zlib.error) as error:
+    except (EOFError, OSError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as error:
         raise BadInputError(
             f"Could not read {path}: the file is truncated or corrupted ({_first_line(error)}). Copy or export it again."
         ) from error
