@@ -84,15 +84,21 @@ def test_maskgen_jobs_end_to_end_with_nnunet_export(tmp_path, oblique, capsys):
     assert "'CT'" in unknown.error["message"] and "['T1 MRI', 'T2 MRI']" in unknown.error["message"]
 
 
+def _failed_training(tmp_path, sources, labels, targets):
+    """A maskgen-train job on these files that must stop with bad input; returns its result."""
+    train = run_job_blocking(write_job(
+        tmp_path / "jobs", "maskgen-train", {"source_images": sources, "source_labels": labels, "target_images": targets},
+        {"shape": [16, 16, 16], "preset": "tiny", "source_modality": "T1 MRI", "target_modality": "T2 MRI", **FAST}, device="cpu"),
+        timeout_s=300)
+    assert train.returncode == ExitCode.BAD_INPUT
+    return train
+
+
 def test_maskgen_train_refuses_source_label_maps_without_organs(tmp_path, oblique):
     sources, labels, targets = _write_cases(tmp_path, oblique)
     blank = [str(save_volume(MetaTensor(torch.zeros((1, 16, 16, 16), dtype=torch.int64), affine=torch.from_numpy(oblique)),
                              tmp_path / f"blank{index}.nii.gz", label=True)) for index in range(2)]
-    train = run_job_blocking(write_job(
-        tmp_path / "jobs", "maskgen-train", {"source_images": sources, "source_labels": blank, "target_images": targets},
-        {"shape": [16, 16, 16], "preset": "tiny", "source_modality": "T1 MRI", "target_modality": "T2 MRI", **FAST}, device="cpu"),
-        timeout_s=300)
-    assert train.returncode == ExitCode.BAD_INPUT
+    train = _failed_training(tmp_path, sources, blank, targets)
     assert "None of the source label maps ['blank0.nii.gz', 'blank1.nii.gz'] holds an organ" in train.error["message"]
 
 
@@ -102,11 +108,7 @@ def test_maskgen_train_names_the_files_of_a_pair_whose_geometry_differs(tmp_path
     shifted[:3, 3] += 2.0
     moved = load_volume(labels[1], label=True)
     labels[1] = str(save_volume(MetaTensor(moved.as_tensor(), affine=torch.from_numpy(shifted)), tmp_path / "moved_seg.nii.gz", label=True))
-    train = run_job_blocking(write_job(
-        tmp_path / "jobs", "maskgen-train", {"source_images": sources, "source_labels": labels, "target_images": targets},
-        {"shape": [16, 16, 16], "preset": "tiny", "source_modality": "T1 MRI", "target_modality": "T2 MRI", **FAST}, device="cpu"),
-        timeout_s=300)
-    assert train.returncode == ExitCode.BAD_INPUT
+    train = _failed_training(tmp_path, sources, labels, targets)
     assert "s1_0000.nii.gz and moved_seg.nii.gz" in train.error["message"]
 
 
