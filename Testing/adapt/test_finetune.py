@@ -74,10 +74,17 @@ def test_bad_training_data_is_refused_before_training(model_folder, oblique, tmp
     model = load_segmentation_model(str(model_folder))
     inject(model.network, "bitfit")
     image, label = blob_case(0, oblique)
-    with pytest.raises(BadInputError, match="empty segmentation"):
+    with pytest.raises(BadInputError, match="Training segmentation 0 has no labelled voxel"):
         finetune_segmentation(model, [(image, label * 0)], FinetuneConfig(steps=2), checkpoint_dir=tmp_path)
     with pytest.raises(BadInputError, match=r"label values \[0, 3\].*classes 0..1"):
         finetune_segmentation(model, [(image, label * 3)], FinetuneConfig(steps=2), checkpoint_dir=tmp_path)
+    # a file's name is used when the map came from one; the validation map is checked before any training step
+    named = load_volume(save_volume(label * 3, tmp_path / "held_seg.nii.gz", label=True), label=True)
+    with pytest.raises(BadInputError, match=r"held_seg.nii.gz has label values \[0, 3\]"):
+        finetune_segmentation(model, [(image, label)], FinetuneConfig(steps=2), checkpoint_dir=tmp_path / "v", validation=(image, named))
+    with pytest.raises(BadInputError, match="The validation segmentation has no labelled voxel"):
+        finetune_segmentation(model, [(image, label)], FinetuneConfig(steps=2), checkpoint_dir=tmp_path / "v", validation=(image, label * 0))
+    assert not (tmp_path / "v").exists()
     for parameter in model.network.parameters():
         parameter.requires_grad_(False)
     with pytest.raises(BadInputError, match="no trainable parameters"):
@@ -107,6 +114,10 @@ def test_finetune_infer_evaluate_jobs(model_folder, oblique, tmp_path):
     evaluate = run_job_blocking(write_job(tmp_path / "jobs", "evaluate", {"image": held[0], "reference": held[1], "adapter": adapter, "model_folder": str(model_folder)}), timeout_s=300)
     assert evaluate.returncode == ExitCode.OK, evaluate.error
     assert evaluate.result["adapted_dice"][0] > evaluate.result["base_dice"][0]
+    three = str(save_volume(held_label * 3, tmp_path / "held_3.nii.gz", label=True))
+    refused = run_job_blocking(write_job(tmp_path / "jobs", "evaluate", {"image": held[0], "reference": three, "model_folder": str(model_folder)}),
+                               timeout_s=300)
+    assert refused.returncode == ExitCode.BAD_INPUT and "The reference held_3.nii.gz has label values [0, 3]" in refused.error["message"]
 
 
 def test_adapter_of_another_base_is_refused(model_folder, oblique, tmp_path):

@@ -207,6 +207,17 @@ def test_unknown_option_and_method_are_rejected():
         inject(tiny_swin(), "loha")
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"rank": 0}, "rank must be a whole number >= 1; got 0"),
+    ({"rank": "abc"}, "rank must be a whole number"),
+    ({"alpha": -1}, "alpha must be a positive number"),
+    ({"dropout": 2.0}, r"dropout must be a probability in \[0, 1\); got 2.0"),
+])
+def test_bad_lora_options_are_clear_errors_before_peft_sees_them(options, message):
+    with pytest.raises(BadInputError, match=message):
+        inject(tiny_swin(), "lora", **options)
+
+
 def test_describe_lists_adapted_layers():
     _, adapted, _ = build("unet", "tenvoo-l")
     report = describe(adapted)

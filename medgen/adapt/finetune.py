@@ -19,6 +19,7 @@ from monai.losses import DiceLoss
 from medgen.adapt.segmenter import SegmentationModel, predict_probabilities, prepare_volume
 from medgen.diffusion import TrainConfig, train_diffusion
 from medgen.errors import BadInputError
+from medgen.io import display_name
 from medgen.metrics import dice_per_class
 from medgen.progress import Reporter, as_reporter
 
@@ -73,6 +74,23 @@ class FinetuneResult:
     history: list[dict]
 
 
+def check_segmentation_labels(model: SegmentationModel, label: torch.Tensor, name: str) -> None:
+    """:class:`BadInputError` unless ``label`` holds some foreground and only classes ``model`` predicts.
+
+    Args:
+        label: integer label map ``(1, I, J, K)``.
+        name: how the map is called in the message (its file name when it came from one).
+    """
+    values = sorted(int(v) for v in torch.unique(label).tolist())
+    if not set(values) - {0}:
+        raise BadInputError(f"{name} has no labelled voxel (every voxel is 0): it cannot train or score the model.")
+    if values[0] < 0 or values[-1] >= model.num_classes:
+        raise BadInputError(
+            f"{name} has label values {values}, but {model.name} predicts classes 0..{model.num_classes - 1} "
+            f"({['background', *model.class_names]}). Remap the segmentation or pick a model with these classes."
+        )
+
+
 def _validation_dice(model: SegmentationModel, prepared, label: torch.Tensor, device) -> float:
     probabilities = predict_probabilities(model, prepared.tensor, device)
     dice = dice_per_class(probabilities.argmax(1)[0], label[0, 0], model.num_classes)
@@ -109,18 +127,13 @@ def finetune_segmentation(
         raise BadInputError("The model has no trainable parameters: inject a PEFT method (or 'full') first.")
     prepared = []
     for number, (image, label) in enumerate(training):
-        values = {int(v) for v in torch.unique(label).tolist()}
-        if not values - {0}:
-            raise BadInputError(f"Training volume {number} has an empty segmentation; every training volume needs labels.")
-        if max(values) >= model.num_classes:
-            raise BadInputError(
-                f"Training volume {number} has label values {sorted(values)}, but {model.name} predicts classes "
-                f"0..{model.num_classes - 1} ({['background', *model.class_names]})."
-            )
+        check_segmentation_labels(model, label, display_name(label, f"Training segmentation {number}"))
         inputs, labels = prepare_volume(model, image, label)
         prepared.append((inputs.tensor[0], labels[0]))
     val = None
     if validation is not None:
+        # checked before training: a bad validation map would otherwise fail (or mislead early stopping) after it
+        check_segmentation_labels(model, validation[1], display_name(validation[1], "The validation segmentation"))
         val_inputs, val_labels = prepare_volume(model, *validation)
         val = (val_inputs, val_labels)
     model.network.to(device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medgen.adapt.finetune import FinetuneConfig, finetune_segmentation
+from medgen.adapt.finetune import FinetuneConfig, check_segmentation_labels, finetune_segmentation
 from medgen.adapt.segmenter import load_segmentation_model, segment
 from medgen.errors import BadInputError
 from medgen.io import check_same_geometry, load_volume, save_volume
@@ -83,6 +83,7 @@ def run_evaluate(ctx: JobContext) -> dict:
 def _dice_report(ctx: JobContext) -> dict:
     image, reference = _pair(ctx.inputs["image"], ctx.inputs["reference"], "held-out")
     base = load_segmentation_model(_model_source(ctx))
+    check_segmentation_labels(base, reference, f"The reference {Path(ctx.inputs['reference']).name}")
     adapted = _model_with_optional_adapter(ctx)
     report = {"classes": base.class_names}
     for step, (name, model) in enumerate((("base", base), ("adapted", adapted))):

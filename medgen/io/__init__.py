@@ -26,6 +26,7 @@ _EXPORTS = {
     "check_finite": "medgen.io.validation",
     "check_same_geometry": "medgen.io.validation",
     "check_spatial_3d": "medgen.io.validation",
+    "display_name": "medgen.io.validation",
     "geometry_of": "medgen.io.validation",
 }
 __all__ = sorted(_EXPORTS)

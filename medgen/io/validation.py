@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -73,3 +75,10 @@ def check_finite(volume: torch.Tensor, name: str) -> None:
                 f"{name} contains {bad} NaN or infinite voxel(s) out of {volume.numel()}. "
                 "Fix or mask them (e.g. replace with 0) before running MedGen."
             )
+
+
+def display_name(volume: torch.Tensor, fallback: str) -> str:
+    """The file name a loaded volume came from (``load_volume`` records it), for error messages; ``fallback``
+    for tensors that were not read from a file."""
+    source = volume.meta.get("filename_or_obj") if isinstance(getattr(volume, "meta", None), dict) else None
+    return Path(str(source)).name if source else fallback

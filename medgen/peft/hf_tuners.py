@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from medgen.errors import BadInputError
 from medgen.peft.config import MethodConfig, match_modules, select_types
 
 HF_SUPPORTED_TYPES = (nn.Linear, nn.Conv3d)
@@ -29,6 +30,15 @@ class LoRAConfig(MethodConfig):
     rank: int = 8
     alpha: float | None = None
     dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        # checked here so that a bad option is a clear error, not a peft traceback
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise BadInputError(f"LoRA rank must be a whole number >= 1; got {self.rank!r}.")
+        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0):
+            raise BadInputError(f"LoRA alpha must be a positive number (or left out: alpha = rank); got {self.alpha!r}.")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise BadInputError(f"LoRA dropout must be a probability in [0, 1); got {self.dropout!r}.")
 
 
 @dataclass

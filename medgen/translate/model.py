@@ -23,6 +23,7 @@ from monai.transforms import ScaleIntensityRangePercentiles
 
 from medgen.diffusion import TrainConfig, sample, sdedit, strided_timesteps, train_diffusion
 from medgen.errors import BadInputError
+from medgen.io import display_name
 from medgen.io.model_folder import model_config, read_model_json, write_model_json
 from medgen.models.weights import load_weights_into, write_safetensors
 from medgen.progress import Reporter, as_reporter
@@ -139,12 +140,6 @@ def from_model_grid(grid_tensor: torch.Tensor, reference: MetaTensor, config: Tr
     return MetaTensor(resized[0].clamp(0, 1), affine=reference.affine)
 
 
-def _volume_name(volume: torch.Tensor, index: int) -> str:
-    """The file name a loaded training volume came from, for error messages; its index otherwise."""
-    source = volume.meta.get("filename_or_obj") if isinstance(volume, MetaTensor) else None
-    return Path(str(source)).name if source else f"training volume {index}"
-
-
 def train_translation(
     volumes: list[MetaTensor],
     out_dir: str | os.PathLike,
@@ -163,7 +158,7 @@ def train_translation(
     device = torch.device(device)
     if not volumes:
         raise BadInputError("Training a translation model needs at least one target-modality volume.")
-    data = torch.cat([to_model_grid(volume, config, _volume_name(volume, n)) for n, volume in enumerate(volumes)])
+    data = torch.cat([to_model_grid(volume, config, display_name(volume, f"training volume {n}")) for n, volume in enumerate(volumes)])
     if config.spatial_dims == 2:
         data = data[data.flatten(1).amax(1) > EMPTY_SLICE_MAX]
         if not len(data):
