@@ -85,6 +85,8 @@ def test_bad_training_data_is_refused_before_training(model_folder, oblique, tmp
     with pytest.raises(BadInputError, match="The validation segmentation has no labelled voxel"):
         finetune_segmentation(model, [(image, label)], FinetuneConfig(steps=2), checkpoint_dir=tmp_path / "v", validation=(image, label * 0))
     assert not (tmp_path / "v").exists()
+    with pytest.raises(BadInputError, match=r"The image is constant \(every voxel 2\): it has no contrast to segment"):
+        segment(model, image * 0 + 2, "cpu")
     for parameter in model.network.parameters():
         parameter.requires_grad_(False)
     with pytest.raises(BadInputError, match="no trainable parameters"):

@@ -96,6 +96,14 @@ def test_generator_jobs_through_the_worker(tmp_path, oblique):
     assert (features["name"], features["source"], features["feature_dim"]) == ("tiny-ddpm", "base model", 16)
     assert features["layer"].startswith("middle_block.") and "weights SHA-256 " in features["weights"]
     assert report["fid"] >= 0 and (report["real_count"], report["generated_count"]) == (2, 2)
+    # refused before any work: a shape the two-level UNet cannot halve, and a constant training volume
+    odd = run_job_blocking(write_job(tmp_path / "jobs", "sample-generator", {"model_folder": str(tmp_path / "ddpm")},
+                                     {**params, "shape": [5, 8, 8], "count": 1}), timeout_s=300)
+    assert odd.returncode == ExitCode.BAD_INPUT and "multiple of 2 (e.g. (4, 8, 8))" in odd.error["message"]
+    flat = str(save_volume(MetaTensor(torch.full((1, 8, 8, 8), 3.0), affine=torch.from_numpy(oblique)), tmp_path / "flat.nii.gz"))
+    constant = run_job_blocking(write_job(tmp_path / "jobs", "finetune-generator", {"volumes": [paths[0], flat], "model_folder": str(tmp_path / "ddpm")},
+                                          {**params, "steps": 1}), timeout_s=300)
+    assert constant.returncode == ExitCode.BAD_INPUT and "flat.nii.gz is constant (every voxel 3)" in constant.error["message"]
 
 
 def test_fid_with_a_user_supplied_feature_network_names_it(tmp_path, oblique):

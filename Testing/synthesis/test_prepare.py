@@ -10,7 +10,7 @@ from monai.data import MetaTensor
 from medgen.errors import BadInputError, GeometryMismatchError
 from medgen.io import save_volume
 from medgen.labels import LabelInfo
-from medgen.synthesis.prepare import find_nnunet_pairs, load_pairs_from_folder, prepare_pairs
+from medgen.synthesis.prepare import check_common_grid, find_nnunet_pairs, load_pairs_from_folder, prepare_pairs
 
 
 def _pair(affine, shape=(20, 18, 14), values=(3, 7)):
@@ -51,6 +51,15 @@ def test_constant_image_is_refused_naming_its_case(oblique):
     flat = MetaTensor(torch.full_like(image.as_tensor(), 7.0), affine=image.affine)
     with pytest.raises(BadInputError, match=r"The image of case 'flat' is constant \(every voxel 7\)"):
         prepare_pairs([("a", image, label), ("flat", flat, label)], shape=(16, 16, 16))
+
+
+def test_grid_the_vae_and_latent_unet_cannot_divide_is_refused_up_front(oblique):
+    image, label = _pair(oblique, shape=(24, 24, 16))
+    prepared, _ = prepare_pairs([("a", image, label)], shape=(24, 24, 16))
+    assert check_common_grid(prepared, 8, 1) == (24, 24, 16)
+    with pytest.raises(BadInputError, match=r"divisible by 16: the VAE downsamples 8x and the latent UNet halves 1x more. "
+                                            r"Use e.g. \(32, 32, 16\)"):
+        check_common_grid(prepared, 8, 2)
 
 
 def test_pair_with_different_grids_is_refused(oblique):

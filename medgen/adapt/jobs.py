@@ -8,7 +8,7 @@ from pathlib import Path
 from medgen.adapt.finetune import FinetuneConfig, check_segmentation_labels, finetune_segmentation
 from medgen.adapt.segmenter import load_segmentation_model, segment
 from medgen.errors import BadInputError
-from medgen.io import check_same_geometry, load_volume, save_volume
+from medgen.io import check_not_constant, check_same_geometry, load_volume, save_volume
 from medgen.io.atomic import write_text_atomic
 from medgen.jobs.context import JobContext
 from medgen.metrics import dice_per_class
@@ -137,16 +137,23 @@ def _generator_volume(path: str, shape: tuple[int, int, int]):
     from monai.transforms import Resize, ScaleIntensityRangePercentiles
 
     volume = load_volume(path, name=Path(path).name)
+    check_not_constant(volume, Path(path).name, "to learn from or match")
     resized = Resize(spatial_size=shape, mode="trilinear")(volume)
     return ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True)(resized)
 
 
-def _generator_unet(ctx: JobContext):
+def _generator_unet(ctx: JobContext, shape: tuple[int, int, int]):
+    """The generator of ``model_folder``, after checking that it can denoise volumes of ``shape``."""
     from medgen.models import load_model
 
     unet, spec = load_model(ctx.inputs["model_folder"])
     if spec.network != "DiffusionModelUNet":
         raise BadInputError(f"{ctx.inputs['model_folder']} holds a {spec.network}, not a DiffusionModelUNet generator.")
+    multiple = 2 ** (len(unet.block_out_channels) - 1)  # the UNet halves every axis once per level after the first
+    if any(size % multiple for size in shape):
+        fitted = tuple(max(multiple, round(size / multiple) * multiple) for size in shape)
+        raise BadInputError(f"The shape {shape} does not fit this {len(unet.block_out_channels)}-level generator: every "
+                            f"axis must be a multiple of {multiple} (e.g. {fitted}).")
     return unet
 
 
@@ -155,8 +162,8 @@ def run_finetune_generator(ctx: JobContext) -> dict:
     from medgen.adapt.generator import GeneratorFinetuneConfig, finetune_generator
 
     shape = tuple(ctx.params["shape"])
+    unet = _generator_unet(ctx, shape)
     volumes = [_generator_volume(path, shape).as_tensor() for path in ctx.inputs["volumes"]]
-    unet = _generator_unet(ctx)
     inject(unet, ctx.params["method"], **ctx.params["method_options"])
     ctx.reporter.log(f"{ctx.params['method']}: {trainable_parameters(unet):,} trainable parameters")
     config = GeneratorFinetuneConfig(steps=ctx.params["steps"], lr=ctx.params["lr"], batch_size=ctx.params["batch_size"],
@@ -174,7 +181,7 @@ def run_sample_generator(ctx: JobContext) -> dict:
     from medgen.adapt.generator import sample_volumes
 
     shape = tuple(ctx.params["shape"])
-    unet = _generator_unet(ctx)
+    unet = _generator_unet(ctx, shape)
     if "adapter" in ctx.inputs:
         load_adapter(unet, ctx.inputs["adapter"])
     affine = _generator_volume(ctx.inputs["reference"], shape).affine if "reference" in ctx.inputs else torch.eye(4, dtype=torch.float64)

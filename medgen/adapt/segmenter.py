@@ -21,6 +21,7 @@ from monai.transforms import NormalizeIntensity, Orientation, ScaleIntensityRang
 from torch import nn
 
 from medgen.errors import BadInputError
+from medgen.io import check_not_constant, display_name
 
 
 @dataclasses.dataclass
@@ -95,6 +96,7 @@ def prepare_volume(model: SegmentationModel, image: MetaTensor, label: MetaTenso
     """
     if image.ndim != 4 or image.shape[0] != 1:
         raise BadInputError(f"Expected a single-channel volume (1, I, J, K); got {tuple(image.shape)}.")
+    check_not_constant(image, display_name(image, "The image"), "to segment")
     oriented = Orientation(axcodes="RAS")(image.float())
     oriented_label = Orientation(axcodes="RAS")(label.float()) if label is not None else None
     if model.spacing_mm is not None:

@@ -82,3 +82,10 @@ def display_name(volume: torch.Tensor, fallback: str) -> str:
     for tensors that were not read from a file."""
     source = volume.meta.get("filename_or_obj") if isinstance(getattr(volume, "meta", None), dict) else None
     return Path(str(source)).name if source else fallback
+
+
+def check_not_constant(volume: torch.Tensor, name: str, purpose: str) -> None:
+    """:class:`BadInputError` if every voxel of ``volume`` has one value (``purpose`` says what needs contrast)."""
+    low, high = float(volume.min()), float(volume.max())
+    if low == high:
+        raise BadInputError(f"{name} is constant (every voxel {low:g}): it has no contrast {purpose}. Pick another volume.")

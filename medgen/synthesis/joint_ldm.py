@@ -154,7 +154,7 @@ def train_joint_ldm(
     num_classes = len(labels) + 1
     if len(pairs) < 2:
         reporter.log("Only one training case: the model can only learn to reproduce it.", "warning")
-    shape = check_common_grid(pairs, config.vae_config(num_classes).downsample_factor)
+    shape = check_common_grid(pairs, config.vae_config(num_classes).downsample_factor, len(config.ldm_channels))
     if max(int(pair.label.max()) for pair in pairs) >= num_classes:
         raise BadInputError(f"Label values must lie in 0..{num_classes - 1} ({len(labels)} named labels).")
 

@@ -295,7 +295,7 @@ def train_maskgen(
     samples = compose_training_set(source_cases, target_images, source_prompt, target_prompt)
     if len(samples) < len(source_cases) + len(target_images):
         reporter.log(f"{len(source_cases) + len(target_images) - len(samples)} source case(s) without any organ left out.", "warning")
-    shape = check_common_grid(samples, config.downsample_factor)  # TrainingSample has .image like PreparedPair
+    shape = check_common_grid(samples, config.downsample_factor, len(config.unet_channels))  # TrainingSample has .image like PreparedPair
     images = torch.stack([convert_to_tensor(sample.image, track_meta=False).float() for sample in samples])
 
     vae = _vae_stage(images, config, out_dir, device, reporter)

@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, ResizeWithPadOrCropd, ScaleIntensityRangePercentilesd, Spacingd
 
 from medgen.errors import BadInputError
-from medgen.io import check_same_geometry, load_volume
+from medgen.io import check_not_constant, check_same_geometry, load_volume
 from medgen.labels import LabelInfo, default_color
 
 IMAGE_SUFFIX = "_0000.nii.gz"
@@ -115,11 +115,7 @@ def prepare_pairs(
         raise BadInputError("No training pairs were given.")
     for case, image, label in pairs:
         check_same_geometry(image, label, f"{case} image", f"{case} label")
-        if float(image.max() - image.min()) == 0.0:
-            raise BadInputError(
-                f"The image of case {case!r} is constant (every voxel {float(image.max()):g}): it has no contrast to "
-                "learn from. Remove it or pick the right file."
-            )
+        check_not_constant(image, f"The image of case {case!r}", "to learn from")
     mapping, new_labels = label_remapping([label for _, _, label in pairs], labels)
     steps = []
     if spacing_mm is not None:
@@ -152,18 +148,27 @@ def load_pairs_from_folder(folder: str | os.PathLike) -> list[tuple[str, MetaTen
     ]
 
 
-def check_common_grid(cases: list, factor: int) -> tuple[int, ...]:
+def check_common_grid(cases: list, vae_factor: int, unet_levels: int) -> tuple[int, ...]:
     """The shared voxel grid ``(I, J, K)`` of training cases (anything with an ``image`` ``(1, I, J, K)``).
 
+    Args:
+        vae_factor: the autoencoder's downsampling per axis.
+        unet_levels: levels of the latent UNet; it halves the latent grid ``unet_levels - 1`` times.
+
     Raises:
-        BadInputError: no cases, cases on different grids, or a grid not divisible by the
-            autoencoder's downsampling ``factor``.
+        BadInputError: no cases, cases on different grids, or a grid the two networks cannot divide exactly
+            (checked here, before any stage trains).
     """
     if not cases:
         raise BadInputError("No training pairs were given.")
     shape = tuple(cases[0].image.shape[1:])
     if any(tuple(case.image.shape[1:]) != shape for case in cases):
         raise BadInputError("All training pairs must share one grid: prepare them with medgen.synthesis.prepare_pairs.")
-    if any(size % factor for size in shape):
-        raise BadInputError(f"The grid {shape} must be divisible by {factor} (the VAE downsamples {factor}x).")
+    multiple = vae_factor * 2 ** (unet_levels - 1)
+    if any(size % multiple for size in shape):
+        fitted = tuple(max(multiple, round(size / multiple) * multiple) for size in shape)
+        raise BadInputError(
+            f"The grid {shape} must be divisible by {multiple}: the VAE downsamples {vae_factor}x and the latent UNet "
+            f"halves {unet_levels - 1}x more. Use e.g. {fitted}."
+        )
     return shape

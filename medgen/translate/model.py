@@ -23,7 +23,7 @@ from monai.transforms import ScaleIntensityRangePercentiles
 
 from medgen.diffusion import TrainConfig, sample, sdedit, strided_timesteps, train_diffusion
 from medgen.errors import BadInputError
-from medgen.io import display_name
+from medgen.io import check_not_constant, display_name
 from medgen.io.model_folder import model_config, read_model_json, write_model_json
 from medgen.models.weights import load_weights_into, write_safetensors
 from medgen.progress import Reporter, as_reporter
@@ -124,8 +124,7 @@ def to_model_grid(volume: MetaTensor, config: TranslationConfig, name: str) -> t
         raise BadInputError(f"{name} must be one 3D volume (1, I, J, K); got shape {tuple(data.shape)}.")
     if not torch.isfinite(data).all():
         raise BadInputError(f"{name} contains NaN or infinite voxels; fix or mask them first.")
-    if float(data.max() - data.min()) == 0.0:
-        raise BadInputError(f"{name} is constant: it has no contrast to translate.")
+    check_not_constant(data, name, "to translate")
     scaled = ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True)(data.float())
     resized = F.interpolate(torch.as_tensor(scaled)[None], size=tuple(config.grid), mode="trilinear", align_corners=False).clamp(0, 1)
     if config.spatial_dims == 3:
