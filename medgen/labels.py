@@ -58,12 +58,23 @@ def save_labels(labels: list[LabelInfo], path: str | os.PathLike) -> Path:
     return write_text_atomic(path, json.dumps([dataclasses.asdict(label) for label in labels], indent=2) + "\n")
 
 
+#: what :func:`load_labels` reads, for error messages
+LABELS_FORMAT = ('a list [{"name": "liver", "value": 1, "color": [1, 0, 0]}, ...] (color optional) '
+                 'or an nnU-Net style object {"background": 0, "liver": 1, ...}')
+
+
 def load_labels(path: str | os.PathLike) -> list[LabelInfo]:
-    """Read labels written by :func:`save_labels`."""
+    """Read label names: the list :func:`save_labels` writes (``color`` optional: a default colour is picked)
+    or an nnU-Net ``dataset.json``-style ``{name: value}`` object (background 0 is left out)."""
     try:
         entries = json.loads(Path(path).read_text(encoding="utf-8"))
-        labels = [LabelInfo(str(e["name"]), int(e["value"]), tuple(float(c) for c in e["color"])) for e in entries]
+        if isinstance(entries, dict):
+            return make_labels({str(name): int(value) for name, value in entries.items()})
+        labels = [LabelInfo(str(e["name"]), int(e["value"]),
+                            tuple(float(c) for c in e["color"]) if "color" in e else default_color(int(e["value"])))
+                  for e in entries]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise BadInputError(f"{path} is not a MedGen label description ({error}).") from None
+        detail = f"missing {error}" if isinstance(error, KeyError) else str(error)
+        raise BadInputError(f"{path} is not a label description ({detail}). Write {LABELS_FORMAT}.") from None
     check_labels(labels)
     return labels

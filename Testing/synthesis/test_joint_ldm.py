@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from medgen.errors import CancelledError, ModelError
+from medgen.errors import BadInputError, CancelledError, ModelError
 from medgen.io import check_same_geometry, load_volume, save_volume
 from medgen.jobs.exit_codes import ExitCode
 from medgen.labels import LabelInfo, save_labels
@@ -136,3 +136,18 @@ def test_a_single_training_case_trains_with_a_warning(tmp_path):
     train_joint_ldm(pairs, labels, tmp_path / "model", JointLDMConfig.tiny(vae_phase1_steps=1, vae_phase2_steps=0, ldm_steps=1), reporter=reporter)
     assert any(e["level"] == "warning" and "one training case" in e["message"] for e in logs)
     assert (tmp_path / "model" / "medgen_model.json").is_file()
+
+
+def test_label_maps_without_any_label_are_refused_and_absent_labels_warned(tmp_path):
+    image, label = _phantom(0, oblique_affine())
+    blank = MetaTensor(torch.zeros_like(label.as_tensor()), affine=label.affine)
+    pairs, labels = prepare_pairs([("a", image, blank), ("b", image, blank)], shape=(16, 16, 16), labels=LABELS)
+    with pytest.raises(BadInputError, match="No training label map holds a labelled voxel"):
+        train_joint_ldm(pairs, labels, tmp_path / "blank", JointLDMConfig.tiny(**FAST))
+    assert not (tmp_path / "blank").exists()
+    cavity_only = MetaTensor(torch.where(label.as_tensor() == 1, 1, 0), affine=label.affine)
+    pairs, labels = prepare_pairs([("a", image, cavity_only)], shape=(16, 16, 16), labels=LABELS)
+    logs = []
+    reporter = CallbackReporter(lambda e: logs.append(e["message"]) if e["event"] == "log" else None)
+    train_joint_ldm(pairs, labels, tmp_path / "model", JointLDMConfig.tiny(vae_phase1_steps=1, vae_phase2_steps=0, ldm_steps=1), reporter=reporter)
+    assert any("Labels ['wall'] occur in no training label map" in message for message in logs)

@@ -154,6 +154,13 @@ def train_joint_ldm(
     num_classes = len(labels) + 1
     if len(pairs) < 2:
         reporter.log("Only one training case: the model can only learn to reproduce it.", "warning")
+    present = {int(value) for pair in pairs for value in torch.unique(pair.label).tolist()}
+    if not present - {0}:
+        raise BadInputError("No training label map holds a labelled voxel (every voxel is background 0): the model learns "
+                            "images and labels together, so give the label maps that go with the images.")
+    absent = [label.name for label in labels if label.value not in present]
+    if absent:
+        reporter.log(f"Labels {absent} occur in no training label map: the model will never generate them.", "warning")
     shape = check_common_grid(pairs, config.vae_config(num_classes).downsample_factor, len(config.ldm_channels))
     if max(int(pair.label.max()) for pair in pairs) >= num_classes:
         raise BadInputError(f"Label values must lie in 0..{num_classes - 1} ({len(labels)} named labels).")

@@ -1,0 +1,36 @@
+"""labels.json: the formats users write by hand are read, and a wrong one says what to write."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medgen.errors import BadInputError
+from medgen.labels import LabelInfo, default_color, load_labels, save_labels
+
+
+def test_round_trip_of_saved_labels(tmp_path):
+    labels = [LabelInfo("liver", 1, (1.0, 0.0, 0.0)), LabelInfo("kidney", 3, (0.0, 1.0, 0.0))]
+    assert load_labels(save_labels(labels, tmp_path / "labels.json")) == labels
+
+
+def test_colour_is_optional_and_nnunet_style_objects_are_read(tmp_path):
+    (tmp_path / "list.json").write_text(json.dumps([{"name": "liver", "value": 2}]))
+    assert load_labels(tmp_path / "list.json") == [LabelInfo("liver", 2, default_color(2))]
+    (tmp_path / "object.json").write_text(json.dumps({"background": 0, "kidney": 2, "liver": 1}))
+    assert [(label.name, label.value) for label in load_labels(tmp_path / "object.json")] == [("liver", 1), ("kidney", 2)]
+
+
+@pytest.mark.parametrize("content, detail", [
+    ('[{"value": 1}]', "missing 'name'"),
+    ('{"liver": "one"}', "invalid literal"),
+    ('[1, 2]', "not subscriptable"),
+    ('[{"name": "a", "value": 1}, {"name": "a", "value": 2}]', "must be unique"),
+])
+def test_a_wrong_format_says_what_to_write(tmp_path, content, detail):
+    (tmp_path / "labels.json").write_text(content)
+    with pytest.raises(BadInputError, match=detail) as caught:
+        load_labels(tmp_path / "labels.json")
+    if "unique" not in detail:
+        assert 'Write a list [{"name": "liver", "value": 1' in str(caught.value)
