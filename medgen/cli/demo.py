@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from medgen.io.atomic import ensure_folder
 from medgen.jobs.exit_codes import ExitCode
 
 
@@ -32,6 +33,7 @@ def run_demo(out_dir: Path, device: str = "auto", size: str = "tiny") -> int:
     from medgen.data.samples import load_sample_case, write_sample_case
     from medgen.slicer.runner import write_job
 
+    ensure_folder(out_dir)
     _say(f"writing the sample subject ({size} grid) to {out_dir / 'sample'}")
     _say("  t1 = real MNI152 T1 template; t2_simulated/pd_simulated = SIMULATED contrasts from its tissue maps")
     paths = write_sample_case(load_sample_case(size), out_dir / "sample")

@@ -11,6 +11,18 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from medgen.errors import BadInputError
+
+
+def ensure_folder(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` and its parents unless they exist; :class:`BadInputError` when a file stands in the way."""
+    folder = Path(folder)
+    existing = next((path for path in (folder, *folder.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise BadInputError(f"{existing} is a file, but a folder is needed there to write {folder}. Pick another output folder.")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
 
 @contextlib.contextmanager
 def atomic_output(final_path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
@@ -22,7 +34,7 @@ def atomic_output(final_path: str | os.PathLike, suffix: str | None = None) -> I
             pick the format from the extension, e.g. ``.nii.gz``, still work).
     """
     final_path = Path(final_path)
-    final_path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_folder(final_path.parent)
     if suffix is None:
         suffix = "".join(final_path.suffixes)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{final_path.stem}.", suffix=f".part{suffix}", dir=final_path.parent)

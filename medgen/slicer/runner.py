@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import medgen
-from medgen.io.atomic import write_text_atomic
+from medgen.io.atomic import ensure_folder, write_text_atomic
 from medgen.jobs.events import CANCEL_FILE
 from medgen.jobs.exit_codes import ExitCode
 from medgen.jobs.spec import JOB_FILE, SCHEMA_VERSION, validate_job
@@ -66,8 +66,8 @@ def write_job(
         "params": params or {}, "device": device, "seed": int(seed),
     }
     validate_job(document, Path.cwd())
-    job_dir = Path(job_root) / f"{kind}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
-    job_dir.mkdir(parents=True)
+    job_dir = ensure_folder(job_root) / f"{kind}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+    job_dir.mkdir()
     write_text_atomic(job_dir / JOB_FILE, json.dumps(document, indent=2) + "\n")
     return job_dir
 

@@ -19,7 +19,7 @@ import torch
 
 from medgen.errors import BadInputError
 from medgen.io import check_finite, check_same_geometry, load_volume, save_volume
-from medgen.io.atomic import write_text_atomic
+from medgen.io.atomic import ensure_folder, write_text_atomic
 from medgen.progress import Reporter, as_reporter
 
 FILE_ENDING = ".nii.gz"
@@ -103,12 +103,7 @@ def export_nnunet(
         raise BadInputError(f"Case prefix {case_prefix!r} may only hold letters, digits, '_' and '-'.")
     reporter = as_reporter(reporter)
     dataset_dir = Path(out_root) / dataset_folder_name(dataset_id, name)
-    blocking = next((folder for folder in (Path(out_root), dataset_dir) if folder.exists() and not folder.is_dir()), None)
-    if blocking is not None:
-        raise BadInputError(f"{blocking} is a file, but the nnU-Net export needs a folder there. Pick another output folder.")
-    images_dir, labels_dir = dataset_dir / "imagesTr", dataset_dir / "labelsTr"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    labels_dir.mkdir(parents=True, exist_ok=True)
+    images_dir, labels_dir = ensure_folder(dataset_dir / "imagesTr"), ensure_folder(dataset_dir / "labelsTr")
     _check_compatible(dataset_dir, labels, channel_name)
     existing = _existing_cases(labels_dir)
     allowed_values = set(labels.values())
