@@ -127,3 +127,7 @@ def test_fid_with_a_user_supplied_feature_network_names_it(tmp_path, oblique):
         "feature unet", "model.0.conv", "user-supplied", 4)
     with pytest.raises(BadInputError, match="'generated' is a dependency of 'real'"):  # refused before any job starts
         write_job(tmp_path / "jobs", "evaluate", {"real": paths[:2]})
+    # no folder: the packaged deepbet encoder, fed through deepbet's own resizing and normalisation
+    default = run_job_blocking(write_job(tmp_path / "jobs", "evaluate", {"real": paths[:2], "generated": paths[2:]}), timeout_s=300)
+    assert default.returncode == ExitCode.OK, default.error
+    assert default.result["feature_network"]["name"] == "deepbet-bbox" and default.result["fid"] >= 0

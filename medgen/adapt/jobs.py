@@ -102,7 +102,13 @@ def _generator_at_timestep_zero(network, batch):
 
 
 def _feature_network(ctx: JobContext, example):
-    """The user's ``feature_model_folder``, else the base model's own encoder; both local, never downloaded."""
+    """The user's ``feature_model_folder``, else the base model's own encoder; both local, never downloaded.
+
+    Returns ``(feature network, prepare)``: ``prepare`` maps a loaded volume ``(1, I, J, K)`` to the network's
+    input ``(1, D, H, W)`` (the base segmentation model's own resizing and normalisation; a folder's network
+    gets the volume as it is).
+    """
+    from medgen.adapt.segmenter import prepare_volume
     from medgen.metrics.distribution import FeatureNetwork, bottleneck_layer, call_network
     from medgen.models import deepbet_spec, load_model
 
@@ -110,26 +116,33 @@ def _feature_network(ctx: JobContext, example):
     if folder:
         network, spec = load_model(folder)
         weights = f"model folder {folder}, weights SHA-256 {spec.weights_hash or 'not recorded'}"
+
+        def prepare(volume):
+            return volume.as_tensor()
     else:
-        network = load_segmentation_model(_model_source(ctx)).network
-        spec = deepbet_spec()
+        model = load_segmentation_model(_model_source(ctx))
+        network, spec = model.network, deepbet_spec()
         weights = f"{spec.provenance['source']} wheel, {spec.provenance['archive']}"
-    network.to(ctx.device)
+
+        def prepare(volume):
+            return prepare_volume(model, volume)[0].tensor[0]
+    network.to(ctx.device).eval()
     forward = _generator_at_timestep_zero if spec.network == "DiffusionModelUNet" else call_network
-    layer = ctx.params.get("feature_layer") or bottleneck_layer(network, example, forward)
-    return FeatureNetwork(network, layer, spec.name or Path(folder).name, weights,
-                          "user-supplied" if "feature_model_folder" in ctx.inputs else "base model", forward)
+    layer = ctx.params.get("feature_layer") or bottleneck_layer(network, prepare(example), forward)
+    feature_network = FeatureNetwork(network, layer, spec.name or Path(folder).name, weights,
+                                     "user-supplied" if "feature_model_folder" in ctx.inputs else "base model", forward)
+    return feature_network, prepare
 
 
 def _fid_report(ctx: JobContext) -> dict:
     from medgen.metrics.distribution import fid_report
 
-    real = [load_volume(path, name=f"real volume {Path(path).name}").as_tensor() for path in ctx.inputs["real"]]
-    generated = [load_volume(path, name=f"generated volume {Path(path).name}").as_tensor() for path in ctx.inputs["generated"]]
+    real = [load_volume(path, name=f"real volume {Path(path).name}") for path in ctx.inputs["real"]]
+    generated = [load_volume(path, name=f"generated volume {Path(path).name}") for path in ctx.inputs["generated"]]
     ctx.reporter.check_cancelled()
-    feature_network = _feature_network(ctx, real[0])
+    feature_network, prepare = _feature_network(ctx, real[0])
     ctx.reporter.log(f"FID features: {feature_network.name}, layer {feature_network.layer} ({feature_network.source})")
-    return fid_report(real, generated, feature_network, ctx.device)
+    return fid_report([prepare(volume) for volume in real], [prepare(volume) for volume in generated], feature_network, ctx.device)
 
 
 def _generator_volume(path: str, shape: tuple[int, int, int]):

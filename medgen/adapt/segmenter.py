@@ -9,6 +9,7 @@ Gaussian blending over the spec's patch size). Predictions come back on the inpu
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Callable
 
 import nibabel as nib
@@ -167,6 +168,9 @@ def load_segmentation_model(source: str) -> SegmentationModel:
     (``model.json`` + safetensors, see :mod:`medgen.models`) of a segmentation network with a softmax head."""
     if source in ("deepbet", "deepbet-bbox"):
         return deepbet_model("bbox")
+    if not Path(source).is_dir():
+        raise BadInputError(f"The segmentation model {source!r} is neither 'deepbet' (the packaged brain extractor) nor "
+                            "an existing MedGen model folder (model.json + weights). Give one of the two.")
     from medgen.models import load_model
 
     network, spec = load_model(source)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medgen.errors import BadInputError, MedGenError, ModelError
+from medgen.io.atomic import atomic_output, ensure_folder, write_text_atomic
 from medgen.peft.inject import adapter_record, inject
 from medgen.peft.tenvoo_layer import FrozenCores
 
@@ -73,11 +74,12 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
         config_text = json.dumps(config, indent=2)
     except TypeError as error:
         raise BadInputError(f"adapter options must be JSON-serialisable to be saved: {error}.") from error
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = ensure_folder(path)
     tensors = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in state.items()}
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
-    (directory / CONFIG_FILE).write_text(config_text)
+    # each file appears whole or not at all; the config, written last, names the tensors it expects
+    with atomic_output(directory / WEIGHTS_FILE) as temporary:
+        save_file(tensors, str(temporary), metadata={"format": FORMAT})
+    write_text_atomic(directory / CONFIG_FILE, config_text)
     return directory
 
 
@@ -88,7 +90,7 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     except (OSError, ValueError, SafetensorError) as error:
         raise ModelError(
             f"adapter directory {str(directory)!r} must hold a readable {CONFIG_FILE} and {WEIGHTS_FILE}: {error}. "
-            "Re-save the adapter with medgen.peft.save_adapter."
+            "Train or save the adapter again (a finetune job or medgen.peft.save_adapter writes one)."
         ) from error
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
         raise ModelError(
