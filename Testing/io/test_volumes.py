@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import locale
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -52,7 +54,16 @@ def test_reader_agrees_with_simpleitk_lps_geometry(tmp_path):
     np.testing.assert_allclose(np.asarray(loaded.affine), [[-0.5, 0, 0, -1], [0, -0.7, 0, -2], [0, 0, 3, 3], [0, 0, 0, 1]])
 
 
-def test_dicom_series_folder_is_read_with_its_geometry(tmp_path):
+@pytest.fixture
+def process_locale():
+    """The process locale as it was before the test, restored after it (so later tests that decode subprocess
+    output as UTF-8 are not run in the "C" locale)."""
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)
+
+
+def test_dicom_series_folder_is_read_with_its_geometry(tmp_path, process_locale):
     array_kji = (np.arange(3 * 8 * 9).reshape(3, 8, 9) % 200).astype(np.int16)
     series = sitk.GetImageFromArray(array_kji)
     series.SetSpacing((0.8, 0.8, 2.0))
@@ -70,7 +81,13 @@ def test_dicom_series_folder_is_read_with_its_geometry(tmp_path):
             slice_image.SetMetaData(tag, value)
         writer.SetFileName(str(tmp_path / f"slice{k:03d}.dcm"))
         writer.Execute(slice_image)
+    # GDCM's writer above leaves the process in the "C" locale (the fixture restores it); the reader keeps the caller's
+    try:
+        locale.setlocale(locale.LC_ALL, "C.UTF-8")
+    except locale.Error:
+        pytest.skip("no C.UTF-8 locale on this machine")
     loaded = load_volume(tmp_path)
+    assert locale.setlocale(locale.LC_ALL) == "C.UTF-8" and locale.getpreferredencoding(False) == "UTF-8"
     assert loaded.shape == (1, 9, 8, 3)
     assert torch.equal(loaded[0].long(), torch.from_numpy(array_kji.transpose(2, 1, 0)).long())
     np.testing.assert_allclose(np.linalg.norm(np.asarray(loaded.affine)[:3, :3], axis=0), [0.8, 0.8, 2.0], atol=1e-4)
