@@ -8,7 +8,7 @@ from pathlib import Path
 from medgen.adapt.finetune import FinetuneConfig, check_segmentation_labels, finetune_segmentation
 from medgen.adapt.segmenter import load_segmentation_model, segment
 from medgen.errors import BadInputError
-from medgen.io import check_not_constant, check_same_geometry, load_volume, save_volume
+from medgen.io import check_not_constant, check_same_geometry, load_volume, nearest_multiple_shape, save_volume
 from medgen.io.atomic import write_text_atomic
 from medgen.jobs.context import JobContext
 from medgen.metrics import dice_per_class
@@ -164,9 +164,8 @@ def _generator_unet(ctx: JobContext, shape: tuple[int, int, int]):
         raise BadInputError(f"{ctx.inputs['model_folder']} holds a {spec.network}, not a DiffusionModelUNet generator.")
     multiple = 2 ** (len(unet.block_out_channels) - 1)  # the UNet halves every axis once per level after the first
     if any(size % multiple for size in shape):
-        fitted = tuple(max(multiple, round(size / multiple) * multiple) for size in shape)
         raise BadInputError(f"The shape {shape} does not fit this {len(unet.block_out_channels)}-level generator: every "
-                            f"axis must be a multiple of {multiple} (e.g. {fitted}).")
+                            f"axis must be a multiple of {multiple} (e.g. {nearest_multiple_shape(shape, multiple)}).")
     return unet
 
 

@@ -29,6 +29,7 @@ _EXPORTS = {
     "check_spatial_3d": "medgen.io.validation",
     "display_name": "medgen.io.validation",
     "geometry_of": "medgen.io.validation",
+    "nearest_multiple_shape": "medgen.io.validation",
 }
 __all__ = sorted(_EXPORTS)
 

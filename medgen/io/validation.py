@@ -89,3 +89,9 @@ def check_not_constant(volume: torch.Tensor, name: str, purpose: str) -> None:
     low, high = float(volume.min()), float(volume.max())
     if low == high:
         raise BadInputError(f"{name} is constant (every voxel {low:g}): it has no contrast {purpose}. Pick another volume.")
+
+
+def nearest_multiple_shape(shape, multiple: int) -> tuple[int, ...]:
+    """Each size of ``shape`` rounded to the nearest positive multiple of ``multiple``: the shape an error
+    message suggests when a network needs sizes it can halve exactly."""
+    return tuple(max(multiple, round(size / multiple) * multiple) for size in shape)

@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, ResizeWithPadOrCropd, ScaleIntensityRangePercentilesd, Spacingd
 
 from medgen.errors import BadInputError
-from medgen.io import check_not_constant, check_same_geometry, load_volume
+from medgen.io import check_not_constant, check_same_geometry, load_volume, nearest_multiple_shape
 from medgen.labels import LabelInfo, default_color
 
 IMAGE_SUFFIX = "_0000.nii.gz"
@@ -166,9 +166,8 @@ def check_common_grid(cases: list, vae_factor: int, unet_levels: int) -> tuple[i
         raise BadInputError("All training pairs must share one grid: prepare them with medgen.synthesis.prepare_pairs.")
     multiple = vae_factor * 2 ** (unet_levels - 1)
     if any(size % multiple for size in shape):
-        fitted = tuple(max(multiple, round(size / multiple) * multiple) for size in shape)
         raise BadInputError(
             f"The grid {shape} must be divisible by {multiple}: the VAE downsamples {vae_factor}x and the latent UNet "
-            f"halves {unet_levels - 1}x more. Use e.g. {fitted}."
+            f"halves {unet_levels - 1}x more. Use e.g. {nearest_multiple_shape(shape, multiple)}."
         )
     return shape

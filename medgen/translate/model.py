@@ -23,7 +23,7 @@ from monai.transforms import ScaleIntensityRangePercentiles
 
 from medgen.diffusion import TrainConfig, sample, sdedit, strided_timesteps, train_diffusion
 from medgen.errors import BadInputError
-from medgen.io import check_not_constant, display_name
+from medgen.io import check_not_constant, display_name, nearest_multiple_shape
 from medgen.io.model_folder import model_config, read_model_json, write_model_json
 from medgen.models.weights import load_weights_into, write_safetensors
 from medgen.progress import Reporter, as_reporter
@@ -84,7 +84,7 @@ class TranslationConfig:
         multiple = 2 ** (len(self.channels) - 1)
         network_axes = self.grid[:2] if self.mode == "2.5d" else self.grid
         if any(size % multiple for size in network_axes):
-            fitted = tuple(max(multiple, round(size / multiple) * multiple) for size in network_axes) + tuple(self.grid[len(network_axes):])
+            fitted = nearest_multiple_shape(network_axes, multiple) + tuple(self.grid[len(network_axes):])
             raise BadInputError(
                 f"The model grid {tuple(self.grid)} does not fit a {len(self.channels)}-level network: "
                 f"{'I and J' if self.mode == '2.5d' else 'I, J and K'} must be multiples of {multiple} (e.g. {fitted})."
