@@ -46,6 +46,17 @@ def test_cancelled_job_leaves_the_scene_intact(mrml_scene, input_node, tmp_path)
     assert np.array_equal(slicer.util.arrayFromVolume(input_node), voxels_before)
 
 
+def test_results_of_a_reference_gone_from_the_scene_go_to_the_root_not_under_a_reused_transform(mrml_scene, input_node, tmp_path):
+    transform = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "head position")
+    input_node.SetAndObserveTransformNodeID(transform.GetID())
+    paths = write_node_inputs({"image": input_node}, tmp_path, reference_node=input_node)
+    mrml_scene.Clear(0)  # the scene closed while the job ran; node IDs start again
+    unrelated = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "unrelated")
+    assert unrelated.GetID() == transform.GetID()
+    imported = import_outputs(paths, [OutputImport("image", "result")], reference_node=input_node, scene=mrml_scene)
+    assert imported["image"].GetScene() is mrml_scene and imported["image"].GetTransformNodeID() is None
+
+
 def test_segmentation_inputs_are_written_with_their_label_values_and_names(mrml_scene, input_node, tmp_path, oblique):
     labels = torch.zeros(1, 16, 16, 16, dtype=torch.int64)
     labels[0, 2:6, 2:6, 2:6] = 3

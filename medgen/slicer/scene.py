@@ -53,7 +53,13 @@ def place_in_folder(node, parent_item: int) -> None:
 
 
 def place_next_to(node, reference_node) -> None:
-    """Put ``node`` in ``reference_node``'s subject-hierarchy folder/study and under its parent transform."""
+    """Put ``node`` in ``reference_node``'s subject-hierarchy folder/study and under its parent transform.
+
+    A reference no longer in ``node``'s scene (removed, or the scene was closed while a job ran) places
+    nothing: its transform ID could now name another node.
+    """
+    if reference_node is None or reference_node.GetScene() is not node.GetScene():
+        return
     hierarchy = subject_hierarchy(node.GetScene())
     if hierarchy is not None:
         reference_item = hierarchy.GetItemByDataNode(reference_node)

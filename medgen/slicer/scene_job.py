@@ -24,7 +24,7 @@ from typing import Any, Callable
 from medgen.errors import BadInputError, MedGenError
 from medgen.labels import load_labels, save_labels
 from medgen.slicer.runner import JobRunner, write_job
-from medgen.slicer.scene import LABELMAP_CLASS, SCALAR_VOLUME_CLASS
+from medgen.slicer.scene import LABELMAP_CLASS, SCALAR_VOLUME_CLASS, resolve_scene
 
 #: steps of the built-in ``selftest`` job started by "Check setup": a few seconds on a CPU
 SELFTEST_STEPS = 3
@@ -86,6 +86,8 @@ def import_outputs(outputs: dict[str, str], imports: list[OutputImport], referen
     from medgen.slicer.segmentations import labelmap_to_segmentation
     from medgen.slicer.volumes import file_to_volume_node
 
+    if reference_node is not None and reference_node.GetScene() is not resolve_scene(scene):
+        reference_node = None  # removed, or the scene was closed while the job ran: import at the scene's root
     nodes = {}
     for spec in imports:
         path = Path(outputs[spec.output])
