@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from medgen.errors import BadInputError, ModelError
-from medgen.slicer.scene import LABELMAP_CLASS, place_next_to, remove_nodes
+from medgen.slicer.scene import check_volume_voxels, place_next_to, remove_nodes
 from medgen.slicer.scene_job import JobRequest, OutputImport, check_free_destination, move_into
 
 TRAIN_KIND, TRANSLATE_KIND = "translate-train", "translate"
@@ -97,47 +97,6 @@ def translated_node_name(source_name: str, target_modality: str, source_modality
     return f"{source_name} ({source_modality.strip()}→{target_modality})"
 
 
-def check_volume_voxels(volume_node, what: str) -> None:
-    """Refuse, before any job starts, a volume the model cannot use: none, a label map, no voxels,
-    several components per voxel, NaN/infinite voxels, or no contrast at all.
-
-    Args:
-        what: how the message names the volume's role (``"The source volume"``, ``"Training volume 2"``).
-    """
-    import numpy as np
-    import slicer.util
-
-    if volume_node is None:
-        raise BadInputError(f"{what} is not selected; select a volume.")
-    name = volume_node.GetName()
-    if volume_node.IsA(LABELMAP_CLASS):
-        raise BadInputError(f"{what} '{name}' is a label map; select an image volume.")
-    image = volume_node.GetImageData()
-    if image is None:
-        raise BadInputError(f"{what} '{name}' has no image data; load it first.")
-    if image.GetNumberOfScalarComponents() != 1:
-        raise BadInputError(f"{what} '{name}' has {image.GetNumberOfScalarComponents()} components per voxel; "
-                            "a scalar (grey-level) volume is needed: extract one component first.")
-    voxels = slicer.util.arrayFromVolume(volume_node)
-    non_finite = int(voxels.size - np.count_nonzero(np.isfinite(voxels)))
-    if non_finite:
-        raise BadInputError(f"{what} '{name}' has {non_finite} NaN or infinite voxels; replace them "
-                            "(e.g. with the background value) before translating.")
-    if voxels.min() == voxels.max():
-        raise BadInputError(f"{what} '{name}' is constant (every voxel is {voxels.flat[0]:g}): "
-                            "it has no structure to translate or learn from.")
-
-
-def check_source_fits_model(volume_node, info: ModelInfo) -> None:
-    """The worker resamples every source to the model grid; only a single-slice source for a 3D
-    model cannot be resampled meaningfully (there is no third axis to interpolate)."""
-    size = volume_node.GetImageData().GetDimensions()
-    if info.mode == "3d" and min(size) == 1:
-        grid = "x".join(str(n) for n in info.grid)
-        raise BadInputError(f"Volume '{volume_node.GetName()}' is {'x'.join(str(n) for n in size)} voxels (a single "
-                            f"slice) but the model is 3D on a {grid} grid: translate a 3D volume or use a 2.5d model.")
-
-
 @dataclasses.dataclass(frozen=True)
 class TranslateRequest(JobRequest):
     """A ``translate`` job whose output comes back as one volume node next to the source.
@@ -187,7 +146,6 @@ def translate_request(
     if not info.conditioned:
         raise BadInputError(f"{info.folder} is an unconditional model (the SDEdit baseline); choose an LMI translation "
                             "model, or run the baseline with 'medgen translate --sdedit-start'.")
-    check_source_fits_model(source_volume, info)
     if sampler not in SAMPLERS:
         raise BadInputError(f"Unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}.")
     if not 1 <= int(steps) <= 1000:

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from medgen.errors import BadInputError
 from medgen.labels import LabelInfo, load_labels, make_labels, save_labels
-from medgen.slicer.scene import create_folder, place_in_folder, remove_nodes, resolve_scene, subject_hierarchy
+from medgen.slicer.scene import check_volume_voxels, create_folder, place_in_folder, remove_nodes, resolve_scene, subject_hierarchy
 from medgen.slicer.scene_job import JobRequest, TrainingPair, check_free_destination
 from medgen.synthesis.filtering import FilterThresholds
 from MedGenSynthesisLib import paired
@@ -242,6 +242,8 @@ def train_request(
         raise BadInputError("No source data: add source-modality volumes with their segmentations, or pick a source folder.")
     if any(volume is None for volume in target_volumes):
         raise BadInputError("A target-modality row has no volume selected; select one or remove the row.")
+    for number, volume in enumerate(target_volumes, start=1):
+        check_volume_voxels(volume, f"Target-modality volume {number}")
     if not target_volumes:
         if target_folder is None:
             raise BadInputError("No target-modality data: select unlabelled target volumes, or pick a target folder.")

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from medgen.errors import BadInputError
 from medgen.labels import LabelInfo, save_labels
-from medgen.slicer.scene import create_folder, place_in_folder, remove_nodes, resolve_scene, subject_hierarchy
+from medgen.slicer.scene import check_volume_voxels, create_folder, place_in_folder, remove_nodes, resolve_scene, subject_hierarchy
 from medgen.slicer.scene_job import JobRequest, OutputImport, TrainingPair, check_free_destination, import_outputs, move_into
 
 TRAIN_KIND = "synth-train"
@@ -50,6 +50,7 @@ def check_training_pairs(pairs: Sequence[TrainingPair]) -> None:
     for number, pair in enumerate(pairs, start=1):
         if pair.volume is None or pair.segmentation is None:
             raise BadInputError(f"Training pair {number} lacks its volume or its segmentation; select both or remove the pair.")
+        check_volume_voxels(pair.volume, f"The volume of training pair {number}")
         if pair.segmentation.GetSegmentation().GetNumberOfSegments() == 0:
             raise BadInputError(
                 f"Training pair {number}: segmentation '{pair.segmentation.GetName()}' has no segments. "

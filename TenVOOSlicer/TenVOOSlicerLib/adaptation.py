@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from medgen.errors import BadInputError, ModelError
+from medgen.slicer.scene import check_volume_voxels
 from medgen.slicer.scene_job import JobRequest, OutputImport, TrainingPair, check_free_destination, move_into
 
 FINETUNE_KIND, INFER_KIND, EVALUATE_KIND = "finetune", "infer", "evaluate"
@@ -111,6 +112,7 @@ def check_pair(pair: TrainingPair, class_names: Sequence[str], what: str) -> Non
     """Refuse, before any job starts, a pair that lacks a node or whose segments are not model classes."""
     if pair.volume is None or pair.segmentation is None:
         raise BadInputError(f"{what} lacks its volume or its segmentation; select both.")
+    check_volume_voxels(pair.volume, f"The volume of {what[:1].lower()}{what[1:]}")
     class_values(pair.segmentation, class_names)
 
 
@@ -228,6 +230,7 @@ def infer_request(model: str, volume, adapter: str | Path | None = None) -> JobR
     segmentation node with the model's class names on the volume's grid, next to it."""
     if volume is None:
         raise BadInputError("Select the volume to segment.")
+    check_volume_voxels(volume, "The volume to segment")
     model_class_names(model)
     suffix = "adapted" if adapter else "base"
     return JobRequest(

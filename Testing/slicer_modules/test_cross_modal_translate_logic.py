@@ -155,16 +155,13 @@ def test_unusable_sources_are_refused_before_any_job_starts(model, mrml_scene, t
     assert list(tmp_path.iterdir()) == []
 
 
-def test_model_grid_size_differences_are_resampled_but_a_slice_cannot_feed_a_3d_model(model, mrml_scene, tmp_path):
+def test_model_grid_size_differences_are_resampled_but_a_slice_is_refused(model, mrml_scene, tmp_path):
     other_size = tensor_to_volume_node(MetaTensor(torch.rand(1, 40, 9, 30), affine=torch.eye(4)), "large", scene=mrml_scene)
     assert translation.translate_request(other_size, model).kind == "translate"  # the worker resamples to 16x16x8
-    three_d = shutil.copytree(model, tmp_path / "3d model")
-    document = json.loads((three_d / "medgen_model.json").read_text())
-    document["config"]["mode"] = "3d"
-    (three_d / "medgen_model.json").write_text(json.dumps(document))
+    # the worker reads only 3D volumes, so a single slice is refused before the job even for a 2.5d model
     single_slice = tensor_to_volume_node(MetaTensor(torch.rand(1, 24, 24, 1), affine=torch.eye(4)), "slice", scene=mrml_scene)
-    with pytest.raises(BadInputError, match="'slice' is 24x24x1 voxels .* the model is 3D on a 16x16x8 grid"):
-        translation.translate_request(single_slice, three_d)
+    with pytest.raises(BadInputError, match="'slice' is 24x24x1 voxels: a 3D volume with at least 2 voxels along every axis"):
+        translation.translate_request(single_slice, model)
 
 
 def test_out_of_memory_names_the_memory_budget_option(monkeypatch, tmp_path):

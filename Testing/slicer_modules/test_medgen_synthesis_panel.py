@@ -17,6 +17,7 @@ from medgen.errors import BadInputError
 from medgen.io import save_volume
 from medgen.labels import LabelInfo, save_labels
 from medgen.slicer.segmentations import labelmap_to_segmentation
+from medgen.slicer.volumes import tensor_to_volume_node
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPOSITORY / "Testing" / "packaging"))
@@ -37,7 +38,7 @@ def panel(mrml_scene, monkeypatch):
         yield widget, started
 
 def _pair_nodes(scene):
-    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "case MR")
+    volume = tensor_to_volume_node(MetaTensor(torch.rand(1, 8, 8, 8)), "case MR", scene=scene)
     label = torch.zeros(1, 8, 8, 8, dtype=torch.int64)
     label[0, 2:5, 2:5, 2:5] = 1
     segmentation = labelmap_to_segmentation(MetaTensor(label), [LabelInfo("lesion", 1, (1.0, 0.0, 0.0))], "case seg", scene=scene)
@@ -210,7 +211,7 @@ REPORT = {"masks": [
 
 
 def _mask_segmentation(scene):
-    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "case CT")
+    volume = tensor_to_volume_node(MetaTensor(torch.rand(1, 8, 8, 8)), "case CT", scene=scene)
     label = torch.zeros(1, 8, 8, 8, dtype=torch.int64)
     label[0, 2:5, 2:5, 2:5] = 4
     segmentation = labelmap_to_segmentation(MetaTensor(label), [LabelInfo("Spleen", 4, (1.0, 0.0, 0.0))], "case seg",
@@ -297,7 +298,7 @@ def test_a_cancelled_generation_loads_the_pairs_accepted_before_the_cancel(masks
 def test_train_mask_model_pairs_each_segmentation_with_its_reference_volume(masks_panel, mrml_scene, tmp_path):
     widget, started = masks_panel
     volume, segmentation = _mask_segmentation(mrml_scene)
-    target = mrml_scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "case T2")
+    target = tensor_to_volume_node(MetaTensor(torch.rand(1, 8, 8, 8)), "case T2", scene=mrml_scene)
     widget.ui.maskSourceSegmentationsComboBox.checkedNodes = lambda: [segmentation]
     widget.ui.maskTargetVolumesComboBox.checkedNodes = lambda: [target]
     widget.onMaskTrainButton()

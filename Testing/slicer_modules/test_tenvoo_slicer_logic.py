@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import vtk
+from monai.data import MetaTensor
 
 from medgen_testing import TINY_UNET_KWARGS, blob_case, cancel_once_running, make_mrml_scene, oblique_affine, pretrained_blob_model, scene_snapshot, tiny_unet_spec
 from medgen.errors import BadInputError, ModelError
@@ -138,6 +139,12 @@ def test_segments_that_are_not_model_classes_are_refused_before_any_job(model, m
         adaptation.finetune_request(model, [good], adapter_folder=tmp_path / "used")
     (tmp_path / "used" / "old adapter").rmdir()
     (tmp_path / "used").rmdir()
+    label_map = tensor_to_volume_node(MetaTensor(torch.ones(1, 8, 8, 8, dtype=torch.int64)), "mask", scene=mrml_scene, label=True)
+    with pytest.raises(BadInputError, match="The volume to segment 'mask' is a label map"):
+        adaptation.infer_request(model, label_map)
+    nan = tensor_to_volume_node(MetaTensor(torch.full((1, 8, 8, 8), float("nan"))), "broken", scene=mrml_scene)
+    with pytest.raises(BadInputError, match="The volume of training pair 2 'broken' has 512 NaN"):
+        adaptation.finetune_request(model, [good, adaptation.TrainingPair(nan, good.segmentation)], "tenvoo-l", OPTIONS)
     # deepbet's single class is "brain": a one-segment segmentation maps to it whatever its name
     assert adaptation.class_values(good.segmentation, adaptation.model_class_names("deepbet")) == {3: 1}
     assert list(tmp_path.iterdir()) == []

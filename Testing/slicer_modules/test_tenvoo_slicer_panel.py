@@ -14,6 +14,7 @@ from monai.data import MetaTensor
 from medgen.errors import BadInputError
 from medgen.labels import LabelInfo
 from medgen.slicer.segmentations import labelmap_to_segmentation
+from medgen.slicer.volumes import tensor_to_volume_node
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPOSITORY / "Testing" / "packaging"))
@@ -39,7 +40,7 @@ def panel(mrml_scene, monkeypatch):
 
 
 def _pair_nodes(scene, segment_name="brain"):
-    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "case MR")
+    volume = tensor_to_volume_node(MetaTensor(torch.rand(1, 8, 8, 8)), "case MR", scene=scene)
     label = torch.zeros(1, 8, 8, 8, dtype=torch.int64)
     label[0, 2:5, 2:5, 2:5] = 1
     labels = [LabelInfo(segment_name, 1, (1.0, 0.0, 0.0))]
@@ -144,7 +145,7 @@ def test_a_finished_training_becomes_the_adapter_to_segment_and_compare_with(pan
 def test_a_model_folder_is_required_when_chosen(panel):
     widget, started = panel
     widget._parameterNode.modelSource = "folder"
-    volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "case MR")
+    volume = tensor_to_volume_node(MetaTensor(torch.rand(1, 8, 8, 8)), "case MR", scene=slicer.mrmlScene)
     widget._parameterNode.segmentVolume = volume
     with pytest.raises(BadInputError, match="Choose the model folder"):
         widget.onSegmentButton()

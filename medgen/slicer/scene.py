@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from medgen.errors import BadInputError
+
 LABELMAP_CLASS = "vtkMRMLLabelMapVolumeNode"
 SCALAR_VOLUME_CLASS = "vtkMRMLScalarVolumeNode"
 
@@ -89,3 +91,37 @@ def remove_nodes(scene, *nodes) -> None:
         for helper in helpers:
             if helper is not None and helper.GetScene() is scene:
                 scene.RemoveNode(helper)
+
+
+def check_volume_voxels(volume_node, what: str) -> None:
+    """Refuse, before any job starts, a volume no MedGen network can use: none, a label map, no voxels, a single
+    slice, several components per voxel, NaN/infinite voxels, or no contrast at all.
+
+    Args:
+        what: how the message names the volume's role (``"The source volume"``, ``"Training volume 2"``).
+    """
+    import numpy as np
+    import slicer.util
+
+    if volume_node is None:
+        raise BadInputError(f"{what} is not selected; select a volume.")
+    name = volume_node.GetName()
+    if volume_node.IsA(LABELMAP_CLASS):
+        raise BadInputError(f"{what} '{name}' is a label map; select an image volume.")
+    image = volume_node.GetImageData()
+    if image is None:
+        raise BadInputError(f"{what} '{name}' has no image data; load it first.")
+    if min(image.GetDimensions()) < 2:
+        raise BadInputError(f"{what} '{name}' is {'x'.join(str(n) for n in image.GetDimensions())} voxels: a 3D volume "
+                            "with at least 2 voxels along every axis is needed.")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise BadInputError(f"{what} '{name}' has {image.GetNumberOfScalarComponents()} components per voxel; "
+                            "a scalar (grey-level) volume is needed: extract one component first.")
+    voxels = slicer.util.arrayFromVolume(volume_node)
+    non_finite = int(voxels.size - np.count_nonzero(np.isfinite(voxels)))
+    if non_finite:
+        raise BadInputError(f"{what} '{name}' has {non_finite} NaN or infinite voxels; replace them "
+                            "(e.g. with the background value) first.")
+    if voxels.min() == voxels.max():
+        raise BadInputError(f"{what} '{name}' is constant (every voxel is {voxels.flat[0]:g}): "
+                            "it has no structure to work with.")
