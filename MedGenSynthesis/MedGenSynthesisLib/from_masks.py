@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from medgen.errors import BadInputError
+from medgen.errors import BadInputError, ModelError
 from medgen.labels import LabelInfo, load_labels, make_labels, save_labels
 from medgen.slicer.scene import check_volume_voxels, create_folder, place_in_folder, remove_nodes, resolve_scene, subject_hierarchy
 from medgen.slicer.scene_job import JobRequest, TrainingPair, check_free_destination
@@ -73,9 +73,13 @@ def model_info(folder: str | Path | None) -> ModelInfo:
     if folder is None:
         raise BadInputError("Choose the model folder that a mask-model training job wrote.")
     document = read_model_json(folder, TASK)
-    organs = tuple(LabelInfo(entry["name"], int(entry["value"]), tuple(entry["color"])) for entry in document["organs"])
-    modalities = dict.fromkeys([document["target_modality"], *document["prompts"]])
-    return ModelInfo(Path(folder), organs, tuple(modalities), document["source_modality"])
+    try:
+        organs = tuple(LabelInfo(entry["name"], int(entry["value"]), tuple(entry["color"])) for entry in document["organs"])
+        modalities = dict.fromkeys([document["target_modality"], *document["prompts"]])
+        return ModelInfo(Path(folder), organs, tuple(modalities), document["source_modality"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ModelError(f"The medgen_model.json of {folder} is incomplete or damaged ({type(error).__name__}: {error}); "
+                         "train the model again.") from None
 
 
 def organ_values(segmentation_node, organs: Sequence[LabelInfo]) -> dict[int, int]:

@@ -57,6 +57,22 @@ def test_results_of_a_reference_gone_from_the_scene_go_to_the_root_not_under_a_r
     assert imported["image"].GetScene() is mrml_scene and imported["image"].GetTransformNodeID() is None
 
 
+def test_requests_without_a_volume_or_on_an_empty_reference_are_clear_errors(mrml_scene, input_node, oblique):
+    from medgen.errors import BadInputError
+    from medgen.slicer.scene_job import selftest_request
+    from medgen.slicer.segmentations import segmentation_to_labelmap
+
+    with pytest.raises(BadInputError, match="Select the volume the self-test runs on"):
+        selftest_request(None, "MedGen")
+    labels = torch.zeros(1, 16, 16, 16, dtype=torch.int64)
+    labels[0, 2:6, 2:6, 2:6] = 1
+    segmentation = labelmap_to_segmentation(MetaTensor(labels, affine=torch.from_numpy(oblique)), [LabelInfo("lesion", 1, (1.0, 0.5, 0.0))],
+                                            "seg", scene=mrml_scene, reference_node=input_node)
+    empty = mrml_scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "not loaded")
+    with pytest.raises(BadInputError, match="reference volume 'not loaded' has no image data, so segmentation 'seg'"):
+        segmentation_to_labelmap(segmentation, empty)
+
+
 def test_segmentation_inputs_are_written_with_their_label_values_and_names(mrml_scene, input_node, tmp_path, oblique):
     labels = torch.zeros(1, 16, 16, 16, dtype=torch.int64)
     labels[0, 2:6, 2:6, 2:6] = 3

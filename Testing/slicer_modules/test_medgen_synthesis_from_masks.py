@@ -178,6 +178,9 @@ def test_model_info_names_organs_and_modalities_and_refuses_other_models(tmp_pat
     write_model_json(tmp_path / "joint", "joint-image-label-ldm")
     with pytest.raises(ModelError, match="'mask-conditioned-ldm' model is needed"):
         from_masks.model_info(tmp_path / "joint")
+    write_model_json(tmp_path / "damaged", "mask-conditioned-ldm")
+    with pytest.raises(ModelError, match="incomplete or damaged \\(KeyError: 'organs'\\)"):
+        from_masks.model_info(tmp_path / "damaged")
 
 
 def test_training_writes_source_pairs_by_segment_name_and_target_volumes(mrml_scene, tmp_path):

@@ -146,6 +146,8 @@ class JobRequest:
 
 def selftest_request(input_volume, output_suffix: str) -> JobRequest:
     """The built-in ``selftest`` job on ``input_volume``; it proves torch, the worker and the import work."""
+    if input_volume is None:
+        raise BadInputError("Select the volume the self-test runs on.")
     return JobRequest(
         kind="selftest",
         input_nodes={"image": input_volume},

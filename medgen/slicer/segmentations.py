@@ -49,6 +49,10 @@ def segmentation_to_labelmap(segmentation_node, reference_volume_node) -> tuple[
         raise BadInputError("The segmentation has no segments. Draw or load at least one segment first.")
     if reference_volume_node is None:
         raise BadInputError("A reference volume is needed to export a segmentation on its voxel grid.")
+    if reference_volume_node.GetImageData() is None:
+        # Slicer would export on the segments' own extent instead: the cropped, shifted grid this function avoids
+        raise BadInputError(f"The reference volume '{reference_volume_node.GetName()}' has no image data, so "
+                            f"segmentation '{segmentation_node.GetName()}' cannot be exported on its grid; load it first.")
     scene = segmentation_node.GetScene()
     labels = segment_labels(segmentation_node)
     segment_ids = vtk.vtkStringArray()
