@@ -91,21 +91,21 @@ def organ_values(segmentation_node, organs: Sequence[LabelInfo]) -> dict[int, in
         BadInputError: no segments, or a segment whose name is not an organ of the model (the message
             lists the segment names and the model's organs).
     """
-    from medgen.slicer.segmentations import segment_labels
+    from medgen.slicer.segmentations import segment_labels, segment_name_key
 
     name = segmentation_node.GetName()
     segments = segment_labels(segmentation_node)
     if not segments:
         raise BadInputError(f"Segmentation '{name}' has no segments; draw or load the organs to generate images for.")
-    value_of = {organ.name.strip().lower(): organ.value for organ in organs}
-    unknown = [segment.name for segment in segments if segment.name.strip().lower() not in value_of]
+    value_of = {segment_name_key(organ.name): organ.value for organ in organs}
+    unknown = [segment.name for segment in segments if segment_name_key(segment.name) not in value_of]
     if unknown:
         raise BadInputError(
             f"Segmentation '{name}' has segments {unknown} that are not organs of the model. "
             f"Its segments: {[segment.name for segment in segments]}; the model's organs: "
             f"{[organ.name for organ in organs]}. Rename the segments to the model's organ names or remove them."
         )
-    return {segment.value: value_of[segment.name.strip().lower()] for segment in segments}
+    return {segment.value: value_of[segment_name_key(segment.name)] for segment in segments}
 
 
 def mask_reference(segmentation_node):

@@ -28,18 +28,19 @@ PRESETS = ("tiny", "diff3")
 
 
 def training_labels(segmentation_nodes: Sequence) -> list[LabelInfo]:
-    """One label per segment name over all segmentations, numbered 1..N in order of first appearance.
+    """One label per segment name over all segmentations (matched by :func:`segment_name_key`), numbered 1..N in
+    order of first appearance.
 
     The same structure may carry different label values in different segmentations; matching by
     name makes the training label maps agree. Each label keeps the colour of its first segment.
     """
-    from medgen.slicer.segmentations import segment_labels
+    from medgen.slicer.segmentations import segment_labels, segment_name_key
 
     labels: dict[str, LabelInfo] = {}
     for node in segmentation_nodes:
         for segment in segment_labels(node):
-            if segment.name not in labels:
-                labels[segment.name] = LabelInfo(segment.name, len(labels) + 1, segment.color)
+            if segment_name_key(segment.name) not in labels:
+                labels[segment_name_key(segment.name)] = LabelInfo(segment.name.strip(), len(labels) + 1, segment.color)
     return list(labels.values())
 
 
@@ -78,18 +79,18 @@ class TrainRequest(JobRequest):
         from monai.data import MetaTensor
 
         from medgen.io import save_volume
-        from medgen.slicer.segmentations import segmentation_to_labelmap
+        from medgen.slicer.segmentations import segment_name_key, segmentation_to_labelmap
         from medgen.slicer.volumes import volume_node_to_file
 
         folder.mkdir(parents=True, exist_ok=True)
         labels = training_labels([pair.segmentation for pair in self.pairs])
-        value_of = {label.name: label.value for label in labels}
+        value_of = {segment_name_key(label.name): label.value for label in labels}
         images, label_maps = [], []
         for index, pair in enumerate(self.pairs):
-            labelmap, segments = segmentation_to_labelmap(pair.segmentation, pair.volume)
+            labelmap, segments = segmentation_to_labelmap(pair.segmentation, pair.volume, require_voxels=True)
             lookup = torch.zeros(max(segment.value for segment in segments) + 1, dtype=torch.int64)
             for segment in segments:
-                lookup[segment.value] = value_of[segment.name]
+                lookup[segment.value] = value_of[segment_name_key(segment.name)]
             labelmap = MetaTensor(lookup[labelmap.as_tensor()], affine=labelmap.affine)
             images.append(str(volume_node_to_file(pair.volume, folder / f"pair{index:03d}_image.nrrd")))
             label_maps.append(str(save_volume(labelmap, folder / f"pair{index:03d}_label.nrrd", label=True)))

@@ -88,7 +88,7 @@ def class_values(segmentation_node, class_names: Sequence[str]) -> dict[int, int
     Raises:
         BadInputError: no segments, or a segment whose name is not one of the model's classes.
     """
-    from medgen.slicer.segmentations import segment_labels
+    from medgen.slicer.segmentations import segment_labels, segment_name_key
 
     name = segmentation_node.GetName() if segmentation_node is not None else "(none)"
     segments = segment_labels(segmentation_node) if segmentation_node is not None else []
@@ -96,15 +96,15 @@ def class_values(segmentation_node, class_names: Sequence[str]) -> dict[int, int
         raise BadInputError(f"Segmentation '{name}' has no segments; draw or load the structures to learn.")
     if len(segments) == 1 and len(class_names) == 1:
         return {segments[0].value: 1}
-    value_of = {class_name.strip().lower(): value for value, class_name in enumerate(class_names, start=1)}
+    value_of = {segment_name_key(class_name): value for value, class_name in enumerate(class_names, start=1)}
     mapping = {}
     for segment in segments:
-        if segment.name.strip().lower() not in value_of:
+        if segment_name_key(segment.name) not in value_of:
             raise BadInputError(
                 f"Segment '{segment.name}' of segmentation '{name}' is not a class of the model; "
                 f"rename it to one of: {', '.join(class_names)}."
             )
-        mapping[segment.value] = value_of[segment.name.strip().lower()]
+        mapping[segment.value] = value_of[segment_name_key(segment.name)]
     return mapping
 
 
@@ -126,7 +126,7 @@ def write_pair(pair: TrainingPair, class_names: Sequence[str], folder: Path, ste
     from medgen.slicer.volumes import volume_node_to_file
 
     mapping = class_values(pair.segmentation, class_names)
-    labelmap, _ = segmentation_to_labelmap(pair.segmentation, pair.volume)
+    labelmap, _ = segmentation_to_labelmap(pair.segmentation, pair.volume, require_voxels=True)
     lookup = torch.zeros(max(mapping) + 1, dtype=torch.int64)
     for segment_value, class_value in mapping.items():
         lookup[segment_value] = class_value

@@ -71,6 +71,11 @@ def test_requests_without_a_volume_or_on_an_empty_reference_are_clear_errors(mrm
     empty = mrml_scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "not loaded")
     with pytest.raises(BadInputError, match="reference volume 'not loaded' has no image data, so segmentation 'seg'"):
         segmentation_to_labelmap(segmentation, empty)
+    elsewhere = tensor_to_volume_node(MetaTensor(torch.rand(1, 8, 8, 8), affine=torch.tensor(
+        [[1.0, 0, 0, 500.0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.float64)), "far away", scene=mrml_scene)
+    assert not segmentation_to_labelmap(segmentation, elsewhere)[0].any()  # masks may be empty: generation skips them
+    with pytest.raises(BadInputError, match="Segmentation 'seg' has no voxel on the grid of 'far away'"):
+        segmentation_to_labelmap(segmentation, elsewhere, require_voxels=True)
 
 
 def test_segmentation_inputs_are_written_with_their_label_values_and_names(mrml_scene, input_node, tmp_path, oblique):

@@ -127,6 +127,14 @@ def test_cancelled_generation_leaves_the_scene_unchanged(trained, mrml_scene, tm
     assert scene_snapshot(mrml_scene) == before
 
 
+def test_segment_names_match_across_pairs_whatever_their_case_and_spaces(mrml_scene):
+    label = torch.zeros(1, 8, 8, 8, dtype=torch.int64)
+    label[0, 2:5, 2:5, 2:5] = 1
+    first, second = (labelmap_to_segmentation(MetaTensor(label), [LabelInfo(name, 1, CAVITY)], f"seg {n}", scene=mrml_scene)
+                     for n, name in enumerate(("liver", "Liver ")))
+    assert [(label.name, label.value) for label in paired.training_labels([first, second])] == [("liver", 1)]
+
+
 def test_pair_without_segments_is_refused_before_any_job_starts(mrml_scene, tmp_path):
     good = _phantom_pair(mrml_scene, "case A", oblique_affine(), [LabelInfo("cavity", 1, CAVITY), LabelInfo("wall", 2, WALL)], 0)
     empty = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nothing drawn")

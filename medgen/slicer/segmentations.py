@@ -32,15 +32,26 @@ def segment_labels(segmentation_node) -> list[LabelInfo]:
     return labels
 
 
-def segmentation_to_labelmap(segmentation_node, reference_volume_node) -> tuple[MetaTensor, list[LabelInfo]]:
+def segment_name_key(name: str) -> str:
+    """How segment names are matched across segmentations and against model classes: case and surrounding
+    spaces ignored ("Liver " is "liver")."""
+    return name.strip().casefold()
+
+
+def segmentation_to_labelmap(segmentation_node, reference_volume_node, *, require_voxels: bool = False) -> tuple[MetaTensor, list[LabelInfo]]:
     """Export all segments onto the reference volume's grid as one label map.
+
+    Args:
+        require_voxels: refuse a segmentation with no voxel on the reference grid (training data); generation
+            masks leave it off, since an empty mask is skipped and reported there.
 
     Returns:
         ``(labelmap, labels)``: int64 MetaTensor ``(1, I, J, K)`` on the reference grid whose voxel
         values are the segments' label values, and the :class:`LabelInfo` of every segment.
 
     Raises:
-        BadInputError: no segments, or no reference volume.
+        BadInputError: no segments, no reference volume (or one without voxels), or, with ``require_voxels``,
+            segments that are empty or lie outside the reference volume.
     """
     import slicer
     import vtk
@@ -74,6 +85,9 @@ def segmentation_to_labelmap(segmentation_node, reference_volume_node) -> tuple[
     for position, label in enumerate(labels, start=1):
         lookup[position] = label.value
     labelmap = MetaTensor(lookup[renumbered.as_tensor()], affine=renumbered.affine)
+    if require_voxels and not bool(labelmap.as_tensor().any()):
+        raise BadInputError(f"Segmentation '{segmentation_node.GetName()}' has no voxel on the grid of "
+                            f"'{reference_volume_node.GetName()}': its segments are empty or lie outside that volume.")
     return labelmap, labels
 
 
