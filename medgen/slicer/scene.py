@@ -1,4 +1,5 @@
-"""Scene helpers: which scene to use, subject-hierarchy placement, module logics outside the app."""
+"""Scene helpers: which scene to use, subject-hierarchy placement, module logics outside the app, and the
+check every module runs on a selected volume before a job starts."""
 
 from __future__ import annotations
 
