@@ -76,7 +76,8 @@ def model_info(folder: str | Path | None) -> ModelInfo:
         raise BadInputError("Choose the translation model folder (written by 'Train a model' or 'medgen translate-train').")
     folder = Path(folder)
     if not folder.is_dir():
-        raise BadInputError(f"Model folder {folder} does not exist; choose the folder a translation training wrote.")
+        problem = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise BadInputError(f"Model folder {folder} {problem}; choose the folder a translation training wrote.")
     document = read_model_json(folder, TASK)
     config = document.get("config")
     if not isinstance(config, dict) or not {"mode", "grid"} <= set(config):

@@ -59,6 +59,11 @@ def model_class_names(model: str) -> list[str]:
     from medgen.errors import ModelError
     from medgen.models.spec import read_spec
 
+    from medgen.io.model_folder import MODEL_JSON
+
+    if (Path(model) / MODEL_JSON).is_file():
+        raise BadInputError(f"{model} holds a MedGen generative model ({MODEL_JSON}), not a segmentation model; "
+                            "choose a segmentation model folder (model.json + weights) or the built-in model.")
     try:
         names = read_spec(model).class_names
     except ModelError as error:

@@ -76,6 +76,10 @@ def test_invalid_model_folders_are_refused_naming_what_is_missing(model, tmp_pat
         translation.model_info(None)
     with pytest.raises(BadInputError, match="does not exist"):
         translation.model_info(tmp_path / "nowhere")
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(BadInputError, match="weights.safetensors is a file, not a folder"):
+        translation.model_info(tmp_path / "weights.safetensors")
+    (tmp_path / "weights.safetensors").unlink()
     with pytest.raises(ModelError, match="it has no medgen_model.json"):
         translation.model_info(tmp_path)
     (tmp_path / "medgen_model.json").write_text(json.dumps({"task": "joint-image-label-ldm"}))

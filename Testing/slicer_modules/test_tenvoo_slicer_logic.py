@@ -145,6 +145,12 @@ def test_segments_that_are_not_model_classes_are_refused_before_any_job(model, m
     nan = tensor_to_volume_node(MetaTensor(torch.full((1, 8, 8, 8), float("nan"))), "broken", scene=mrml_scene)
     with pytest.raises(BadInputError, match="The volume of training pair 2 'broken' has 512 NaN"):
         adaptation.finetune_request(model, [good, adaptation.TrainingPair(nan, good.segmentation)], "tenvoo-l", OPTIONS)
+    (tmp_path / "generator" / "medgen_model.json").parent.mkdir()
+    (tmp_path / "generator" / "medgen_model.json").write_text('{"task": "lmi-translation"}')
+    with pytest.raises(BadInputError, match="holds a MedGen generative model .*, not a segmentation model"):
+        adaptation.model_class_names(str(tmp_path / "generator"))
+    (tmp_path / "generator" / "medgen_model.json").unlink()
+    (tmp_path / "generator").rmdir()
     # deepbet's single class is "brain": a one-segment segmentation maps to it whatever its name
     assert adaptation.class_values(good.segmentation, adaptation.model_class_names("deepbet")) == {3: 1}
     assert list(tmp_path.iterdir()) == []
