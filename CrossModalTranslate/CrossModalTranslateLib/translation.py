@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from medgen.errors import BadInputError, ModelError
-from medgen.slicer.scene import check_volume_voxels, place_next_to, remove_nodes
+from medgen.slicer.scene import check_selected_once, check_volume_voxels, place_next_to, remove_nodes
 from medgen.slicer.scene_job import JobRequest, OutputImport, check_free_destination, move_into
 
 TRAIN_KIND, TRANSLATE_KIND = "translate-train", "translate"
@@ -98,34 +98,10 @@ def translated_node_name(source_name: str, target_modality: str, source_modality
     return f"{source_name} ({source_modality.strip()}→{target_modality})"
 
 
-@dataclasses.dataclass(frozen=True)
-class TranslateRequest(JobRequest):
-    """A ``translate`` job whose output comes back as one volume node next to the source.
-
-    The output carries the source's IJK-to-RAS exactly: the worker keeps the source grid, but the
-    NIfTI file in between stores the matrix in single precision.
-    """
-
-    def import_results(self, result: dict, scene=None) -> dict[str, Any]:
-        """Import ``translated`` next to the source with the source's exact geometry; returns ``{"translated": node}``."""
-        import vtk
-
-        nodes = super().import_results(result, scene)
-        node = nodes["translated"]
-        try:
-            source_matrix = vtk.vtkMatrix4x4()
-            self.reference_node.GetIJKToRASMatrix(source_matrix)
-            node.SetIJKToRASMatrix(source_matrix)
-        except Exception:
-            remove_nodes(node.GetScene(), node)
-            raise
-        return nodes
-
-
 def translate_request(
     source_volume, model_folder: str | Path | None, *, sampler: str = "ddim", steps: int = 50, seed: int = 0,
     source_modality: str = "", memory_budget_mb: float | None = None,
-) -> TranslateRequest:
+) -> JobRequest:
     """A ``translate`` job: ``source_volume`` into the model's modality.
 
     Args:
@@ -154,7 +130,7 @@ def translate_request(
     if memory_budget_mb is not None and memory_budget_mb <= 0:
         raise BadInputError(f"The memory budget must be positive (MB); got {memory_budget_mb}.")
     name = translated_node_name(source_volume.GetName(), info.target_modality, source_modality)
-    return TranslateRequest(
+    return JobRequest(
         TRANSLATE_KIND, input_nodes={"source": source_volume}, input_files={"model": str(info.folder)},
         params={"sampler": sampler, "steps": int(steps), "memory_budget_mb": memory_budget_mb},
         imports=(OutputImport("translated", name),), seed=int(seed),
@@ -222,12 +198,13 @@ def train_request_from_scene(
         model_folder: where to put the trained model (must not hold anything yet); None keeps it in the job folder.
 
     Raises:
-        BadInputError: no volumes, an unusable volume, bad settings, or a model folder that is not empty.
+        BadInputError: no volumes, an unusable or repeated volume, bad settings, or a model folder that is not empty.
     """
     if not volume_nodes:
         raise BadInputError("No training volumes: check at least one volume of the target modality, or train from a folder.")
     for number, node in enumerate(volume_nodes, start=1):
         check_volume_voxels(node, f"Training volume {number}")
+    check_selected_once([(node,) for node in volume_nodes], "Training volume")
     params = _train_params(target_modality, grid, mode, preset, steps)
     model_folder = Path(model_folder) if model_folder else None
     check_free_destination(model_folder)

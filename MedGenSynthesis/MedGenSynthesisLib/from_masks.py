@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from medgen.errors import BadInputError, ModelError
 from medgen.labels import LabelInfo, load_labels, make_labels, save_labels
-from medgen.slicer.scene import check_volume_voxels, create_folder, place_in_folder, remove_nodes, resolve_scene, subject_hierarchy
+from medgen.slicer.scene import check_selected_once, check_volume_voxels, create_folder, place_in_folder, remove_nodes, resolve_scene, subject_hierarchy
 from medgen.slicer.scene_job import JobRequest, TrainingPair, check_free_destination
 from medgen.synthesis.filtering import FilterThresholds
 from MedGenSynthesisLib import paired
@@ -234,7 +234,7 @@ def train_request(
         overrides: step counts, ``amp``, ``target_pseudo_labels`` and the flip axes of the job kind.
 
     Raises:
-        BadInputError: no source or no target data, missing nodes, empty names, a bad grid, preset or
+        BadInputError: no source or no target data, missing or repeated nodes, empty names, a bad grid, preset or
             encoding, or a model folder that is not empty.
     """
     if source_pairs:
@@ -248,6 +248,7 @@ def train_request(
         raise BadInputError("A target-modality row has no volume selected; select one or remove the row.")
     for number, volume in enumerate(target_volumes, start=1):
         check_volume_voxels(volume, f"Target-modality volume {number}")
+    check_selected_once([(volume,) for volume in target_volumes], "Target-modality volume")
     if not target_volumes:
         if target_folder is None:
             raise BadInputError("No target-modality data: select unlabelled target volumes, or pick a target folder.")
@@ -350,7 +351,7 @@ def generate_request(
 
     Raises:
         ModelError: the folder holds no mask-conditioned model.
-        BadInputError: no masks, a segment that is not an organ of the model, a modality the model does
+        BadInputError: no masks, a mask selected twice, a segment that is not an organ of the model, a modality the model does
             not know, thresholds outside [0, 1], or an export without ID or onto an existing dataset.
     """
     info = model_info(model_folder)
@@ -364,6 +365,7 @@ def generate_request(
     for node in masks:  # refused here, before any file is written, with both name lists
         organ_values(node, info.organs)
         mask_reference(node)
+    check_selected_once([(node,) for node in masks], "Mask")
     if masks:
         input_files = {}
     elif mask_folder is not None:

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from medgen.errors import BadInputError
 from medgen.labels import LabelInfo, save_labels
-from medgen.slicer.scene import check_volume_voxels, create_folder, place_in_folder, remove_nodes, resolve_scene, subject_hierarchy
+from medgen.slicer.scene import check_selected_once, check_volume_voxels, create_folder, place_in_folder, remove_nodes, resolve_scene, subject_hierarchy
 from medgen.slicer.scene_job import JobRequest, OutputImport, TrainingPair, check_free_destination, import_outputs, move_into
 
 TRAIN_KIND = "synth-train"
@@ -57,6 +57,7 @@ def check_training_pairs(pairs: Sequence[TrainingPair]) -> None:
                 f"Training pair {number}: segmentation '{pair.segmentation.GetName()}' has no segments. "
                 "Draw or load the structures to synthesise, or remove the pair."
             )
+    check_selected_once([(pair.volume, pair.segmentation) for pair in pairs], "Training pair")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +128,7 @@ def train_request_from_scene(
         overrides: training settings (``vae_phase1_steps``, ``vae_phase2_steps``, ``ldm_steps``, ``checkpoint_every``, ...).
 
     Raises:
-        BadInputError: no pairs, a missing node, a segmentation without segments, a bad grid or preset,
+        BadInputError: no pairs, a missing node, a repeated pair, a segmentation without segments, a bad grid or preset,
             or a model folder that is not empty.
     """
     check_training_pairs(pairs)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from medgen.errors import BadInputError, ModelError
-from medgen.slicer.scene import check_volume_voxels
+from medgen.slicer.scene import check_selected_once, check_volume_voxels
 from medgen.slicer.scene_job import JobRequest, OutputImport, TrainingPair, check_free_destination, move_into
 
 FINETUNE_KIND, INFER_KIND, EVALUATE_KIND = "finetune", "infer", "evaluate"
@@ -209,7 +209,8 @@ def finetune_request(
         steps, lr, params: training settings (``batch_size``, ``val_every``, ``patience``, ``foreground_ratio``).
 
     Raises:
-        BadInputError: no pairs, a missing node, a segment that is not a model class, an unknown method,
+        BadInputError: no pairs, a missing node, a repeated pair, a validation volume that is also trained on,
+            a segment that is not a model class, an unknown method,
             or an adapter folder that is not empty.
     """
     _check_method(method)
@@ -220,8 +221,12 @@ def finetune_request(
     class_names = tuple(model_class_names(model))
     for number, pair in enumerate(pairs, start=1):
         check_pair(pair, class_names, f"Training pair {number}")
+    check_selected_once([(pair.volume, pair.segmentation) for pair in pairs], "Training pair")
     if validation is not None:
         check_pair(validation, class_names, "The validation pair")
+        if validation.volume.GetID() in {pair.volume.GetID() for pair in pairs}:
+            raise BadInputError(f"The validation volume '{validation.volume.GetName()}' is also a training volume; "
+                                "validate on a held-out volume, or leave validation empty.")
     return FinetuneRequest(
         FINETUNE_KIND,
         params={"method": method, "method_options": dict(options or {}), "steps": int(steps), "lr": float(lr), **params},

@@ -10,7 +10,7 @@ from monai.data import MetaTensor
 from medgen.errors import BadInputError
 from medgen.io import load_volume
 from medgen.labels import LabelInfo
-from medgen.slicer.segmentations import labelmap_to_segmentation, segment_labels, segmentation_to_labelmap
+from medgen.slicer.segmentations import labelmap_to_segmentation, segment_labels, segment_overlaps, segmentation_to_labelmap
 from medgen.slicer.volumes import (
     file_to_volume_node,
     ijk_to_ras_of,
@@ -129,6 +129,34 @@ def test_segmentation_from_segment_editor_style_values(mrml_scene, oblique):
     labelmap, labels = segmentation_to_labelmap(segmentation, reference)
     assert [(label.name, label.value) for label in labels] == [("liver", 1), ("spleen", 2)]
     assert int(labelmap.sum()) == 2 * int(mask.sum())
+
+
+def test_overlapping_segments_keep_the_later_one_and_are_named_in_a_warning(mrml_scene, oblique, caplog):
+    reference = tensor_to_volume_node(MetaTensor(torch.rand(1, 16, 16, 16), affine=torch.from_numpy(oblique)), "ref", scene=mrml_scene)
+    segmentation = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nested")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+    organ, tumour = np.zeros((16, 16, 16), np.uint8), np.zeros((16, 16, 16), np.uint8)
+    organ[2:8, 2:8, 2:8] = 1
+    tumour[5:10, 5:10, 5:10] = 1  # 3x3x3 voxels inside the organ
+    for name, mask in (("organ", organ), ("tumour", tumour)):
+        segmentation.GetSegmentation().AddEmptySegment(name, name)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, name, reference)
+    assert segmentation.GetSegmentation().GetNumberOfLayers() == 2
+    nodes_before = _node_names(mrml_scene)
+    with caplog.at_level("WARNING", logger="medgen.slicer.segmentations"):
+        labelmap, _ = segmentation_to_labelmap(segmentation, reference)
+    assert segment_overlaps(segmentation, reference) == [("organ", "tumour", 27)]
+    assert "'organ' and 'tumour' share 27 voxels" in caplog.text and "keeps the later segment" in caplog.text
+    assert int((labelmap == 2).sum()) == int(tumour.sum()) and int((labelmap == 1).sum()) == int(organ.sum()) - 27
+    assert _node_names(mrml_scene) == nodes_before
+
+
+def test_segments_in_one_layer_cannot_overlap_and_raise_no_warning(mrml_scene, oblique, caplog):
+    reference = tensor_to_volume_node(MetaTensor(torch.rand(1, 20, 16, 12), affine=torch.from_numpy(oblique)), "ref", scene=mrml_scene)
+    segmentation = labelmap_to_segmentation(_labelmap(oblique), LABELS, "seg", scene=mrml_scene, reference_node=reference)
+    with caplog.at_level("WARNING", logger="medgen.slicer.segmentations"):
+        segmentation_to_labelmap(segmentation, reference)
+    assert segment_overlaps(segmentation, reference) == [] and "overlap" not in caplog.text
 
 
 def test_empty_segmentation_is_refused(mrml_scene, oblique):

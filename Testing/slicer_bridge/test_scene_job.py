@@ -9,6 +9,7 @@ import torch
 from monai.data import MetaTensor
 
 from medgen.jobs.exit_codes import ExitCode
+from medgen.io import load_volume
 from medgen.labels import LabelInfo, load_labels
 from medgen.slicer.scene_job import JobRequest, OutputImport, SceneJob, import_outputs, write_node_inputs
 from medgen.slicer.segmentations import labelmap_to_segmentation, segment_labels
@@ -30,8 +31,29 @@ def test_selftest_on_a_scene_volume_imports_result_with_input_geometry(mrml_scen
     nodes = job.import_results(scene=mrml_scene)
     output = nodes["image"]
     assert output.GetName() == "T1 smoothed"
-    np.testing.assert_allclose(ijk_to_ras_of(output), oblique, atol=1e-5)
+    np.testing.assert_array_equal(ijk_to_ras_of(output), ijk_to_ras_of(input_node))  # not the NIfTI's float32 copy
     assert slicer.util.arrayFromVolume(output).std() < slicer.util.arrayFromVolume(input_node).std()
+
+
+def test_outputs_on_the_reference_grid_get_its_exact_matrix_and_others_keep_their_own(mrml_scene, input_node, tmp_path, oblique):
+    from medgen.io import save_volume
+
+    reference = ijk_to_ras_of(input_node)
+    shifted = oblique.copy()
+    shifted[:3, 3] += 0.01  # 10 µm: a different grid, not file rounding
+    outputs = {
+        "same grid": save_volume(MetaTensor(torch.rand(1, 16, 16, 16), affine=torch.from_numpy(oblique)), tmp_path / "same.nii.gz"),
+        "shifted": save_volume(MetaTensor(torch.rand(1, 16, 16, 16), affine=torch.from_numpy(shifted)), tmp_path / "shifted.nii.gz"),
+        "cropped": save_volume(MetaTensor(torch.rand(1, 8, 16, 16), affine=torch.from_numpy(oblique)), tmp_path / "cropped.nii.gz"),
+    }
+    assert not np.array_equal(load_volume(outputs["same grid"]).affine.numpy(), reference)  # NIfTI keeps float32 only
+    imports = [OutputImport(name, name) for name in outputs]
+    nodes = import_outputs({name: str(path) for name, path in outputs.items()}, imports, reference_node=input_node, scene=mrml_scene)
+    np.testing.assert_array_equal(ijk_to_ras_of(nodes["same grid"]), reference)
+    np.testing.assert_allclose(ijk_to_ras_of(nodes["shifted"]), shifted, atol=1e-5)
+    assert np.abs(ijk_to_ras_of(nodes["shifted"]) - reference).max() > 5e-3
+    assert not np.array_equal(ijk_to_ras_of(nodes["cropped"]), reference)
+    np.testing.assert_allclose(ijk_to_ras_of(nodes["cropped"]), oblique, atol=1e-5)
 
 
 def test_cancelled_job_leaves_the_scene_intact(mrml_scene, input_node, tmp_path):

@@ -207,6 +207,9 @@ def test_training_inputs_are_checked_before_any_job_starts(mrml_scene, tmp_path)
         translation.train_request_from_scene([good], target_modality=" ")
     with pytest.raises(BadInputError, match="Training volume 2 is not selected"):
         translation.train_request_from_scene([good, None], target_modality="T1")
+    other = tensor_to_volume_node(_phantom(), "T1 other case", scene=mrml_scene)
+    with pytest.raises(BadInputError, match=r"Training volume 3 repeats training volume 1 \('T1 case'\); remove one"):
+        translation.train_request_from_scene([good, other, good], target_modality="T1")
     with pytest.raises(BadInputError, match="holds no volume files"):
         translation.train_request_from_folder(tmp_path, target_modality="T1")
     (tmp_path / "b.nii.gz").write_bytes(b"")

@@ -234,6 +234,15 @@ def test_training_refuses_unusable_settings(mrml_scene, tmp_path, settings, mess
         from_masks.train_request([TrainingPair(volume, segmentation)], [], source_modality="CT", target_modality="T2")
 
 
+def test_repeated_selections_are_refused(mrml_scene, tmp_path):
+    model = _model_folder(tmp_path / "model")
+    volume, segmentation, _ = _segmented_volume(mrml_scene, "case A", [LabelInfo("liver", 1, LIVER)])
+    with pytest.raises(BadInputError, match=r"Target-modality volume 2 repeats target-modality volume 1 \('case A CT'\)"):
+        from_masks.train_request([TrainingPair(volume, segmentation)], [volume, volume], source_modality="CT", target_modality="T2")
+    with pytest.raises(BadInputError, match=r"Mask 2 repeats mask 1 \('case A segmentation'\)"):
+        from_masks.generate_request(model, [segmentation, segmentation], "T2 MRI")
+
+
 # ------------------------------------------------------------------------------------------ the import
 
 

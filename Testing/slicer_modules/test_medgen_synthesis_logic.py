@@ -143,6 +143,8 @@ def test_pair_without_segments_is_refused_before_any_job_starts(mrml_scene, tmp_
     flat = tensor_to_volume_node(MetaTensor(torch.full((1, 8, 8, 1), 2.0)), "flat slice", scene=mrml_scene)
     with pytest.raises(BadInputError, match="The volume of training pair 2 'flat slice' is 8x8x1 voxels"):
         paired.train_request_from_scene([good, paired.TrainingPair(flat, good.segmentation)], shape=[16, 16, 16])
+    with pytest.raises(BadInputError, match=r"Training pair 2 repeats training pair 1 \('case A MR' with 'case A segmentation'\)"):
+        paired.train_request_from_scene([good, good], shape=[16, 16, 16])
     assert list(tmp_path.iterdir()) == []
 
 

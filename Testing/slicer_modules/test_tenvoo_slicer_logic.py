@@ -110,7 +110,7 @@ def test_infer_imports_the_class_names_on_the_input_grid_next_to_it(trained, mod
     image_to_world = vtk.vtkMatrix4x4()
     voxels.GetImageToWorldMatrix(image_to_world)
     matrix = np.array([[image_to_world.GetElement(row, column) for column in range(4)] for row in range(4)])
-    np.testing.assert_allclose(matrix, ijk_to_ras_of(held_out.volume), atol=1e-5)
+    np.testing.assert_allclose(matrix, ijk_to_ras_of(held_out.volume), atol=1e-12)  # the exact matrix, not the NIfTI float32 copy
 
 
 def test_compare_returns_base_and_adapted_dice_per_class(trained, model, mrml_scene, tmp_path):
@@ -134,6 +134,10 @@ def test_segments_that_are_not_model_classes_are_refused_before_any_job(model, m
         adaptation.compare_request(model, two_segments.volume, two_segments.segmentation, tmp_path)
     with pytest.raises(BadInputError, match="Training pair 2 lacks"):
         adaptation.finetune_request(model, [good, adaptation.TrainingPair(good.volume, None)])
+    with pytest.raises(BadInputError, match="Training pair 2 repeats training pair 1"):
+        adaptation.finetune_request(model, [good, good], "tenvoo-l", OPTIONS)
+    with pytest.raises(BadInputError, match="The validation volume 'good MR' is also a training volume"):
+        adaptation.finetune_request(model, [good], "tenvoo-l", OPTIONS, validation=good)
     (tmp_path / "used" / "old adapter").mkdir(parents=True)
     with pytest.raises(BadInputError, match="used already exists and is not empty"):
         adaptation.finetune_request(model, [good], adapter_folder=tmp_path / "used")

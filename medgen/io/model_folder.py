@@ -47,33 +47,26 @@ def read_model_json(folder: str | os.PathLike, task: str) -> dict[str, Any]:
     return document
 
 
-def config_from_dict(config_class: type[Config], settings: Any, what: str) -> Config:
-    """Rebuild a settings dataclass from its :func:`dataclasses.asdict` JSON (lists become tuples).
+def model_config(folder: str | os.PathLike, document: dict[str, Any], config_class: type[Config], what: str) -> Config:
+    """The architecture settings stored under ``config`` in a model folder's ``medgen_model.json``, rebuilt
+    from their :func:`dataclasses.asdict` JSON (lists become tuples).
 
     Raises:
-        ModelError: ``settings`` is not a JSON object, names settings this version does not know, lacks
-            required ones or holds values the dataclass refuses; ``what`` names the settings in the message.
+        ModelError: naming the folder's JSON file, when the settings are absent or not a JSON object, name
+            settings this version does not know (a folder written by another MedGen version), lack required
+            ones or hold values the dataclass refuses; ``what`` names the settings in the message.
     """
+    def refuse(problem: str) -> ModelError:
+        return ModelError(f"{Path(folder) / MODEL_JSON}: {problem} Re-run the training job that wrote it.")
+
+    settings = document.get("config")
     if not isinstance(settings, dict):
-        raise ModelError(f"The {what} settings are missing or not a JSON object (got {type(settings).__name__}).")
+        raise refuse(f"The {what} settings are missing or not a JSON object (got {type(settings).__name__}).")
     fields = {field.name for field in dataclasses.fields(config_class)}
     unknown = set(settings) - fields
     if unknown:
-        # a model folder written by another MedGen version
-        raise ModelError(f"Unknown {what} settings {sorted(unknown)}; this MedGen version knows {sorted(fields)}.")
+        raise refuse(f"Unknown {what} settings {sorted(unknown)}; this MedGen version knows {sorted(fields)}.")
     try:
         return config_class(**{key: tuple(value) if isinstance(value, list) else value for key, value in settings.items()})
     except (TypeError, ValueError, MedGenError) as error:
-        raise ModelError(f"The {what} settings cannot be used ({error}).") from None
-
-
-def model_config(folder: str | os.PathLike, document: dict[str, Any], config_class: type[Config], what: str) -> Config:
-    """The architecture settings stored under ``config`` in a model folder's ``medgen_model.json``.
-
-    Raises:
-        ModelError: naming the folder's JSON file, when the settings are absent or unusable.
-    """
-    try:
-        return config_from_dict(config_class, document.get("config"), what)
-    except ModelError as error:
-        raise ModelError(f"{Path(folder) / MODEL_JSON}: {error} Re-run the training job that wrote it.") from None
+        raise refuse(f"The {what} settings cannot be used ({error}).") from None

@@ -126,3 +126,23 @@ def check_volume_voxels(volume_node, what: str) -> None:
     if voxels.min() == voxels.max():
         raise BadInputError(f"{what} '{name}' is constant (every voxel is {voxels.flat[0]:g}): "
                             "it has no structure to work with.")
+
+
+def check_selected_once(rows, what: str) -> None:
+    """Refuse a list of selections in which one row repeats another (double weight in training, twice
+    the same output in generation; always a slip of the selector).
+
+    Args:
+        rows: one tuple of nodes per row, e.g. ``(volume,)`` or ``(volume, segmentation)``; none is None.
+        what: how the message names a row (``"Training pair"``, ``"Mask"``).
+
+    Raises:
+        BadInputError: naming both rows and their nodes.
+    """
+    first_row: dict[tuple[str, ...], int] = {}
+    for row, nodes in enumerate(rows, start=1):
+        key = tuple(node.GetID() for node in nodes)
+        if key in first_row:
+            names = " with ".join(f"'{node.GetName()}'" for node in nodes)
+            raise BadInputError(f"{what} {row} repeats {what.lower()} {first_row[key]} ({names}); remove one of them.")
+        first_row[key] = row

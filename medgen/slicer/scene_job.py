@@ -81,25 +81,29 @@ class OutputImport:
 
 
 def import_outputs(outputs: dict[str, str], imports: list[OutputImport], reference_node=None, scene=None) -> dict[str, Any]:
-    """Create one node per :class:`OutputImport`, placed next to ``reference_node``; returns output -> node."""
+    """Create one node per :class:`OutputImport`, placed next to ``reference_node``; returns output -> node.
+
+    Outputs on ``reference_node``'s grid get its exact matrix back (:func:`medgen.slicer.volumes.snap_to_grid_of`).
+    """
     from medgen.io import load_volume
     from medgen.slicer.segmentations import labelmap_to_segmentation
-    from medgen.slicer.volumes import file_to_volume_node
+    from medgen.slicer.volumes import snap_to_grid_of, tensor_to_volume_node
 
     if reference_node is not None and reference_node.GetScene() is not resolve_scene(scene):
         reference_node = None  # removed, or the scene was closed while the job ran: import at the scene's root
     nodes = {}
     for spec in imports:
         path = Path(outputs[spec.output])
+        volume = snap_to_grid_of(load_volume(path, label=spec.as_type != "volume"), reference_node)
         if spec.as_type == "segmentation":
             labels_file = Path(spec.labels_file) if spec.labels_file else path.with_name(path.name.split(".")[0] + "_labels.json")
             labels = load_labels(labels_file) if labels_file.exists() else []
             nodes[spec.output] = labelmap_to_segmentation(
-                load_volume(path, label=True), labels, spec.node_name, scene=scene, reference_node=reference_node
+                volume, labels, spec.node_name, scene=scene, reference_node=reference_node
             )
         else:
-            nodes[spec.output] = file_to_volume_node(
-                path, spec.node_name, scene=scene, label=spec.as_type == "labelmap", reference_node=reference_node
+            nodes[spec.output] = tensor_to_volume_node(
+                volume, spec.node_name, scene=scene, label=spec.as_type == "labelmap", reference_node=reference_node
             )
     return nodes
 

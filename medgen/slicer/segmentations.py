@@ -3,9 +3,12 @@
 Two Slicer traps are handled here: exporting segments to a labelmap renumbers them 1..N in segment
 order (so values are mapped back through each segment's own label value), and an export without a
 reference geometry is cropped to the segments' extent (so a reference volume is always used).
+Overlapping segments cannot survive in one label map; the export keeps the later one and says so.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from monai.data import MetaTensor
@@ -41,6 +44,8 @@ def segment_name_key(name: str) -> str:
 def segmentation_to_labelmap(segmentation_node, reference_volume_node, *, require_voxels: bool = False) -> tuple[MetaTensor, list[LabelInfo]]:
     """Export all segments onto the reference volume's grid as one label map.
 
+    Where segments overlap the later one keeps the voxel, and a warning names the pairs (:func:`segment_overlaps`).
+
     Args:
         require_voxels: refuse a segmentation with no voxel on the reference grid (training data); generation
             masks leave it off, since an empty mask is skipped and reported there.
@@ -53,7 +58,6 @@ def segmentation_to_labelmap(segmentation_node, reference_volume_node, *, requir
         BadInputError: no segments, no reference volume (or one without voxels), or, with ``require_voxels``,
             segments that are empty or lie outside the reference volume.
     """
-    import slicer
     import vtk
 
     if segmentation_node is None or segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
@@ -64,23 +68,11 @@ def segmentation_to_labelmap(segmentation_node, reference_volume_node, *, requir
         # Slicer would export on the segments' own extent instead: the cropped, shifted grid this function avoids
         raise BadInputError(f"The reference volume '{reference_volume_node.GetName()}' has no image data, so "
                             f"segmentation '{segmentation_node.GetName()}' cannot be exported on its grid; load it first.")
-    scene = segmentation_node.GetScene()
     labels = segment_labels(segmentation_node)
     segment_ids = vtk.vtkStringArray()
     segmentation_node.GetSegmentation().GetSegmentIDs(segment_ids)
-    color_tables_before = _color_table_ids(scene)
-    labelmap_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "medgen_export")
-    try:
-        exported = segmentations_logic(scene).ExportSegmentsToLabelmapNode(
-            segmentation_node, segment_ids, labelmap_node, reference_volume_node
-        )
-        if not exported:
-            raise BadInputError(f"Slicer could not export segmentation '{segmentation_node.GetName()}' to a label map.")
-        renumbered = volume_node_to_tensor(labelmap_node)
-    finally:
-        # the export also adds a '<segmentation>_ColorTable' node; leave the scene as we found it
-        new_tables = [scene.GetNodeByID(node_id) for node_id in _color_table_ids(scene) - color_tables_before]
-        remove_nodes(scene, labelmap_node, *new_tables)
+    renumbered = _export_segments(segmentation_node, segment_ids, reference_volume_node)
+    _warn_about_overlaps(segmentation_node, reference_volume_node)
     lookup = torch.zeros(len(labels) + 1, dtype=torch.int64)
     for position, label in enumerate(labels, start=1):
         lookup[position] = label.value
@@ -89,6 +81,64 @@ def segmentation_to_labelmap(segmentation_node, reference_volume_node, *, requir
         raise BadInputError(f"Segmentation '{segmentation_node.GetName()}' has no voxel on the grid of "
                             f"'{reference_volume_node.GetName()}': its segments are empty or lie outside that volume.")
     return labelmap, labels
+
+
+def _export_segments(segmentation_node, segment_ids, reference_volume_node) -> MetaTensor:
+    """Slicer's export of ``segment_ids`` (a vtkStringArray) onto the reference grid: ``(1, I, J, K)`` int64,
+    values 1..n in the order of ``segment_ids``, where overlapping segments the later one wins."""
+    scene = segmentation_node.GetScene()
+    color_tables_before = _color_table_ids(scene)
+    labelmap_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "medgen_export")
+    try:
+        exported = segmentations_logic(scene).ExportSegmentsToLabelmapNode(
+            segmentation_node, segment_ids, labelmap_node, reference_volume_node
+        )
+        if not exported:
+            raise BadInputError(f"Slicer could not export segmentation '{segmentation_node.GetName()}' to a label map.")
+        return volume_node_to_tensor(labelmap_node)
+    finally:
+        # the export also adds a '<segmentation>_ColorTable' node; leave the scene as we found it
+        new_tables = [scene.GetNodeByID(node_id) for node_id in _color_table_ids(scene) - color_tables_before]
+        remove_nodes(scene, labelmap_node, *new_tables)
+
+
+def segment_overlaps(segmentation_node, reference_volume_node) -> list[tuple[str, str, int]]:
+    """Pairs of segments sharing voxels on the reference grid: ``(earlier name, later name, voxels)``.
+
+    A label map holds one value per voxel, so where segments overlap the export keeps the later
+    segment (right for a tumour drawn inside its organ, a silent loss otherwise). Segments in one
+    shared layer cannot overlap, so only segmentations with several layers are exported segment by segment.
+    """
+    import vtk
+
+    segmentation = segmentation_node.GetSegmentation()
+    if segmentation.GetNumberOfLayers() < 2:
+        return []
+    masks = []
+    for index in range(segmentation.GetNumberOfSegments()):
+        single = vtk.vtkStringArray()
+        single.InsertNextValue(segmentation.GetNthSegmentID(index))
+        mask = _export_segments(segmentation_node, single, reference_volume_node).as_tensor() > 0
+        masks.append((segmentation.GetNthSegment(index).GetName(), mask))
+    overlaps = []
+    for position, (earlier_name, earlier) in enumerate(masks):
+        for later_name, later in masks[position + 1 :]:
+            shared = int((earlier & later).sum())
+            if shared:
+                overlaps.append((earlier_name, later_name, shared))
+    return overlaps
+
+
+def _warn_about_overlaps(segmentation_node, reference_volume_node) -> None:
+    """Log one warning (Slicer's Python console and error log) naming every overlapping pair of segments."""
+    overlaps = segment_overlaps(segmentation_node, reference_volume_node)
+    if overlaps:
+        pairs = "; ".join(f"'{earlier}' and '{later}' share {voxels} voxels" for earlier, later, voxels in overlaps)
+        logging.getLogger(__name__).warning(
+            f"Segments of '{segmentation_node.GetName()}' overlap on the grid of '{reference_volume_node.GetName()}': "
+            f"{pairs}. A label map keeps the later segment there (segment order); remove the overlap in Segment "
+            "Editor if that is not what you drew."
+        )
 
 
 def _color_table_ids(scene) -> set[str]:

@@ -102,3 +102,27 @@ def file_to_volume_node(path: str | os.PathLike, name: str, *, scene=None, label
     """Load a volume file into a new node (placed next to ``reference_node`` when given)."""
     volume = load_volume(path, label=label)
     return tensor_to_volume_node(volume, name, scene=scene, label=label, reference_node=reference_node)
+
+
+def snap_to_grid_of(volume: MetaTensor, reference_node) -> MetaTensor:
+    """``volume`` carrying ``reference_node``'s exact IJK-to-RAS when it lies on that node's grid.
+
+    Job outputs travel through files; NIfTI stores the matrix in float32 (≈ 6e-8 relative error), so an
+    output the worker wrote on its input's grid comes back a few nanometres off. An output with the
+    reference's voxel counts whose matrix agrees to 1e-6 of the matrix's largest entry (far below any
+    real grid difference: 0.5 µm at 500 mm) gets the reference's float64 matrix; any other volume is
+    returned unchanged.
+
+    Args:
+        volume: MetaTensor ``(1, I, J, K)`` with its affine (4x4 IJK-to-RAS, mm).
+        reference_node: a volume node, or None.
+    """
+    if reference_node is None or reference_node.GetImageData() is None:
+        return volume
+    reference_matrix = ijk_to_ras_of(reference_node)
+    same_size = tuple(volume.shape[-3:]) == tuple(reference_node.GetImageData().GetDimensions())
+    tolerance = 1e-6 * max(1.0, float(np.abs(reference_matrix).max()))
+    if same_size and np.abs(np.asarray(volume.affine, dtype=np.float64) - reference_matrix).max() <= tolerance:
+        volume = volume.clone()
+        volume.affine = torch.from_numpy(reference_matrix)
+    return volume

@@ -15,7 +15,7 @@ from medgen.jobs.context import JobContext
 from medgen.labels import load_labels
 from medgen.synthesis.filtering import FilterThresholds
 from medgen.synthesis.nnunet_export import export_nnunet
-from medgen.synthesis.prepare import label_remapping, prepare_pairs
+from medgen.synthesis.prepare import prepare_pairs
 
 #: training settings a job may override (names of :class:`MaskGenConfig` fields)
 CONFIG_OVERRIDES = ("vae_steps", "unet_steps", "controlnet_steps", "checker_steps", "train_checker", "target_pseudo_labels", "batch_size",
@@ -58,17 +58,11 @@ def run_maskgen_train(ctx: JobContext) -> dict:
     spacing_mm = tuple(params["spacing_mm"]) if params.get("spacing_mm") else None
     label_names = load_labels(ctx.inputs["label_names"]) if "label_names" in ctx.inputs else None
     source_cases = _source_cases(ctx)
-    sources, organs = prepare_pairs(source_cases, shape=shape, spacing_mm=spacing_mm, labels=label_names)
+    sources, organs = prepare_pairs(source_cases, shape=shape, spacing_mm=spacing_mm, labels=label_names, reporter=ctx.reporter)
     if not organs:
         names = [Path(path).name for path in ctx.inputs["source_labels"]]
         raise BadInputError(f"None of the source label maps {names} holds an organ: every voxel is 0 (background). "
                             "Give the label maps that go with the source images.")
-    mapping, _ = label_remapping([label for _, _, label in source_cases], label_names)
-    original = {new: old for old, new in mapping.items()}
-    renumbered = [f"{organ.name} {original[organ.value]} -> {organ.value}" for organ in organs if original[organ.value] != organ.value]
-    if renumbered:
-        ctx.reporter.log(f"Label values renumbered 1..{len(organs)} ({', '.join(renumbered)}): masks given to the trained "
-                         "model must use the new values (medgen_model.json lists them).", "warning")
     targets, _ = prepare_pairs(_target_cases(ctx), shape=shape, spacing_mm=spacing_mm)
     ctx.reporter.log(f"{len(sources)} source and {len(targets)} target volume(s) on a {shape} grid, organs: {[o.name for o in organs]}")
     overrides = {name: params[name] for name in CONFIG_OVERRIDES if name in params}

@@ -18,6 +18,7 @@ from monai.transforms import Compose, ResizeWithPadOrCropd, ScaleIntensityRangeP
 from medgen.errors import BadInputError
 from medgen.io import check_not_constant, check_same_geometry, load_volume, nearest_multiple_shape
 from medgen.labels import LabelInfo, default_color
+from medgen.progress import Reporter, as_reporter
 
 IMAGE_SUFFIX = "_0000.nii.gz"
 LABEL_SUFFIX = ".nii.gz"
@@ -97,6 +98,7 @@ def prepare_pairs(
     spacing_mm: tuple[float, float, float] | None = None,
     labels: list[LabelInfo] | None = None,
     intensity_percentiles: tuple[float, float] = (0.5, 99.5),
+    reporter: Reporter | None = None,
 ) -> tuple[list[PreparedPair], list[LabelInfo]]:
     """Bring training pairs onto one grid and label set.
 
@@ -107,6 +109,8 @@ def prepare_pairs(
         spacing_mm: output spacing; None keeps each case's own spacing.
         labels: names of the original label values (None: ``Label <v>``).
         intensity_percentiles: image values at these percentiles map to 0 and 1 (then clipped).
+        reporter: receives a warning when label values are renumbered (label maps given to the trained
+            model, e.g. generation masks, must use the new values).
 
     Returns:
         ``(prepared pairs, labels with values 1..K-1)``.
@@ -117,6 +121,11 @@ def prepare_pairs(
         check_same_geometry(image, label, f"{case} image", f"{case} label")
         check_not_constant(image, f"The image of case {case!r}", "to learn from")
     mapping, new_labels = label_remapping([label for _, _, label in pairs], labels)
+    original = {new: old for old, new in mapping.items()}
+    renumbered = [f"{label.name} {original[label.value]} -> {label.value}" for label in new_labels if original[label.value] != label.value]
+    if renumbered:
+        as_reporter(reporter).log(f"Label values renumbered 1..{len(new_labels)} ({', '.join(renumbered)}): label maps "
+                                  "given to the trained model must use the new values (medgen_model.json lists them).", "warning")
     steps = []
     if spacing_mm is not None:
         steps.append(Spacingd(keys=("image", "label"), pixdim=spacing_mm, mode=("bilinear", "nearest")))
