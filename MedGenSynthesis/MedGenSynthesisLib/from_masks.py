@@ -124,8 +124,9 @@ def mask_reference(segmentation_node):
 
 
 def _file_stem(name: str, taken: set[str]) -> str:
-    """A file-name-safe, unique stem for a node name (the job names its outputs after it)."""
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "mask"
+    """A file-name-safe, unique stem for a node name (the job names its outputs after it): letters of any
+    script, digits, '_' and '-' are kept ("肝臓 1" -> "肝臓_1"), anything else becomes '_'."""
+    stem = re.sub(r"[^\w-]+", "_", name).strip("_") or "mask"
     unique, number = stem, 2
     while unique in taken:
         unique, number = f"{stem}_{number}", number + 1

@@ -63,6 +63,40 @@ def process_locale():
     locale.setlocale(locale.LC_ALL, saved)
 
 
+def _nifti_cases(oblique):
+    """NIfTI files nibabel writes in ways MedGen's own writer never does."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    scaled = nib.Nifti1Image(rng.integers(-100, 100, (6, 8, 9)).astype(np.int16), oblique)
+    scaled.header.set_slope_inter(0.5, 10.0)
+    qform_only = nib.Nifti1Image(rng.random((5, 6, 7)).astype(np.float32), None)
+    qform_only.set_qform(oblique, code=1)
+    qform_only.set_sform(None, code=0)
+    vector = nib.Nifti1Image(rng.random((5, 6, 7, 1, 3)).astype(np.float32), oblique)
+    vector.header.set_intent("vector")
+    return {"scaled int16": scaled, "qform only": qform_only, "vector": vector,
+            "big-endian": nib.Nifti1Image(rng.random((4, 5, 6)).astype(">f4"), oblique)}
+
+
+@pytest.mark.parametrize("case", ["scaled int16", "qform only", "vector", "big-endian"])
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_nifti_voxels_from_nibabel_and_geometry_from_the_header_match_simpleitk_reading_it_whole(tmp_path, oblique, case, suffix):
+    import nibabel as nib
+
+    path = tmp_path / f"case{suffix}"
+    nib.save(_nifti_cases(oblique)[case], path)
+    loaded = load_volume(path)
+    image = sitk.ReadImage(str(path))
+    expected = sitk.GetArrayFromImage(image)
+    expected = (expected[..., None] if expected.ndim == 3 else expected).T  # (C, I, J, K)
+    assert loaded.is_contiguous() and tuple(loaded.shape) == expected.shape
+    np.testing.assert_allclose(loaded.numpy(), expected, rtol=0, atol=1e-6)
+    direction = np.asarray(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+    np.testing.assert_array_equal(loaded.affine.numpy()[:3, :3], np.diag([-1.0, -1.0, 1.0]) @ direction)
+    np.testing.assert_array_equal(loaded.affine.numpy()[:3, 3], np.array(image.GetOrigin()) * [-1, -1, 1])
+
+
 def test_dicom_series_folder_is_read_with_its_geometry(tmp_path, process_locale):
     array_kji = (np.arange(3 * 8 * 9).reshape(3, 8, 9) % 200).astype(np.int16)
     series = sitk.GetImageFromArray(array_kji)

@@ -132,6 +132,14 @@ def test_a_segmentation_becomes_a_mask_in_model_organ_values_on_its_exact_obliqu
     assert request.seed == 4 and request.kind == "maskgen"
 
 
+def test_mask_files_are_named_after_their_nodes_in_any_script(mrml_scene, tmp_path):
+    model = _model_folder(tmp_path / "model")
+    masks = [_segmented_volume(mrml_scene, name, [LabelInfo("liver", 1, LIVER)])[1] for name in ("肝臓 1", "Leber/2", "?!")]
+    inputs = from_masks.generate_request(model, masks, "T2 MRI").write_inputs(tmp_path / "inputs")
+    assert [Path(path).name for path in inputs["masks"]] == [
+        "肝臓_1_segmentation.nii.gz", "Leber_2_segmentation.nii.gz", "segmentation.nii.gz"]
+
+
 def test_an_unknown_segment_name_is_refused_listing_the_segments_and_the_organs(mrml_scene, tmp_path):
     model = _model_folder(tmp_path / "model")
     _, segmentation, _ = _segmented_volume(mrml_scene, "case A", [LabelInfo("liver", 1, LIVER), LabelInfo("tumour", 2, SPLEEN)])

@@ -32,42 +32,72 @@ def volume_suffix(path: str | os.PathLike) -> str:
     return ""
 
 
-def _read_sitk(path: Path, name: str) -> sitk.Image:
+def _check_readable_path(path: Path) -> None:
     if not path.exists():
         raise BadInputError(f"Volume file {path} does not exist. Check the path or pick another file.")
-    if path.is_dir():
-        return _read_dicom_series(path)
-    if not volume_suffix(path):
+    if not path.is_dir() and not volume_suffix(path):
         raise BadInputError(
             f"{path.name} has an unsupported file type. Supported: {', '.join(SUPPORTED_SUFFIXES)} "
             "or a folder holding one DICOM series."
         )
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as error:
-        raise BadInputError(f"Could not read {path}: the file is unreadable or corrupted ({_first_line(error)}).") from error
-    if volume_suffix(path) in (".nii", ".nii.gz"):
-        _check_nifti_voxels(path, name)
-    return image
 
 
-def _check_nifti_voxels(path: Path, name: str) -> None:
-    """Re-read a NIfTI file's voxels with nibabel: refuse a truncated file and NaN/Inf voxels.
+def _unreadable(path: Path, error: Exception) -> BadInputError:
+    return BadInputError(f"Could not read {path}: the file is unreadable or corrupted ({_first_line(error)}).")
+
+
+def _check_3d(geometry: sitk.Image | sitk.ImageFileReader, name: str) -> None:
+    if geometry.GetDimension() != 3:
+        raise BadInputError(
+            f"{name} is {geometry.GetDimension()}D (size {geometry.GetSize()}) but a 3D volume is needed. "
+            "Load a 3D scan (for a 4D series, extract one time point first)."
+        )
+
+
+def _read_sitk(path: Path, name: str) -> tuple[sitk.Image, np.ndarray]:
+    """A volume file or DICOM folder read with SimpleITK: the image (geometry) and its voxels ``(C, I, J, K)``."""
+    if path.is_dir():
+        image = _read_dicom_series(path)
+    else:
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as error:
+            raise _unreadable(path, error) from error
+    _check_3d(image, name)
+    voxels_kji = sitk.GetArrayFromImage(image)  # (K, J, I[, C])
+    if voxels_kji.ndim == 3:
+        voxels_kji = voxels_kji[..., None]
+    return image, voxels_kji.T  # (C, I, J, K)
+
+
+def _read_nifti(path: Path, name: str) -> tuple[sitk.ImageFileReader, np.ndarray]:
+    """A NIfTI file's geometry from SimpleITK's header reader and its voxels ``(C, I, J, K)`` from nibabel.
 
     Measured with SimpleITK 2.5.7 (ITK 5.4): its NIfTI reader returns NaN and infinite voxels as 0 and
-    fills the missing end of a truncated ``.nii.gz`` with zeros, without an error, so neither can be
-    seen in the array it returns. nibabel raises on the truncated stream and keeps non-finite values.
+    fills the missing end of a truncated ``.nii.gz`` with zeros, without an error, so neither can be seen
+    in the array it returns. nibabel raises on the truncated stream and keeps non-finite values, so the
+    voxels come from nibabel (decoded once: 0.15 s instead of 0.43 s with both readers on a 197x233x189
+    float volume) and only the header from SimpleITK, which keeps one geometry rule (LPS) for every format.
     """
     import nibabel as nib
 
+    header = sitk.ImageFileReader()
+    header.SetFileName(str(path))
+    try:
+        header.ReadImageInformation()
+    except RuntimeError as error:
+        raise _unreadable(path, error) from error
+    _check_3d(header, name)
     try:
         voxels = np.asanyarray(nib.load(str(path)).dataobj)
     except (EOFError, OSError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as error:
         raise BadInputError(
             f"Could not read {path}: the file is truncated or corrupted ({_first_line(error)}). Copy or export it again."
         ) from error
-    if np.issubdtype(voxels.dtype, np.floating):
-        check_finite(torch.from_numpy(np.ascontiguousarray(voxels)), name)
+    if voxels.dtype.fields is not None:  # RGB NIfTI: a structured array; SimpleITK gives it as components
+        return _read_sitk(path, name)
+    voxels = voxels.reshape(*header.GetSize(), header.GetNumberOfComponents())  # drops NIfTI's singleton 4th axis of vectors
+    return header, np.moveaxis(voxels, -1, 0)
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -92,12 +122,12 @@ def _first_line(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def _affine_ras(image: sitk.Image) -> np.ndarray:
-    """4x4 voxel-index -> RAS mm matrix of a SimpleITK image."""
-    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+def _affine_ras(geometry: sitk.Image | sitk.ImageFileReader) -> np.ndarray:
+    """4x4 voxel-index -> RAS mm matrix of a SimpleITK image (or of a file header read by SimpleITK)."""
+    direction = np.asarray(geometry.GetDirection(), dtype=np.float64).reshape(3, 3)
     affine_lps = np.eye(4)
-    affine_lps[:3, :3] = direction @ np.diag(image.GetSpacing())
-    affine_lps[:3, 3] = image.GetOrigin()
+    affine_lps[:3, :3] = direction @ np.diag(geometry.GetSpacing())
+    affine_lps[:3, 3] = geometry.GetOrigin()
     return _LPS_TO_RAS @ affine_lps
 
 
@@ -118,27 +148,20 @@ def load_volume(path: str | os.PathLike, *, label: bool = False, name: str | Non
     """
     path = Path(path)
     name = name or path.name
-    image = _read_sitk(path, name)
-    if image.GetDimension() != 3:
-        raise BadInputError(
-            f"{name} is {image.GetDimension()}D (size {image.GetSize()}) but a 3D volume is needed. "
-            "Load a 3D scan (for a 4D series, extract one time point first)."
-        )
-    voxels_kji = sitk.GetArrayFromImage(image)  # (K, J, I[, C])
-    if voxels_kji.ndim == 3:
-        voxels_kji = voxels_kji[..., None]
-    voxels = np.ascontiguousarray(np.transpose(voxels_kji, (3, 2, 1, 0)))  # (C, I, J, K)
+    _check_readable_path(path)
+    read = _read_nifti if volume_suffix(path) in (".nii", ".nii.gz") else _read_sitk
+    geometry, voxels = read(path, name)
+    original_dtype = str(voxels.dtype)
     check_spatial_3d(voxels.shape, name)
     if label:
-        voxels = _as_label_array(voxels, name)
-        data = torch.from_numpy(voxels.astype(np.int64))
+        data = torch.from_numpy(np.ascontiguousarray(_as_label_array(voxels, name), dtype=np.int64))
     else:
-        data = torch.from_numpy(voxels.astype(np.float32))
+        data = torch.from_numpy(np.ascontiguousarray(voxels, dtype=np.float32))
         check_finite(data, name)
     return MetaTensor(
         data,
-        affine=torch.from_numpy(_affine_ras(image)),
-        meta={"filename_or_obj": str(path), "space": "RAS", "original_dtype": str(voxels_kji.dtype)},
+        affine=torch.from_numpy(_affine_ras(geometry)),
+        meta={"filename_or_obj": str(path), "space": "RAS", "original_dtype": original_dtype},
     )
 
 
