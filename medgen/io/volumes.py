@@ -96,8 +96,11 @@ def _read_nifti(path: Path, name: str) -> tuple[sitk.ImageFileReader, np.ndarray
         ) from error
     if voxels.dtype.fields is not None:  # RGB NIfTI: a structured array; SimpleITK gives it as components
         return _read_sitk(path, name)
-    voxels = voxels.reshape(*header.GetSize(), header.GetNumberOfComponents())  # drops NIfTI's singleton 4th axis of vectors
-    return header, np.moveaxis(voxels, -1, 0)
+    shape = (*header.GetSize(), header.GetNumberOfComponents())
+    if voxels.size != np.prod(shape):
+        raise BadInputError(f"Could not read {path}: its header describes {shape} voxels x components but it holds "
+                            f"an array of shape {voxels.shape}.")
+    return header, np.moveaxis(voxels.reshape(shape), -1, 0)  # the reshape drops NIfTI's singleton 4th axis of vectors
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
