@@ -4,13 +4,15 @@ Usage::
 
     python bench/bench_lmi.py                      # CPU, 32³ and 48³
     python bench/bench_lmi.py --device cuda        # GPU, 64³ and 128³
-    python bench/bench_lmi.py --sizes 16 24 --mode clean
+    python bench/bench_lmi.py --sizes 16 24 --mode clean                     # -> lmi_clean_auto_cpu.json
+    python bench/bench_lmi.py --device cuda --mode clean --backend torch    # box sums vs the port on a GPU
 
 Each (method, size) runs in a fresh subprocess so that peak memory is its own: on CUDA
 ``torch.cuda.max_memory_allocated`` above the inputs, on CPU the growth of the process's peak
 resident set (``ru_maxrss``) over the inputs. Both methods get the same memory budget. On a shared
 CPU, wall time swings with the load; ``cpu_s`` (process CPU time) is the steadier number. Writes
-``bench/results/lmi_<device>.json`` and prints a markdown table with the speed-up.
+``bench/results/lmi_<device>.json`` (``lmi_<mode>_<backend>_<device>.json`` for other modes or backends)
+and prints a markdown table with the speed-up.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def _measure(method: str, size: int, device_name: str, mode: str, budget_mb: float, output_path: str) -> dict:
+def _measure(method: str, size: int, device_name: str, mode: str, budget_mb: float, backend: str, output_path: str) -> dict:
     """Run one LMI map in this process and return its wall time and peak memory."""
     sys.path.insert(0, str(REPO_ROOT))
     import torch
@@ -44,22 +46,26 @@ def _measure(method: str, size: int, device_name: str, mode: str, budget_mb: flo
     from medgen.translate.lmi_reference import lmi_map_reference
 
     device = select_device(device_name)
-    operator = lmi_map if method == "medgen_lmi" else lmi_map_reference
     options = dict(compat=mode == "compat", memory_budget_mb=budget_mb)
+    if method == "medgen_lmi":
+        operator, options["backend"] = lmi_map, backend
+    else:
+        operator = lmi_map_reference
     generator = torch.Generator().manual_seed(0)
     source = torch.rand((1, 1, size, size, size), generator=generator)
     # a diffusion-like moving volume: the source plus Gaussian noise, partly outside [0, 1]
     moving = source * 0.7 + 0.3 * torch.randn(source.shape, generator=generator)
     source, moving = source.to(device), moving.to(device)
-    # warm up on the measured size: Triton compiles one kernel per size class (e.g. edges divisible by 16)
-    operator(source, moving, **options)
 
     def synchronize() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    synchronize()
     if device.type == "cuda":
+        # warm up on the measured size: Triton compiles one kernel per size class (e.g. edges divisible by 16).
+        # Not on CPU: the process's peak RSS never falls, so a warm-up would hide the measured run's peak.
+        operator(source, moving, **options)
+        synchronize()
         torch.cuda.reset_peak_memory_stats(device)
         baseline_bytes = torch.cuda.memory_allocated(device)
     baseline_rss_mb = _peak_rss_mb()
@@ -81,7 +87,8 @@ def _measure(method: str, size: int, device_name: str, mode: str, budget_mb: flo
 def _run_worker(method: str, size: int, args: argparse.Namespace, output_path: str) -> dict:
     command = [
         sys.executable, __file__, "--worker", method, "--sizes", str(size), "--device", args.device,
-        "--mode", args.mode, "--memory-budget-mb", str(args.memory_budget_mb), "--output", output_path,
+        "--mode", args.mode, "--memory-budget-mb", str(args.memory_budget_mb), "--backend", args.backend,
+        "--output", output_path,
     ]
     completed = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(completed.stdout.strip().splitlines()[-1])
@@ -105,6 +112,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=("compat", "clean"), default="compat",
                         help="compat is the released algorithm (the port's home ground)")
     parser.add_argument("--memory-budget-mb", type=float, help="budget for both methods (default 1024 CPU, 16384 CUDA)")
+    parser.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
+                        help="MedGen's operator: auto (Triton on CUDA), torch (box sums in clean mode) or triton")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -112,7 +121,8 @@ def main() -> None:
     args.sizes = args.sizes or ([64, 128] if on_cuda else [32, 48])
     args.memory_budget_mb = args.memory_budget_mb or (16384.0 if on_cuda else 1024.0)
     if args.worker:
-        measurement = _measure(args.worker, args.sizes[0], args.device, args.mode, args.memory_budget_mb, args.output)
+        measurement = _measure(args.worker, args.sizes[0], args.device, args.mode, args.memory_budget_mb, args.backend,
+                               args.output)
         print(json.dumps(measurement))
         return
 
@@ -136,6 +146,7 @@ def main() -> None:
     result = {
         "benchmark": "lmi_map",
         "mode": args.mode,
+        "backend": args.backend,
         "memory_budget_mb": args.memory_budget_mb,
         "device": describe_device(select_device(args.device)),
         "machine": machine(),
@@ -143,11 +154,13 @@ def main() -> None:
         "comparison": table,
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out_path = RESULTS_DIR / f"lmi_{args.device.replace(':', '')}.json"
+    variant = "" if (args.mode, args.backend) == ("compat", "auto") else f"_{args.mode}_{args.backend}"
+    out_path = RESULTS_DIR / f"lmi{variant}_{args.device.replace(':', '')}.json"
     out_path.write_text(json.dumps(result, indent=2) + "\n")
 
     by_key = {(row["method"], row["size"]): row for row in rows}
-    print(f"LMI map, {args.mode} mode, {result['device']['name']}, budget {args.memory_budget_mb:.0f} MB\n")
+    print(f"LMI map, {args.mode} mode, backend {args.backend}, {result['device']['name']}, "
+          f"budget {args.memory_budget_mb:.0f} MB\n")
     print(
         "| size | unfold port s | medgen s | speed-up | port CPU s | medgen CPU s | CPU-time speed-up "
         "| port peak MB | medgen peak MB | max abs diff | offsets differ |"

@@ -258,17 +258,18 @@ def test_bad_settings_raise_bad_input_error(settings):
 
 
 def test_memory_budget_bounds_chunks_and_keeps_results():
+    """The gather scorer's chunks (compat mode; clean mode's box sums: ``test_lmi_box.py``)."""
     shape = (8, 8, 8)
     source, moving = _noise((1, 1, *shape), seed=20), _noise((1, 1, *shape), seed=21)
-    settings = LmiSettings()
+    settings = LmiSettings(compat=True)
     budget_mb = 34.0  # the fixed part (32 MiB workspace + fields) plus room for ~130 voxels
     chunk = chunk_voxels_for_budget(1, shape, settings, budget_mb)
     assert fixed_bytes(1, shape, settings) + chunk * bytes_per_chunk_voxel(3, settings) <= budget_mb * 2**20
     events = []
     small_lmi, small_offsets = lmi_map(
-        source, moving, memory_budget_mb=budget_mb, reporter=CallbackReporter(on_event=events.append)
+        source, moving, compat=True, memory_budget_mb=budget_mb, reporter=CallbackReporter(on_event=events.append)
     )
-    large_lmi, large_offsets = lmi_map(source, moving, memory_budget_mb=512)
+    large_lmi, large_offsets = lmi_map(source, moving, compat=True, memory_budget_mb=512)
     assert len(events) == -(-(8**3) // chunk) > 1
     assert events[-1]["step"] == events[-1]["total"]
     assert (small_lmi - large_lmi).abs().max() < 1e-6
