@@ -10,18 +10,9 @@ import torch
 
 from medgen.progress import CallbackReporter
 from medgen.translate import lmi
-from medgen.translate.lmi import (
-    _axis_sample_coordinates,
-    _BoxSumScorer,
-    _plane_boxes,
-    _TorchScorer,
-    box_chunk_voxels,
-    box_fixed_bytes,
-    box_slab_bytes,
-    chunk_voxels_for_budget,
-    lmi_map,
-)
-from medgen.translate.lmi_core import LmiSettings
+from medgen.translate.lmi import _axis_sample_coordinates, _TorchScorer, chunk_voxels_for_budget, lmi_map
+from medgen.translate.lmi_box import BoxSumScorer, _plane_boxes, box_chunk_voxels, box_fixed_bytes, box_slab_bytes
+from medgen.translate.lmi_core import WORKSPACE_BYTES, LmiSettings
 from medgen.translate.lmi_reference import lmi_map_reference
 
 
@@ -83,7 +74,7 @@ def test_box_sums_match_gathers_and_the_unfold_port(shape, window, radius, norma
         [_axis_sample_coordinates(n, settings, displaced, voxel.device) for n in spatial] for displaced in (False, True)
     ]
     gathered = _TorchScorer(source, moving, spatial, *tables, settings)(voxel)
-    boxed = _BoxSumScorer(source, moving, settings)(voxel)
+    boxed = BoxSumScorer(source, moving, settings)(voxel)
     # every candidate's score, in the order of candidate_displacements, to float32 rounding
     assert boxed.shape == gathered.shape
     assert (boxed - gathered).abs().max() < 1e-5
@@ -111,12 +102,12 @@ def _recording(name: str, scorer_class: type, used: list[str]):
 
 def test_clean_mode_scores_with_box_sums_and_compat_mode_with_gathers(monkeypatch):
     used = []
-    for name in ("_BoxSumScorer", "_TorchScorer"):
+    for name in ("BoxSumScorer", "_TorchScorer"):
         monkeypatch.setattr(lmi, name, _recording(name, getattr(lmi, name), used))
     source, moving = _pair((1, 1, 6, 5, 4))
     lmi_map(source, moving, backend="torch")
     lmi_map(source, moving, backend="torch", compat=True)
-    assert used == ["_BoxSumScorer", "_TorchScorer"]
+    assert used == ["BoxSumScorer", "_TorchScorer"]
 
 
 def test_plane_boxes_split_runs_into_whole_items_and_partial_items():
@@ -168,7 +159,7 @@ def test_memory_budget_is_honoured(shape, options):
     assert box_fixed_bytes(batch, spatial) + box_slab_bytes(1, planes, spatial, settings) <= budget_mb * 2**20
     peak = _peak_allocated_bytes(lambda: lmi_map(source, moving, memory_budget_mb=budget_mb, **options))
     # the fixed workspace stands for allocator and library buffers that are no tensors
-    assert peak <= budget_mb * 2**20 - lmi.WORKSPACE_BYTES
+    assert peak <= budget_mb * 2**20 - WORKSPACE_BYTES
 
 
 def test_budget_without_room_for_a_plane_falls_back_to_gathers():

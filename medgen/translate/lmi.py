@@ -18,36 +18,14 @@ Why it is faster than the released algorithm (:mod:`medgen.translate.lmi_referen
 The joints J(u,δ) = Σ_w κ_S(u+w) ⊗ κ_X(u+δ+w) (w over the window, K×K each) are built in one of
 two ways with PyTorch ops:
 
-- clean mode, box sums (:class:`_BoxSumScorer`): with replicate padding a window sample is a
-  clamped coordinate, so J(·,δ) is the box sum (edge p per axis) of the per-voxel outer products
-  O_δ(v) = κ_S(clamp(v)) ⊗ κ_X(clamp(v+δ)) over the volume grown by p//2 voxels per side. A chunk
-  is a slab of whole planes of the first spatial axis (or whole items); per candidate, one batched
-  matmul with inner dimension p sums O_δ along the last axis and a separable box filter (p-1
-  elementwise adds per axis) sums the others. That replaces gathering n·K moving values and an
-  (K×n)·(n×K) matmul per (voxel, candidate): 2.2-2.5× faster on one CPU thread at 24³-48³
-  (over half of the remaining time is entr over the joints). The moving marginal and its
-  entropy at u+δ are those of the plain window at u+δ, computed once per slab; the joint's mass
-  is the box sum of the product of the kernel row sums. Compat mode pairs samples in a
-  non-shift-invariant way (quirk Q1), so it cannot be written as a box sum;
-- compat mode, and clean mode when the budget cannot hold one plane (:class:`_TorchScorer`):
-  both kernel fields are precomputed and the chunk's windows gathered from them by index, one
-  (K+1×n)·(n×K) batched matmul per candidate.
+- clean mode: box sums of per-voxel outer products over slabs of whole planes
+  (:class:`medgen.translate.lmi_box.BoxSumScorer`, which gives its own memory formula);
+- compat mode, whose candidate windows (quirk Q1) are no box sums, and clean mode when the budget
+  cannot hold one plane (:class:`_TorchScorer`): both kernel fields are precomputed and the chunk's
+  windows gathered from them by index, one (K+1×n)·(n×K) batched matmul per candidate.
 
-Peak memory (bytes), with V = B·∏L voxels, n = p**ndim samples, K bins, h = p//2, Q = 2r+1 steps
-per axis and C = Q**ndim candidates. Box sums, a chunk of P planes of each of k items (P = L_0 for
-whole items), A_x = ∏_{i≥1}(L_i + 2x), A'_h = ∏_{1≤i<ndim-1}(L_i + 2h)·L_{ndim-1}::
-
-    S = (P+2h)·A_h   M = (P+2h+2r)·A_{h+r}   R = (P+2h)·A'_h   R1 = P·A'_h
-    U = (P+2r)·A_r   N = P·∏_{i≥1} L_i
-
-    peak ≤ (20+16·ndim)·V + 32 MiB
-           + 1.1·k·4·(4S + (4K+1)·M + 2pK·R + K²·(R + R1) + U + (C+12)·N)
-
-(slab kernel fields, the window rows of the batched matmul, the two K×K joint buffers R and R1,
-the moving entropy field U, per-voxel scores and temporaries). For p=3, K=27, 3D this is
-≈ 68·V + 32 MiB + 7.8 kB per chunk voxel plus the halo planes: a 128³ map needs ≈ 0.18 GB plus
-≈ 0.29 GB for a one-plane chunk and 0.13 GB per further plane. Gathers, N voxels per chunk,
-Vp = B·∏(L+1)::
+Peak memory (bytes) of the gathers, with V = B·∏L voxels, Vp = B·∏(L+1), n = p**ndim samples, K
+bins, Q = 2r+1 steps per axis, C = Q**ndim candidates and N voxels per chunk::
 
     peak ≤ 4·(3K+2)·Vp + (12+16·ndim)·V + 32 MiB
            + 1.1·N·(4·((2K+1)·n + (2K+1)·K + 7K + C + 2n + 4) + 8·(3n + 2·ndim·Q·p))
@@ -56,13 +34,11 @@ The first line is held for the whole call (kernel fields, outputs, library works
 is one chunk in flight (1.1 covers allocator slack). For p=3, K=27, 3D this is ≈ 400·V + 32 MiB
 + 15.5 kB·N: a 128³ map needs ≈ 0.83 GB plus the chunk.
 
-:func:`box_chunk_voxels` and :func:`chunk_voxels_for_budget` pick the largest chunk that keeps
-this under ``memory_budget_mb``.
+:func:`chunk_voxels_for_budget` picks the largest N that keeps this under ``memory_budget_mb``.
 """
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import math
 
@@ -70,13 +46,16 @@ import torch
 
 from medgen.errors import BadInputError, OutOfMemoryError
 from medgen.progress import Reporter, as_reporter
+from medgen.translate.lmi_box import BoxSumScorer, box_chunk_voxels
 from medgen.translate.lmi_core import (
     DEFAULT_SIGMA,
-    EPSILON,
+    WORKSPACE_BYTES,
     LmiSettings,
     candidate_displacements,
     check_volume_pair,
+    equal_share,
     histogram_entropy,
+    joint_entropy_bits,
     kernel_values,
     marginal_entropy,
     mutual_information_score,
@@ -87,8 +66,6 @@ from medgen.translate.lmi_core import (
 
 #: default budget: a 128³ map with p=3 needs about 0.83 GB fixed, leaving ~12k voxels per chunk
 DEFAULT_MEMORY_BUDGET_MB = 1024.0
-#: allowance for allocator, BLAS and thread-pool workspaces that no tensor accounts for
-WORKSPACE_BYTES = 32 * 2**20
 
 
 def fixed_bytes(batch: int, spatial: tuple[int, ...], settings: LmiSettings) -> int:
@@ -115,12 +92,6 @@ def bytes_per_chunk_voxel(ndim: int, settings: LmiSettings) -> int:
     return int(1.1 * (4 * floats + 8 * indices))
 
 
-def _equal_share(total: int, largest: int) -> int:
-    """Size of equal parts of ``total`` when no part may exceed ``largest``: a short last part would
-    allocate odd sizes that fragment the host heap."""
-    return -(-total // -(-total // largest))
-
-
 def _chunk_voxels(
     batch: int, spatial: tuple[int, ...], fixed: int, per_voxel: int, memory_budget_mb: float
 ) -> int:
@@ -138,7 +109,7 @@ def _chunk_voxels(
             f"at least {needed_mb} MB are needed; raise the budget or use smaller volumes."
         )
     voxels = batch * math.prod(spatial)
-    return _equal_share(voxels, min(voxels, int((budget - fixed) // per_voxel)))
+    return equal_share(voxels, min(voxels, int((budget - fixed) // per_voxel)))
 
 
 def chunk_voxels_for_budget(
@@ -152,52 +123,6 @@ def chunk_voxels_for_budget(
     fixed = fixed_bytes(batch, spatial, settings)
     per_voxel = bytes_per_chunk_voxel(len(spatial), settings)
     return _chunk_voxels(batch, spatial, fixed, per_voxel, memory_budget_mb)
-
-
-def box_fixed_bytes(batch: int, spatial: tuple[int, ...]) -> int:
-    """Bytes the box-sum scorer holds for the whole call: both volumes clamped to [0, 1] (float32),
-    the outputs (score, candidate index, offsets and their reordered copy) and the fixed workspace."""
-    voxels = batch * math.prod(spatial)
-    return (20 + 16 * len(spatial)) * voxels + WORKSPACE_BYTES
-
-
-def box_slab_bytes(items: int, planes: int, spatial: tuple[int, ...], settings: LmiSettings) -> int:
-    """Peak bytes of :class:`_BoxSumScorer` scoring ``planes`` planes (first spatial axis) of ``items`` items.
-
-    Live at once (float32, module formula): the source row sums and three temporaries of the mass
-    (4S); the moving kernel field with its row sums, plus 3K·M for the kernel and box-sum
-    temporaries of the moving field before the candidate loop (which never exceed it); the window
-    rows of both operands of the batched matmul (2pK·R); the two K×K joint buffers (K²·(R+R1));
-    the moving entropy field (U); per voxel the C scores, the source entropy, the int64 voxel index
-    and about nine entropy temporaries ((C+12)·N). Plus 10 % for the allocator, as for the gathers.
-    """
-    window, radius, bins = settings.window, settings.radius, settings.bins
-    half, rest = window // 2, spatial[1:]
-    source = (planes + 2 * half) * math.prod(n + 2 * half for n in rest)
-    moving = (planes + 2 * half + 2 * radius) * math.prod(n + 2 * half + 2 * radius for n in rest)
-    row_plane = math.prod(n + 2 * half for n in rest[:-1]) * rest[-1]  # the last axis is summed by the matmul
-    rows, first_pass = (planes + 2 * half) * row_plane, planes * row_plane
-    entropy_field = (planes + 2 * radius) * math.prod(n + 2 * radius for n in rest)
-    voxels = planes * math.prod(rest)
-    candidates = (2 * radius + 1) ** len(spatial)
-    floats = (
-        4 * source + (4 * bins + 1) * moving + 2 * window * bins * rows + bins**2 * (rows + first_pass)
-        + entropy_field + (candidates + 12) * voxels
-    )
-    return items * int(1.1 * 4 * floats)
-
-
-def box_chunk_voxels(batch: int, spatial: tuple[int, ...], settings: LmiSettings, memory_budget_mb: float) -> int:
-    """Voxels per chunk of the box-sum scorer within ``memory_budget_mb``: as many whole items as fit,
-    else as many planes of the first spatial axis as fit; 0 when not even one plane fits (the
-    caller then gathers with :class:`_TorchScorer`, whose chunks can be smaller)."""
-    room = memory_budget_mb * 2**20 - box_fixed_bytes(batch, spatial)
-    length, plane_voxels = spatial[0], math.prod(spatial[1:])
-    items = int(room // box_slab_bytes(1, length, spatial, settings))
-    if items >= 1:
-        return _equal_share(batch, min(items, batch)) * length * plane_voxels
-    planes = bisect.bisect_right(range(1, length), room, key=lambda count: box_slab_bytes(1, count, spatial, settings))
-    return _equal_share(length, planes) * plane_voxels if planes else 0
 
 
 def _axis_sample_coordinates(length: int, settings: LmiSettings, displaced: bool, device: torch.device) -> torch.Tensor:
@@ -259,17 +184,6 @@ def _window_indices(
     return flat.reshape(flat.shape[0], -1)
 
 
-def _joint_entropy_bits(joint: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-    """Entropy in bits of each unnormalised joint histogram ``(N, K, K)`` of total ``mass``; overwrites ``joint``.
-
-    Uses -Σ (J/Z)·ln(J/Z) = (Σ entr(J) + S·ln Z)/Z with S = Σ J and Z = S + ε (the released
-    normaliser), which is one elementwise pass instead of the released four.
-    """
-    normaliser = mass + EPSILON
-    plogp_sum = torch.special.entr(joint, out=joint).sum(dim=(1, 2))
-    return (plogp_sum + mass * torch.log(normaliser)) / (normaliser * math.log(2.0))
-
-
 def _kernel_field(volume: torch.Tensor, settings: LmiSettings) -> torch.Tensor:
     """Kernel values of every voxel with one zero-padding plane appended per axis, ``(B·∏(L+1), K)``."""
     ndim = volume.dim() - 2
@@ -321,7 +235,7 @@ def triton_chunk_voxels(batch: int, spatial: tuple[int, ...], settings: LmiSetti
 class _TorchScorer:
     """Candidate scores of a voxel run with PyTorch ops: kernel fields gathered by index, one batched
     matmul per candidate for the joints (see the module docstring for the memory formula). Used for
-    compat mode, and for clean mode when the budget cannot hold one plane for :class:`_BoxSumScorer`."""
+    compat mode, and for clean mode when the budget cannot hold one plane for :class:`BoxSumScorer`."""
 
     def __init__(self, source, moving, spatial, window_tables, candidate_tables, settings):
         self.settings, self.spatial = settings, spatial
@@ -356,152 +270,11 @@ class _TorchScorer:
             joint_and_marginal = torch.bmm(source_windows_t, self.moving_field[rows])  # (N, K+1, K)
             moving_entropy = histogram_entropy(joint_and_marginal[:, -1] / rows.shape[1])
             mass = (source_sample_sums * self.moving_row_sums[rows]).sum(dim=1)
-            joint_entropy = _joint_entropy_bits(joint_and_marginal[:, :-1], mass)
+            joint_entropy = joint_entropy_bits(joint_and_marginal[:, :-1], mass)
             scores[:, index] = mutual_information_score(
                 source_entropy, moving_entropy, joint_entropy, settings.normalize
             )
         return scores
-
-
-def _replicate_region(units: torch.Tensor, first: int, stop: int, halo: int) -> torch.Tensor:
-    """Planes ``first:stop`` of the items ``units`` ``(b, *L)`` grown by ``halo`` voxels on each side of
-    every spatial axis, reading the nearest edge voxel beyond the volume (replicate padding).
-
-    Returns:
-        ``(b, stop - first + 2·halo, L_1 + 2·halo, ...)``.
-    """
-    region = units
-    for axis, length in enumerate(units.shape[1:], start=1):
-        low, high = (first, stop) if axis == 1 else (0, length)
-        coordinates = torch.arange(low - halo, high + halo, device=units.device).clamp(0, length - 1)
-        region = region.index_select(axis, coordinates)
-    return region
-
-
-def _box_sum(
-    field: torch.Tensor, width: int, axes: tuple[int, ...], buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-) -> torch.Tensor:
-    """Sums of ``width`` consecutive entries along each of ``axes`` (valid part: each axis shrinks by
-    ``width - 1``), one pass of ``width - 1`` elementwise adds per axis (a separable box filter).
-
-    With ``buffers`` (two flat tensors, ``field`` a view of the first) the passes write alternately
-    into the second and the first instead of allocating; the result is a contiguous view of one.
-    """
-    if width == 1:
-        return field
-    for step, axis in enumerate(axes):
-        length = field.shape[axis] - width + 1
-        shape = field.shape[:axis] + (length,) + field.shape[axis + 1 :]
-        out = None if buffers is None else buffers[(step + 1) % 2][: math.prod(shape)].view(shape)
-        out = torch.add(field.narrow(axis, 0, length), field.narrow(axis, 1, length), out=out)
-        for offset in range(2, width):
-            out += field.narrow(axis, offset, length)
-        field = out
-    return field
-
-
-def _window_rows(kernels: torch.Tensor, window: int) -> torch.Tensor:
-    """The windows along the last spatial axis of a kernel field ``(b, *E, K)`` as matmul operands
-    ``(b, *E[:-1], E_last - window + 1, K, window)`` (a strided view)."""
-    return kernels.unfold(kernels.dim() - 2, window, 1)
-
-
-def _plane_boxes(first: int, stop: int, length: int) -> list[tuple[slice, slice]]:
-    """Split the run of planes ``first:stop`` (plane g is plane g % length of item g // length) into
-    boxes ``(items, planes)``: consecutive whole items together, a partial item on its own."""
-    boxes = []
-    while first < stop:
-        item, plane = divmod(first, length)
-        if plane == 0 and stop - first >= length:
-            count = (stop - first) // length
-            boxes.append((slice(item, item + count), slice(0, length)))
-            first += count * length
-        else:
-            end = min(length, plane + stop - first)
-            boxes.append((slice(item, item + 1), slice(plane, end)))
-            first += end - plane
-    return boxes
-
-
-class _BoxSumScorer:
-    """Clean-mode candidate scores of a run of whole planes from box sums of per-voxel outer products
-    (module docstring): per candidate, one batched matmul of inner dimension p along the last axis
-    and a separable box filter over the others, in two joint buffers reused by every candidate.
-
-    Written by hand: neither PyTorch nor MONAI has windowed (local) joint histograms, and a K²-channel
-    ``avg_pool`` would divide and re-multiply every sum and sum the window in one p**ndim pass.
-    """
-
-    def __init__(self, source: torch.Tensor, moving: torch.Tensor, settings: LmiSettings):
-        self.settings = settings
-        self.source_units = to_kernel_units(source, settings)[:, 0]  # (B, *L), clamped to [0, 1]
-        self.moving_units = to_kernel_units(moving, settings)[:, 0]
-        ndim = source.dim() - 2
-        self.candidates = list(itertools.product(range(2 * settings.radius + 1), repeat=ndim))
-
-    def __call__(self, voxel: torch.Tensor) -> torch.Tensor:
-        """``(N, C)`` scores of the flat voxel run ``voxel`` (N,), whole planes of the first spatial axis."""
-        spatial = self.source_units.shape[1:]
-        plane_voxels = math.prod(spatial[1:])
-        first = int(voxel[0]) // plane_voxels
-        scores = torch.empty((voxel.numel(), len(self.candidates)), dtype=torch.float32, device=voxel.device)
-        done = 0
-        for items, planes in _plane_boxes(first, first + voxel.numel() // plane_voxels, spatial[0]):
-            count = (items.stop - items.start) * (planes.stop - planes.start) * plane_voxels
-            self._score_box(items, planes, scores[done : done + count])
-            done += count
-        return scores
-
-    def _kernel_terms(
-        self, units: torch.Tensor, items: slice, planes: slice, halo: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Kernel field ``(b, *E, K)`` of the planes of ``units`` grown by ``halo`` per side, its row sums
-        ``(b, *E)`` and the entropies in bits ``(b, *(E - p + 1))`` of the windows that fit inside it."""
-        settings, ndim = self.settings, units.dim() - 1
-        kernels = kernel_values(_replicate_region(units[items], planes.start, planes.stop, halo), settings)
-        window_sums = _box_sum(kernels, settings.window, tuple(range(1, ndim + 1)))
-        entropy = histogram_entropy(window_sums.reshape(-1, settings.bins) / settings.window**ndim)
-        return kernels, kernels.sum(dim=-1), entropy.view(window_sums.shape[:-1])
-
-    def _source_terms(self, items: slice, planes: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Source side of a box, computed once for all candidates: the matmul rows ``(R, K, p)``, the
-        kernel row sums ``(b, *E)`` over the box grown by p//2 and the window entropies ``(b·P·∏L_i,)``."""
-        kernels, sums, entropy = self._kernel_terms(self.source_units, items, planes, self.settings.window // 2)
-        rows = _window_rows(kernels, self.settings.window).reshape(-1, self.settings.bins, self.settings.window)
-        return rows, sums, entropy.reshape(-1)
-
-    def _score_box(self, items: slice, planes: slice, scores: torch.Tensor) -> None:
-        """Write the ``(b·P·∏L_i, C)`` scores of planes ``planes`` of items ``items`` into ``scores``."""
-        settings, ndim = self.settings, self.source_units.dim() - 1
-        window, bins, spatial_axes = settings.window, settings.bins, tuple(range(1, ndim + 1))
-        source_rows, source_sums, source_entropy = self._source_terms(items, planes)
-        # the moving box grown by r more voxels holds the source box shifted by every δ; the moving
-        # window at u+δ is the plain window there, so one entropy field serves every candidate
-        moving, moving_sums, moving_entropy = self._kernel_terms(
-            self.moving_units, items, planes, window // 2 + settings.radius
-        )
-        grown = source_sums.shape  # (b, P+2h, L_1+2h, ...)
-        box_shape = (grown[0], planes.stop - planes.start) + tuple(self.source_units.shape[2:])
-        row_shape = grown[:-1] + box_shape[-1:]  # one matmul row per window along the last axis
-        moving_rows = torch.empty((source_rows.shape[0], window, bins), device=moving.device)
-        # the joint buffers: the matmul's output, and the first box pass's (one axis shrunk to P)
-        buffers = tuple(
-            torch.empty(math.prod(shape) * bins**2, device=moving.device)
-            for shape in (row_shape, box_shape[:2] + row_shape[2:])
-        )
-        for index, shift in enumerate(self.candidates):
-            aligned = (slice(None),) + tuple(slice(step, step + n) for step, n in zip(shift, grown[1:]))
-            moving_rows.view(*row_shape, window, bins).copy_(_window_rows(moving[aligned], window).transpose(-1, -2))
-            joint = torch.bmm(source_rows, moving_rows, out=buffers[0].view(-1, bins, bins))
-            joint = _box_sum(joint.view(*row_shape, bins, bins), window, spatial_axes[:-1], buffers)
-            mass = _box_sum(source_sums * moving_sums[aligned], window, spatial_axes).reshape(-1)
-            centred = (slice(None),) + tuple(slice(step, step + n) for step, n in zip(shift, box_shape[1:]))
-            scores[:, index] = mutual_information_score(
-                source_entropy,
-                moving_entropy[centred].reshape(-1),
-                _joint_entropy_bits(joint.reshape(-1, bins, bins), mass),
-                settings.normalize,
-            )
 
 
 class _TritonScorer:
@@ -525,7 +298,7 @@ class _TritonScorer:
 
 def _scorer_and_chunk(
     source: torch.Tensor, moving: torch.Tensor, settings: LmiSettings, backend: str, memory_budget_mb: float
-) -> tuple[_BoxSumScorer | _TorchScorer | _TritonScorer, int]:
+) -> tuple[BoxSumScorer | _TorchScorer | _TritonScorer, int]:
     """The scorer of one call and its voxels per chunk: box sums for clean mode with PyTorch ops when
     one plane fits the budget, else gathers from kernel fields (PyTorch) or the fused kernel (Triton).
 
@@ -536,7 +309,7 @@ def _scorer_and_chunk(
     if backend == "torch" and not settings.compat:
         chunk_voxels = box_chunk_voxels(batch, spatial, settings, memory_budget_mb)
         if chunk_voxels:
-            return _BoxSumScorer(source, moving, settings), chunk_voxels
+            return BoxSumScorer(source, moving, settings), chunk_voxels
     if backend == "triton":
         chunk_voxels, scorer_class = triton_chunk_voxels(batch, spatial, settings, memory_budget_mb), _TritonScorer
     else:

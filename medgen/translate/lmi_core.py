@@ -13,6 +13,7 @@ from spec ``diffusion_methods.md`` A.3.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,8 @@ from medgen.errors import BadInputError
 
 #: epsilon of the released code, used in every normaliser and inside log2(p + eps)
 EPSILON = 1e-10
+#: allowance for allocator, BLAS and thread-pool workspaces that no tensor accounts for
+WORKSPACE_BYTES = 32 * 2**20
 #: the released code maps [0,1] intensities to 0..255 before binning
 COMPAT_INTENSITY_SCALE = 255.0
 #: kernel standard deviation in [0,1] units equal to the released ``MIsigma: 2`` (2·σ² = 8 grey levels)
@@ -207,3 +210,20 @@ def offsets_from_candidates(candidate_index: torch.Tensor, displacements: torch.
     """Turn per-voxel candidate indices ``(B, *spatial)`` into displacements ``(B, ndim, *spatial)`` int64."""
     offsets = displacements.to(candidate_index.device)[candidate_index]
     return offsets.movedim(-1, 1).contiguous()
+
+
+def equal_share(total: int, largest: int) -> int:
+    """Size of equal parts of ``total`` when no part may exceed ``largest``: a short last part would
+    allocate odd sizes that fragment the host heap."""
+    return -(-total // -(-total // largest))
+
+
+def joint_entropy_bits(joint: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Entropy in bits of each unnormalised joint histogram ``(N, K, K)`` of total ``mass``; overwrites ``joint``.
+
+    Uses -Σ (J/Z)·ln(J/Z) = (Σ entr(J) + S·ln Z)/Z with S = Σ J and Z = S + ε (the released
+    normaliser), which is one elementwise pass instead of the released four.
+    """
+    normaliser = mass + EPSILON
+    plogp_sum = torch.special.entr(joint, out=joint).sum(dim=(1, 2))
+    return (plogp_sum + mass * torch.log(normaliser)) / (normaliser * math.log(2.0))

@@ -85,7 +85,7 @@ def _score_candidate(
     joint = tl.dot(source_kernels_t, moving_kernels, input_precision=DOT)  # (KP, KP)
     moving_entropy = _histogram_entropy_bits(tl.sum(moving_kernels, 0), eps)
     mass = tl.sum(source_sample_sums * tl.sum(moving_kernels, 1), 0)
-    # -Σ (J/Z)·ln(J/Z) = (Σ entr(J) + S·ln Z)/Z with S = Σ J, Z = S + ε (see lmi._joint_entropy_bits)
+    # -Σ (J/Z)·ln(J/Z) = (Σ entr(J) + S·ln Z)/Z with S = Σ J, Z = S + ε (see lmi_core.joint_entropy_bits)
     plogp = tl.where(joint > 0.0, -joint * tl.log(tl.maximum(joint, 1e-38)), 0.0)
     normaliser = mass + eps
     joint_entropy = (tl.sum(tl.sum(plogp, 1), 0) + mass * tl.log(normaliser)) / (normaliser * 0.6931471805599453)
