@@ -63,7 +63,7 @@ def box_fixed_bytes(batch: int, spatial: tuple[int, ...]) -> int:
 
 
 def box_slab_bytes(items: int, planes: int, spatial: tuple[int, ...], settings: LmiSettings) -> int:
-    """Peak bytes of :class:`_BoxSumScorer` scoring ``planes`` planes (first spatial axis) of ``items`` items.
+    """Peak bytes of :class:`BoxSumScorer` scoring ``planes`` planes (first spatial axis) of ``items`` items.
 
     Live at once (float32, module formula): the source row sums and three temporaries of the mass
     (4S); the moving kernel field with its row sums, plus 3K·M for the kernel and box-sum
@@ -91,7 +91,7 @@ def box_slab_bytes(items: int, planes: int, spatial: tuple[int, ...], settings: 
 def box_chunk_voxels(batch: int, spatial: tuple[int, ...], settings: LmiSettings, memory_budget_mb: float) -> int:
     """Voxels per chunk of the box-sum scorer within ``memory_budget_mb``: as many whole items as fit,
     else as many planes of the first spatial axis as fit; 0 when not even one plane fits (the
-    caller then gathers with :class:`_TorchScorer`, whose chunks can be smaller)."""
+    caller then gathers with :class:`medgen.translate.lmi._TorchScorer`, whose chunks can be smaller)."""
     room = memory_budget_mb * 2**20 - box_fixed_bytes(batch, spatial)
     length, plane_voxels = spatial[0], math.prod(spatial[1:])
     items = int(room // box_slab_bytes(1, length, spatial, settings))
