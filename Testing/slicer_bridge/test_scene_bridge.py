@@ -132,22 +132,31 @@ def test_segmentation_from_segment_editor_style_values(mrml_scene, oblique):
 
 
 def test_overlapping_segments_keep_the_later_one_and_are_named_in_a_warning(mrml_scene, oblique, caplog):
+    import vtk
+
+    from medgen.slicer.segmentations import _export_segments
+
     reference = tensor_to_volume_node(MetaTensor(torch.rand(1, 16, 16, 16), affine=torch.from_numpy(oblique)), "ref", scene=mrml_scene)
     segmentation = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nested")
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference)
-    organ, tumour = np.zeros((16, 16, 16), np.uint8), np.zeros((16, 16, 16), np.uint8)
+    organ, tumour, vessel = (np.zeros((16, 16, 16), np.uint8) for _ in range(3))
     organ[2:8, 2:8, 2:8] = 1
     tumour[5:10, 5:10, 5:10] = 1  # 3x3x3 voxels inside the organ
-    for name, mask in (("organ", organ), ("tumour", tumour)):
+    vessel[6, 6, 0:16] = 1  # a row through the tumour (voxels 5..9) and the organ (2..7; 2..4 outside the tumour)
+    for name, mask in (("organ", organ), ("tumour", tumour), ("vessel", vessel)):
         segmentation.GetSegmentation().AddEmptySegment(name, name)
         slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, name, reference)
-    assert segmentation.GetSegmentation().GetNumberOfLayers() == 2
+    assert segmentation.GetSegmentation().GetNumberOfLayers() == 3
     nodes_before = _node_names(mrml_scene)
     with caplog.at_level("WARNING", logger="medgen.slicer.segmentations"):
         labelmap, _ = segmentation_to_labelmap(segmentation, reference)
-    assert segment_overlaps(segmentation, reference) == [("organ", "tumour", 27)]
+    assert segment_overlaps(segmentation, reference) == [("organ", "tumour", 27), ("organ", "vessel", 3), ("tumour", "vessel", 5)]
     assert "'organ' and 'tumour' share 27 voxels" in caplog.text and "keeps the later segment" in caplog.text
-    assert int((labelmap == 2).sum()) == int(tumour.sum()) and int((labelmap == 1).sum()) == int(organ.sum()) - 27
+    assert int((labelmap == 3).sum()) == 16 and int((labelmap == 2).sum()) == int(tumour.sum()) - 5
+    # laying segments over each other gives what Slicer's own export of all segments gives
+    every_segment = vtk.vtkStringArray()
+    segmentation.GetSegmentation().GetSegmentIDs(every_segment)
+    assert torch.equal(labelmap.as_tensor(), _export_segments(segmentation, every_segment, reference).as_tensor())
     assert _node_names(mrml_scene) == nodes_before
 
 

@@ -44,7 +44,8 @@ def segment_name_key(name: str) -> str:
 def segmentation_to_labelmap(segmentation_node, reference_volume_node, *, require_voxels: bool = False) -> tuple[MetaTensor, list[LabelInfo]]:
     """Export all segments onto the reference volume's grid as one label map.
 
-    Where segments overlap the later one keeps the voxel, and a warning names the pairs (:func:`segment_overlaps`).
+    Where segments overlap the later one keeps the voxel, as in Slicer's own export, and a warning names the
+    pairs (:func:`segment_overlaps`).
 
     Args:
         require_voxels: refuse a segmentation with no voxel on the reference grid (training data); generation
@@ -58,8 +59,6 @@ def segmentation_to_labelmap(segmentation_node, reference_volume_node, *, requir
         BadInputError: no segments, no reference volume (or one without voxels), or, with ``require_voxels``,
             segments that are empty or lie outside the reference volume.
     """
-    import vtk
-
     if segmentation_node is None or segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
         raise BadInputError("The segmentation has no segments. Draw or load at least one segment first.")
     if reference_volume_node is None:
@@ -69,10 +68,14 @@ def segmentation_to_labelmap(segmentation_node, reference_volume_node, *, requir
         raise BadInputError(f"The reference volume '{reference_volume_node.GetName()}' has no image data, so "
                             f"segmentation '{segmentation_node.GetName()}' cannot be exported on its grid; load it first.")
     labels = segment_labels(segmentation_node)
-    segment_ids = vtk.vtkStringArray()
-    segmentation_node.GetSegmentation().GetSegmentIDs(segment_ids)
-    renumbered = _export_segments(segmentation_node, segment_ids, reference_volume_node)
-    _warn_about_overlaps(segmentation_node, reference_volume_node)
+    renumbered, overlaps = _segment_order_labelmap(segmentation_node, reference_volume_node)
+    if overlaps:
+        pairs = "; ".join(f"'{earlier}' and '{later}' share {voxels} voxels" for earlier, later, voxels in overlaps)
+        logging.getLogger(__name__).warning(
+            f"Segments of '{segmentation_node.GetName()}' overlap on the grid of '{reference_volume_node.GetName()}': "
+            f"{pairs}. A label map keeps the later segment there (segment order); remove the overlap in Segment "
+            "Editor if that is not what you drew."
+        )
     lookup = torch.zeros(len(labels) + 1, dtype=torch.int64)
     for position, label in enumerate(labels, start=1):
         lookup[position] = label.value
@@ -103,42 +106,42 @@ def _export_segments(segmentation_node, segment_ids, reference_volume_node) -> M
 
 
 def segment_overlaps(segmentation_node, reference_volume_node) -> list[tuple[str, str, int]]:
-    """Pairs of segments sharing voxels on the reference grid: ``(earlier name, later name, voxels)``.
+    """Segments that take voxels from an earlier segment on the reference grid: ``(earlier name, later name, voxels)``.
 
-    A label map holds one value per voxel, so where segments overlap the export keeps the later
-    segment (right for a tumour drawn inside its organ, a silent loss otherwise). Segments in one
-    shared layer cannot overlap, so only segmentations with several layers are exported segment by segment.
+    A label map holds one value per voxel, so where segments overlap the later segment keeps the voxel
+    (right for a tumour drawn inside its organ, a silent loss otherwise).
+    """
+    return _segment_order_labelmap(segmentation_node, reference_volume_node)[1]
+
+
+def _segment_order_labelmap(segmentation_node, reference_volume_node) -> tuple[MetaTensor, list[tuple[str, str, int]]]:
+    """All segments on the reference grid, values 1..N in segment order (the later segment wins where they
+    overlap, as in Slicer's export), and the overlaps (:func:`segment_overlaps`).
+
+    Segments in one shared layer cannot overlap: one export. Otherwise each segment is exported on its own
+    and laid over the earlier ones, so an overlap is seen where it happens, in one pass over the segments.
     """
     import vtk
 
     segmentation = segmentation_node.GetSegmentation()
+    segment_ids = vtk.vtkStringArray()
+    segmentation.GetSegmentIDs(segment_ids)
     if segmentation.GetNumberOfLayers() < 2:
-        return []
-    masks = []
-    for index in range(segmentation.GetNumberOfSegments()):
+        return _export_segments(segmentation_node, segment_ids, reference_volume_node), []
+    names = [segmentation.GetNthSegment(index).GetName() for index in range(segment_ids.GetNumberOfValues())]
+    labelmap, overlaps = None, []
+    for index in range(segment_ids.GetNumberOfValues()):
         single = vtk.vtkStringArray()
-        single.InsertNextValue(segmentation.GetNthSegmentID(index))
-        mask = _export_segments(segmentation_node, single, reference_volume_node).as_tensor() > 0
-        masks.append((segmentation.GetNthSegment(index).GetName(), mask))
-    overlaps = []
-    for position, (earlier_name, earlier) in enumerate(masks):
-        for later_name, later in masks[position + 1 :]:
-            shared = int((earlier & later).sum())
-            if shared:
-                overlaps.append((earlier_name, later_name, shared))
-    return overlaps
-
-
-def _warn_about_overlaps(segmentation_node, reference_volume_node) -> None:
-    """Log one warning (Slicer's Python console and error log) naming every overlapping pair of segments."""
-    overlaps = segment_overlaps(segmentation_node, reference_volume_node)
-    if overlaps:
-        pairs = "; ".join(f"'{earlier}' and '{later}' share {voxels} voxels" for earlier, later, voxels in overlaps)
-        logging.getLogger(__name__).warning(
-            f"Segments of '{segmentation_node.GetName()}' overlap on the grid of '{reference_volume_node.GetName()}': "
-            f"{pairs}. A label map keeps the later segment there (segment order); remove the overlap in Segment "
-            "Editor if that is not what you drew."
-        )
+        single.InsertNextValue(segment_ids.GetValue(index))
+        exported = _export_segments(segmentation_node, single, reference_volume_node)
+        if labelmap is None:
+            labelmap = MetaTensor(torch.zeros_like(exported.as_tensor()), affine=exported.affine)
+        inside = exported.as_tensor() > 0
+        taken = labelmap.as_tensor()[inside]
+        earlier_values, voxels = torch.unique(taken[taken > 0], return_counts=True)
+        overlaps += [(names[int(value) - 1], names[index], int(count)) for value, count in zip(earlier_values, voxels)]
+        labelmap.as_tensor()[inside] = index + 1
+    return labelmap, overlaps
 
 
 def _color_table_ids(scene) -> set[str]:
