@@ -3,25 +3,41 @@
 Dice loss on softmax outputs, foreground-balanced random patches, AdamW with a cosine learning-rate
 schedule, validation Dice every ``val_every`` steps with early stopping (the best adapter state is
 kept), all on the shared training loop of :mod:`medgen.diffusion` (AMP on GPU, checkpoints with
-exact resume, cancellation between steps, progress with loss and ETA).
+exact resume, cancellation between steps, progress with loss and ETA). A partly frozen model trains
+in ``eval()`` mode (FSEFT: BatchNorm statistics and dropout stay as pretrained); full fine-tuning in
+``train()`` mode.
+
+Besides the training checkpoints, ``checkpoint_dir`` holds the validation history
+(``finetune_state.json``) and the best state so far (``best_state.safetensors``), so a resumed run
+keeps its early-stopping count and returns the best state of the whole run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
 import torch
 from monai.data import MetaTensor
 from monai.losses import DiceLoss
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from medgen.adapt.segmenter import SegmentationModel, predict_probabilities, prepare_volume
 from medgen.diffusion import TrainConfig, train_diffusion
-from medgen.errors import BadInputError
+from medgen.errors import BadInputError, ModelError
 from medgen.io import display_name
+from medgen.io.atomic import atomic_output, write_text_atomic
 from medgen.metrics import dice_per_class
+from medgen.peft import trains_whole_model
 from medgen.progress import Reporter, as_reporter
+
+#: validation history, best Dice and early-stopping count of a run, next to its checkpoints
+STATE_FILE = "finetune_state.json"
+#: the tensors of the best validated state (see :func:`_tracked_state`)
+BEST_STATE_FILE = "best_state.safetensors"
 
 
 @dataclasses.dataclass
@@ -92,9 +108,58 @@ def check_segmentation_labels(model: SegmentationModel, label: torch.Tensor, nam
 
 
 def _validation_dice(model: SegmentationModel, prepared, label: torch.Tensor, device) -> float:
+    """Mean Dice over the foreground classes drawn in the validation label map ``(1, 1, I, J, K)``.
+
+    Classes the map does not hold are not scored: on a multi-class base the user may label one structure,
+    and a class absent from both maps would count as a perfect 1 for a model that misses the structure.
+    """
     probabilities = predict_probabilities(model, prepared.tensor, device)
     dice = dice_per_class(probabilities.argmax(1)[0], label[0, 0], model.num_classes)
-    return float(dice[1:].mean())
+    drawn = [int(value) for value in torch.unique(label) if value > 0]
+    return float(dice[drawn].mean())
+
+
+@dataclasses.dataclass
+class _RunState:
+    """What a fine-tuning run knows besides its training checkpoint: validations so far, the best one
+    (Dice and tensors) and the validations since it."""
+
+    history: list[dict]
+    best_dice: float | None
+    best_state: dict[str, torch.Tensor] | None
+    stale: int
+
+
+def _tracked_state(network: torch.nn.Module, train_mode: bool) -> dict[str, torch.Tensor]:
+    """The tensors training changes: the trainable parameters, plus every buffer (BatchNorm statistics)
+    when it runs in ``train()`` mode."""
+    if train_mode:
+        return dict(network.state_dict(keep_vars=True))
+    return {name: parameter for name, parameter in network.named_parameters() if parameter.requires_grad}
+
+
+def _load_run_state(checkpoint_dir: Path) -> _RunState:
+    """The state :func:`_save_run_state` left in ``checkpoint_dir``, or a fresh one."""
+    state_path = checkpoint_dir / STATE_FILE
+    if not state_path.is_file():
+        return _RunState([], None, None, 0)
+    try:
+        saved = json.loads(state_path.read_text())
+        best_state = load_file(str(checkpoint_dir / BEST_STATE_FILE)) if saved["best_dice"] is not None else None
+        return _RunState(saved["history"], saved["best_dice"], best_state, int(saved["stale"]))
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+        raise ModelError(
+            f"The fine-tuning state in {checkpoint_dir} cannot be read ({error}); use a new output folder to start afresh."
+        ) from error
+
+
+def _save_run_state(checkpoint_dir: Path, run: _RunState, improved: bool) -> None:
+    """Write the best tensors (when ``improved``), then the history that names them; each file atomically."""
+    if improved:
+        with atomic_output(checkpoint_dir / BEST_STATE_FILE) as temporary:
+            save_file({name: tensor.contiguous() for name, tensor in run.best_state.items()}, str(temporary))
+    saved = {"history": run.history, "best_dice": run.best_dice, "stale": run.stale}
+    write_text_atomic(checkpoint_dir / STATE_FILE, json.dumps(saved, indent=2))
 
 
 def finetune_segmentation(
@@ -147,32 +212,37 @@ def finetune_segmentation(
 
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, config.steps) / config.steps)))
-    history, best_dice, best_state, stale, done = [], None, None, 0, 0
-    while done < config.steps:
+    train_mode = trains_whole_model(model.network)
+    checkpoint_dir = Path(checkpoint_dir)
+    run = _load_run_state(checkpoint_dir)
+    done = run.history[-1]["step"] if run.history else 0
+    while done < config.steps and not (val is not None and run.stale >= config.patience):
         target = min(done + config.val_every, config.steps)
         result = train_diffusion(
             model.network, loss_fn, list(range(len(prepared))), optimizer,
             TrainConfig(max_steps=target, batch_size=min(config.batch_size, len(prepared)), amp=config.amp,
-                        checkpoint_every=config.val_every, keep_checkpoints=1, seed=config.seed, grad_clip_norm=None),
+                        checkpoint_every=config.val_every, keep_checkpoints=1, seed=config.seed, grad_clip_norm=None,
+                        train_mode=train_mode),
             checkpoint_dir=checkpoint_dir, lr_scheduler=schedule, reporter=reporter,
         )
         done = result.step
-        entry = {"step": done, "loss": result.last_loss}
+        entry, improved = {"step": done, "loss": result.last_loss}, False
         if val is not None:
             entry["val_dice"] = _validation_dice(model, val[0], val[1], device)
             reporter.log(f"step {done}: validation Dice {entry['val_dice']:.4f}")
-            if best_dice is None or entry["val_dice"] > best_dice:
-                best_dice, stale = entry["val_dice"], 0
-                best_state = {name: p.detach().clone() for name, p in model.network.named_parameters() if p.requires_grad}
+            improved = run.best_dice is None or entry["val_dice"] > run.best_dice
+            if improved:
+                run.best_dice, run.stale = entry["val_dice"], 0
+                run.best_state = {name: tensor.detach().to("cpu", copy=True)
+                                  for name, tensor in _tracked_state(model.network, train_mode).items()}
             else:
-                stale += 1
-        history.append(entry)
-        if val is not None and stale >= config.patience:
-            reporter.log(f"early stop at step {done}: no better validation Dice in {config.patience} checks")
-            break
-    if best_state is not None:
+                run.stale += 1
+            if run.stale >= config.patience:
+                reporter.log(f"early stop at step {done}: no better validation Dice in {config.patience} checks")
+        run.history.append(entry)
+        _save_run_state(checkpoint_dir, run, improved)
+    if run.best_state is not None:
         with torch.no_grad():
-            for name, parameter in model.network.named_parameters():
-                if name in best_state:
-                    parameter.copy_(best_state[name])
-    return FinetuneResult(done, best_dice, history)
+            for name, tensor in _tracked_state(model.network, train_mode).items():
+                tensor.copy_(run.best_state[name])
+    return FinetuneResult(done, run.best_dice, run.history)

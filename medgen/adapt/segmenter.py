@@ -52,6 +52,46 @@ class SegmentationModel:
         return len(self.class_names) + 1
 
 
+def head_class_names(class_names: list[str], options: dict) -> list[str]:
+    """Classes 1.. of a model whose head an adapter replaced (FSEFT), from the adapter's method options.
+
+    Args:
+        class_names: the base model's classes 1..K-1 (class 0, channel 0, is background).
+        options: the adapter's options: ``head_rows`` keeps those output channels of the pretrained head
+            (so their classes, renumbered in that order), ``head_out_channels`` makes a fresh head whose
+            classes are named "class 1".. ; neither keeps ``class_names``.
+
+    Raises:
+        BadInputError: rows that do not keep the background channel first, a row beyond the head, or
+            a fresh head with fewer than two channels.
+    """
+    rows, channels = options.get("head_rows"), options.get("head_out_channels")
+    if rows is not None:
+        names = ["background", *class_names]
+        if len(rows) < 2 or rows[0] != 0 or any(not 0 <= row < len(names) for row in rows):
+            raise BadInputError(
+                f"head_rows {rows} must start with 0 (the background channel) and list at least one of the "
+                f"head's channels 1..{len(names) - 1} ({', '.join(f'{n}: {name}' for n, name in enumerate(names))})."
+            )
+        return [names[row] for row in rows[1:]]
+    if channels is not None:
+        if channels < 2:
+            raise BadInputError(f"head_out_channels must be at least 2 (background and one class), got {channels}.")
+        return [f"class {number}" for number in range(1, channels)]
+    return list(class_names)
+
+
+def relabel_by_name(labels: torch.Tensor, from_names: list[str], to_names: list[str]) -> torch.Tensor:
+    """A label map of classes ``from_names`` (values 1..) as an int64 tensor of the same shape numbered
+    by ``to_names``; classes missing from ``to_names`` become background. Lets a base model be scored on
+    an adapted head's classes."""
+    table = torch.zeros(len(from_names) + 1, dtype=torch.long)
+    for value, name in enumerate(from_names, start=1):
+        table[value] = to_names.index(name) + 1 if name in to_names else 0
+    values = labels.as_tensor() if isinstance(labels, MetaTensor) else labels
+    return table.to(values.device)[values.long()]
+
+
 def _deepbet_normalize(volume: torch.Tensor) -> torch.Tensor:
     from medgen.models import deepbet_preprocess
 

@@ -50,6 +50,8 @@ class TrainConfig:
         shuffle: reshuffle the data every epoch.
         num_workers: DataLoader worker processes; a resume is bit-identical only with 0, because the
             batch-to-worker assignment (and so each item's worker RNG) shifts when a run starts mid-epoch.
+        train_mode: run the model in ``train()`` mode; False keeps it in ``eval()`` mode, so frozen
+            BatchNorm statistics and dropout stay as pretrained (parameter-efficient fine-tuning, FSEFT).
     """
 
     max_steps: int
@@ -64,6 +66,7 @@ class TrainConfig:
     seed: int = 0
     shuffle: bool = True
     num_workers: int = 0
+    train_mode: bool = True
 
 
 @dataclass
@@ -224,7 +227,7 @@ def train_diffusion(
         trained_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     first_micro_batch = start_step * config.grad_accum_steps
     batches = _micro_batches(dataset, config, context, first_micro_batch, collate_fn or default_collate)
-    model.train()
+    model.train(config.train_mode)
     last_loss = None
     started_s = time.monotonic()
     for step in range(start_step + 1, config.max_steps + 1):

@@ -14,7 +14,7 @@ from medgen.peft.inject import inject
 from medgen.peft.merge import merge
 from medgen.peft.methods import METHODS
 from medgen.peft.presets import PRESETS
-from medgen.peft.report import describe, trainable_parameters
+from medgen.peft.report import describe, trainable_parameters, trains_whole_model
 from medgen.peft.tenvoo_conv import TenVOOConv3d
 from medgen.peft.tenvoo_factors import TENVOO_FACTORS, factorize
 from medgen.peft.tenvoo_linear import TenVOOLinear
@@ -32,4 +32,5 @@ __all__ = [
     "merge",
     "save_adapter",
     "trainable_parameters",
+    "trains_whole_model",
 ]

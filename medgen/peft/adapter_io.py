@@ -29,7 +29,11 @@ FORMAT_VERSION = 1
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors an adapter file holds: every trainable parameter and the frozen TenVOO cores θ0, by name."""
+    """The tensors an adapter file holds, by name: every trainable parameter and the frozen TenVOO cores θ0;
+    for full fine-tuning the whole state dict, since training in ``train()`` mode also moves its BatchNorm
+    statistics (parameter-efficient methods train in ``eval()`` mode and leave every buffer as it was)."""
+    if adapter_record(model).method == "full":
+        return dict(model.state_dict(keep_vars=True))
     state = {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
     for module_name, module in model.named_modules():
         if isinstance(module, FrozenCores):
@@ -92,6 +96,8 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             f"adapter directory {str(directory)!r} must hold a readable {CONFIG_FILE} and {WEIGHTS_FILE}: {error}. "
             "Train or save the adapter again (a finetune job or medgen.peft.save_adapter writes one)."
         ) from error
+    if not isinstance(config, dict):
+        raise ModelError(f"{directory / CONFIG_FILE} must hold a JSON object (a {FORMAT} config), found {type(config).__name__}.")
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
         raise ModelError(
             f"{directory / CONFIG_FILE} is not a {FORMAT} v{FORMAT_VERSION} config "
@@ -129,9 +135,10 @@ def load_adapter(base_model: nn.Module, path: str | Path) -> nn.Module:
             f"the adapter in {str(directory)!r} does not fit this model: missing tensors {missing[:5]}, "
             f"unexpected tensors {unexpected[:5]}."
         )
-    wrong_shapes = [name for name, tensor in tensors.items() if tuple(tensor.shape) != tuple(expected[name].shape)]
-    if wrong_shapes:
-        raise ModelError(f"adapter tensors {wrong_shapes[:5]} do not have the shapes this model expects.")
+    wrong = [name for name, tensor in tensors.items()
+             if tuple(tensor.shape) != tuple(expected[name].shape) or tensor.dtype != expected[name].dtype]
+    if wrong:
+        raise ModelError(f"adapter tensors {wrong[:5]} do not have the shapes and data types this model expects.")
     base_hash = base_weights_sha256(model, set(expected))
     if base_hash != config.get("base_weights_sha256"):
         raise ModelError(

@@ -18,6 +18,12 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
 
 
+def trains_whole_model(model: nn.Module) -> bool:
+    """True when every parameter is trainable (full fine-tuning): only then may training update BatchNorm
+    statistics, which an adapter of a partly frozen model does not store (it would no longer fit its base)."""
+    return all(parameter.requires_grad for parameter in model.parameters())
+
+
 def _count_trainable(parameters) -> int:
     return sum(parameter.numel() for parameter in parameters if parameter.requires_grad)
 

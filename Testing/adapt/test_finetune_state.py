@@ -1,0 +1,176 @@
+"""What fine-tuning leaves behind: frozen statistics stay frozen, the validation score means the drawn
+classes, a resumed run keeps its best state, a replaced head brings its own classes, adapter files are checked."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from monai.networks.nets import UNet
+from torch import nn
+
+import medgen.adapt.finetune as finetune
+from medgen.adapt.finetune import FinetuneConfig, finetune_segmentation
+from medgen.adapt.segmenter import SegmentationModel, head_class_names, prepare_volume, relabel_by_name
+from medgen.errors import BadInputError, CancelledError, ModelError
+from medgen.peft import inject, load_adapter, save_adapter
+from medgen.progress import CallbackReporter
+from medgen_testing import blob_case
+
+
+def _batchnorm_model() -> SegmentationModel:
+    """A tiny two-class UNet with BatchNorm (running statistics), on 16³ patches without resampling."""
+    torch.manual_seed(0)
+    network = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,), num_res_units=0, norm="batch")
+    return SegmentationModel(network, ["blob"], None, (16, 16, 16), None, lambda volume: volume, "tiny-bn")
+
+
+def _running_means(network: nn.Module) -> list[torch.Tensor]:
+    return [module.running_mean.clone() for module in network.modules() if isinstance(module, nn.BatchNorm3d)]
+
+
+def _eval_output(network: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return network.eval()(torch.linspace(0, 1, 16**3).view(1, 1, 16, 16, 16))
+
+
+def test_peft_keeps_frozen_batchnorm_statistics_and_full_finetuning_saves_them(oblique, tmp_path):
+    pristine = _batchnorm_model().network.state_dict()
+    for method in ("bitfit", "full"):
+        model = _batchnorm_model()
+        before = _running_means(model.network)
+        inject(model.network, method)
+        finetune_segmentation(model, [blob_case(0, oblique)], FinetuneConfig(steps=2, val_every=2, amp=False),
+                              checkpoint_dir=tmp_path / method / "checkpoints")
+        moved = [not torch.equal(a, b) for a, b in zip(before, _running_means(model.network))]
+        # a partly frozen model trains in eval() mode (FSEFT); full fine-tuning in train() mode
+        assert not any(moved) if method == "bitfit" else all(moved), method
+        save_adapter(model.network, tmp_path / method / "adapter")
+        base = _batchnorm_model().network
+        base.load_state_dict(copy.deepcopy(pristine))
+        load_adapter(base, tmp_path / method / "adapter")  # fits the pristine base in both cases
+        assert torch.allclose(_eval_output(base), _eval_output(model.network), atol=1e-6), method
+
+
+class _FixedPrediction(nn.Module):
+    """Logits that always predict ``labels`` ``(D, H, W)`` among ``classes`` classes."""
+
+    def __init__(self, labels: torch.Tensor, classes: int):
+        super().__init__()
+        self.register_buffer("logits", 10.0 * nn.functional.one_hot(labels, classes).permute(3, 0, 1, 2)[None].float())
+
+    def forward(self, volume):
+        return self.logits.expand(volume.shape[0], -1, -1, -1, -1)
+
+
+def test_validation_dice_scores_only_the_classes_drawn_in_the_reference(oblique):
+    image, label = blob_case(0, oblique)  # 24³, the user drew class 1 only
+    names = ["blob", "organ b", "organ c"]  # a four-class base model
+    missed, extra = torch.zeros_like(label[0]), label[0].clone()
+    extra[:2, :2, :2] = 2  # also marks an organ the user did not draw
+    scores = {}
+    for case, prediction in (("perfect", label[0]), ("misses the blob", missed), ("blob and organ b", extra)):
+        model = SegmentationModel(_FixedPrediction(prediction, 4), names, None, (24, 24, 24), None, lambda v: v, "fixed")
+        prepared, reference = prepare_volume(model, image, label)
+        scores[case] = finetune._validation_dice(model, prepared, reference, torch.device("cpu"))
+    assert scores == {"perfect": 1.0, "misses the blob": 0.0, "blob and organ b": 1.0}
+
+
+def _bitfit_blob_model() -> SegmentationModel:
+    model = _batchnorm_model()
+    inject(model.network, "bitfit")
+    return model
+
+
+def test_a_resumed_run_keeps_its_history_early_stopping_and_best_state(oblique, tmp_path, monkeypatch):
+    dice_at_step = {1: 0.9, 2: 0.5, 3: 0.4, 4: 0.3}
+    trained_to = []
+    real_train = finetune.train_diffusion
+
+    def recording_train(*args, **kwargs):
+        result = real_train(*args, **kwargs)
+        trained_to.append(result.step)
+        return result
+
+    monkeypatch.setattr(finetune, "train_diffusion", recording_train)
+    monkeypatch.setattr(finetune, "_validation_dice", lambda *args: dice_at_step[trained_to[-1]])
+    data, held_out = [blob_case(0, oblique)], blob_case(1, oblique)
+    config = FinetuneConfig(steps=4, val_every=1, patience=10, amp=False)
+
+    def trainable_state(model):
+        return {name: p.detach().clone() for name, p in model.network.named_parameters() if p.requires_grad}
+
+    whole = _bitfit_blob_model()
+    uninterrupted = finetune_segmentation(whole, data, config, checkpoint_dir=tmp_path / "whole", validation=held_out)
+    steps = []
+    cancel_in_step_3 = CallbackReporter(lambda e: steps.append(e) if e["event"] == "progress" else None,
+                                        should_stop=lambda: len(steps) >= 2)
+    with pytest.raises(CancelledError):
+        finetune_segmentation(_bitfit_blob_model(), data, config, checkpoint_dir=tmp_path / "cut", validation=held_out,
+                              reporter=cancel_in_step_3)
+    saved = json.loads((tmp_path / "cut" / finetune.STATE_FILE).read_text())
+    assert [entry["step"] for entry in saved["history"]] == [1, 2] and saved["best_dice"] == 0.9
+    resumed_model = _bitfit_blob_model()
+    resumed = finetune_segmentation(resumed_model, data, config, checkpoint_dir=tmp_path / "cut", validation=held_out)
+    assert resumed.history == uninterrupted.history and resumed.best_val_dice == 0.9
+    best, again = trainable_state(whole), trainable_state(resumed_model)
+    assert all(torch.equal(best[name], again[name]) for name in best)  # the step-1 state, kept across the resume
+
+    # a run that stopped early stays stopped: running it again trains nothing and returns the same best state
+    stopped = finetune_segmentation(_bitfit_blob_model(), data, FinetuneConfig(steps=4, val_every=1, patience=1, amp=False),
+                                    checkpoint_dir=tmp_path / "early", validation=held_out)
+    assert stopped.steps == 2
+    trained_to.clear()
+    rerun = finetune_segmentation(_bitfit_blob_model(), data, FinetuneConfig(steps=4, val_every=1, patience=1, amp=False),
+                                  checkpoint_dir=tmp_path / "early", validation=held_out)
+    assert trained_to == [] and (rerun.steps, rerun.history, rerun.best_val_dice) == (2, stopped.history, 0.9)
+
+
+def test_a_damaged_run_state_is_a_clear_error(oblique, tmp_path):
+    (tmp_path / finetune.STATE_FILE).write_text("{not json")
+    with pytest.raises(ModelError, match="use a new output folder"):
+        finetune_segmentation(_bitfit_blob_model(), [blob_case(0, oblique)], FinetuneConfig(steps=1, amp=False),
+                              checkpoint_dir=tmp_path)
+
+
+def test_a_replaced_head_brings_its_classes(oblique, tmp_path):
+    assert head_class_names(["liver", "spleen", "kidney"], {"head_rows": [0, 2]}) == ["spleen"]
+    assert head_class_names(["liver"], {"head_out_channels": 3}) == ["class 1", "class 2"]
+    assert head_class_names(["liver"], {"rank": 2}) == ["liver"]
+    for options, message in (({"head_rows": [2, 0]}, "must start with 0"), ({"head_rows": [0, 4]}, r"channels 1..3"),
+                             ({"head_out_channels": 1}, "at least 2")):
+        with pytest.raises(BadInputError, match=message):
+            head_class_names(["liver", "spleen", "kidney"], options)
+    base = torch.tensor([[0, 1, 2, 3]])
+    assert torch.equal(relabel_by_name(base, ["liver", "spleen", "kidney"], ["spleen"]), torch.tensor([[0, 0, 1, 0]]))
+
+    # a four-class base whose head keeps background and 'spleen' trains on 0/1 label maps
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 4, 1))
+    model = SegmentationModel(network, ["liver", "spleen", "kidney"], None, (16, 16, 16), None, lambda v: v, "toy")
+    options = {"head": "2", "head_rows": [0, 2]}
+    inject(model.network, "linear-probe", **options)
+    model.class_names = head_class_names(model.class_names, options)
+    result = finetune_segmentation(model, [blob_case(0, oblique)], FinetuneConfig(steps=2, val_every=2, amp=False),
+                                   checkpoint_dir=tmp_path, validation=blob_case(1, oblique))
+    assert model.num_classes == 2 and 0.0 <= result.best_val_dice <= 1.0
+
+
+def test_adapter_files_of_the_wrong_kind_are_model_errors(oblique, tmp_path):
+    model = _bitfit_blob_model()
+    save_adapter(model.network, tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config = config_path.read_text()
+    config_path.write_text(json.dumps("an adapter"))
+    with pytest.raises(ModelError, match="must hold a JSON object"):
+        load_adapter(_batchnorm_model().network, tmp_path / "adapter")
+    config_path.write_text(config)
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({name: tensor.double() for name, tensor in tensors.items()}, str(weights))
+    with pytest.raises(ModelError, match="shapes and data types"):
+        load_adapter(_batchnorm_model().network, tmp_path / "adapter")
