@@ -32,6 +32,16 @@ def test_info_reports_versions_devices_and_job_kinds():
     assert "selftest" in info["job_kinds"]
 
 
+def test_info_of_one_kind_lists_its_inputs_and_parameters_with_defaults():
+    result = _medgen("info", "maskgen")
+    assert result.returncode == 0, result.stderr
+    kind = json.loads(result.stdout)
+    assert kind["kind"] == "maskgen" and "model" in kind["inputs"]["required"]
+    assert kind["params"]["properties"]["candidates"]["default"] == 20 and "thresholds" in kind["params"]["properties"]
+    unknown = _medgen("info", "maskgenn")
+    assert unknown.returncode == 2 and "Unknown job kind 'maskgenn'. Known kinds: evaluate," in unknown.stderr
+
+
 def test_submit_then_run_a_job_folder(tmp_path, oblique):
     image = save_volume(MetaTensor(torch.rand(1, 16, 16, 16), affine=torch.from_numpy(oblique)), tmp_path / "in.nii.gz")
     result = _medgen("submit", "selftest", "--inputs", json.dumps({"image": str(image)}), "--params", '{"steps": 2}',

@@ -10,6 +10,7 @@ from monai.data import MetaTensor
 from medgen.errors import BadInputError, GeometryMismatchError
 from medgen.io import save_volume
 from medgen.labels import LabelInfo
+from medgen.progress import CallbackReporter
 from medgen.synthesis.prepare import check_common_grid, find_nnunet_pairs, load_pairs_from_folder, prepare_pairs
 
 
@@ -38,6 +39,18 @@ def test_nearest_neighbour_keeps_labels_integer_and_never_invents_values(oblique
     image, label = _pair(oblique)
     prepared, _ = prepare_pairs([("a", image, label)], shape=(24, 24, 24), spacing_mm=(0.7, 0.7, 1.9))
     assert set(torch.unique(prepared[0].label).tolist()) == {0, 1, 2}
+
+
+def test_a_crop_that_cuts_labels_off_is_reported_and_a_coarser_spacing_keeps_them(oblique):
+    image, label = _pair(oblique)  # 20×18×14 voxels of 0.8×0.9×2.5 mm, organs near two corners
+    warnings = []
+    reporter = CallbackReporter(lambda event: warnings.append(event["message"]) if "cropping" in event.get("message", "") else None)
+    prepare_pairs([("a", image, label)], shape=(8, 8, 8), reporter=reporter)
+    assert len(warnings) == 1 and "Case 'a': cropping its (20, 18, 14) voxels of [0.8, 0.9, 2.5] mm" in warnings[0]
+    assert "cut off" in warnings[0] and "(--spacing-mm)" in warnings[0]
+    warnings.clear()
+    prepared, _ = prepare_pairs([("a", image, label)], shape=(8, 8, 8), spacing_mm=(3.0, 3.0, 5.0), reporter=reporter)
+    assert warnings == [] and set(torch.unique(prepared[0].label).tolist()) == {0, 1, 2}
 
 
 def test_unnamed_label_values_are_refused_when_names_are_given(oblique):

@@ -140,9 +140,13 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
 def cmd_info(args) -> int:
     import medgen
     from medgen.devices import cuda_usable, describe_device, select_device
-    from medgen.jobs.kinds import known_kinds
+    from medgen.jobs.kinds import get_kind, known_kinds
     from medgen.jobs.manifest import package_versions
 
+    if args.kind:  # one job kind's inputs and parameters (JSON schemas with defaults), for `medgen submit`
+        kind = get_kind(args.kind)
+        print(json.dumps({"kind": kind.name, "summary": kind.summary, "inputs": kind.inputs, "params": kind.params}, indent=2))
+        return 0
     import torch
 
     devices = [describe_device(select_device("cpu"))]
@@ -281,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--case-prefix", default="real")
     export.set_defaults(func=cmd_export_nnunet)
 
-    info = commands.add_parser("info", help="versions, devices, GPU memory and job kinds")
+    info = commands.add_parser("info", help="versions, devices, GPU memory and job kinds; with a kind, its inputs and parameters")
+    info.add_argument("kind", nargs="?", help="a job kind: print its inputs and parameters (JSON schemas with defaults)")
     info.set_defaults(func=cmd_info)
 
     samples = commands.add_parser("sample-data", help="write the offline sample subject (MNI152 + simulated contrasts)")

@@ -38,6 +38,7 @@ def run_synth_train(ctx: JobContext) -> dict:
     pairs, labels = prepare_pairs(
         _training_pairs(ctx), shape=tuple(params["shape"]),
         spacing_mm=tuple(params["spacing_mm"]) if params.get("spacing_mm") else None, labels=label_names,
+        reporter=ctx.reporter,
     )
     ctx.reporter.log(f"{len(pairs)} training pair(s) on a {tuple(params['shape'])} grid, labels: {[l.name for l in labels]}")
     overrides = {name: params[name] for name in CONFIG_OVERRIDES if name in params}

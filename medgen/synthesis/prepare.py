@@ -91,6 +91,17 @@ def _remap(label_map: torch.Tensor, mapping: dict[int, int]) -> torch.Tensor:
     return lookup[label_map.long()]
 
 
+def _warn_about_cropped_labels(case: str, before: MetaTensor, after: MetaTensor, shape, reporter: Reporter) -> None:
+    """Warn when cropping to ``shape`` around the centre cut labelled voxels off a label map ``(1, I, J, K)``."""
+    labelled, kept = int((before > 0).sum()), int((after > 0).sum())
+    if kept < labelled:
+        spacing = [round(float(value), 3) for value in before.pixdim]
+        reporter.log(
+            f"Case {case!r}: cropping its {tuple(before.shape[1:])} voxels of {spacing} mm to the shape {tuple(shape)} "
+            f"around the centre cut off {labelled - kept} of its {labelled} labelled voxels; give a coarser spacing "
+            "(--spacing-mm) to resample the pairs into the shape instead.", "warning")
+
+
 def prepare_pairs(
     pairs: list[tuple[str, MetaTensor, MetaTensor]],
     *,
@@ -105,12 +116,14 @@ def prepare_pairs(
     Args:
         pairs: ``(case, image, label)`` with image ``(1, I, J, K)`` float and label ``(1, I, J, K)`` int,
             each pair on one grid (checked).
-        shape: output grid shape ``(I, J, K)`` (voxels); cropped or zero-padded around the centre.
-        spacing_mm: output spacing; None keeps each case's own spacing.
+        shape: output grid shape ``(I, J, K)`` (voxels); cropped or zero-padded around the centre (a crop that
+            cuts labelled voxels off is reported as a warning).
+        spacing_mm: resample to this spacing (trilinear images, nearest labels) before the crop; None keeps
+            each case's own spacing.
         labels: names of the original label values (None: ``Label <v>``).
         intensity_percentiles: image values at these percentiles map to 0 and 1 (then clipped).
         reporter: receives a warning when label values are renumbered (label maps given to the trained
-            model, e.g. generation masks, must use the new values).
+            model, e.g. generation masks, must use the new values) and when a crop cuts labels off.
 
     Returns:
         ``(prepared pairs, labels with values 1..K-1)``.
@@ -126,19 +139,19 @@ def prepare_pairs(
     if renumbered:
         as_reporter(reporter).log(f"Label values renumbered 1..{len(new_labels)} ({', '.join(renumbered)}): label maps "
                                   "given to the trained model must use the new values (medgen_model.json lists them).", "warning")
-    steps = []
-    if spacing_mm is not None:
-        steps.append(Spacingd(keys=("image", "label"), pixdim=spacing_mm, mode=("bilinear", "nearest")))
-    steps += [
+    resample = Spacingd(keys=("image", "label"), pixdim=spacing_mm, mode=("bilinear", "nearest")) if spacing_mm else None
+    fit = Compose([
         ResizeWithPadOrCropd(keys=("image", "label"), spatial_size=shape),
         ScaleIntensityRangePercentilesd(
             keys="image", lower=intensity_percentiles[0], upper=intensity_percentiles[1], b_min=0.0, b_max=1.0, clip=True
         ),
-    ]
-    transform = Compose(steps)
+    ])
     prepared = []
     for case, image, label in pairs:
-        out = transform({"image": image.float(), "label": label.float()})
+        pair = {"image": image.float(), "label": label.float()}
+        pair = resample(pair) if resample is not None else pair
+        out = fit(pair)
+        _warn_about_cropped_labels(case, pair["label"], out["label"], shape, as_reporter(reporter))
         prepared.append(
             PreparedPair(
                 case=case,
