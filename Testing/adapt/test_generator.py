@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,8 +10,12 @@ import pytest
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
-from medgen.adapt.generator import GeneratorFinetuneConfig, finetune_generator, sample_volumes
-from medgen.errors import BadInputError
+from monai.networks.schedulers import DDPMScheduler
+
+from medgen.adapt.generator import DiffusionSettings, GeneratorFinetuneConfig, finetune_generator, sample_volumes
+from medgen.errors import BadInputError, ModelError
+from medgen.models import ModelSpec
+from medgen.models.spec import DIFFUSION_FIELDS
 from medgen.peft import inject, load_adapter, save_adapter, trainable_parameters
 
 
@@ -37,10 +42,11 @@ def test_tenvoo_generator_finetuning_trains_only_the_adapter_and_lowers_the_loss
     frozen_before = {name: p.detach().clone() for name, p in unet.named_parameters()}
     inject(unet, "tenvoo-l", rank=2, exclude_first_last_conv=False)
     assert 0 < trainable_parameters(unet) < sum(p.numel() for p in frozen_before.values())
-    config = GeneratorFinetuneConfig(steps=2, lr=1e-3, num_train_timesteps=50, amp=False, checkpoint_every=100)
-    first = finetune_generator(unet, _volumes(), config, checkpoint_dir=tmp_path / "a")
+    config = GeneratorFinetuneConfig(steps=2, lr=1e-3, amp=False, checkpoint_every=100)
+    short = DiffusionSettings(num_train_timesteps=50)
+    first = finetune_generator(unet, _volumes(), config, checkpoint_dir=tmp_path / "a", diffusion=short)
     config.steps = 12
-    last = finetune_generator(unet, _volumes(), config, checkpoint_dir=tmp_path / "a")
+    last = finetune_generator(unet, _volumes(), config, checkpoint_dir=tmp_path / "a", diffusion=short)
     assert last < first
     for name, parameter in unet.named_parameters():
         base_name = name.replace(".base_layer", "")
@@ -54,10 +60,54 @@ def test_tenvoo_generator_finetuning_trains_only_the_adapter_and_lowers_the_loss
 
 def test_sampling_gives_volumes_in_range_deterministically():
     unet = _unet()
-    a = sample_volumes(unet, 2, (8, 8, 8), num_train_timesteps=20, seed=3)
-    b = sample_volumes(unet, 2, (8, 8, 8), num_train_timesteps=20, seed=3)
+    short = DiffusionSettings(num_train_timesteps=20)
+    a = sample_volumes(unet, 2, (8, 8, 8), diffusion=short, seed=3)
+    b = sample_volumes(unet, 2, (8, 8, 8), diffusion=short, seed=3)
     assert a.shape == (2, 1, 8, 8, 8) and torch.equal(a, b)
     assert 0.0 <= float(a.min()) and float(a.max()) <= 1.0
+
+
+def test_default_diffusion_settings_are_the_tenvoo_papers():
+    """Spec tenvoo.md §7.2: scaled_linear_beta 0.0005..0.0195, T = 1000; a spec without the field gets them."""
+    scheduler = DiffusionSettings.from_spec(ModelSpec(network="DiffusionModelUNet")).scheduler()
+    paper = DDPMScheduler(num_train_timesteps=1000, schedule="scaled_linear_beta", beta_start=0.0005, beta_end=0.0195)
+    assert torch.equal(scheduler.betas, paper.betas) and scheduler.prediction_type == "epsilon"
+    assert float(scheduler.alphas_cumprod[500]) == pytest.approx(0.226, abs=5e-4)
+    assert DiffusionSettings().intensity_range == (0.0, 1.0)
+    assert {field.name for field in dataclasses.fields(DiffusionSettings)} == set(DIFFUSION_FIELDS)
+
+
+def test_diffusion_settings_come_from_the_spec():
+    diffusion = {"schedule": "linear_beta", "beta_start": 1e-4, "beta_end": 0.02, "num_train_timesteps": 30,
+                 "intensity_range": [-1, 1]}
+    settings = DiffusionSettings.from_spec(ModelSpec(network="DiffusionModelUNet", diffusion=diffusion))
+    assert settings == DiffusionSettings("linear_beta", 1e-4, 0.02, 30, (-1.0, 1.0))
+    assert torch.equal(settings.scheduler().betas, DDPMScheduler(num_train_timesteps=30, schedule="linear_beta").betas)
+
+
+@pytest.mark.parametrize("network, diffusion, message", [
+    ("DiffusionModelUNet", {"T": 1000}, r"unknown fields \['T'\]"),
+    ("DiffusionModelUNet", {"schedule": "cosine"}, "schedule 'cosine' is not supported"),
+    ("DiffusionModelUNet", {"beta_start": 0.02}, "beta_start and beta_end together"),
+    ("DiffusionModelUNet", {"beta_start": 0.02, "beta_end": 0.001}, r"beta_start \(0.02\) must be below beta_end"),
+    ("DiffusionModelUNet", {"beta_start": 0, "beta_end": 0.02}, r"beta_start must be a number in \(0, 1\), found 0"),
+    ("DiffusionModelUNet", {"num_train_timesteps": True}, "num_train_timesteps must be an integer >= 2, found True"),
+    ("DiffusionModelUNet", {"intensity_range": [1, 0]}, r"intensity_range must be \[lo, hi\] with lo < hi"),
+    ("UNet", {"num_train_timesteps": 10}, "describes a DDPM generator, but the network is a UNet"),
+])
+def test_bad_diffusion_field_is_a_clear_model_error(network, diffusion, message):
+    with pytest.raises(ModelError, match=message):
+        ModelSpec(network=network, diffusion=diffusion)
+
+
+def test_intensity_range_round_trip_and_sampling_range():
+    settings = DiffusionSettings(num_train_timesteps=10, intensity_range=(-1.0, 1.0))
+    volumes = torch.rand(2, 1, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(settings.to_model_range(torch.tensor([0.0, 0.5, 1.0])), torch.tensor([-1.0, 0.0, 1.0]))
+    model_range = settings.to_model_range(volumes)
+    assert torch.allclose(settings.from_model_range(model_range), volumes, atol=1e-6)
+    samples = sample_volumes(_unet(), 1, (8, 8, 8), diffusion=settings)
+    assert 0.0 <= float(samples.min()) and float(samples.max()) <= 1.0
 
 
 def test_volumes_of_different_shapes_are_refused(tmp_path):
@@ -70,17 +120,20 @@ def test_generator_jobs_through_the_worker(tmp_path, oblique):
 
     from medgen.io import load_volume, save_volume
     from medgen.jobs.exit_codes import ExitCode
-    from medgen.models import ModelSpec, save_model
+    from medgen.models import save_model
     from medgen.slicer.runner import run_job_blocking, write_job
 
     kwargs = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "channels": [8, 16], "attention_levels": [False, False],
               "num_res_blocks": 1, "norm_num_groups": 8}
-    save_model(_unet(), ModelSpec(network="DiffusionModelUNet", kwargs=kwargs, name="tiny-ddpm"), tmp_path / "ddpm")
+    spec = ModelSpec(network="DiffusionModelUNet", kwargs=kwargs, name="tiny-ddpm", diffusion={"num_train_timesteps": 20})
+    save_model(_unet(), spec, tmp_path / "ddpm")
     paths = [str(save_volume(MetaTensor(v, affine=torch.from_numpy(oblique)), tmp_path / f"v{i}.nii.gz")) for i, v in enumerate(_volumes(2))]
-    params = {"shape": [8, 8, 8], "num_train_timesteps": 20}
+    params = {"shape": [8, 8, 8]}
     tune = run_job_blocking(write_job(tmp_path / "jobs", "finetune-generator", {"volumes": paths, "model_folder": str(tmp_path / "ddpm")},
                                       {**params, "method_options": {"rank": 2, "exclude_first_last_conv": False}, "steps": 3}), timeout_s=600)
     assert tune.returncode == ExitCode.OK, tune.error
+    assert tune.result["diffusion"]["num_train_timesteps"] == 20  # from the folder's spec, the rest the paper's
+    assert tune.result["diffusion"]["schedule"] == "scaled_linear_beta"
     draw = run_job_blocking(write_job(tmp_path / "jobs", "sample-generator", {"model_folder": str(tmp_path / "ddpm"),
                                       "adapter": tune.result["outputs"]["adapter"], "reference": paths[0]}, {**params, "count": 2}), timeout_s=600)
     assert draw.returncode == ExitCode.OK, draw.error

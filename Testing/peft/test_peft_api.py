@@ -237,3 +237,61 @@ def test_head_rows_zero_shot_initialisation():
     with torch.no_grad():
         assert torch.equal(probe(volume), reference)
     assert trainable_parameters(probe) == 2 * 4 + 2
+
+
+class _NestedSameName(nn.Module):
+    """A top-level ``conv`` and a deeper ``block.conv``: names that differ only by a prefix."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(4, 4, 3, padding=1)
+        self.block = nn.Sequential()
+        self.block.add_module("conv", nn.Conv3d(4, 4, 3, padding=1))
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_hf_tuners_wrap_exactly_the_selected_modules(method):
+    adapted = inject(_NestedSameName(), method, target_modules=r"^conv$")
+    trainable = {name.split(".")[0] for name, parameter in adapted.named_parameters() if parameter.requires_grad}
+    assert trainable == {"conv"}
+    assert type(adapted.block.conv) is nn.Conv3d
+    assert [layer["name"] for layer in describe(adapted)["layers"]] == ["conv"]
+
+
+class _GroupedLast(nn.Module):
+    """A plain conv TenVOO can wrap, then a grouped conv it refuses: inject fails after the first layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv3d(8, 8, 3, padding=1)
+        self.b = nn.Conv3d(8, 8, 3, padding=1, groups=8)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("tenvoo-l", {"rank": 2}, "groups=8"),
+    ("lora", {"head": "missing"}, "missing"),
+    ("tenvoo-l", {"rank": 2, "head": "a", "head_out_channels": 8}, "groups=8"),
+])
+def test_failed_inject_leaves_model_unchanged(method, options, message):
+    model = _GroupedLast()
+    model.a.bias.requires_grad_(False)
+    calls = []
+    handle = model.register_forward_hook(lambda module, args, output: calls.append(1))
+    volume = torch.randn(1, 8, 6, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(volume)
+    modules_before = list(model.named_modules())
+    flags_before = [(name, parameter.requires_grad) for name, parameter in model.named_parameters()]
+    with pytest.raises(BadInputError, match=message):
+        inject(model, method, **options)
+    assert list(model.named_modules()) == modules_before
+    assert [(name, parameter.requires_grad) for name, parameter in model.named_parameters()] == flags_before
+    with torch.no_grad():
+        assert torch.equal(model(volume), before)
+    handle.remove()
+    model(volume)
+    assert len(calls) == 2
+    inject(model, "tenvoo-l", target_modules=r"^a$", rank=2)  # no leftover record refuses a second attempt

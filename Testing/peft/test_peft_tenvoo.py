@@ -395,6 +395,50 @@ def test_inference_weight_cache():
         assert torch.equal(layer.adapted_weight(), layer._compute_adapted_weight())
 
 
+# ways of replacing weights that bypass version counters but change the storage; the inference cache follows them
+REPLACING_WRITES = {
+    "core .data = new": lambda layer: setattr(layer.cores["3"], "data", torch.randn_like(layer.cores["3"])),
+    "vector_to_parameters": lambda layer: torch.nn.utils.vector_to_parameters(
+        torch.randn_like(torch.nn.utils.parameters_to_vector(layer.cores.parameters())), layer.cores.parameters()
+    ),
+    "W0 .data = new": lambda layer: setattr(layer.base.weight, "data", layer.base.weight.data * 2),
+}
+# in-place writes through .data change neither version nor storage: documented as needing clear_caches()
+IN_PLACE_DATA_WRITES = {
+    "core .data.copy_": lambda layer: layer.cores["0"].data.copy_(torch.randn_like(layer.cores["0"])),
+    "θ0 .data.add_": lambda layer: layer.cores_init.as_dict()["5"].data.add_(0.1),
+    "W0 .data.mul_": lambda layer: layer.base.weight.data.mul_(2),
+}
+
+
+def _expected_weight(layer):
+    return layer.base.weight + uncached_update(layer).float()
+
+
+@pytest.mark.parametrize("write", list(REPLACING_WRITES))
+def test_inference_weight_cache_follows_replaced_storage(write):
+    layer = TenVOOConv3d(nn.Conv3d(32, 64, 3), 4, "l")
+    perturb_cores(layer)
+    with torch.no_grad():
+        cached = layer.adapted_weight().clone()
+        REPLACING_WRITES[write](layer)
+        expected = _expected_weight(layer)
+        assert (layer.adapted_weight() - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+        assert not torch.equal(layer.adapted_weight(), cached)
+
+
+@pytest.mark.parametrize("write", list(IN_PLACE_DATA_WRITES))
+def test_clear_caches_after_an_in_place_data_write(write):
+    layer = TenVOOConv3d(nn.Conv3d(32, 64, 3), 4, "l")
+    perturb_cores(layer)
+    with torch.no_grad():
+        layer.adapted_weight()
+        IN_PLACE_DATA_WRITES[write](layer)
+        layer.clear_caches()
+        expected = _expected_weight(layer)
+        assert (layer.adapted_weight() - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+
+
 def test_grouped_updates_match_per_layer():
     """prepare_updates contracts layers of equal core shapes together; values and gradients equal the per-layer path."""
     from medgen.peft.tenvoo_layer import prepare_updates

@@ -429,3 +429,48 @@ def test_conditioning_embedding_passes_the_mask_to_its_zero_conv():
         features = block(features)
     assert float(features.std(dim=(2, 3, 4)).mean()) > 0.05
     assert not embedding.conv_out.conv.weight.any()  # still a zero convolution
+
+
+class _HashTextTower(torch.nn.Module):
+    """Stand-in for a local text model: a frozen embedding of each text's character codes, ``(B, 4, E)``."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+        self.table = torch.nn.Embedding(128, width)
+        self.calls = 0
+
+    def forward(self, texts):
+        self.calls += 1
+        codes = torch.tensor([[ord(c) % 128 for c in (text + "    ")[:4]] for text in texts])
+        return self.table(codes)
+
+
+def test_a_local_text_model_conditions_training_and_is_needed_again_to_load(tmp_path, model_dir):
+    from medgen.synthesis.prompts import FrozenTextEncoder
+
+    config = MaskGenConfig.tiny(**FAST)
+    torch.manual_seed(0)
+    tower = _HashTextTower(config.prompt_embedding_dim)
+    encoder = FrozenTextEncoder(tower, context_length=4, embedding_dim=config.prompt_embedding_dim)
+    sources, targets = [phantom(seed, LUT_A) for seed in range(2)], [phantom(10 + seed, LUT_B)[0] for seed in range(2)]
+    with pytest.raises(BadInputError, match="embedding width 3 must equal"):
+        train_maskgen(sources, targets, ["liver", "kidney"], tmp_path / "narrow", config, source_prompt=SOURCE, target_prompt=TARGET,
+                      prompt_encoder=FrozenTextEncoder(tower, context_length=4, embedding_dim=3))
+    folder = train_maskgen(sources, targets, ["liver", "kidney"], tmp_path / "text", config, source_prompt=SOURCE,
+                           target_prompt=TARGET, prompt_encoder=encoder)
+    # the frozen text model is in no checkpoint and no weights file; each distinct prompt was encoded once
+    assert json.loads((folder / "medgen_model.json").read_text())["prompt_encoder"] == {
+        "kind": "text", "context_length": 4, "embedding_dim": config.prompt_embedding_dim}
+    assert not (folder / "prompt_encoder.safetensors").exists()
+    assert not [key for key in load_file(str(folder / "unet.safetensors")) if "table" in key or "prompt_encoder" in key]
+    assert tower.calls <= 3  # source, target and empty prompt, each once
+    with pytest.raises(ModelError, match="trained with a local text model"):
+        MaskGenModel.load(folder)
+    with pytest.raises(ModelError, match="returns 5 x"):
+        MaskGenModel.load(folder, prompt_encoder=FrozenTextEncoder(tower, context_length=5, embedding_dim=config.prompt_embedding_dim))
+    label = phantom(20, LUT_A)[1]
+    images = generate_candidates(folder, label, TARGET, count=2, chunk=2, steps=2, prompt_encoder=encoder)
+    assert images.shape == (2, 1, SIZE, SIZE, SIZE) and torch.isfinite(images).all()
+    with pytest.raises(ModelError, match="learned prompt table"):
+        MaskGenModel.load(model_dir, prompt_encoder=encoder)

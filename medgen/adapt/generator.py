@@ -2,8 +2,10 @@
 
 The generator is a MONAI ``DiffusionModelUNet`` predicting noise; training minimises the MSE between
 true and predicted noise at uniform random timesteps (``medgen.diffusion.noise_prediction_loss``) on
-the shared loop (AMP on GPU, EMA off by default, checkpoints with exact resume, cancellation).
-Volumes are scaled to [-1, 1] from the [0, 1] range of the user's (normalised) data.
+the shared loop (AMP on GPU, EMA off by default, checkpoints with exact resume, cancellation); a partly frozen
+UNet trains in ``eval()`` mode, as in segmentation fine-tuning.
+The noise schedule and the intensity range are those the generator was pretrained with
+(:class:`DiffusionSettings`, read from its model spec); the user's volumes come in [0, 1].
 """
 
 from __future__ import annotations
@@ -17,7 +19,59 @@ from monai.networks.schedulers import DDPMScheduler
 
 from medgen.diffusion import TrainConfig, noise_prediction_loss, sample, train_diffusion, unet_denoiser
 from medgen.errors import BadInputError
+from medgen.models.spec import ModelSpec
+from medgen.peft import trains_whole_model
 from medgen.progress import Reporter
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionSettings:
+    """How a pretrained DDPM generator was trained (model spec field ``diffusion``, checked there).
+
+    Defaults are the TenVOO paper's (spec tenvoo.md §7.2–7.3): epsilon prediction on volumes in [0, 1] with
+    MONAI's ``scaled_linear_beta`` schedule, betas = linspace(√0.0005, √0.0195, 1000)².
+
+    Args:
+        schedule: MONAI ``NoiseSchedules`` name taking a beta range (``linear_beta``, ``scaled_linear_beta``,
+            ``sigmoid_beta``).
+        beta_start: first beta.
+        beta_end: last beta.
+        num_train_timesteps: T.
+        intensity_range: (lo, hi) the training volumes were scaled to; [0, 1] volumes are mapped linearly onto it.
+    """
+
+    schedule: str = "scaled_linear_beta"
+    beta_start: float = 0.0005
+    beta_end: float = 0.0195
+    num_train_timesteps: int = 1000
+    intensity_range: tuple[float, float] = (0.0, 1.0)
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> DiffusionSettings:
+        """The settings of a generator's model spec; fields it leaves out keep the paper's values."""
+        settings = dict(spec.diffusion)
+        if "intensity_range" in settings:
+            settings["intensity_range"] = tuple(float(bound) for bound in settings["intensity_range"])
+        return cls(**settings)
+
+    def scheduler(self) -> DDPMScheduler:
+        """The DDPM scheduler (epsilon prediction, x0 clipped to [-1, 1] as MONAI's default, widened to
+        ``intensity_range`` when it reaches further)."""
+        low, high = self.intensity_range
+        return DDPMScheduler(
+            num_train_timesteps=self.num_train_timesteps, schedule=self.schedule, beta_start=self.beta_start,
+            beta_end=self.beta_end, clip_sample=True, clip_sample_min=min(-1.0, low), clip_sample_max=max(1.0, high),
+        )
+
+    def to_model_range(self, volumes: torch.Tensor) -> torch.Tensor:
+        """Map intensities in [0, 1] (any shape) linearly onto ``intensity_range``."""
+        low, high = self.intensity_range
+        return low + (high - low) * volumes
+
+    def from_model_range(self, volumes: torch.Tensor) -> torch.Tensor:
+        """Map generated intensities back from ``intensity_range`` to [0, 1], clamped."""
+        low, high = self.intensity_range
+        return ((volumes - low) / (high - low)).clamp(0, 1)
 
 
 @dataclasses.dataclass
@@ -28,7 +82,6 @@ class GeneratorFinetuneConfig:
         steps: optimiser steps.
         batch_size: volumes per step.
         lr: Adam learning rate.
-        num_train_timesteps: T of the pretrained model's linear-beta schedule.
         amp: bf16 autocast on CUDA.
         checkpoint_every: steps between checkpoints.
         seed: data order and noise.
@@ -37,15 +90,9 @@ class GeneratorFinetuneConfig:
     steps: int = 200
     batch_size: int = 1
     lr: float = 1e-4
-    num_train_timesteps: int = 1000
     amp: bool = True
     checkpoint_every: int = 50
     seed: int = 0
-
-
-def training_scheduler(num_train_timesteps: int) -> DDPMScheduler:
-    """The DDPM schedule of the TenVOO paper's generator (MONAI linear beta, epsilon prediction)."""
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, schedule="linear_beta", clip_sample=True)
 
 
 def finetune_generator(
@@ -54,18 +101,23 @@ def finetune_generator(
     config: GeneratorFinetuneConfig,
     *,
     checkpoint_dir: str | Path,
+    diffusion: DiffusionSettings | None = None,
     device: torch.device | str = "cpu",
     reporter: Reporter | None = None,
 ) -> float | None:
-    """Fine-tune the trainable parameters of ``unet`` on ``volumes`` ``(1, D, H, W)`` in [0, 1]; returns the last loss."""
+    """Fine-tune the trainable parameters of ``unet`` on ``volumes`` ``(1, D, H, W)`` in [0, 1]; returns the last loss.
+
+    ``diffusion``: how ``unet`` was pretrained (default: the TenVOO paper's settings).
+    """
     if not volumes:
         raise BadInputError("Generator fine-tuning needs at least one volume.")
     shapes = {tuple(volume.shape) for volume in volumes}
     if len(shapes) != 1:
         raise BadInputError(f"All training volumes must share one shape for the generator; got {sorted(shapes)}.")
+    diffusion = diffusion or DiffusionSettings()
     device = torch.device(device)
-    data = torch.stack([volume.float().clamp(0, 1) * 2 - 1 for volume in volumes])
-    scheduler = training_scheduler(config.num_train_timesteps)
+    data = diffusion.to_model_range(torch.stack([volume.float().clamp(0, 1) for volume in volumes]))
+    scheduler = diffusion.scheduler()
     unet.to(device)
 
     def loss_fn(network, batch):
@@ -75,7 +127,8 @@ def finetune_generator(
     result = train_diffusion(
         unet, loss_fn, list(range(len(volumes))), torch.optim.Adam(trainable, lr=config.lr),
         TrainConfig(max_steps=config.steps, batch_size=min(config.batch_size, len(volumes)), amp=config.amp,
-                    checkpoint_every=config.checkpoint_every, keep_checkpoints=1, seed=config.seed),
+                    checkpoint_every=config.checkpoint_every, keep_checkpoints=1, seed=config.seed,
+                    train_mode=trains_whole_model(unet)),
         checkpoint_dir=checkpoint_dir, reporter=reporter,
     )
     return result.last_loss
@@ -86,16 +139,21 @@ def sample_volumes(
     count: int,
     shape: tuple[int, int, int],
     *,
-    num_train_timesteps: int = 1000,
+    diffusion: DiffusionSettings | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
     reporter: Reporter | None = None,
 ) -> torch.Tensor:
-    """Draw ``count`` volumes ``(count, 1, *shape)`` in [0, 1] with full ancestral DDPM sampling."""
+    """Draw ``count`` volumes ``(count, 1, *shape)`` in [0, 1] with full ancestral DDPM sampling (T steps).
+
+    ``diffusion``: how ``unet`` was pretrained (default: the TenVOO paper's settings).
+    """
+    diffusion = diffusion or DiffusionSettings()
     device = torch.device(device)
-    scheduler = training_scheduler(num_train_timesteps)
     generator = torch.Generator(device=device).manual_seed(seed)
     noise = torch.randn((count, 1, *shape), generator=generator, device=device)
     unet.eval().to(device)
-    samples = sample(unet_denoiser(unet), scheduler, noise, generator=generator, reporter=reporter, phase="sampling")
-    return ((samples.clamp(-1, 1) + 1) / 2).cpu()
+    samples = sample(
+        unet_denoiser(unet), diffusion.scheduler(), noise, generator=generator, reporter=reporter, phase="sampling"
+    )
+    return diffusion.from_model_range(samples).cpu()

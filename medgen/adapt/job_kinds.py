@@ -88,13 +88,12 @@ register(
 )
 
 _GENERATOR_SHAPE = {"type": "array", "items": {"type": "integer", "minimum": 4}, "minItems": 3, "maxItems": 3, "default": [32, 32, 32]}
-_TIMESTEPS = {"type": "integer", "minimum": 2, "maximum": 4000, "default": 1000}
 
 register(
     JobKind(
         name="finetune-generator",
         handler="medgen.adapt.jobs:run_finetune_generator",
-        summary="Fine-tune a pretrained 3D DDPM generator on a few volumes with a PEFT method (TenVOO paper setting).",
+        summary="Fine-tune a pretrained 3D DDPM generator on a few volumes with a PEFT method (schedule from its spec).",
         uses_hf_transformers=True,
         inputs={
             "type": "object",
@@ -111,7 +110,6 @@ register(
                 "steps": {"type": "integer", "minimum": 1, "default": 200},
                 "lr": {"type": "number", "exclusiveMinimum": 0, "default": 1e-4},
                 "batch_size": {"type": "integer", "minimum": 1, "default": 1},
-                "num_train_timesteps": _TIMESTEPS,
             },
             "additionalProperties": False,
         },
@@ -122,7 +120,7 @@ register(
     JobKind(
         name="sample-generator",
         handler="medgen.adapt.jobs:run_sample_generator",
-        summary="Sample N volumes from a base or adapted 3D DDPM generator.",
+        summary="Sample N volumes from a base or adapted 3D DDPM generator (DDPM, schedule from its spec).",
         uses_hf_transformers=True,
         inputs={
             "type": "object",
@@ -134,8 +132,7 @@ register(
         },
         params={
             "type": "object",
-            "properties": {"count": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 2}, "shape": _GENERATOR_SHAPE,
-                           "num_train_timesteps": _TIMESTEPS},
+            "properties": {"count": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 2}, "shape": _GENERATOR_SHAPE},
             "additionalProperties": False,
         },
     )

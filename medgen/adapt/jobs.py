@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 
 from medgen.adapt.finetune import FinetuneConfig, check_segmentation_labels, finetune_segmentation
-from medgen.adapt.segmenter import load_segmentation_model, segment
+from medgen.adapt.segmenter import head_class_names, load_segmentation_model, relabel_by_name, segment
 from medgen.errors import BadInputError
 from medgen.io import check_not_constant, check_same_geometry, load_volume, nearest_multiple_shape, save_volume
 from medgen.io.atomic import write_text_atomic
 from medgen.jobs.context import JobContext
 from medgen.metrics import dice_per_class
 from medgen.peft import describe, inject, load_adapter, save_adapter, trainable_parameters
+from medgen.peft.inject import adapter_record
 
 
 def _model_source(ctx: JobContext) -> str:
@@ -34,6 +35,7 @@ def run_finetune(ctx: JobContext) -> dict:
     training = [_pair(image, label, f"training case {n}") for n, (image, label) in enumerate(zip(images, labels))]
     validation = _pair(ctx.inputs["val_image"], ctx.inputs["val_label"], "validation") if "val_image" in ctx.inputs else None
     model = load_segmentation_model(_model_source(ctx))
+    model.class_names = head_class_names(model.class_names, ctx.params["method_options"])  # checks head_rows first
     inject(model.network, ctx.params["method"], **ctx.params["method_options"])
     ctx.reporter.log(f"{ctx.params['method']} on {model.name}: {trainable_parameters(model.network):,} trainable parameters")
     config = FinetuneConfig(**{key: ctx.params[key] for key in ("steps", "lr", "batch_size", "val_every", "patience", "foreground_ratio")}, seed=ctx.spec.seed)
@@ -50,9 +52,11 @@ def run_finetune(ctx: JobContext) -> dict:
 
 
 def _model_with_optional_adapter(ctx: JobContext):
+    """The base segmentation model, adapted when the job names an adapter (with its head's classes)."""
     model = load_segmentation_model(_model_source(ctx))
     if "adapter" in ctx.inputs:
         load_adapter(model.network, ctx.inputs["adapter"])
+        model.class_names = head_class_names(model.class_names, adapter_record(model.network).options)
     return model
 
 
@@ -83,13 +87,14 @@ def run_evaluate(ctx: JobContext) -> dict:
 def _dice_report(ctx: JobContext) -> dict:
     image, reference = _pair(ctx.inputs["image"], ctx.inputs["reference"], "held-out")
     base = load_segmentation_model(_model_source(ctx))
-    check_segmentation_labels(base, reference, f"The reference {Path(ctx.inputs['reference']).name}")
     adapted = _model_with_optional_adapter(ctx)
-    report = {"classes": base.class_names}
+    # the reference is numbered like the adapted model's classes (a replaced head may keep fewer)
+    check_segmentation_labels(adapted, reference, f"The reference {Path(ctx.inputs['reference']).name}")
+    report = {"classes": adapted.class_names}
     for step, (name, model) in enumerate((("base", base), ("adapted", adapted))):
         ctx.reporter.check_cancelled()
-        labels = segment(model, image, ctx.device)
-        report[f"{name}_dice"] = dice_per_class(labels[0], reference[0], model.num_classes)[1:].tolist()
+        labels = relabel_by_name(segment(model, image, ctx.device)[0], model.class_names, adapted.class_names)
+        report[f"{name}_dice"] = dice_per_class(labels, reference[0], adapted.num_classes)[1:].tolist()
         ctx.reporter.progress("evaluating", step + 1, 2)
     return report
 
@@ -156,7 +161,9 @@ def _generator_volume(path: str, shape: tuple[int, int, int]):
 
 
 def _generator_unet(ctx: JobContext, shape: tuple[int, int, int]):
-    """The generator of ``model_folder``, after checking that it can denoise volumes of ``shape``."""
+    """The generator of ``model_folder`` and its :class:`~medgen.adapt.generator.DiffusionSettings` (noise schedule
+    and intensity range, from the folder's spec), after checking that it can denoise volumes of ``shape``."""
+    from medgen.adapt.generator import DiffusionSettings
     from medgen.models import load_model
 
     unet, spec = load_model(ctx.inputs["model_folder"])
@@ -166,23 +173,30 @@ def _generator_unet(ctx: JobContext, shape: tuple[int, int, int]):
     if any(size % multiple for size in shape):
         raise BadInputError(f"The shape {shape} does not fit this {len(unet.block_out_channels)}-level generator: every "
                             f"axis must be a multiple of {multiple} (e.g. {nearest_multiple_shape(shape, multiple)}).")
-    return unet
+    diffusion = DiffusionSettings.from_spec(spec)
+    ctx.reporter.log(f"noise schedule {diffusion.schedule} {diffusion.beta_start}..{diffusion.beta_end}, "
+                     f"T={diffusion.num_train_timesteps}, intensities in {list(diffusion.intensity_range)}")
+    return unet, diffusion
 
 
 def run_finetune_generator(ctx: JobContext) -> dict:
     """Fine-tune a DDPM generator (MedGen model folder) on a few volumes with a PEFT method; save the adapter."""
+    import dataclasses
+
     from medgen.adapt.generator import GeneratorFinetuneConfig, finetune_generator
 
     shape = tuple(ctx.params["shape"])
-    unet = _generator_unet(ctx, shape)
+    unet, diffusion = _generator_unet(ctx, shape)
     volumes = [_generator_volume(path, shape).as_tensor() for path in ctx.inputs["volumes"]]
     inject(unet, ctx.params["method"], **ctx.params["method_options"])
     ctx.reporter.log(f"{ctx.params['method']}: {trainable_parameters(unet):,} trainable parameters")
     config = GeneratorFinetuneConfig(steps=ctx.params["steps"], lr=ctx.params["lr"], batch_size=ctx.params["batch_size"],
-                                     num_train_timesteps=ctx.params["num_train_timesteps"], seed=ctx.spec.seed)
-    last_loss = finetune_generator(unet, volumes, config, checkpoint_dir=ctx.output_path("checkpoints"), device=ctx.device, reporter=ctx.reporter)
+                                     seed=ctx.spec.seed)
+    last_loss = finetune_generator(unet, volumes, config, checkpoint_dir=ctx.output_path("checkpoints"), diffusion=diffusion,
+                                   device=ctx.device, reporter=ctx.reporter)
     adapter_dir = save_adapter(unet, ctx.output_path("adapter"))
-    return {"outputs": {"adapter": str(adapter_dir)}, "last_loss": last_loss, "trainable_parameters": trainable_parameters(unet)}
+    return {"outputs": {"adapter": str(adapter_dir)}, "last_loss": last_loss, "trainable_parameters": trainable_parameters(unet),
+            "diffusion": dataclasses.asdict(diffusion)}
 
 
 def run_sample_generator(ctx: JobContext) -> dict:
@@ -193,12 +207,12 @@ def run_sample_generator(ctx: JobContext) -> dict:
     from medgen.adapt.generator import sample_volumes
 
     shape = tuple(ctx.params["shape"])
-    unet = _generator_unet(ctx, shape)
+    unet, diffusion = _generator_unet(ctx, shape)
     if "adapter" in ctx.inputs:
         load_adapter(unet, ctx.inputs["adapter"])
     affine = _generator_volume(ctx.inputs["reference"], shape).affine if "reference" in ctx.inputs else torch.eye(4, dtype=torch.float64)
-    volumes = sample_volumes(unet, ctx.params["count"], shape, num_train_timesteps=ctx.params["num_train_timesteps"],
-                             seed=ctx.spec.seed, device=ctx.device, reporter=ctx.reporter)
+    volumes = sample_volumes(unet, ctx.params["count"], shape, diffusion=diffusion, seed=ctx.spec.seed, device=ctx.device,
+                             reporter=ctx.reporter)
     outputs = {f"volume_{i:04d}": str(save_volume(MetaTensor(volume, affine=affine), ctx.output_path(f"sample_{i:04d}.nii.gz")))
                for i, volume in enumerate(volumes)}
     return {"outputs": outputs}

@@ -38,6 +38,17 @@ INTENSITY_METHODS = {
     "deepbet": "deepbet: clip to the 0.5/99.5 % quantiles, scale to [0, 1], z-score, then 0.226 * x + 0.449",
 }
 OUTPUT_ACTIVATIONS = ("none", "sigmoid", "softmax")
+#: fields of a generator's ``diffusion`` entry: how the pretrained DDPM was trained (defaults in
+#: :class:`medgen.adapt.generator.DiffusionSettings`)
+DIFFUSION_FIELDS = {
+    "schedule": "MONAI noise schedule name with a beta range: linear_beta, scaled_linear_beta or sigmoid_beta",
+    "beta_start": "first beta, 0 < beta_start < beta_end (given together with beta_end)",
+    "beta_end": "last beta, beta_end < 1",
+    "num_train_timesteps": "T, the number of training timesteps (integer >= 2)",
+    "intensity_range": "[lo, hi] the training volumes were scaled to, lo < hi",
+}
+#: MONAI ``NoiseSchedules`` that take ``beta_start``/``beta_end`` (``cosine`` does not)
+BETA_SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta")
 
 
 @dataclass
@@ -74,6 +85,9 @@ class ModelSpec:
         weights_file: weights file name inside the model folder.
         weights_hash: :func:`medgen.models.weights.weights_hash` of the weights (filled by ``save_model``).
         provenance: free JSON (source, licence, conversion details).
+        diffusion: for a ``DiffusionModelUNet`` generator, how it was trained: any of :data:`DIFFUSION_FIELDS`
+            (e.g. ``{"schedule": "linear_beta", "beta_start": 1e-4, "beta_end": 0.02, "intensity_range": [-1, 1]}``);
+            fields left out take the TenVOO paper's values. Empty for other networks.
     """
 
     network: str
@@ -88,6 +102,7 @@ class ModelSpec:
     weights_file: str = WEIGHTS_FILE
     weights_hash: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)
+    diffusion: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key in ("in_channels", "out_channels"):
@@ -129,6 +144,8 @@ class ModelSpec:
             )
         if Path(self.weights_file).name != self.weights_file:
             raise ModelError(f"Model spec weights_file must be a plain file name, found {self.weights_file!r}.")
+        if self.diffusion:
+            _check_diffusion(self.network, self.diffusion)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with the ``format`` tag first."""
@@ -159,6 +176,44 @@ def _signature_default(network: str, argument: str) -> int:
     parameter = inspect.signature(network_factory(network)).parameters.get(argument)
     has_int_default = parameter is not None and isinstance(parameter.default, int)
     return parameter.default if has_int_default else 1
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_diffusion(network: str, diffusion: Any) -> None:
+    """Raise ``ModelError`` naming the first bad field of a ``diffusion`` entry (see :data:`DIFFUSION_FIELDS`)."""
+    if network != "DiffusionModelUNet":
+        raise ModelError(
+            f"Model spec field diffusion describes a DDPM generator, but the network is a {network}: "
+            "leave diffusion out (or empty) for other networks."
+        )
+    if not isinstance(diffusion, dict):
+        raise ModelError(f"Model spec field diffusion must be a JSON object, found {diffusion!r}.")
+    unknown = sorted(set(diffusion) - set(DIFFUSION_FIELDS))
+    if unknown:
+        raise ModelError(f"Model spec diffusion has unknown fields {unknown}; allowed: {sorted(DIFFUSION_FIELDS)}.")
+    if "schedule" in diffusion and diffusion["schedule"] not in BETA_SCHEDULES:
+        schedule = diffusion["schedule"]
+        raise ModelError(f"Model spec diffusion.schedule {schedule!r} is not supported; use one of {BETA_SCHEDULES}.")
+    if ("beta_start" in diffusion) != ("beta_end" in diffusion):
+        raise ModelError("Model spec diffusion needs beta_start and beta_end together (one beta range), or neither.")
+    for key in ("beta_start", "beta_end"):
+        if key in diffusion and not (_is_number(diffusion[key]) and 0 < diffusion[key] < 1):
+            raise ModelError(f"Model spec diffusion.{key} must be a number in (0, 1), found {diffusion[key]!r}.")
+    if "beta_start" in diffusion and diffusion["beta_start"] >= diffusion["beta_end"]:
+        start, end = diffusion["beta_start"], diffusion["beta_end"]
+        raise ModelError(f"Model spec diffusion.beta_start ({start}) must be below beta_end ({end}).")
+    steps = diffusion.get("num_train_timesteps")
+    if "num_train_timesteps" in diffusion and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 2):
+        raise ModelError(f"Model spec diffusion.num_train_timesteps must be an integer >= 2, found {steps!r}.")
+    value_range = diffusion.get("intensity_range")
+    if "intensity_range" in diffusion and not (
+        isinstance(value_range, (list, tuple)) and len(value_range) == 2 and all(map(_is_number, value_range))
+        and value_range[0] < value_range[1]
+    ):
+        raise ModelError(f"Model spec diffusion.intensity_range must be [lo, hi] with lo < hi, found {value_range!r}.")
 
 
 def _preprocessing_from_dict(data: dict[str, Any]) -> Preprocessing:

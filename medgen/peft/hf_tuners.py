@@ -2,11 +2,12 @@
 
 Only the peft tuners that accept ``nn.Conv3d`` are exposed: LoRA and IA3 (LoHa, LoKr, OFT, BOFT, HRA, FourierFT
 and VeRA reject it, spec tenvoo.md §10). ``target_modules`` is resolved here with ``re.search`` and handed to peft
-as the exact list of names, so every MedGen method matches names the same way.
+as one anchored regex of the exact names, so every MedGen method matches names the same way.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -51,6 +52,15 @@ def _target_names(model: nn.Module, config: MethodConfig, method: str) -> list[s
     return [name for name, _ in select_types(matches, HF_SUPPORTED_TYPES, method, config.target_modules is not None)]
 
 
+def _exact_names_pattern(names: list[str]) -> str:
+    """A regex that peft full-matches against exactly ``names``.
+
+    A list given to peft would match by suffix (``block.conv`` ends with ``.conv``), wrapping layers MedGen did not
+    select; a string is matched with ``re.fullmatch``.
+    """
+    return "|".join(re.escape(name) for name in names)
+
+
 def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Inject peft LoRA layers into the matched layers in place; returns their names."""
     import peft
@@ -58,7 +68,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     names = _target_names(model, config, "lora")
     alpha = config.rank if config.alpha is None else config.alpha
     lora_config = peft.LoraConfig(
-        r=config.rank, lora_alpha=alpha, lora_dropout=config.dropout, target_modules=names, bias="none"
+        r=config.rank, lora_alpha=alpha, lora_dropout=config.dropout,
+        target_modules=_exact_names_pattern(names), bias="none",
     )
     peft.inject_adapter_in_model(lora_config, model)
     return names
@@ -69,5 +80,6 @@ def apply_ia3(model: nn.Module, config: IA3Config) -> list[str]:
     import peft
 
     names = _target_names(model, config, "ia3")
-    peft.inject_adapter_in_model(peft.IA3Config(target_modules=names, feedforward_modules=[]), model)
+    ia3_config = peft.IA3Config(target_modules=_exact_names_pattern(names), feedforward_modules=[])
+    peft.inject_adapter_in_model(ia3_config, model)
     return names

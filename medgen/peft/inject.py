@@ -14,6 +14,7 @@ from medgen.errors import BadInputError
 from medgen.peft.config import MethodConfig, compile_patterns
 from medgen.peft.methods import METHODS
 from medgen.peft.presets import resolve_preset
+from medgen.peft.rollback import restored_on_error
 
 #: attribute of an adapted model holding its :class:`AdapterRecord`
 RECORD_ATTRIBUTE = "_medgen_peft"
@@ -104,6 +105,7 @@ def inject(model: nn.Module, method: str, *, preset: str | None = None, **option
 
     Raises:
         BadInputError: unknown method/preset/option, a regex that matches nothing, an unsupported layer type.
+            After any error ``model`` is unchanged (same modules, hooks and ``requires_grad`` flags, no record).
     """
     if method not in METHODS:
         raise BadInputError(f"unknown adaptation method {method!r}; choose one of {list(METHODS)}.")
@@ -112,17 +114,19 @@ def inject(model: nn.Module, method: str, *, preset: str | None = None, **option
     config = _build_config(method, resolve_preset(preset, method, options))
     if config.train_also is not None:
         patterns = compile_patterns(config.train_also, "train_also")
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    head = _prepare_head(model, config) if config.head is not None else None
-    adapted = METHODS[method].apply(model, config)
-    if head is not None:
-        for parameter in head.parameters():
-            parameter.requires_grad_(True)
-        adapted.append(config.head)
-    if config.train_also is not None:
-        for name, parameter in model.named_parameters():
-            if any(pattern.search(name) for pattern in patterns):
+    # a method can fail half-way (e.g. TenVOO on the n-th layer): undo the freezing and the wrapped layers then
+    with restored_on_error(model):
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        head = _prepare_head(model, config) if config.head is not None else None
+        adapted = METHODS[method].apply(model, config)
+        if head is not None:
+            for parameter in head.parameters():
                 parameter.requires_grad_(True)
+            adapted.append(config.head)
+        if config.train_also is not None:
+            for name, parameter in model.named_parameters():
+                if any(pattern.search(name) for pattern in patterns):
+                    parameter.requires_grad_(True)
     setattr(model, RECORD_ATTRIBUTE, AdapterRecord(method, preset, dict(options), adapted))
     return model

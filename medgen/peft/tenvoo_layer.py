@@ -45,9 +45,14 @@ def _no_autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _versions(tensors) -> tuple:
-    """(tensor, version counter) pairs: a cache key that changes on any in-place write, copy or ``.to()``."""
-    return tuple((tensor, tensor._version) for tensor in tensors)
+def _write_marks(tensors) -> tuple:
+    """(tensor, (version counter, storage address)) pairs: a cache key that changes on any tracked in-place write,
+    copy or ``.to()``, and when ``.data`` is replaced (``p.data = ...``, ``vector_to_parameters``).
+
+    In-place writes through ``.data`` (``p.data.mul_(2)``) change neither; call ``TenVOOLayer.clear_caches`` after
+    them. Comparing values instead would cost a device synchronisation per layer and forward.
+    """
+    return tuple((tensor, (tensor._version, tensor.data_ptr())) for tensor in tensors)
 
 
 def _own_version(tensor: torch.Tensor) -> int | None:
@@ -57,13 +62,14 @@ def _own_version(tensor: torch.Tensor) -> int | None:
 
 
 def _same_key(cached: tuple, current: tuple) -> bool:
-    """Whether two cache keys ``(mode, versions)`` have equal modes and name the same tensors at the same versions.
+    """Whether two cache keys ``(mode, write marks)`` have equal modes and name the same tensors with the same
+    marks (:func:`_write_marks`).
 
     Tensors are compared by identity: ``==`` would compare values, and a freed buffer's address can be reused.
     """
     (cached_mode, cached_tensors), (mode, tensors) = cached, current
     return cached_mode == mode and len(cached_tensors) == len(tensors) and all(
-        old is new and old_version == version for (old, old_version), (new, version) in zip(cached_tensors, tensors)
+        old is new and old_marks == marks for (old, old_marks), (new, marks) in zip(cached_tensors, tensors)
     )
 
 
@@ -233,26 +239,36 @@ class TenVOOLayer(nn.Module):
         return torch.float64
 
     def _version_key(self) -> tuple:
-        return _versions([*self.cores.values(), *self.cores_init.as_dict().values()])
+        return _write_marks([*self.cores.values(), *self.cores_init.as_dict().values()])
 
     def _initial_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The factors of the frozen θ0, computed once and reused until the buffers change.
 
-        The cache is keyed on the identity and version counter of every θ0 buffer (``load_state_dict`` and
-        ``copy_`` bump the version, ``.to()`` makes new tensors) and on inference mode (inference tensors must not
-        enter a training graph).
+        The cache is keyed on the identity, version counter and storage address of every θ0 buffer
+        (``load_state_dict`` and ``copy_`` bump the version, ``.to()`` makes new tensors) and on inference mode
+        (inference tensors must not enter a training graph). After writing θ0 in place through ``.data``, call
+        :meth:`clear_caches`.
         """
-        key = (torch.is_inference_mode_enabled(), _versions(self.cores_init.as_dict().values()))
+        key = (torch.is_inference_mode_enabled(), _write_marks(self.cores_init.as_dict().values()))
         if self._initial_cache is None or not _same_key(self._initial_cache[0], key):
             with torch.no_grad():
                 self._initial_cache = (key, self._factors_fp64(self.cores_init.as_dict()))
         return self._initial_cache[1]
 
-    def _apply(self, fn, recurse=True):
-        # moving or casting the module makes new tensors: drop the old caches now rather than at the next forward
+    def clear_caches(self) -> None:
+        """Forget the cached θ0 factors, inference weight and prepared operands; they are rebuilt when next needed.
+
+        Only needed after a write the caches cannot see: a core, θ0 or W0 written in place through ``.data``
+        (``p.data.copy_(...)``), which bumps no version counter. Optimizer steps, ``load_state_dict``, ``copy_``,
+        ``.to()``, ``p.data = ...`` and ``vector_to_parameters`` are seen.
+        """
         self._initial_cache = None
         self._weight_cache = None
         self._prepared = None
+
+    def _apply(self, fn, recurse=True):
+        # moving or casting the module makes new tensors: drop the old caches now rather than at the next forward
+        self.clear_caches()
         return super()._apply(fn, recurse)
 
     def delta_weight(self) -> torch.Tensor:
@@ -280,15 +296,17 @@ class TenVOOLayer(nn.Module):
         """W0 + ΔW(θ) − ΔW(θ0) in the base weight's dtype.
 
         Without autograd (``no_grad`` / inference mode) the result is cached until a core, a θ0 buffer or W0 is
-        written (optimizer step, ``load_state_dict``, ``.to()``), so adapted inference costs what merged inference
-        costs. The cached tensor never reaches a graph: with autograd on it is freed and the weight recomputed.
+        written or replaced (optimizer step, ``load_state_dict``, ``.to()``, ``p.data = ...``,
+        ``vector_to_parameters``), so adapted inference costs what merged inference costs; after an in-place write
+        through ``.data``, which no version counter records, call :meth:`clear_caches`. The cached tensor never
+        reaches a graph: with autograd on it is freed and the weight recomputed.
         """
         if torch.is_grad_enabled():
             self._weight_cache = None  # training (again): release the inference copy of W
             return self._compute_adapted_weight()
         device = self.base.weight.device
         tensors = [*self.cores.values(), *self.cores_init.as_dict().values(), self.base.weight]
-        key = ((torch.is_inference_mode_enabled(), fp32_matmul_is_ieee(device)), _versions(tensors))
+        key = ((torch.is_inference_mode_enabled(), fp32_matmul_is_ieee(device)), _write_marks(tensors))
         cache = self._weight_cache
         # the weight's own version too: a caller writing into the returned tensor must not poison later calls
         if cache is None or not _same_key(cache[0], key) or _own_version(cache[1]) != cache[2]:

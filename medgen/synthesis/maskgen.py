@@ -54,7 +54,15 @@ from medgen.io.model_folder import MODEL_JSON, model_config, read_model_json, wr
 from medgen.models.weights import load_weights_into, read_safetensors, write_safetensors
 from medgen.synthesis.masks import MASK_THRESHOLD, control_channels, control_tensor, foreground_fraction
 from medgen.synthesis.prepare import check_common_grid
-from medgen.synthesis.prompts import LearnedPromptEncoder, Prompt, PromptVocabulary, TrainingSample, compose_training_set, drop_prompt
+from medgen.synthesis.prompts import (
+    LearnedPromptEncoder,
+    Prompt,
+    PromptEncoder,
+    PromptVocabulary,
+    TrainingSample,
+    compose_training_set,
+    drop_prompt,
+)
 
 TASK = "mask-conditioned-ldm"
 CHECKER_DIR = "checker"
@@ -147,10 +155,9 @@ class _LatentData:
             return [()] * count
         return [combinations[int(index)] for index in torch.randint(len(combinations), (count,))]
 
-    def dropped_tokens(self, batch: torch.Tensor) -> torch.Tensor:
-        """Token ids ``(B, L)`` of the batch's prompts, each replaced by the empty prompt with ``prompt_dropout``."""
-        prompts = [drop_prompt(self.samples[int(i)].prompt, self.prompt_dropout, None) for i in batch]
-        return self.vocabulary.encode(prompts).to(self.mu.device)
+    def dropped_prompts(self, batch: torch.Tensor) -> list[Prompt]:
+        """The batch's prompts, each replaced by the empty prompt with ``prompt_dropout``."""
+        return [drop_prompt(self.samples[int(i)].prompt, self.prompt_dropout, None) for i in batch]
 
 
 def _latent_stage(vae, images, samples, vocabulary, config: MaskGenConfig, out_dir: Path, device, reporter) -> _LatentData:
@@ -181,16 +188,19 @@ def _latent_stage(vae, images, samples, vocabulary, config: MaskGenConfig, out_d
                        vocabulary, config.prompt_dropout, flipped)
 
 
-def _unet_stage(data: _LatentData, config: MaskGenConfig, out_dir: Path, device, reporter) -> PromptedUNet:
-    """Stage 2: the latent UNet and the learned prompt encoder, jointly, on all images (flipped at random along
-    ``config.unet_flip_axes``); returns the frozen EMA copy."""
+def _unet_stage(
+    data: _LatentData, config: MaskGenConfig, text_encoder: PromptEncoder | None, out_dir: Path, device, reporter
+) -> PromptedUNet:
+    """Stage 2: the latent UNet with the learned prompt encoder (jointly), or with ``text_encoder`` (frozen), on all
+    images (flipped at random along ``config.unet_flip_axes``); returns the frozen EMA copy."""
     scheduler = training_scheduler(config)
-    prompted = PromptedUNet(build_latent_unet(config), LearnedPromptEncoder(data.vocabulary, config.prompt_embedding_dim)).to(device)
+    encoder = text_encoder or LearnedPromptEncoder(data.vocabulary, config.prompt_embedding_dim)
+    prompted = PromptedUNet(build_latent_unet(config), encoder).to(device)
 
     def unet_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        token_ids = data.dropped_tokens(batch)
+        prompts = data.dropped_prompts(batch)
         latents = data.draw_latents(batch, data.random_flips(len(batch), config.unet_flip_axes))
-        return noise_prediction_loss(lambda x_t, t: model(x_t, t, token_ids), scheduler, latents)
+        return noise_prediction_loss(lambda x_t, t: model(x_t, t, prompts), scheduler, latents)
 
     result = train_diffusion(
         prompted, unet_loss, list(range(len(data.samples))),
@@ -200,7 +210,8 @@ def _unet_stage(data: _LatentData, config: MaskGenConfig, out_dir: Path, device,
     )
     prompted = (result.ema_model if result.ema_model is not None else prompted).eval().requires_grad_(False)
     write_safetensors(prompted.unet.state_dict(), out_dir / "unet.safetensors")
-    write_safetensors(prompted.prompt_encoder.state_dict(), out_dir / "prompt_encoder.safetensors")
+    if text_encoder is None:
+        write_safetensors(prompted.prompt_encoder.state_dict(), out_dir / "prompt_encoder.safetensors")
     return prompted
 
 
@@ -213,7 +224,7 @@ def _controlnet_stage(
 
     def controlnet_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            context = prompted.prompt_encoder(data.dropped_tokens(batch))
+            context = prompted.prompt_encoder.encode_prompts(data.dropped_prompts(batch)).to(device)
         flips = data.random_flips(len(batch), config.controlnet_flip_axes)
         control = torch.stack([flip_spatial(data.samples[int(i)].control(config.control_encoding), flip)
                                for i, flip in zip(batch, flips)]).to(device)
@@ -266,6 +277,7 @@ def train_maskgen(
     *,
     source_prompt: Prompt,
     target_prompt: Prompt,
+    prompt_encoder: PromptEncoder | None = None,
     device: torch.device | str = "cpu",
     reporter: Reporter | None = None,
 ) -> Path:
@@ -279,6 +291,9 @@ def train_maskgen(
         out_dir: model folder; a partial run there is resumed stage by stage.
         config: architecture and schedule (default :class:`MaskGenConfig`).
         source_prompt, target_prompt: prompts of the two modalities (their ``organs`` are set to the organ names).
+        prompt_encoder: a frozen local text model (:class:`~medgen.synthesis.prompts.FrozenTextEncoder`) whose
+            ``embedding_dim`` is ``config.prompt_embedding_dim``; None (default) trains a learned embedding table.
+            The model folder records which; a text model must be given again to :meth:`MaskGenModel.load`.
         device: training device.
         reporter: progress per stage (``vae``, ``latents``, ``unet``, ``checker``, ``controlnet``) and cancellation.
     """
@@ -290,6 +305,11 @@ def train_maskgen(
     names = tuple(organ.name for organ in organs)
     if source_prompt.modality == target_prompt.modality:
         raise BadInputError(f"Source and target modality must differ; both are {source_prompt.modality!r}.")
+    if prompt_encoder is not None and prompt_encoder.embedding_dim != config.prompt_embedding_dim:
+        raise BadInputError(
+            f"The text model's embedding width {prompt_encoder.embedding_dim} must equal the UNet's cross-attention "
+            f"width prompt_embedding_dim={config.prompt_embedding_dim}; set that setting to {prompt_encoder.embedding_dim}."
+        )
     source_prompt = dataclasses.replace(source_prompt, organs=names)
     target_prompt = dataclasses.replace(target_prompt, organs=names)
     samples = compose_training_set(source_cases, target_images, source_prompt, target_prompt)
@@ -304,7 +324,7 @@ def train_maskgen(
     vae_psnr_db = reconstruction_psnr(vae, images, data.mu)
     reporter.log(f"VAE reconstruction of the {len(images)} training images: {vae_psnr_db:.1f} dB PSNR (mean); "
                  "generated images are no sharper.")
-    prompted = _unet_stage(data, config, out_dir, device, reporter)
+    prompted = _unet_stage(data, config, prompt_encoder, out_dir, device, reporter)
     if config.train_checker and not (out_dir / CHECKER_DIR / MODEL_JSON).is_file():
         _checker_stage([sample for sample in samples if sample.is_source], names, config, out_dir, device, reporter)
     if config.target_pseudo_labels:
@@ -318,11 +338,41 @@ def train_maskgen(
         out_dir, TASK, config=dataclasses.asdict(config), organs=[dataclasses.asdict(organ) for organ in organs],
         prompts={prompt.modality: dataclasses.asdict(prompt) for prompt in (source_prompt, target_prompt)},
         source_modality=source_prompt.modality, target_modality=target_prompt.modality,
-        prompt_encoder=prompted.prompt_encoder.to_config(), scale_factor=data.scale_factor, grid_shape=list(shape),
+        prompt_encoder=_encoder_record(prompted.prompt_encoder), scale_factor=data.scale_factor, grid_shape=list(shape),
         affine=np.asarray(affine, dtype=float).tolist(), latent_shape=list(data.mu.shape[1:]),
         vae_reconstruction_psnr_db=vae_psnr_db,
     )
     return out_dir
+
+
+def _encoder_record(encoder: PromptEncoder) -> dict:
+    """What ``medgen_model.json`` records of the prompt encoder: the learned table's settings (its weights are
+    saved beside), or the context shape of a text model, which the folder does not hold."""
+    if isinstance(encoder, LearnedPromptEncoder):
+        return encoder.to_config()
+    return {"kind": "text", "context_length": encoder.context_length, "embedding_dim": encoder.embedding_dim}
+
+
+def _stored_prompt_encoder(model_dir: Path, recorded: dict, text_encoder: PromptEncoder | None) -> PromptEncoder:
+    """The prompt encoder a model folder was trained with: its learned table (on the CPU, frozen), or
+    ``text_encoder`` after checking it against the recorded context shape."""
+    if recorded.get("kind", "learned") == "learned":
+        if text_encoder is not None:
+            raise ModelError(f"{model_dir} was trained with MedGen's learned prompt table, not a text model; load it "
+                             "without prompt_encoder.")
+        learned = load_weights_into(LearnedPromptEncoder.from_config(recorded), model_dir / "prompt_encoder.safetensors")
+        return learned.eval().requires_grad_(False)
+    expected = (recorded["context_length"], recorded["embedding_dim"])
+    if text_encoder is None:
+        raise ModelError(
+            f"{model_dir} was trained with a local text model (context {expected[0]} x {expected[1]}), which the folder "
+            "does not hold: load it from Python with MaskGenModel.load(folder, prompt_encoder=FrozenTextEncoder(...)) "
+            "and the same text model."
+        )
+    if (text_encoder.context_length, text_encoder.embedding_dim) != expected:
+        raise ModelError(f"{model_dir} was trained with a text model of context {expected[0]} x {expected[1]}, but the "
+                         f"given one returns {text_encoder.context_length} x {text_encoder.embedding_dim}.")
+    return text_encoder
 
 
 @dataclasses.dataclass
@@ -340,7 +390,7 @@ class MaskGenModel:
     config: MaskGenConfig
     vae: nn.Module
     unet: nn.Module
-    prompt_encoder: LearnedPromptEncoder
+    prompt_encoder: PromptEncoder
     controlnet: nn.Module
     scale_factor: float
     organs: list[LabelInfo]
@@ -349,19 +399,32 @@ class MaskGenModel:
     grid_affine: torch.Tensor
 
     @classmethod
-    def load(cls, model_dir: str | os.PathLike, device: torch.device | str = "cpu") -> "MaskGenModel":
+    def load(
+        cls, model_dir: str | os.PathLike, device: torch.device | str = "cpu", prompt_encoder: PromptEncoder | None = None
+    ) -> "MaskGenModel":
+        """Read a model folder written by :func:`train_maskgen`.
+
+        Args:
+            prompt_encoder: the local text model the folder was trained with (its ``medgen_model.json`` says
+                ``"kind": "text"``); leave None for the learned table, which the folder holds.
+
+        Raises:
+            ModelError: a damaged folder, or a text-model folder loaded without its text model (or the reverse).
+        """
         model_dir, device = Path(model_dir), torch.device(device)
         document = read_model_json(model_dir, TASK)
         config = model_config(model_dir, document, MaskGenConfig, "mask-model")
         organs = [LabelInfo(e["name"], int(e["value"]), tuple(e["color"])) for e in document["organs"]]
-        prompt_encoder = load_weights_into(LearnedPromptEncoder.from_config(document["prompt_encoder"]), model_dir / "prompt_encoder.safetensors")
+        prompt_encoder = _stored_prompt_encoder(model_dir, document["prompt_encoder"], prompt_encoder)
+        if isinstance(prompt_encoder, LearnedPromptEncoder):
+            prompt_encoder = prompt_encoder.to(device)
         unet = load_weights_into(build_latent_unet(config), model_dir / "unet.safetensors")
         controlnet = build_controlnet(config, control_channels(len(organs), config.control_encoding))
         controlnet = load_weights_into(controlnet, model_dir / "controlnet.safetensors")
         vae = load_weights_into(build_image_vae(config), model_dir / "vae.safetensors")
-        networks = [network.to(device).eval().requires_grad_(False) for network in (vae, unet, prompt_encoder, controlnet)]
+        vae, unet, controlnet = [network.to(device).eval().requires_grad_(False) for network in (vae, unet, controlnet)]
         prompts = {modality: Prompt(**fields) for modality, fields in document["prompts"].items()}
-        return cls(document, config, *networks, float(document["scale_factor"]), organs, prompts,
+        return cls(document, config, vae, unet, prompt_encoder, controlnet, float(document["scale_factor"]), organs, prompts,
                    tuple(document["grid_shape"]), torch.tensor(document["affine"], dtype=torch.float64))
 
     def prompt(self, modality: str) -> Prompt:
@@ -428,8 +491,8 @@ def generate_on_model_grid(
     device = torch.device(device)
     control = control_tensor(label, len(model.organs), model.config.control_encoding).to(device)[None]
     with torch.no_grad():
-        context = model.prompt_encoder.encode_prompts([prompt])
-        empty_context = model.prompt_encoder.encode_prompts([Prompt.empty()])  # the true "" embedding (spec B.5)
+        context = model.prompt_encoder.encode_prompts([prompt]).to(device)
+        empty_context = model.prompt_encoder.encode_prompts([Prompt.empty()]).to(device)  # the true "" embedding (spec B.5)
     generator = torch.Generator(device=device).manual_seed(seed)
     latent_shape = tuple(model.document["latent_shape"])
     candidates = []
@@ -457,7 +520,7 @@ def _to_mask_grid(images: torch.Tensor, grid_label: MetaTensor, label: torch.Ten
 def generate_candidates(
     model_dir: str | os.PathLike, label: torch.Tensor, prompt: Prompt, *, count: int = 20, chunk: int = 10, steps: int = 50,
     guidance_scale: float = 7.0, conditioning_scale: float = 1.0, seed: int = 0, device: torch.device | str = "cpu",
-    reporter: Reporter | None = None,
+    reporter: Reporter | None = None, prompt_encoder: PromptEncoder | None = None,
 ) -> torch.Tensor:
     """Render ``count`` images of the mask ``label`` in ``prompt``'s modality.
 
@@ -472,12 +535,13 @@ def generate_candidates(
         guidance_scale: CFG scale against the empty prompt (1 = conditional only, 0 = unconditional only).
         conditioning_scale: ControlNet residual multiplier (both CFG branches).
         seed: seeds the starting noise of all candidates.
+        prompt_encoder: the text model of a folder trained with one (see :meth:`MaskGenModel.load`).
 
     Returns:
         float ``(count, 1, I, J, K)`` in [0, 1] on the mask's grid (CPU).
     """
     reporter = as_reporter(reporter)
-    model = MaskGenModel.load(model_dir, device)
+    model = MaskGenModel.load(model_dir, device, prompt_encoder)
     model.check_label(label, "The mask")
     grid_label, resampled = model.to_model_grid(label)
     if resampled:
@@ -545,6 +609,7 @@ def synthesize_from_masks(
     device: torch.device | str = "cpu",
     reporter: Reporter | None = None,
     report_path: str | os.PathLike | None = None,
+    prompt_encoder: PromptEncoder | None = None,
 ) -> MaskGenReport:
     """MRGen's data engine: per mask generate candidates, score them with the checker, keep the accepted ones.
 
@@ -564,11 +629,12 @@ def synthesize_from_masks(
         thresholds: acceptance settings (:class:`FilterThresholds`).
         checker: a checker module or folder; None uses the model's own ``checker/``.
         report_path: where ``report.json`` goes (default ``out_dir/report.json``).
+        prompt_encoder: the text model of a folder trained with one (see :meth:`MaskGenModel.load`).
     """
     reporter = as_reporter(reporter)
     out_dir = Path(out_dir)
     report_path = Path(report_path) if report_path is not None else out_dir / "report.json"
-    model = MaskGenModel.load(model_dir, device)
+    model = MaskGenModel.load(model_dir, device, prompt_encoder)
     if (target_modality is None) == (target_prompt is None):
         raise BadInputError("Give exactly one of target_modality and target_prompt.")
     prompt = target_prompt or model.prompt(target_modality)

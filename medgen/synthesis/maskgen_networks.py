@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from medgen.diffusion import strided_timesteps
 from medgen.errors import BadInputError
 from medgen.synthesis.joint_vae import kl_divergence
 from medgen.synthesis.masks import ENCODINGS
-from medgen.synthesis.prompts import LearnedPromptEncoder
+from medgen.synthesis.prompts import LearnedPromptEncoder, Prompt, PromptEncoder
 
 #: MRGen's noise schedule (Stable Diffusion's): scaled-linear betas 0.00085 -> 0.012 over 1000 steps
 SCHEDULE = dict(schedule="scaled_linear_beta", beta_start=0.00085, beta_end=0.012)
@@ -222,17 +223,25 @@ def _propagating_init(embedding: nn.Module) -> None:
 
 
 class PromptedUNet(nn.Module):
-    """The latent UNet and the prompt encoder trained jointly in stage 2 as one module (one EMA, one DDP wrap).
+    """The latent UNet and its prompt encoder in stage 2 as one module (one EMA, one DDP wrap, one checkpoint).
 
-    ``forward(x_t (B, C_lat, d, h, w), t (B,), token_ids (B, L)) -> epsilon prediction (B, C_lat, d, h, w)``.
+    ``forward(x_t (B, C_lat, d, h, w), t (B,), prompts (B,)) -> epsilon prediction (B, C_lat, d, h, w)``.
+    A :class:`LearnedPromptEncoder` is a submodule trained with the UNet; any other
+    :class:`~medgen.synthesis.prompts.PromptEncoder` (a frozen local text model) stays outside the
+    module, so it is in neither the checkpoints, the optimiser nor the EMA copy.
     """
 
-    def __init__(self, unet: DiffusionModelUNet, prompt_encoder: LearnedPromptEncoder) -> None:
+    def __init__(self, unet: DiffusionModelUNet, prompt_encoder: PromptEncoder) -> None:
         super().__init__()
-        self.unet, self.prompt_encoder = unet, prompt_encoder
+        self.unet = unet
+        if isinstance(prompt_encoder, LearnedPromptEncoder):
+            self.prompt_encoder = prompt_encoder
+        else:
+            self.__dict__["prompt_encoder"] = prompt_encoder  # bypasses nn.Module's submodule registration
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.unet(x_t, timesteps=t, context=self.prompt_encoder(token_ids))
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
+        context = self.prompt_encoder.encode_prompts(prompts).to(x_t.device)
+        return self.unet(x_t, timesteps=t, context=context)
 
 
 def training_scheduler(config: MaskGenConfig) -> DDPMScheduler:

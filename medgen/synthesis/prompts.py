@@ -8,7 +8,8 @@ satisfy :class:`PromptEncoder`:
 - :class:`LearnedPromptEncoder` (default, offline): embedding tables over a :class:`PromptVocabulary`
   built from the training prompts (the lighter alternative of spec B.9), trained with the UNet.
 - :class:`FrozenTextEncoder`: any local text model, e.g. MRGen's frozen BiomedCLIP text tower,
-  called on ``prompt.text()``.
+  called on ``prompt.text()``; pass it to ``train_maskgen(..., prompt_encoder=)`` and again to
+  ``MaskGenModel.load(..., prompt_encoder=)`` (Python API: the jobs and the panel use the learned table).
 """
 
 from __future__ import annotations
@@ -214,7 +215,7 @@ class LearnedPromptEncoder(nn.Module):
 
     def to_config(self) -> dict[str, Any]:
         """JSON-serialisable settings to rebuild the encoder with :meth:`from_config` (weights saved apart)."""
-        return {"vocabulary": self.vocabulary.to_dict(), "embedding_dim": self.embedding_dim}
+        return {"kind": "learned", "vocabulary": self.vocabulary.to_dict(), "embedding_dim": self.embedding_dim}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "LearnedPromptEncoder":
@@ -223,6 +224,10 @@ class LearnedPromptEncoder(nn.Module):
 
 class FrozenTextEncoder(nn.Module):
     """Adapter from a text model ``texts -> (B, L, E)`` to :class:`PromptEncoder`, run without gradients.
+
+    The model is frozen, so each distinct text is encoded once and its context cached (training draws
+    the same few prompts every step), and copies of the adapter (the EMA of the training loop) share
+    it instead of duplicating the text model.
 
     Args:
         text_fn: called with ``[prompt.text() for prompt in prompts]``; an ``nn.Module`` is frozen
@@ -237,14 +242,22 @@ class FrozenTextEncoder(nn.Module):
         self.text_fn = text_fn
         self.context_length = int(context_length)
         self.embedding_dim = int(embedding_dim)
+        self._contexts: dict[str, torch.Tensor] = {}
+
+    def __deepcopy__(self, memo: dict) -> "FrozenTextEncoder":
+        return self  # frozen: a copy would only duplicate the text model
 
     def encode_prompts(self, prompts: Sequence[Prompt]) -> torch.Tensor:
-        with torch.no_grad():
-            context = self.text_fn([prompt.text() for prompt in prompts])
-        expected = (len(prompts), self.context_length, self.embedding_dim)
-        if tuple(context.shape) != expected:
-            raise BadInputError(f"The text model returned a context of shape {tuple(context.shape)}; expected {expected}.")
-        return context
+        texts = [prompt.text() for prompt in prompts]
+        missing = sorted(set(texts) - set(self._contexts))
+        if missing:
+            with torch.no_grad():
+                context = self.text_fn(missing)
+            expected = (len(missing), self.context_length, self.embedding_dim)
+            if tuple(context.shape) != expected:
+                raise BadInputError(f"The text model returned a context of shape {tuple(context.shape)}; expected {expected}.")
+            self._contexts.update(zip(missing, context.float()))
+        return torch.stack([self._contexts[text] for text in texts])
 
 
 @dataclasses.dataclass
