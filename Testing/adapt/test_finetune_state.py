@@ -174,3 +174,38 @@ def test_adapter_files_of_the_wrong_kind_are_model_errors(oblique, tmp_path):
     save_file({name: tensor.double() for name, tensor in tensors.items()}, str(weights))
     with pytest.raises(ModelError, match="shapes and data types"):
         load_adapter(_batchnorm_model().network, tmp_path / "adapter")
+
+
+def test_jobs_of_an_adapter_with_a_replaced_head_use_its_classes(oblique, tmp_path):
+    from monai.networks.nets import SegResNet
+
+    from medgen.io import save_volume
+    from medgen.jobs.exit_codes import ExitCode
+    from medgen.models import ModelSpec, Preprocessing, save_model
+    from medgen.slicer.runner import run_job_blocking, write_job
+
+    kwargs = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]}
+    torch.manual_seed(0)
+    save_model(SegResNet(**kwargs), ModelSpec(network="SegResNet", kwargs=kwargs, class_names=["background", "liver", "spleen"],
+                                              output_activation="softmax", name="three-class",
+                                              preprocessing=Preprocessing(patch_size=[16, 16, 16])), tmp_path / "base")
+    image, label = blob_case(0, oblique)  # label 1: here the spleen, in the adapted head's numbering
+    paths = {"image": str(save_volume(image, tmp_path / "i.nii.gz")), "label": str(save_volume(label, tmp_path / "l.nii.gz", label=True))}
+    base = {"model_folder": str(tmp_path / "base")}
+    tuned = run_job_blocking(write_job(tmp_path / "jobs", "finetune", {**base, "images": [paths["image"]], "labels": [paths["label"]]},
+                                       {"method": "linear-probe", "method_options": {"head": "conv_final.2.conv", "head_rows": [0, 2]},
+                                        "steps": 2, "val_every": 2}, device="cpu"), timeout_s=300)
+    assert tuned.returncode == ExitCode.OK, tuned.error
+    adapter = tuned.result["outputs"]["adapter"]
+    infer = run_job_blocking(write_job(tmp_path / "jobs", "infer", {**base, "image": paths["image"], "adapter": adapter}), timeout_s=300)
+    assert infer.returncode == ExitCode.OK, infer.error
+    named = json.loads(open(infer.result["outputs"]["labels"]).read())
+    assert [(entry["name"], entry["value"]) for entry in named] == [("spleen", 1)]
+    evaluate = run_job_blocking(write_job(tmp_path / "jobs", "evaluate", {**base, "image": paths["image"], "reference": paths["label"],
+                                                                          "adapter": adapter}), timeout_s=300)
+    assert evaluate.returncode == ExitCode.OK, evaluate.error
+    assert evaluate.result["classes"] == ["spleen"] and len(evaluate.result["base_dice"]) == len(evaluate.result["adapted_dice"]) == 1
+    wrong = run_job_blocking(write_job(tmp_path / "jobs", "finetune", {**base, "images": [paths["image"]], "labels": [paths["label"]]},
+                                       {"method": "linear-probe", "method_options": {"head": "conv_final.2.conv", "head_rows": [2, 0]}}),
+                             timeout_s=300)
+    assert wrong.returncode == ExitCode.BAD_INPUT and "must start with 0 (the background channel)" in wrong.error["message"]
