@@ -46,6 +46,7 @@ class ModelInfo:
         grid: the model grid ``(I, J, K)`` in voxels every source is resampled to.
         conditioned: LMI-conditioned (translates) or unconditional (SDEdit baseline only).
         training_volumes: how many volumes it was trained on.
+        num_train_timesteps: T of its noise schedule (DDIM step counts must divide it).
     """
 
     folder: Path
@@ -54,6 +55,7 @@ class ModelInfo:
     grid: tuple[int, int, int]
     conditioned: bool
     training_volumes: int
+    num_train_timesteps: int = 1000
 
     def describe(self) -> str:
         """One line for the panel, e.g. ``T1 model: 2.5d, 32x32x32 grid, trained on 3 volumes``."""
@@ -90,6 +92,7 @@ def model_info(folder: str | Path | None) -> ModelInfo:
         folder=folder, target_modality=document.get("target_modality") or UNKNOWN_TARGET, mode=config["mode"],
         grid=tuple(int(size) for size in config["grid"]), conditioned=bool(config.get("conditioned", True)),
         training_volumes=int(document.get("training_volumes", 0)),
+        num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
     )
 
 
@@ -108,7 +111,7 @@ def translate_request(
         source_volume: a scalar volume node of any contrast; written with its exact geometry.
         model_folder: written by a ``translate-train`` job (checked here, see :func:`model_info`).
         sampler: ``ddim`` (``steps`` strided steps, fresh noise each step: eta 1) or ``ddpm`` (all T steps, as published; slow).
-        steps: DDIM steps, 1..1000 (ignored by ``ddpm``).
+        steps: DDIM steps, a divisor of the model's T (1000), e.g. 50 (ignored by ``ddpm``).
         seed: the same seed and settings give the same translation.
         source_modality: names the output ``"<source> (<source modality>→<target modality>)"``.
         memory_budget_mb: LMI chunk budget in MB (None: the model's); lower it when the GPU runs out of memory.
@@ -125,8 +128,10 @@ def translate_request(
                             "model, or run the baseline with 'medgen translate --sdedit-start'.")
     if sampler not in SAMPLERS:
         raise BadInputError(f"Unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}.")
-    if not 1 <= int(steps) <= 1000:
-        raise BadInputError(f"Sampling steps must be between 1 and 1000; got {steps}.")
+    if sampler == "ddim":
+        from medgen.translate.model import check_ddim_steps
+
+        check_ddim_steps(int(steps), info.num_train_timesteps)
     if memory_budget_mb is not None and memory_budget_mb <= 0:
         raise BadInputError(f"The memory budget must be positive (MB); got {memory_budget_mb}.")
     name = translated_node_name(source_volume.GetName(), info.target_modality, source_modality)

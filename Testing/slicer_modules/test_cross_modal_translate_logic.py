@@ -94,9 +94,12 @@ def test_invalid_model_folders_are_refused_naming_what_is_missing(model, tmp_pat
 
 
 def test_request_writes_the_source_with_its_exact_oblique_geometry(model, t2_source, tmp_path):
-    request = translation.translate_request(t2_source, model, sampler="ddim", steps=7, seed=3, source_modality="T2")
+    request = translation.translate_request(t2_source, model, sampler="ddim", steps=8, seed=3, source_modality="T2")
     assert (request.kind, request.seed, request.input_files) == ("translate", 3, {"model": str(model)})
-    assert request.params == {"sampler": "ddim", "steps": 7, "memory_budget_mb": None}
+    assert request.params == {"sampler": "ddim", "steps": 8, "memory_budget_mb": None}
+    # a DDIM step count that does not divide T is refused before any job: the chain must start at t = 999
+    with pytest.raises(BadInputError, match="got 7, use e.g. 5 or 8"):
+        translation.translate_request(t2_source, model, sampler="ddim", steps=7)
     assert request.imports[0].node_name == "phantom (T2→T1)" and request.reference_node is t2_source
     written = load_volume(request.write_inputs(tmp_path)["source"])
     np.testing.assert_allclose(written.affine.numpy(), ijk_to_ras_of(t2_source), rtol=0, atol=1e-9)
@@ -107,7 +110,7 @@ def test_translation_comes_back_as_one_volume_next_to_the_source_with_its_geomet
     before = {node.GetID() for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")}
     with slicer_gui_stubs():  # the console path: the module's Logic, blocking
         logic = __import__("CrossModalTranslate").CrossModalTranslateLogic()
-        output = logic.translate(t2_source, model, sourceModality="T2", steps=3, seed=1, device="cpu", jobRoot=tmp_path)
+        output = logic.translate(t2_source, model, sourceModality="T2", steps=4, seed=1, device="cpu", jobRoot=tmp_path)
     new_volumes = [node for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if node.GetID() not in before]
     assert new_volumes == [output] and output.GetName() == "phantom (T2→T1)"
     np.testing.assert_array_equal(ijk_to_ras_of(output), ijk_to_ras_of(t2_source))

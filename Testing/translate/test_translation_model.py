@@ -50,6 +50,30 @@ def test_ddim_eta_sets_the_step_noise(lmi_model):
         translate_volume(source, lmi_model, sampler="ddim", steps=5, eta=1.5)
 
 
+def test_ddim_step_counts_must_divide_the_training_timesteps(lmi_model):
+    from medgen.translate.model import check_ddim_steps
+
+    for steps in (1, 8, 250, 1000):
+        check_ddim_steps(steps, 1000)
+    for steps, hint in ((300, "200 or 250"), (700, "500 or 1000"), (0, "1 or 2"), (1001, "500 or 1000")):
+        with pytest.raises(BadInputError, match=f"got {steps}, use e.g. {hint}"):
+            check_ddim_steps(steps, 1000)
+    with pytest.raises(BadInputError, match="starts at t = 999"):
+        translate_volume(_phantom(2), lmi_model, sampler="ddim", steps=300)
+
+
+def test_compat_setting_conditions_on_the_released_lmi():
+    from medgen.translate.lmi import lmi_map
+    from medgen.translate.model import _lmi
+
+    generator = torch.Generator().manual_seed(0)
+    source, moving = torch.rand((1, 1, 8, 8), generator=generator), torch.randn((1, 1, 8, 8), generator=generator)
+    compat, clean = TranslationConfig.tiny(**TINY, lmi_compat=True), TranslationConfig.tiny(**TINY)
+    assert torch.equal(_lmi(compat, source, moving), lmi_map(source, moving, compat=True)[0])
+    assert torch.equal(_lmi(clean, source, moving), lmi_map(source, moving)[0])
+    assert (_lmi(compat, source, moving) == 2.0).any()  # quirk Q2 of the released code on a noisy sample
+
+
 def test_lmi_agreement_is_higher_with_own_source_than_with_noise(lmi_model):
     config = TranslationConfig.tiny(**TINY)
     source = _phantom(5, contrast=(0.9, 0.1, 0.5))

@@ -108,7 +108,7 @@ def cmd_maskgen(args) -> int:
 
 def cmd_translate_train(args) -> int:
     params = {"grid": args.grid, "mode": args.mode, "preset": args.preset, "steps": args.steps, "conditioned": not args.unconditional,
-              "target_modality": args.target_modality}
+              "target_modality": args.target_modality, "lmi_compat": args.lmi_compat}
     return _submit("translate-train", {"volumes": [str(path) for path in args.volumes]}, params, args)
 
 
@@ -261,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     translate_train.add_argument("--steps", type=int, help="training steps (override the preset)")
     translate_train.add_argument("--unconditional", action="store_true", help="train the SDEdit baseline instead")
     translate_train.add_argument("--target-modality", help="modality of the training volumes (e.g. T1), recorded in the model")
+    translate_train.add_argument("--lmi-compat", action="store_true",
+                                 help="condition on the released LMI definition (to match models of the released code)")
     _add_job_options(translate_train)
     translate_train.set_defaults(func=cmd_translate_train)
 
@@ -268,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     translate.add_argument("source", type=Path)
     translate.add_argument("model", type=Path, help="model folder from translate-train")
     translate.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    translate.add_argument("--steps", type=int, default=100, help="DDIM steps")
+    translate.add_argument("--steps", type=int, default=100, help="DDIM steps, a divisor of the model's 1000 timesteps")
     translate.add_argument("--sdedit-start", type=int, help="SDEdit baseline: start timestep (unconditional model)")
     translate.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity: 1 = fresh noise every step (default), 0 = deterministic")
     translate.add_argument("--memory-budget-mb", type=float, help="LMI chunk budget in MB (default: the model's); lower it on GPU out-of-memory")

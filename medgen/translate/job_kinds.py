@@ -18,6 +18,8 @@ register(
             "lr": {"type": "number", "exclusiveMinimum": 0},
             "target_modality": {"type": ["string", "null"], "default": None,
                                 "description": "modality of the training volumes (e.g. T1), recorded in the model"},
+            "lmi_compat": {"type": "boolean", "default": False,
+                           "description": "condition on the released LMI definition (to match models of the released code)"},
         }),
     )
 )
@@ -31,12 +33,14 @@ register(
                              required=("source", "model")),
         params=object_schema({
             "sampler": {"enum": ["ddpm", "ddim"], "default": "ddpm"},
-            "steps": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+            "steps": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100,
+                      "description": "DDIM steps, a divisor of the model's 1000 timesteps (DDPM always runs all of them)"},
             "sdedit_start": {"type": ["integer", "null"], "minimum": 0, "maximum": 999, "default": None},
             "eta": {"type": "number", "minimum": 0, "maximum": 1, "default": 1.0,
                     "description": "DDIM stochasticity: 1 = fresh noise every step (robust), 0 = deterministic"},
             "memory_budget_mb": {"type": ["number", "null"], "exclusiveMinimum": 0, "default": None,
-                                 "description": "LMI chunk budget in MB (null: the model's); lower it on GPU out-of-memory"},
+                                 "description": "LMI chunk budget in MB (null: the model's); lower it on GPU out-of-memory "
+                                                "(below one plane's need, values change within 1e-6: see TranslationConfig)"},
         }),
     )
 )

@@ -46,7 +46,11 @@ class TranslationConfig:
         steps, batch_size, lr, ema_decay: training (spec A.4: Adam 3e-4, clip 1.0, EMA 0.9999).
         num_train_timesteps: T (linear beta 1e-4..0.02).
         lmi_window, lmi_radius, lmi_bins, lmi_normalize: LMI operator settings (one normalisation flag for both).
-        memory_budget_mb: LMI chunk budget.
+        lmi_compat: condition on the released LMI definition (``lmi_map(compat=True)``: quantised, zero padding,
+            the released candidate windows) to match models trained with the released code; False (default) the
+            clean operator. Training and sampling use the same.
+        memory_budget_mb: LMI chunk budget. Clean mode with a budget too small for one plane falls back from box
+            sums to gathers, whose summation order differs (LMI values within 1e-6).
     """
 
     mode: str = "2.5d"
@@ -65,6 +69,7 @@ class TranslationConfig:
     lmi_radius: int = 1
     lmi_bins: int = 27
     lmi_normalize: bool = True
+    lmi_compat: bool = False
     memory_budget_mb: float = 1024.0
 
     @classmethod
@@ -103,6 +108,19 @@ def build_unet(config: TranslationConfig) -> DiffusionModelUNet:
     )
 
 
+def check_ddim_steps(steps: int, num_train_timesteps: int) -> None:
+    """:class:`BadInputError` unless ``steps`` divides T: MONAI's DDIM moves by one constant stride T // steps, so
+    another count would start below t = T-1 from pure noise (quirk Q5) or end short of t = 0."""
+    if not 1 <= steps <= num_train_timesteps or num_train_timesteps % steps:
+        divisors = [count for count in range(1, num_train_timesteps + 1) if num_train_timesteps % count == 0]
+        nearest = sorted(sorted(divisors, key=lambda count: abs(count - steps))[:2])
+        raise BadInputError(
+            f"DDIM steps must divide the model's {num_train_timesteps} training timesteps, so that the chain starts at "
+            f"t = {num_train_timesteps - 1} and ends at t = 0 with one stride; got {steps}, use e.g. "
+            f"{' or '.join(map(str, nearest))}."
+        )
+
+
 def build_scheduler(config: TranslationConfig) -> DDPMScheduler:
     """Linear beta 1e-4..0.02, fixed-large variance, no clipping (data stay in [0, 1]; spec A.8)."""
     return DDPMScheduler(num_train_timesteps=config.num_train_timesteps, schedule="linear_beta", beta_start=1e-4,
@@ -111,7 +129,7 @@ def build_scheduler(config: TranslationConfig) -> DDPMScheduler:
 
 def _lmi(config: TranslationConfig, source: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
     return lmi_map(source, moving, window=config.lmi_window, radius=config.lmi_radius, bins=config.lmi_bins,
-                   normalize=config.lmi_normalize, memory_budget_mb=config.memory_budget_mb)[0]
+                   normalize=config.lmi_normalize, compat=config.lmi_compat, memory_budget_mb=config.memory_budget_mb)[0]
 
 
 def to_model_grid(volume: MetaTensor, config: TranslationConfig, name: str) -> torch.Tensor:
@@ -242,6 +260,7 @@ def translate_volume(
     if sampler == "ddpm":
         scheduler, timesteps = build_scheduler(config), list(range(T - 1, -1, -1))
     elif sampler == "ddim":
+        check_ddim_steps(steps, T)
         stride = T // steps
         scheduler = DDIMScheduler(num_train_timesteps=T, schedule="linear_beta", beta_start=1e-4, beta_end=0.02,
                                   clip_sample=False, set_alpha_to_one=True, steps_offset=stride - 1)
