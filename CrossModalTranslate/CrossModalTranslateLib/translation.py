@@ -129,7 +129,7 @@ def translate_request(
     if sampler not in SAMPLERS:
         raise BadInputError(f"Unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}.")
     if sampler == "ddim":
-        from medgen.translate.model import check_ddim_steps
+        from medgen.diffusion import check_ddim_steps
 
         check_ddim_steps(int(steps), info.num_train_timesteps)
     if memory_budget_mb is not None and memory_budget_mb <= 0:

@@ -121,7 +121,8 @@ def train_request_from_scene(
     Args:
         pairs: each segmentation is exported on its own volume's grid; segment names shared across
             pairs become one label (see :func:`training_labels`).
-        shape: training grid ``[I, J, K]`` in voxels (each divisible by the model's downsampling, 8 for the presets).
+        shape: training grid ``[I, J, K]`` in voxels (each divisible by the VAE's downsampling times the latent
+            UNet's: 16 for ``tiny``, 32 for ``diff3``; other grids are refused with a suggestion).
         preset: ``tiny`` (minutes on a CPU) or ``diff3`` (the published recipe, needs a GPU).
         spacing_mm: resample every pair to this spacing first; None keeps each pair's spacing.
         model_folder: where to put the trained model (must not hold anything yet); None keeps it in the job folder.
@@ -174,7 +175,8 @@ def nnunet_export_params(
     """The nnU-Net export settings of a generation job: ``(destination folder or None, job params)``.
 
     Raises:
-        BadInputError: export asked without a dataset ID, or the dataset folder already exists.
+        BadInputError: export asked without a dataset ID, the dataset folder already exists, or a step count
+            that does not divide the model's timesteps.
     """
     from medgen.synthesis.nnunet_export import dataset_folder_name
 
@@ -205,21 +207,25 @@ def generate_request(
 
     Args:
         model_folder: written by a ``synth-train`` job.
-        count: number of pairs; ``batch_size`` are denoised together with ``steps`` DDIM steps.
+        count: number of pairs; ``batch_size`` are denoised together with ``steps`` DDIM steps (a divisor of
+            the model's 1000 timesteps).
         seed: the same seed and settings give the same pairs.
         nnunet_folder: nnU-Net raw folder that receives ``Dataset{id:03d}_{name}``; None: no export.
         nnunet_dataset_id, nnunet_name, channel_name: the exported dataset's ID (1..999), name and channel.
 
     Raises:
         ModelError: the folder holds no joint image+label model.
-        BadInputError: export asked without a dataset ID, or the dataset folder already exists.
+        BadInputError: export asked without a dataset ID, the dataset folder already exists, or a step count
+            that does not divide the model's timesteps.
     """
-    from medgen.synthesis.joint_ldm import TASK
+    from medgen.diffusion import check_ddim_steps
     from medgen.io.model_folder import read_model_json
+    from medgen.synthesis.joint_ldm import TASK
 
     if model_folder is None:
         raise BadInputError("Choose the model folder that a training job wrote.")
-    read_model_json(model_folder, TASK)
+    document = read_model_json(model_folder, TASK)
+    check_ddim_steps(int(steps), int(document.get("config", {}).get("num_train_timesteps", 1000)))
     nnunet_folder, export = nnunet_export_params(nnunet_folder, nnunet_dataset_id, nnunet_name, channel_name)
     params = {"count": int(count), "batch_size": int(batch_size), "steps": int(steps), **export}
     return GenerateRequest(GENERATE_KIND, params=params, input_files={"model": str(model_folder)}, seed=seed,

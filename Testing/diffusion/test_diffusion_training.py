@@ -178,3 +178,13 @@ def test_checkpoint_write_survives_leftovers_of_a_killed_writer(tmp_path):
     model_state, ema_state, trainer_state, info = load_checkpoint(latest_checkpoint(tmp_path))
     assert torch.equal(model_state["weight"], torch.full((2,), 4.0)) and ema_state is None
     assert trainer_state == {"step": 4} and info == {"step": 4}
+
+
+def test_a_run_shorter_than_ema_every_ships_its_trained_weights_as_the_ema(make_tiny_denoiser):
+    model = make_tiny_denoiser()
+    initial = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    result = train_diffusion(model, ddpm_loss(), volumes(4), adam(model),
+                             TrainConfig(max_steps=3, batch_size=2, ema_decay=0.99, ema_every=10, amp=False))
+    trained, averaged = model.state_dict(), result.ema_model.state_dict()
+    assert any(not torch.equal(initial[name], trained[name]) for name in trained)
+    assert all(torch.equal(trained[name], averaged[name]) for name in trained)

@@ -91,7 +91,7 @@ def test_training_reports_every_phase_and_moves_the_model_where_asked(trained):
 
 def test_generated_pairs_come_back_named_coloured_on_the_model_grid_in_one_folder(trained, mrml_scene, tmp_path):
     nnunet_raw = tmp_path / "nnUNet_raw"
-    request = paired.generate_request(trained["model"], 2, seed=1, steps=3, nnunet_folder=nnunet_raw,
+    request = paired.generate_request(trained["model"], 2, seed=1, steps=4, nnunet_folder=nnunet_raw,
                                       nnunet_dataset_id=42, nnunet_name="Phantoms")
     nodes = SceneJobLogicMixin().runJob(request, jobRoot=tmp_path / "jobs", device="cpu")
 
@@ -152,3 +152,5 @@ def test_generation_refuses_an_existing_nnunet_dataset(trained, tmp_path):
     (tmp_path / "Dataset042_Phantoms" / "imagesTr").mkdir(parents=True)
     with pytest.raises(BadInputError, match="Dataset042_Phantoms already exists"):
         paired.generate_request(trained["model"], 2, nnunet_folder=tmp_path, nnunet_dataset_id=42, nnunet_name="Phantoms")
+    with pytest.raises(BadInputError, match="DDIM steps must divide the model's 1000 training timesteps.*got 300, use e.g. 200 or 250"):
+        paired.generate_request(trained["model"], 2, steps=300)

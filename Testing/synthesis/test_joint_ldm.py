@@ -84,7 +84,7 @@ def test_cancelled_generation_keeps_finished_pairs(trained_model, tmp_path):
     pairs_made = []
     reporter = CallbackReporter(lambda e: pairs_made.append(e["step"]) if e.get("phase") == "pairs" else None, should_stop=lambda: len(pairs_made) >= 2)
     with pytest.raises(CancelledError):
-        write_generated_pairs(model_dir, 10, tmp_path, steps=3, reporter=reporter)
+        write_generated_pairs(model_dir, 10, tmp_path, steps=4, reporter=reporter)
     files = sorted(path.name for path in tmp_path.iterdir())
     assert files == ["labels.json", "syn_0000_image.nii.gz", "syn_0000_label.nii.gz", "syn_0001_image.nii.gz", "syn_0001_label.nii.gz"]
     load_volume(tmp_path / "syn_0001_label.nii.gz", label=True)
@@ -111,7 +111,7 @@ def test_synth_jobs_through_the_worker_export_nnunet(tmp_path, oblique, trained_
     assert {"vae", "latents", "ldm"} <= phases
     synth = run_job_blocking(write_job(
         tmp_path / "jobs", "synthesize", {"model": train.result["outputs"]["model"]},
-        {"count": 2, "steps": 3, "nnunet_dataset_id": 42, "nnunet_name": "Phantoms"}, device="cpu", seed=1), timeout_s=600)
+        {"count": 2, "steps": 4, "nnunet_dataset_id": 42, "nnunet_name": "Phantoms"}, device="cpu", seed=1), timeout_s=600)
     assert synth.returncode == ExitCode.OK, synth.error
     dataset = synth.result["outputs"]["nnunet_dataset"]
     assert json.loads(open(f"{dataset}/dataset.json").read())["labels"] == {"background": 0, "cavity": 1, "wall": 2}

@@ -343,14 +343,19 @@ def test_synthesis_filters_skips_and_reports(model_dir, tmp_path):
     corner[:, :10, :10, :10] = 1
     corner[:, -10:, -10:, -10:] = 2
     corner = MetaTensor(corner, affine=m0.affine)
-    masks = [("m0", m0), ("empty", empty), ("oblique", oblique_mask), ("corner", corner)]
+    # the liver in the centre, the kidney in a corner that the centred crop to 16³ cuts off: no image could show it
+    half = torch.zeros((1, 32, 32, 32), dtype=torch.int64)
+    half[:, 12:20, 12:20, 12:20] = 1
+    half[:, :4, :4, :4] = 2
+    half = MetaTensor(half, affine=m0.affine)
+    masks = [("m0", m0), ("empty", empty), ("oblique", oblique_mask), ("corner", corner), ("half", half)]
     logs = []
     report = synthesize_from_masks(model_dir, masks, tmp_path, target_modality="T2 MRI", thresholds=ACCEPT_ALL,
                                    reporter=CallbackReporter(lambda e: logs.append(e.get("message", ""))), **QUICK)
     document = json.loads(report.report_path.read_text())
     statuses = {entry["mask_id"]: entry["status"] for entry in document["masks"]}
     assert statuses == {"m0": "accepted", "empty": "skipped: empty mask", "oblique": "accepted",
-                        "corner": "skipped: organs outside the model grid"}
+                        "corner": "skipped: organs outside the model grid", "half": "skipped: kidney outside the model grid"}
     assert any("'corner' skipped: on the model grid (16, 16, 16)" in message for message in logs)
     assert document["prompt"] == "T2 MRI, abdomen, liver, kidney" and document["accepted_pairs"] == 4
     for entry in document["masks"][:3:2]:
@@ -474,3 +479,16 @@ def test_a_local_text_model_conditions_training_and_is_needed_again_to_load(tmp_
     assert images.shape == (2, 1, SIZE, SIZE, SIZE) and torch.isfinite(images).all()
     with pytest.raises(ModelError, match="learned prompt table"):
         MaskGenModel.load(model_dir, prompt_encoder=encoder)
+
+
+def test_masks_the_model_cannot_read_and_checkers_of_other_organs_are_refused(model_dir, model, tmp_path):
+    from medgen.synthesis.checker import load_checker
+
+    with pytest.raises(BadInputError, match="plain tensor of shape \\(12, 12, 12\\), not the model grid"):
+        model.checked_mask(torch.zeros((1, 12, 12, 12), dtype=torch.int64), "The mask")
+    on_grid = model.checked_mask(phantom(2, LUT_A)[1].as_tensor(), "The mask")  # a plain tensor on the grid: its affine
+    assert isinstance(on_grid, MetaTensor) and torch.equal(on_grid.affine.double(), model.grid_affine)
+    with pytest.raises(BadInputError, match="non-integer values"):
+        model.checked_mask(phantom(2, LUT_A)[1].float() * 0.5, "The mask")
+    with pytest.raises(ModelError, match=r"trained on the organs \['liver', 'kidney'\].*masks use \['kidney', 'liver'\]"):
+        load_checker(model_dir / "checker", organ_names=["kidney", "liver"])

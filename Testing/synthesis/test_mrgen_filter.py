@@ -88,6 +88,18 @@ def test_oracle7c_relaxed_path_keeps_at_most_one():
     assert nothing.path == "none" and nothing.accepted == [] and set(nothing.rejected) == {0, 1}
 
 
+def test_thresholds_are_inclusive_despite_float_rounding():
+    assert (RELAXED.avg_iou, RELAXED.organ_iou, RELAXED.organ_confidence) == (0.7, 0.6, 0.7)
+    at_the_relaxed_boundary = score(0, 7 / 10, 0.8)  # IoU 7/10 from voxel counts, confidence 0.8
+    assert passes(at_the_relaxed_boundary, RELAXED) and not passes(at_the_relaxed_boundary, STRICT)
+    decision = select_candidates([at_the_relaxed_boundary], STRICT)
+    assert decision.path == "relaxed" and [s.candidate for s in decision.accepted] == [0]
+    # a mean that float arithmetic puts just below the threshold: (0.75 + 0.8 + 0.85) / 3 = 0.7999999999999999
+    rounded_down = score(0, 0.8, 0.95, liver=(0.75, 0.95), spleen=(0.85, 0.95))
+    assert rounded_down.avg_iou < 0.8 and passes(rounded_down, STRICT)
+    assert not passes(score(0, 0.7999, 0.95), STRICT)
+
+
 def test_oracle7d_only_top5_by_average_iou_are_considered():
     records = [score(i, 0.99 - 0.01 * i, 0.70) for i in range(5)]  # top 5: high IoU, low confidence
     records.append(score(5, 0.90, 0.99))  # passes strict, but ranks 6th

@@ -91,3 +91,14 @@ def test_nnunet_folder_discovery(tmp_path, oblique):
     save_volume(image, tmp_path / "imagesTr" / "case2_0000.nii.gz")
     with pytest.raises(BadInputError, match="no label map case2.nii.gz"):
         find_nnunet_pairs(tmp_path)
+
+
+def test_padding_is_background_whatever_the_raw_units_and_negative_labels_are_refused(oblique):
+    image, label = _pair(oblique)
+    ct = MetaTensor(image.as_tensor() - 1000.0, affine=image.affine)  # HU-like: air far below 0
+    prepared, _ = prepare_pairs([("ct", ct, label)], shape=(24, 24, 20))  # 20×18×14 padded on every axis
+    padded = prepared[0].image[0]
+    assert float(padded[:, :, :3].abs().max()) == 0.0 and float(padded[:, :3].abs().max()) == 0.0
+    negative = MetaTensor(label.as_tensor() * -1, affine=label.affine)
+    with pytest.raises(BadInputError, match=r"negative values \[-7, -3\]"):
+        prepare_pairs([("a", image, negative)], shape=(16, 16, 16))

@@ -51,7 +51,7 @@ def test_ddim_eta_sets_the_step_noise(lmi_model):
 
 
 def test_ddim_step_counts_must_divide_the_training_timesteps(lmi_model):
-    from medgen.translate.model import check_ddim_steps
+    from medgen.diffusion import check_ddim_steps
 
     for steps in (1, 8, 250, 1000):
         check_ddim_steps(steps, 1000)

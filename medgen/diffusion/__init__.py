@@ -8,7 +8,7 @@ from medgen.diffusion.checkpoint import latest_checkpoint, load_trained_weights
 from medgen.diffusion.denoisers import batched_cfg_denoiser, cfg_denoiser, controlnet_denoiser, unet_denoiser
 from medgen.diffusion.distributed import DistContext, dist_context_from_env, init_distributed, shard_indices
 from medgen.diffusion.objectives import noise_prediction_loss
-from medgen.diffusion.sampling import Denoiser, sample, sdedit, strided_timesteps
+from medgen.diffusion.sampling import Denoiser, check_ddim_steps, sample, sdedit, strided_timesteps
 from medgen.diffusion.schedules import SIGMOID_SCHEDULE, sigmoid_alphas_cumprod
 from medgen.diffusion.training import TrainConfig, TrainResult, train_diffusion
 
@@ -20,6 +20,7 @@ __all__ = [
     "TrainResult",
     "batched_cfg_denoiser",
     "cfg_denoiser",
+    "check_ddim_steps",
     "controlnet_denoiser",
     "dist_context_from_env",
     "init_distributed",

@@ -80,6 +80,20 @@ def strided_timesteps(num_train_timesteps: int, num_steps: int, offset: int = 0)
     return [offset + stride * k for k in range(num_steps - 1, -1, -1)]
 
 
+def check_ddim_steps(steps: int, num_train_timesteps: int) -> None:
+    """:class:`BadInputError` unless ``steps`` divides T, for samplers that start at t = T-1 from pure noise: MONAI's
+    DDIM moves by one constant stride T // steps, so another count would start the chain lower (MIDiffusion's quirk
+    Q5; 300 of 1000 steps start at t = 899) or end it short of t = 0."""
+    if not 1 <= steps <= num_train_timesteps or num_train_timesteps % steps:
+        divisors = [count for count in range(1, num_train_timesteps + 1) if num_train_timesteps % count == 0]
+        nearest = sorted(sorted(divisors, key=lambda count: abs(count - steps))[:2])
+        raise BadInputError(
+            f"DDIM steps must divide the model's {num_train_timesteps} training timesteps, so that the chain starts at "
+            f"t = {num_train_timesteps - 1} and ends at t = 0 with one stride; got {steps}, use e.g. "
+            f"{' or '.join(map(str, nearest))}."
+        )
+
+
 def _use_fp32_schedule(scheduler: DDPMScheduler | DDIMScheduler) -> None:
     """Keep the schedule tables in float32: MONAI's ``add_noise`` casts them to the dtype of its input,
     so one bf16 call would otherwise make every later step run its arithmetic in bf16."""

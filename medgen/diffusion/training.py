@@ -42,7 +42,8 @@ class TrainConfig:
             ``batch_size * grad_accum_steps * world_size``.
         grad_clip_norm: max global gradient L2 norm; None disables clipping.
         ema_decay: EMA decay per update (DIFF-3: 0.995, MIDiffusion: 0.9999); None disables EMA.
-        ema_every: update the EMA after every this many optimiser steps (DIFF-3: 10).
+        ema_every: update the EMA after every this many optimiser steps (DIFF-3: 10); a run of fewer steps
+            updates it once, at its last step.
         amp: bf16 autocast on CUDA (no loss scaling needed); has no effect on CPU.
         checkpoint_every: steps between checkpoints; one is always written at ``max_steps``.
         keep_checkpoints: newest checkpoints kept on disk.
@@ -247,7 +248,9 @@ def train_diffusion(
             )
         if lr_scheduler is not None:
             lr_scheduler.step()
-        if ema is not None and step % config.ema_every == 0:
+        # a run shorter than ema_every takes the trained weights once at its end: an EMA that never averaged
+        # would still hold the initial weights
+        if ema is not None and (step % config.ema_every == 0 or (step == config.max_steps and int(ema.n_averaged) == 0)):
             ema.update_parameters(model)
         learning_rate = optimizer.param_groups[0]["lr"]
         progress_reporter.progress("training", step, config.max_steps, loss=last_loss, lr=learning_rate)

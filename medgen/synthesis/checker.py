@@ -346,9 +346,25 @@ def save_checker(
     return folder
 
 
-def load_checker(folder: str | os.PathLike, device: str | torch.device = "cpu") -> Checker:
-    """The checker saved by :func:`save_checker`, in eval mode on ``device``."""
+def load_checker(
+    folder: str | os.PathLike, device: str | torch.device = "cpu", organ_names: Sequence[str] | None = None
+) -> Checker:
+    """The checker saved by :func:`save_checker`, in eval mode on ``device``.
+
+    Args:
+        organ_names: the organs (label values 1..N, in order) the caller's masks use; a checker that recorded
+            other organs or another order is refused, since its scores would land under the wrong organs.
+
+    Raises:
+        ModelError: no checker there, or one of other organs.
+    """
     document = read_model_json(folder, TASK)
+    recorded = document.get("organ_names")
+    if organ_names is not None and recorded is not None and list(recorded) != list(organ_names):
+        raise ModelError(
+            f"The checker in {folder} was trained on the organs {list(recorded)} (label values 1..{len(recorded)}), but the "
+            f"masks use {list(organ_names)}: pick a checker trained on these organs in this order."
+        )
     config = model_config(folder, document, CheckerConfig, "checker")
     checker = build_checker(config, int(document["num_organs"]))
     load_weights_into(checker.network, Path(folder) / WEIGHTS)

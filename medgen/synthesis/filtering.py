@@ -63,6 +63,10 @@ class CandidateScore:
         return document
 
 
+#: float rounding allowed below a threshold (scores are ratios of voxel counts or means of a few of them)
+_AT_LEAST_SLACK = 1e-9
+
+
 def _mean(values: dict[str, float], organs: list[str]) -> float:
     return sum(values.get(organ, 0.0) for organ in organs) / len(organs) if organs else 0.0
 
@@ -90,27 +94,29 @@ class FilterThresholds:
     relax_by: float = 0.10
 
     def relaxed(self) -> "FilterThresholds":
-        """The same settings with the four thresholds lowered by ``relax_by``."""
+        """The same settings with the four thresholds lowered by ``relax_by`` (rounded to 12 decimals, so 0.8 - 0.1
+        is 0.7 and not 0.7000000000000001)."""
         r = self.relax_by
         return dataclasses.replace(
-            self, avg_confidence=self.avg_confidence - r, avg_iou=self.avg_iou - r,
-            organ_iou=self.organ_iou - r, organ_confidence=self.organ_confidence - r,
+            self, avg_confidence=round(self.avg_confidence - r, 12), avg_iou=round(self.avg_iou - r, 12),
+            organ_iou=round(self.organ_iou - r, 12), organ_confidence=round(self.organ_confidence - r, 12),
         )
 
     def failures(self, score: CandidateScore) -> list[str]:
-        """Why ``score`` fails these thresholds; empty when it passes."""
+        """Why ``score`` fails these thresholds; empty when it passes. A value passes when it is at least the
+        threshold, up to float rounding (``_AT_LEAST_SLACK``): a mean of 0.75, 0.8 and 0.85 meets 0.8."""
         organs = score.present_organs
         if not organs:
             return ["no organ is present in the conditioning mask"]
         reasons = []
-        if score.avg_confidence < self.avg_confidence:
+        if score.avg_confidence < self.avg_confidence - _AT_LEAST_SLACK:
             reasons.append(f"average confidence {score.avg_confidence:.3f} < {self.avg_confidence:.2f}")
-        if score.avg_iou < self.avg_iou:
+        if score.avg_iou < self.avg_iou - _AT_LEAST_SLACK:
             reasons.append(f"average IoU {score.avg_iou:.3f} < {self.avg_iou:.2f}")
         for organ in organs:
-            if score.organ_iou.get(organ, 0.0) < self.organ_iou:
+            if score.organ_iou.get(organ, 0.0) < self.organ_iou - _AT_LEAST_SLACK:
                 reasons.append(f"{organ} IoU {score.organ_iou.get(organ, 0.0):.3f} < {self.organ_iou:.2f}")
-            if score.organ_confidence.get(organ, 0.0) < self.organ_confidence:
+            if score.organ_confidence.get(organ, 0.0) < self.organ_confidence - _AT_LEAST_SLACK:
                 reasons.append(
                     f"{organ} confidence {score.organ_confidence.get(organ, 0.0):.3f} < {self.organ_confidence:.2f}"
                 )

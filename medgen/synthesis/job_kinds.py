@@ -65,7 +65,8 @@ register(
             "properties": {
                 "count": {"type": "integer", "minimum": 0, "maximum": 100000, "default": 4},
                 "batch_size": {"type": "integer", "minimum": 1, "maximum": 64, "default": 1},
-                "steps": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                "steps": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100,
+                          "description": "DDIM steps, a divisor of the model's 1000 timesteps (e.g. 50, 100, 250)"},
                 **_NNUNET_EXPORT,
                 "nnunet_name": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$", "default": "MedGenSynthetic"},
             },

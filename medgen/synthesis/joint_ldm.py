@@ -23,6 +23,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from medgen.diffusion import (
     SIGMOID_SCHEDULE,
     TrainConfig,
+    check_ddim_steps,
     noise_prediction_loss,
     sample,
     strided_timesteps,
@@ -225,8 +226,9 @@ def generate_pairs(
 ) -> Iterator[tuple[MetaTensor, MetaTensor]]:
     """Yield ``count`` generated (image, label) pairs, ``batch_size`` at a time (memory stays bounded).
 
-    DDIM with ``steps`` steps at timesteps ``T/steps - 1 + k*T/steps`` (spec QC4: 999, 989, ..., 9 for
-    100 steps), eta 0, x0 clipped to [-1, 1]; the last step returns the model's x0 estimate.
+    DDIM with ``steps`` steps (a divisor of T, so the chain starts at T-1) at timesteps ``T/steps - 1 + k*T/steps``
+    (spec QC4: 999, 989, ..., 9 for 100 steps), eta 0, x0 clipped to [-1, 1]; the last step returns the model's x0
+    estimate.
     Image: ``(1, I, J, K)`` in [0, 1]; label: int64 argmax. Both carry the training grid's affine.
     """
     if count < 0:
@@ -235,6 +237,7 @@ def generate_pairs(
     device = torch.device(device)
     model_dir = Path(model_dir)
     document, config, vae, unet, latents, _ = _rebuild(model_dir, device)
+    check_ddim_steps(steps, config.num_train_timesteps)
     stride = config.num_train_timesteps // steps
     scheduler = DDIMScheduler(num_train_timesteps=config.num_train_timesteps, schedule=SIGMOID_SCHEDULE, clip_sample=True,
                               set_alpha_to_one=True, steps_offset=stride - 1)

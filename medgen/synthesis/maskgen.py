@@ -433,9 +433,19 @@ class MaskGenModel:
             raise BadInputError(f"The model does not know the modality {modality!r}; it was trained on {sorted(self.prompts)}.")
         return self.prompts[modality]
 
-    def check_label(self, label: torch.Tensor, what: str) -> None:
-        """:class:`BadInputError` when ``label`` holds values that are not organs of the model."""
-        found = sorted({int(v) for v in torch.unique(torch.as_tensor(label)).tolist()} - {0})
+    def checked_mask(self, label: torch.Tensor, what: str) -> MetaTensor:
+        """``label`` ``(1, I, J, K)`` as a MetaTensor after checking that it holds whole organ values of the model.
+
+        A plain tensor is taken to lie on the training grid, so it must have the grid's shape (another grid needs
+        its affine, a MetaTensor, to be resampled).
+
+        Raises:
+            BadInputError: non-integer values, values that are not organs of the model, or a plain tensor off the grid.
+        """
+        values = label.as_tensor() if isinstance(label, MetaTensor) else torch.as_tensor(label)
+        if values.is_floating_point() and not torch.equal(values, values.round()):
+            raise BadInputError(f"{what} holds non-integer values; a mask holds whole label values (0 = background).")
+        found = sorted({int(v) for v in torch.unique(values).tolist()} - {0})
         unknown = [value for value in found if not 1 <= value <= len(self.organs)]
         if unknown:
             known = {organ.value: organ.name for organ in self.organs}
@@ -443,19 +453,32 @@ class MaskGenModel:
                 f"{what} holds label values {unknown} that are not organs of the model (found {found}; the model knows "
                 f"{known}). Remap the mask to the model's label values."
             )
+        if isinstance(label, MetaTensor):
+            return label
+        if tuple(values.shape[1:]) != self.grid_shape:
+            raise BadInputError(
+                f"{what} is a plain tensor of shape {tuple(values.shape[1:])}, not the model grid {self.grid_shape}: give "
+                "it as a MetaTensor with its affine (e.g. medgen.io.load_volume) so that it can be resampled."
+            )
+        return MetaTensor(values, affine=self.grid_affine)
 
-    def to_model_grid(self, label: torch.Tensor) -> tuple[MetaTensor, bool]:
+    def to_model_grid(self, label: MetaTensor) -> tuple[MetaTensor, bool]:
         """The mask on the training grid's shape and spacing (nearest neighbour, centred pad/crop; its own
         orientation is kept); ``(label, True)`` when it had to be resampled."""
         spacing = self.grid_affine[:3, :3].norm(dim=0)
-        if not isinstance(label, MetaTensor):
-            label = MetaTensor(label, affine=self.grid_affine if tuple(label.shape[1:]) == self.grid_shape else torch.eye(4))
         own_spacing = torch.as_tensor(label.affine, dtype=torch.float64)[:3, :3].norm(dim=0)
         if tuple(label.shape[1:]) == self.grid_shape and torch.allclose(own_spacing, spacing, rtol=1e-3):
             return label, False
         resampled = Spacing(pixdim=spacing.tolist(), mode="nearest")(label.float())
         resampled = ResizeWithPadOrCrop(self.grid_shape)(resampled)
         return MetaTensor(resampled.as_tensor().round().long(), affine=resampled.affine), True
+
+    def vanished_organs(self, label: MetaTensor, grid_label: MetaTensor) -> list[str]:
+        """Organs of ``label`` with no voxel left in ``grid_label`` (cropped off the model's field of view, or
+        smaller than one of its voxels)."""
+        present = {int(v) for v in torch.unique(label.as_tensor()).tolist()} - {0}
+        kept = {int(v) for v in torch.unique(grid_label.as_tensor()).tolist()}
+        return [organ.name for organ in self.organs if organ.value in present - kept]
 
 
 def guided_denoiser(model: MaskGenModel, control: torch.Tensor, context: torch.Tensor, empty_context: torch.Tensor,
@@ -542,7 +565,7 @@ def generate_candidates(
     """
     reporter = as_reporter(reporter)
     model = MaskGenModel.load(model_dir, device, prompt_encoder)
-    model.check_label(label, "The mask")
+    label = model.checked_mask(label, "The mask")
     grid_label, resampled = model.to_model_grid(label)
     if resampled:
         reporter.log(f"The mask {tuple(label.shape[1:])} was resampled (nearest) to the model grid {model.grid_shape}.")
@@ -553,8 +576,9 @@ def generate_candidates(
 
 @dataclasses.dataclass
 class MaskResult:
-    """What happened to one conditioning mask: ``status`` is ``accepted``, ``none accepted``, ``skipped: empty mask``
-    or ``skipped: organs outside the model grid``."""
+    """What happened to one conditioning mask: ``status`` is ``accepted``, ``none accepted``, ``skipped: empty mask``,
+    ``skipped: organs outside the model grid`` or ``skipped: <organs> outside the model grid`` (organs of the mask
+    with no voxel left on the model grid)."""
 
     mask_id: str
     status: str
@@ -641,14 +665,13 @@ def synthesize_from_masks(
     ids = [mask_id for mask_id, _ in masks]
     if len(set(ids)) != len(ids) or any(not mask_id or "/" in mask_id or "\\" in mask_id for mask_id in ids):
         raise BadInputError(f"Mask ids must be unique, non-empty file-name stems; got {ids}.")
-    for mask_id, label in masks:
-        model.check_label(label, f"Mask {mask_id!r}")
+    masks = [(mask_id, model.checked_mask(label, f"Mask {mask_id!r}")) for mask_id, label in masks]
+    names = [organ.name for organ in model.organs]
     if not isinstance(checker, nn.Module):
         checker_dir = Path(checker) if checker is not None else Path(model_dir) / CHECKER_DIR
         if not (checker_dir / MODEL_JSON).is_file():
             raise ModelError(f"No checker in {checker_dir}: train the model with train_checker on, or pass a checker folder.")
-        checker = load_checker(checker_dir, device)
-    names = [organ.name for organ in model.organs]
+        checker = load_checker(checker_dir, device, organ_names=names)
     save_labels(model.organs, out_dir / "labels.json")
     settings = {"model": str(model_dir), "prompt": prompt.text(), "candidates": candidates, "steps": steps,
                 "guidance_scale": guidance_scale, "conditioning_scale": conditioning_scale, "seed": seed,
@@ -668,6 +691,12 @@ def synthesize_from_masks(
                 f"centre) at most {MASK_THRESHOLD:.1%} of the voxels are organ: the organs lie outside the model's field "
                 "of view. Crop the mask around its organs first.", "warning")
             results.append(MaskResult(mask_id, "skipped: organs outside the model grid"))
+        elif vanished := model.vanished_organs(label, grid_label):
+            reporter.log(
+                f"Mask {mask_id!r} skipped: its organs {vanished} have no voxel on the model grid {model.grid_shape} (cropped "
+                "around the mask's centre, or smaller than one voxel at the model's spacing), so no image could show them. "
+                "Crop the mask around its organs first.", "warning")
+            results.append(MaskResult(mask_id, f"skipped: {', '.join(vanished)} outside the model grid"))
         else:
             images = generate_on_model_grid(model, grid_label, prompt, count=candidates, chunk=chunk, steps=steps,
                                             guidance_scale=guidance_scale, conditioning_scale=conditioning_scale,
@@ -678,11 +707,10 @@ def synthesize_from_masks(
             for score in decision.accepted:
                 image = images[score.candidate : score.candidate + 1]
                 image = _to_mask_grid(image, grid_label, label) if resampled else image
-                affine, voxels = (label.affine, label.as_tensor()) if isinstance(label, MetaTensor) else (model.grid_affine, label)
                 stem = out_dir / f"{mask_id}_{score.candidate}"
                 result.pairs.append((
-                    save_volume(MetaTensor(image[0], affine=affine), f"{stem}_image.nii.gz"),
-                    save_volume(MetaTensor(voxels.long(), affine=affine), f"{stem}_label.nii.gz", label=True),
+                    save_volume(MetaTensor(image[0], affine=label.affine), f"{stem}_image.nii.gz"),
+                    save_volume(MetaTensor(label.as_tensor().long(), affine=label.affine), f"{stem}_label.nii.gz", label=True),
                 ))
             reporter.log(f"Mask {mask_id!r}: {len(decision.accepted)} of {candidates} candidate(s) accepted ({decision.path}).")
             results.append(result)

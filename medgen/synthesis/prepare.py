@@ -1,8 +1,9 @@
 """Training pairs for paired synthesis: discovery, geometry checks, resampling, label remapping.
 
 Images are resampled with trilinear interpolation and label maps with nearest neighbour (MONAI
-``Spacingd``), padded/cropped to one shape (``ResizeWithPadOrCropd``), intensities scaled to [0, 1]
-by robust percentiles, and label values remapped to 0..K-1 with their names kept.
+``Spacingd``) when a spacing is given, intensities scaled to [0, 1] by robust percentiles, then
+padded (with background, 0) or cropped to one shape (``ResizeWithPadOrCropd``), and label values
+remapped to 0..K-1 with their names kept.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ def label_remapping(label_maps: list[torch.Tensor], labels: list[LabelInfo] | No
         ``(old value -> new value, labels with the new values)``; background 0 stays 0.
     """
     found = sorted({int(v) for label_map in label_maps for v in torch.unique(label_map).tolist()} - {0})
+    if found and found[0] < 0:
+        raise BadInputError(f"The label maps hold negative values {[value for value in found if value < 0]}; label values "
+                            "must be 0 (background) or positive integers.")
     named = {label.value: label for label in labels or []}
     unknown = sorted(set(named) - set(found))
     if labels is not None and set(found) - set(named):
@@ -140,11 +144,12 @@ def prepare_pairs(
         as_reporter(reporter).log(f"Label values renumbered 1..{len(new_labels)} ({', '.join(renumbered)}): label maps "
                                   "given to the trained model must use the new values (medgen_model.json lists them).", "warning")
     resample = Spacingd(keys=("image", "label"), pixdim=spacing_mm, mode=("bilinear", "nearest")) if spacing_mm else None
+    # scale before padding, so padded voxels are background (0) whatever the raw units (air in HU is -1000, not 0)
     fit = Compose([
-        ResizeWithPadOrCropd(keys=("image", "label"), spatial_size=shape),
         ScaleIntensityRangePercentilesd(
             keys="image", lower=intensity_percentiles[0], upper=intensity_percentiles[1], b_min=0.0, b_max=1.0, clip=True
         ),
+        ResizeWithPadOrCropd(keys=("image", "label"), spatial_size=shape),
     ])
     prepared = []
     for case, image, label in pairs:

@@ -21,7 +21,7 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from monai.transforms import ScaleIntensityRangePercentiles
 
-from medgen.diffusion import TrainConfig, sample, sdedit, strided_timesteps, train_diffusion
+from medgen.diffusion import TrainConfig, check_ddim_steps, sample, sdedit, strided_timesteps, train_diffusion
 from medgen.errors import BadInputError
 from medgen.io import check_not_constant, display_name, nearest_multiple_shape
 from medgen.io.model_folder import model_config, read_model_json, write_model_json
@@ -106,19 +106,6 @@ def build_unet(config: TranslationConfig) -> DiffusionModelUNet:
         channels=tuple(config.channels), attention_levels=tuple(config.attention_levels),
         num_res_blocks=config.num_res_blocks, norm_num_groups=config.norm_num_groups, num_head_channels=8,
     )
-
-
-def check_ddim_steps(steps: int, num_train_timesteps: int) -> None:
-    """:class:`BadInputError` unless ``steps`` divides T: MONAI's DDIM moves by one constant stride T // steps, so
-    another count would start below t = T-1 from pure noise (quirk Q5) or end short of t = 0."""
-    if not 1 <= steps <= num_train_timesteps or num_train_timesteps % steps:
-        divisors = [count for count in range(1, num_train_timesteps + 1) if num_train_timesteps % count == 0]
-        nearest = sorted(sorted(divisors, key=lambda count: abs(count - steps))[:2])
-        raise BadInputError(
-            f"DDIM steps must divide the model's {num_train_timesteps} training timesteps, so that the chain starts at "
-            f"t = {num_train_timesteps - 1} and ends at t = 0 with one stride; got {steps}, use e.g. "
-            f"{' or '.join(map(str, nearest))}."
-        )
 
 
 def build_scheduler(config: TranslationConfig) -> DDPMScheduler:
