@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -59,6 +60,18 @@ def test_training_again_resumes_and_skips_finished_stages(trained_model):
     train_joint_ldm(pairs, [LabelInfo("cavity", 1, (1, 0, 0)), LabelInfo("wall", 2, (0, 1, 0))], model_dir, JointLDMConfig.tiny(**FAST), reporter=reporter)
     assert not any(phase == "latents" for phase, _ in phases)  # latents already exported
     assert all(step == 6 for phase, step in phases if phase == "vae") and all(step == 4 for phase, step in phases if phase == "ldm")
+
+
+def test_training_again_with_other_settings_or_data_is_refused_before_any_stage(trained_model):
+    model_dir, pairs = trained_model
+    labels = [LabelInfo("cavity", 1, (1, 0, 0)), LabelInfo("wall", 2, (0, 1, 0))]
+    before = {path.name: path.stat().st_mtime_ns for path in model_dir.iterdir()}
+    with pytest.raises(BadInputError, match=r"other settings or data \(vae_phase1_steps 4 -> 5\).*Use a new output folder"):
+        train_joint_ldm(pairs, labels, model_dir, JointLDMConfig.tiny(**{**FAST, "vae_phase1_steps": 5}))
+    flipped = [dataclasses.replace(pair, image=MetaTensor(pair.image.flip(1), affine=pair.image.affine)) for pair in pairs]
+    with pytest.raises(BadInputError, match=r"\(other training data\)"):
+        train_joint_ldm(flipped, labels, model_dir, JointLDMConfig.tiny(**FAST))
+    assert {path.name: path.stat().st_mtime_ns for path in model_dir.iterdir()} == before  # nothing was touched
 
 
 def test_generated_pairs_are_valid_aligned_and_deterministic(trained_model):

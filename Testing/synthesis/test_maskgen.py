@@ -481,6 +481,19 @@ def test_a_local_text_model_conditions_training_and_is_needed_again_to_load(tmp_
         MaskGenModel.load(model_dir, prompt_encoder=encoder)
 
 
+def test_training_again_with_other_settings_is_refused_but_the_controlnet_may_train_longer(model_dir, tmp_path):
+    sources, targets = [phantom(s, LUT_A) for s in range(3)], [phantom(10 + s, LUT_B)[0] for s in range(3)]
+    for steps in (0, 2):  # as the fidelity bench trains: the ControlNet stage continued in the same folder
+        train_maskgen(sources[:2], targets[:2], ["liver", "kidney"], tmp_path, MaskGenConfig.tiny(**{**FAST, "controlnet_steps": steps}),
+                      source_prompt=SOURCE, target_prompt=TARGET)
+    with pytest.raises(BadInputError, match=r"other settings or data \(unet_steps 4 -> 6\)"):
+        train_maskgen(sources, targets, ["liver", "kidney"], model_dir, MaskGenConfig.tiny(**{**FAST, "unet_steps": 6}),
+                      source_prompt=SOURCE, target_prompt=TARGET)
+    with pytest.raises(BadInputError, match=r"prompts .*'T2 MRI'.*'FLAIR MRI'"):
+        train_maskgen(sources, targets, ["liver", "kidney"], model_dir, MaskGenConfig.tiny(**FAST),
+                      source_prompt=SOURCE, target_prompt=Prompt("FLAIR MRI", region="abdomen"))
+
+
 def test_masks_the_model_cannot_read_and_checkers_of_other_organs_are_refused(model_dir, model, tmp_path):
     from medgen.synthesis.checker import load_checker
 

@@ -14,10 +14,12 @@ import os
 from pathlib import Path
 from typing import Any, TypeVar
 
-from medgen.errors import MedGenError, ModelError
+from medgen.errors import BadInputError, MedGenError, ModelError
 from medgen.io.atomic import write_text_atomic
 
 MODEL_JSON = "medgen_model.json"
+#: what a staged training run in a model folder is trained from (see :func:`check_same_run`)
+RUN_JSON = "training_run.json"
 FORMAT_VERSION = 1
 
 Config = TypeVar("Config")
@@ -70,3 +72,43 @@ def model_config(folder: str | os.PathLike, document: dict[str, Any], config_cla
         return config_class(**{key: tuple(value) if isinstance(value, list) else value for key, value in settings.items()})
     except (TypeError, ValueError, MedGenError) as error:
         raise refuse(f"The {what} settings cannot be used ({error}).") from None
+
+
+def check_same_run(
+    folder: str | os.PathLike, settings: dict[str, Any], data_hash: str, may_change: tuple[str, ...] = ()
+) -> None:
+    """Record what a staged training in ``folder`` is trained from on its first start; refuse to continue it
+    with other settings or data.
+
+    A staged training keeps every finished stage (VAE, latents, ...) and builds the next on it, so a run
+    started again with other settings or data would mix two models in one folder.
+
+    Args:
+        settings: JSON-serialisable settings (the config's fields, label names, prompts, ...).
+        data_hash: a fingerprint of the training data (e.g. :func:`medgen.models.weights.weights_hash` of them).
+        may_change: settings that continue a run rather than start another (the last stage's step count, to
+            train it longer; checkpoint spacing); they apply to the stages still to train.
+
+    Raises:
+        BadInputError: naming each setting that differs (recorded -> now) and whether the data differ.
+    """
+    path = Path(folder) / RUN_JSON
+    current = {"settings": json.loads(json.dumps(settings)), "data": data_hash}
+    if not path.is_file():
+        write_text_atomic(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
+        return
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        before = recorded["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise BadInputError(f"{path} cannot be read ({error}); use a new output folder.") from None
+    now = current["settings"]
+    problems = [f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(before) | set(now))
+                if before.get(key) != now.get(key) and key not in may_change]
+    if recorded.get("data") != data_hash:
+        problems.append("other training data")
+    if problems:
+        raise BadInputError(
+            f"{folder} holds a training run started with other settings or data ({'; '.join(problems)}); continuing it "
+            "would mix its finished stages with this run's. Use a new output folder, or delete this one to start afresh."
+        )

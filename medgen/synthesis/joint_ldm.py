@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from monai.utils import convert_to_tensor
 
 from medgen.diffusion import (
     SIGMOID_SCHEDULE,
@@ -32,9 +33,9 @@ from medgen.diffusion import (
 )
 from medgen.errors import BadInputError
 from medgen.io import save_volume
-from medgen.io.model_folder import model_config, read_model_json, write_model_json
+from medgen.io.model_folder import check_same_run, model_config, read_model_json, write_model_json
 from medgen.labels import LabelInfo, save_labels
-from medgen.models.weights import load_weights_into, read_safetensors, write_safetensors
+from medgen.models.weights import load_weights_into, read_safetensors, weights_hash, write_safetensors
 from medgen.progress import PhaseReporter, Reporter, as_reporter
 from medgen.synthesis.joint_vae import JointVAEConfig, build_joint_vae, decode_pair, joint_input, joint_vae_loss
 from medgen.synthesis.latents import LatentSet, encode_posteriors
@@ -166,6 +167,11 @@ def train_joint_ldm(
     if max(int(pair.label.max()) for pair in pairs) >= num_classes:
         raise BadInputError(f"Label values must lie in 0..{num_classes - 1} ({len(labels)} named labels).")
 
+    tensors = {f"{index}.{part}": getattr(pair, part) for index, pair in enumerate(pairs) for part in ("image", "label")}
+    tensors.update({f"{index}.affine": pair.image.affine for index, pair in enumerate(pairs)})
+    check_same_run(out_dir, {**dataclasses.asdict(config), "labels": [dataclasses.asdict(label) for label in labels]},
+                   weights_hash({name: convert_to_tensor(tensor, track_meta=False) for name, tensor in tensors.items()}),
+                   may_change=("ldm_steps", "ema_decay", "ema_every", "checkpoint_every"))
     vae = build_joint_vae(config.vae_config(num_classes)).to(device)
     _vae_stage(vae, pairs, config, out_dir, device, reporter)
     vae.eval()

@@ -50,8 +50,8 @@ from medgen.synthesis.maskgen_networks import (
     sampling_scheduler,
     training_scheduler,
 )
-from medgen.io.model_folder import MODEL_JSON, model_config, read_model_json, write_model_json
-from medgen.models.weights import load_weights_into, read_safetensors, write_safetensors
+from medgen.io.model_folder import MODEL_JSON, check_same_run, model_config, read_model_json, write_model_json
+from medgen.models.weights import load_weights_into, read_safetensors, weights_hash, write_safetensors
 from medgen.synthesis.masks import MASK_THRESHOLD, control_channels, control_tensor, foreground_fraction
 from medgen.synthesis.prepare import check_common_grid
 from medgen.synthesis.prompts import (
@@ -317,6 +317,14 @@ def train_maskgen(
         reporter.log(f"{len(source_cases) + len(target_images) - len(samples)} source case(s) without any organ left out.", "warning")
     shape = check_common_grid(samples, config.downsample_factor, len(config.unet_channels))  # TrainingSample has .image like PreparedPair
     images = torch.stack([convert_to_tensor(sample.image, track_meta=False).float() for sample in samples])
+    tensors = {"images": images, "affine": torch.as_tensor(getattr(source_cases[0][0], "affine", torch.eye(4)))}
+    tensors.update({f"{index}.label": convert_to_tensor(sample.label, track_meta=False)
+                    for index, sample in enumerate(samples) if sample.label is not None})
+    prompts = [dataclasses.asdict(prompt) for prompt in (source_prompt, target_prompt)]
+    encoder = "learned" if prompt_encoder is None else f"text {prompt_encoder.context_length}x{prompt_encoder.embedding_dim}"
+    check_same_run(out_dir, {**dataclasses.asdict(config), "organs": [dataclasses.asdict(organ) for organ in organs],
+                             "prompts": prompts, "prompt_encoder": encoder}, weights_hash(tensors),
+                   may_change=("controlnet_steps", "ema_decay", "checkpoint_every"))
 
     vae = _vae_stage(images, config, out_dir, device, reporter)
     vocabulary = PromptVocabulary.from_prompts([source_prompt, target_prompt])
