@@ -209,3 +209,35 @@ def test_jobs_of_an_adapter_with_a_replaced_head_use_its_classes(oblique, tmp_pa
                                        {"method": "linear-probe", "method_options": {"head": "conv_final.2.conv", "head_rows": [2, 0]}}),
                              timeout_s=300)
     assert wrong.returncode == ExitCode.BAD_INPUT and "must start with 0 (the background channel)" in wrong.error["message"]
+
+
+def test_intensity_normalisations_follow_the_spec_formulas():
+    from medgen.adapt.segmenter import _intensity_normalizer
+
+    ct = torch.linspace(-1000.0, 1000.0, 8 * 8 * 8).view(8, 8, 8)  # HU
+    windowed = _intensity_normalizer({"method": "range", "a_min": -175, "a_max": 250, "b_min": 0.0, "b_max": 1.0})(ct)
+    expected = ((ct.clamp(-175, 250) + 175) / 425)
+    assert torch.allclose(windowed, expected, atol=1e-6)
+    scaled = _intensity_normalizer({"method": "percentile", "lower": 0.0, "upper": 100.0})(ct)
+    assert float(scaled.min()) == 0.0 and float(scaled.max()) == 1.0
+    brain = torch.zeros(8, 8, 8)
+    brain[2:6, 2:6, 2:6] = torch.linspace(100.0, 300.0, 64).view(4, 4, 4)
+    normalised = _intensity_normalizer({"method": "zscore", "nonzero": True})(brain)
+    inside = normalised[2:6, 2:6, 2:6]
+    assert abs(float(inside.mean())) < 1e-5 and abs(float(inside.std(unbiased=False)) - 1) < 1e-4
+    assert float(normalised[0].abs().max()) == 0.0  # the background stays 0
+    with pytest.raises(ModelError, match="needs a_min and a_max"):
+        _intensity_normalizer({"method": "range"})
+
+
+def test_the_spec_orientation_decides_the_network_axes(oblique, tmp_path):
+    from monai.data import MetaTensor
+
+    from medgen.adapt.segmenter import prepare_volume
+
+    volume = MetaTensor(torch.arange(16 * 16 * 16, dtype=torch.float32).view(1, 16, 16, 16), affine=torch.eye(4, dtype=torch.float64))
+    tensors = {}
+    for codes in ("RAS", "LPS"):
+        model = SegmentationModel(nn.Identity(), ["x"], None, (16, 16, 16), None, lambda v: v, "id", codes)
+        tensors[codes] = prepare_volume(model, volume)[0].tensor[0, 0]
+    assert torch.equal(tensors["LPS"], tensors["RAS"].flip(0).flip(1))

@@ -105,6 +105,8 @@ def test_unknown_network_class_names_the_allow_list():
         ({"output_activation": "relu"}, "output_activation 'relu' is unknown"),
         ({"preprocessing": {"intensity": {"method": "magic"}}}, "intensity method 'magic' is unknown"),
         ({"weights_file": "../elsewhere.safetensors"}, "plain file name"),
+        ({"preprocessing": {"orientation": "XYZ"}}, "orientation 'XYZ' must name one direction per axis"),
+        ({"preprocessing": {"orientation": "RRS"}}, "orientation 'RRS'"),
     ],
 )
 def test_invalid_spec_fields_raise_model_error(changes, message):

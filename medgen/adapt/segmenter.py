@@ -1,7 +1,7 @@
 """A segmentation network together with the preprocessing that maps a volume to its input and back.
 
 Two families: deepbet's brain-extraction LinkNet3d (RAS orientation, resize to 128³ ignoring spacing,
-deepbet's intensity normalisation) and MONAI networks from a MedGen model folder (RAS orientation,
+deepbet's intensity normalisation) and MONAI networks from a MedGen model folder (the spec's orientation,
 optional resampling to the spec's spacing, intensity normalisation, sliding-window inference with
 Gaussian blending over the spec's patch size). Predictions come back on the input's own voxel grid.
 """
@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.transforms import NormalizeIntensity, Orientation, ScaleIntensityRangePercentiles, Spacing
+from monai.transforms import NormalizeIntensity, Orientation, ScaleIntensityRange, ScaleIntensityRangePercentiles, Spacing
 from torch import nn
 
-from medgen.errors import BadInputError
+from medgen.errors import BadInputError, ModelError
 from medgen.io import check_not_constant, display_name
 
 
@@ -37,6 +37,7 @@ class SegmentationModel:
         spacing_mm: resample inputs to this spacing first (None: keep the input's spacing).
         normalize: ``volume (D, H, W) -> normalised volume`` of the same shape.
         name: shown in reports.
+        orientation: axis codes the network's input axes follow (MONAI ``Orientation``), e.g. ``"RAS"``.
     """
 
     network: nn.Module
@@ -46,6 +47,7 @@ class SegmentationModel:
     spacing_mm: tuple[float, float, float] | None
     normalize: Callable[[torch.Tensor], torch.Tensor]
     name: str
+    orientation: str = "RAS"
 
     @property
     def num_classes(self) -> int:
@@ -110,18 +112,12 @@ def deepbet_model(which: str = "bbox") -> SegmentationModel:
     return SegmentationModel(network, ["brain"], size, size, None, _deepbet_normalize, f"deepbet-{which}")
 
 
-def percentile_normalize(volume: torch.Tensor) -> torch.Tensor:
-    """0.5-99.5 percentile range to [0, 1], then zero mean and unit variance."""
-    scaled = ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True)(volume[None])
-    return NormalizeIntensity()(scaled)[0]
-
-
 @dataclasses.dataclass
 class PreparedInput:
     """The network-grid tensor of a volume plus what is needed to map predictions back."""
 
     tensor: torch.Tensor  # (1, 1, D, H, W) network input
-    oriented: MetaTensor  # the input on its RAS-oriented (and resampled) grid, (1, I, J, K)
+    oriented: MetaTensor  # the input on the model's orientation (and resampled grid), (1, I, J, K)
     original: MetaTensor  # the input as given
 
 
@@ -138,8 +134,8 @@ def prepare_volume(model: SegmentationModel, image: MetaTensor, label: MetaTenso
     if image.ndim != 4 or image.shape[0] != 1:
         raise BadInputError(f"Expected a single-channel volume (1, I, J, K); got {tuple(image.shape)}.")
     check_not_constant(image, display_name(image, "The image"), "to segment")
-    oriented = Orientation(axcodes="RAS")(image.float())
-    oriented_label = Orientation(axcodes="RAS")(label.float()) if label is not None else None
+    oriented = Orientation(axcodes=model.orientation)(image.float())
+    oriented_label = Orientation(axcodes=model.orientation)(label.float()) if label is not None else None
     if model.spacing_mm is not None:
         oriented = Spacing(pixdim=model.spacing_mm, mode="bilinear")(oriented)
         if oriented_label is not None:
@@ -191,16 +187,30 @@ def segment(model: SegmentationModel, image: MetaTensor, device: torch.device | 
 
 
 def _intensity_normalizer(settings: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The volume ``(D, H, W)`` -> volume normalisation a model spec asks for (``medgen.models.spec.INTENSITY_METHODS``,
+    with their parameters: ``nonzero`` for zscore, ``a_min``/``a_max``/``b_min``/``b_max`` for range, ``lower``/``upper``
+    percentiles for percentile).
+
+    Raises:
+        ModelError: an unknown method, or a range without its ``a_min``/``a_max``.
+    """
     method = settings.get("method", "none")
     if method == "none":
         return lambda volume: volume
     if method == "zscore":
-        return lambda volume: NormalizeIntensity()(volume[None])[0]
-    if method in ("percentile", "range"):
-        return percentile_normalize
-    if method == "deepbet":
+        transform = NormalizeIntensity(nonzero=bool(settings.get("nonzero", False)))
+    elif method == "range":
+        if "a_min" not in settings or "a_max" not in settings:
+            raise ModelError(f"The model spec's intensity range {settings} needs a_min and a_max (e.g. HU -175 and 250).")
+        transform = ScaleIntensityRange(settings["a_min"], settings["a_max"], settings.get("b_min", 0.0),
+                                        settings.get("b_max", 1.0), clip=True)
+    elif method == "percentile":
+        transform = ScaleIntensityRangePercentiles(settings.get("lower", 0.5), settings.get("upper", 99.5), 0.0, 1.0, clip=True)
+    elif method == "deepbet":
         return _deepbet_normalize
-    raise BadInputError(f"Unsupported intensity normalisation {method!r} in the model spec.")
+    else:
+        raise ModelError(f"Unsupported intensity normalisation {method!r} in the model spec.")
+    return lambda volume: transform(volume[None])[0]
 
 
 def load_segmentation_model(source: str) -> SegmentationModel:
@@ -223,4 +233,5 @@ def load_segmentation_model(source: str) -> SegmentationModel:
     preprocessing = spec.preprocessing
     patch = tuple(preprocessing.patch_size or (96, 96, 96))
     spacing = tuple(preprocessing.spacing_mm) if preprocessing.spacing_mm else None
-    return SegmentationModel(network, list(spec.class_names[1:]), None, patch, spacing, _intensity_normalizer(preprocessing.intensity), spec.name or str(source))
+    return SegmentationModel(network, list(spec.class_names[1:]), None, patch, spacing, _intensity_normalizer(preprocessing.intensity),
+                             spec.name or str(source), preprocessing.orientation)

@@ -142,6 +142,13 @@ class ModelSpec:
             raise ModelError(
                 f"Model spec intensity method {method!r} is unknown; use one of {sorted(INTENSITY_METHODS)}."
             )
+        codes = self.preprocessing.orientation
+        if not (isinstance(codes, str) and len(codes) == 3
+                and all(sum(code in pair for code in codes.upper()) == 1 for pair in ("LR", "AP", "SI"))):
+            raise ModelError(
+                f"Model spec orientation {codes!r} must name one direction per axis, one of L/R, A/P and S/I each "
+                "(e.g. 'RAS' or 'LPS')."
+            )
         if Path(self.weights_file).name != self.weights_file:
             raise ModelError(f"Model spec weights_file must be a plain file name, found {self.weights_file!r}.")
         if self.diffusion:
