@@ -97,8 +97,8 @@ def test_nifti_voxels_from_nibabel_and_geometry_from_the_header_match_simpleitk_
     np.testing.assert_array_equal(loaded.affine.numpy()[:3, 3], np.array(image.GetOrigin()) * [-1, -1, 1])
 
 
-def test_dicom_series_folder_is_read_with_its_geometry(tmp_path, process_locale):
-    array_kji = (np.arange(3 * 8 * 9).reshape(3, 8, 9) % 200).astype(np.int16)
+def _write_dicom_series(folder, array_kji):
+    """One MR series of ``array_kji`` (K, J, I) slices of 0.8 x 0.8 x 2.0 mm, one file per slice."""
     series = sitk.GetImageFromArray(array_kji)
     series.SetSpacing((0.8, 0.8, 2.0))
     series.SetOrigin((-5.0, 7.0, 11.0))
@@ -113,8 +113,13 @@ def test_dicom_series_folder_is_read_with_its_geometry(tmp_path, process_locale)
             ("0020|0013", str(k + 1)), ("0008|0060", "MR"), ("0028|0030", "0.8\\0.8"), ("0018|0050", "2.0"),
         ):
             slice_image.SetMetaData(tag, value)
-        writer.SetFileName(str(tmp_path / f"slice{k:03d}.dcm"))
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
         writer.Execute(slice_image)
+
+
+def test_dicom_series_folder_is_read_with_its_geometry(tmp_path, process_locale):
+    array_kji = (np.arange(3 * 8 * 9).reshape(3, 8, 9) % 200).astype(np.int16)
+    _write_dicom_series(tmp_path, array_kji)
     # GDCM's writer above leaves the process in the "C" locale (the fixture restores it); the reader keeps the caller's
     try:
         locale.setlocale(locale.LC_ALL, "C.UTF-8")
@@ -199,3 +204,46 @@ def test_failed_save_leaves_the_previous_file_intact(tmp_path, oblique):
         save_volume(torch.zeros(2, 2), path, affine=oblique)  # not (C, I, J, K)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
+
+
+def test_saved_files_get_the_usual_permissions_and_bad_saves_are_refused(tmp_path, oblique):
+    import os
+
+    from medgen.io.atomic import write_text_atomic
+
+    mask = os.umask(0)
+    os.umask(mask)
+    volume = MetaTensor(torch.rand(1, 4, 4, 4), affine=torch.from_numpy(oblique))
+    assert (save_volume(volume, tmp_path / "v.nii.gz").stat().st_mode & 0o777) == 0o666 & ~mask
+    assert (write_text_atomic(tmp_path / "a.json", "{}").stat().st_mode & 0o777) == 0o666 & ~mask
+    with pytest.raises(BadInputError, match="non-integer values"):
+        save_volume(volume * 3, tmp_path / "l.nii.gz", label=True)
+    with pytest.raises(BadInputError, match="detached header"):
+        save_volume(volume, tmp_path / "v.mhd")
+
+
+def test_a_nifti_write_cut_short_keeps_the_previous_file(tmp_path, oblique, monkeypatch):
+    volume = MetaTensor(torch.rand(1, 8, 8, 8), affine=torch.from_numpy(oblique))
+    for name in ("v.nii.gz", "v.nii"):
+        previous = save_volume(volume, tmp_path / name).read_bytes()
+        real_write = sitk.WriteImage
+
+        def full_disk(image, path, useCompression=False):  # ITK prints the short write and returns normally
+            real_write(image, path, useCompression=useCompression)
+            data = open(path, "rb").read()
+            open(path, "wb").write(data[: len(data) // 2])
+
+        monkeypatch.setattr(sitk, "WriteImage", full_disk)
+        with pytest.raises(OSError, match="cut short"):
+            save_volume(volume * 2, tmp_path / name)
+        monkeypatch.setattr(sitk, "WriteImage", real_write)
+        assert (tmp_path / name).read_bytes() == previous
+        assert [p.name for p in tmp_path.iterdir() if ".part" in p.name] == []
+
+
+def test_a_dicom_series_with_a_missing_slice_is_refused(tmp_path, process_locale):
+    _write_dicom_series(tmp_path, (np.arange(5 * 8 * 9).reshape(5, 8, 9) % 200).astype(np.int16))
+    assert load_volume(tmp_path).shape == (1, 9, 8, 5)
+    (tmp_path / "slice002.dcm").unlink()
+    with pytest.raises(BadInputError, match=r"unevenly spaced slices \(gaps 2 to 4 mm, typically 2 mm\)"):
+        load_volume(tmp_path)

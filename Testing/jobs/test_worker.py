@@ -95,6 +95,10 @@ def _raw_job(tmp_path, document):
         ({"schema_version": 1, "kind": "selftest", "inputs": {"image": "missing.nii.gz"}}, "does not exist"),
         ({"schema_version": 1, "kind": "selftest", "inputs": {"image": "in.nii.gz"}, "params": {"steps": 0}}, "params"),
         ({"schema_version": 1, "kind": "selftest", "inputs": {"image": "in.nii.gz"}, "device": "tpu"}, "device"),
+        # JSON Schema calls 2.0 an integer; the job code cannot use it
+        ({"schema_version": 1, "kind": "selftest", "inputs": {"image": "in.nii.gz"}, "params": {"steps": 2.0}}, "not of type 'integer'"),
+        ({"schema_version": 1, "kind": "selftest", "inputs": {"image": "in.nii.gz"}, "seed": 2**64}, "seed"),
+        ({"schema_version": 1, "kind": "selftest", "inputs": {"image": "x" * 300 + ".nii.gz"}}, "is not a usable path"),
     ],
 )
 def test_bad_job_json_gives_bad_input_and_writes_nothing(tmp_path, input_volume, document, message):
@@ -161,3 +165,48 @@ def test_runner_uses_this_interpreter_outside_slicer():
     from medgen.slicer.runner import worker_python
 
     assert worker_python() == sys.executable
+
+
+def test_a_worker_killed_by_the_system_is_not_reported_as_cancelled(tmp_path, input_volume):
+    import signal
+
+    job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 500, "step_delay_s": 0.05})
+    runner = JobRunner(job_dir).start()
+    while runner.poll() and not any(e["event"] == "progress" for e in runner.events):
+        time.sleep(0.05)
+    runner._process.send_signal(signal.SIGKILL)  # what the kernel's out-of-memory killer sends
+    assert runner.wait(timeout_s=60) == ExitCode.OOM
+    assert runner.error["kind"] == "oom" and "killed by SIGKILL" in runner.error["message"]
+
+
+def test_a_cancel_file_left_by_an_earlier_run_does_not_cancel_the_next(tmp_path, input_volume):
+    from medgen.jobs.events import CANCEL_FILE
+
+    job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 1})
+    (job_dir / CANCEL_FILE).touch()
+    assert run_job_blocking(job_dir, timeout_s=120).returncode == ExitCode.OK
+
+
+def test_cpu_allocation_failures_count_as_out_of_memory():
+    from medgen.jobs.worker import _is_out_of_memory
+
+    assert _is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    assert not _is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_a_manifest_that_cannot_be_written_keeps_the_jobs_outcome(tmp_path, input_volume, monkeypatch):
+    import medgen.jobs.manifest
+    from medgen.jobs.events import EventStream
+    from medgen.jobs.worker import run_job
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(medgen.jobs.manifest, "write_manifest", full_disk)
+    job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 1})
+    import io
+
+    buffer = io.StringIO()
+    assert run_job(job_dir, EventStream(buffer)) == ExitCode.OK
+    messages = [json.loads(line) for line in buffer.getvalue().splitlines()]
+    assert any(m["event"] == "log" and "manifest could not be written" in m["message"] for m in messages)

@@ -14,6 +14,16 @@ from typing import Iterator
 from medgen.errors import BadInputError
 
 
+def _process_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: the process's umask, read once at import (reading it means setting it, which is not thread-safe later)
+_UMASK = _process_umask()
+
+
 def ensure_folder(folder: str | os.PathLike) -> Path:
     """Create ``folder`` and its parents unless they exist; :class:`BadInputError` when a file stands in the way."""
     folder = Path(folder)
@@ -42,6 +52,7 @@ def atomic_output(final_path: str | os.PathLike, suffix: str | None = None) -> I
     tmp_path = Path(tmp_name)
     try:
         yield tmp_path
+        tmp_path.chmod(0o666 & ~_UMASK)  # mkstemp makes the file private (0600); outputs get the usual permissions
         os.replace(tmp_path, final_path)
     finally:
         if tmp_path.exists():

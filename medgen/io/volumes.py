@@ -20,6 +20,8 @@ from medgen.io.atomic import atomic_output
 from medgen.io.validation import check_finite, check_spatial_3d
 
 SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: headers whose voxels sit in a separate file: read, not written (an atomic write would name a temporary file)
+DETACHED_SUFFIXES = (".nhdr", ".mhd")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -114,10 +116,32 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         )
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0]))
+    reader.MetaDataDictionaryArrayUpdateOn()  # each slice's tags, for the position check
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as error:
         raise BadInputError(f"Could not read the DICOM series in {folder} ({_first_line(error)}).") from error
+    _check_even_slices(reader, image, folder)
+    return image
+
+
+def _check_even_slices(reader: sitk.ImageSeriesReader, image: sitk.Image, folder: Path) -> None:
+    """:class:`BadInputError` when the slices' positions (Image Position Patient along the slice normal) are not
+    evenly spaced: ITK only warns and spreads them evenly, so a missing slice would shift every slice after it."""
+    key = "0020|0032"
+    count = image.GetDepth()
+    if count < 3 or not all(reader.HasMetaDataKey(index, key) for index in range(count)):
+        return
+    normal = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
+    positions = [np.asarray([float(value) for value in reader.GetMetaData(index, key).split("\\")]) @ normal
+                 for index in range(count)]
+    gaps = np.diff(positions)
+    typical = float(np.median(gaps))
+    if np.max(np.abs(gaps - typical)) > 0.01 * abs(typical) + 1e-3:
+        raise BadInputError(
+            f"The DICOM series in {folder} has unevenly spaced slices (gaps {float(gaps.min()):.3g} to {float(gaps.max()):.3g} mm, "
+            f"typically {typical:.3g} mm): a slice is missing or the series mixes acquisitions, so its geometry would be wrong."
+        )
 
 
 def _first_line(error: Exception) -> str:
@@ -185,6 +209,8 @@ def _to_sitk(volume: torch.Tensor, affine_ras: np.ndarray, label: bool) -> sitk.
     if voxels.ndim != 4:
         raise BadInputError(f"Expected a (C, I, J, K) tensor to save but got shape {tuple(voxels.shape)}.")
     if label:
+        if voxels.is_floating_point() and not torch.equal(voxels, voxels.round()):
+            raise BadInputError("A label map to save holds non-integer values; round or threshold it first.")
         array = voxels.numpy().astype(_label_dtype(voxels))
     else:
         array = voxels.float().numpy()
@@ -231,8 +257,9 @@ def save_volume(
         The written path.
     """
     path = Path(path)
-    if not volume_suffix(path):
-        raise BadInputError(f"Cannot save {path.name}: use one of {', '.join(SUPPORTED_SUFFIXES)}.")
+    if not volume_suffix(path) or volume_suffix(path) in DETACHED_SUFFIXES:
+        raise BadInputError(f"Cannot save {path.name}: use one of {', '.join(s for s in SUPPORTED_SUFFIXES if s not in DETACHED_SUFFIXES)} "
+                            "(a detached header would name the data file by its temporary name).")
     if affine is None:
         if not isinstance(volume, MetaTensor):
             raise BadInputError("save_volume needs an affine: pass a MetaTensor or affine=4x4 IJK-to-RAS matrix.")
@@ -241,4 +268,30 @@ def save_volume(
     image = _to_sitk(volume.as_tensor() if isinstance(volume, MetaTensor) else volume, affine, label)
     with atomic_output(path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=path.name.lower().endswith(".gz"))
+        _check_nifti_complete(tmp, path)
     return path
+
+
+def _check_nifti_complete(written: Path, path: Path) -> None:
+    """Raise ``OSError`` when a NIfTI file came out shorter than its header says. ITK's NIfTI writer reports a
+    short write (a full disk) only on stderr; the check reads the header and, for .nii.gz, the gzip trailer
+    (uncompressed size modulo 2**32), never the voxels."""
+    import nibabel
+    from nibabel.filebasedimages import ImageFileError
+
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    try:
+        image = nibabel.load(str(written))  # its proxy's offset: ITK writes vox_offset 0, nibabel resolves it
+        needed = int(image.dataobj.offset) + image.header.get_data_dtype().itemsize * int(np.prod(image.header.get_data_shape()))
+        if name.endswith(".gz"):
+            with open(written, "rb") as stream:
+                stream.seek(-4, os.SEEK_END)
+                complete = int.from_bytes(stream.read(4), "little") == needed % 2**32
+        else:
+            complete = written.stat().st_size >= needed
+    except (OSError, ValueError, EOFError, ImageFileError):
+        complete = False
+    if not complete:
+        raise OSError(f"Writing {path} was cut short (is the disk full?); the previous file, if any, is kept.")

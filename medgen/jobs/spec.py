@@ -25,7 +25,7 @@ JOB_SCHEMA: dict[str, Any] = {
         "inputs": {"type": "object"},
         "params": {"type": "object"},
         "device": {"type": "string", "pattern": r"^(auto|cpu|cuda(:\d+)?)$"},
-        "seed": {"type": "integer", "minimum": 0},
+        "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
     },
     "required": ["schema_version", "kind", "inputs"],
     "additionalProperties": False,
@@ -44,6 +44,16 @@ class JobSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, **dataclasses.asdict(self)}
+
+
+def _is_whole_number(checker, instance) -> bool:
+    """JSON Schema counts 2.0 as an integer; Python code given 2.0 where it needs an int fails, so MedGen does not."""
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+_DRAFT = jsonschema.validators.validator_for(JOB_SCHEMA)
+#: the job schemas' validator: JSON Schema 2020-12 with integers that are Python ints
+Validator = jsonschema.validators.extend(_DRAFT, type_checker=_DRAFT.TYPE_CHECKER.redefine("integer", _is_whole_number))
 
 
 def _schema_error(error: jsonschema.ValidationError, where: str) -> BadInputError:
@@ -66,7 +76,11 @@ def _resolve_paths(value: Any, base: Path, name: str) -> Any:
         return [_resolve_paths(item, base, name) for item in value]
     path = Path(value)
     path = path if path.is_absolute() else (base / path)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as error:  # e.g. a file name longer than the file system allows
+        raise BadInputError(f"Input '{name}' is not a usable path ({error}).") from None
+    if not exists:
         raise BadInputError(f"Input '{name}' points to {path}, which does not exist.")
     return str(path.resolve())
 
@@ -77,14 +91,14 @@ def validate_job(document: Any, base_dir: Path) -> JobSpec:
     Relative input paths are resolved against ``base_dir`` and must exist.
     """
     try:
-        jsonschema.validate(document, JOB_SCHEMA)
+        Validator(JOB_SCHEMA).validate(document)
     except jsonschema.ValidationError as error:
         raise _schema_error(error, "top level") from None
     kind = get_kind(document["kind"])
     inputs, params = document["inputs"], document.get("params", {})
     for section, schema, value in (("inputs", kind.inputs, inputs), ("params", kind.params, params)):
         try:
-            jsonschema.validate(value, schema)
+            Validator(schema).validate(value)
         except jsonschema.ValidationError as error:
             raise _schema_error(error, section) from None
     return JobSpec(

@@ -50,7 +50,8 @@ def _skip_unused_transformers_import(kind_name: str) -> None:
 def _is_out_of_memory(error: BaseException) -> bool:
     import torch
 
-    return isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) or "out of memory" in str(error).lower()
+    message = str(error).lower()  # the CPU allocator says "DefaultCPUAllocator: can't allocate memory"
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in message or "can't allocate memory" in message
 
 
 def run_job(job_dir: Path, events: EventStream) -> ExitCode:
@@ -77,13 +78,22 @@ def run_job(job_dir: Path, events: EventStream) -> ExitCode:
         return _fail(events, "internal", f"Internal error: {type(error).__name__}: {error}", status)
     finally:
         if spec is not None:
-            from medgen.jobs.manifest import write_manifest
-
-            write_manifest(
-                job_dir, kind=spec.kind, seed=spec.seed, params=spec.params, inputs=spec.inputs,
-                device_requested=spec.device, timings_s={"total": round(time.monotonic() - started_s, 3)}, **status,
-            )
+            _write_manifest(job_dir, spec, status, started_s, events)
         events.close()
+
+
+def _write_manifest(job_dir: Path, spec, status: dict, started_s: float, events: EventStream) -> None:
+    """Write the manifest; a failure to write it (full disk, read-only folder) is logged and never replaces the
+    job's own outcome."""
+    from medgen.jobs.manifest import write_manifest
+
+    try:
+        write_manifest(
+            job_dir, kind=spec.kind, seed=spec.seed, params=spec.params, inputs=spec.inputs,
+            device_requested=spec.device, timings_s={"total": round(time.monotonic() - started_s, 3)}, **status,
+        )
+    except OSError as error:
+        events.emit("log", level="error", message=f"The job's manifest could not be written: {error}")
 
 
 def _run_validated(job_dir, spec, events, reporter, status, started_s) -> ExitCode:

@@ -105,9 +105,11 @@ class JobRunner:
         self._lines: queue.Queue = queue.Queue()
         self._readers: list[threading.Thread] = []
         self._kill_deadline_s: float | None = None
+        self._cancel_requested = False
 
     def start(self) -> "JobRunner":
-        """Launch the worker and return at once."""
+        """Launch the worker and return at once (a cancel file left by an earlier run of this folder is removed)."""
+        (self.job_dir / CANCEL_FILE).unlink(missing_ok=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
         package_parent = str(Path(medgen.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
@@ -172,8 +174,19 @@ class JobRunner:
         self.on_event(event)
 
     def _finish(self, code: int) -> None:
-        cancelled = (self.job_dir / CANCEL_FILE).exists()
-        if code < 0 or (cancelled and code != ExitCode.OK):  # killed by a signal, or stopped on request
+        stopped = self._cancel_requested or (self.job_dir / CANCEL_FILE).exists()
+        failed_first = self.error is not None and self.error.get("kind") != "cancelled"
+        if code < 0 and not stopped:  # killed by a signal nobody asked for: the OOM killer, a crash
+            number = -code
+            name = signal.Signals(number).name if number in signal.Signals._value2member_map_ else f"signal {number}"
+            oom = os.name == "posix" and number == signal.SIGKILL
+            code = ExitCode.OOM if oom else ExitCode.INTERNAL
+            if self.error is None:
+                advice = (" (the system's out-of-memory killer ends processes this way: use smaller volumes, batches or "
+                          "memory budgets)") if oom else "; see the log"
+                self._deliver({"event": "error", "kind": "oom" if oom else "internal",
+                               "message": f"The worker was killed by {name}{advice}."})
+        elif code != ExitCode.OK and stopped and not failed_first:  # stopped on request
             code = ExitCode.CANCELLED
         if code != ExitCode.OK and self.error is None:
             kind = "cancelled" if code == ExitCode.CANCELLED else "internal"
@@ -195,6 +208,7 @@ class JobRunner:
 
     def cancel(self, grace_s: float = CANCEL_GRACE_S) -> None:
         """Ask the worker to stop now; kill its whole process tree if it has not ended after ``grace_s``."""
+        self._cancel_requested = True
         (self.job_dir / CANCEL_FILE).touch()
         if self.running and self._process.poll() is None:
             self._kill_tree(signal.SIGTERM if os.name == "posix" else None)
