@@ -117,3 +117,17 @@ def test_the_fid_report_names_the_feature_network_layer_and_weights():
                             forward=lambda net, batch: timestep_calls.append(batch.shape) or net(batch))
     assert fid_report(real, generated, traced)["fid"] == pytest.approx(report["fid"])
     assert timestep_calls == [(1, 1, 16, 16, 16)] * 9
+
+
+def test_fid_of_one_dimensional_features_follows_the_same_formula():
+    from medgen.metrics import frechet_distance
+
+    generator = torch.Generator().manual_seed(0)
+    real, generated = torch.randn((20, 2), generator=generator), torch.randn((20, 2), generator=generator) * 2 + 1
+    one_d = frechet_distance(real[:, :1], generated[:, :1])
+    a, b = real[:, 0].double(), generated[:, 0].double()
+    expected = (a.mean() - b.mean()) ** 2 + a.var() + b.var() - 2 * (a.var() * b.var()).sqrt()
+    assert one_d == pytest.approx(float(expected), rel=1e-9)
+    # the same value as the F = 2 formula on features whose second column carries no difference
+    padded = frechet_distance(torch.cat([real[:, :1], torch.zeros(20, 1)], 1), torch.cat([generated[:, :1], torch.zeros(20, 1)], 1))
+    assert one_d == pytest.approx(padded, rel=1e-6)

@@ -107,6 +107,12 @@ def test_unknown_network_class_names_the_allow_list():
         ({"weights_file": "../elsewhere.safetensors"}, "plain file name"),
         ({"preprocessing": {"orientation": "XYZ"}}, "orientation 'XYZ' must name one direction per axis"),
         ({"preprocessing": {"orientation": "RRS"}}, "orientation 'RRS'"),
+        ({"class_names": 3}, "class_names must be a JSON list"),
+        ({"network": ["UNet"]}, "network must be a JSON str"),
+        ({"preprocessing": "zscore"}, "preprocessing must be a JSON object"),
+        ({"preprocessing": {"intensity": "zscore"}}, "preprocessing.intensity must be a JSON object"),
+        ({"preprocessing": {"spacing_mm": [-1, 0, 1]}}, "spacing_mm must be three positive numbers"),
+        ({"preprocessing": {"patch_size": [96, 96]}}, "patch_size must be three positive integers"),
     ],
 )
 def test_invalid_spec_fields_raise_model_error(changes, message):
@@ -197,6 +203,17 @@ def test_torch_load_refuses_pickled_code_and_garbage(tmp_path, capsys):
         torch_load_weights(garbage)
     with pytest.raises(ModelError, match="does not exist"):
         read_safetensors(tmp_path / "absent.safetensors")
+    # allowed globals called with the wrong arguments fail inside torch: still a checkpoint that cannot be used
+    import zipfile
+
+    torch.save({"w": torch.ones(3)}, tmp_path / "ok.pt")
+    for name, pickled in (("ordered", b"\x80\x02ccollections\nOrderedDict\nK\x01\x85R."),
+                          ("rebuild", b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nK\x01\x85R.")):
+        with zipfile.ZipFile(tmp_path / "ok.pt") as source, zipfile.ZipFile(tmp_path / f"{name}.pt", "w") as crafted:
+            for item in source.infolist():
+                crafted.writestr(item, pickled if item.filename.endswith("/data.pkl") else source.read(item.filename))
+        with pytest.raises(ModelError, match="could not be read as a PyTorch weights file"):
+            torch_load_weights(tmp_path / f"{name}.pt")
 
 
 def test_channel_counts_default_to_the_network_arguments_then_the_class():

@@ -62,7 +62,12 @@ def layer_features(network: nn.Module, layer: str, volumes: Iterable[torch.Tenso
 
 
 def frechet_distance(real_features: torch.Tensor, generated_features: torch.Tensor) -> float:
-    """FID between two ``(N, F)`` feature sets (MONAI ``FIDMetric``)."""
+    """FID between two ``(N, F)`` feature sets (MONAI ``FIDMetric``; for F = 1, where MONAI's covariance squeezes
+    the 1x1 matrix to a scalar and fails, the same formula in one dimension: Δμ² + σ₁² + σ₂² - 2σ₁σ₂)."""
+    if real_features.shape[1] == 1:
+        real, generated = real_features.double().flatten(), generated_features.double().flatten()
+        real_var, generated_var = real.var(), generated.var()  # unbiased, as MONAI's covariance
+        return float((real.mean() - generated.mean()) ** 2 + real_var + generated_var - 2 * torch.sqrt(real_var * generated_var))
     return float(FIDMetric()(generated_features.double(), real_features.double()))
 
 

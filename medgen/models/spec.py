@@ -105,6 +105,7 @@ class ModelSpec:
     diffusion: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         for key in ("in_channels", "out_channels"):
             if getattr(self, key) is None:
                 setattr(self, key, self.kwargs.get(key, _signature_default(self.network, key)))
@@ -176,6 +177,32 @@ class ModelSpec:
         if "network" not in data:
             raise ModelError("Model spec has no 'network' field: name a network class.")
         return cls(**data)
+
+
+def _check_types(spec: "ModelSpec") -> None:
+    """``ModelError`` naming the first spec field whose JSON type is wrong (before any field is used)."""
+    expected = {"network": str, "kwargs": dict, "class_names": list, "output_activation": str, "name": str,
+                "description": str, "weights_file": str, "weights_hash": str, "provenance": dict, "diffusion": dict}
+    for key, kind in expected.items():
+        if not isinstance(getattr(spec, key), kind):
+            raise ModelError(f"Model spec field {key} must be a JSON {kind.__name__}, found {getattr(spec, key)!r}.")
+    if not all(isinstance(name, str) for name in spec.class_names):
+        raise ModelError(f"Model spec class_names must be strings, found {spec.class_names!r}.")
+    preprocessing = spec.preprocessing
+    if isinstance(preprocessing, Preprocessing):
+        preprocessing = dataclasses.asdict(preprocessing)
+    if not isinstance(preprocessing, dict):
+        raise ModelError(f"Model spec field preprocessing must be a JSON object, found {preprocessing!r}.")
+    if not isinstance(preprocessing.get("intensity", {}), dict):
+        raise ModelError(f"Model spec preprocessing.intensity must be a JSON object such as {{\"method\": \"zscore\"}}, "
+                         f"found {preprocessing['intensity']!r}.")
+    for key, kind in (("spacing_mm", float), ("patch_size", int)):
+        value = preprocessing.get(key)
+        if value is not None and not (isinstance(value, list | tuple) and len(value) == 3
+                                      and all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in value)
+                                      and (kind is float or all(float(v).is_integer() for v in value))):
+            raise ModelError(f"Model spec preprocessing.{key} must be three positive {'numbers' if kind is float else 'integers'} "
+                             f"(D, H, W) or null, found {value!r}.")
 
 
 def _signature_default(network: str, argument: str) -> int:

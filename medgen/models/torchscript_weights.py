@@ -110,8 +110,11 @@ def read_torchscript_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]
                 raise ModelError(f"{path} is not a TorchScript archive (no data.pkl).")
             root = pickles[0].split("/")[0]
             model = _TensorOnlyUnpickler(archive, root, archive.read(pickles[0])).load()
-    except (zipfile.BadZipFile, OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:
+            tensors: dict[str, torch.Tensor] = {}
+            _collect(model, "", tensors)
+    # a damaged or crafted archive fails inside torch (views out of bounds, wrong constructor arguments,
+    # modules that contain themselves): every such failure is a file that cannot be used, not a bug here
+    except (zipfile.BadZipFile, OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, RuntimeError, TypeError,
+            RecursionError, AttributeError, IndexError) as error:
         raise ModelError(f"Could not read the tensors of TorchScript archive {path}: {error}") from error
-    tensors: dict[str, torch.Tensor] = {}
-    _collect(model, "", tensors)
     return tensors

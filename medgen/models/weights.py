@@ -94,7 +94,7 @@ def torch_load_weights(path: str | os.PathLike) -> object:
             f"arbitrary code). Found: {str(error).splitlines()[0]}. Re-save only the state dict "
             "(torch.save(model.state_dict(), ...)) or convert it to safetensors in an environment you trust."
         ) from error
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as error:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
         raise ModelError(
             f"Checkpoint {path} could not be read as a PyTorch weights file ({error}); it is probably truncated, "
             "corrupted or a TorchScript archive (.ts): export the state dict instead."
