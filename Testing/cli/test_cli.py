@@ -94,3 +94,27 @@ def test_demo_mask_synthesis_step_reports_every_mask(tmp_path, capsys):
     report = json.loads(next((tmp_path / "jobs").glob("maskgen-2*/outputs/report.json")).read_text())
     assert [len(mask["candidates"]) for mask in report["masks"]] == [2, 2]
     assert all(0.0 <= float(match.group(4)) <= 1.0 for match in verdicts)
+
+
+def test_ctrl_c_twice_still_stops_the_worker_before_the_command_ends(tmp_path, oblique):
+    import signal
+    import time
+
+    import psutil
+
+    image = save_volume(MetaTensor(torch.rand(1, 16, 16, 16), affine=torch.from_numpy(oblique)), tmp_path / "in.nii.gz")
+    command = subprocess.Popen(
+        [sys.executable, "-m", "medgen.cli.main", "submit", "selftest", "--inputs", json.dumps({"image": str(image)}),
+         "--params", '{"steps": 500, "step_delay_s": 0.05}', "--device", "cpu", "--job-root", str(tmp_path / "jobs")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "jobs").glob("*/events.jsonl")) or "progress" not in next((tmp_path / "jobs").glob("*/events.jsonl")).read_text():
+        assert time.monotonic() < deadline and command.poll() is None
+        time.sleep(0.1)
+    workers = psutil.Process(command.pid).children(recursive=True)
+    command.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    command.send_signal(signal.SIGINT)  # an impatient second Ctrl+C
+    _, stderr = command.communicate(timeout=60)
+    assert command.returncode == 4 and "Traceback" not in stderr, stderr
+    assert workers and not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)

@@ -24,9 +24,9 @@ def _run_job_dir(job_dir: Path, verbose: bool = False) -> int:
     try:
         code = runner.wait()
     except KeyboardInterrupt:
-        print("\n[medgen] cancelling...", file=sys.stderr)
+        print("\n[medgen] cancelling (the worker is stopped within a few seconds)...", file=sys.stderr)
         runner.cancel()
-        code = runner.wait()
+        code = _wait_through_interrupts(runner)
     view.close()
     if runner.result:
         # stdout holds only the output paths (machine-readable); what else the job reports (e.g. how many
@@ -38,6 +38,16 @@ def _run_job_dir(job_dir: Path, verbose: bool = False) -> int:
     if runner.error:
         print(f"[medgen] {runner.error['kind']}: {runner.error['message']}", file=sys.stderr)
     return code
+
+
+def _wait_through_interrupts(runner) -> int:
+    """Wait for a cancelled job to end; further Ctrl+C only repeat that it is stopping (leaving now would
+    orphan the worker: it runs in its own session and only this wait enforces the kill deadline)."""
+    while True:
+        try:
+            return runner.wait()
+        except KeyboardInterrupt:
+            print("[medgen] still stopping the worker...", file=sys.stderr)
 
 
 def cmd_run(args) -> int:
