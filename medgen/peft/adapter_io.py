@@ -20,6 +20,7 @@ from torch import nn
 from medgen.errors import BadInputError, MedGenError, ModelError
 from medgen.io.atomic import atomic_output, ensure_folder, write_text_atomic
 from medgen.peft.inject import adapter_record, inject
+from medgen.peft.report import trains_whole_model
 from medgen.peft.tenvoo_layer import FrozenCores
 
 CONFIG_FILE = "adapter_config.json"
@@ -32,7 +33,7 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors an adapter file holds, by name: every trainable parameter and the frozen TenVOO cores θ0;
     for full fine-tuning the whole state dict, since training in ``train()`` mode also moves its BatchNorm
     statistics (parameter-efficient methods train in ``eval()`` mode and leave every buffer as it was)."""
-    if adapter_record(model).method == "full":
+    if trains_whole_model(model):  # the one rule the training loops use to pick train() mode
         return dict(model.state_dict(keep_vars=True))
     state = {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
     for module_name, module in model.named_modules():

@@ -132,6 +132,7 @@ def prepare_pairs(
     Returns:
         ``(prepared pairs, labels with values 1..K-1)``.
     """
+    reporter = as_reporter(reporter)
     if not pairs:
         raise BadInputError("No training pairs were given.")
     for case, image, label in pairs:
@@ -141,7 +142,7 @@ def prepare_pairs(
     original = {new: old for old, new in mapping.items()}
     renumbered = [f"{label.name} {original[label.value]} -> {label.value}" for label in new_labels if original[label.value] != label.value]
     if renumbered:
-        as_reporter(reporter).log(f"Label values renumbered 1..{len(new_labels)} ({', '.join(renumbered)}): label maps "
+        reporter.log(f"Label values renumbered 1..{len(new_labels)} ({', '.join(renumbered)}): label maps "
                                   "given to the trained model must use the new values (medgen_model.json lists them).", "warning")
     resample = Spacingd(keys=("image", "label"), pixdim=spacing_mm, mode=("bilinear", "nearest")) if spacing_mm else None
     # scale before padding, so padded voxels are background (0) whatever the raw units (air in HU is -1000, not 0)
@@ -156,7 +157,7 @@ def prepare_pairs(
         pair = {"image": image.float(), "label": label.float()}
         pair = resample(pair) if resample is not None else pair
         out = fit(pair)
-        _warn_about_cropped_labels(case, pair["label"], out["label"], shape, as_reporter(reporter))
+        _warn_about_cropped_labels(case, pair["label"], out["label"], shape, reporter)
         prepared.append(
             PreparedPair(
                 case=case,
