@@ -101,29 +101,9 @@ class CrossModalTranslateParameterNode:
 class CrossModalTranslateWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The module panel: Translate (source, model, sampler, output, Segment Editor), Train a model, and Setup."""
 
-    def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-
     def setup(self) -> None:
-        """Load the .ui file, connect the scene and the job buttons."""
-        ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CrossModalTranslate.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        # Node selectors in the .ui get the scene through the mrmlSceneChanged signal.
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-
-        self.logic = CrossModalTranslateLogic()
-        self.setupJobControls()
-        self.setupTranslation()
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.initializeParameterNode()
+        """Load the .ui file, connect the scene and the job buttons, then this module's sections."""
+        self.setupPanel(CrossModalTranslateLogic(), self.setupTranslation)
 
     def setupTranslation(self) -> None:
         """Translate and Train each get their own button (turning into Cancel), progress bar and status line."""

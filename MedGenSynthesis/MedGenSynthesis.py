@@ -153,30 +153,9 @@ class MedGenSynthesisWidget(ModuleWidgetMixin, PairTableMixin, ScriptedLoadableM
     """The module panel: paired synthesis (training pairs, Train, Generate), from masks (Train mask model,
     Generate from masks, the candidate table) and Setup (dependencies, selftest)."""
 
-    def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-
     def setup(self) -> None:
-        """Load the .ui file, connect the scene and the job buttons."""
-        ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedGenSynthesis.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        # Node selectors in the .ui get the scene through the mrmlSceneChanged signal.
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-
-        self.logic = MedGenSynthesisLogic()
-        self.setupJobControls()
-        self.setupPairedSynthesis()
-        self.setupFromMasks()
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.initializeParameterNode()
+        """Load the .ui file, connect the scene and the job buttons, then this module's sections."""
+        self.setupPanel(MedGenSynthesisLogic(), self.setupPairedSynthesis, self.setupFromMasks)
 
     def setupPairedSynthesis(self) -> None:
         """Train and Generate each get their own Apply/Cancel button, progress bar and status line."""

@@ -96,29 +96,9 @@ class TenVOOSlicerParameterNode:
 class TenVOOSlicerWidget(ModuleWidgetMixin, PairTableMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The module panel: model and method, training pairs, Train, Segment, Compare, and Setup."""
 
-    def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-
     def setup(self) -> None:
-        """Load the .ui file, connect the scene and the job buttons."""
-        ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/TenVOOSlicer.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        # Node selectors in the .ui get the scene through the mrmlSceneChanged signal.
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-
-        self.logic = TenVOOSlicerLogic()
-        self.setupJobControls()
-        self.setupFineTuning()
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.initializeParameterNode()
+        """Load the .ui file, connect the scene and the job buttons, then this module's sections."""
+        self.setupPanel(TenVOOSlicerLogic(), self.setupFineTuning)
 
     def setupFineTuning(self) -> None:
         """Train, Segment and Compare each get their own button (turning into Cancel), progress bar and status line."""

@@ -116,6 +116,9 @@ def _scripted_loadable_module() -> types.ModuleType:
             self.parent = parent
             self.moduleName = type(self).__name__.removesuffix("Widget")
 
+        def setup(self):
+            pass  # the real one adds the developer's Reload & Test section to self.layout
+
         def resourcePath(self, filename):
             module_dir = Path(sys.modules[type(self).__module__].__file__).parent
             return str(module_dir / "Resources" / filename)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import types
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import pytest
 import slicer
 
-from slicer_stubs import MODULE_NAMES, FakeRunner, FakeWidget, slicer_gui_stubs
+from slicer_stubs import MODULE_NAMES, FakeRunner, FakeWidget, fake_app, fake_ui, slicer_gui_stubs
 
 
 class RecordingLogic:
@@ -112,3 +113,40 @@ def test_check_setup_without_torch_points_to_the_install_button(panel, monkeypat
     widget.onCheckSetupButton()
     assert widget.logic.started == []
     assert "Install dependencies" in widget.ui.setupStatusLabel.text
+
+
+@pytest.mark.parametrize("module_name", MODULE_NAMES)
+def test_setup_loads_the_ui_wires_every_button_and_follows_the_scene(module_name, mrml_scene, monkeypatch):
+    """The whole of ``setup()`` as Slicer calls it, on fake widgets named after the module's .ui: only the
+    parameter node's GUI binding (Qt properties) is left out."""
+    monkeypatch.setattr(slicer, "app", fake_app(), raising=False)
+    with slicer_gui_stubs():
+        module_file = __import__(module_name)
+        top, ui, loaded, added, scenes, initialized = FakeWidget(), fake_ui(module_name), [], [], [], []
+        top.setMRMLScene = scenes.append
+        monkeypatch.setattr(slicer.util, "loadUI", lambda path: loaded.append(path) or top)
+        monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda uiWidget: ui if uiWidget is top else None)
+        widget = getattr(module_file, f"{module_name}Widget")()
+        widget.layout = FakeWidget(addWidget=added.append)
+        monkeypatch.setattr(widget, "initializeParameterNode", lambda: initialized.append(True))
+        widget.setup()
+        try:
+            assert loaded == [widget.resourcePath(f"UI/{module_name}.ui")] and Path(loaded[0]).is_file()
+            assert added == [top] and scenes == [slicer.mrmlScene] and widget.ui is ui
+            assert type(widget.logic) is getattr(module_file, f"{module_name}Logic")
+            assert widget.ui.applyButton.slots["clicked(bool)"] == widget.onApplyButton
+            push_buttons = _widget_names(module_name, "QPushButton")
+            assert len(push_buttons) > 3
+            assert [name for name in push_buttons if not getattr(getattr(ui, name), "slots", None)] == []
+            for event, handler in ((slicer.mrmlScene.StartCloseEvent, widget.onSceneStartClose),
+                                   (slicer.mrmlScene.EndCloseEvent, widget.onSceneEndClose)):
+                assert widget.hasObserver(slicer.mrmlScene, event, handler)
+            assert initialized == [True]
+        finally:
+            widget.cleanup()
+        assert not widget.hasObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, widget.onSceneStartClose)
+
+
+def _widget_names(module_name: str, widget_class: str) -> list[str]:
+    root = ElementTree.parse(Path(__file__).resolve().parents[2] / module_name / "Resources" / "UI" / f"{module_name}.ui").getroot()
+    return [element.get("name") for element in root.iter("widget") if element.get("class") == widget_class]

@@ -1,13 +1,13 @@
-"""What every MedGen module panel does the same way: scene/parameter-node lifecycle and the job buttons.
+"""What every MedGen module panel does the same way: construction, loading the .ui, scene/parameter-node
+lifecycle and the job buttons.
 
 The job buttons are Apply/Cancel, "Install dependencies" and "Check setup". Each module's Widget
-mixes in :class:`ModuleWidgetMixin` and keeps only what differs per module (its ``setup()``,
-``initializeParameterNode()`` and ``_checkCanApply()``). The mixin expects the template's
-attributes: ``self.ui`` (with ``applyButton``, ``progressBar``, ``statusLabel``,
-``checkSetupButton``, ``installDependenciesButton``, ``setupStatusLabel``),
-``self.logic`` (a :class:`medgen.slicer.scene_job.SceneJobLogicMixin`), ``self._parameterNode``
-(with ``inputVolume``, ``device``, ``outputFolder``), ``self.moduleName`` and ``self.resourcePath``.
-"""
+mixes in :class:`ModuleWidgetMixin` (first, so its ``__init__`` is the Widget's) and keeps only what differs
+per module: ``setup()`` calling :meth:`ModuleWidgetMixin.setupPanel` with its Logic and its sections,
+``initializeParameterNode()`` and ``_checkCanApply()``. The .ui (``Resources/UI/<module>.ui``) must name
+``applyButton``, ``progressBar``, ``statusLabel``, ``checkSetupButton``, ``installDependenciesButton`` and
+``setupStatusLabel``; ``self.logic`` is a :class:`medgen.slicer.scene_job.SceneJobLogicMixin` and the
+parameter node has ``inputVolume``, ``device`` and ``outputFolder``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import sys
 
 import slicer
 import vtk
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
+from slicer.util import VTKObservationMixin
 
 from medgen.slicer.dependencies import ensure_dependencies, format_torch_report, torch_report
 from medgen.slicer.scene_job import JobRequest, optional_folder, selftest_request
@@ -24,6 +26,32 @@ from medgen.slicerqt.job_panel import JobPanel
 
 class ModuleWidgetMixin:
     """The Slicer widget lifecycle and the job buttons shared by the MedGen module panels."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+
+    def setupPanel(self, logic, *sectionSetups) -> None:
+        """The whole of a module's ``setup()``: load ``Resources/UI/<module>.ui``, keep ``logic``, create the
+        job buttons, call each of ``sectionSetups`` (the module's own sections), then follow the scene."""
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath(f"UI/{self.moduleName}.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        # Node selectors in the .ui get the scene through the mrmlSceneChanged signal.
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = logic
+        self.setupJobControls()
+        for sectionSetup in sectionSetups:
+            sectionSetup()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
