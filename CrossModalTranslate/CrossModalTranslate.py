@@ -23,7 +23,6 @@ from slicer.util import VTKObservationMixin
 
 from medgen.errors import BadInputError, MedGenError
 from medgen.slicer.scene_job import JobRequest, SceneJobLogicMixin, optional_folder, run_selftest_on_synthetic_volume
-from medgen.slicerqt.job_panel import JobPanel
 from medgen.slicerqt.module_widget import ModuleWidgetMixin
 from CrossModalTranslateLib import jobs, translation
 
@@ -107,9 +106,8 @@ class CrossModalTranslateWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget,
 
     def setupTranslation(self) -> None:
         """Translate and Train each get their own button (turning into Cancel), progress bar and status line."""
-        locked = [self.ui.checkSetupButton, self.ui.installDependenciesButton]
-        self.translatePanel = JobPanel(self.ui.translateButton, self.ui.translateProgressBar, self.ui.translateStatusLabel, locked)
-        self.trainPanel = JobPanel(self.ui.trainButton, self.ui.trainProgressBar, self.ui.trainStatusLabel, locked)
+        self.translatePanel = self.sectionPanel("translate")
+        self.trainPanel = self.sectionPanel("train")
         # Missing inputs are reported when a button is pressed, with what to do (BadInputError).
         self.translatePanel.set_can_start(True)
         self.trainPanel.set_can_start(True)

@@ -29,7 +29,6 @@ from medgen.slicer.scene_job import (
     optional_folder,
     run_selftest_on_synthetic_volume,
 )
-from medgen.slicerqt.job_panel import JobPanel
 from medgen.slicerqt.module_widget import ModuleWidgetMixin
 from medgen.slicerqt.pair_table import PairTableMixin
 from MedGenSynthesisLib import from_masks, jobs, paired
@@ -159,9 +158,8 @@ class MedGenSynthesisWidget(ModuleWidgetMixin, PairTableMixin, ScriptedLoadableM
 
     def setupPairedSynthesis(self) -> None:
         """Train and Generate each get their own Apply/Cancel button, progress bar and status line."""
-        locked = [self.ui.checkSetupButton, self.ui.installDependenciesButton]
-        self.trainPanel = JobPanel(self.ui.trainButton, self.ui.trainProgressBar, self.ui.trainStatusLabel, locked)
-        self.generatePanel = JobPanel(self.ui.generateButton, self.ui.generateProgressBar, self.ui.generateStatusLabel, locked)
+        self.trainPanel = self.sectionPanel("train")
+        self.generatePanel = self.sectionPanel("generate")
         # Missing inputs are reported when the button is pressed, with what to do (BadInputError).
         self.trainPanel.set_can_start(True)
         self.generatePanel.set_can_start(True)
@@ -179,9 +177,8 @@ class MedGenSynthesisWidget(ModuleWidgetMixin, PairTableMixin, ScriptedLoadableM
     def setupFromMasks(self) -> None:
         """Train mask model and Generate from masks each get their own button (turning into Cancel),
         progress bar and status line; generation also shows per-mask progress and the candidate table."""
-        locked = [self.ui.checkSetupButton, self.ui.installDependenciesButton]
-        self.maskTrainPanel = JobPanel(self.ui.maskTrainButton, self.ui.maskTrainProgressBar, self.ui.maskTrainStatusLabel, locked)
-        self.fromMasksPanel = JobPanel(self.ui.fromMasksButton, self.ui.fromMasksProgressBar, self.ui.fromMasksStatusLabel, locked)
+        self.maskTrainPanel = self.sectionPanel("maskTrain")
+        self.fromMasksPanel = self.sectionPanel("fromMasks")
         # Missing inputs are reported when a button is pressed, with what to do (BadInputError).
         self.maskTrainPanel.set_can_start(True)
         self.fromMasksPanel.set_can_start(True)

@@ -24,7 +24,7 @@ from slicer.util import VTKObservationMixin
 from medgen.errors import BadInputError
 from medgen.slicer.plots import LossPlot
 from medgen.slicer.scene_job import JobRequest, SceneJobLogicMixin, optional_folder, run_selftest_on_synthetic_volume
-from medgen.slicerqt.job_panel import JobPanel, JobState
+from medgen.slicerqt.job_panel import JobState
 from medgen.slicerqt.module_widget import ModuleWidgetMixin
 from medgen.slicerqt.pair_table import PairTableMixin
 from TenVOOSlicerLib import adaptation, jobs
@@ -102,11 +102,9 @@ class TenVOOSlicerWidget(ModuleWidgetMixin, PairTableMixin, ScriptedLoadableModu
 
     def setupFineTuning(self) -> None:
         """Train, Segment and Compare each get their own button (turning into Cancel), progress bar and status line."""
-        locked = [self.ui.checkSetupButton, self.ui.installDependenciesButton]
-        self.trainPanel = JobPanel(self.ui.trainButton, self.ui.trainProgressBar, self.ui.trainStatusLabel, locked,
-                                   loss_plot=self.logic.lossPlot)
-        self.segmentPanel = JobPanel(self.ui.segmentButton, self.ui.segmentProgressBar, self.ui.segmentStatusLabel, locked)
-        self.comparePanel = JobPanel(self.ui.compareButton, self.ui.compareProgressBar, self.ui.compareStatusLabel, locked)
+        self.trainPanel = self.sectionPanel("train", loss_plot=self.logic.lossPlot)
+        self.segmentPanel = self.sectionPanel("segment")
+        self.comparePanel = self.sectionPanel("compare")
         # Missing inputs are reported when a button is pressed, with what to do (BadInputError).
         for panel in (self.trainPanel, self.segmentPanel, self.comparePanel):
             panel.set_can_start(True)

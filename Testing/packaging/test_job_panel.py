@@ -166,3 +166,21 @@ def test_a_loss_plot_is_emptied_per_job_and_gets_every_loss(panel_module, widget
     poll_until_idle(panel)
     assert plot.points() == ([1.0, 2.0, 3.0], [1.0, 0.5, 1.0 / 3])
     assert redraws == [1]  # throttled while running, drawn once when the job ended
+
+
+def test_buttons_shared_by_panels_stay_locked_while_any_panel_is_busy(panel_module, widgets):
+    """Check setup / Install dependencies are locked by every job panel of a module: an idle panel's update
+    (e.g. its input check) must not unlock them while another panel's job runs."""
+    lock = panel_module.BusyLock([widgets.check])
+    other = types.SimpleNamespace(apply=types.SimpleNamespace(text="Train", enabled=False, toolTip=""),
+                                  progress=FakeProgressBar(), status=types.SimpleNamespace(text=""))
+    training = panel_module.JobPanel(other.apply, other.progress, other.status, lock)
+    generating = panel_module.JobPanel(widgets.apply, widgets.progress, widgets.status, lock)
+    runner = ScriptedRunner([{"event": "progress", "phase": "train", "step": 1, "total": 2}],
+                            result={"event": "result", "outputs": {}})
+    track(training, runner, [])
+    assert not widgets.check.enabled
+    generating.set_can_start(True)
+    assert not widgets.check.enabled and widgets.apply.enabled
+    poll_until_idle(training)
+    assert widgets.check.enabled

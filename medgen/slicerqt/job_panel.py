@@ -58,6 +58,24 @@ def describe_progress(event: dict[str, Any], device: str) -> str:
     return " | ".join(parts)
 
 
+class BusyLock:
+    """Buttons that several panels of one module disable while a job runs (Check setup, Install dependencies):
+    enabled only while none of the panels holding the lock is busy."""
+
+    def __init__(self, buttons=()) -> None:
+        self._buttons = list(buttons)
+        self._busy_panels: set[int] = set()
+
+    def hold(self, panel: object, busy: bool) -> None:
+        """Record whether ``panel`` is busy and enable the buttons only when no panel is."""
+        if busy:
+            self._busy_panels.add(id(panel))
+        else:
+            self._busy_panels.discard(id(panel))
+        for button in self._buttons:
+            button.enabled = not self._busy_panels
+
+
 class JobPanel:
     """Drives a panel's Apply button, progress bar and status label from a running job.
 
@@ -65,7 +83,8 @@ class JobPanel:
         apply_button: shows ``Apply`` while idle and ``Cancel`` while a job runs.
         progress_bar: determinate from the job's progress events.
         status_label: phase, step/total, ETA, loss and device; the error message after a failure.
-        locked_while_busy: other buttons (Check setup, Install dependencies) disabled while a job runs.
+        locked_while_busy: a :class:`BusyLock` shared with the module's other panels (or a list of buttons for
+            this panel alone): its buttons (Check setup, Install dependencies) are disabled while a job runs.
         loss_plot: a :class:`medgen.slicer.plots.LossPlot` (or anything with ``reset()``, ``record(event)`` and
             ``flush()``) that each job's loss is drawn on, emptied when a job starts; None draws nothing.
     """
@@ -75,7 +94,7 @@ class JobPanel:
         self._apply_text = apply_button.text
         self._progress_bar = progress_bar
         self._status_label = status_label
-        self._locked_while_busy = list(locked_while_busy)
+        self._busy_lock = locked_while_busy if isinstance(locked_while_busy, BusyLock) else BusyLock(locked_while_busy)
         self.loss_plot = loss_plot
         self._can_start = False
         self._runner = None
@@ -201,5 +220,4 @@ class JobPanel:
         else:
             self._apply_button.text = self._apply_text
             self._apply_button.enabled = self._can_start
-        for button in self._locked_while_busy:
-            button.enabled = not self.busy
+        self._busy_lock.hold(self, self.busy)

@@ -21,7 +21,7 @@ from slicer.util import VTKObservationMixin
 
 from medgen.slicer.dependencies import ensure_dependencies, format_torch_report, torch_report
 from medgen.slicer.scene_job import JobRequest, optional_folder, selftest_request
-from medgen.slicerqt.job_panel import JobPanel
+from medgen.slicerqt.job_panel import BusyLock, JobPanel
 
 
 class ModuleWidgetMixin:
@@ -86,16 +86,24 @@ class ModuleWidgetMixin:
             self._checkCanApply()
 
     def setupJobControls(self) -> None:
-        """Create the job panel and connect the buttons; call once from ``setup()``."""
+        """Create the job panel and connect the buttons; call once from ``setup()``. The module's other job
+        panels share :attr:`busyLock`, so Check setup and Install dependencies stay off while any job runs."""
+        self.busyLock = BusyLock([self.ui.checkSetupButton, self.ui.installDependenciesButton])
         self.jobPanel = JobPanel(
             self.ui.applyButton,
             self.ui.progressBar,
             self.ui.statusLabel,
-            locked_while_busy=[self.ui.checkSetupButton, self.ui.installDependenciesButton],
+            locked_while_busy=self.busyLock,
         )
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.checkSetupButton.connect("clicked(bool)", self.onCheckSetupButton)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependenciesButton)
+
+    def sectionPanel(self, name: str, **options) -> JobPanel:
+        """The job panel of a section's button ``<name>Button`` with its ``<name>ProgressBar`` and
+        ``<name>StatusLabel``, sharing :attr:`busyLock`; ``options`` go to :class:`JobPanel` (e.g. ``loss_plot``)."""
+        return JobPanel(getattr(self.ui, f"{name}Button"), getattr(self.ui, f"{name}ProgressBar"),
+                        getattr(self.ui, f"{name}StatusLabel"), self.busyLock, **options)
 
     def onApplyButton(self) -> None:
         """Start the module's job, or cancel it when one is running (the button reads Cancel then)."""
