@@ -249,7 +249,8 @@ def segmentation_for(volume_node):
         segmentation = scene.GetNthNodeByClass(index, "vtkMRMLSegmentationNode")
         if segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole()) is volume_node:
             return segmentation
-    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} segmentation")
+    name = scene.GenerateUniqueName(f"{volume_node.GetName()} segmentation")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     try:
         segmentation.CreateDefaultDisplayNodes()
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)

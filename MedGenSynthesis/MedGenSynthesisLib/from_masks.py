@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from medgen.errors import BadInputError, ModelError
 from medgen.labels import LabelInfo, load_labels, make_labels, save_labels
-from medgen.slicer.scene import check_selected_once, check_volume_voxels, create_folder, place_in_folder, remove_nodes, resolve_scene, subject_hierarchy
+from medgen.slicer.scene import check_selected_once, check_volume_voxels, create_folder, follow_transform_of, place_in_folder, remove_nodes, resolve_scene, subject_hierarchy
 from medgen.slicer.scene_job import JobRequest, TrainingPair, check_free_destination
 from medgen.synthesis.filtering import FilterThresholds
 from MedGenSynthesisLib import paired
@@ -295,14 +295,17 @@ class GenerateRequest(JobRequest):
     def target_modality(self) -> str:
         return self.params["target_modality"]
 
+    def mask_stems(self) -> dict[str, Any]:
+        """File stem -> segmentation node, in selection order: the job calls its pairs ``<stem>_<candidate>``."""
+        taken: set[str] = set()
+        return {_file_stem(node.GetName(), taken): node for node in self.masks}
+
     def write_inputs(self, folder: Path) -> dict[str, Any]:
         """Each segmentation as ``<node name>.nii.gz`` (the job names its outputs after the file)."""
         inputs = dict(self.input_files)
         if self.masks:
-            taken: set[str] = set()
-            inputs["masks"] = [
-                str(write_mask(node, self.organs, folder / f"{_file_stem(node.GetName(), taken)}.nii.gz")) for node in self.masks
-            ]
+            inputs["masks"] = [str(write_mask(node, self.organs, folder / f"{stem}.nii.gz"))
+                               for stem, node in self.mask_stems().items()]
         return inputs
 
     def import_results(self, result: dict, scene=None) -> dict[str, Any]:
@@ -322,7 +325,10 @@ class GenerateRequest(JobRequest):
         outputs_dir = Path(outputs_dir)
         report_file = outputs_dir / "report.json"
         report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else None
-        pairs = import_accepted_pairs(outputs_dir / "pairs", list(self.organs), self.target_modality, scene)
+        # the reference volumes may have been removed while the job ran: their pairs then stay untransformed
+        references = {stem: node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole())
+                      for stem, node in self.mask_stems().items()}
+        pairs = import_accepted_pairs(outputs_dir / "pairs", list(self.organs), self.target_modality, scene, references)
         return {"pairs": pairs, "report": report, "candidates": candidate_rows(report) if report else []}
 
 
@@ -408,10 +414,13 @@ def accepted_pair_files(pairs_dir: str | Path) -> list[tuple[str, Path, Path]]:
     return pairs
 
 
-def import_accepted_pairs(pairs_dir: str | Path, organs: list[LabelInfo], target_modality: str, scene=None) -> dict[str, tuple]:
+def import_accepted_pairs(pairs_dir: str | Path, organs: list[LabelInfo], target_modality: str, scene=None,
+                          mask_references: dict[str, Any] | None = None) -> dict[str, tuple]:
     """Load each complete pair as a volume and a segmentation into one subject-hierarchy folder named after the job.
 
     Segment names and colours come from the pairs folder's ``labels.json`` (``organs`` when it is missing).
+    A pair is written on its mask's local grid, so it goes under the parent transform of its mask's reference
+    volume (``mask_references``: mask file stem -> volume node; the pair ids are ``<stem>_<candidate>``).
 
     Returns:
         pair id -> ``(volume node, segmentation node)``; nothing stays in the scene if an import fails.
@@ -434,6 +443,7 @@ def import_accepted_pairs(pairs_dir: str | Path, organs: list[LabelInfo], target
             volume = file_to_volume_node(image_file, f"{pair_id} {target_modality}", scene=scene)
             created.append(volume)
             place_in_folder(volume, folder)
+            follow_transform_of(volume, (mask_references or {}).get(pair_id.rsplit("_", 1)[0]))
             segmentation = labelmap_to_segmentation(load_volume(label_file, label=True), labels,
                                                     f"{pair_id} {target_modality} segmentation", scene=scene, reference_node=volume)
             created.append(segmentation)

@@ -103,6 +103,17 @@ def test_labelmap_to_segmentation_keeps_names_colors_values(mrml_scene, oblique)
     assert referenced.GetID() == reference.GetID()
 
 
+def test_a_second_run_gets_unique_node_names(mrml_scene, oblique):
+    """Running a job twice must not leave two nodes of one name (getNode by name would be ambiguous)."""
+    volume = MetaTensor(torch.rand(1, 20, 16, 12), affine=torch.from_numpy(oblique))
+    volumes = [tensor_to_volume_node(volume, "case7 (T2→T1)", scene=mrml_scene) for _ in range(2)]
+    segmentations = [labelmap_to_segmentation(_labelmap(oblique), LABELS, "seg", scene=mrml_scene) for _ in range(2)]
+    assert volumes[0].GetName() == "case7 (T2→T1)" and segmentations[0].GetName() == "seg"
+    names = _node_names(mrml_scene)
+    assert len({node.GetName() for node in volumes + segmentations}) == 4
+    assert names.count("case7 (T2→T1)") == 1 and names.count("seg") == 1
+
+
 def test_segmentation_round_trip_gives_original_label_values_on_reference_grid(mrml_scene, oblique):
     reference = tensor_to_volume_node(MetaTensor(torch.rand(1, 20, 16, 12), affine=torch.from_numpy(oblique)), "ref", scene=mrml_scene)
     segmentation = labelmap_to_segmentation(_labelmap(oblique), LABELS, "seg", scene=mrml_scene, reference_node=reference)

@@ -276,6 +276,26 @@ def test_a_finished_job_loads_every_accepted_pair_named_coloured_on_its_grid_in_
         ("case_A", 0, "accepted"), ("case_A", 1, "accepted"), ("case_A", 2, "rejected")]
 
 
+def test_pairs_of_a_mask_under_a_transform_stay_aligned_with_it(mrml_scene, tmp_path):
+    """Masks are exported on their reference volume's local grid, so their pairs go under its parent transform
+    (a registration): otherwise a generated image would sit 30 mm away from the mask it was drawn for."""
+    liver = [LabelInfo("liver", 1, LIVER)]
+    moved, moved_segmentation, _ = _segmented_volume(mrml_scene, "case A", liver)
+    _, still_segmentation, _ = _segmented_volume(mrml_scene, "case B", liver)
+    transform = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(np.array(
+        [[1, 0, 0, 30], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=float)))
+    moved.SetAndObserveTransformNodeID(transform.GetID())
+    moved_segmentation.SetAndObserveTransformNodeID(transform.GetID())
+    request = from_masks.generate_request(_model_folder(tmp_path / "model"), [moved_segmentation, still_segmentation])
+    assert list(request.mask_stems()) == ["case_A_segmentation", "case_B_segmentation"]
+    outputs = _finished_job(tmp_path / "jobs", oblique_affine(), {"case_A_segmentation_0": 1, "case_B_segmentation_3": 1}, None)
+    pairs = request.import_pairs(outputs)["pairs"]
+    (moved_image, moved_pair_segmentation), (still_image, still_pair_segmentation) = pairs.values()
+    assert moved_image.GetTransformNodeID() == transform.GetID() == moved_pair_segmentation.GetTransformNodeID()
+    assert still_image.GetTransformNodeID() is None and still_pair_segmentation.GetTransformNodeID() is None
+
+
 def _mask_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "masks"
     folder.mkdir()

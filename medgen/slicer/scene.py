@@ -67,7 +67,14 @@ def place_next_to(node, reference_node) -> None:
     if hierarchy is not None:
         reference_item = hierarchy.GetItemByDataNode(reference_node)
         place_in_folder(node, hierarchy.GetItemParent(reference_item) if reference_item else hierarchy.GetSceneItemID())
-    node.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
+    follow_transform_of(node, reference_node)
+
+
+def follow_transform_of(node, reference_node) -> None:
+    """Put ``node`` under ``reference_node``'s parent transform (none if it has none), so a result written on
+    the reference's local grid stays aligned with it; a reference gone from ``node``'s scene changes nothing."""
+    if reference_node is not None and reference_node.GetScene() is node.GetScene():
+        node.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
 
 
 def remove_nodes(scene, *nodes) -> None:

@@ -182,7 +182,7 @@ def labelmap_to_segmentation(labelmap: torch.Tensor, labels: list[LabelInfo], na
     segmentation_node = None
     try:
         labelmap_node.GetDisplayNode().SetAndObserveColorNodeID(color_table.GetID())
-        segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
         segmentation_node.CreateDefaultDisplayNodes()
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node or labelmap_node)
         if not segmentations_logic(scene).ImportLabelmapToSegmentationNode(labelmap_node, segmentation_node):

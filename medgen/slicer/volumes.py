@@ -59,7 +59,7 @@ def tensor_to_volume_node(volume: torch.Tensor, name: str, *, scene=None, label:
 
     Args:
         volume: MetaTensor (its affine is used) or tensor with ``affine`` given (4x4 IJK-to-RAS, mm).
-        name: node name (made unique by the scene if taken).
+        name: node name; a name already in the scene gets a suffix (``name_1``), as Slicer's own importers do.
         scene: target scene (default ``slicer.mrmlScene``).
         label: create a ``vtkMRMLLabelMapVolumeNode`` with integer voxels.
         reference_node: place the new node next to this one (subject hierarchy, parent transform).
@@ -80,7 +80,7 @@ def tensor_to_volume_node(volume: torch.Tensor, name: str, *, scene=None, label:
         raise BadInputError(f"Expected a single-channel 3D volume (1, I, J, K) but got shape {tuple(volume.shape)}.")
     array_kji = np.ascontiguousarray(data.numpy().transpose(2, 1, 0))
     array_kji = array_kji.astype(_label_array_dtype(array_kji)) if label else array_kji.astype(np.float32)
-    node = scene.AddNewNodeByClass(LABELMAP_CLASS if label else SCALAR_VOLUME_CLASS, name)
+    node = scene.AddNewNodeByClass(LABELMAP_CLASS if label else SCALAR_VOLUME_CLASS, scene.GenerateUniqueName(name))
     try:
         slicer.util.updateVolumeFromArray(node, array_kji)
         node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(affine))
