@@ -136,9 +136,12 @@ class CrossModalTranslateWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget,
         self._parameterNode.modelFolder = imported["model"]
         self.onModelFolderChanged()
 
-    def onModelFolderChanged(self, *unused) -> None:
-        """Describe the chosen model folder, or say what is wrong with it; remember it once it is valid."""
-        folder = optional_folder(self._parameterNode.modelFolder)
+    def onModelFolderChanged(self, path: str | None = None) -> None:
+        """Describe the chosen model folder, or say what is wrong with it; remember it once it is valid.
+
+        ``path`` is the directory button's new folder: the parameter node may learn it only after this slot runs.
+        """
+        folder = optional_folder(self._parameterNode.modelFolder if path is None else path)
         if folder is None:
             self.ui.modelInfoLabel.text = _("No model chosen: choose a model folder or train a model.")
             return

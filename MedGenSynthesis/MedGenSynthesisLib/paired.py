@@ -46,12 +46,15 @@ def training_labels(segmentation_nodes: Sequence) -> list[LabelInfo]:
 
 def check_training_pairs(pairs: Sequence[TrainingPair]) -> None:
     """Refuse, before any job starts, pairs that cannot make a training set."""
+    from medgen.slicer.segmentations import check_segmentation_node
+
     if not pairs:
         raise BadInputError("No training pairs: add at least one volume with its segmentation, or train from a folder.")
     for number, pair in enumerate(pairs, start=1):
         if pair.volume is None or pair.segmentation is None:
             raise BadInputError(f"Training pair {number} lacks its volume or its segmentation; select both or remove the pair.")
         check_volume_voxels(pair.volume, f"The volume of training pair {number}")
+        check_segmentation_node(pair.segmentation)
         if pair.segmentation.GetSegmentation().GetNumberOfSegments() == 0:
             raise BadInputError(
                 f"Training pair {number}: segmentation '{pair.segmentation.GetName()}' has no segments. "

@@ -210,3 +210,24 @@ def test_a_manifest_that_cannot_be_written_keeps_the_jobs_outcome(tmp_path, inpu
     assert run_job(job_dir, EventStream(buffer)) == ExitCode.OK
     messages = [json.loads(line) for line in buffer.getvalue().splitlines()]
     assert any(m["event"] == "log" and "manifest could not be written" in m["message"] for m in messages)
+
+
+def test_polling_never_blocks_on_pipes_held_open_by_a_process_the_worker_left_behind(tmp_path, monkeypatch):
+    """poll() runs on Slicer's GUI thread: a child that outlives the worker (holding its stdout) must not freeze it."""
+    import medgen.slicer.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "PIPE_GRACE_S", 1.0)
+    fake_python = tmp_path / "python-with-a-leftover-child"
+    fake_python.write_text('#!/bin/sh\n( sleep 4 ) &\necho \'{"event": "result", "outputs": {}}\'\nexit 0\n')
+    fake_python.chmod(0o755)
+    runner = JobRunner(tmp_path, python=str(fake_python)).start()
+    started, longest_poll_s = time.monotonic(), 0.0
+    while True:
+        before = time.monotonic()
+        running = runner.poll()
+        longest_poll_s = max(longest_poll_s, time.monotonic() - before)
+        if not running:
+            break
+        time.sleep(0.05)
+    assert runner.returncode == ExitCode.OK and runner.result == {"event": "result", "outputs": {}}
+    assert longest_poll_s < 0.5 and time.monotonic() - started < 3.5  # finished without waiting for the child

@@ -56,6 +56,15 @@ def test_outputs_on_the_reference_grid_get_its_exact_matrix_and_others_keep_thei
     np.testing.assert_allclose(ijk_to_ras_of(nodes["cropped"]), oblique, atol=1e-5)
 
 
+def test_a_refused_job_says_which_parameter_and_leaves_no_copies_of_the_inputs(mrml_scene, input_node, tmp_path):
+    from medgen.errors import BadInputError
+
+    request = JobRequest("selftest", {"image": input_node}, {"steps": 0})
+    with pytest.raises(BadInputError, match=r"^Parameter 'steps' of the selftest job: 0 is less than the minimum of 1"):
+        SceneJob(request, tmp_path, device="cpu")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cancelled_job_leaves_the_scene_intact(mrml_scene, input_node, tmp_path):
     before = scene_snapshot(mrml_scene)
     voxels_before = slicer.util.arrayFromVolume(input_node).copy()

@@ -147,6 +147,11 @@ def test_a_valid_model_folder_is_described_and_remembered_for_the_next_session(p
     widget.restoreModelFolder()
     assert widget._parameterNode.modelFolder == tmp_path / "model"
 
+    # the directory button's signal carries the new folder before the parameter node is updated from it
+    other = _model_folder(tmp_path / "other model")
+    widget.ui.modelFolderButton.slots["directoryChanged(QString)"](str(other))
+    assert settings == {SETTING: str(other)}
+
 
 def test_train_uses_the_checked_volumes_and_its_model_becomes_the_one_to_translate_with(panel, mrml_scene, tmp_path, settings):
     widget, started = panel

@@ -249,6 +249,8 @@ def test_repeated_selections_are_refused(mrml_scene, tmp_path):
         from_masks.train_request([TrainingPair(volume, segmentation)], [volume, volume], source_modality="CT", target_modality="T2")
     with pytest.raises(BadInputError, match=r"Mask 2 repeats mask 1 \('case A segmentation'\)"):
         from_masks.generate_request(model, [segmentation, segmentation], "T2 MRI")
+    with pytest.raises(BadInputError, match="'case A CT' is a .*, not a segmentation"):
+        from_masks.generate_request(model, [volume], "T2 MRI")
 
 
 # ------------------------------------------------------------------------------------------ the import

@@ -145,6 +145,9 @@ def test_pair_without_segments_is_refused_before_any_job_starts(mrml_scene, tmp_
         paired.train_request_from_scene([good, paired.TrainingPair(flat, good.segmentation)], shape=[16, 16, 16])
     with pytest.raises(BadInputError, match=r"Training pair 2 repeats training pair 1 \('case A MR' with 'case A segmentation'\)"):
         paired.train_request_from_scene([good, good], shape=[16, 16, 16])
+    label_map = tensor_to_volume_node(MetaTensor(torch.ones(1, 8, 8, 8, dtype=torch.int64)), "mask", scene=mrml_scene, label=True)
+    with pytest.raises(BadInputError, match="'mask' is a label map volume, not a segmentation"):
+        paired.train_request_from_scene([good, paired.TrainingPair(good.volume, label_map)], shape=[16, 16, 16])
     assert list(tmp_path.iterdir()) == []
 
 

@@ -146,6 +146,8 @@ def test_segments_that_are_not_model_classes_are_refused_before_any_job(model, m
     label_map = tensor_to_volume_node(MetaTensor(torch.ones(1, 8, 8, 8, dtype=torch.int64)), "mask", scene=mrml_scene, label=True)
     with pytest.raises(BadInputError, match="The volume to segment 'mask' is a label map"):
         adaptation.infer_request(model, label_map)
+    with pytest.raises(BadInputError, match="'mask' is a label map volume, not a segmentation. Convert it first"):
+        adaptation.finetune_request(model, [good, adaptation.TrainingPair(good.volume, label_map)], "tenvoo-l", OPTIONS)
     nan = tensor_to_volume_node(MetaTensor(torch.full((1, 8, 8, 8), float("nan"))), "broken", scene=mrml_scene)
     with pytest.raises(BadInputError, match="The volume of training pair 2 'broken' has 512 NaN"):
         adaptation.finetune_request(model, [good, adaptation.TrainingPair(nan, good.segmentation)], "tenvoo-l", OPTIONS)

@@ -56,11 +56,16 @@ _DRAFT = jsonschema.validators.validator_for(JOB_SCHEMA)
 Validator = jsonschema.validators.extend(_DRAFT, type_checker=_DRAFT.TYPE_CHECKER.redefine("integer", _is_whole_number))
 
 
-def _schema_error(error: jsonschema.ValidationError, where: str) -> BadInputError:
-    location = "/".join([where, *(str(part) for part in error.absolute_path)]) if where != "top level" else (
-        "/".join(str(part) for part in error.absolute_path) or where
-    )
-    return BadInputError(f"job.json is invalid at '{location}': {error.message}.")
+def _schema_error(error: jsonschema.ValidationError, where: str, kind: str = "") -> BadInputError:
+    """The refusal a user can act on: which parameter or input (as the panels and the CLI name it), what is
+    wrong with it, and where that is in job.json."""
+    parts = [str(part) for part in error.absolute_path]
+    if where == "top level":
+        return BadInputError(f"job.json is invalid at '{'/'.join(parts) or where}': {error.message}.")
+    location = "/".join([where, *parts])
+    noun = {"params": "parameter", "inputs": "input"}[where]
+    subject = f"{noun.capitalize()} '{parts[0]}' of the {kind} job" if parts else f"The {kind} job's {noun}s"
+    return BadInputError(f"{subject}: {error.message} (job.json '{location}').")
 
 
 def _fill_defaults(params: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +105,7 @@ def validate_job(document: Any, base_dir: Path) -> JobSpec:
         try:
             Validator(schema).validate(value)
         except jsonschema.ValidationError as error:
-            raise _schema_error(error, section) from None
+            raise _schema_error(error, section, kind.name) from None
     return JobSpec(
         kind=kind.name,
         inputs={name: _resolve_paths(value, base_dir, name) for name, value in inputs.items()},

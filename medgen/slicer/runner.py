@@ -28,6 +28,9 @@ from medgen.jobs.exit_codes import ExitCode
 from medgen.jobs.spec import JOB_FILE, SCHEMA_VERSION, validate_job
 
 CANCEL_GRACE_S = 5.0
+#: after the worker exits, how long its output pipes may stay open (a process it started that outlives it holds
+#: them) before the job is finished without the rest; poll() never blocks on them meanwhile
+PIPE_GRACE_S = 5.0
 
 
 def worker_python() -> str:
@@ -105,6 +108,7 @@ class JobRunner:
         self._lines: queue.Queue = queue.Queue()
         self._readers: list[threading.Thread] = []
         self._kill_deadline_s: float | None = None
+        self._exited_at_s: float | None = None
         self._cancel_requested = False
 
     def start(self) -> "JobRunner":
@@ -143,8 +147,10 @@ class JobRunner:
             self._kill_tree(signal.SIGKILL if os.name == "posix" else None)
             self._kill_deadline_s = None
         if self.returncode is None and self._process.poll() is not None:
-            for reader in self._readers:
-                reader.join(timeout=5)
+            self._exited_at_s = self._exited_at_s or time.monotonic()
+            pipes_open = any(reader.is_alive() for reader in self._readers)
+            if pipes_open and time.monotonic() - self._exited_at_s < PIPE_GRACE_S:
+                return True  # its last lines may still be on the way: look again at the next poll (never block the GUI)
             self._drain()
             self._finish(self._process.returncode)
         return self.returncode is None

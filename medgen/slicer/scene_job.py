@@ -207,8 +207,12 @@ class SceneJob:
     ) -> None:
         self.request = request
         inputs_dir = Path(job_root) / f"inputs-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
-        inputs = request.write_inputs(inputs_dir)
-        self.job_dir = write_job(job_root, request.kind, inputs, request.params, device=device, seed=request.seed)
+        try:
+            inputs = request.write_inputs(inputs_dir)
+            self.job_dir = write_job(job_root, request.kind, inputs, request.params, device=device, seed=request.seed)
+        except BaseException:
+            shutil.rmtree(inputs_dir, ignore_errors=True)  # a refused job leaves no copies of the scene's volumes
+            raise
         self.runner = JobRunner(self.job_dir, on_event=on_event)
 
     def start(self) -> "SceneJob":

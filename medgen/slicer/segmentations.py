@@ -19,11 +19,22 @@ from medgen.slicer.scene import place_next_to, remove_nodes, resolve_scene, segm
 from medgen.slicer.volumes import tensor_to_volume_node, volume_node_to_tensor
 
 
+def check_segmentation_node(node) -> None:
+    """Refuse a node that is not a segmentation (a label map volume is the usual mix-up), saying what to do."""
+    if node is not None and not node.IsA("vtkMRMLSegmentationNode"):
+        kind = "a label map volume" if node.IsA("vtkMRMLLabelMapVolumeNode") else f"a {node.GetClassName()}"
+        raise BadInputError(
+            f"'{node.GetName()}' is {kind}, not a segmentation. Convert it first (Data module: right-click it, "
+            "'Convert labelmap to segmentation node') or select a segmentation node."
+        )
+
+
 def segment_labels(segmentation_node) -> list[LabelInfo]:
     """Name, label value and colour of each segment, in segment order.
 
     A segment without its own label value (0) gets its 1-based position, as Slicer's export would.
     """
+    check_segmentation_node(segmentation_node)
     segmentation = segmentation_node.GetSegmentation()
     labels = []
     for index in range(segmentation.GetNumberOfSegments()):
@@ -59,6 +70,7 @@ def segmentation_to_labelmap(segmentation_node, reference_volume_node, *, requir
         BadInputError: no segments, no reference volume (or one without voxels), or, with ``require_voxels``,
             segments that are empty or lie outside the reference volume.
     """
+    check_segmentation_node(segmentation_node)
     if segmentation_node is None or segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
         raise BadInputError("The segmentation has no segments. Draw or load at least one segment first.")
     if reference_volume_node is None:
