@@ -60,6 +60,15 @@ def test_bad_input_exit_code_and_message(tmp_path):
     assert "does not exist" in result.stderr
 
 
+def test_a_torchrun_launch_is_refused_before_any_job_is_written(tmp_path, monkeypatch):
+    """Under torchrun every process would submit its own copy of the job (N single-process runs)."""
+    from medgen.cli.main import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["submit", "selftest", "--inputs", '{"image": "x.nii.gz"}', "--job-root", str(tmp_path)]) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_demo_translation_step_says_it_is_a_tiny_cpu_model_and_prints_both_agreements(tmp_path, capsys):
     """The demo's translation step, shrunk (its real settings take about two minutes: see medgen.cli.demo)."""
     import re

@@ -145,6 +145,10 @@ def test_sdedit_starts_at_given_timestep():
     edited = sdedit(oracle_denoiser(scheduler, x0, seen), scheduler, x0, 499, generator=generator)
     assert seen == [t for t in scheduler.timesteps.tolist() if t <= 499] and seen[0] == 499
     assert (edited - x0).abs().max().item() < 1e-4
+    assert len(scheduler.timesteps) == 50 and scheduler.timesteps[0] == 999  # the caller's schedule is left whole
+    seen.clear()
+    sdedit(oracle_denoiser(scheduler, x0, seen), scheduler, x0, 699, generator=generator)
+    assert seen[0] == 699 and seen[-1] == 19
     with pytest.raises(BadInputError, match="nearest is 499"):
         sdedit(oracle_denoiser(scheduler, x0), scheduler, x0, 500)
     # an explicit list overrides the scheduler's own (here MONAI's DDPM default 999, 998, ..., 0)

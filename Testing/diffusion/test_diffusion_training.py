@@ -20,7 +20,7 @@ from medgen.diffusion import (
     unet_denoiser,
 )
 from medgen.diffusion.checkpoint import load_checkpoint, save_checkpoint
-from medgen.errors import CancelledError, ModelError, OutOfMemoryError
+from medgen.errors import BadInputError, CancelledError, ModelError, OutOfMemoryError
 from medgen.progress import CallbackReporter
 
 VOLUME = (1, 8, 8, 8)
@@ -188,3 +188,62 @@ def test_a_run_shorter_than_ema_every_ships_its_trained_weights_as_the_ema(make_
     trained, averaged = model.state_dict(), result.ema_model.state_dict()
     assert any(not torch.equal(initial[name], trained[name]) for name in trained)
     assert all(torch.equal(trained[name], averaged[name]) for name in trained)
+
+
+def test_a_resumed_run_from_an_earlier_step_drops_the_later_checkpoint_of_a_killed_writer(tmp_path):
+    """keep_checkpoints=1 (what the capability trainers use) must never delete the checkpoint just written: a
+    writer killed after renaming step 4 into place (latest.json still at 2), then a run resumed from step 2 that
+    checkpoints at step 3."""
+    save_checkpoint(tmp_path, 2, {"weight": torch.ones(2)}, {"step": 2}, info={}, keep_last=1)
+    (tmp_path / "step_00000004").mkdir()  # the killed writer's, never named in latest.json
+    save_checkpoint(tmp_path, 3, {"weight": torch.full((2,), 3.0)}, {"step": 3}, info={}, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step_00000003"]
+    assert latest_checkpoint(tmp_path).name == "step_00000003"
+    save_checkpoint(tmp_path, 5, {"weight": torch.full((2,), 5.0)}, {"step": 5}, info={}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step_00000003", "step_00000005"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda folder: (folder / "step_00000002" / "trainer_state.pt").write_bytes(b""), "cannot be read"),
+    (lambda folder: (folder / "latest.json").write_text("[]"), "not a valid checkpoint pointer"),
+    (lambda folder: (folder / "latest.json").write_text('{"directory": "../elsewhere/step_00000002"}'),
+     "not a valid checkpoint pointer"),
+])
+def test_damaged_checkpoints_are_model_errors_naming_the_fix(make_tiny_denoiser, tmp_path, damage, message):
+    model = make_tiny_denoiser()
+    config = TrainConfig(max_steps=2, batch_size=2, checkpoint_every=2, amp=False)
+    train_diffusion(model, ddpm_loss(), volumes(4), adam(model), config, checkpoint_dir=tmp_path)
+    damage(tmp_path)
+    with pytest.raises(ModelError, match=message):
+        train_diffusion(model, ddpm_loss(), volumes(4), adam(model), TrainConfig(max_steps=4, batch_size=2, amp=False),
+                        checkpoint_dir=tmp_path)
+
+
+def test_resuming_with_another_optimizer_or_data_schedule_is_refused(make_tiny_denoiser, tmp_path):
+    model = make_tiny_denoiser()
+    train_diffusion(model, ddpm_loss(), volumes(4), adam(model), TrainConfig(max_steps=2, batch_size=2, amp=False),
+                    checkpoint_dir=tmp_path)
+    sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    with pytest.raises(ModelError, match="another optimizer or for another set of trainable parameters"):
+        train_diffusion(model, ddpm_loss(), volumes(4), sgd, TrainConfig(max_steps=4, batch_size=2, amp=False),
+                        checkpoint_dir=tmp_path)
+    # the data position (epoch, batch) is computed from the step with these: changing them re-uses or skips data
+    with pytest.raises(BadInputError, match=r"other settings \(batch_size 2 -> 1, grad_accum_steps 1 -> 2\)"):
+        train_diffusion(model, ddpm_loss(), volumes(4), adam(model),
+                        TrainConfig(max_steps=4, batch_size=1, grad_accum_steps=2, amp=False), checkpoint_dir=tmp_path)
+
+
+def test_a_torchrun_environment_without_a_process_group_is_refused_with_what_to_call(make_tiny_denoiser, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    model = make_tiny_denoiser()
+    with pytest.raises(BadInputError, match=r"call medgen.diffusion.init_distributed\(\) before training"):
+        train_diffusion(model, ddpm_loss(), volumes(4), adam(model), TrainConfig(max_steps=1, batch_size=2))
+
+
+def test_without_shuffling_items_that_never_fill_a_batch_are_reported(make_tiny_denoiser):
+    model, logs = make_tiny_denoiser(), []
+    reporter = CallbackReporter(on_event=lambda event: logs.append(event) if event["event"] == "log" else None)
+    train_diffusion(model, ddpm_loss(), volumes(5), adam(model), TrainConfig(max_steps=1, batch_size=2, shuffle=False,
+                                                                             amp=False), reporter=reporter)
+    assert [event["level"] for event in logs] == ["warning"] and "1 of 5 item(s) are never trained on" in logs[0]["message"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -318,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+            # every process would submit its own copy of the job: N single-process runs, not one run on N GPUs
+            raise BadInputError(
+                "The medgen command runs each job in one worker process, so it is not launched with torchrun. For "
+                "several GPUs, call the library's training under torchrun (docs/diffusion.md, 'Several GPUs')."
+            )
         return int(args.func(args))
     except MedGenError as error:
         print(f"medgen: {error}", file=sys.stderr)

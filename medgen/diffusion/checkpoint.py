@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -80,11 +81,22 @@ def save_checkpoint(
         os.replace(target, superseded)
     os.replace(temporary, target)
     write_text_atomic(checkpoint_dir / LATEST_FILE, json.dumps({"step": step, "directory": name}, indent=2))
-    # Leftovers of killed writers (hidden names) and checkpoints beyond keep_last go.
+    # Leftovers of killed writers go: hidden names, and checkpoints of later steps than this one (written by a
+    # run killed before it named them in latest.json; this run continued from an earlier step). Of the older
+    # checkpoints, the newest keep_last - 1 stay next to this one.
     stale = [*checkpoint_dir.glob(".tmp_step_*"), *checkpoint_dir.glob(".old_step_*")]
-    for old in stale + sorted(checkpoint_dir.glob("step_*"))[: -max(1, keep_last)]:
+    others = sorted((_step_of(path), path) for path in checkpoint_dir.glob("step_*") if _step_of(path) is not None)
+    later = [path for other_step, path in others if other_step > step]
+    older = [path for other_step, path in others if other_step < step]
+    for old in stale + later + older[: max(0, len(older) - (max(1, keep_last) - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _step_of(path: Path) -> int | None:
+    """The step of a ``step_XXXXXXXX`` checkpoint directory (None for other names)."""
+    digits = path.name.removeprefix("step_")
+    return int(digits) if digits.isdigit() else None
 
 
 def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
@@ -93,11 +105,14 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     if not latest_file.is_file():
         return None
     try:
-        directory = Path(checkpoint_dir) / json.loads(latest_file.read_text())["directory"]
-    except (ValueError, KeyError) as error:
+        name = json.loads(latest_file.read_text())["directory"]
+        if not isinstance(name, str) or Path(name).name != name or _step_of(Path(name)) is None:
+            raise ValueError(f"'directory' must name a step_XXXXXXXX folder of this run, found {name!r}")
+    except (ValueError, KeyError, TypeError) as error:
         raise ModelError(
             f"{latest_file} is not a valid checkpoint pointer ({error}); delete it to start afresh."
         ) from error
+    directory = Path(checkpoint_dir) / name
     if not (directory / MODEL_FILE).is_file():
         raise ModelError(
             f"{latest_file} names {directory.name}, which has no {MODEL_FILE}; the run folder was altered."
@@ -114,10 +129,13 @@ def load_checkpoint(directory: str | Path) -> tuple[dict, dict | None, dict, dic
         ema_state = load_file(str(ema_path)) if ema_path.is_file() else None
         trainer_state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
         info = json.loads((directory / INFO_FILE).read_text())
-    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+    except (OSError, EOFError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as error:
         raise ModelError(
-            f"Checkpoint {directory} cannot be read ({error}); resume from an older one or start afresh."
+            f"Checkpoint {directory} cannot be read ({type(error).__name__}: {error}); resume from an older one or "
+            "start afresh."
         ) from error
+    if not isinstance(trainer_state, dict) or not isinstance(info, dict):
+        raise ModelError(f"Checkpoint {directory} holds no trainer state or info of this trainer; start afresh.")
     return model_state, ema_state, trainer_state, info
 
 

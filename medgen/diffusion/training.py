@@ -25,10 +25,15 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from medgen.diffusion.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from medgen.diffusion.distributed import DistContext, dist_context_from_env, shard_indices
-from medgen.errors import BadInputError, ModelError, OutOfMemoryError
+from medgen.errors import BadInputError, CancelledError, ModelError, OutOfMemoryError
 from medgen.progress import NullReporter, Reporter, as_reporter
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+#: rank offset of the DataLoader seed (seed + epoch + stride * rank): distinct for runs below a million epochs
+LOADER_SEED_RANK_STRIDE = 1_000_003
+#: settings a resumed run must share with its checkpoint: with them the data position and the per-rank random
+#: states are computed, so a change would silently re-use or skip data
+RESUME_INVARIANTS = ("batch_size", "grad_accum_steps", "seed", "shuffle")
 
 
 @dataclass
@@ -110,8 +115,9 @@ def _micro_batches(
             collate_fn=collate_fn,
             drop_last=True,
             num_workers=config.num_workers,
-            # its own generator, so creating a loader never draws from the global RNG the loss uses
-            generator=torch.Generator().manual_seed(config.seed + epoch),
+            # its own generator, so creating a loader never draws from the global RNG the loss uses; one per
+            # rank, so worker augmentations differ between ranks
+            generator=torch.Generator().manual_seed(config.seed + epoch + LOADER_SEED_RANK_STRIDE * context.rank),
         )
         yield from loader
         epoch, skip = epoch + 1, 0
@@ -212,6 +218,11 @@ def train_diffusion(
         )
     reporter = as_reporter(reporter)
     context = dist_context_from_env()
+    if context.is_distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise BadInputError(
+            f"WORLD_SIZE={context.world_size} (a torchrun launch) but no process group: call "
+            "medgen.diffusion.init_distributed() before training (docs/diffusion.md, 'Several GPUs')."
+        )
     progress_reporter = reporter if context.is_main else NullReporter()
     device = next(model.parameters()).device
     torch.manual_seed(config.seed + context.rank)
@@ -220,7 +231,7 @@ def train_diffusion(
     start_step = 0
     checkpoint = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
     if checkpoint is not None:
-        start_step = _resume(checkpoint, model, ema, optimizer, lr_scheduler, context)
+        start_step = _resume(checkpoint, model, ema, optimizer, lr_scheduler, context, config)
         progress_reporter.log(f"Resumed from {checkpoint} at step {start_step} of {config.max_steps}.")
 
     trained_model = model
@@ -229,10 +240,17 @@ def train_diffusion(
     first_micro_batch = start_step * config.grad_accum_steps
     batches = _micro_batches(dataset, config, context, first_micro_batch, collate_fn or default_collate)
     model.train(config.train_mode)
+    unused = len(dataset) % (context.world_size * config.batch_size)
+    if unused and not config.shuffle:
+        progress_reporter.log(
+            f"{unused} of {len(dataset)} item(s) are never trained on: without shuffling, each epoch drops the same "
+            f"last items that do not fill a batch of {config.batch_size} on each of {context.world_size} process(es).",
+            "warning",
+        )
     last_loss = None
     started_s = time.monotonic()
     for step in range(start_step + 1, config.max_steps + 1):
-        reporter.check_cancelled()
+        _check_cancelled_on_every_rank(reporter, context, device)
         try:
             last_loss = _optimizer_step(trained_model, loss_fn, batches, optimizer, config, device)
         except torch.OutOfMemoryError as error:
@@ -242,6 +260,7 @@ def train_diffusion(
                 f"AMP {'on' if amp_on else 'off'}). Use a smaller patch or batch size (raise grad_accum_steps "
                 f"to keep the effective batch){'' if amp_on else ' or turn AMP on'}."
             ) from error
+        last_loss = _mean_over_ranks(last_loss, context, device)  # every rank sees the same NaN and stops with it
         if not math.isfinite(last_loss):
             raise ModelError(
                 f"The training loss became {last_loss} at step {step}: lower the learning rate or check the data range."
@@ -269,9 +288,50 @@ def train_diffusion(
     )
 
 
-def _resume(checkpoint: Path, model, ema, optimizer, lr_scheduler, context: DistContext) -> int:
+def _check_cancelled_on_every_rank(reporter: Reporter, context: DistContext, device: torch.device) -> None:
+    """``reporter.check_cancelled()``, agreed between ranks: a cancel seen by any rank stops them all at this
+    step (a rank that stopped alone would leave the others waiting in the next all-reduce)."""
+    if not context.is_distributed:
+        reporter.check_cancelled()
+        return
+    try:
+        reporter.check_cancelled()
+        cancelled = 0.0
+    except CancelledError:
+        cancelled = 1.0
+    flag = torch.tensor([cancelled], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if flag.item():
+        raise CancelledError("Training was cancelled.")
+
+
+def _mean_over_ranks(loss: float, context: DistContext, device: torch.device) -> float:
+    """The step's loss averaged over the ranks (NaN on any rank makes it NaN on all)."""
+    if not context.is_distributed:
+        return loss
+    total = torch.tensor([loss], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return total.item() / context.world_size
+
+
+def _check_same_schedule(checkpoint: Path, info: dict, config: TrainConfig, context: DistContext) -> None:
+    """Refuse to resume with another process count or data schedule (see :data:`RESUME_INVARIANTS`)."""
+    saved = {name: info.get("config", {}).get(name) for name in RESUME_INVARIANTS}
+    saved["processes"] = info.get("world_size")
+    now = {name: getattr(config, name) for name in RESUME_INVARIANTS} | {"processes": context.world_size}
+    changed = [f"{name} {saved[name]} -> {now[name]}" for name in now if saved[name] is not None and saved[name] != now[name]]
+    if changed:
+        raise BadInputError(
+            f"Checkpoint {checkpoint} was written with other settings ({', '.join(changed)}). The data position and "
+            "each process's random state follow from them, so the run continues only with the same ones; start a new "
+            "run folder to change them."
+        )
+
+
+def _resume(checkpoint: Path, model, ema, optimizer, lr_scheduler, context: DistContext, config: TrainConfig) -> int:
     """Restore weights, EMA, optimizer, LR scheduler and this rank's RNG; returns the step to continue from."""
-    model_state, ema_state, trainer_state, _ = load_checkpoint(checkpoint)
+    model_state, ema_state, trainer_state, info = load_checkpoint(checkpoint)
+    _check_same_schedule(checkpoint, info, config, context)
     try:
         model.load_state_dict(model_state)
         if ema is not None and ema_state is not None:
@@ -279,12 +339,25 @@ def _resume(checkpoint: Path, model, ema, optimizer, lr_scheduler, context: Dist
             ema.n_averaged.fill_(int(trainer_state["ema_updates"]))
     except RuntimeError as error:
         raise ModelError(f"Checkpoint {checkpoint} does not fit this model: {error}") from error
-    optimizer.load_state_dict(trainer_state["optimizer"])
-    if lr_scheduler is not None and "lr_scheduler" in trainer_state:
-        lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
-    saved_rng = trainer_state["rng"]  # a list with one state per rank after a DDP run
-    _restore_rng_state(saved_rng[context.rank % len(saved_rng)] if isinstance(saved_rng, list) else saved_rng)
-    return int(trainer_state["step"])
+    try:
+        # settings this optimizer does not have mean another optimizer class (a newer torch may add settings)
+        current_groups = optimizer.state_dict()["param_groups"]
+        saved_groups = trainer_state["optimizer"]["param_groups"]
+        foreign = {key for saved, current in zip(saved_groups, current_groups) for key in set(saved) - set(current)}
+        if foreign:
+            raise ValueError(f"its parameter groups hold settings this optimizer lacks: {sorted(foreign)}")
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        if lr_scheduler is not None and "lr_scheduler" in trainer_state:
+            lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
+        saved_rng = trainer_state["rng"]  # a list with one state per rank after a DDP run
+        step = int(trainer_state["step"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ModelError(
+            f"Checkpoint {checkpoint} was written by another optimizer or for another set of trainable parameters "
+            f"({type(error).__name__}: {error}); start a new run folder."
+        ) from error
+    _restore_rng_state(saved_rng[context.rank] if isinstance(saved_rng, list) else saved_rng)
+    return step
 
 
 def _save(checkpoint_dir, step, model, ema, optimizer, lr_scheduler, config, context, loss, elapsed_s) -> None:

@@ -21,7 +21,15 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from monai.transforms import ScaleIntensityRangePercentiles
 
-from medgen.diffusion import TrainConfig, check_ddim_steps, sample, sdedit, strided_timesteps, train_diffusion
+from medgen.diffusion import (
+    TrainConfig,
+    check_ddim_steps,
+    dist_context_from_env,
+    sample,
+    sdedit,
+    strided_timesteps,
+    train_diffusion,
+)
 from medgen.errors import BadInputError
 from medgen.io import check_not_constant, display_name, nearest_multiple_shape
 from medgen.io.model_folder import model_config, read_model_json, write_model_json
@@ -198,9 +206,13 @@ def train_translation(
         checkpoint_dir=Path(out_dir) / "checkpoints", reporter=reporter,
     )
     trained = result.ema_model if result.ema_model is not None else unet
-    write_safetensors(trained.state_dict(), Path(out_dir) / "unet.safetensors")
-    write_model_json(out_dir, TASK, config=dataclasses.asdict(config), training_volumes=len(volumes),
-                     target_modality=target_modality)
+    context = dist_context_from_env()
+    if context.is_main:  # under torchrun the ranks hold the same weights: one writes them
+        write_safetensors(trained.state_dict(), Path(out_dir) / "unet.safetensors")
+        write_model_json(out_dir, TASK, config=dataclasses.asdict(config), training_volumes=len(volumes),
+                         target_modality=target_modality)
+    if context.is_distributed:
+        torch.distributed.barrier()  # the folder is complete before any rank returns it
     return Path(out_dir)
 
 
