@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -10,7 +11,10 @@ from typing import Callable
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from medgen.jobs.events import json_safe
+
+#: bench/results (tracked: the README's tables come from it), or $MEDGEN_BENCH_RESULTS for a trial run
+RESULTS_DIR = Path(os.environ.get("MEDGEN_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def machine() -> dict:
@@ -40,11 +44,17 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int = 3, warm
     return sorted(times)[len(times) // 2], peak
 
 
-def write_results(name: str, rows: list[dict], settings: dict) -> Path:
-    """Write ``bench/results/<name>.json`` and print a markdown table of ``rows``."""
+def write_json(name: str, document: dict) -> Path:
+    """Write ``<RESULTS_DIR>/<name>.json`` as strict JSON (NaN and inf become null)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), "settings": settings, "rows": rows}, indent=2) + "\n")
+    path.write_text(json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def write_results(name: str, rows: list[dict], settings: dict) -> Path:
+    """Write ``<RESULTS_DIR>/<name>.json`` (see :func:`write_json`) and print a markdown table of ``rows``."""
+    path = write_json(name, {"machine": machine(), "settings": settings, "rows": rows})
     columns = list(rows[0])
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 
 from medgen.errors import BadInputError
-from medgen.metrics import dice_per_class, hd95_per_class, psnr, ssim_3d
+from medgen.metrics import dice_per_class, dice_with_convention, hd95_per_class, psnr, ssim_3d
 
 
 def test_dice_per_class_matches_hand_count():
@@ -38,6 +39,39 @@ def test_image_metrics():
 def test_shape_mismatch_is_a_clear_error():
     with pytest.raises(BadInputError, match="differ in shape"):
         dice_per_class(torch.zeros(4, 4, 4), torch.zeros(4, 4, 5), 2)
+    with pytest.raises(BadInputError, match="differ in shape"):  # no broadcasting of a (20, 20, 1) slab
+        psnr(torch.rand(20, 20, 20), torch.rand(20, 20, 1))
+    with pytest.raises(BadInputError, match=r"one 3D volume \(I, J, K\) or \(1, I, J, K\); got shape \(2, 8, 8, 8\)"):
+        ssim_3d(torch.rand(2, 8, 8, 8), torch.rand(2, 8, 8, 8))
+    with pytest.raises(BadInputError, match="every side >= 7 voxels"):
+        ssim_3d(torch.rand(8, 8, 5), torch.rand(8, 8, 5))
+
+
+def test_image_metrics_take_the_librarys_channel_first_volumes():
+    volume = MetaTensor(torch.rand(1, 12, 12, 12), affine=torch.eye(4))
+    assert ssim_3d(volume, volume) == pytest.approx(1.0, abs=1e-5) and psnr(volume, volume.clone()) == float("inf")
+    assert psnr(volume, volume + 0.1) == pytest.approx(psnr(volume[0], volume[0] + 0.1))
+
+
+@pytest.mark.parametrize("labels, message", [
+    (torch.full((4, 4, 4), 2), r"class numbers 0..1; found 2..2"),
+    (torch.full((4, 4, 4), -1), r"class numbers 0..1; found -1..-1"),
+    (torch.full((4, 4, 4), 0.6), "not whole numbers"),
+    (torch.full((4, 4, 4), float("nan")), "not whole numbers"),
+])
+def test_label_values_outside_the_classes_are_clear_errors(labels, message):
+    with pytest.raises(BadInputError, match=message):
+        dice_per_class(labels, torch.zeros(4, 4, 4, dtype=torch.int64), 2)
+    with pytest.raises(BadInputError, match=message if "whole" in message else "class numbers"):
+        hd95_per_class(torch.zeros(4, 4, 4, dtype=torch.int64), labels, 2)
+
+
+def test_label_metrics_of_2d_maps_and_nan_under_the_mrgen_convention():
+    reference = torch.zeros(6, 6, dtype=torch.int64)
+    reference[:3] = 1
+    assert dice_per_class(reference, reference, 3).tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(BadInputError, match="not whole numbers"):
+        dice_with_convention(torch.full((4, 4), float("nan")), torch.zeros(4, 4), {"liver": 1})
 
 
 def test_fid_on_pluggable_encoder_features_separates_distributions():

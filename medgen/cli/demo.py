@@ -94,7 +94,8 @@ def adaptation_cases(folder: Path) -> dict[str, tuple[str, str]]:
     """The adaptation task's (image, brain mask) files by role: ``train_a``, ``train_b``, ``validation``, ``held_out``.
 
     SIMULATED T2 with a simulated scalp on the 4 mm grid, one noise/bias draw per role; the held-out case is
-    also mirrored left-right.
+    also mirrored left-right. All are the one template subject (nearly symmetric, so even the mirrored brain
+    mask matches): the task is adapting to a new contrast, not to new anatomy.
     """
     import torch
     from monai.data import MetaTensor

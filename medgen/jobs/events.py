@@ -26,15 +26,16 @@ CANCEL_FILE = "cancel"
 EVENTS_FILE = "events.jsonl"
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN/inf floats as None and numpy/torch scalars as Python numbers: strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
+        return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
+        return [json_safe(item) for item in value]
     if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        return _json_safe(value.item())
+        return json_safe(value.item())
     return value
 
 
@@ -50,7 +51,7 @@ class EventStream:
         self._log_file = open(job_dir / EVENTS_FILE, "a", encoding="utf-8")
 
     def emit(self, event: str, **fields: Any) -> None:
-        line = json.dumps(_json_safe({"event": event, "time": round(time.time(), 3), **fields}))
+        line = json.dumps(json_safe({"event": event, "time": round(time.time(), 3), **fields}))
         self._stream.write(line + "\n")
         self._stream.flush()
         if self._log_file:

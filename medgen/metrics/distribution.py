@@ -16,6 +16,7 @@ from monai.metrics import FIDMetric, MMDMetric, MultiScaleSSIMMetric
 from torch import nn
 
 from medgen.errors import BadInputError
+from medgen.metrics.images import volume_pair
 
 
 #: runs the feature network on one batch ``(1, C, D, H, W)``; e.g. a DDPM UNet also needs its timestep
@@ -160,7 +161,8 @@ def maximum_mean_discrepancy(real: torch.Tensor, generated: torch.Tensor) -> flo
 def ms_ssim_3d(image: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0, kernel_size: int = 3) -> float:
     """Multi-scale SSIM of two ``(D, H, W)`` volumes (5 scales; each side needs ``16 * kernel_size`` voxels)."""
     minimum = 16 * kernel_size  # MONAI's check: side // (scales - 1)**2 > kernel_size - 1
-    if min(image.shape) < minimum:
+    if min(torch.as_tensor(image).shape[-3:]) < minimum:
         raise BadInputError(f"MS-SSIM with kernel {kernel_size} needs every side >= {minimum} voxels; got {tuple(image.shape)}.")
+    image, reference = volume_pair(image, reference)
     metric = MultiScaleSSIMMetric(spatial_dims=3, data_range=data_range, kernel_size=kernel_size)
-    return float(metric(image.float()[None, None], reference.float()[None, None]).mean())
+    return float(metric(image[None, None], reference[None, None]).mean())
