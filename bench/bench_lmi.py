@@ -175,7 +175,7 @@ def main() -> None:
             f"{ours['peak_mb']:.0f} | {entry['max_abs_diff']:.1e} | "
             f"{entry['offset_disagreement']:.2%} |"
         )
-    print(f"\nwritten {out_path.relative_to(REPO_ROOT)}")
+    print(f"\nwritten {out_path}")
 
 
 if __name__ == "__main__":
