@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medgen.errors import ModelError
-from medgen.io.atomic import write_text_atomic
+from medgen.io.atomic import flush_to_disk, write_text_atomic
 
 LATEST_FILE = "latest.json"
 MODEL_FILE = "model.safetensors"
@@ -73,6 +73,8 @@ def save_checkpoint(
         save_file(_cpu_state(ema_state), str(temporary / EMA_FILE))
     torch.save(trainer_state, temporary / STATE_FILE)
     (temporary / INFO_FILE).write_text(json.dumps({"step": step, **info}, indent=2, default=str))
+    for written in temporary.iterdir():
+        flush_to_disk(written)
     target = checkpoint_dir / name
     superseded = checkpoint_dir / f".old_{name}_{os.getpid()}"
     if target.exists():

@@ -34,6 +34,16 @@ def ensure_folder(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def flush_to_disk(path: str | os.PathLike) -> None:
+    """Make the file's data durable before it is renamed into place: without it, a power cut after the rename can
+    leave the final name holding an empty or partial file on some file systems."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 @contextlib.contextmanager
 def atomic_output(final_path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``final_path``; on success rename it to ``final_path``.
@@ -53,6 +63,7 @@ def atomic_output(final_path: str | os.PathLike, suffix: str | None = None) -> I
     try:
         yield tmp_path
         tmp_path.chmod(0o666 & ~_UMASK)  # mkstemp makes the file private (0600); outputs get the usual permissions
+        flush_to_disk(tmp_path)
         os.replace(tmp_path, final_path)
     finally:
         if tmp_path.exists():
