@@ -34,6 +34,8 @@ PRESETS = ("tiny", "mrgen")
 ENCODINGS = ("one-hot", "merged")
 #: MRGen's acceptance thresholds (spec B.5): strict pass keeps 2 of the top 5, relaxed (all four minus 0.1) keeps 1
 DEFAULT_THRESHOLDS = {name: getattr(FilterThresholds(), name) for name in ("avg_confidence", "avg_iou", "organ_iou", "organ_confidence", "top_k")}
+#: longest file stem made from a node name: 32 characters are at most 128 bytes, within the job's 150-byte mask ids
+MAX_STEM_CHARACTERS = 32
 PAIR_IMAGE_SUFFIX = "_image.nii.gz"
 PAIR_LABEL_SUFFIX = "_label.nii.gz"
 
@@ -125,8 +127,9 @@ def mask_reference(segmentation_node):
 
 def _file_stem(name: str, taken: set[str]) -> str:
     """A file-name-safe, unique stem for a node name (the job names its outputs after it): letters of any
-    script, digits, '_' and '-' are kept ("肝臓 1" -> "肝臓_1"), anything else becomes '_'."""
-    stem = re.sub(r"[^\w-]+", "_", name).strip("_") or "mask"
+    script, digits, '_' and '-' are kept ("肝臓 1" -> "肝臓_1"), anything else becomes '_'; at most
+    :data:`MAX_STEM_CHARACTERS` characters before the number that makes it unique."""
+    stem = re.sub(r"[^\w-]+", "_", name).strip("_")[:MAX_STEM_CHARACTERS] or "mask"
     unique, number = stem, 2
     while unique in taken:
         unique, number = f"{stem}_{number}", number + 1

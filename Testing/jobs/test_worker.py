@@ -231,3 +231,24 @@ def test_polling_never_blocks_on_pipes_held_open_by_a_process_the_worker_left_be
         time.sleep(0.05)
     assert runner.returncode == ExitCode.OK and runner.result == {"event": "result", "outputs": {}}
     assert longest_poll_s < 0.5 and time.monotonic() - started < 3.5  # finished without waiting for the child
+
+
+def test_a_job_folder_with_planted_links_is_refused_and_nothing_outside_it_is_written(tmp_path, input_volume):
+    """A job folder from someone else could link outputs/ to a folder of results, or events.jsonl to a file."""
+    job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 1}, device="cpu")
+    precious = tmp_path / "results"
+    precious.mkdir()
+    (precious / "selftest.nii.gz").write_bytes(b"precious")
+    (job_dir / "outputs").symlink_to(precious)
+    runner = run_job_blocking(job_dir, timeout_s=120)
+    assert runner.returncode == ExitCode.BAD_INPUT and "symbolic links ['outputs']" in runner.error["message"]
+    assert (precious / "selftest.nii.gz").read_bytes() == b"precious"
+
+
+def test_modules_in_the_callers_folder_never_shadow_the_workers(tmp_path, input_volume, monkeypatch):
+    """'python -m' puts the working folder first on sys.path: a jsonschema.py in a downloaded data set would run."""
+    (tmp_path / "jsonschema.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'w').close()\nraise SystemExit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 1}, device="cpu")
+    assert run_job_blocking(job_dir, timeout_s=120).returncode == ExitCode.OK
+    assert not (tmp_path / "imported").exists()

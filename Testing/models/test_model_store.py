@@ -22,6 +22,7 @@ from medgen.models import (
     torch_load_weights,
     weights_hash,
 )
+from medgen.models.registry import build_network
 
 UNET_KWARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2], "num_res_units": 0}
 
@@ -95,6 +96,13 @@ def test_unknown_network_class_names_the_allow_list():
         tiny_spec(network="os.system")
     assert "SegResNet" in str(error.value) and "LinkNet3d" in str(error.value)
     assert "SwinUNETR" in allowed_networks()
+
+
+def test_arguments_that_would_download_weights_are_refused():
+    """FlexibleUNet(pretrained=True) fetches its backbone from GitHub or Hugging Face: no network access unasked."""
+    with pytest.raises(ModelError, match=r"\['pretrained'\] would download weights at run time"):
+        build_network("FlexibleUNet", {"in_channels": 1, "out_channels": 2, "backbone": "efficientnet-b0",
+                                       "spatial_dims": 3, "pretrained": True})
 
 
 @pytest.mark.parametrize(

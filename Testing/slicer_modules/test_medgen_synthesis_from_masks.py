@@ -298,6 +298,16 @@ def test_pairs_of_a_mask_under_a_transform_stay_aligned_with_it(mrml_scene, tmp_
     assert still_image.GetTransformNodeID() is None and still_pair_segmentation.GetTransformNodeID() is None
 
 
+def test_long_node_names_make_short_unique_file_stems(mrml_scene, tmp_path):
+    liver = [LabelInfo("liver", 1, LIVER)]
+    long_name = "Segmentation of the liver from the registered follow-up scan, second reader " * 4
+    segmentations = [_segmented_volume(mrml_scene, long_name + suffix, liver)[1] for suffix in ("A", "B")]
+    request = from_masks.generate_request(_model_folder(tmp_path / "model"), segmentations)
+    stems = list(request.mask_stems())
+    assert len(set(stems)) == 2 and all(len(stem.encode()) <= 150 for stem in stems)
+    assert stems[0].startswith("Segmentation_of_the_liver")
+
+
 def _mask_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "masks"
     folder.mkdir()

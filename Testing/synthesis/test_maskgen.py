@@ -398,6 +398,8 @@ def test_unknown_organs_and_modalities_are_bad_input(model_dir, tmp_path):
         synthesize_from_masks(model_dir, [("bad", label)], tmp_path, target_modality="T2 MRI", **QUICK)
     with pytest.raises(BadInputError, match=r"'CT'.*\['T1 MRI', 'T2 MRI'\]"):
         synthesize_from_masks(model_dir, [("ok", phantom(0, LUT_A)[1])], tmp_path, target_modality="CT", **QUICK)
+    with pytest.raises(BadInputError, match="longer than 150 bytes cannot name their pairs"):  # before any generation
+        synthesize_from_masks(model_dir, [("x" * 151, phantom(0, LUT_A)[1])], tmp_path, target_modality="T2 MRI", **QUICK)
     assert not list(tmp_path.glob("*.nii.gz"))
 
 

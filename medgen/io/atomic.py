@@ -57,7 +57,8 @@ def atomic_output(final_path: str | os.PathLike, suffix: str | None = None) -> I
     ensure_folder(final_path.parent)
     if suffix is None:
         suffix = "".join(final_path.suffixes)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{final_path.stem}.", suffix=f".part{suffix}", dir=final_path.parent)
+    # the stem is cut so that the temporary name (about 20 bytes longer) stays within the 255-byte name limit
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{final_path.stem[:100]}.", suffix=f".part{suffix}", dir=final_path.parent)
     os.close(handle)
     tmp_path = Path(tmp_name)
     try:

@@ -24,7 +24,7 @@ JOB_SCHEMA: dict[str, Any] = {
         "kind": {"type": "string", "minLength": 1},
         "inputs": {"type": "object"},
         "params": {"type": "object"},
-        "device": {"type": "string", "pattern": r"^(auto|cpu|cuda(:\d+)?)$"},
+        "device": {"type": "string", "pattern": r"^(auto|cpu|cuda(:\d+)?)\Z"},
         "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
     },
     "required": ["schema_version", "kind", "inputs"],

@@ -63,6 +63,7 @@ def run_job(job_dir: Path, events: EventStream) -> ExitCode:
         from medgen.jobs.spec import load_job
 
         spec = load_job(job_dir)
+        _refuse_planted_links(job_dir)
         _skip_unused_transformers_import(spec.kind)
         events.keep_copy_in(job_dir)
         reporter = JobReporter(events, CancelWatch(job_dir))
@@ -80,6 +81,19 @@ def run_job(job_dir: Path, events: EventStream) -> ExitCode:
         if spec is not None:
             _write_manifest(job_dir, spec, status, started_s, events)
         events.close()
+
+
+def _refuse_planted_links(job_dir: Path) -> None:
+    """A job folder from elsewhere could hold links that send the worker's writes outside it (outputs/ to a folder
+    of results, events.jsonl to a file that would be appended to): refuse to run in it."""
+    from medgen.errors import BadInputError
+    from medgen.jobs.context import OUTPUTS_DIR
+    from medgen.jobs.events import CANCEL_FILE, EVENTS_FILE
+
+    links = [name for name in (OUTPUTS_DIR, EVENTS_FILE, CANCEL_FILE) if (job_dir / name).is_symlink()]
+    if links:
+        raise BadInputError(f"The job folder {job_dir} holds symbolic links {links}, which would send the job's writes "
+                            "elsewhere. Run jobs in folders written by medgen (medgen submit, write_job).")
 
 
 def _write_manifest(job_dir: Path, spec, status: dict, started_s: float, events: EventStream) -> None:

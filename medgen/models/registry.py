@@ -34,6 +34,10 @@ MONAI_NETWORKS = (
     "VQVAE",
 )
 
+#: constructor arguments with which MONAI networks download pretrained weights (FlexibleUNet's backbones from
+#: GitHub or Hugging Face, ResNet's MedicalNet weights): refused, since nothing may reach the network unasked
+DOWNLOADING_ARGUMENTS = ("pretrained",)
+
 #: name -> "module:attribute" of MedGen's own networks, imported only when a spec names them
 _MEDGEN_NETWORKS: dict[str, str] = {
     "LinkNet3d": "medgen.models.linknet3d:LinkNet3d",
@@ -86,6 +90,12 @@ def build_network(name: str, kwargs: dict[str, Any]) -> nn.Module:
         ModelError: unknown class, or arguments the class rejects.
     """
     factory = network_factory(name)
+    downloading = sorted(key for key in kwargs if key in DOWNLOADING_ARGUMENTS and kwargs[key])
+    if downloading:
+        raise ModelError(
+            f"Network {name} with {downloading} would download weights at run time (MONAI fetches them from the "
+            "internet); MedGen loads weights only from the model folder. Set them to false and put the weights there."
+        )
     if name == "SwinUNETR":
         kwargs = resolve_swin_downsample(kwargs)
     try:

@@ -8,6 +8,7 @@ process tree after a grace period.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -114,12 +115,14 @@ class JobRunner:
     def start(self) -> "JobRunner":
         """Launch the worker and return at once (a cancel file left by an earlier run of this folder is removed)."""
         (self.job_dir / CANCEL_FILE).unlink(missing_ok=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
+        # PYTHONSAFEPATH and the working folder: "python -m" would put the caller's folder (e.g. a downloaded data
+        # set) first on sys.path, so a planted jsonschema.py there would run in the worker
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONSAFEPATH="1", **self.extra_env)
         package_parent = str(Path(medgen.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
         self._process = subprocess.Popen(
-            [self.python, "-m", "medgen.worker", str(self.job_dir)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            [self.python, "-m", "medgen.worker", str(self.job_dir.resolve())],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=package_parent,
             text=True, encoding="utf-8", errors="replace", env=env,
             start_new_session=(os.name == "posix"),  # its own process group, so cancel reaches every child
         )
@@ -222,6 +225,12 @@ class JobRunner:
 
     def _kill_tree(self, sig) -> None:
         """Signal the worker and every process it started (psutil when present, else its process group)."""
+        if os.name == "posix" and self._process.poll() is not None:
+            # the worker has been reaped, so its pid may belong to another process now; its process group cannot
+            # be reused while members (children it left behind) remain, so only the group is signalled
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._process.pid, sig)
+            return
         try:
             import psutil
 

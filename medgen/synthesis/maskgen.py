@@ -66,6 +66,8 @@ from medgen.synthesis.prompts import (
 
 TASK = "mask-conditioned-ldm"
 CHECKER_DIR = "checker"
+#: longest mask id (file stem) whose pair names "<id>_<k>_image.nii.gz" and their temporary names fit 255 bytes
+MAX_MASK_ID_BYTES = 150
 
 
 def _train_config(config: MaskGenConfig, max_steps: int, num_samples: int, ema: bool) -> TrainConfig:
@@ -673,6 +675,10 @@ def synthesize_from_masks(
     ids = [mask_id for mask_id, _ in masks]
     if len(set(ids)) != len(ids) or any(not mask_id or "/" in mask_id or "\\" in mask_id for mask_id in ids):
         raise BadInputError(f"Mask ids must be unique, non-empty file-name stems; got {ids}.")
+    too_long = [mask_id for mask_id in ids if len(mask_id.encode()) > MAX_MASK_ID_BYTES]
+    if too_long:  # refused before any generation: the pair files are named "<id>_<k>_image.nii.gz"
+        raise BadInputError(f"Mask file names longer than {MAX_MASK_ID_BYTES} bytes cannot name their pairs: {too_long}. "
+                            "Rename those mask files.")
     masks = [(mask_id, model.checked_mask(label, f"Mask {mask_id!r}")) for mask_id, label in masks]
     names = [organ.name for organ in model.organs]
     if not isinstance(checker, nn.Module):

@@ -31,7 +31,7 @@ def dataset_folder_name(dataset_id: int, name: str) -> str:
     """``Dataset{ID:03d}_{name}`` as nnU-Net expects (ID 1..999, name of letters/digits/_/-)."""
     if not 1 <= int(dataset_id) <= 999:
         raise BadInputError(f"nnU-Net dataset ids run from 1 to 999; got {dataset_id}.")
-    if not _NAME_PATTERN.match(name):
+    if not _NAME_PATTERN.fullmatch(name):
         raise BadInputError(f"Dataset name {name!r} may only hold letters, digits, '_' and '-'.")
     return f"Dataset{int(dataset_id):03d}_{name}"
 
@@ -99,7 +99,7 @@ def export_nnunet(
         The dataset folder.
     """
     labels = check_nnunet_labels(labels)
-    if not _NAME_PATTERN.match(case_prefix):
+    if not _NAME_PATTERN.fullmatch(case_prefix):
         raise BadInputError(f"Case prefix {case_prefix!r} may only hold letters, digits, '_' and '-'.")
     reporter = as_reporter(reporter)
     dataset_dir = Path(out_root) / dataset_folder_name(dataset_id, name)
