@@ -95,7 +95,7 @@ def test_ddp_ranks_stay_in_sync_and_rank0_writes(tmp_path):
     for name, tensor in rank0.items():
         assert torch.equal(tensor, rank1[name]), name
     checkpoints = tmp_path / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest.json", "step_00000002", "step_00000003"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".lock", "latest.json", "step_00000002", "step_00000003"]  # .lock: one trainer per folder
     state = torch.load(checkpoints / "step_00000003" / "trainer_state.pt", weights_only=True)
     assert isinstance(state["rng"], list) and len(state["rng"]) == WORLD_SIZE
 

@@ -126,7 +126,7 @@ def test_cancel_keeps_last_checkpoint(make_tiny_denoiser, tmp_path):
     latest = latest_checkpoint(tmp_path)
     assert latest.name == "step_00000004"
     assert json.loads((latest / "info.json").read_text())["step"] == 4
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step_00000002", "step_00000004"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "latest.json", "step_00000002", "step_00000004"]
     restored = load_trained_weights(make_tiny_denoiser(seed=9), tmp_path)  # EMA weights by default
     assert restored(torch.zeros(1, *VOLUME), torch.tensor([3])).shape == (1, *VOLUME)
 
@@ -247,3 +247,13 @@ def test_without_shuffling_items_that_never_fill_a_batch_are_reported(make_tiny_
     train_diffusion(model, ddpm_loss(), volumes(5), adam(model), TrainConfig(max_steps=1, batch_size=2, shuffle=False,
                                                                              amp=False), reporter=reporter)
     assert [event["level"] for event in logs] == ["warning"] and "1 of 5 item(s) are never trained on" in logs[0]["message"]
+
+
+def test_a_second_trainer_on_a_checkpoint_folder_in_use_is_refused(make_tiny_denoiser, tmp_path):
+    from medgen.io.folder_lock import exclusive_folder
+
+    model = make_tiny_denoiser()
+    with exclusive_folder(tmp_path, "checkpoint folder"):  # as another process training into it would
+        with pytest.raises(BadInputError, match="checkpoint folder .* is in use by another run"):
+            train_diffusion(model, ddpm_loss(), volumes(4), adam(model), TrainConfig(max_steps=1, batch_size=2),
+                            checkpoint_dir=tmp_path)

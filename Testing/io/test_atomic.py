@@ -29,3 +29,19 @@ def test_a_file_where_a_folder_is_needed_is_a_clear_error(tmp_path):
     with pytest.raises(BadInputError, match="is a file, but a folder is needed"):
         write_job(blocker, "selftest", {"image": str(blocker)})
     assert ensure_folder(tmp_path / "a" / "b").is_dir()
+
+
+def test_leftovers_of_a_killed_writer_are_swept_by_the_next_write(tmp_path):
+    """A writer killed mid-write (e.g. SIGKILL after a cancel) leaves its temporary file; large weights must not pile up."""
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    orphan = tmp_path / f".unet.{dead_pid}.abc123.part.safetensors"
+    orphan.write_bytes(b"half of a checkpoint")
+    other = tmp_path / ".vae.123.abc.part.safetensors"  # another file's temporary: not this write's business
+    other.write_bytes(b"x")
+    with atomic_output(tmp_path / "unet.safetensors") as temporary:
+        temporary.write_bytes(b"weights")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "unet.safetensors"]

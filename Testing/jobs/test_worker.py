@@ -252,3 +252,66 @@ def test_modules_in_the_callers_folder_never_shadow_the_workers(tmp_path, input_
     job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 1}, device="cpu")
     assert run_job_blocking(job_dir, timeout_s=120).returncode == ExitCode.OK
     assert not (tmp_path / "imported").exists()
+
+
+def test_a_second_run_of_a_busy_job_folder_is_refused_and_leaves_its_files_alone(tmp_path, input_volume):
+    from medgen.io.folder_lock import exclusive_folder
+
+    job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 1}, device="cpu")
+    with exclusive_folder(job_dir, "job folder"):  # as a first run holds it
+        runner = run_job_blocking(job_dir, timeout_s=120)
+    assert runner.returncode == ExitCode.BAD_INPUT and "is in use by another run" in runner.error["message"]
+    assert not (job_dir / "manifest.json").exists() and not (job_dir / "outputs").exists()
+
+
+def test_a_failed_rerun_keeps_the_manifest_of_the_outputs_still_there(tmp_path, input_volume):
+    job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 1}, device="cpu")
+    assert run_job_blocking(job_dir, timeout_s=120).returncode == ExitCode.OK
+    first = json.loads((job_dir / "manifest.json").read_text())
+    input_volume.write_bytes(b"no longer a volume")
+    assert run_job_blocking(job_dir, timeout_s=120).returncode == ExitCode.BAD_INPUT
+    (archived,) = (job_dir / "manifests").iterdir()
+    assert json.loads(archived.read_text()) == first and first["outputs"]["image"].endswith("selftest.nii.gz")
+    assert json.loads((job_dir / "manifest.json").read_text())["status"] == "bad_input"
+
+
+def test_file_system_failures_are_bad_input_naming_the_path(tmp_path, input_volume, monkeypatch):
+    import errno
+
+    from medgen.jobs import selftest
+    from medgen.jobs.events import EventStream
+    from medgen.jobs.worker import run_job
+
+    job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 1}, device="cpu")
+    (job_dir / "outputs").write_text("a file where the outputs folder goes")
+    lines = []
+    stream = type("Lines", (), {"write": lambda self, text: lines.append(text), "flush": lambda self: None})()
+    assert run_job(job_dir, EventStream(stream)) == ExitCode.BAD_INPUT
+    assert "is a file, but a folder is needed there" in json.loads(lines[-1])["message"]
+
+    (job_dir / "outputs").unlink()
+
+    def full_disk(context):
+        raise OSError(errno.ENOSPC, "No space left on device", str(job_dir / "outputs" / "selftest.nii.gz"))
+
+    monkeypatch.setattr(selftest, "run_selftest", full_disk)
+    assert run_job(job_dir, EventStream(stream)) == ExitCode.BAD_INPUT
+    error = json.loads(lines[-1])
+    assert error["kind"] == "bad_input" and "No space left on device: " in error["message"] and "Free disk" in error["message"]
+
+
+def test_cancel_does_nothing_to_a_finished_job_and_its_file_never_outlives_the_run(tmp_path, input_volume):
+    from medgen.jobs.events import CANCEL_FILE
+
+    job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 1}, device="cpu")
+    runner = run_job_blocking(job_dir, timeout_s=120)
+    runner.cancel()
+    assert not (job_dir / CANCEL_FILE).exists() and runner.returncode == ExitCode.OK
+    runner = JobRunner(job_dir).start()
+    cancel_file_seen = False
+    while runner.poll():
+        if not cancel_file_seen and any(e["event"] == "started" for e in runner.events):
+            runner.cancel()
+            cancel_file_seen = (job_dir / CANCEL_FILE).exists()
+        time.sleep(0.02)
+    assert not (job_dir / CANCEL_FILE).exists()  # a direct `python -m medgen.worker` run afterwards is not cancelled

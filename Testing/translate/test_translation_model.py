@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from monai.data import MetaTensor
 
 from medgen.errors import BadInputError, ModelError
-from medgen.translate.model import TranslationConfig, lmi_agreement, train_translation, translate_volume
+from medgen.io.model_folder import read_model_json
+from medgen.translate.model import TASK, TranslationConfig, lmi_agreement, train_translation, translate_volume
 from medgen_testing import oblique_affine
 
 TINY = dict(grid=(16, 16, 8), channels=(8, 16), steps=6, batch_size=4)
@@ -85,6 +88,18 @@ def test_3d_mode_trains_and_translates(tmp_path):
     model = train_translation([_phantom(0), _phantom(1)], tmp_path, config)
     out = translate_volume(_phantom(3), model, sampler="ddim", steps=2)
     assert out.shape == (1, 20, 18, 10)
+
+
+def test_a_model_folder_continues_only_with_its_own_volumes_and_settings(tmp_path):
+    """A resumed translate-train on other volumes or another LMI definition would mix two models in one folder."""
+    config = TranslationConfig.tiny(mode="3d", grid=(8, 8, 8), channels=(8, 16), steps=2, batch_size=2)
+    train_translation([_phantom(0), _phantom(1)], tmp_path, config)
+    with pytest.raises(BadInputError, match="lmi_compat False -> True"):
+        train_translation([_phantom(0), _phantom(1)], tmp_path, dataclasses.replace(config, lmi_compat=True))
+    with pytest.raises(BadInputError, match="data"):
+        train_translation([_phantom(0)], tmp_path, config)
+    shorter = train_translation([_phantom(0), _phantom(1)], tmp_path, dataclasses.replace(config, steps=1))
+    assert read_model_json(shorter, TASK)["config"]["steps"] == 2  # the weights' own training, not the request
 
 
 def test_sdedit_baseline_with_an_unconditional_model(tmp_path):

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medgen.errors import ModelError
-from medgen.io.atomic import flush_to_disk, write_text_atomic
+from medgen.io.atomic import ensure_folder, flush_to_disk, write_text_atomic
 
 LATEST_FILE = "latest.json"
 MODEL_FILE = "model.safetensors"
@@ -62,8 +62,7 @@ def save_checkpoint(
     Returns:
         the checkpoint directory.
     """
-    checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_dir = ensure_folder(checkpoint_dir)
     name = f"step_{step:08d}"
     temporary = checkpoint_dir / f".tmp_{name}_{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from medgen.diffusion.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from medgen.diffusion.distributed import DistContext, dist_context_from_env, shard_indices
 from medgen.errors import BadInputError, CancelledError, ModelError, OutOfMemoryError
+from medgen.io.folder_lock import exclusive_folder
 from medgen.progress import NullReporter, Reporter, as_reporter
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -223,6 +224,13 @@ def train_diffusion(
             f"WORLD_SIZE={context.world_size} (a torchrun launch) but no process group: call "
             "medgen.diffusion.init_distributed() before training (docs/diffusion.md, 'Several GPUs')."
         )
+    held = exclusive_folder(checkpoint_dir, "checkpoint folder") if checkpoint_dir is not None and context.is_main else None
+    with held or nullcontext():  # a second trainer on this folder would delete this one's checkpoints as it prunes
+        return _train(model, loss_fn, dataset, optimizer, config, context, checkpoint_dir, lr_scheduler, collate_fn, reporter)
+
+
+def _train(model, loss_fn, dataset, optimizer, config, context, checkpoint_dir, lr_scheduler, collate_fn, reporter) -> TrainResult:
+    """The body of :func:`train_diffusion`, with its settings checked and its checkpoint folder held."""
     progress_reporter = reporter if context.is_main else NullReporter()
     device = next(model.parameters()).device
     torch.manual_seed(config.seed + context.rank)

@@ -57,8 +57,11 @@ def atomic_output(final_path: str | os.PathLike, suffix: str | None = None) -> I
     ensure_folder(final_path.parent)
     if suffix is None:
         suffix = "".join(final_path.suffixes)
-    # the stem is cut so that the temporary name (about 20 bytes longer) stays within the 255-byte name limit
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{final_path.stem[:100]}.", suffix=f".part{suffix}", dir=final_path.parent)
+    # the stem is cut so that the temporary name (about 30 bytes longer) stays within the 255-byte name limit; the
+    # writer's pid in the name lets a later write sweep the leftovers of a killed one
+    prefix = f".{final_path.stem[:100]}."
+    _remove_orphaned_parts(final_path.parent, prefix, f".part{suffix}")
+    handle, tmp_name = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}.", suffix=f".part{suffix}", dir=final_path.parent)
     os.close(handle)
     tmp_path = Path(tmp_name)
     try:
@@ -69,6 +72,29 @@ def atomic_output(final_path: str | os.PathLike, suffix: str | None = None) -> I
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _remove_orphaned_parts(folder: Path, prefix: str, suffix: str) -> None:
+    """Delete ``<prefix><pid>.<random><suffix>`` files of writers that are gone (killed mid-write, e.g. by the
+    runner's SIGKILL after a cancel): large weights would otherwise pile up in model folders. POSIX only."""
+    if os.name != "posix":
+        return
+    for leftover in folder.iterdir():
+        name = leftover.name
+        pid = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) and name.endswith(suffix) else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

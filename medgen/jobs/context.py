@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from medgen.io.atomic import ensure_folder
 from medgen.jobs.spec import JobSpec
 from medgen.progress import Reporter
 
@@ -41,6 +42,4 @@ class JobContext:
 
     def output_path(self, file_name: str) -> Path:
         """Path for an output file under ``JOB_DIR/outputs`` (write it atomically, e.g. with ``save_volume``)."""
-        folder = self.job_dir / OUTPUTS_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder / file_name
+        return ensure_folder(self.job_dir / OUTPUTS_DIR) / file_name  # a file in the way is bad input, named

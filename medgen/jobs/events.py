@@ -11,6 +11,7 @@ Every event also carries ``"time"`` (Unix seconds).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -55,13 +56,17 @@ class EventStream:
         self._stream.write(line + "\n")
         self._stream.flush()
         if self._log_file:
-            self._log_file.write(line + "\n")
-            self._log_file.flush()
+            try:
+                self._log_file.write(line + "\n")
+                self._log_file.flush()
+            except OSError:  # a full disk or a vanished folder: the copy stops, the events and the outcome do not
+                self.close()
 
     def close(self) -> None:
         if self._log_file:
-            self._log_file.close()
-            self._log_file = None
+            log_file, self._log_file = self._log_file, None
+            with contextlib.suppress(OSError):
+                log_file.close()
 
 
 class CancelWatch:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from medgen.io.atomic import write_text_atomic
+from medgen.io.atomic import ensure_folder, write_text_atomic
 
 MANIFEST_FILE = "manifest.json"
+#: where earlier runs' manifests of a job folder run again go
+ARCHIVE_DIR = "manifests"
 _RECORDED_PACKAGES = ("medgen", "torch", "monai", "numpy", "SimpleITK", "nibabel", "safetensors", "peft")
 
 
@@ -34,3 +38,15 @@ def write_manifest(job_dir: Path, **fields: Any) -> Path:
     """Write ``JOB_DIR/manifest.json`` atomically with versions, platform and the given fields."""
     document = {"versions": package_versions(), "platform": platform.platform(), **fields}
     return write_text_atomic(job_dir / MANIFEST_FILE, json.dumps(document, indent=2, default=str) + "\n")
+
+
+def archive_manifest(job_dir: Path) -> Path | None:
+    """Move an earlier run's ``manifest.json`` to ``JOB_DIR/manifests/<its time>.json`` before a new run of the
+    folder writes its own, so a failed re-run does not erase the record of the outputs still there."""
+    manifest = Path(job_dir) / MANIFEST_FILE
+    if not manifest.is_file():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(manifest.stat().st_mtime))
+    archived = ensure_folder(Path(job_dir) / ARCHIVE_DIR) / f"{stamp}-{manifest.stat().st_mtime_ns % 10**9:09d}.json"
+    os.replace(manifest, archived)
+    return archived

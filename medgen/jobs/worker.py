@@ -7,6 +7,8 @@ exits with the code of the outcome. A bad ``job.json`` writes nothing into the j
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import random
 import sys
@@ -18,6 +20,8 @@ from medgen.errors import MedGenError
 from medgen.jobs.events import CancelWatch, EventStream, JobReporter
 from medgen.jobs.exit_codes import EXIT_CODE_OF_KIND, ExitCode
 
+#: file-system failures the user can act on (read-only folder, no permission, disk or quota full, file too large)
+FILE_SYSTEM_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 OOM_ADVICE = (
     "Out of memory. Try a smaller patch size or batch size, enable mixed precision (AMP), "
     "lower the memory budget option, or run on a device with more memory."
@@ -59,11 +63,18 @@ def run_job(job_dir: Path, events: EventStream) -> ExitCode:
     started_s = time.monotonic()
     spec = None
     status = {"status": "internal"}
+    held = contextlib.ExitStack()
+    owns_folder = False
     try:
+        from medgen.io.folder_lock import exclusive_folder
+        from medgen.jobs.manifest import archive_manifest
         from medgen.jobs.spec import load_job
 
         spec = load_job(job_dir)
         _refuse_planted_links(job_dir)
+        held.enter_context(exclusive_folder(job_dir, "job folder"))  # a second run of this folder is refused
+        owns_folder = True
+        archive_manifest(job_dir)  # an earlier run's manifest stays with the outputs it describes
         _skip_unused_transformers_import(spec.kind)
         events.keep_copy_in(job_dir)
         reporter = JobReporter(events, CancelWatch(job_dir))
@@ -73,14 +84,19 @@ def run_job(job_dir: Path, events: EventStream) -> ExitCode:
     except BaseException as error:  # noqa: BLE001 - every failure must become an event and an exit code
         if isinstance(error, KeyboardInterrupt):
             return _fail(events, "cancelled", "Interrupted.", status)
+        if isinstance(error, OSError) and error.errno in FILE_SYSTEM_ERRNOS:
+            where = f": {error.filename}" if error.filename else ""
+            return _fail(events, "bad_input", f"The job cannot write its files ({error.strerror}{where}). Free disk "
+                         "space, or choose a folder you can write to.", status)
         if _is_out_of_memory(error):
             return _fail(events, "oom", f"{OOM_ADVICE} ({type(error).__name__}: {str(error)[:300]})", status)
         events.emit("log", level="error", message=traceback.format_exc())
         return _fail(events, "internal", f"Internal error: {type(error).__name__}: {error}", status)
     finally:
-        if spec is not None:
+        if spec is not None and owns_folder:  # only the run holding the folder writes its manifest
             _write_manifest(job_dir, spec, status, started_s, events)
         events.close()
+        held.close()
 
 
 def _refuse_planted_links(job_dir: Path) -> None:

@@ -8,6 +8,7 @@ process tree after a grace period.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -32,6 +33,8 @@ CANCEL_GRACE_S = 5.0
 #: after the worker exits, how long its output pipes may stay open (a process it started that outlives it holds
 #: them) before the job is finished without the rest; poll() never blocks on them meanwhile
 PIPE_GRACE_S = 5.0
+#: how many of the latest events a runner keeps in memory
+EVENTS_KEPT = 10_000
 
 
 def worker_python() -> str:
@@ -101,7 +104,8 @@ class JobRunner:
         self.python = python or worker_python()
         self.on_event = on_event or (lambda event: None)
         self.extra_env = env or {}
-        self.events: list[dict] = []
+        #: the latest events (a long training sends millions); ``result`` and ``error`` are kept apart
+        self.events: collections.deque[dict] = collections.deque(maxlen=EVENTS_KEPT)
         self.result: dict | None = None
         self.error: dict | None = None
         self.returncode: int | None = None
@@ -184,6 +188,8 @@ class JobRunner:
 
     def _finish(self, code: int) -> None:
         stopped = self._cancel_requested or (self.job_dir / CANCEL_FILE).exists()
+        with contextlib.suppress(OSError):  # spent: it must not cancel a later run of this folder
+            (self.job_dir / CANCEL_FILE).unlink(missing_ok=True)
         failed_first = self.error is not None and self.error.get("kind") != "cancelled"
         if code < 0 and not stopped:  # killed by a signal nobody asked for: the OOM killer, a crash
             number = -code
@@ -217,11 +223,13 @@ class JobRunner:
 
     def cancel(self, grace_s: float = CANCEL_GRACE_S) -> None:
         """Ask the worker to stop now; kill its whole process tree if it has not ended after ``grace_s``."""
+        if not (self.running and self._process.poll() is None):
+            return  # nothing to stop: a cancel file now would cancel the folder's next run at once
         self._cancel_requested = True
-        (self.job_dir / CANCEL_FILE).touch()
-        if self.running and self._process.poll() is None:
-            self._kill_tree(signal.SIGTERM if os.name == "posix" else None)
-            self._kill_deadline_s = time.monotonic() + grace_s
+        with contextlib.suppress(OSError):  # a read-only job folder: SIGTERM alone stops the worker
+            (self.job_dir / CANCEL_FILE).touch()
+        self._kill_tree(signal.SIGTERM if os.name == "posix" else None)
+        self._kill_deadline_s = time.monotonic() + grace_s
 
     def _kill_tree(self, sig) -> None:
         """Signal the worker and every process it started (psutil when present, else its process group)."""

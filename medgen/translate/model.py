@@ -32,8 +32,8 @@ from medgen.diffusion import (
 )
 from medgen.errors import BadInputError
 from medgen.io import check_not_constant, display_name, nearest_multiple_shape
-from medgen.io.model_folder import model_config, read_model_json, write_model_json
-from medgen.models.weights import load_weights_into, write_safetensors
+from medgen.io.model_folder import check_same_run, model_config, read_model_json, write_model_json
+from medgen.models.weights import load_weights_into, weights_hash, write_safetensors
 from medgen.progress import Reporter, as_reporter
 from medgen.translate.lmi import lmi_map
 
@@ -179,6 +179,9 @@ def train_translation(
                 f"percentiles; no voxel above {EMPTY_SLICE_MAX}): the volumes are almost all background. "
                 "Train on volumes with visible anatomy."
             )
+    # a run continued with other volumes or settings would mix two models in one folder; steps may grow
+    check_same_run(out_dir, {**dataclasses.asdict(config), "target_modality": target_modality},
+                   weights_hash({"grid_data": data}), may_change=("steps", "memory_budget_mb"))
     data = data.to(device)
     self_lmi = None
     if config.conditioned:  # M(x0, x0) is fixed per sample: compute it once (spec A.8 caching)
@@ -209,7 +212,9 @@ def train_translation(
     context = dist_context_from_env()
     if context.is_main:  # under torchrun the ranks hold the same weights: one writes them
         write_safetensors(trained.state_dict(), Path(out_dir) / "unet.safetensors")
-        write_model_json(out_dir, TASK, config=dataclasses.asdict(config), training_volumes=len(volumes),
+        # the steps the weights had: a folder trained further before keeps its longer training
+        trained_config = dataclasses.replace(config, steps=result.step)
+        write_model_json(out_dir, TASK, config=dataclasses.asdict(trained_config), training_volumes=len(volumes),
                          target_modality=target_modality)
     if context.is_distributed:
         torch.distributed.barrier()  # the folder is complete before any rank returns it

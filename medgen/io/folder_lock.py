@@ -1,0 +1,67 @@
+"""One writer per folder: an advisory lock that the operating system releases when its process ends.
+
+Two runs of one job folder (or two trainings into one checkpoint folder) would delete each other's temporary
+files and interleave their checkpoints. The lock is ``fcntl.flock`` on POSIX and ``msvcrt.locking`` on Windows,
+on a ``.lock`` file inside the folder, so a killed run never leaves a stale lock behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+from medgen.errors import BadInputError
+from medgen.io.atomic import ensure_folder
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def exclusive_folder(folder: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Hold ``folder`` for this process until the block ends.
+
+    Args:
+        folder: created if missing.
+        what: how the message names the folder, e.g. ``"job folder"``.
+
+    Raises:
+        BadInputError: another live process holds it.
+    """
+    folder = ensure_folder(folder)
+    descriptor = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            _lock(descriptor)
+        except OSError:
+            raise BadInputError(
+                f"The {what} {folder} is in use by another run (e.g. the same job started twice); wait for it to end "
+                "or use another folder."
+            ) from None
+        try:
+            yield folder
+        finally:
+            _unlock(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+if os.name == "nt":
+    import msvcrt
+
+    def _lock(descriptor: int) -> None:
+        msvcrt.locking(descriptor, msvcrt.LK_NBLCK, 1)
+
+    def _unlock(descriptor: int) -> None:
+        os.lseek(descriptor, 0, os.SEEK_SET)
+        msvcrt.locking(descriptor, msvcrt.LK_UNLCK, 1)
+
+else:
+    import fcntl
+
+    def _lock(descriptor: int) -> None:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def _unlock(descriptor: int) -> None:
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
