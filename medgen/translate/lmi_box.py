@@ -9,7 +9,7 @@ candidate, one batched matmul with inner dimension p sums O_δ along the last ax
 filter (p-1 elementwise adds per axis) sums the others, in two joint buffers reused by every
 candidate. That replaces gathering n·K moving values and a (K×n)·(n×K) matmul per (voxel,
 candidate): 2.2-2.5× faster than the gathers of :class:`medgen.translate.lmi._TorchScorer` on one CPU
-thread at 24³-48³, 10-12× faster than the unfold port (``bench/bench_lmi.py --mode clean``); over
+thread at 24³-48³, 9.5-12× faster than the unfold port (``bench/bench_lmi.py --mode clean``); over
 half of the remaining time is ``entr`` over the joints. The moving marginal and its entropy at u+δ
 are those of the plain window at u+δ, computed once per slab; the joint's mass is the box sum of the
 product of the kernel row sums. Compat mode pairs samples in a non-shift-invariant way (quirk Q1),
