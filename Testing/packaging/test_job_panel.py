@@ -108,6 +108,18 @@ def test_cancel_stops_the_runner_and_imports_nothing(panel_module, widgets):
     assert panel.state is panel_module.JobState.IDLE
 
 
+def test_a_job_that_finished_as_the_cancel_arrived_imports_its_results(panel_module, widgets):
+    """The worker checks for a cancel between steps: one pressed while it wrote its outputs finds it done."""
+    panel, imported = make_panel(panel_module, widgets), []
+    result = {"event": "result", "outputs": {"image": "out.nii.gz"}}
+    runner = ScriptedRunner([{"event": "log", "message": "writing"}], result=result)
+    runner.cancel = lambda: setattr(runner, "cancelled", True)  # too late: the worker exits 0 with its result
+    track(panel, runner, imported)
+    panel.cancel()
+    poll_until_idle(panel)
+    assert imported == [result] and widgets.status.text.startswith("Done")
+
+
 def test_worker_error_is_shown_and_the_panel_can_start_again(panel_module, widgets):
     panel, imported = make_panel(panel_module, widgets), []
     error = {"kind": "oom", "message": "Out of GPU memory: lower the patch size."}

@@ -175,9 +175,10 @@ class JobPanel:
     def _finish(self) -> None:
         runner = self._runner
         error = runner.error or {}
-        if self.state is JobState.CANCELLING or error.get("kind") == "cancelled":
+        finished = runner.returncode == 0 and runner.result is not None  # e.g. a cancel that came as it wrote its outputs
+        if not finished and (self.state is JobState.CANCELLING or error.get("kind") == "cancelled"):
             self._finish_idle("Cancelled.")
-        elif runner.returncode == 0 and runner.result is not None:
+        elif finished:
             self.state = JobState.IMPORTING
             self._status_label.text = "Importing results..."
             self._show_state()
