@@ -113,3 +113,49 @@ def test_a_bad_pair_names_its_files_and_the_cases_already_exported(tmp_path, obl
                                             r"The 1 case\(s\) exported before it are complete and kept in .*Dataset509_Part"):
         export_nnunet(files, tmp_path / "out", dataset_id=509, name="Part", labels=LABELS)
     verify_nnunet_dataset(tmp_path / "out" / "Dataset509_Part")
+
+
+def test_a_label_header_within_medgens_tolerance_is_written_on_the_images_grid(tmp_path, oblique):
+    """nnU-Net compares spacings with a relative tolerance of 1e-5; a 5e-4 mm header difference passes MedGen's check."""
+    image, label = _pair(oblique, 0)
+    nudged = oblique.copy()
+    nudged[:3, 0] *= 1.0005
+    dataset = export_nnunet([(image, MetaTensor(label.as_tensor(), affine=torch.from_numpy(nudged)))], tmp_path,
+                            dataset_id=510, name="Header", labels=LABELS)
+    _verify_with_nnunet(dataset)
+
+
+def test_export_refusals_leave_nnunet_usable_datasets(tmp_path, oblique):
+    image, label = _pair(oblique, 0)
+    fractional = MetaTensor(label.float() + 0.5, affine=label.affine)
+    with pytest.raises(BadInputError, match="not whole numbers"):
+        export_nnunet([(image, fractional)], tmp_path, dataset_id=511, name="Half", labels=LABELS)
+    assert not (tmp_path / "Dataset511_Half").exists()
+    with pytest.raises(BadInputError, match="plain tensor"):
+        export_nnunet([(image.as_tensor(), label)], tmp_path, dataset_id=511, name="Half", labels=LABELS)
+    with pytest.raises(BadInputError, match="No cases to export"):
+        export_nnunet([], tmp_path, dataset_id=511, name="Half", labels=LABELS)
+    assert list(tmp_path.iterdir()) == []
+
+    export_nnunet([(image, label)], tmp_path, dataset_id=512, name="First", labels=LABELS)
+    with pytest.raises(BadInputError, match="id 512 is taken by Dataset512_First"):  # nnU-Net refuses one id twice
+        export_nnunet([(image, label)], tmp_path, dataset_id=512, name="Second", labels=LABELS)
+
+    with pytest.raises(BadInputError, match="region-based labels"):
+        export_nnunet([(image, label)], tmp_path, dataset_id=513, name="Regions", labels={"background": 0, "whole": [1, 2]})
+    with pytest.raises(BadInputError, match="'ignore' label must have the highest value"):
+        export_nnunet([(image, label)], tmp_path, dataset_id=513, name="Ignore", labels={"background": 0, "ignore": 1, "a": 2})
+
+
+def test_adding_cases_keeps_the_datasets_own_settings_and_file_ending(tmp_path, oblique):
+    dataset = export_nnunet([_pair(oblique, 0)], tmp_path, dataset_id=514, name="Keep", labels=LABELS)
+    document = json.loads((dataset / "dataset.json").read_text())
+    document["overwrite_image_reader_writer"] = "SimpleITKIO"
+    (dataset / "dataset.json").write_text(json.dumps(document))
+    export_nnunet([_pair(oblique, 1)], tmp_path, dataset_id=514, name="Keep", labels=LABELS, case_prefix="more")
+    document = json.loads((dataset / "dataset.json").read_text())
+    assert document["overwrite_image_reader_writer"] == "SimpleITKIO" and document["numTraining"] == 2
+    document["file_ending"] = ".mha"
+    (dataset / "dataset.json").write_text(json.dumps(document))
+    with pytest.raises(BadInputError, match="holds .mha files"):
+        export_nnunet([_pair(oblique, 2)], tmp_path, dataset_id=514, name="Keep", labels=LABELS)

@@ -60,7 +60,9 @@ def run_synthesize(ctx: JobContext) -> dict:
     outputs = {"pairs": str(ctx.output_path("pairs"))}
     outputs.update({f"image_{i:04d}": str(image) for i, (image, _) in enumerate(pairs)})
     outputs.update({f"label_{i:04d}": str(label) for i, (_, label) in enumerate(pairs)})
-    if params.get("nnunet_dataset_id"):
+    if params.get("nnunet_dataset_id") and not pairs:
+        ctx.reporter.log("No pairs were generated (count 0), so no nnU-Net dataset was written.", "warning")
+    elif params.get("nnunet_dataset_id"):
         labels = {"background": 0, **{entry["name"]: int(entry["value"]) for entry in document["labels"]}}
         dataset = export_nnunet(
             pairs, ctx.output_path("nnUNet_raw"), dataset_id=params["nnunet_dataset_id"], name=params["nnunet_name"],

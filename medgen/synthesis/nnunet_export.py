@@ -9,6 +9,7 @@ Correctness is checked in the tests with nnU-Net's own ``verify_dataset_integrit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, Union
 
 import torch
+from monai.data import MetaTensor
 
 from medgen.errors import BadInputError
 from medgen.io import check_finite, check_same_geometry, load_volume, save_volume
@@ -37,8 +39,15 @@ def dataset_folder_name(dataset_id: int, name: str) -> str:
 
 
 def check_nnunet_labels(labels: dict[str, int]) -> dict[str, int]:
-    """nnU-Net's label rule: ``background`` is 0 and the values are the consecutive integers 0..K-1."""
-    values = sorted(int(v) for v in labels.values())
+    """nnU-Net's label rules: ``background`` is 0, the values are the consecutive integers 0..K-1, and an
+    ``ignore`` label has the highest value. Region-based labels (lists of values) are not written by MedGen."""
+    odd = {name: value for name, value in labels.items() if not isinstance(value, int) or isinstance(value, bool)}
+    if odd:
+        raise BadInputError(f"nnU-Net labels must be single integer values; got {odd} (region-based labels, lists of "
+                            "values, are not supported by this export).")
+    values = sorted(labels.values())
+    if "ignore" in labels and labels["ignore"] != values[-1]:
+        raise BadInputError(f"nnU-Net's 'ignore' label must have the highest value ({values[-1]}); got {labels['ignore']}.")
     if labels.get("background") != 0 or values != list(range(len(values))):
         raise BadInputError(
             f"nnU-Net labels must map 'background' to 0 and use consecutive integers 0..K-1; got {labels}. "
@@ -48,20 +57,24 @@ def check_nnunet_labels(labels: dict[str, int]) -> dict[str, int]:
 
 
 def _as_volume(volume: VolumeLike, label: bool, what: str):
-    if isinstance(volume, torch.Tensor):
+    if isinstance(volume, MetaTensor):
         return volume
+    if isinstance(volume, torch.Tensor):
+        raise BadInputError(f"The {what} is a plain tensor: give a MetaTensor (from medgen.io) or a file, so that its "
+                            "voxel grid is known.")
     return load_volume(volume, label=label, name=f"{what} {Path(volume).name}")
 
 
-def _dataset_json(labels: dict[str, int], channel_name: str, num_training: int) -> str:
-    document = {
+def _dataset_json(labels: dict[str, int], channel_name: str, num_training: int, existing: dict | None) -> str:
+    """dataset.json; an existing one keeps every other key (reader/writer override, name, reference, ...)."""
+    document = dict(existing) if existing else {
         "channel_names": {"0": channel_name},
         "labels": labels,
-        "numTraining": num_training,
         "file_ending": FILE_ENDING,
         "licence": "see the source data",
         "description": "written by MedGen (medgen.synthesis.export_nnunet)",
     }
+    document["numTraining"] = num_training
     return json.dumps(document, indent=2) + "\n"
 
 
@@ -103,8 +116,9 @@ def export_nnunet(
         raise BadInputError(f"Case prefix {case_prefix!r} may only hold letters, digits, '_' and '-'.")
     reporter = as_reporter(reporter)
     dataset_dir = Path(out_root) / dataset_folder_name(dataset_id, name)
+    _check_free_id(Path(out_root), int(dataset_id), dataset_dir.name)
+    existing_json = _check_compatible(dataset_dir, labels, channel_name)
     images_dir, labels_dir = ensure_folder(dataset_dir / "imagesTr"), ensure_folder(dataset_dir / "labelsTr")
-    _check_compatible(dataset_dir, labels, channel_name)
     existing = _existing_cases(labels_dir)
     allowed_values = set(labels.values())
     cases = list(cases) if not hasattr(cases, "__next__") else cases
@@ -118,25 +132,51 @@ def export_nnunet(
             _check_pair(image, label_map, allowed_values, _case_name(image_like, label_like, number))
         except BadInputError as error:
             if not written:
+                _remove_if_empty(images_dir, labels_dir, dataset_dir)
                 raise
             raise BadInputError(f"{error} The {written} case(s) exported before it are complete and kept in {dataset_dir}.") from None
         while f"{case_prefix}_{index:04d}" in existing:
             index += 1
         case = f"{case_prefix}_{index:04d}"
+        # the label first (a case is counted by its label), on the image's exact header: nnU-Net compares spacing
+        # with a relative tolerance of 1e-5, tighter than the geometry check above
+        save_volume(MetaTensor(label_map.as_tensor(), affine=image.affine), labels_dir / f"{case}{FILE_ENDING}", label=True)
         save_volume(image.float(), images_dir / f"{case}_0000{FILE_ENDING}")
-        save_volume(label_map, labels_dir / f"{case}{FILE_ENDING}", label=True)
         existing.add(case)
         written += 1
-        write_text_atomic(dataset_dir / "dataset.json", _dataset_json(labels, channel_name, len(existing)))
+        write_text_atomic(dataset_dir / "dataset.json", _dataset_json(labels, channel_name, len(existing), existing_json))
         reporter.progress("export", number + 1, max(total, number + 1), case=case)
-    write_text_atomic(dataset_dir / "dataset.json", _dataset_json(labels, channel_name, len(_existing_cases(labels_dir))))
+    if not existing:
+        _remove_if_empty(images_dir, labels_dir, dataset_dir)
+        raise BadInputError("No cases to export: nothing was written. Give at least one image/label pair.")
+    write_text_atomic(dataset_dir / "dataset.json",
+                      _dataset_json(labels, channel_name, len(_existing_cases(labels_dir)), existing_json))
     return dataset_dir
 
 
-def _check_compatible(dataset_dir: Path, labels: dict[str, int], channel_name: str) -> None:
+def _remove_if_empty(*folders: Path) -> None:
+    """Remove the export's folders while they hold nothing: nnU-Net cannot use a dataset without cases (its checker
+    fails on one), and a folder left behind would take the dataset id."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def _check_free_id(out_root: Path, dataset_id: int, folder_name: str) -> None:
+    """nnU-Net refuses an id held by two dataset folders ("More than one dataset name found")."""
+    if not out_root.is_dir():
+        return
+    others = sorted(path.name for path in out_root.glob(f"Dataset{dataset_id:03d}_*") if path.name != folder_name)
+    if others:
+        raise BadInputError(f"nnU-Net dataset id {dataset_id} is taken by {others[0]} in {out_root}; use another id, "
+                            f"or that dataset's name to add cases to it.")
+
+
+def _check_compatible(dataset_dir: Path, labels: dict[str, int], channel_name: str) -> dict | None:
+    """The existing dataset.json, when new cases fit it (same labels, channel and file ending); None for a new dataset."""
     json_path = dataset_dir / "dataset.json"
     if not json_path.exists():
-        return
+        return None
     try:
         existing = json.loads(json_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
@@ -151,6 +191,10 @@ def _check_compatible(dataset_dir: Path, labels: dict[str, int], channel_name: s
             f"{existing.get('channel_names')}; new cases have {labels} and {{'0': {channel_name!r}}}. "
             "Use another dataset id or the same labels/channel."
         )
+    if existing.get("file_ending") != FILE_ENDING:
+        raise BadInputError(f"{dataset_dir.name} holds {existing.get('file_ending')} files; this export writes {FILE_ENDING}, "
+                            "and nnU-Net would see only the cases of one ending. Export to another dataset id.")
+    return existing
 
 
 def _case_name(image_like: VolumeLike, label_like: VolumeLike, number: int) -> str:
@@ -166,7 +210,10 @@ def _check_pair(image, label_map, allowed_values: set[int], case: str) -> None:
         raise BadInputError(f"{sentence_start}: expected single-channel image and label, got {tuple(image.shape)} and {tuple(label_map.shape)}.")
     check_finite(image, f"{case} image")
     check_same_geometry(image, label_map, f"{case} image", f"{case} label")
-    found = {int(v) for v in torch.unique(torch.as_tensor(label_map)).tolist()}
+    values = torch.unique(torch.as_tensor(label_map))
+    if values.is_floating_point() and not bool(torch.all(values == values.round())):
+        raise BadInputError(f"{sentence_start}: the label map holds values that are not whole numbers.")
+    found = {int(v) for v in values.tolist()}
     unexpected = sorted(found - allowed_values)
     if unexpected:
         raise BadInputError(
