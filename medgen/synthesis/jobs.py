@@ -15,7 +15,8 @@ from medgen.synthesis.nnunet_export import export_nnunet
 from medgen.synthesis.prepare import load_pairs_from_folder, prepare_pairs
 
 #: training settings a job may override (names of :class:`JointLDMConfig` fields)
-CONFIG_OVERRIDES = ("vae_phase1_steps", "vae_phase2_steps", "ldm_steps", "batch_size", "grad_accum_steps", "checkpoint_every", "amp")
+CONFIG_OVERRIDES = ("vae_phase1_steps", "vae_phase2_steps", "ldm_steps", "batch_size", "ldm_batch_size", "grad_accum_steps",
+                    "checkpoint_every", "amp")
 
 
 def _training_pairs(ctx: JobContext) -> list:

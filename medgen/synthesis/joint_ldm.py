@@ -54,7 +54,9 @@ class JointLDMConfig:
         vae_phase1_steps, vae_phase2_steps: optimiser steps with w_KL = 1e-6, then w_KL = 1 (C.3).
         ldm_steps: latent DDPM optimiser steps.
         vae_lr, ldm_lr: Adam learning rates (C.3: 1e-4 with betas (0.5, 0.9); C.5: 8e-5 with (0.9, 0.99)).
-        batch_size, grad_accum_steps, amp: as in :class:`medgen.diffusion.TrainConfig`.
+        batch_size: VAE micro-batch of both phases (C.3 uses 2, then 1; one value here, 1 for GPU memory at full size).
+        ldm_batch_size: latent DDPM micro-batch (C.5: 64, capped at the number of training cases).
+        grad_accum_steps, amp: as in :class:`medgen.diffusion.TrainConfig` (C.5: accumulation 2).
         ema_decay, ema_every: LDM EMA (C.5: 0.995 every 10 steps).
         num_train_timesteps: diffusion steps T (sigmoid schedule).
         checkpoint_every: steps between checkpoints.
@@ -74,6 +76,7 @@ class JointLDMConfig:
     vae_lr: float = 1e-4
     ldm_lr: float = 8e-5
     batch_size: int = 1
+    ldm_batch_size: int = 64
     grad_accum_steps: int = 2
     amp: bool = True
     ema_decay: float = 0.995
@@ -88,7 +91,7 @@ class JointLDMConfig:
             vae_channels=(8, 16, 16, 16), vae_res_blocks=1, vae_norm_groups=4, vae_attention=False,
             ldm_channels=(16, 32), ldm_attention=(False, False), ldm_res_blocks=1, ldm_norm_groups=8,
             vae_phase1_steps=60, vae_phase2_steps=20, ldm_steps=80, vae_lr=2e-3, ldm_lr=1e-3,
-            grad_accum_steps=1, ema_decay=0.9, ema_every=1, checkpoint_every=20,
+            ldm_batch_size=1, grad_accum_steps=1, ema_decay=0.9, ema_every=1, checkpoint_every=20,
         )
         settings.update(overrides)
         return cls(**settings)
@@ -194,7 +197,7 @@ def train_joint_ldm(
 
     result = train_diffusion(
         unet, ldm_loss, list(range(len(pairs))), torch.optim.Adam(unet.parameters(), lr=config.ldm_lr, betas=(0.9, 0.99)),
-        TrainConfig(max_steps=config.ldm_steps, batch_size=min(config.batch_size, len(pairs)), grad_accum_steps=config.grad_accum_steps,
+        TrainConfig(max_steps=config.ldm_steps, batch_size=min(config.ldm_batch_size, len(pairs)), grad_accum_steps=config.grad_accum_steps,
                     ema_decay=config.ema_decay, ema_every=config.ema_every, amp=config.amp,
                     checkpoint_every=config.checkpoint_every, keep_checkpoints=1),
         checkpoint_dir=out_dir / "ldm", reporter=PhaseReporter(reporter, "ldm"),
