@@ -162,6 +162,20 @@ def test_single_slice_volume_is_refused(tmp_path):
         load_volume(tmp_path / "flat.nrrd")
 
 
+def test_a_sheared_grid_is_refused_on_reading_and_saving(tmp_path, oblique):
+    """NIfTI cannot store a sheared grid: ITK would coerce the outputs' axes, so they would not overlay the input."""
+    image = sitk.GetImageFromArray(np.zeros((6, 6, 6), np.float32))
+    image.SetDirection((1.0, 0.5, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(image, str(tmp_path / "sheared.mha"))
+    with pytest.raises(BadInputError, match="sheared.mha has a sheared voxel grid"):
+        load_volume(tmp_path / "sheared.mha")
+    sheared = oblique.copy()
+    sheared[:3, 1] += 0.3 * sheared[:3, 0]
+    with pytest.raises(BadInputError, match="sheared voxel grid"):
+        save_volume(MetaTensor(torch.rand(1, 6, 6, 6), affine=torch.from_numpy(sheared)), tmp_path / "out.nii.gz")
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
 @pytest.mark.parametrize("suffix", list(TOLERANCE))
 @pytest.mark.parametrize("label", [False, True])
 def test_nan_and_infinite_voxels_are_refused_in_every_format(tmp_path, suffix, label):

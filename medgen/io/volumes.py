@@ -149,6 +149,20 @@ def _first_line(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
+def check_orthogonal_axes(direction: np.ndarray, name: str) -> None:
+    """Refuse a sheared voxel grid (direction columns not orthonormal): NIfTI cannot store one, so ITK would
+    silently turn it into another grid when an output is written, and the result would no longer overlay its source.
+
+    Raises:
+        BadInputError: naming the volume and what to do.
+    """
+    if not np.all(np.isfinite(direction)) or np.abs(direction.T @ direction - np.eye(3)).max() > 1e-4:
+        raise BadInputError(
+            f"{name} has a sheared voxel grid (its axes are not perpendicular), which NIfTI outputs cannot keep. "
+            "Resample it onto an orthogonal grid first (e.g. Slicer's Resample Scalar Volume)."
+        )
+
+
 def _affine_ras(geometry: sitk.Image | sitk.ImageFileReader) -> np.ndarray:
     """4x4 voxel-index -> RAS mm matrix of a SimpleITK image (or of a file header read by SimpleITK)."""
     direction = np.asarray(geometry.GetDirection(), dtype=np.float64).reshape(3, 3)
@@ -180,6 +194,7 @@ def load_volume(path: str | os.PathLike, *, label: bool = False, name: str | Non
     geometry, voxels = read(path, name)
     original_dtype = str(voxels.dtype)
     check_spatial_3d(voxels.shape, name)
+    check_orthogonal_axes(np.asarray(geometry.GetDirection(), dtype=np.float64).reshape(3, 3), name)
     if label:
         data = torch.from_numpy(np.ascontiguousarray(_as_label_array(voxels, name), dtype=np.int64))
     else:
@@ -221,8 +236,10 @@ def _to_sitk(volume: torch.Tensor, affine_ras: np.ndarray, label: bool) -> sitk.
         image = sitk.GetImageFromArray(np.ascontiguousarray(array_kji), isVector=True)
     affine_lps = _LPS_TO_RAS @ np.asarray(affine_ras, dtype=np.float64)
     spacing = np.linalg.norm(affine_lps[:3, :3], axis=0)
-    if np.any(spacing <= 0):
-        raise BadInputError(f"The volume's affine has a zero-length axis (spacing {spacing}); cannot save it.")
+    if not np.all(np.isfinite(affine_lps)) or np.any(spacing <= 0):
+        raise BadInputError(f"The volume's affine has a zero-length axis or a non-finite entry (spacing {spacing}); "
+                            "cannot save it.")
+    check_orthogonal_axes(affine_lps[:3, :3] / spacing, "The volume to save")
     image.SetSpacing(spacing.tolist())
     image.SetDirection((affine_lps[:3, :3] / spacing).flatten().tolist())
     image.SetOrigin(affine_lps[:3, 3].tolist())
