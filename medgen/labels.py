@@ -42,18 +42,41 @@ def make_labels(names: dict[str, int] | Iterable[str]) -> list[LabelInfo]:
 
 
 def check_labels(labels: list[LabelInfo]) -> None:
-    """Raise :class:`BadInputError` for duplicate names/values or non-positive values."""
+    """Raise :class:`BadInputError` for duplicate names/values, non-positive values or colours that are not RGB in [0, 1]."""
     names = [label.name for label in labels]
     values = [label.value for label in labels]
-    if len(set(names)) != len(names) or len(set(values)) != len(values):
-        raise BadInputError(f"Label names and values must be unique; got {dict(zip(names, values))}.")
+    repeated_names = sorted({name for name in names if names.count(name) > 1})
+    repeated_values = sorted({value for value in values if values.count(value) > 1})
+    if repeated_names or repeated_values:
+        raise BadInputError(f"Label names and values must be unique; repeated names {repeated_names}, values {repeated_values}.")
     if any(value <= 0 for value in values):
         raise BadInputError(f"Label values must be positive (0 is background); got {values}.")
+    odd_colors = {label.name: label.color for label in labels
+                  if len(label.color) != 3 or not all(0.0 <= channel <= 1.0 for channel in label.color)}
+    if odd_colors:
+        raise BadInputError(f"Label colours are RGB triples in [0, 1] (not 0-255); got {odd_colors}.")
+
+
+def _whole_number(value, what: str) -> int:
+    """A label value from JSON: an integer (or an integral float), never a fraction, a string or a boolean."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(f"{what} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _no_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"names {repeated} appear twice")
+    return dict(pairs)
 
 
 def save_labels(labels: list[LabelInfo], path: str | os.PathLike) -> Path:
-    """Write labels as JSON ``[{"name", "value", "color"}, ...]``."""
+    """Write labels as JSON ``[{"name", "value", "color"}, ...]`` (checked as :func:`load_labels` reads them)."""
     from medgen.io.atomic import write_text_atomic
+
+    check_labels(labels)
 
     return write_text_atomic(path, json.dumps([dataclasses.asdict(label) for label in labels], indent=2) + "\n")
 
@@ -67,12 +90,15 @@ def load_labels(path: str | os.PathLike) -> list[LabelInfo]:
     """Read label names: the list :func:`save_labels` writes (``color`` optional: a default colour is picked)
     or an nnU-Net ``dataset.json``-style ``{name: value}`` object (background 0 is left out)."""
     try:
-        entries = json.loads(Path(path).read_text(encoding="utf-8"))
+        entries = json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=_no_repeated_keys)
         if isinstance(entries, dict):
-            return make_labels({str(name): int(value) for name, value in entries.items()})
-        labels = [LabelInfo(str(e["name"]), int(e["value"]),
+            return make_labels({str(name): _whole_number(value, f"the value of {name!r}") for name, value in entries.items()})
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ValueError("expected a list of objects")
+        labels = [LabelInfo(str(e["name"]), _whole_number(e["value"], f"the value of {e['name']!r}"),
                             tuple(float(c) for c in e["color"]) if "color" in e else default_color(int(e["value"])))
-                  for e in entries]
+                  for e in entries
+                  if not (e.get("value") == 0 and str(e["name"]).lower() == "background")]  # as the object form does
     except (OSError, ValueError, KeyError, TypeError) as error:
         detail = f"missing {error}" if isinstance(error, KeyError) else str(error)
         raise BadInputError(f"{path} is not a label description ({detail}). Write {LABELS_FORMAT}.") from None

@@ -28,23 +28,26 @@ class Reporter(Protocol):
 
 
 class EtaClock:
-    """Estimates the remaining seconds of one phase from the mean time per step so far."""
+    """Estimates the remaining seconds of each phase from its mean time per step so far.
+
+    Phases keep their own clocks, so nested loops (denoising steps inside candidates inside masks) each get an
+    estimate. A phase whose step does not advance (a new run or a new outer item under the same name) restarts.
+    """
 
     def __init__(self) -> None:
-        self._phase: str | None = None
-        self._start_s = 0.0
-        self._first_step = 0
+        self._clocks: dict[str, tuple[float, int, int]] = {}  # phase -> (start s, first step, last step)
 
     def eta_s(self, phase: str, step: int, total: int) -> float | None:
         """Seconds left for ``phase``; ``None`` until one step of the phase has been timed."""
         now = time.monotonic()
-        if phase != self._phase or step < self._first_step:
-            self._phase, self._start_s, self._first_step = phase, now, step
-            return None
-        done = step - self._first_step
+        start_s, first_step, last_step = self._clocks.get(phase, (now, step, step - 1))
+        if step <= last_step:
+            start_s, first_step = now, step
+        self._clocks[phase] = (start_s, first_step, step)
+        done = step - first_step
         if done <= 0 or total <= 0:
             return None
-        return max(0.0, (now - self._start_s) / done * (total - step))
+        return max(0.0, (now - start_s) / done * (total - step))
 
 
 class NullReporter:

@@ -69,6 +69,25 @@ def test_a_torchrun_launch_is_refused_before_any_job_is_written(tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+def test_errors_raised_in_the_command_itself_exit_with_their_kinds_code(tmp_path, monkeypatch):
+    """export-nnunet runs in the CLI's own process: its errors follow the job exit codes too (oom 3, cancelled 4)."""
+    from medgen.cli.main import main
+    from medgen.errors import CancelledError, OutOfMemoryError
+    from medgen.synthesis import nnunet_export
+
+    (tmp_path / "labels.json").write_text('{"background": 0, "liver": 1}')
+    (tmp_path / "pairs").mkdir()
+    for error, code in ((OutOfMemoryError("out of memory"), 3), (CancelledError("stopped"), 4)):
+        def failing_export(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(nnunet_export, "export_nnunet", failing_export)
+        monkeypatch.setattr("medgen.synthesis.prepare.find_nnunet_pairs", lambda folder: [])
+        argv = ["export-nnunet", str(tmp_path / "pairs"), str(tmp_path / "raw"), "--labels", str(tmp_path / "labels.json"),
+                "--dataset-id", "7", "--name", "X"]
+        assert main(argv) == code
+
+
 def test_demo_translation_step_says_it_is_a_tiny_cpu_model_and_prints_both_agreements(tmp_path, capsys):
     """The demo's translation step, shrunk (its real settings take about two minutes: see medgen.cli.demo)."""
     import re

@@ -24,13 +24,22 @@ def test_colour_is_optional_and_nnunet_style_objects_are_read(tmp_path):
 
 @pytest.mark.parametrize("content, detail", [
     ('[{"value": 1}]', "missing 'name'"),
-    ('{"liver": "one"}', "invalid literal"),
-    ('[1, 2]', "not subscriptable"),
-    ('[{"name": "a", "value": 1}, {"name": "a", "value": 2}]', "must be unique"),
+    ('{"liver": "one"}', "the value of 'liver' must be a whole number, got 'one'"),
+    ('{"liver": 1.7}', "must be a whole number, got 1.7"),
+    ('[{"name": "liver", "value": true}]', "must be a whole number, got True"),
+    ('{"liver": 1, "liver": 2}', r"names \['liver'\] appear twice"),
+    ('[1, 2]', "expected a list of objects"),
+    ('[{"name": "a", "value": 1}, {"name": "a", "value": 2}]', r"must be unique; repeated names \['a'\]"),
+    ('[{"name": "a", "value": 1, "color": [255, 0, 0]}]', "RGB triples in \\[0, 1\\]"),
 ])
 def test_a_wrong_format_says_what_to_write(tmp_path, content, detail):
     (tmp_path / "labels.json").write_text(content)
     with pytest.raises(BadInputError, match=detail) as caught:
         load_labels(tmp_path / "labels.json")
-    if "unique" not in detail:
+    if "unique" not in detail and "RGB" not in detail:
         assert 'Write a list [{"name": "liver", "value": 1' in str(caught.value)
+
+
+def test_a_background_entry_is_left_out_of_the_list_form_as_of_the_object_form(tmp_path):
+    (tmp_path / "labels.json").write_text('[{"name": "background", "value": 0}, {"name": "liver", "value": 1}]')
+    assert [(label.name, label.value) for label in load_labels(tmp_path / "labels.json")] == [("liver", 1)]

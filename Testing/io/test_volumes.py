@@ -162,6 +162,16 @@ def test_single_slice_volume_is_refused(tmp_path):
         load_volume(tmp_path / "flat.nrrd")
 
 
+def test_values_beyond_the_computing_range_are_named_not_called_nan(tmp_path):
+    huge = np.full((6, 6, 6), 1e39, np.float64)
+    sitk.WriteImage(sitk.GetImageFromArray(huge), str(tmp_path / "huge.nrrd"))
+    with pytest.raises(BadInputError, match="huge.nrrd holds values up to 1e\\+39, beyond what MedGen computes with \\(float32\\)"):
+        load_volume(tmp_path / "huge.nrrd")
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((6, 6, 6), 3e19)), str(tmp_path / "labels.nrrd"))
+    with pytest.raises(BadInputError, match="int64 labels"):
+        load_volume(tmp_path / "labels.nrrd", label=True)
+
+
 def test_a_sheared_grid_is_refused_on_reading_and_saving(tmp_path, oblique):
     """NIfTI cannot store a sheared grid: ITK would coerce the outputs' axes, so they would not overlay the input."""
     image = sitk.GetImageFromArray(np.zeros((6, 6, 6), np.float32))

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from medgen.errors import BadInputError, MedGenError
-from medgen.jobs.exit_codes import ExitCode
+from medgen.jobs.exit_codes import EXIT_CODE_OF_KIND, ExitCode
 
 
 def _run_job_dir(job_dir: Path, verbose: bool = False) -> int:
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except MedGenError as error:
         print(f"medgen: {error}", file=sys.stderr)
-        return int(ExitCode.BAD_INPUT if error.kind == "bad_input" else ExitCode.INTERNAL)
+        return int(EXIT_CODE_OF_KIND.get(error.kind, ExitCode.INTERNAL))
 
 
 if __name__ == "__main__":

@@ -195,6 +195,12 @@ def load_volume(path: str | os.PathLike, *, label: bool = False, name: str | Non
     original_dtype = str(voxels.dtype)
     check_spatial_3d(voxels.shape, name)
     check_orthogonal_axes(np.asarray(geometry.GetDirection(), dtype=np.float64).reshape(3, 3), name)
+    if np.issubdtype(voxels.dtype, np.floating) and np.all(np.isfinite(voxels)):
+        largest = float(np.abs(voxels).max()) if voxels.size else 0.0
+        limit = 2.0**62 if label else float(np.finfo(np.float32).max)
+        if largest > limit:
+            raise BadInputError(f"{name} holds values up to {largest:.3g}, beyond what MedGen computes with "
+                                f"({'int64 labels' if label else 'float32'}): rescale it first.")
     if label:
         data = torch.from_numpy(np.ascontiguousarray(_as_label_array(voxels, name), dtype=np.int64))
     else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -28,13 +29,18 @@ EVENTS_FILE = "events.jsonl"
 
 
 def json_safe(value: Any) -> Any:
-    """``value`` with NaN/inf floats as None and numpy/torch scalars as Python numbers: strict JSON."""
+    """``value`` as strict JSON data: NaN/inf floats as None, numpy/torch scalars as numbers, arrays and tensors as
+    lists, sets as lists, paths as strings, and dict keys as strings."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
+        return {key if isinstance(key, str) else str(json_safe(key)): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
         return [json_safe(item) for item in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "tolist") and getattr(value, "ndim", 0) > 0:  # numpy arrays, torch tensors
+        return json_safe(value.tolist())
     if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
         return json_safe(value.item())
     return value
@@ -52,7 +58,9 @@ class EventStream:
         self._log_file = open(job_dir / EVENTS_FILE, "a", encoding="utf-8")
 
     def emit(self, event: str, **fields: Any) -> None:
-        line = json.dumps(json_safe({"event": event, "time": round(time.time(), 3), **fields}))
+        document = {"event": event, "time": round(time.time(), 3)}
+        document.update((key, value) for key, value in fields.items() if key not in document)  # the stamp wins
+        line = json.dumps(json_safe(document), default=str)
         self._stream.write(line + "\n")
         self._stream.flush()
         if self._log_file:
@@ -88,8 +96,8 @@ class CancelWatch:
 class JobReporter:
     """Reporter that streams progress/log events and raises on cancellation.
 
-    Progress events are throttled to ``min_interval_s`` (the last step of a phase always goes out) so a
-    fast inner loop cannot flood the Slicer GUI.
+    Progress events are throttled to ``min_interval_s`` per phase (the last step of a phase always goes out), so
+    a fast inner loop cannot flood the Slicer GUI nor hide the steps of the loops around it.
     """
 
     def __init__(self, events: EventStream, cancel: CancelWatch, min_interval_s: float = 0.2) -> None:
@@ -97,14 +105,14 @@ class JobReporter:
         self._cancel = cancel
         self._eta = EtaClock()
         self._min_interval_s = min_interval_s
-        self._last_emit_s = 0.0
+        self._last_emit_s: dict[str, float] = {}
 
     def progress(self, phase: str, step: int, total: int, **metrics: Any) -> None:
         eta_s = self._eta.eta_s(phase, step, total)
         now = time.monotonic()
-        if step < total and now - self._last_emit_s < self._min_interval_s:
+        if step < total and now - self._last_emit_s.get(phase, -math.inf) < self._min_interval_s:
             return
-        self._last_emit_s = now
+        self._last_emit_s[phase] = now
         self._events.emit(
             "progress", phase=phase, step=int(step), total=int(total),
             eta_s=None if eta_s is None else round(eta_s, 1), **metrics,

@@ -199,13 +199,14 @@ class JobRunner:
             if self.error is None:
                 advice = (" (the system's out-of-memory killer ends processes this way: use smaller volumes, batches or "
                           "memory budgets)") if oom else "; see the log"
-                self._deliver({"event": "error", "kind": "oom" if oom else "internal",
+                self._deliver({"event": "error", "time": round(time.time(), 3), "kind": "oom" if oom else "internal",
                                "message": f"The worker was killed by {name}{advice}."})
         elif code != ExitCode.OK and stopped and not failed_first:  # stopped on request
             code = ExitCode.CANCELLED
         if code != ExitCode.OK and self.error is None:
             kind = "cancelled" if code == ExitCode.CANCELLED else "internal"
-            self._deliver({"event": "error", "kind": kind, "message": f"The worker ended with exit code {code}; see the log."})
+            self._deliver({"event": "error", "time": round(time.time(), 3), "kind": kind,
+                           "message": f"The worker ended with exit code {code}; see the log."})
         self.returncode = int(code)
 
     def wait(self, timeout_s: float | None = None, poll_interval_s: float = 0.05) -> int:
