@@ -102,13 +102,14 @@ def as_reporter(reporter: Reporter | None) -> Reporter:
 
 class PhaseReporter:
     """Wraps a reporter and renames every progress phase to ``phase``, so a shared trainer's
-    ``training`` phase shows which stage of a multi-stage job runs (``vae``, ``ldm``, ...)."""
+    ``training`` phase shows which stage of a multi-stage job runs (``vae``, ``ldm``, ...); with ``total``, the
+    steps count against it (a training run in segments, e.g. up to each validation, shows its whole length)."""
 
-    def __init__(self, reporter: Reporter, phase: str) -> None:
-        self._reporter, self._phase = reporter, phase
+    def __init__(self, reporter: Reporter, phase: str, total: int | None = None) -> None:
+        self._reporter, self._phase, self._total = reporter, phase, total
 
     def progress(self, phase: str, step: int, total: int, **metrics) -> None:
-        self._reporter.progress(self._phase, step, total, **metrics)
+        self._reporter.progress(self._phase, step, total if self._total is None else self._total, **metrics)
 
     def log(self, message: str, level: str = "info") -> None:
         self._reporter.log(message, level)

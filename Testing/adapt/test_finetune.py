@@ -56,13 +56,14 @@ def test_tenvoo_adapts_a_pretrained_model_to_a_new_contrast(model_folder, obliqu
 def test_cancel_keeps_the_last_checkpoint_and_a_rerun_resumes(model_folder, oblique, tmp_path):
     model = load_segmentation_model(str(model_folder))
     inject(model.network, "bitfit")
-    steps_seen = []
-    reporter = CallbackReporter(lambda e: steps_seen.append(e["step"]) if e["event"] == "progress" else None,
+    steps_seen, totals = [], set()
+    reporter = CallbackReporter(lambda e: (steps_seen.append(e["step"]), totals.add(e["total"])) if e["event"] == "progress" else None,
                                 should_stop=lambda: len(steps_seen) >= 7)
     with pytest.raises(CancelledError):
         finetune_segmentation(model, [blob_case(0, oblique)], FinetuneConfig(steps=20, val_every=5, amp=False),
                               checkpoint_dir=tmp_path / "ckpt", reporter=reporter)
     assert (tmp_path / "ckpt" / "latest.json").exists()
+    assert totals == {20}  # one bar for the whole run, though it trains in segments up to each validation
     resumed = []
     result = finetune_segmentation(model, [blob_case(0, oblique)], FinetuneConfig(steps=20, val_every=5, amp=False),
                                    checkpoint_dir=tmp_path / "ckpt",

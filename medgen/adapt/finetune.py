@@ -32,7 +32,7 @@ from medgen.io import display_name
 from medgen.io.atomic import atomic_output, write_text_atomic
 from medgen.metrics import dice_per_class
 from medgen.peft import trains_whole_model
-from medgen.progress import Reporter, as_reporter
+from medgen.progress import PhaseReporter, Reporter, as_reporter
 
 #: validation history, best Dice and early-stopping count of a run, next to its checkpoints
 STATE_FILE = "finetune_state.json"
@@ -216,6 +216,7 @@ def finetune_segmentation(
     checkpoint_dir = Path(checkpoint_dir)
     run = _load_run_state(checkpoint_dir)
     done = run.history[-1]["step"] if run.history else 0
+    whole_run = PhaseReporter(reporter, "training", total=config.steps)  # segments up to each validation, one bar
     while done < config.steps and not (val is not None and run.stale >= config.patience):
         target = min(done + config.val_every, config.steps)
         result = train_diffusion(
@@ -223,7 +224,7 @@ def finetune_segmentation(
             TrainConfig(max_steps=target, batch_size=min(config.batch_size, len(prepared)), amp=config.amp,
                         checkpoint_every=config.val_every, keep_checkpoints=1, seed=config.seed, grad_clip_norm=None,
                         train_mode=train_mode),
-            checkpoint_dir=checkpoint_dir, lr_scheduler=schedule, reporter=reporter,
+            checkpoint_dir=checkpoint_dir, lr_scheduler=schedule, reporter=whole_run,
         )
         done = result.step
         entry, improved = {"step": done, "loss": result.last_loss}, False
