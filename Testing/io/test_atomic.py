@@ -45,3 +45,23 @@ def test_leftovers_of_a_killed_writer_are_swept_by_the_next_write(tmp_path):
     with atomic_output(tmp_path / "unet.safetensors") as temporary:
         temporary.write_bytes(b"weights")
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "unet.safetensors"]
+
+
+def test_a_dotted_long_name_gets_a_temporary_name_within_the_limit(tmp_path):
+    """The temporary name keeps only the real extension: a dotted stem must not be repeated in its suffix."""
+    target = tmp_path / ("case." + "x" * 140 + "_0_image.nii.gz")
+    with atomic_output(target) as temporary:
+        assert temporary.name.endswith(".part.nii.gz") and len(temporary.name.encode()) <= 255
+        temporary.write_bytes(b"volume")
+    assert target.read_bytes() == b"volume"
+
+
+def test_a_folder_held_by_this_process_is_named_as_such(tmp_path):
+    from medgen.io.folder_lock import exclusive_folder
+
+    with exclusive_folder(tmp_path / "job", "job folder") as folder:
+        with pytest.raises(BadInputError, match="already in use by this process"):
+            with exclusive_folder(folder, "job folder"):
+                pass
+    with exclusive_folder(folder, "job folder"):  # released: free again
+        pass

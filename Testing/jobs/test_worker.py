@@ -315,3 +315,15 @@ def test_cancel_does_nothing_to_a_finished_job_and_its_file_never_outlives_the_r
             cancel_file_seen = (job_dir / CANCEL_FILE).exists()
         time.sleep(0.02)
     assert not (job_dir / CANCEL_FILE).exists()  # a direct `python -m medgen.worker` run afterwards is not cancelled
+
+
+def test_the_worker_never_sees_torchrun_variables_of_its_caller(tmp_path, monkeypatch):
+    """A worker is one process: WORLD_SIZE left in a cluster shell would make its training wait for a process group."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "1")
+    fake_python = tmp_path / "python-reporting-its-environment"
+    fake_python.write_text('#!/bin/sh\necho "{\\"event\\": \\"result\\", \\"outputs\\": {}, \\"seen\\": \\"${WORLD_SIZE:-none}${RANK:-none}\\"}"\n')
+    fake_python.chmod(0o755)
+    runner = JobRunner(tmp_path, python=str(fake_python)).start()
+    runner.wait(timeout_s=30)
+    assert runner.result["seen"] == "nonenone"

@@ -159,3 +159,26 @@ def test_adding_cases_keeps_the_datasets_own_settings_and_file_ending(tmp_path, 
     (dataset / "dataset.json").write_text(json.dumps(document))
     with pytest.raises(BadInputError, match="holds .mha files"):
         export_nnunet([_pair(oblique, 2)], tmp_path, dataset_id=514, name="Keep", labels=LABELS)
+
+
+def test_a_case_whose_image_cannot_be_written_leaves_no_label_behind(tmp_path, oblique, monkeypatch):
+    """nnU-Net counts cases by their files: a label without its image makes the whole dataset unusable."""
+    import errno
+
+    from medgen.synthesis import nnunet_export
+
+    dataset = export_nnunet([_pair(oblique, 0)], tmp_path, dataset_id=515, name="Full", labels=LABELS)
+    real_save = nnunet_export.save_volume
+
+    def disk_full_for_images(volume, path, **kwargs):
+        if "imagesTr" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(volume, path, **kwargs)
+
+    monkeypatch.setattr(nnunet_export, "save_volume", disk_full_for_images)
+    with pytest.raises(OSError):
+        export_nnunet([_pair(oblique, 1)], tmp_path, dataset_id=515, name="Full", labels=LABELS)
+    monkeypatch.setattr(nnunet_export, "save_volume", real_save)
+    export_nnunet([_pair(oblique, 2)], tmp_path, dataset_id=515, name="Full", labels=LABELS)
+    assert json.loads((dataset / "dataset.json").read_text())["numTraining"] == 2
+    _verify_with_nnunet(dataset)

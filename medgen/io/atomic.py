@@ -37,7 +37,7 @@ def ensure_folder(folder: str | os.PathLike) -> Path:
 def flush_to_disk(path: str | os.PathLike) -> None:
     """Make the file's data durable before it is renamed into place: without it, a power cut after the rename can
     leave the final name holding an empty or partial file on some file systems."""
-    descriptor = os.open(path, os.O_RDONLY)
+    descriptor = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))  # Windows flushes only handles open for writing
     try:
         os.fsync(descriptor)
     finally:
@@ -50,13 +50,13 @@ def atomic_output(final_path: str | os.PathLike, suffix: str | None = None) -> I
 
     Args:
         final_path: where the file must end up. Its folder is created if missing.
-        suffix: suffix of the temporary file (default: the final path's full suffix, so writers that
-            pick the format from the extension, e.g. ``.nii.gz``, still work).
+        suffix: suffix of the temporary file (default: the final path's extension, ``.nii.gz`` counted whole, so
+            writers that pick the format from the extension still work).
     """
     final_path = Path(final_path)
     ensure_folder(final_path.parent)
-    if suffix is None:
-        suffix = "".join(final_path.suffixes)
+    if suffix is None:  # writers pick the format from the ending; a dotted stem ("case.1_image") is not part of it
+        suffix = ".nii.gz" if final_path.name.endswith(".nii.gz") else final_path.suffix
     # the stem is cut so that the temporary name (about 30 bytes longer) stays within the 255-byte name limit; the
     # writer's pid in the name lets a later write sweep the leftovers of a killed one
     prefix = f".{final_path.stem[:100]}."

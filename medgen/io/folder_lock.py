@@ -16,6 +16,8 @@ from medgen.errors import BadInputError
 from medgen.io.atomic import ensure_folder
 
 LOCK_FILE = ".lock"
+#: folders this process holds (resolved paths)
+_HELD: set[str] = set()
 
 
 @contextlib.contextmanager
@@ -30,6 +32,9 @@ def exclusive_folder(folder: str | os.PathLike, what: str) -> Iterator[Path]:
         BadInputError: another live process holds it.
     """
     folder = ensure_folder(folder)
+    key = str(folder.resolve())
+    if key in _HELD:  # the lock is per open file: this process would block itself
+        raise BadInputError(f"The {what} {folder} is already in use by this process (a nested run on the same folder).")
     descriptor = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
@@ -39,9 +44,11 @@ def exclusive_folder(folder: str | os.PathLike, what: str) -> Iterator[Path]:
                 f"The {what} {folder} is in use by another run (e.g. the same job started twice); wait for it to end "
                 "or use another folder."
             ) from None
+        _HELD.add(key)
         try:
             yield folder
         finally:
+            _HELD.discard(key)
             _unlock(descriptor)
     finally:
         os.close(descriptor)

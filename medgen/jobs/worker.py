@@ -106,7 +106,11 @@ def _refuse_planted_links(job_dir: Path) -> None:
     from medgen.jobs.context import OUTPUTS_DIR
     from medgen.jobs.events import CANCEL_FILE, EVENTS_FILE
 
-    links = [name for name in (OUTPUTS_DIR, EVENTS_FILE, CANCEL_FILE) if (job_dir / name).is_symlink()]
+    from medgen.io.folder_lock import LOCK_FILE
+    from medgen.jobs.manifest import ARCHIVE_DIR, MANIFEST_FILE
+
+    names = (OUTPUTS_DIR, EVENTS_FILE, CANCEL_FILE, MANIFEST_FILE, ARCHIVE_DIR, LOCK_FILE)
+    links = [name for name in names if (job_dir / name).is_symlink()]
     if links:
         raise BadInputError(f"The job folder {job_dir} holds symbolic links {links}, which would send the job's writes "
                             "elsewhere. Run jobs in folders written by medgen (medgen submit, write_job).")

@@ -33,6 +33,8 @@ CANCEL_GRACE_S = 5.0
 #: after the worker exits, how long its output pipes may stay open (a process it started that outlives it holds
 #: them) before the job is finished without the rest; poll() never blocks on them meanwhile
 PIPE_GRACE_S = 5.0
+#: what torchrun sets for its processes; a job worker is a single process and must not see them
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 #: how many of the latest events a runner keeps in memory
 EVENTS_KEPT = 10_000
 
@@ -122,6 +124,8 @@ class JobRunner:
         # PYTHONSAFEPATH and the working folder: "python -m" would put the caller's folder (e.g. a downloaded data
         # set) first on sys.path, so a planted jsonschema.py there would run in the worker
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONSAFEPATH="1", **self.extra_env)
+        for name in TORCHRUN_VARIABLES:  # a worker is one process, whatever launched the caller (or was left set)
+            env.pop(name, None)
         package_parent = str(Path(medgen.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
         self._process = subprocess.Popen(

@@ -176,7 +176,7 @@ class JobPanel:
         runner = self._runner
         error = runner.error or {}
         finished = runner.returncode == 0 and runner.result is not None  # e.g. a cancel that came as it wrote its outputs
-        if not finished and (self.state is JobState.CANCELLING or error.get("kind") == "cancelled"):
+        if not finished and (error.get("kind") == "cancelled" or (self.state is JobState.CANCELLING and not error)):
             self._finish_idle("Cancelled.")
         elif finished:
             self.state = JobState.IMPORTING

@@ -79,6 +79,7 @@ def _dataset_json(labels: dict[str, int], channel_name: str, num_training: int, 
 
 
 def _existing_cases(labels_dir: Path) -> set[str]:
+    """Case ids with a label map (a case is counted once its label is written; its image is written next)."""
     return {path.name[: -len(FILE_ENDING)] for path in labels_dir.glob(f"*{FILE_ENDING}")}
 
 
@@ -140,8 +141,13 @@ def export_nnunet(
         case = f"{case_prefix}_{index:04d}"
         # the label first (a case is counted by its label), on the image's exact header: nnU-Net compares spacing
         # with a relative tolerance of 1e-5, tighter than the geometry check above
-        save_volume(MetaTensor(label_map.as_tensor(), affine=image.affine), labels_dir / f"{case}{FILE_ENDING}", label=True)
-        save_volume(image.float(), images_dir / f"{case}_0000{FILE_ENDING}")
+        label_path = save_volume(MetaTensor(label_map.as_tensor(), affine=image.affine), labels_dir / f"{case}{FILE_ENDING}",
+                                 label=True)
+        try:
+            save_volume(image.float(), images_dir / f"{case}_0000{FILE_ENDING}")
+        except BaseException:
+            label_path.unlink(missing_ok=True)  # a label without its image would break nnU-Net's case count
+            raise
         existing.add(case)
         written += 1
         write_text_atomic(dataset_dir / "dataset.json", _dataset_json(labels, channel_name, len(existing), existing_json))
