@@ -299,7 +299,11 @@ class GenerateRequest(JobRequest):
         return self.params["target_modality"]
 
     def mask_stems(self) -> dict[str, Any]:
-        """File stem -> segmentation node, in selection order: the job calls its pairs ``<stem>_<candidate>``."""
+        """File stem -> segmentation node, in selection order: the job calls its pairs ``<stem>_<candidate>``.
+        Once the inputs are written, the stems they were written under (a node renamed meanwhile keeps its own)."""
+        written = getattr(self, "_written_stems", None)
+        if written is not None:
+            return dict(written)
         taken: set[str] = set()
         return {_file_stem(node.GetName(), taken): node for node in self.masks}
 
@@ -307,8 +311,9 @@ class GenerateRequest(JobRequest):
         """Each segmentation as ``<node name>.nii.gz`` (the job names its outputs after the file)."""
         inputs = dict(self.input_files)
         if self.masks:
-            inputs["masks"] = [str(write_mask(node, self.organs, folder / f"{stem}.nii.gz"))
-                               for stem, node in self.mask_stems().items()]
+            stems = self.mask_stems()
+            inputs["masks"] = [str(write_mask(node, self.organs, folder / f"{stem}.nii.gz")) for stem, node in stems.items()]
+            object.__setattr__(self, "_written_stems", stems)  # the request is frozen; this records what was sent
         return inputs
 
     def import_results(self, result: dict, scene=None) -> dict[str, Any]:
