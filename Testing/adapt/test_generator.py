@@ -149,6 +149,13 @@ def test_generator_jobs_through_the_worker(tmp_path, oblique):
     assert (features["name"], features["source"], features["feature_dim"]) == ("tiny-ddpm", "base model", 16)
     assert features["layer"].startswith("middle_block.") and "weights SHA-256 " in features["weights"]
     assert report["fid"] >= 0 and (report["real_count"], report["generated_count"]) == (2, 2)
+    # real volumes in scanner units are scaled as in training, as the samples are: the same FID at 1000x
+    scanner = [str(save_volume(MetaTensor(load_volume(path).as_tensor() * 1000, affine=torch.from_numpy(oblique)),
+                               tmp_path / f"scanner{index}.nii.gz")) for index, path in enumerate(paths)]
+    rescaled = run_job_blocking(write_job(tmp_path / "jobs", "evaluate", {"model_folder": str(tmp_path / "ddpm"),
+                                                                          "real": scanner, "generated": samples}), timeout_s=300)
+    assert rescaled.returncode == ExitCode.OK, rescaled.error
+    assert rescaled.result["fid"] == pytest.approx(report["fid"], rel=1e-3, abs=1e-6)
     # refused before any work: a shape the two-level UNet cannot halve, and a constant training volume
     odd = run_job_blocking(write_job(tmp_path / "jobs", "sample-generator", {"model_folder": str(tmp_path / "ddpm")},
                                      {**params, "shape": [5, 8, 8], "count": 1}), timeout_s=300)

@@ -182,6 +182,24 @@ def test_load_refuses_corrupted_file(tmp_path):
         load_adapter(copy.deepcopy(base), tmp_path)
 
 
+def test_load_refuses_damaged_tensor_bytes_that_still_parse(tmp_path):
+    """safetensors has no checksum: overwritten payload bytes parse as other numbers (NaN outputs) unless a digest is kept."""
+    import json
+
+    base, adapted, _ = build("unet", "tenvoo-l")
+    save_adapter(adapted, tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-64:] = b"\xff" * 64
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="is damaged"):
+        load_adapter(copy.deepcopy(base), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    del config["adapter_weights_sha256"]  # an adapter saved before the digest was recorded still loads
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    load_adapter(copy.deepcopy(base), tmp_path)
+
+
 def test_load_refuses_mismatched_network(tmp_path):
     _, adapted, _ = build("unet", "tenvoo-l")
     save_adapter(adapted, tmp_path)
@@ -216,6 +234,14 @@ def test_unknown_option_and_method_are_rejected():
 def test_bad_lora_options_are_clear_errors_before_peft_sees_them(options, message):
     with pytest.raises(BadInputError, match=message):
         inject(tiny_swin(), "lora", **options)
+
+
+@pytest.mark.parametrize("rank", [0, -1, "4", 2.5, True, None])
+@pytest.mark.parametrize("method", ["tenvoo-l", "tenvoo-q"])
+def test_tenvoo_ranks_that_are_not_whole_numbers_are_clear_errors(method, rank):
+    """A job's method_options come from JSON: "4", 2.5 or true must be refused, not crash inside the layer."""
+    with pytest.raises(BadInputError, match=f"TenVOO rank must be a whole number >= 1; got {rank!r}"):
+        inject(tiny_swin(), method, rank=rank)
 
 
 def test_describe_lists_adapted_layers():

@@ -106,12 +106,13 @@ def _generator_at_timestep_zero(network, batch):
     return network(batch, timesteps=torch.zeros(len(batch), dtype=torch.long, device=batch.device))
 
 
-def _feature_network(ctx: JobContext, example):
+def _feature_network(ctx: JobContext, example, grid: tuple[int, int, int]):
     """The user's ``feature_model_folder``, else the base model's own encoder; both local, never downloaded.
 
     Returns ``(feature network, prepare)``: ``prepare`` maps a loaded volume ``(1, I, J, K)`` to the network's
-    input ``(1, D, H, W)`` (the base segmentation model's own resizing and normalisation; a folder's network
-    gets the volume as it is).
+    input ``(1, D, H, W)`` (the base segmentation model's own resizing and normalisation; a generator folder's
+    UNet gets every volume resized to ``grid`` and scaled as in its training; another folder's network gets the
+    volume as it is).
     """
     from medgen.adapt.segmenter import prepare_volume
     from medgen.metrics.distribution import FeatureNetwork, bottleneck_layer, call_network
@@ -121,9 +122,17 @@ def _feature_network(ctx: JobContext, example):
     if folder:
         network, spec = load_model(folder)
         weights = f"model folder {folder}, weights SHA-256 {spec.weights_hash or 'not recorded'}"
+        if spec.network == "DiffusionModelUNet":  # a generator sees volumes as it was trained on them
+            from medgen.adapt.generator import DiffusionSettings
 
-        def prepare(volume):
-            return volume.as_tensor()
+            _check_generator_grid(network, grid)
+            diffusion = DiffusionSettings.from_spec(spec)
+
+            def prepare(volume):
+                return diffusion.to_model_range(_scaled_to_grid(volume, grid).as_tensor())
+        else:
+            def prepare(volume):
+                return volume.as_tensor()
     else:
         model = load_segmentation_model(_model_source(ctx))
         network, spec = model.network, deepbet_spec()
@@ -145,19 +154,31 @@ def _fid_report(ctx: JobContext) -> dict:
     real = [load_volume(path, name=f"real volume {Path(path).name}") for path in ctx.inputs["real"]]
     generated = [load_volume(path, name=f"generated volume {Path(path).name}") for path in ctx.inputs["generated"]]
     ctx.reporter.check_cancelled()
-    feature_network, prepare = _feature_network(ctx, real[0])
+    feature_network, prepare = _feature_network(ctx, real[0], tuple(generated[0].shape[1:]))
     ctx.reporter.log(f"FID features: {feature_network.name}, layer {feature_network.layer} ({feature_network.source})")
     return fid_report([prepare(volume) for volume in real], [prepare(volume) for volume in generated], feature_network, ctx.device)
 
 
 def _generator_volume(path: str, shape: tuple[int, int, int]):
-    """A volume resized to the generator's grid, intensities scaled to [0, 1] (0.5-99.5 percentiles)."""
-    from monai.transforms import Resize, ScaleIntensityRangePercentiles
-
+    """A volume file resized to the generator's grid, intensities scaled to [0, 1] (see :func:`_scaled_to_grid`)."""
     volume = load_volume(path, name=Path(path).name)
     check_not_constant(volume, Path(path).name, "to learn from or match")
+    return _scaled_to_grid(volume, shape)
+
+
+def _scaled_to_grid(volume, shape: tuple[int, int, int]):
+    """``volume`` resized to ``shape`` (trilinear), intensities scaled to [0, 1] (0.5-99.5 percentiles)."""
+    from monai.transforms import Resize, ScaleIntensityRangePercentiles
+
     resized = Resize(spatial_size=shape, mode="trilinear")(volume)
     return ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True)(resized)
+
+
+def _check_generator_grid(unet, shape: tuple[int, int, int]) -> None:
+    multiple = 2 ** (len(unet.block_out_channels) - 1)  # the UNet halves every axis once per level after the first
+    if any(size % multiple for size in shape):
+        raise BadInputError(f"The shape {shape} does not fit this {len(unet.block_out_channels)}-level generator: every "
+                            f"axis must be a multiple of {multiple} (e.g. {nearest_multiple_shape(shape, multiple)}).")
 
 
 def _generator_unet(ctx: JobContext, shape: tuple[int, int, int]):
@@ -169,10 +190,7 @@ def _generator_unet(ctx: JobContext, shape: tuple[int, int, int]):
     unet, spec = load_model(ctx.inputs["model_folder"])
     if spec.network != "DiffusionModelUNet":
         raise BadInputError(f"{ctx.inputs['model_folder']} holds a {spec.network}, not a DiffusionModelUNet generator.")
-    multiple = 2 ** (len(unet.block_out_channels) - 1)  # the UNet halves every axis once per level after the first
-    if any(size % multiple for size in shape):
-        raise BadInputError(f"The shape {shape} does not fit this {len(unet.block_out_channels)}-level generator: every "
-                            f"axis must be a multiple of {multiple} (e.g. {nearest_multiple_shape(shape, multiple)}).")
+    _check_generator_grid(unet, shape)
     diffusion = DiffusionSettings.from_spec(spec)
     ctx.reporter.log(f"noise schedule {diffusion.schedule} {diffusion.beta_start}..{diffusion.beta_end}, "
                      f"T={diffusion.num_train_timesteps}, intensities in {list(diffusion.intensity_range)}")

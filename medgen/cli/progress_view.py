@@ -33,6 +33,8 @@ class TerminalEventView:
             self.close()
             self._phase = event["phase"]
             self._bar = tqdm(total=event["total"], desc=event["phase"], file=self._stream, leave=True, dynamic_ncols=True)
+        if self._bar.total != event["total"]:  # a phase may learn its full length late
+            self._bar.total = event["total"]
         metrics = {k: v for k, v in event.items() if k not in ("event", "time", "phase", "step", "total", "eta_s")}
         if metrics:
             self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in metrics.items()}, refresh=False)

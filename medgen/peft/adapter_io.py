@@ -76,16 +76,26 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
         "tensor_names": sorted(state),
     }
     try:
-        config_text = json.dumps(config, indent=2)
+        json.dumps(config)  # checked before any file is written
     except TypeError as error:
         raise BadInputError(f"adapter options must be JSON-serialisable to be saved: {error}.") from error
     directory = ensure_folder(path)
     tensors = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in state.items()}
-    # each file appears whole or not at all; the config, written last, names the tensors it expects
+    # each file appears whole or not at all; the config, written last, names the tensors it expects and the
+    # digest of the file that holds them (safetensors has no checksum: damaged bytes would load as other numbers)
     with atomic_output(directory / WEIGHTS_FILE) as temporary:
         save_file(tensors, str(temporary), metadata={"format": FORMAT})
-    write_text_atomic(directory / CONFIG_FILE, config_text)
+        config["adapter_weights_sha256"] = _file_sha256(temporary)
+    write_text_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2))
     return directory
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -104,6 +114,10 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             f"{directory / CONFIG_FILE} is not a {FORMAT} v{FORMAT_VERSION} config "
             f"(found format={config.get('format')!r}, version={config.get('format_version')!r})."
         )
+    recorded = config.get("adapter_weights_sha256")  # absent in adapters saved before it was recorded
+    if recorded is not None and recorded != _file_sha256(directory / WEIGHTS_FILE):
+        raise ModelError(f"{directory / WEIGHTS_FILE} is damaged: its contents no longer match the digest recorded when "
+                         "it was saved. Train or save the adapter again.")
     return config, tensors
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from medgen.errors import BadInputError
-from medgen.peft.tenvoo_factors import factorize
+from medgen.peft.tenvoo_factors import check_rank, factorize
 from medgen.peft.tenvoo_layer import TenVOOLayer, contract_pair, uniform_bound_4d
 
 MODES = ("l", "q")
@@ -146,8 +146,7 @@ class TenVOOConv3d(TenVOOLayer):
             raise BadInputError(
                 f"TenVOO supports only ungrouped Conv3d (groups=1); this layer has groups={base.groups}."
             )
-        if rank < 1:
-            raise BadInputError(f"TenVOO rank must be >= 1, got {rank}.")
+        check_rank(rank)
         in_factors = factorize(base.in_channels, factor_table)
         out_factors = factorize(base.out_channels, factor_table)
         shapes = conv_core_shapes(in_factors, out_factors, base.kernel_size, rank, mode)

@@ -62,3 +62,10 @@ def factorize(channels: int, table: Mapping[int, Sequence[int]] | None = None) -
             f"got {list(factors)}."
         )
     return (int(factors[0]), int(factors[1]), int(factors[2]))
+
+
+def check_rank(rank: object) -> int:
+    """A TenVOO rank: a whole number >= 1 (a string, float or boolean from a job's options is refused, not cast)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise BadInputError(f"TenVOO rank must be a whole number >= 1; got {rank!r}.")
+    return rank

@@ -13,8 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from medgen.errors import BadInputError
-from medgen.peft.tenvoo_factors import factorize
+from medgen.peft.tenvoo_factors import check_rank, factorize
 from medgen.peft.tenvoo_layer import TenVOOLayer, contract_pair
 
 
@@ -55,8 +54,7 @@ class TenVOOLinear(TenVOOLayer):
         init: str = "sum_opposite_freeze_one",
         factor_table: Mapping[int, Sequence[int]] | None = None,
     ) -> None:
-        if rank < 1:
-            raise BadInputError(f"TenVOO rank must be >= 1, got {rank}.")
+        check_rank(rank)
         in_factors = factorize(base.in_features, factor_table)
         shapes = linear_core_shapes(in_factors, factorize(base.out_features, factor_table), rank)
         # linear gain 1: U(-b, b) with b = sqrt(3 / fan_in), fan_in = product of the gate's last two axes

@@ -129,7 +129,8 @@ def _vae_stage(vae, pairs, config: JointLDMConfig, run_dir: Path, device, report
             vae, vae_loss, dataset, optimizer,
             TrainConfig(max_steps=max_steps, batch_size=min(config.batch_size, len(pairs)), grad_accum_steps=config.grad_accum_steps,
                         amp=config.amp, checkpoint_every=config.checkpoint_every, keep_checkpoints=1),
-            checkpoint_dir=run_dir / "vae", reporter=PhaseReporter(reporter, "vae"),
+            checkpoint_dir=run_dir / "vae",
+            reporter=PhaseReporter(reporter, "vae", total=config.vae_phase1_steps + config.vae_phase2_steps),  # both phases, one bar
         )
 
 
