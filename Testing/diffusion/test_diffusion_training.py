@@ -254,6 +254,17 @@ def test_a_second_trainer_on_a_checkpoint_folder_in_use_is_refused(make_tiny_den
 
     model = make_tiny_denoiser()
     with exclusive_folder(tmp_path, "checkpoint folder"):  # as another process training into it would
-        with pytest.raises(BadInputError, match="checkpoint folder .* is in use by another run"):
+        with pytest.raises(BadInputError, match="checkpoint folder .* in use"):
             train_diffusion(model, ddpm_loss(), volumes(4), adam(model), TrainConfig(max_steps=1, batch_size=2),
                             checkpoint_dir=tmp_path)
+
+
+def test_resuming_with_a_schedule_the_checkpoint_lacks_says_it_starts_over(make_tiny_denoiser, tmp_path):
+    model = make_tiny_denoiser()
+    train_diffusion(model, ddpm_loss(), volumes(4), adam(model), TrainConfig(max_steps=2, batch_size=2, amp=False),
+                    checkpoint_dir=tmp_path)
+    optimizer, logs = adam(model), []
+    reporter = CallbackReporter(on_event=lambda event: logs.append(event) if event["event"] == "log" else None)
+    train_diffusion(model, ddpm_loss(), volumes(4), optimizer, TrainConfig(max_steps=3, batch_size=2, amp=False),
+                    checkpoint_dir=tmp_path, lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1), reporter=reporter)
+    assert any(event["level"] == "warning" and "holds no learning-rate schedule" in event["message"] for event in logs)

@@ -239,7 +239,7 @@ def _train(model, loss_fn, dataset, optimizer, config, context, checkpoint_dir, 
     start_step = 0
     checkpoint = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
     if checkpoint is not None:
-        start_step = _resume(checkpoint, model, ema, optimizer, lr_scheduler, context, config)
+        start_step = _resume(checkpoint, model, ema, optimizer, lr_scheduler, context, config, progress_reporter)
         progress_reporter.log(f"Resumed from {checkpoint} at step {start_step} of {config.max_steps}.")
 
     trained_model = model
@@ -336,7 +336,8 @@ def _check_same_schedule(checkpoint: Path, info: dict, config: TrainConfig, cont
         )
 
 
-def _resume(checkpoint: Path, model, ema, optimizer, lr_scheduler, context: DistContext, config: TrainConfig) -> int:
+def _resume(checkpoint: Path, model, ema, optimizer, lr_scheduler, context: DistContext, config: TrainConfig,
+            reporter: Reporter) -> int:
     """Restore weights, EMA, optimizer, LR scheduler and this rank's RNG; returns the step to continue from."""
     model_state, ema_state, trainer_state, info = load_checkpoint(checkpoint)
     _check_same_schedule(checkpoint, info, config, context)
@@ -357,6 +358,9 @@ def _resume(checkpoint: Path, model, ema, optimizer, lr_scheduler, context: Dist
         optimizer.load_state_dict(trainer_state["optimizer"])
         if lr_scheduler is not None and "lr_scheduler" in trainer_state:
             lr_scheduler.load_state_dict(trainer_state["lr_scheduler"])
+        elif lr_scheduler is not None:
+            reporter.log(f"Checkpoint {checkpoint} holds no learning-rate schedule: the schedule starts from its first "
+                         "step, not where the run stopped.", "warning")
         saved_rng = trainer_state["rng"]  # a list with one state per rank after a DDP run
         step = int(trainer_state["step"])
     except (ValueError, KeyError, TypeError) as error:
