@@ -172,6 +172,11 @@ def test_adapter_files_of_the_wrong_kind_are_model_errors(oblique, tmp_path):
     weights = tmp_path / "adapter" / "adapter_model.safetensors"
     tensors = load_file(str(weights))
     save_file({name: tensor.double() for name, tensor in tensors.items()}, str(weights))
+    with pytest.raises(ModelError, match="is damaged"):  # the file no longer matches its recorded digest
+        load_adapter(_batchnorm_model().network, tmp_path / "adapter")
+    unrecorded = json.loads(config)
+    del unrecorded["adapter_weights_sha256"]  # as in adapters saved before the digest was recorded
+    config_path.write_text(json.dumps(unrecorded))
     with pytest.raises(ModelError, match="shapes and data types"):
         load_adapter(_batchnorm_model().network, tmp_path / "adapter")
 
