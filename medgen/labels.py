@@ -20,11 +20,21 @@ class LabelInfo:
         name: structure name shown to the user (segment name in Slicer, key in nnU-Net's dataset.json).
         value: its integer value in the label map (> 0; 0 is background).
         color: display colour as RGB in [0, 1].
+        terminology: Slicer's terminology entry of the segment (``"context~category~type~..."``, DICOM codes),
+            carried from the segments a job learns from to the segments it creates; empty when there is none.
     """
 
     name: str
     value: int
     color: tuple[float, float, float]
+    terminology: str = ""
+
+    @classmethod
+    def from_dict(cls, entry: dict) -> "LabelInfo":
+        """A label as stored in a model folder or labels.json (``color`` and ``terminology`` optional)."""
+        value = int(entry["value"])
+        color = tuple(float(c) for c in entry["color"]) if "color" in entry else default_color(value)
+        return cls(str(entry["name"]), value, color, str(entry.get("terminology", "")))
 
 
 def default_color(value: int) -> tuple[float, float, float]:
@@ -82,7 +92,7 @@ def save_labels(labels: list[LabelInfo], path: str | os.PathLike) -> Path:
 
 
 #: what :func:`load_labels` reads, for error messages
-LABELS_FORMAT = ('a list [{"name": "liver", "value": 1, "color": [1, 0, 0]}, ...] (color optional) '
+LABELS_FORMAT = ('a list [{"name": "liver", "value": 1, "color": [1, 0, 0]}, ...] (color and terminology optional) '
                  'or an nnU-Net style object {"background": 0, "liver": 1, ...}')
 
 
@@ -95,8 +105,7 @@ def load_labels(path: str | os.PathLike) -> list[LabelInfo]:
             return make_labels({str(name): _whole_number(value, f"the value of {name!r}") for name, value in entries.items()})
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             raise ValueError("expected a list of objects")
-        labels = [LabelInfo(str(e["name"]), _whole_number(e["value"], f"the value of {e['name']!r}"),
-                            tuple(float(c) for c in e["color"]) if "color" in e else default_color(int(e["value"])))
+        labels = [LabelInfo.from_dict({**e, "value": _whole_number(e["value"], f"the value of {e['name']!r}")})
                   for e in entries
                   if not (e.get("value") == 0 and str(e["name"]).lower() == "background")]  # as the object form does
     except (OSError, ValueError, KeyError, TypeError) as error:

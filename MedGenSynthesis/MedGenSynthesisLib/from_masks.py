@@ -76,7 +76,7 @@ def model_info(folder: str | Path | None) -> ModelInfo:
         raise BadInputError("Choose the model folder that a mask-model training job wrote.")
     document = read_model_json(folder, TASK)
     try:
-        organs = tuple(LabelInfo(entry["name"], int(entry["value"]), tuple(entry["color"])) for entry in document["organs"])
+        organs = tuple(LabelInfo.from_dict(entry) for entry in document["organs"])
         modalities = dict.fromkeys([document["target_modality"], *document["prompts"]])
         return ModelInfo(Path(folder), organs, tuple(modalities), document["source_modality"])
     except (KeyError, TypeError, ValueError) as error:

@@ -40,7 +40,8 @@ def training_labels(segmentation_nodes: Sequence) -> list[LabelInfo]:
     for node in segmentation_nodes:
         for segment in segment_labels(node):
             if segment_name_key(segment.name) not in labels:
-                labels[segment_name_key(segment.name)] = LabelInfo(segment.name.strip(), len(labels) + 1, segment.color)
+                labels[segment_name_key(segment.name)] = LabelInfo(segment.name.strip(), len(labels) + 1, segment.color,
+                                                                   segment.terminology)
     return list(labels.values())
 
 

@@ -103,6 +103,22 @@ def test_labelmap_to_segmentation_keeps_names_colors_values(mrml_scene, oblique)
     assert referenced.GetID() == reference.GetID()
 
 
+def test_segment_terminology_survives_a_trip_through_label_files(mrml_scene, oblique, tmp_path):
+    """A segment's chosen terminology (DICOM codes) goes into labels.json and comes back on the created segments;
+    the generic 'Tissue' Slicer gives every new segment is not reported as a choice."""
+    from medgen.labels import load_labels, save_labels
+
+    liver = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
+             "~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^")
+    labels = [LabelInfo("tumor", 2, (1.0, 0.0, 0.0), liver), LabelInfo("edema", 5, (0.0, 0.0, 1.0))]
+    first = labelmap_to_segmentation(_labelmap(oblique), labels, "drawn", scene=mrml_scene)
+    read = segment_labels(first)
+    assert read == labels and read[1].terminology == ""
+    back = labelmap_to_segmentation(_labelmap(oblique), load_labels(save_labels(read, tmp_path / "labels.json")), "generated",
+                                     scene=mrml_scene)
+    assert segment_labels(back) == labels
+
+
 def test_a_second_run_gets_unique_node_names(mrml_scene, oblique):
     """Running a job twice must not leave two nodes of one name (getNode by name would be ambiguous)."""
     volume = MetaTensor(torch.rand(1, 20, 16, 12), affine=torch.from_numpy(oblique))

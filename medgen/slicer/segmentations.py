@@ -8,6 +8,7 @@ Overlapping segments cannot survive in one label map; the export keeps the later
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -40,9 +41,9 @@ def segment_labels(segmentation_node) -> list[LabelInfo]:
     for index in range(segmentation.GetNumberOfSegments()):
         segment = segmentation.GetNthSegment(index)
         value = int(segment.GetLabelValue()) or index + 1
-        labels.append(LabelInfo(segment.GetName(), value, tuple(float(c) for c in segment.GetColor())))
+        labels.append(LabelInfo(segment.GetName(), value, tuple(float(c) for c in segment.GetColor()), _chosen_terminology(segment)))
     if len({label.value for label in labels}) != len(labels):  # shared or missing values: fall back to order
-        labels = [LabelInfo(label.name, index + 1, label.color) for index, label in enumerate(labels)]
+        labels = [dataclasses.replace(label, value=index + 1) for index, label in enumerate(labels)]
     return labels
 
 
@@ -220,10 +221,25 @@ def _name_color_and_complete(segmentation_node, labels: list[LabelInfo]) -> None
         segment = segmentation.GetNthSegment(index)
         label = by_name.get(segment.GetName())
         if label is not None:
-            segment.SetColor(*label.color)
-            segment.SetLabelValue(label.value)
+            _describe_segment(segment, label)
             present.add(label.name)
     for label in labels:
         if label.name not in present:
             segment_id = segmentation.AddEmptySegment(label.name, label.name, list(label.color))
-            segmentation.GetSegment(segment_id).SetLabelValue(label.value)
+            _describe_segment(segmentation.GetSegment(segment_id), label)
+
+
+def _chosen_terminology(segment) -> str:
+    """The segment's terminology entry when someone chose one; "" for the generic 'Tissue' every new segment gets."""
+    import slicer
+
+    terminology = segment.GetTerminology()
+    return "" if terminology == slicer.vtkSegment().GetTerminology() else terminology
+
+
+def _describe_segment(segment, label: LabelInfo) -> None:
+    """Colour, label value and (when known) Slicer terminology of one segment."""
+    segment.SetColor(*label.color)
+    segment.SetLabelValue(label.value)
+    if label.terminology:
+        segment.SetTerminology(label.terminology)

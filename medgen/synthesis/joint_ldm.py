@@ -220,7 +220,7 @@ def _rebuild(model_dir: Path, device: torch.device):
     vae = load_weights_into(build_joint_vae(config.vae_config(document["num_classes"])), model_dir / "vae.safetensors").to(device).eval()
     unet = load_weights_into(build_latent_unet(config), model_dir / "ldm.safetensors").to(device).eval()
     latents = LatentSet.from_state(read_safetensors(model_dir / "latents.safetensors"))
-    labels = [LabelInfo(e["name"], int(e["value"]), tuple(e["color"])) for e in document["labels"]]
+    labels = [LabelInfo.from_dict(e) for e in document["labels"]]
     return document, config, vae, unet, latents, labels
 
 
@@ -280,7 +280,7 @@ def write_generated_pairs(
     as it is made, so a cancelled run keeps every finished pair) plus ``labels.json``."""
     out_dir = Path(out_dir)
     document = read_model_json(model_dir, TASK)
-    save_labels([LabelInfo(e["name"], int(e["value"]), tuple(e["color"])) for e in document["labels"]], out_dir / "labels.json")
+    save_labels([LabelInfo.from_dict(e) for e in document["labels"]], out_dir / "labels.json")
     written = []
     for index, (image, label) in enumerate(generate_pairs(model_dir, count, **generate_kwargs)):
         image_path = save_volume(image, out_dir / f"{prefix}_{index:04d}_image.nii.gz")

@@ -424,7 +424,7 @@ class MaskGenModel:
         model_dir, device = Path(model_dir), torch.device(device)
         document = read_model_json(model_dir, TASK)
         config = model_config(model_dir, document, MaskGenConfig, "mask-model")
-        organs = [LabelInfo(e["name"], int(e["value"]), tuple(e["color"])) for e in document["organs"]]
+        organs = [LabelInfo.from_dict(e) for e in document["organs"]]
         prompt_encoder = _stored_prompt_encoder(model_dir, document["prompt_encoder"], prompt_encoder)
         if isinstance(prompt_encoder, LearnedPromptEncoder):
             prompt_encoder = prompt_encoder.to(device)

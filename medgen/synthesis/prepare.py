@@ -84,7 +84,7 @@ def label_remapping(label_maps: list[torch.Tensor], labels: list[LabelInfo] | No
     for new_value, old_value in enumerate(sorted(set(found) | set(unknown)), start=1):
         mapping[old_value] = new_value
         source = named.get(old_value, LabelInfo(f"Label {old_value}", old_value, default_color(old_value)))
-        new_labels.append(LabelInfo(source.name, new_value, source.color))
+        new_labels.append(dataclasses.replace(source, value=new_value))
     return mapping, new_labels
 
 
