@@ -24,6 +24,7 @@ _EXPORTS = {
     "save_volume": "medgen.io.volumes",
     "volume_suffix": "medgen.io.volumes",
     "check_finite": "medgen.io.validation",
+    "holds_whole_numbers": "medgen.io.validation",
     "check_not_constant": "medgen.io.validation",
     "check_same_geometry": "medgen.io.validation",
     "check_spatial_3d": "medgen.io.validation",

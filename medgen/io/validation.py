@@ -77,6 +77,12 @@ def check_finite(volume: torch.Tensor, name: str) -> None:
             )
 
 
+def holds_whole_numbers(values: torch.Tensor) -> bool:
+    """True for an integer tensor, or a float tensor whose every value is a whole number (NaN is not): what a label
+    map may hold."""
+    return not values.is_floating_point() or bool(torch.all(values == values.round()))
+
+
 def display_name(volume: torch.Tensor, fallback: str) -> str:
     """The file name a loaded volume came from (``load_volume`` records it), for error messages; ``fallback``
     for tensors that were not read from a file."""

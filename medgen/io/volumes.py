@@ -17,7 +17,7 @@ from monai.data import MetaTensor
 
 from medgen.errors import BadInputError
 from medgen.io.atomic import atomic_output
-from medgen.io.validation import check_finite, check_spatial_3d
+from medgen.io.validation import check_finite, check_spatial_3d, holds_whole_numbers
 
 SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: headers whose voxels sit in a separate file: read, not written (an atomic write would name a temporary file)
@@ -230,7 +230,7 @@ def _to_sitk(volume: torch.Tensor, affine_ras: np.ndarray, label: bool) -> sitk.
     if voxels.ndim != 4:
         raise BadInputError(f"Expected a (C, I, J, K) tensor to save but got shape {tuple(voxels.shape)}.")
     if label:
-        if voxels.is_floating_point() and not torch.equal(voxels, voxels.round()):
+        if not holds_whole_numbers(voxels):
             raise BadInputError("A label map to save holds non-integer values; round or threshold it first.")
         array = voxels.numpy().astype(_label_dtype(voxels))
     else:

@@ -103,10 +103,9 @@ def _refuse_planted_links(job_dir: Path) -> None:
     """A job folder from elsewhere could hold links that send the worker's writes outside it (outputs/ to a folder
     of results, events.jsonl to a file that would be appended to): refuse to run in it."""
     from medgen.errors import BadInputError
+    from medgen.io.folder_lock import LOCK_FILE
     from medgen.jobs.context import OUTPUTS_DIR
     from medgen.jobs.events import CANCEL_FILE, EVENTS_FILE
-
-    from medgen.io.folder_lock import LOCK_FILE
     from medgen.jobs.manifest import ARCHIVE_DIR, MANIFEST_FILE
 
     names = (OUTPUTS_DIR, EVENTS_FILE, CANCEL_FILE, MANIFEST_FILE, ARCHIVE_DIR, LOCK_FILE)

@@ -10,6 +10,7 @@ from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.networks.utils import one_hot
 
 from medgen.errors import BadInputError
+from medgen.io.validation import holds_whole_numbers
 
 
 def _one_hot_pair(prediction: torch.Tensor, reference: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +35,7 @@ def _label_values(labels: torch.Tensor, name: str) -> torch.Tensor:
     """A label map as a plain int64 tensor; float maps must hold whole numbers (NaN is refused, not cast)."""
     labels = torch.as_tensor(labels)
     labels = labels.as_tensor() if hasattr(labels, "as_tensor") else labels
-    if labels.is_floating_point() and not bool(torch.all(labels == labels.round())):  # NaN != NaN
+    if not holds_whole_numbers(labels):
         raise BadInputError(f"The {name} label map holds values that are not whole numbers (or NaN).")
     return labels.long()
 

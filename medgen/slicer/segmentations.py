@@ -9,6 +9,7 @@ Overlapping segments cannot survive in one label map; the export keeps the later
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import torch
@@ -231,10 +232,15 @@ def _name_color_and_complete(segmentation_node, labels: list[LabelInfo]) -> None
 
 def _chosen_terminology(segment) -> str:
     """The segment's terminology entry when someone chose one; "" for the generic 'Tissue' every new segment gets."""
+    terminology = segment.GetTerminology()
+    return "" if terminology == _default_terminology() else terminology
+
+
+@functools.cache
+def _default_terminology() -> str:
     import slicer
 
-    terminology = segment.GetTerminology()
-    return "" if terminology == slicer.vtkSegment().GetTerminology() else terminology
+    return slicer.vtkSegment().GetTerminology()
 
 
 def _describe_segment(segment, label: LabelInfo) -> None:

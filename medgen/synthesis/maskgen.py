@@ -32,7 +32,7 @@ from torch import nn
 
 from medgen.diffusion import TrainConfig, batched_cfg_denoiser, controlnet_denoiser, noise_prediction_loss, sample, train_diffusion
 from medgen.errors import BadInputError, ModelError
-from medgen.io import save_volume
+from medgen.io import holds_whole_numbers, save_volume
 from medgen.io.atomic import write_text_atomic
 from medgen.labels import LabelInfo, make_labels, save_labels
 from medgen.metrics import psnr
@@ -453,7 +453,7 @@ class MaskGenModel:
             BadInputError: non-integer values, values that are not organs of the model, or a plain tensor off the grid.
         """
         values = label.as_tensor() if isinstance(label, MetaTensor) else torch.as_tensor(label)
-        if values.is_floating_point() and not torch.equal(values, values.round()):
+        if not holds_whole_numbers(values):
             raise BadInputError(f"{what} holds non-integer values; a mask holds whole label values (0 = background).")
         found = sorted({int(v) for v in torch.unique(values).tolist()} - {0})
         unknown = [value for value in found if not 1 <= value <= len(self.organs)]

@@ -20,7 +20,7 @@ import torch
 from monai.data import MetaTensor
 
 from medgen.errors import BadInputError
-from medgen.io import check_finite, check_same_geometry, load_volume, save_volume
+from medgen.io import check_finite, check_same_geometry, holds_whole_numbers, load_volume, save_volume
 from medgen.io.atomic import ensure_folder, write_text_atomic
 from medgen.progress import Reporter, as_reporter
 
@@ -217,7 +217,7 @@ def _check_pair(image, label_map, allowed_values: set[int], case: str) -> None:
     check_finite(image, f"{case} image")
     check_same_geometry(image, label_map, f"{case} image", f"{case} label")
     values = torch.unique(torch.as_tensor(label_map))
-    if values.is_floating_point() and not bool(torch.all(values == values.round())):
+    if not holds_whole_numbers(values):
         raise BadInputError(f"{sentence_start}: the label map holds values that are not whole numbers.")
     found = {int(v) for v in values.tolist()}
     unexpected = sorted(found - allowed_values)
