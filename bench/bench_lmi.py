@@ -6,18 +6,22 @@ Usage::
     python bench/bench_lmi.py --device cuda        # GPU, 64³ and 128³
     python bench/bench_lmi.py --sizes 16 24 --mode clean                     # -> lmi_clean_auto_cpu.json
     python bench/bench_lmi.py --device cuda --mode clean --backend torch    # box sums vs the port on a GPU
+    python bench/bench_lmi.py --device cuda --kernel-sweep  # Triton candidate blocks × warps at 128³ vs the port
 
 Each (method, size) runs in a fresh subprocess so that peak memory is its own: on CUDA
 ``torch.cuda.max_memory_allocated`` above the inputs, on CPU the growth of the process's peak
 resident set (``ru_maxrss``) over the inputs. Both methods get the same memory budget. On a shared
 CPU, wall time swings with the load; ``cpu_s`` (process CPU time) is the steadier number. Writes
 ``bench/results/lmi_<device>.json`` (``lmi_<mode>_<backend>_<device>.json`` for other modes or backends)
-and prints a markdown table with the speed-up.
+and prints a markdown table with the speed-up. ``--kernel-sweep`` times the fused Triton kernel for every
+candidate block (:data:`medgen.translate.lmi_triton.CANDIDATE_BLOCK`) and warp count at the largest size,
+against one port run, and writes ``lmi_kernel_sweep_<mode>_<device>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import subprocess
@@ -28,14 +32,20 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("unfold_port", "medgen_lmi")
+#: the Triton kernel configurations of --kernel-sweep: candidates per loop step × warps per program
+SWEEP_BLOCKS, SWEEP_WARPS = (1, 2, 4, 8), (1, 2, 4)
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def _measure(method: str, size: int, device_name: str, mode: str, budget_mb: float, backend: str, output_path: str) -> dict:
-    """Run one LMI map in this process and return its wall time and peak memory."""
+def _measure(
+    method: str, size: int, device_name: str, mode: str, budget_mb: float, backend: str, output_path: str,
+    kernel: tuple[int, int] | None = None,
+) -> dict:
+    """Run one LMI map in this process and return its wall time and peak memory; ``kernel`` = (candidate
+    block, warps) of the Triton kernel when sweeping."""
     sys.path.insert(0, str(REPO_ROOT))
     import torch
     from safetensors.torch import save_file
@@ -43,6 +53,11 @@ def _measure(method: str, size: int, device_name: str, mode: str, budget_mb: flo
     from medgen.devices import select_device
     from medgen.translate.lmi import lmi_map
     from medgen.translate.lmi_reference import lmi_map_reference
+
+    if kernel is not None:
+        from medgen.translate import lmi_triton
+
+        lmi_triton.CANDIDATE_BLOCK, lmi_triton.NUM_WARPS = kernel
 
     device = select_device(device_name)
     options = dict(compat=mode == "compat", memory_budget_mb=budget_mb)
@@ -81,18 +96,25 @@ def _measure(method: str, size: int, device_name: str, mode: str, budget_mb: flo
     else:
         peak_mb = _peak_rss_mb() - baseline_rss_mb
     save_file({"lmi": lmi.cpu().contiguous(), "offsets": offsets.cpu().contiguous()}, output_path)
-    return {
+    row = {
         "method": method, "size": size, "seconds": round(seconds, 4), "cpu_s": round(cpu_seconds, 4),
         "peak_mb": round(peak_mb, 1),
     }
+    if kernel is not None:
+        row["candidate_block"], row["num_warps"] = kernel
+    return row
 
 
-def _run_worker(method: str, size: int, args: argparse.Namespace, output_path: str) -> dict:
+def _run_worker(
+    method: str, size: int, args: argparse.Namespace, output_path: str, kernel: tuple[int, int] | None = None
+) -> dict:
     command = [
         sys.executable, __file__, "--worker", method, "--sizes", str(size), "--device", args.device,
         "--mode", args.mode, "--memory-budget-mb", str(args.memory_budget_mb), "--backend", args.backend,
         "--output", output_path,
     ]
+    if kernel is not None:
+        command += ["--kernel", *map(str, kernel)]
     completed = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
@@ -108,6 +130,39 @@ def _compare(paths: dict[str, str]) -> dict:
     }
 
 
+def _kernel_sweep(args: argparse.Namespace, device: dict, machine: dict, write_json) -> None:
+    """One port run and one Triton run per (candidate block, warps) at the largest size; table + JSON.
+
+    The JSON is rewritten after every configuration, so a sweep stopped at a time limit keeps what finished.
+    """
+    size = max(args.sizes)
+    rows, table = [], []
+    result = {
+        "benchmark": "lmi_kernel_sweep", "mode": args.mode, "size": size, "memory_budget_mb": args.memory_budget_mb,
+        "device": device, "machine": machine, "measurements": rows, "comparison": table,
+    }
+    name = f"lmi_kernel_sweep_{args.mode}_{args.device.replace(':', '')}"
+    with tempfile.TemporaryDirectory() as scratch:
+        port_path = str(Path(scratch) / "port.safetensors")
+        port = _run_worker("unfold_port", size, args, port_path)
+        rows.append(port)
+        for kernel in itertools.product(SWEEP_BLOCKS, SWEEP_WARPS):
+            path = str(Path(scratch) / f"medgen_{kernel[0]}_{kernel[1]}.safetensors")
+            ours = _run_worker("medgen_lmi", size, args, path, kernel)
+            agreement = _compare({"unfold_port": port_path, "medgen_lmi": path})
+            rows.append(ours)
+            table.append({"candidate_block": kernel[0], "num_warps": kernel[1], "seconds": ours["seconds"],
+                          "speedup": round(port["seconds"] / ours["seconds"], 2), **agreement})
+            out_path = write_json(name, result)
+    print(f"Triton LMI kernel sweep, {args.mode} mode, {size}³, {device['name']}: port {port['seconds']:.2f} s\n")
+    print("| candidate block | warps | s | speed-up vs port | max abs diff | offsets differ |")
+    print("|---|---|---|---|---|---|")
+    for entry in sorted(table, key=lambda entry: entry["seconds"]):
+        print(f"| {entry['candidate_block']} | {entry['num_warps']} | {entry['seconds']:.3f} | {entry['speedup']:.1f}× | "
+              f"{entry['max_abs_diff']:.1e} | {entry['offset_disagreement']:.2%} |")
+    print(f"\nwritten {out_path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -117,7 +172,10 @@ def main() -> None:
     parser.add_argument("--memory-budget-mb", type=float, help="budget for both methods (default 1024 CPU, 16384 CUDA)")
     parser.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                         help="MedGen's operator: auto (Triton on CUDA), torch (box sums in clean mode) or triton")
+    parser.add_argument("--kernel-sweep", action="store_true",
+                        help="time the Triton kernel's candidate blocks × warps at the largest size (CUDA only)")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--kernel", type=int, nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     args = parser.parse_args()
     on_cuda = args.device.startswith("cuda")
@@ -125,7 +183,7 @@ def main() -> None:
     args.memory_budget_mb = args.memory_budget_mb or (16384.0 if on_cuda else 1024.0)
     if args.worker:
         measurement = _measure(args.worker, args.sizes[0], args.device, args.mode, args.memory_budget_mb, args.backend,
-                               args.output)
+                               args.output, tuple(args.kernel) if args.kernel else None)
         print(json.dumps(measurement))
         return
 
@@ -133,6 +191,13 @@ def main() -> None:
     from common import machine, write_json  # bench/common.py, next to this script
 
     from medgen.devices import describe_device, select_device
+
+    if args.kernel_sweep:
+        if not on_cuda:
+            parser.error("--kernel-sweep times the Triton kernel compiled for a GPU: use --device cuda")
+        args.backend = "triton"
+        _kernel_sweep(args, describe_device(select_device(args.device)), machine(), write_json)
+        return
 
     rows, table = [], []
     with tempfile.TemporaryDirectory() as scratch:

@@ -4,6 +4,7 @@
 # $OUT when it is set, as on the device machine).
 #
 #   bash bench/run_gpu.sh lmi            # LMI map vs the unfold port: clean box sums, Triton clean, Triton compat
+#   bash bench/run_gpu.sh lmi-sweep      # Triton kernel: candidate blocks × warps at 128³ (compat), vs one port run
 #   bash bench/run_gpu.sh translation    # translation wall time, 2.5D, DDIM 50 then the released 1000-step DDPM
 #   bash bench/run_gpu.sh maskgen        # mask-conditioned synthesis at 128³ vs MONAI's ControlNet inferer
 #   bash bench/run_gpu.sh synthesis|peft # paired synthesis at 160×160×128; PEFT at 96³
@@ -13,7 +14,7 @@
 # PACKAGES on a networked machine): they are unpacked into a temporary site directory, not installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?"usage: bash bench/run_gpu.sh lmi|translation|maskgen|synthesis|peft"}
+stage=${1:?"usage: bash bench/run_gpu.sh lmi|lmi-sweep|translation|maskgen|synthesis|peft"}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 python=${PYTHON:-python3}
 if compgen -G ".whl/*.whl" >/dev/null && ! "$python" -c "import monai" 2>/dev/null; then
@@ -30,6 +31,8 @@ case "$stage" in
     "$python" bench/bench_lmi.py --device cuda --mode clean --backend torch
     "$python" bench/bench_lmi.py --device cuda --mode clean --backend triton
     "$python" bench/bench_lmi.py --device cuda --mode compat --backend triton ;;
+  lmi-sweep)
+    timeout 560 "$python" bench/bench_lmi.py --device cuda --kernel-sweep || echo "stopped at the time limit: the results file holds what finished" ;;
   translation)
     timeout 560 "$python" bench/bench_translation.py --device cuda --modes 2.5d || echo "stopped at the time limit: the results file holds what finished" ;;
   maskgen)

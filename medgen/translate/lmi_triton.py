@@ -15,6 +15,10 @@ joint lives in registers from its first sample to its entropy:
 - marginal and joint entropies and the (N)MI score are computed in the same program and only the
   score (4 bytes per voxel and candidate) is written.
 
+With ``CANDIDATE_BLOCK`` = c > 1 a program scores c candidates per step: their moving tiles sit side by
+side in one (n, c·K) operand, so the joint of all c is one (K×n)·(n×c·K) product and the loop runs C/c times
+(larger tensor-core products, fewer loop steps; ``bench/bench_lmi.py --kernel-sweep`` measures the choices).
+
 Memory is two padded float32 volumes plus a (N, C) score block per chunk. Values equal the PyTorch
 operator's to float32 rounding (the summation order differs); the tests compare both, on the GPU
 and, without one, under Triton's CPU interpreter (``TRITON_INTERPRET=1``).
@@ -34,6 +38,9 @@ from medgen.translate.lmi_core import COMPAT_INTENSITY_SCALE, EPSILON, LmiSettin
 #: warps per program: one (n, K) tile pair and a K×K joint fit one warp's registers; 1 warp ran fastest
 #: at 128³ on an H100 (475 ms vs 707 ms with 2 and 1050 ms with 4, tf32x3)
 NUM_WARPS = 1
+#: candidates scored per loop step (a power of two; the last block is masked). 1 is the measured kernel above;
+#: larger blocks are unmeasured on a GPU so far (interpreter-tested only)
+CANDIDATE_BLOCK = 1
 #: precision of the joint's matrix product. "tf32x3" (three TF32 tensor-core passes) matched IEEE float32 to
 #: 1.5e-7 in NMI at 128³ on an H100 and ran 2-3× faster than "ieee"; plain "tf32" is off by 3.5e-4.
 DOT_PRECISION = "tf32x3"
@@ -98,6 +105,52 @@ def _score_candidate(
 
 
 @triton.jit
+def _score_candidate_block(
+    block, moving_ptr, base, candidate0_ptr, candidate1_ptr, candidate2_ptr, a0, a1, a2, i0, i1, i2,
+    length0, length1, length2, stride0, stride1, stride2, sample_mask, centres, bins, width, eps,
+    source_kernels_t, source_sample_sums, source_entropy, scores_row_ptr,
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, Q1: tl.constexpr, Q2: tl.constexpr,
+    CANDIDATES: tl.constexpr, CB: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, BINS: tl.constexpr,
+    NORMALIZE: tl.constexpr, DOT: tl.constexpr,
+):
+    """Score candidates block·CB … block·CB + CB - 1 (those < CANDIDATES) against the voxel's source window.
+
+    The same arithmetic as :func:`_score_candidate`, on (NP, CB) sample tables, (NP, CB, KP) kernel tiles
+    and one (KP, NP)·(NP, CB·KP) joint product whose column block j is candidate j's joint.
+    """
+    candidate = block * CB + tl.arange(0, CB)
+    in_range = candidate < CANDIDATES
+    q0 = candidate // (Q1 * Q2)
+    q1 = (candidate // Q2) % Q1
+    q2 = candidate % Q2
+    mask = sample_mask[:, None] & in_range[None, :]
+    moving_offset = (
+        _sample_offset(candidate0_ptr, q0[None, :], a0[:, None], i0, length0, stride0, P0, mask)
+        + _sample_offset(candidate1_ptr, q1[None, :], a1[:, None], i1, length1, stride1, P1, mask)
+        + _sample_offset(candidate2_ptr, q2[None, :], a2[:, None], i2, length2, stride2, P2, mask)
+    )
+    moving_values = tl.load(moving_ptr + base + moving_offset, mask=mask, other=0.0)  # (NP, CB)
+    residual = (moving_values[:, :, None] - centres[None, None, :]) / width
+    valid = mask[:, :, None] & (bins < BINS)[None, None, :]
+    moving_kernels = tl.where(valid, tl.exp(-0.5 * residual * residual), 0.0)  # (NP, CB, KP)
+    joint = tl.dot(source_kernels_t, tl.reshape(moving_kernels, (NP, CB * KP)), input_precision=DOT)
+    moving_histograms = tl.sum(moving_kernels, 0)  # (CB, KP)
+    moving_pdf = moving_histograms / (tl.sum(moving_histograms, 1)[:, None] + eps)
+    moving_entropy = -tl.sum(moving_pdf * tl.log2(moving_pdf + eps), 1)
+    mass = tl.sum(source_sample_sums[:, None] * tl.sum(moving_kernels, 2), 0)  # (CB,)
+    plogp = tl.where(joint > 0.0, -joint * tl.log(tl.maximum(joint, 1e-38)), 0.0)  # (KP, CB·KP)
+    plogp_sums = tl.sum(tl.reshape(tl.sum(plogp, 0), (CB, KP)), 1)
+    normaliser = mass + eps
+    joint_entropy = (plogp_sums + mass * tl.log(normaliser)) / (normaliser * 0.6931471805599453)
+    mutual_information = source_entropy + moving_entropy - joint_entropy
+    if NORMALIZE:
+        score = 2.0 * (mutual_information + eps) / (source_entropy + moving_entropy + eps)
+    else:
+        score = mutual_information
+    tl.store(scores_row_ptr + candidate, score, mask=in_range)
+
+
+@triton.jit
 def _candidate_scores_kernel(
     source_ptr, moving_ptr, centres_ptr,
     window0_ptr, window1_ptr, window2_ptr, candidate0_ptr, candidate1_ptr, candidate2_ptr,
@@ -106,7 +159,7 @@ def _candidate_scores_kernel(
     width, eps,
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, NP: tl.constexpr, Q1: tl.constexpr, Q2: tl.constexpr,
     CANDIDATES: tl.constexpr, BINS: tl.constexpr, KP: tl.constexpr, NORMALIZE: tl.constexpr,
-    DOT: tl.constexpr,
+    DOT: tl.constexpr, CB: tl.constexpr,
 ):
     """scores[v - voxel_start, c] of voxel v = voxel_start + program_id(0), for every candidate c.
 
@@ -144,13 +197,22 @@ def _candidate_scores_kernel(
     source_kernels_t = tl.trans(source_kernels)  # (KP, NP)
 
     # a dynamic loop: unrolling the 27 candidates compiled for a minute and ran 1.5× slower (H100)
-    for candidate in range(CANDIDATES):
-        _score_candidate(
-            candidate, moving_ptr, base, candidate0_ptr, candidate1_ptr, candidate2_ptr, a0, a1, a2, i0, i1, i2,
-            length0, length1, length2, stride0, stride1, stride2, sample_mask, centres, valid, width, eps,
-            source_kernels_t, source_sample_sums, source_entropy, scores_ptr + local * CANDIDATES,
-            P0, P1, P2, Q1, Q2, NORMALIZE, DOT,
-        )
+    if CB == 1:
+        for candidate in range(CANDIDATES):
+            _score_candidate(
+                candidate, moving_ptr, base, candidate0_ptr, candidate1_ptr, candidate2_ptr, a0, a1, a2, i0, i1, i2,
+                length0, length1, length2, stride0, stride1, stride2, sample_mask, centres, valid, width, eps,
+                source_kernels_t, source_sample_sums, source_entropy, scores_ptr + local * CANDIDATES,
+                P0, P1, P2, Q1, Q2, NORMALIZE, DOT,
+            )
+    else:
+        for block in range(tl.cdiv(CANDIDATES, CB)):
+            _score_candidate_block(
+                block, moving_ptr, base, candidate0_ptr, candidate1_ptr, candidate2_ptr, a0, a1, a2, i0, i1, i2,
+                length0, length1, length2, stride0, stride1, stride2, sample_mask, centres, bins, width, eps,
+                source_kernels_t, source_sample_sums, source_entropy, scores_ptr + local * CANDIDATES,
+                P0, P1, P2, Q1, Q2, CANDIDATES, CB, NP, KP, BINS, NORMALIZE, DOT,
+            )
 
 
 def _axis_tables_3d(tables: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -204,7 +266,7 @@ def candidate_scores(
             P0=samples[0], P1=samples[1], P2=samples[2], NP=max(16, triton.next_power_of_2(math.prod(samples))),
             Q1=steps[1], Q2=steps[2], CANDIDATES=n_candidates, BINS=settings.bins,
             KP=max(16, triton.next_power_of_2(settings.bins)), NORMALIZE=settings.normalize, DOT=DOT_PRECISION,
-            num_warps=NUM_WARPS,
+            CB=CANDIDATE_BLOCK, num_warps=NUM_WARPS,
         )
     return scores
 
