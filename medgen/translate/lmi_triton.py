@@ -71,6 +71,26 @@ def _sample_offset(table_ptr, candidate, sample, position, length, stride, sampl
 
 
 @triton.jit
+def _entr(joint):
+    """-J·ln J elementwise, 0 where J = 0 (J ≥ 0)."""
+    return tl.where(joint > 0.0, -joint * tl.log(tl.maximum(joint, 1e-38)), 0.0)
+
+
+@triton.jit
+def _mutual_information_score(entr_sum, mass, source_entropy, moving_entropy, eps, NORMALIZE: tl.constexpr):
+    """(N)MI from the joint's Σ entr(J) and mass S = Σ J and the two marginal entropies (bits).
+
+    -Σ (J/Z)·ln(J/Z) = (Σ entr(J) + S·ln Z)/Z with Z = S + ε (see lmi_core.joint_entropy_bits).
+    """
+    normaliser = mass + eps
+    joint_entropy = (entr_sum + mass * tl.log(normaliser)) / (normaliser * 0.6931471805599453)
+    mutual_information = source_entropy + moving_entropy - joint_entropy
+    if NORMALIZE:
+        return 2.0 * (mutual_information + eps) / (source_entropy + moving_entropy + eps)
+    return mutual_information
+
+
+@triton.jit
 def _score_candidate(
     candidate, moving_ptr, base, candidate0_ptr, candidate1_ptr, candidate2_ptr, a0, a1, a2, i0, i1, i2,
     length0, length1, length2, stride0, stride1, stride2, sample_mask, centres, valid, width, eps,
@@ -92,15 +112,8 @@ def _score_candidate(
     joint = tl.dot(source_kernels_t, moving_kernels, input_precision=DOT)  # (KP, KP)
     moving_entropy = _histogram_entropy_bits(tl.sum(moving_kernels, 0), eps)
     mass = tl.sum(source_sample_sums * tl.sum(moving_kernels, 1), 0)
-    # -Σ (J/Z)·ln(J/Z) = (Σ entr(J) + S·ln Z)/Z with S = Σ J, Z = S + ε (see lmi_core.joint_entropy_bits)
-    plogp = tl.where(joint > 0.0, -joint * tl.log(tl.maximum(joint, 1e-38)), 0.0)
-    normaliser = mass + eps
-    joint_entropy = (tl.sum(tl.sum(plogp, 1), 0) + mass * tl.log(normaliser)) / (normaliser * 0.6931471805599453)
-    mutual_information = source_entropy + moving_entropy - joint_entropy
-    if NORMALIZE:
-        score = 2.0 * (mutual_information + eps) / (source_entropy + moving_entropy + eps)
-    else:
-        score = mutual_information
+    entr_sum = tl.sum(tl.sum(_entr(joint), 1), 0)
+    score = _mutual_information_score(entr_sum, mass, source_entropy, moving_entropy, eps, NORMALIZE)
     tl.store(scores_row_ptr + candidate, score)
 
 
@@ -138,15 +151,8 @@ def _score_candidate_block(
     moving_pdf = moving_histograms / (tl.sum(moving_histograms, 1)[:, None] + eps)
     moving_entropy = -tl.sum(moving_pdf * tl.log2(moving_pdf + eps), 1)
     mass = tl.sum(source_sample_sums[:, None] * tl.sum(moving_kernels, 2), 0)  # (CB,)
-    plogp = tl.where(joint > 0.0, -joint * tl.log(tl.maximum(joint, 1e-38)), 0.0)  # (KP, CB·KP)
-    plogp_sums = tl.sum(tl.reshape(tl.sum(plogp, 0), (CB, KP)), 1)
-    normaliser = mass + eps
-    joint_entropy = (plogp_sums + mass * tl.log(normaliser)) / (normaliser * 0.6931471805599453)
-    mutual_information = source_entropy + moving_entropy - joint_entropy
-    if NORMALIZE:
-        score = 2.0 * (mutual_information + eps) / (source_entropy + moving_entropy + eps)
-    else:
-        score = mutual_information
+    entr_sums = tl.sum(tl.reshape(tl.sum(_entr(joint), 0), (CB, KP)), 1)  # joint (KP, CB·KP) → (CB,)
+    score = _mutual_information_score(entr_sums, mass, source_entropy, moving_entropy, eps, NORMALIZE)
     tl.store(scores_row_ptr + candidate, score, mask=in_range)
 
 
