@@ -47,7 +47,8 @@ from medgen.io import load_volume  # noqa: E402
 from medgen.metrics import dice_per_class  # noqa: E402
 from medgen.synthesis.checker import CheckerConfig, load_checker, score_candidates, train_checker  # noqa: E402
 from medgen.synthesis.filtering import FilterThresholds  # noqa: E402
-from medgen.synthesis.maskgen import MaskGenModel, generate_on_model_grid, synthesize_from_masks, train_maskgen  # noqa: E402
+from medgen.synthesis.maskgen import MaskGenModel, generate_on_model_grid, synthesize_from_masks  # noqa: E402
+from medgen.synthesis.maskgen_training import train_maskgen  # noqa: E402
 from medgen.synthesis.maskgen_networks import MaskGenConfig  # noqa: E402
 from medgen.synthesis.prompts import Prompt  # noqa: E402
 

@@ -19,10 +19,8 @@ from medgen.metrics import psnr
 from medgen.progress import CallbackReporter
 from medgen.synthesis.checker import load_checker
 from medgen.synthesis.filtering import FilterThresholds
-from medgen.synthesis.maskgen import (
-    MaskGenModel, _LatentData, flip_combinations, flip_spatial, generate_candidates, generate_on_model_grid, pseudo_labelled_targets,
-    synthesize_from_masks, train_maskgen,
-)
+from medgen.synthesis.maskgen import MaskGenModel, generate_candidates, generate_on_model_grid, synthesize_from_masks
+from medgen.synthesis.maskgen_training import _LatentData, flip_combinations, flip_spatial, pseudo_labelled_targets, train_maskgen
 from medgen.synthesis.maskgen_networks import (
     MaskGenConfig,
     build_controlnet,

@@ -49,7 +49,7 @@ def _target_cases(ctx: JobContext) -> list[tuple[str, MetaTensor, MetaTensor]]:
 
 def run_maskgen_train(ctx: JobContext) -> dict:
     """Prepare source pairs and target images on one grid, then train the generator into ``outputs/model``."""
-    from medgen.synthesis.maskgen import train_maskgen
+    from medgen.synthesis.maskgen_training import train_maskgen
     from medgen.synthesis.maskgen_networks import MaskGenConfig
     from medgen.synthesis.prompts import Prompt
 
