@@ -31,7 +31,7 @@ from medgen.slicer.scene_job import (
 )
 from medgen.slicerqt.module_widget import ModuleWidgetMixin
 from medgen.slicerqt.pair_table import PairTableMixin
-from MedGenSynthesisLib import from_masks, jobs, paired
+from MedGenSynthesisLib import candidate_report, from_masks, jobs, paired
 
 
 class MedGenSynthesis(ScriptedLoadableModule):
@@ -182,7 +182,7 @@ class MedGenSynthesisWidget(ModuleWidgetMixin, PairTableMixin, ScriptedLoadableM
         # Missing inputs are reported when a button is pressed, with what to do (BadInputError).
         self.maskTrainPanel.set_can_start(True)
         self.fromMasksPanel.set_can_start(True)
-        self.generationProgress = from_masks.GenerationProgress()
+        self.generationProgress = candidate_report.GenerationProgress()
         self.fromMasksRequest = None
         self.ui.maskTrainButton.connect("clicked(bool)", self.onMaskTrainButton)
         self.ui.fromMasksButton.connect("clicked(bool)", self.onFromMasksButton)
@@ -200,7 +200,7 @@ class MedGenSynthesisWidget(ModuleWidgetMixin, PairTableMixin, ScriptedLoadableM
             return self.fromMasksRequest
 
         if not self.fromMasksPanel.busy:
-            self.generationProgress = from_masks.GenerationProgress()
+            self.generationProgress = candidate_report.GenerationProgress()
         self.startOrCancel(self.fromMasksPanel, makeRequest, onEvent=self.onFromMasksEvent, onImported=self.showFromMasksResults)
 
     def onFromMasksEvent(self, event: dict) -> None:
@@ -213,7 +213,7 @@ class MedGenSynthesisWidget(ModuleWidgetMixin, PairTableMixin, ScriptedLoadableM
 
     def showFromMasksResults(self, imported: dict) -> None:
         """Fill the candidate table (every candidate's scores and decision) and the summary line."""
-        headers, cells = from_masks.table_cells(imported["candidates"])
+        headers, cells = candidate_report.table_cells(imported["candidates"])
         table = self.ui.candidateTable
         table.clear()
         table.setColumnCount(len(headers))
@@ -222,7 +222,7 @@ class MedGenSynthesisWidget(ModuleWidgetMixin, PairTableMixin, ScriptedLoadableM
         for row, texts in enumerate(cells):
             for column, text in enumerate(texts):
                 table.setItem(row, column, qt.QTableWidgetItem(text))
-        self.ui.fromMasksSummaryLabel.text = from_masks.summary(imported)
+        self.ui.fromMasksSummaryLabel.text = candidate_report.summary(imported)
 
     def onMaskModelFolderChanged(self, path: str) -> None:
         """Offer the chosen model's target modalities and list its organs (or say why the folder is unusable)."""
@@ -335,8 +335,8 @@ class MedGenSynthesisLogic(SceneJobLogicMixin, ScriptedLoadableModuleLogic):
         return from_masks.model_info(optional_folder(folder))
 
     def candidateTable(self, report: dict) -> list:
-        """The rows of the accepted/rejected table for a ``maskgen`` report (see :func:`from_masks.candidate_rows`)."""
-        return from_masks.candidate_rows(report)
+        """The rows of the accepted/rejected table for a ``maskgen`` report (see :func:`candidate_report.candidate_rows`)."""
+        return candidate_report.candidate_rows(report)
 
     def importAcceptedSoFar(self, request: JobRequest, jobDir) -> dict:
         """After a cancelled ``maskgen`` job: load the pairs it accepted before it stopped (nothing if none)."""

@@ -28,7 +28,7 @@ from medgen.synthesis.filtering import CandidateScore, FilterThresholds, select_
 
 slicer = pytest.importorskip("slicer")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedGenSynthesis"))
-from MedGenSynthesisLib import from_masks  # noqa: E402  (the module folder is what Slicer puts on sys.path)
+from MedGenSynthesisLib import candidate_report, from_masks  # noqa: E402  (the module folder is what Slicer puts on sys.path)
 
 LIVER, SPLEEN, KIDNEY = (0.8, 0.4, 0.3), (0.2, 0.3, 0.9), (0.9, 0.9, 0.1)
 ORGANS = [LabelInfo("liver", 1, LIVER), LabelInfo("spleen", 2, SPLEEN), LabelInfo("kidney", 3, KIDNEY)]
@@ -325,7 +325,7 @@ def test_a_cancelled_job_loads_only_the_complete_pairs_it_kept(mrml_scene, tmp_p
     (outputs / "pairs" / ".case_B_2_image.nii.abc123.part.nii.gz").write_bytes(b"")
     imported = request.import_pairs(outputs)
     assert list(imported["pairs"]) == ["case_A_0"] and imported["report"] is None and imported["candidates"] == []
-    assert from_masks.summary(imported) == "1 pair(s) accepted"
+    assert candidate_report.summary(imported) == "1 pair(s) accepted"
 
 
 def test_a_cancel_before_any_acceptance_or_a_broken_file_leaves_the_scene_unchanged(mrml_scene, tmp_path):
@@ -344,7 +344,7 @@ def test_a_cancel_before_any_acceptance_or_a_broken_file_leaves_the_scene_unchan
 
 
 def test_candidate_rows_follow_the_report_with_scores_decisions_and_mask_status():
-    rows = from_masks.candidate_rows(_report())
+    rows = candidate_report.candidate_rows(_report())
     assert [(row.mask, row.candidate, row.decision, row.detail.split(":")[0]) for row in rows] == [
         ("case_A", 0, "accepted", "strict"), ("case_A", 1, "accepted", "strict"),
         ("case_A", 2, "rejected", "passes the strict thresholds but 2 better candidate(s) were kept"),
@@ -355,17 +355,17 @@ def test_candidate_rows_follow_the_report_with_scores_decisions_and_mask_status(
     assert rows[0].organ_scores["spleen"] == pytest.approx({"iou": 0.95, "dice": 2 * 0.95 / 1.95, "confidence": 0.95})
     assert rows[3].organ_scores["kidney"] is None and rows[3].avg_iou == pytest.approx(0.3)
 
-    headers, cells = from_masks.table_cells(rows)
+    headers, cells = candidate_report.table_cells(rows)
     assert headers == ["Mask", "Candidate", "Avg IoU", "Avg conf.", "liver IoU / conf.", "spleen IoU / conf.",
                        "kidney IoU / conf.", "Decision"]
     assert cells[1] == ["case_A", "1", "0.940", "0.950", "0.940 / 0.950", "0.940 / 0.950", "0.940 / 0.950", "accepted (strict)"]
     assert cells[3][6] == "absent" and cells[5] == ["case_C", "", "", "", "", "", "", "skipped: empty mask"]
-    assert from_masks.summary({"pairs": {"a": 1, "b": 2}, "report": _report()}) == (
+    assert candidate_report.summary({"pairs": {"a": 1, "b": 2}, "report": _report()}) == (
         "2 pair(s) accepted from 3 mask(s); none accepted: case_B; skipped: case_C (empty mask)")
 
 
 def test_progress_reads_per_mask_and_per_candidate():
-    progress = from_masks.GenerationProgress()
+    progress = candidate_report.GenerationProgress()
     assert progress.text() == "Waiting for the first mask..."
     progress.record({"event": "started", "job_dir": "/jobs/maskgen-1"})
     progress.record({"event": "progress", "phase": "denoising", "step": 20, "total": 50})
