@@ -359,11 +359,39 @@ def test_synthesis_filters_skips_and_reports(model_dir, tmp_path):
     for entry in document["masks"][:3:2]:
         assert [c["candidate"] for c in entry["candidates"]] == [0, 1]
         assert all(c["decision"] == "accepted" and set(c["organ_iou"]) == {"liver", "kidney"} for c in entry["candidates"])
+    # the oblique mask is 25 mm deep along K (2.5 mm voxels), the model grid 16 mm: the pair is the covered 7 slices
     image = load_volume(tmp_path / "oblique_0_image.nii.gz")
     label = load_volume(tmp_path / "oblique_0_label.nii.gz", label=True)
-    assert image.shape == (1, 12, 14, 10) and np.allclose(image.affine.numpy(), affine, atol=1e-5)
-    assert torch.equal(label.as_tensor(), oblique_mask.as_tensor())
+    assert image.shape == label.shape == (1, 12, 14, 7) and np.allclose(image.affine.numpy(), label.affine.numpy())
+    first_voxel = np.linalg.inv(affine) @ label.affine.numpy()[:, 3]
+    assert np.allclose(first_voxel, [0, 0, 1, 1], atol=1e-5)
+    assert np.allclose(label.affine.numpy()[:3, :3], affine[:3, :3], atol=1e-5)
+    assert torch.equal(label.as_tensor(), oblique_mask.as_tensor()[..., 1:8])
     assert (tmp_path / "labels.json").is_file() and len(report.pairs) == 4
+
+
+def test_a_mask_beyond_the_field_of_view_gives_pairs_on_the_covered_part_only(model_dir, tmp_path):
+    """A mask 40 voxels long on the model's spacing is cropped to the model's 16 around its centre; its pairs hold
+    the generated 16 (voxels 12..27), not 24 more of repeated edge voxels under the label."""
+    affine = torch.from_numpy(oblique_affine(spacing=(1.0, 1.0, 1.0)))
+    _, label = phantom(5, LUT_A)
+    wide = torch.zeros((1, 40, 16, 16), dtype=torch.int64)
+    wide[:, 12:28] = label.as_tensor()
+    wide[:, :12][label.as_tensor()[:, :12] == 1] = 1  # organ voxels outside the field of view, too
+    wide = MetaTensor(wide, affine=affine)
+    logs = []
+    report = synthesize_from_masks(model_dir, [("wide", wide)], tmp_path, target_modality="T2 MRI", thresholds=ACCEPT_ALL,
+                                   reporter=CallbackReporter(lambda e: logs.append(e.get("message", ""))), **QUICK)
+    assert len(report.pairs) == 2
+    image = load_volume(tmp_path / "wide_0_image.nii.gz")
+    pair_label = load_volume(tmp_path / "wide_0_label.nii.gz", label=True)
+    shifted = affine.clone()
+    shifted[:3, 3] += 12 * affine[:3, 0]
+    assert image.shape == pair_label.shape == (1, 16, 16, 16)
+    assert np.allclose(image.affine.numpy(), shifted.numpy(), atol=1e-5)
+    assert np.allclose(pair_label.affine.numpy(), shifted.numpy(), atol=1e-5)
+    assert torch.equal(pair_label.as_tensor(), wide.as_tensor()[:, 12:28])
+    assert any("reaches beyond the model's field of view" in message for message in logs)
 
 
 def test_the_controlnet_strength_reaches_the_candidates_and_the_report(model_dir, model, tmp_path):

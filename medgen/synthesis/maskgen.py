@@ -10,6 +10,7 @@ per mask in chunks; candidates are scored by the checker and filtered by :func:`
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Sequence
 
 import torch
 from monai.data import MetaTensor
-from monai.transforms import ResizeWithPadOrCrop, Spacing, SpatialResample
+from monai.transforms import ResizeWithPadOrCrop, Spacing, SpatialCrop, SpatialResample
 from monai.utils import convert_to_tensor
 from torch import nn
 
@@ -167,6 +168,24 @@ class MaskGenModel:
         resampled = ResizeWithPadOrCrop(self.grid_shape)(resampled)
         return MetaTensor(resampled.as_tensor().round().long(), affine=resampled.affine), True
 
+    @staticmethod
+    def covered_part(label: MetaTensor, grid_label: MetaTensor) -> MetaTensor:
+        """The part of ``label``'s grid that ``grid_label``'s grid covers: ``label`` cropped to the voxels whose
+        centres lie within the model grid's voxel extent (its affine follows the crop), or ``label`` itself when it
+        is covered whole. Images resampled back from the model grid are only generated there; beyond it they would
+        repeat the edge voxels."""
+        grid_shape = torch.tensor(grid_label.shape[1:], dtype=torch.float64)
+        corners = torch.tensor(list(itertools.product((0.0, 1.0), repeat=3)), dtype=torch.float64) * grid_shape - 0.5
+        to_label = torch.linalg.inv(torch.as_tensor(label.affine, dtype=torch.float64)) @ torch.as_tensor(
+            grid_label.affine, dtype=torch.float64)
+        in_label = corners @ to_label[:3, :3].T + to_label[:3, 3]
+        size = torch.tensor(label.shape[1:])
+        start = torch.ceil(in_label.min(dim=0).values - 1e-3).long().clamp(0, None)
+        stop = torch.minimum(torch.floor(in_label.max(dim=0).values + 1e-3).long() + 1, size)
+        if bool((start == 0).all() and (stop == size).all()):
+            return label
+        return SpatialCrop(roi_start=start.tolist(), roi_end=stop.tolist())(label)
+
     def vanished_organs(self, label: MetaTensor, grid_label: MetaTensor) -> list[str]:
         """Organs of ``label`` with no voxel left in ``grid_label`` (cropped off the model's field of view, or
         smaller than one of its voxels)."""
@@ -245,7 +264,9 @@ def generate_candidates(
         model_dir: folder written by :func:`medgen.synthesis.maskgen_training.train_maskgen`.
         label: integer label map ``(1, I, J, K)`` (MetaTensor: its affine is used), values organs of the model.
             A mask on another grid is resampled (nearest) to the model's shape and spacing, and the images are
-            resampled back (trilinear), so they always lie on the mask's grid.
+            resampled back (trilinear), so they always lie on the mask's grid; where that grid reaches beyond the
+            model's field of view they repeat the edge voxels (:func:`synthesize_from_masks` crops its pairs to
+            :meth:`MaskGenModel.covered_part`).
         prompt: e.g. the model's target prompt (``MaskGenModel.prompt(modality)``).
         count, chunk: candidates, and how many are denoised at once (bounds memory).
         steps: DDIM steps at MRGen's timesteps (981, 961, ..., 1 for 50).
@@ -332,7 +353,8 @@ def synthesize_from_masks(
     """MRGen's data engine: per mask generate candidates, score them with the checker, keep the accepted ones.
 
     Accepted pairs are written as they are accepted (``{mask_id}_{k}_image.nii.gz`` on the mask's grid and
-    ``{mask_id}_{k}_label.nii.gz`` = the conditioning mask, k the candidate index), with ``labels.json`` and
+    ``{mask_id}_{k}_label.nii.gz`` = the conditioning mask, k the candidate index; a mask reaching beyond the
+    model's field of view gives pairs on the part of its grid the model covers, :meth:`MaskGenModel.covered_part`), with ``labels.json`` and
     ``report.json`` (every candidate's scores and decision, each mask's status) rewritten after every mask,
     so a cancelled run keeps a consistent folder. A mask whose foreground fraction is <= ``MASK_THRESHOLD`` is
     skipped; a mask with no accepted candidate is reported, not an error.
@@ -402,13 +424,19 @@ def synthesize_from_masks(
             scores = score_candidates(checker, images, grid_label, names, mask_id=mask_id)
             decision = select_candidates(scores, thresholds)
             result = MaskResult(mask_id, "accepted" if decision.accepted else "none accepted", scores, decision)
+            pair_label = model.covered_part(label, grid_label) if resampled else label
+            if decision.accepted and pair_label is not label:
+                reporter.log(
+                    f"Mask {mask_id!r} {tuple(label.shape[1:])} reaches beyond the model's field of view: its pairs hold "
+                    f"only the {tuple(pair_label.shape[1:])} voxels the images were generated for.", "warning")
             for score in decision.accepted:
                 image = images[score.candidate : score.candidate + 1]
-                image = _to_mask_grid(image, grid_label, label) if resampled else image
+                image = _to_mask_grid(image, grid_label, pair_label) if resampled else image
                 stem = out_dir / f"{mask_id}_{score.candidate}"
                 result.pairs.append((
-                    save_volume(MetaTensor(image[0], affine=label.affine), f"{stem}_image.nii.gz"),
-                    save_volume(MetaTensor(label.as_tensor().long(), affine=label.affine), f"{stem}_label.nii.gz", label=True),
+                    save_volume(MetaTensor(image[0], affine=pair_label.affine), f"{stem}_image.nii.gz"),
+                    save_volume(MetaTensor(pair_label.as_tensor().long(), affine=pair_label.affine), f"{stem}_label.nii.gz",
+                                label=True),
                 ))
             reporter.log(f"Mask {mask_id!r}: {len(decision.accepted)} of {candidates} candidate(s) accepted ({decision.path}).")
             results.append(result)
