@@ -151,6 +151,21 @@ def test_the_training_seed_is_recorded_and_reproducible(model_dir, tmp_path):
     assert not all(torch.equal(weights[1][name], reference[name]) for name in reference)
 
 
+def test_a_controlnet_stage_started_again_gives_the_same_controlnet(model_dir, tmp_path):
+    """A run resumed before the ControlNet's first checkpoint skips the finished checker stage (which draws from the
+    global generator): the ControlNet's initial weights must still be the uninterrupted run's."""
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    shutil.rmtree(folder / "controlnet")
+    for name in ("controlnet.safetensors", "medgen_model.json"):
+        (folder / name).unlink()
+    torch.manual_seed(123)  # another global generator state than the fixture's
+    train_maskgen([phantom(seed, LUT_A) for seed in range(3)], [phantom(10 + seed, LUT_B)[0] for seed in range(3)],
+                  ["liver", "kidney"], folder, MaskGenConfig.tiny(**FAST), source_prompt=SOURCE, target_prompt=TARGET)
+    again, first = load_file(folder / "controlnet.safetensors"), load_file(model_dir / "controlnet.safetensors")
+    assert again.keys() == first.keys() and all(torch.equal(again[name], first[name]) for name in first)
+
+
 def test_flip_combinations_and_flips():
     assert flip_combinations((2, 0)) == [(), (0,), (2,), (0, 2)]
     assert len(flip_combinations((0, 1, 2))) == 8

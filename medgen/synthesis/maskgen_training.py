@@ -76,6 +76,7 @@ def _organ_labels(organ_names: Sequence[str | LabelInfo]) -> list[LabelInfo]:
 
 def _vae_stage(images: torch.Tensor, config: MaskGenConfig, out_dir: Path, device, reporter) -> nn.Module:
     """Stage 1: the image VAE on every training image ``(N, 1, I, J, K)``; returns it frozen."""
+    torch.manual_seed(config.seed)  # every stage's initial weights from the seed alone, whichever stages ran before
     vae = build_image_vae(config).to(device)
     train_diffusion(
         vae, lambda model, batch: image_vae_loss(model, images[batch].to(device), config), list(range(len(images))),
@@ -182,6 +183,7 @@ def _unet_stage(
     """Stage 2: the latent UNet with the learned prompt encoder (jointly), or with ``text_encoder`` (frozen), on all
     images (flipped at random along ``config.unet_flip_axes``); returns the frozen EMA copy."""
     scheduler = training_scheduler(config)
+    torch.manual_seed(config.seed)
     encoder = text_encoder or LearnedPromptEncoder(data.vocabulary, config.prompt_embedding_dim)
     prompted = PromptedUNet(build_latent_unet(config), encoder).to(device)
 
@@ -208,6 +210,8 @@ def _controlnet_stage(
 ) -> None:
     """Stage 3: the ControlNet alone (UNet and prompt encoder frozen) on the mixed source/target set."""
     scheduler = training_scheduler(config)
+    # seeded here: on a resume the checker stage, which draws from the global generator, is skipped
+    torch.manual_seed(config.seed)
     controlnet = build_controlnet(config, control_channels(num_organs, config.control_encoding), prompted.unet).to(device)
 
     def controlnet_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
