@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from monai.data import MetaTensor
+from safetensors.torch import load_file
 
 from medgen.errors import BadInputError, CancelledError, ModelError
 from medgen.io import check_same_geometry, load_volume, save_volume
@@ -68,10 +69,28 @@ def test_training_again_with_other_settings_or_data_is_refused_before_any_stage(
     before = {path.name: path.stat().st_mtime_ns for path in model_dir.iterdir()}
     with pytest.raises(BadInputError, match=r"other settings or data \(vae_phase1_steps 4 -> 5\).*Use a new output folder"):
         train_joint_ldm(pairs, labels, model_dir, JointLDMConfig.tiny(**{**FAST, "vae_phase1_steps": 5}))
+    with pytest.raises(BadInputError, match=r"other settings or data \(seed 0 -> 7\)"):
+        train_joint_ldm(pairs, labels, model_dir, JointLDMConfig.tiny(**FAST), seed=7)
     flipped = [dataclasses.replace(pair, image=MetaTensor(pair.image.flip(1), affine=pair.image.affine)) for pair in pairs]
     with pytest.raises(BadInputError, match=r"\(other training data\)"):
         train_joint_ldm(flipped, labels, model_dir, JointLDMConfig.tiny(**FAST))
     assert {path.name: path.stat().st_mtime_ns for path in model_dir.iterdir()} == before  # nothing was touched
+
+
+def test_the_seed_decides_the_weights_and_the_model_records_its_trained_steps(trained_model, tmp_path):
+    """The seed reaches the initial weights and the training draws whatever the global generator holds; a folder asked
+    for fewer LDM steps than it was trained keeps and records its longer training."""
+    model_dir, pairs = trained_model
+    config = JointLDMConfig.tiny(**FAST)
+    runs = {}
+    for name, seed, global_seed in (("a", 3, 0), ("b", 3, 99), ("c", 4, 0)):
+        torch.manual_seed(global_seed)
+        runs[name] = load_file(train_joint_ldm(pairs, LABELS, tmp_path / name, config, seed=seed) / "ldm.safetensors")
+    assert all(torch.equal(runs["a"][key], runs["b"][key]) for key in runs["a"])
+    assert not all(torch.equal(runs["a"][key], runs["c"][key]) for key in runs["a"])
+    assert json.loads((tmp_path / "a" / "medgen_model.json").read_text())["seed"] == 3
+    train_joint_ldm(pairs, LABELS, tmp_path / "a", JointLDMConfig.tiny(**{**FAST, "ldm_steps": 2}), seed=3)
+    assert json.loads((tmp_path / "a" / "medgen_model.json").read_text())["config"]["ldm_steps"] == 4
 
 
 def test_generated_pairs_are_valid_aligned_and_deterministic(trained_model):

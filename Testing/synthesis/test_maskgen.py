@@ -526,9 +526,11 @@ def test_a_local_text_model_conditions_training_and_is_needed_again_to_load(tmp_
 
 def test_training_again_with_other_settings_is_refused_but_the_controlnet_may_train_longer(model_dir, tmp_path):
     sources, targets = [phantom(s, LUT_A) for s in range(3)], [phantom(10 + s, LUT_B)[0] for s in range(3)]
-    for steps in (0, 2):  # as the fidelity bench trains: the ControlNet stage continued in the same folder
+    for steps in (0, 2, 1):  # as the fidelity bench trains: the ControlNet stage continued in the same folder
         train_maskgen(sources[:2], targets[:2], ["liver", "kidney"], tmp_path, MaskGenConfig.tiny(**{**FAST, "controlnet_steps": steps}),
                       source_prompt=SOURCE, target_prompt=TARGET)
+    # asked for 1 step after 2: the weights keep their 2 steps, and so does the record
+    assert json.loads((tmp_path / "medgen_model.json").read_text())["config"]["controlnet_steps"] == 2
     with pytest.raises(BadInputError, match=r"other settings or data \(unet_steps 4 -> 6\)"):
         train_maskgen(sources, targets, ["liver", "kidney"], model_dir, MaskGenConfig.tiny(**{**FAST, "unet_steps": 6}),
                       source_prompt=SOURCE, target_prompt=TARGET)

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 from monai.data import MetaTensor
+from safetensors.torch import load_file
 
 from medgen.errors import BadInputError, ModelError
 from medgen.io.model_folder import read_model_json
@@ -98,8 +99,21 @@ def test_a_model_folder_continues_only_with_its_own_volumes_and_settings(tmp_pat
         train_translation([_phantom(0), _phantom(1)], tmp_path, dataclasses.replace(config, lmi_compat=True))
     with pytest.raises(BadInputError, match="data"):
         train_translation([_phantom(0)], tmp_path, config)
+    with pytest.raises(BadInputError, match="seed 0 -> 5"):
+        train_translation([_phantom(0), _phantom(1)], tmp_path, config, seed=5)
     shorter = train_translation([_phantom(0), _phantom(1)], tmp_path, dataclasses.replace(config, steps=1))
     assert read_model_json(shorter, TASK)["config"]["steps"] == 2  # the weights' own training, not the request
+
+
+def test_the_seed_alone_decides_the_weights(tmp_path):
+    config = TranslationConfig.tiny(mode="3d", grid=(8, 8, 8), channels=(8, 16), steps=2, batch_size=2)
+    weights = {}
+    for name, seed, global_seed in (("a", 1, 0), ("b", 1, 42), ("c", 2, 0)):
+        torch.manual_seed(global_seed)
+        folder = train_translation([_phantom(0), _phantom(1)], tmp_path / name, config, seed=seed)
+        weights[name] = load_file(folder / "unet.safetensors")
+    assert all(torch.equal(weights["a"][key], weights["b"][key]) for key in weights["a"])
+    assert not all(torch.equal(weights["a"][key], weights["c"][key]) for key in weights["a"])
 
 
 def test_sdedit_baseline_with_an_unconditional_model(tmp_path):

@@ -46,7 +46,8 @@ def run_synth_train(ctx: JobContext) -> dict:
     config = JointLDMConfig.tiny(**overrides) if params["preset"] == "tiny" else dataclasses.replace(JointLDMConfig(), **overrides)
     from medgen.synthesis.joint_ldm import train_joint_ldm
 
-    model_dir = train_joint_ldm(pairs, labels, ctx.output_path("model"), config, device=ctx.device, reporter=ctx.reporter)
+    model_dir = train_joint_ldm(pairs, labels, ctx.output_path("model"), config, device=ctx.device, reporter=ctx.reporter,
+                                seed=ctx.spec.seed)
     return {"outputs": {"model": str(model_dir)}}
 
 

@@ -113,7 +113,7 @@ def training_scheduler(config: JointLDMConfig) -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=config.num_train_timesteps, schedule=SIGMOID_SCHEDULE, clip_sample=True)
 
 
-def _vae_stage(vae, pairs, config: JointLDMConfig, run_dir: Path, device, reporter) -> None:
+def _vae_stage(vae, pairs, config: JointLDMConfig, run_dir: Path, device, reporter, seed: int) -> None:
     images = torch.stack([pair.image.as_tensor() for pair in pairs])
     labels = torch.stack([pair.label.as_tensor() for pair in pairs])
     dataset = list(range(len(pairs)))
@@ -128,7 +128,7 @@ def _vae_stage(vae, pairs, config: JointLDMConfig, run_dir: Path, device, report
         train_diffusion(
             vae, vae_loss, dataset, optimizer,
             TrainConfig(max_steps=max_steps, batch_size=min(config.batch_size, len(pairs)), grad_accum_steps=config.grad_accum_steps,
-                        amp=config.amp, checkpoint_every=config.checkpoint_every, keep_checkpoints=1),
+                        amp=config.amp, checkpoint_every=config.checkpoint_every, keep_checkpoints=1, seed=seed),
             checkpoint_dir=run_dir / "vae",
             reporter=PhaseReporter(reporter, "vae", total=config.vae_phase1_steps + config.vae_phase2_steps),  # both phases, one bar
         )
@@ -142,6 +142,7 @@ def train_joint_ldm(
     *,
     device: torch.device | str = "cpu",
     reporter: Reporter | None = None,
+    seed: int = 0,
 ) -> Path:
     """Train the joint VAE and the latent DDPM on prepared pairs; returns the model folder.
 
@@ -152,6 +153,7 @@ def train_joint_ldm(
         config: architecture and schedule (default: the DIFF-3 recipe).
         device: training device.
         reporter: progress per stage (``vae``, ``latents``, ``ldm``) and cancellation.
+        seed: seeds each network's initial weights and each stage's training draws (batches, noise, timesteps).
     """
     config = config or JointLDMConfig()
     reporter = as_reporter(reporter)
@@ -173,11 +175,13 @@ def train_joint_ldm(
 
     tensors = {f"{index}.{part}": getattr(pair, part) for index, pair in enumerate(pairs) for part in ("image", "label")}
     tensors.update({f"{index}.affine": pair.image.affine for index, pair in enumerate(pairs)})
-    check_same_run(out_dir, {**dataclasses.asdict(config), "labels": [dataclasses.asdict(label) for label in labels]},
+    check_same_run(out_dir, {**dataclasses.asdict(config), "labels": [dataclasses.asdict(label) for label in labels],
+                             "seed": seed},
                    weights_hash({name: convert_to_tensor(tensor, track_meta=False) for name, tensor in tensors.items()}),
                    may_change=("ldm_steps", "ema_decay", "ema_every", "checkpoint_every"))
+    torch.manual_seed(seed)  # each network's initial weights from the seed alone, whichever stages ran before
     vae = build_joint_vae(config.vae_config(num_classes)).to(device)
-    _vae_stage(vae, pairs, config, out_dir, device, reporter)
+    _vae_stage(vae, pairs, config, out_dir, device, reporter, seed)
     vae.eval()
 
     latents_path = out_dir / "latents.safetensors"
@@ -189,6 +193,7 @@ def train_joint_ldm(
         reporter.progress("latents", len(pairs), len(pairs))
     latents = LatentSet.from_state(read_safetensors(latents_path))
 
+    torch.manual_seed(seed)
     unet = build_latent_unet(config).to(device)
     scheduler = training_scheduler(config)
 
@@ -200,14 +205,16 @@ def train_joint_ldm(
         unet, ldm_loss, list(range(len(pairs))), torch.optim.Adam(unet.parameters(), lr=config.ldm_lr, betas=(0.9, 0.99)),
         TrainConfig(max_steps=config.ldm_steps, batch_size=min(config.ldm_batch_size, len(pairs)), grad_accum_steps=config.grad_accum_steps,
                     ema_decay=config.ema_decay, ema_every=config.ema_every, amp=config.amp,
-                    checkpoint_every=config.checkpoint_every, keep_checkpoints=1),
+                    checkpoint_every=config.checkpoint_every, keep_checkpoints=1, seed=seed),
         checkpoint_dir=out_dir / "ldm", reporter=PhaseReporter(reporter, "ldm"),
     )
     write_safetensors(vae.state_dict(), out_dir / "vae.safetensors")
     ldm_weights = result.ema_model if result.ema_model is not None else unet  # EMA weights for sampling
     write_safetensors(ldm_weights.state_dict(), out_dir / "ldm.safetensors")
+    # the steps the weights had: a folder trained further before keeps its longer training
+    trained_config = dataclasses.replace(config, ldm_steps=result.step)
     write_model_json(
-        out_dir, TASK, config=dataclasses.asdict(config), num_classes=num_classes,
+        out_dir, TASK, config=dataclasses.asdict(trained_config), seed=seed, num_classes=num_classes,
         labels=[dataclasses.asdict(label) for label in labels], grid_shape=list(shape),
         affine=np.asarray(pairs[0].image.affine, dtype=float).tolist(), latent_shape=list(latents.mu.shape[1:]),
     )

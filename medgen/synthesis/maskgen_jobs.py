@@ -66,6 +66,7 @@ def run_maskgen_train(ctx: JobContext) -> dict:
     targets, _ = prepare_pairs(_target_cases(ctx), shape=shape, spacing_mm=spacing_mm)
     ctx.reporter.log(f"{len(sources)} source and {len(targets)} target volume(s) on a {shape} grid, organs: {[o.name for o in organs]}")
     overrides = {name: params[name] for name in CONFIG_OVERRIDES if name in params}
+    overrides.setdefault("seed", ctx.spec.seed)  # the job's seed unless the parameters name another
     overrides["control_encoding"] = params["encoding"]
     for name in ("controlnet_flip_axes", "unet_flip_axes"):
         overrides[name] = tuple(params[name])

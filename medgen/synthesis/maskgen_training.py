@@ -207,8 +207,9 @@ def _unet_stage(
 
 def _controlnet_stage(
     data: _LatentData, prompted: PromptedUNet, num_organs: int, config: MaskGenConfig, out_dir: Path, device, reporter
-) -> None:
-    """Stage 3: the ControlNet alone (UNet and prompt encoder frozen) on the mixed source/target set."""
+) -> int:
+    """Stage 3: the ControlNet alone (UNet and prompt encoder frozen) on the mixed source/target set; returns the
+    steps its weights had (more than ``config.controlnet_steps`` when the folder was trained further before)."""
     scheduler = training_scheduler(config)
     # seeded here: on a resume the checker stage, which draws from the global generator, is skipped
     torch.manual_seed(config.seed)
@@ -230,6 +231,7 @@ def _controlnet_stage(
         checkpoint_dir=out_dir / "controlnet", reporter=PhaseReporter(reporter, "controlnet"),
     )
     write_safetensors((result.ema_model if result.ema_model is not None else controlnet).state_dict(), out_dir / "controlnet.safetensors")
+    return result.step
 
 
 def _checker_stage(sources, organ_names, config: MaskGenConfig, out_dir: Path, device, reporter) -> None:
@@ -330,12 +332,12 @@ def train_maskgen(
     if config.target_pseudo_labels:
         checker = load_checker(out_dir / CHECKER_DIR, device)
         data = dataclasses.replace(data, samples=pseudo_labelled_targets(data.samples, checker, device))
-    _controlnet_stage(data, prompted, len(organs), config, out_dir, device, reporter)
+    controlnet_steps = _controlnet_stage(data, prompted, len(organs), config, out_dir, device, reporter)
 
     first_image = source_cases[0][0]
     affine = first_image.affine if isinstance(first_image, MetaTensor) else torch.eye(4)
     write_model_json(
-        out_dir, TASK, config=dataclasses.asdict(config), organs=[dataclasses.asdict(organ) for organ in organs],
+        out_dir, TASK, config=dataclasses.asdict(dataclasses.replace(config, controlnet_steps=controlnet_steps)), organs=[dataclasses.asdict(organ) for organ in organs],
         prompts={prompt.modality: dataclasses.asdict(prompt) for prompt in (source_prompt, target_prompt)},
         source_modality=source_prompt.modality, target_modality=target_prompt.modality,
         prompt_encoder=_encoder_record(prompted.prompt_encoder), scale_factor=data.scale_factor, grid_shape=list(shape),

@@ -22,7 +22,7 @@ def run_translate_train(ctx: JobContext) -> dict:
     overrides["grid"] = tuple(ctx.params["grid"])
     config = TranslationConfig.tiny(**overrides) if ctx.params["preset"] == "tiny" else dataclasses.replace(TranslationConfig(), **overrides)
     model_dir = train_translation(volumes, ctx.output_path("model"), config, device=ctx.device, reporter=ctx.reporter,
-                                  target_modality=ctx.params.get("target_modality"))
+                                  target_modality=ctx.params.get("target_modality"), seed=ctx.spec.seed)
     return {"outputs": {"model": str(model_dir)}}
 
 

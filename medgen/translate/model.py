@@ -160,10 +160,12 @@ def train_translation(
     device: torch.device | str = "cpu",
     reporter: Reporter | None = None,
     target_modality: str | None = None,
+    seed: int = 0,
 ) -> Path:
     """Train on target-modality volumes only; returns the model folder (resumes a partial run there).
 
     ``target_modality`` (e.g. ``"T1"``) is recorded in ``medgen_model.json`` so that translations can be named after it.
+    ``seed`` seeds the network's initial weights and the training draws (batches, noise, timesteps).
     """
     config = config or TranslationConfig()
     reporter = as_reporter(reporter)
@@ -180,7 +182,7 @@ def train_translation(
                 "Train on volumes with visible anatomy."
             )
     # a run continued with other volumes or settings would mix two models in one folder; steps may grow
-    check_same_run(out_dir, {**dataclasses.asdict(config), "target_modality": target_modality},
+    check_same_run(out_dir, {**dataclasses.asdict(config), "target_modality": target_modality, "seed": seed},
                    weights_hash({"grid_data": data}), may_change=("steps", "memory_budget_mb"))
     data = data.to(device)
     self_lmi = None
@@ -189,6 +191,7 @@ def train_translation(
         self_lmi = torch.cat([_lmi(config, chunk, chunk) for chunk in data.split(32)])
         reporter.progress("self-lmi", 1, 1)
     scheduler = build_scheduler(config)
+    torch.manual_seed(seed)  # the initial weights from the seed alone
     unet = build_unet(config).to(device)
 
     def loss_fn(network, batch):
@@ -205,7 +208,7 @@ def train_translation(
     result = train_diffusion(
         unet, loss_fn, list(range(len(data))), torch.optim.Adam(unet.parameters(), lr=config.lr),
         TrainConfig(max_steps=config.steps, batch_size=min(config.batch_size, len(data)), ema_decay=config.ema_decay,
-                    checkpoint_every=max(1, config.steps // 4), keep_checkpoints=1),
+                    checkpoint_every=max(1, config.steps // 4), keep_checkpoints=1, seed=seed),
         checkpoint_dir=Path(out_dir) / "checkpoints", reporter=reporter,
     )
     trained = result.ema_model if result.ema_model is not None else unet
@@ -214,7 +217,7 @@ def train_translation(
         write_safetensors(trained.state_dict(), Path(out_dir) / "unet.safetensors")
         # the steps the weights had: a folder trained further before keeps its longer training
         trained_config = dataclasses.replace(config, steps=result.step)
-        write_model_json(out_dir, TASK, config=dataclasses.asdict(trained_config), training_volumes=len(volumes),
+        write_model_json(out_dir, TASK, config=dataclasses.asdict(trained_config), seed=seed, training_volumes=len(volumes),
                          target_modality=target_modality)
     if context.is_distributed:
         torch.distributed.barrier()  # the folder is complete before any rank returns it
