@@ -48,6 +48,11 @@ def test_tenvoo_generator_finetuning_trains_only_the_adapter_and_lowers_the_loss
     config.steps = 12
     last = finetune_generator(unet, _volumes(), config, checkpoint_dir=tmp_path / "a", diffusion=short)
     assert last < first
+    # the volumes, the learning rate and the base weights must stay on a resume (steps may grow)
+    with pytest.raises(BadInputError, match="other training data"):
+        finetune_generator(unet, _volumes(2), config, checkpoint_dir=tmp_path / "a", diffusion=short)
+    with pytest.raises(BadInputError, match="lr 0.001 -> 0.01"):
+        finetune_generator(unet, _volumes(), dataclasses.replace(config, lr=1e-2), checkpoint_dir=tmp_path / "a", diffusion=short)
     for name, parameter in unet.named_parameters():
         base_name = name.replace(".base_layer", "")
         if not parameter.requires_grad and base_name in frozen_before:

@@ -49,6 +49,13 @@ def weights_hash(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) ->
     return "sha256:" + digest.hexdigest()
 
 
+def frozen_weights_hash(network: nn.Module) -> str:
+    """:func:`weights_hash` of the parameters that do not train (``requires_grad`` False): after a PEFT method is
+    injected, the base model's weights, which training leaves as they are (buffers such as norm statistics,
+    which training updates, are left out)."""
+    return weights_hash({name: parameter for name, parameter in network.named_parameters() if not parameter.requires_grad})
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read all tensors of a safetensors file onto the CPU.
 
