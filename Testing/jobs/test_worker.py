@@ -275,6 +275,28 @@ def test_a_failed_rerun_keeps_the_manifest_of_the_outputs_still_there(tmp_path, 
     assert json.loads((job_dir / "manifest.json").read_text())["status"] == "bad_input"
 
 
+def test_a_rerun_of_a_generating_job_sets_the_earlier_outputs_aside(tmp_path, input_volume):
+    """A job that does not resume starts from an empty outputs/: the earlier run's files go to earlier_outputs/<stamp>/,
+    named like its archived manifest, instead of mixing with the new ones."""
+    job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 1}, device="cpu")
+    assert run_job_blocking(job_dir, timeout_s=120).returncode == ExitCode.OK
+    (job_dir / "outputs" / "left_by_run_1.txt").write_text("x")
+    first_output = (job_dir / "outputs" / "selftest.nii.gz").read_bytes()
+    assert run_job_blocking(job_dir, timeout_s=120).returncode == ExitCode.OK
+    assert sorted(path.name for path in (job_dir / "outputs").iterdir()) == ["selftest.nii.gz"]
+    (archived,) = (job_dir / "manifests").iterdir()
+    (earlier,) = (job_dir / "earlier_outputs").iterdir()
+    assert earlier.name == archived.stem
+    assert (earlier / "left_by_run_1.txt").is_file() and (earlier / "selftest.nii.gz").read_bytes() == first_output
+
+
+def test_training_kinds_resume_from_their_outputs_and_the_others_do_not():
+    from medgen.jobs.kinds import known_kinds
+
+    resuming = {kind.name for kind in known_kinds() if kind.resumes}
+    assert resuming == {"finetune", "finetune-generator", "synth-train", "maskgen-train", "translate-train"}
+
+
 def test_file_system_failures_are_bad_input_naming_the_path(tmp_path, input_volume, monkeypatch):
     import errno
 

@@ -9,6 +9,7 @@ _SEGMENTATION_MODEL_INPUT = path_input("MedGen segmentation model folder (model.
 register(
     JobKind(
         name="finetune",
+        resumes=True,
         handler="medgen.adapt.jobs:run_finetune",
         summary="Few-shot fine-tuning of a segmentation network with a PEFT method (TenVOO, LoRA, ...); writes an adapter.",
         uses_hf_transformers=True,
@@ -92,6 +93,7 @@ _GENERATOR_SHAPE = {"type": "array", "items": {"type": "integer", "minimum": 4},
 register(
     JobKind(
         name="finetune-generator",
+        resumes=True,
         handler="medgen.adapt.jobs:run_finetune_generator",
         summary="Fine-tune a pretrained 3D DDPM generator on a few volumes with a PEFT method (schedule from its spec).",
         uses_hf_transformers=True,

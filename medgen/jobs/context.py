@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,28 @@ from medgen.jobs.spec import JobSpec
 from medgen.progress import Reporter
 
 OUTPUTS_DIR = "outputs"
+#: where a re-run of a job that does not resume sets the earlier run's outputs aside
+EARLIER_OUTPUTS_DIR = "earlier_outputs"
+
+
+def set_aside_outputs(job_dir: Path, stamp: str | None = None) -> Path | None:
+    """Move an earlier run's ``outputs/`` to ``earlier_outputs/<stamp>/`` before a job that does not resume runs
+    its folder again: the new run's files are then not mixed with the earlier ones (a pairs folder holding both
+    runs' pairs, an nnU-Net dataset with every case twice), and nothing is lost.
+
+    Args:
+        stamp: names the folder, e.g. the earlier manifest's archive name (``manifests/<stamp>.json``) so the two
+            are found together; default the current time.
+
+    Returns:
+        the folder the outputs went to, or None when there were none.
+    """
+    outputs = Path(job_dir) / OUTPUTS_DIR
+    if not outputs.is_dir() or not any(outputs.iterdir()):
+        return None
+    destination = ensure_folder(Path(job_dir) / EARLIER_OUTPUTS_DIR) / (stamp or f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{time.time_ns() % 10**9:09d}")
+    os.replace(outputs, destination)
+    return destination
 
 
 @dataclasses.dataclass

@@ -26,6 +26,9 @@ class JobKind:
         params: JSON schema of the ``params`` object (defaults are filled in by validation).
         uses_hf_transformers: the handler needs Hugging Face ``transformers`` (HF peft baselines);
             other kinds start faster because the worker keeps MONAI from importing it.
+        resumes: a re-run of the job folder continues the earlier run from what it left under ``outputs/``
+            (training kinds: checkpoints, finished stages). Otherwise the worker sets the earlier outputs
+            aside first (:func:`medgen.jobs.context.set_aside_outputs`).
     """
 
     name: str
@@ -34,6 +37,7 @@ class JobKind:
     inputs: dict[str, Any]
     params: dict[str, Any]
     uses_hf_transformers: bool = False
+    resumes: bool = False
 
     def load_handler(self) -> Callable:
         module_name, function_name = self.handler.split(":")

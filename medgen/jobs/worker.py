@@ -67,6 +67,8 @@ def run_job(job_dir: Path, events: EventStream) -> ExitCode:
     owns_folder = False
     try:
         from medgen.io.folder_lock import exclusive_folder
+        from medgen.jobs.context import set_aside_outputs
+        from medgen.jobs.kinds import get_kind
         from medgen.jobs.manifest import archive_manifest
         from medgen.jobs.spec import load_job
 
@@ -74,7 +76,9 @@ def run_job(job_dir: Path, events: EventStream) -> ExitCode:
         _refuse_planted_links(job_dir)
         held.enter_context(exclusive_folder(job_dir, "job folder"))  # a second run of this folder is refused
         owns_folder = True
-        archive_manifest(job_dir)  # an earlier run's manifest stays with the outputs it describes
+        archived = archive_manifest(job_dir)  # an earlier run's manifest stays with the outputs it describes
+        if not get_kind(spec.kind).resumes:
+            set_aside_outputs(job_dir, archived.stem if archived else None)
         _skip_unused_transformers_import(spec.kind)
         events.keep_copy_in(job_dir)
         reporter = JobReporter(events, CancelWatch(job_dir))
@@ -104,11 +108,11 @@ def _refuse_planted_links(job_dir: Path) -> None:
     of results, events.jsonl to a file that would be appended to): refuse to run in it."""
     from medgen.errors import BadInputError
     from medgen.io.folder_lock import LOCK_FILE
-    from medgen.jobs.context import OUTPUTS_DIR
+    from medgen.jobs.context import EARLIER_OUTPUTS_DIR, OUTPUTS_DIR
     from medgen.jobs.events import CANCEL_FILE, EVENTS_FILE
     from medgen.jobs.manifest import ARCHIVE_DIR, MANIFEST_FILE
 
-    names = (OUTPUTS_DIR, EVENTS_FILE, CANCEL_FILE, MANIFEST_FILE, ARCHIVE_DIR, LOCK_FILE)
+    names = (OUTPUTS_DIR, EARLIER_OUTPUTS_DIR, EVENTS_FILE, CANCEL_FILE, MANIFEST_FILE, ARCHIVE_DIR, LOCK_FILE)
     links = [name for name in names if (job_dir / name).is_symlink()]
     if links:
         raise BadInputError(f"The job folder {job_dir} holds symbolic links {links}, which would send the job's writes "

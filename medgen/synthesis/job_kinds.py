@@ -18,6 +18,7 @@ _NNUNET_EXPORT = {
 register(
     JobKind(
         name="synth-train",
+        resumes=True,
         handler="medgen.synthesis.jobs:run_synth_train",
         summary="Train a joint image+label latent diffusion model (VAE, latents, LDM; resumable by stage).",
         inputs={
@@ -83,6 +84,7 @@ _FRACTION = {"type": "number", "minimum": 0, "maximum": 1}
 register(
     JobKind(
         name="maskgen-train",
+        resumes=True,
         handler="medgen.synthesis.maskgen_jobs:run_maskgen_train",
         summary="Train an MRGen-style mask-conditioned generator (VAE, prompt UNet, ControlNet, checker; resumable by stage).",
         inputs={

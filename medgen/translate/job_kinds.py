@@ -5,6 +5,7 @@ from medgen.jobs.kinds import PATH_LIST, JobKind, object_schema, path_input, reg
 register(
     JobKind(
         name="translate-train",
+        resumes=True,
         handler="medgen.translate.jobs:run_translate_train",
         summary="Train an LMI-conditioned DDPM on target-modality volumes only (zero-shot translation model).",
         inputs=object_schema({"volumes": PATH_LIST}, required=("volumes",)),
