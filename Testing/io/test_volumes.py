@@ -271,3 +271,11 @@ def test_a_dicom_series_with_a_missing_slice_is_refused(tmp_path, process_locale
     (tmp_path / "slice002.dcm").unlink()
     with pytest.raises(BadInputError, match=r"unevenly spaced slices \(gaps 2 to 4 mm, typically 2 mm\)"):
         load_volume(tmp_path)
+
+
+def test_volume_stems_keep_dots_before_the_suffix():
+    from medgen.io import volume_stem
+
+    assert volume_stem("/data/1.2.840.113619.2.55.nii.gz") == "1.2.840.113619.2.55"
+    assert volume_stem("sub-01_ses-1.5T_T1w.NRRD") == "sub-01_ses-1.5T_T1w"
+    assert volume_stem("/data/dicom.series.1") == "dicom.series.1"  # a DICOM folder: no suffix to strip

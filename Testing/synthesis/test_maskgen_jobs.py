@@ -54,17 +54,18 @@ def test_maskgen_jobs_end_to_end_with_nnunet_export(tmp_path, oblique, capsys):
     assert config.controlnet_flip_axes == (0, 2) and config.unet_flip_axes == (0, 2)
 
     mask = phantom(5, LUT_A, oblique)[1]
-    mask_path = str(save_volume(mask, tmp_path / "case5.nii.gz", label=True))
-    empty_path = str(save_volume(MetaTensor(torch.zeros_like(mask.as_tensor()), affine=mask.affine), tmp_path / "blank.nii.gz", label=True))
+    # dotted names (DICOM UIDs, BIDS entities) are stems up to the volume suffix, not to the first dot
+    mask_path = str(save_volume(mask, tmp_path / "1.2.840.5.nii.gz", label=True))
+    empty_path = str(save_volume(MetaTensor(torch.zeros_like(mask.as_tensor()), affine=mask.affine), tmp_path / "1.2.840.6.nii.gz", label=True))
     synth = run_job_blocking(write_job(
         tmp_path / "jobs", "maskgen", {"model": model, "masks": [mask_path, empty_path]},
         {"target_modality": "T2 MRI", "candidates": 2, "chunk": 2, "steps": 2, "thresholds": ACCEPT_ALL,
          "nnunet_dataset_id": 77, "nnunet_name": "MaskGen"}, device="cpu", seed=3), timeout_s=900)
     assert synth.returncode == ExitCode.OK, synth.error
-    assert synth.result["masks"] == {"case5": "accepted", "blank": "skipped: empty mask"} and synth.result["accepted"] == 2
+    assert synth.result["masks"] == {"1.2.840.5": "accepted", "1.2.840.6": "skipped: empty mask"} and synth.result["accepted"] == 2
     report = json.loads(open(synth.result["outputs"]["report"]).read())
     assert report["seed"] == 3 and [m["status"] for m in report["masks"]] == ["accepted", "skipped: empty mask"]
-    image = load_volume(f"{synth.result['outputs']['pairs']}/case5_0_image.nii.gz")
+    image = load_volume(f"{synth.result['outputs']['pairs']}/1.2.840.5_0_image.nii.gz")
     assert torch.allclose(image.affine, mask.affine.to(image.affine.dtype), atol=1e-5)
     dataset = synth.result["outputs"]["nnunet_dataset"]
     document = json.loads(open(f"{dataset}/dataset.json").read())
@@ -75,7 +76,7 @@ def test_maskgen_jobs_end_to_end_with_nnunet_export(tmp_path, oblique, capsys):
     code = cli_main.main(["submit", "maskgen", "--inputs", json.dumps({"model": model, "masks": [empty_path]}),
                           "--params", json.dumps({"target_modality": "T2 MRI"}), "--device", "cpu", "--job-root", str(tmp_path / "cli")])
     said = capsys.readouterr()
-    assert code == 0 and '[medgen] masks: {"blank": "skipped: empty mask"}' in said.err and "[medgen] accepted: 0" in said.err
+    assert code == 0 and '[medgen] masks: {"1.2.840.6": "skipped: empty mask"}' in said.err and "[medgen] accepted: 0" in said.err
     assert set(json.loads(said.out)) == {"pairs", "report"}
 
     unknown = run_job_blocking(write_job(

@@ -22,6 +22,7 @@ _EXPORTS = {
     "SUPPORTED_SUFFIXES": "medgen.io.volumes",
     "load_volume": "medgen.io.volumes",
     "save_volume": "medgen.io.volumes",
+    "volume_stem": "medgen.io.volumes",
     "volume_suffix": "medgen.io.volumes",
     "check_finite": "medgen.io.validation",
     "holds_whole_numbers": "medgen.io.validation",

@@ -34,6 +34,14 @@ def volume_suffix(path: str | os.PathLike) -> str:
     return ""
 
 
+def volume_stem(path: str | os.PathLike) -> str:
+    """The file name without its volume suffix: ``1.2.840.5.nii.gz`` -> ``1.2.840.5`` (dots in DICOM UIDs and
+    BIDS names are kept); a name without a supported suffix (a DICOM folder) is returned whole."""
+    name = Path(path).name
+    suffix = volume_suffix(name)
+    return name[: len(name) - len(suffix)] if suffix else name
+
+
 def _check_readable_path(path: Path) -> None:
     if not path.exists():
         raise BadInputError(f"Volume file {path} does not exist. Check the path or pick another file.")

@@ -85,7 +85,7 @@ def import_outputs(outputs: dict[str, str], imports: list[OutputImport], referen
 
     Outputs on ``reference_node``'s grid get its exact matrix back (:func:`medgen.slicer.volumes.snap_to_grid_of`).
     """
-    from medgen.io import load_volume
+    from medgen.io import load_volume, volume_stem
     from medgen.slicer.segmentations import labelmap_to_segmentation
     from medgen.slicer.volumes import snap_to_grid_of, tensor_to_volume_node
 
@@ -96,7 +96,7 @@ def import_outputs(outputs: dict[str, str], imports: list[OutputImport], referen
         path = Path(outputs[spec.output])
         volume = snap_to_grid_of(load_volume(path, label=spec.as_type != "volume"), reference_node)
         if spec.as_type == "segmentation":
-            labels_file = Path(spec.labels_file) if spec.labels_file else path.with_name(path.name.split(".")[0] + "_labels.json")
+            labels_file = Path(spec.labels_file) if spec.labels_file else path.with_name(volume_stem(path) + "_labels.json")
             labels = load_labels(labels_file) if labels_file.exists() else []
             nodes[spec.output] = labelmap_to_segmentation(
                 volume, labels, spec.node_name, scene=scene, reference_node=reference_node

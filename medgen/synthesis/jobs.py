@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from medgen.errors import BadInputError
-from medgen.io import load_volume
+from medgen.io import load_volume, volume_stem
 from medgen.io.model_folder import read_model_json
 from medgen.jobs.context import JobContext
 from medgen.labels import load_labels
@@ -27,7 +27,7 @@ def _training_pairs(ctx: JobContext) -> list:
     if len(images) != len(labels) or not images:
         raise BadInputError(f"Give as many label maps as images (got {len(images)} images, {len(labels)} label maps).")
     return [
-        (Path(image).name.split(".")[0], load_volume(image, name=Path(image).name), load_volume(label, label=True, name=Path(label).name))
+        (volume_stem(image), load_volume(image, name=Path(image).name), load_volume(label, label=True, name=Path(label).name))
         for image, label in zip(images, labels)
     ]
 

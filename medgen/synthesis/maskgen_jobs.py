@@ -9,7 +9,7 @@ import torch
 from monai.data import MetaTensor
 
 from medgen.errors import BadInputError
-from medgen.io import check_same_geometry, load_volume
+from medgen.io import check_same_geometry, load_volume, volume_stem
 from medgen.io.model_folder import read_model_json
 from medgen.jobs.context import JobContext
 from medgen.labels import load_labels
@@ -22,10 +22,6 @@ CONFIG_OVERRIDES = ("vae_steps", "unet_steps", "controlnet_steps", "checker_step
                     "grad_accum_steps", "checkpoint_every", "amp", "seed")
 
 
-def _stem(path: str) -> str:
-    return Path(path).name.split(".")[0]
-
-
 def _source_cases(ctx: JobContext) -> list[tuple[str, MetaTensor, MetaTensor]]:
     images, labels = ctx.inputs["source_images"], ctx.inputs["source_labels"]
     if len(images) != len(labels):
@@ -34,7 +30,7 @@ def _source_cases(ctx: JobContext) -> list[tuple[str, MetaTensor, MetaTensor]]:
     for image_path, label_path in zip(images, labels):
         image, label = load_volume(image_path, name=Path(image_path).name), load_volume(label_path, label=True, name=Path(label_path).name)
         check_same_geometry(image, label, Path(image_path).name, Path(label_path).name)  # named by file, before prepare_pairs
-        cases.append((_stem(image_path), image, label))
+        cases.append((volume_stem(image_path), image, label))
     return cases
 
 
@@ -43,7 +39,7 @@ def _target_cases(ctx: JobContext) -> list[tuple[str, MetaTensor, MetaTensor]]:
     cases = []
     for path in ctx.inputs["target_images"]:
         image = load_volume(path, name=Path(path).name)
-        cases.append((_stem(path), image, MetaTensor(torch.zeros(image.shape, dtype=torch.int64), affine=image.affine)))
+        cases.append((volume_stem(path), image, MetaTensor(torch.zeros(image.shape, dtype=torch.int64), affine=image.affine)))
     return cases
 
 
@@ -87,7 +83,7 @@ def run_maskgen(ctx: JobContext) -> dict:
 
     params, model_dir = ctx.params, ctx.inputs["model"]
     document = read_model_json(model_dir, TASK)
-    masks = [(_stem(path), load_volume(path, label=True, name=Path(path).name)) for path in ctx.inputs["masks"]]
+    masks = [(volume_stem(path), load_volume(path, label=True, name=Path(path).name)) for path in ctx.inputs["masks"]]
     report = synthesize_from_masks(
         model_dir, masks, ctx.output_path("pairs"), target_modality=params["target_modality"], candidates=params["candidates"],
         chunk=params["chunk"], steps=params["steps"], guidance_scale=params["guidance_scale"],
