@@ -66,6 +66,27 @@ def test_constant_image_is_refused_naming_its_case(oblique):
         prepare_pairs([("a", image, label), ("flat", flat, label)], shape=(16, 16, 16))
 
 
+def test_multi_component_images_are_refused_naming_the_case(oblique):
+    image, label = _pair(oblique)
+    rgb = MetaTensor(image.as_tensor().repeat(3, 1, 1, 1), affine=image.affine)
+    with pytest.raises(BadInputError, match=r"Case 'vec' has an image of 3 and a label map of 1 component"):
+        prepare_pairs([("vec", rgb, label)], shape=(16, 16, 16))
+
+
+def test_cases_of_other_spacings_kept_as_they_are_are_a_warning(oblique):
+    fine = _pair(oblique)
+    thick_affine = oblique.copy()
+    thick_affine[:3, 2] *= 2.0  # twice the slice spacing
+    thick = _pair(thick_affine)
+    logs = []
+    reporter = CallbackReporter(lambda event: logs.append(event.get("message", "")))
+    prepare_pairs([("fine", *fine), ("thick", *thick)], shape=(16, 16, 16), reporter=reporter)
+    assert any("spacings differ" in message and "case 'fine''s spacing" in message for message in logs)
+    logs.clear()
+    prepare_pairs([("fine", *fine), ("thick", *thick)], shape=(16, 16, 16), spacing_mm=(1.0, 1.0, 1.0), reporter=reporter)
+    assert not any("spacings differ" in message for message in logs)  # resampled to one spacing
+
+
 def test_grid_the_vae_and_latent_unet_cannot_divide_is_refused_up_front(oblique):
     image, label = _pair(oblique, shape=(24, 24, 16))
     prepared, _ = prepare_pairs([("a", image, label)], shape=(24, 24, 16))

@@ -54,12 +54,14 @@ def run_maskgen_train(ctx: JobContext) -> dict:
     spacing_mm = tuple(params["spacing_mm"]) if params.get("spacing_mm") else None
     label_names = load_labels(ctx.inputs["label_names"]) if "label_names" in ctx.inputs else None
     source_cases = _source_cases(ctx)
-    sources, organs = prepare_pairs(source_cases, shape=shape, spacing_mm=spacing_mm, labels=label_names, reporter=ctx.reporter)
+    # one call for both modalities: their spacings are compared together, and the labels come from the sources only
+    prepared, organs = prepare_pairs(source_cases + _target_cases(ctx), shape=shape, spacing_mm=spacing_mm, labels=label_names,
+                                     reporter=ctx.reporter)
+    sources, targets = prepared[: len(source_cases)], prepared[len(source_cases) :]
     if not organs:
         names = [Path(path).name for path in ctx.inputs["source_labels"]]
         raise BadInputError(f"None of the source label maps {names} holds an organ: every voxel is 0 (background). "
                             "Give the label maps that go with the source images.")
-    targets, _ = prepare_pairs(_target_cases(ctx), shape=shape, spacing_mm=spacing_mm)
     ctx.reporter.log(f"{len(sources)} source and {len(targets)} target volume(s) on a {shape} grid, organs: {[o.name for o in organs]}")
     overrides = {name: params[name] for name in CONFIG_OVERRIDES if name in params}
     overrides.setdefault("seed", ctx.spec.seed)  # the job's seed unless the parameters name another

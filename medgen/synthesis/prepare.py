@@ -106,6 +106,19 @@ def _warn_about_cropped_labels(case: str, before: MetaTensor, after: MetaTensor,
             "(--spacing-mm) to resample the pairs into the shape instead.", "warning")
 
 
+def _warn_about_mixed_spacings(pairs: list[tuple[str, MetaTensor, MetaTensor]], reporter: Reporter) -> None:
+    """Warn when cases kept at their own spacing (no ``spacing_mm``) differ in it by more than 1 %: the model then
+    mixes physical scales, and what it generates is written with the first case's spacing."""
+    spacings = torch.stack([torch.as_tensor(image.pixdim, dtype=torch.float64)[:3] for _, image, _ in pairs])
+    low, high = spacings.min(dim=0).values, spacings.max(dim=0).values
+    if bool((high > low * 1.01).any()):
+        ranges = ", ".join(f"{float(a):.3g}-{float(b):.3g}" for a, b in zip(low, high))
+        reporter.log(
+            f"The cases' voxel spacings differ ({ranges} mm per axis) and no spacing was given, so each keeps its own: "
+            f"the model mixes physical scales and writes what it generates with case {pairs[0][0]!r}'s spacing. Give a "
+            "spacing (--spacing-mm) to resample every case to it.", "warning")
+
+
 def prepare_pairs(
     pairs: list[tuple[str, MetaTensor, MetaTensor]],
     *,
@@ -136,8 +149,15 @@ def prepare_pairs(
     if not pairs:
         raise BadInputError("No training pairs were given.")
     for case, image, label in pairs:
+        if image.shape[0] != 1 or label.shape[0] != 1:
+            raise BadInputError(
+                f"Case {case!r} has an image of {image.shape[0]} and a label map of {label.shape[0]} component(s): "
+                "synthesis learns one grey-value image and one label map per case. Give scalar volumes (a vector or "
+                "RGB volume has one component per channel).")
         check_same_geometry(image, label, f"{case} image", f"{case} label")
         check_not_constant(image, f"The image of case {case!r}", "to learn from")
+    if spacing_mm is None:
+        _warn_about_mixed_spacings(pairs, reporter)
     mapping, new_labels = label_remapping([label for _, _, label in pairs], labels)
     original = {new: old for old, new in mapping.items()}
     renumbered = [f"{label.name} {original[label.value]} -> {label.value}" for label in new_labels if original[label.value] != label.value]
