@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from monai.data import MetaTensor
 from monai.networks.nets import UNet
 
 from medgen_testing import TINY_UNET_KWARGS, blob_case, pretrained_blob_model, tiny_unet_spec
@@ -94,6 +95,20 @@ def test_a_run_continues_only_with_its_settings_data_and_base_model(model_folder
     result = finetune_segmentation(model, [blob_case(0, oblique)], FinetuneConfig(steps=4, val_every=2, amp=False, patience=9),
                                    checkpoint_dir=tmp_path)
     assert result.steps == 4
+
+
+def test_a_volume_thinner_than_the_patch_is_padded_as_inference_pads_it(model_folder, oblique, tmp_path):
+    """A thick-slice scan with fewer slices than the patch trains (zero-padded, with a warning) like it infers."""
+    model = load_segmentation_model(str(model_folder))
+    inject(model.network, "bitfit")
+    image, label = blob_case(0, oblique)
+    thin = (MetaTensor(image.as_tensor()[..., 8:18], affine=image.affine), MetaTensor(label.as_tensor()[..., 8:18], affine=label.affine))
+    assert thin[0].shape[-1] < model.patch_size[-1]
+    logs = []
+    result = finetune_segmentation(model, [thin], FinetuneConfig(steps=2, val_every=2, amp=False), checkpoint_dir=tmp_path,
+                                   reporter=CallbackReporter(lambda event: logs.append(event.get("message", ""))))
+    assert result.steps == 2
+    assert any("smaller than the training patch" in message and "zero-padded" in message for message in logs)
 
 
 def test_bad_training_data_is_refused_before_training(model_folder, oblique, tmp_path):

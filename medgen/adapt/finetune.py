@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from monai.data import MetaTensor
 from monai.losses import DiceLoss
+from monai.transforms import SpatialPad
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -83,6 +84,19 @@ def sample_patch(image: torch.Tensor, label: torch.Tensor, patch: tuple[int, int
     start = (centre - patch_t // 2).clamp(min=torch.zeros(3, dtype=torch.long), max=size - patch_t)
     index = tuple(slice(int(a), int(a) + int(p)) for a, p in zip(start, patch_t))
     return image[(slice(None), *index)], label[(slice(None), *index)]
+
+
+def _padded_to_patch(image: torch.Tensor, label: torch.Tensor, patch: tuple[int, int, int], number: int, reporter: Reporter):
+    """``image``/``label`` ``(C, I, J, K)`` zero-padded (centred) to at least ``patch`` along every axis, as sliding-window
+    inference pads a volume smaller than its window (a thick-slice scan of 12 slices for a 16-slice patch)."""
+    size = tuple(image.shape[1:])
+    if all(length >= edge for length, edge in zip(size, patch)):
+        return image, label
+    pad = SpatialPad(spatial_size=patch, mode="constant", value=0)
+    image, label = pad(image), pad(label)
+    reporter.log(f"Training volume {number} {size} is smaller than the training patch {tuple(patch)}: zero-padded to "
+                 f"{tuple(image.shape[1:])}, as inference pads it.", "warning")
+    return image, label
 
 
 @dataclasses.dataclass
@@ -196,7 +210,7 @@ def finetune_segmentation(
     for number, (image, label) in enumerate(training):
         check_segmentation_labels(model, label, display_name(label, f"Training segmentation {number}"))
         inputs, labels = prepare_volume(model, image, label)
-        prepared.append((inputs.tensor[0], labels[0]))
+        prepared.append(_padded_to_patch(inputs.tensor[0], labels[0], model.patch_size, number, reporter))
     val = None
     if validation is not None:
         # checked before training: a bad validation map would otherwise fail (or mislead early stopping) after it
