@@ -198,6 +198,29 @@ def test_nan_and_infinite_voxels_are_refused_in_every_format(tmp_path, suffix, l
         load_volume(tmp_path / f"nan{suffix}", label=label)
 
 
+def test_a_nifti_whose_sform_and_qform_disagree_is_read_with_a_warning(tmp_path, oblique, caplog):
+    import nibabel as nib
+
+    image = nib.Nifti1Image(np.random.default_rng(0).random((5, 6, 7)).astype(np.float32), None)
+    image.set_qform(oblique, code=1)
+    shifted = oblique.copy()
+    shifted[:3, 3] += (3.0, 4.0, 0.0)  # 5 mm elsewhere
+    image.set_sform(shifted, code=2)
+    nib.save(image, tmp_path / "two_geometries.nii.gz")
+    with caplog.at_level("WARNING", logger="medgen"):
+        volume = load_volume(tmp_path / "two_geometries.nii.gz")
+    (record,) = [record for record in caplog.records if "sform and qform disagree" in record.getMessage()]
+    assert "5.00 mm apart" in record.getMessage() and "two_geometries.nii.gz" in record.getMessage()
+    picked = "qform" if np.allclose(volume.affine.numpy(), oblique, atol=1e-3) else "sform"
+    assert f"MedGen uses the {picked}" in record.getMessage()
+    caplog.clear()
+    image.set_sform(oblique, code=2)  # agreeing: no warning
+    nib.save(image, tmp_path / "one_geometry.nii.gz")
+    with caplog.at_level("WARNING", logger="medgen"):
+        load_volume(tmp_path / "one_geometry.nii.gz")
+    assert not caplog.records
+
+
 def test_truncated_nifti_is_refused(tmp_path):
     # SimpleITK fills the missing end of a truncated .nii.gz with zeros instead of failing
     path = save_volume(MetaTensor(torch.rand(1, 24, 24, 24), affine=torch.eye(4, dtype=torch.float64)), tmp_path / "t1.nii.gz")

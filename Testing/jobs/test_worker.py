@@ -290,6 +290,30 @@ def test_a_rerun_of_a_generating_job_sets_the_earlier_outputs_aside(tmp_path, in
     assert (earlier / "left_by_run_1.txt").is_file() and (earlier / "selftest.nii.gz").read_bytes() == first_output
 
 
+def test_library_warnings_become_log_events(tmp_path, input_volume, monkeypatch):
+    """A warning logged on the medgen logger (here by the volume reader) reaches the job's events, in-process."""
+    import logging
+
+    from medgen.jobs import selftest
+    from medgen.jobs.events import EventStream
+    from medgen.jobs.worker import run_job
+
+    original = selftest.load_volume
+
+    def load_with_warning(*args, **kwargs):
+        logging.getLogger("medgen.io.volumes").warning("input image: a warning from the reader")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(selftest, "load_volume", load_with_warning)
+    job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 1}, device="cpu")
+    events = []
+    stream = EventStream()
+    monkeypatch.setattr(stream, "emit", lambda event, **fields: events.append({"event": event, **fields}))
+    assert run_job(job_dir, stream) == ExitCode.OK
+    assert {"event": "log", "level": "warning", "message": "input image: a warning from the reader"} in events
+    assert not logging.getLogger("medgen").handlers  # removed when the job ends
+
+
 def test_training_kinds_resume_from_their_outputs_and_the_others_do_not():
     from medgen.jobs.kinds import known_kinds
 

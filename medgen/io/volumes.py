@@ -6,6 +6,7 @@ so the affine is flipped on the way in and out (the only LPS<->RAS conversion in
 
 from __future__ import annotations
 
+import logging
 import os
 import zlib
 from pathlib import Path
@@ -18,6 +19,8 @@ from monai.data import MetaTensor
 from medgen.errors import BadInputError
 from medgen.io.atomic import atomic_output
 from medgen.io.validation import check_finite, check_spatial_3d, holds_whole_numbers
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: headers whose voxels sit in a separate file: read, not written (an atomic write would name a temporary file)
@@ -99,11 +102,13 @@ def _read_nifti(path: Path, name: str) -> tuple[sitk.ImageFileReader, np.ndarray
         raise _unreadable(path, error) from error
     _check_3d(header, name)
     try:
-        voxels = np.asanyarray(nib.load(str(path)).dataobj)
+        nifti = nib.load(str(path))
+        voxels = np.asanyarray(nifti.dataobj)
     except (EOFError, OSError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as error:
         raise BadInputError(
             f"Could not read {path}: the file is truncated or corrupted ({_first_line(error)}). Copy or export it again."
         ) from error
+    _warn_if_sform_and_qform_disagree(nifti, header, name)
     if voxels.dtype.fields is not None:  # RGB NIfTI: a structured array; SimpleITK gives it as components
         return _read_sitk(path, name)
     shape = (*header.GetSize(), header.GetNumberOfComponents())
@@ -111,6 +116,24 @@ def _read_nifti(path: Path, name: str) -> tuple[sitk.ImageFileReader, np.ndarray
         raise BadInputError(f"Could not read {path}: its header describes {shape} voxels x components but it holds "
                             f"an array of shape {voxels.shape}.")
     return header, np.moveaxis(voxels.reshape(shape), -1, 0)  # the reshape drops NIfTI's singleton 4th axis of vectors
+
+
+def _warn_if_sform_and_qform_disagree(nifti, header: sitk.ImageFileReader, name: str) -> None:
+    """Log a warning when a NIfTI file sets both its sform and qform and they place the voxels differently (> 0.01 mm
+    or 1e-4 in direction): MedGen, like Slicer, takes the geometry ITK picks, while FSL, nibabel and MONAI's NIfTI
+    reader take the sform, so the two kinds of tools would disagree on where the volume lies."""
+    if int(nifti.header["sform_code"]) <= 0 or int(nifti.header["qform_code"]) <= 0:
+        return
+    sform, qform = nifti.get_sform(), nifti.get_qform()
+    if np.allclose(sform, qform, atol=1e-2, rtol=1e-4):
+        return
+    used = _affine_ras(header)
+    picked = "qform" if np.allclose(used, qform, atol=1e-2, rtol=1e-4) else "sform" if np.allclose(used, sform, atol=1e-2, rtol=1e-4) else "neither"
+    corner_shift = float(np.linalg.norm(sform[:3, 3] - qform[:3, 3]))
+    logger.warning(
+        "%s: its NIfTI sform and qform disagree (origins %.2f mm apart); MedGen uses the %s, as ITK and Slicer do, while "
+        "FSL, nibabel and MONAI's NIfTI reader use the sform. Save the file with one geometry if they should agree.",
+        name, corner_shift, picked)
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:

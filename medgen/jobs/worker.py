@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import logging
 import os
 import random
 import sys
@@ -58,6 +59,18 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in message or "can't allocate memory" in message
 
 
+class _WarningsToEvents(logging.Handler):
+    """Warnings the library logs on the ``medgen`` logger (e.g. a NIfTI whose sform and qform disagree) become
+    ``log`` events, so the panel, the CLI and ``events.jsonl`` show them."""
+
+    def __init__(self, events: EventStream) -> None:
+        super().__init__(logging.WARNING)
+        self.events = events
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.events.emit("log", level=record.levelname.lower(), message=record.getMessage())
+
+
 def run_job(job_dir: Path, events: EventStream) -> ExitCode:
     """Run the job in ``job_dir``, reporting through ``events``; returns the exit code."""
     started_s = time.monotonic()
@@ -65,6 +78,9 @@ def run_job(job_dir: Path, events: EventStream) -> ExitCode:
     status = {"status": "internal"}
     held = contextlib.ExitStack()
     owns_folder = False
+    library_log, to_events = logging.getLogger("medgen"), _WarningsToEvents(events)
+    library_log.addHandler(to_events)
+    held.callback(library_log.removeHandler, to_events)
     try:
         from medgen.io.folder_lock import exclusive_folder
         from medgen.jobs.context import set_aside_outputs
