@@ -3,6 +3,7 @@ checkpoint, progress events, loading trained weights, and the error mapping (NaN
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -188,6 +189,20 @@ def test_a_run_shorter_than_ema_every_ships_its_trained_weights_as_the_ema(make_
     trained, averaged = model.state_dict(), result.ema_model.state_dict()
     assert any(not torch.equal(initial[name], trained[name]) for name in trained)
     assert all(torch.equal(trained[name], averaged[name]) for name in trained)
+
+
+def test_a_short_run_trained_longer_averages_like_an_uninterrupted_run(make_tiny_denoiser, tmp_path):
+    """The stand-in of a run shorter than ema_every must not enter the average: 3 steps then 12 equals 12 at once."""
+    config = TrainConfig(max_steps=12, batch_size=2, ema_decay=0.9, ema_every=5, amp=False)
+    uninterrupted = make_tiny_denoiser()
+    whole = train_diffusion(uninterrupted, ddpm_loss(), volumes(4), adam(uninterrupted), config,
+                            checkpoint_dir=tmp_path / "whole").ema_model.state_dict()
+    extended = make_tiny_denoiser()
+    optimizer = adam(extended)
+    train_diffusion(extended, ddpm_loss(), volumes(4), optimizer, dataclasses.replace(config, max_steps=3),
+                    checkpoint_dir=tmp_path / "extended")
+    longer = train_diffusion(extended, ddpm_loss(), volumes(4), optimizer, config, checkpoint_dir=tmp_path / "extended")
+    assert all(torch.equal(whole[name], longer.ema_model.state_dict()[name]) for name in whole)
 
 
 def test_a_resumed_run_from_an_earlier_step_drops_the_later_checkpoint_of_a_killed_writer(tmp_path):

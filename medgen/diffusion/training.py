@@ -9,6 +9,7 @@ may be captured by the closure.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from contextlib import nullcontext
@@ -275,9 +276,7 @@ def _train(model, loss_fn, dataset, optimizer, config, context, checkpoint_dir, 
             )
         if lr_scheduler is not None:
             lr_scheduler.step()
-        # a run shorter than ema_every takes the trained weights once at its end: an EMA that never averaged
-        # would still hold the initial weights
-        if ema is not None and (step % config.ema_every == 0 or (step == config.max_steps and int(ema.n_averaged) == 0)):
+        if ema is not None and step % config.ema_every == 0:
             ema.update_parameters(model)
         learning_rate = optimizer.param_groups[0]["lr"]
         progress_reporter.progress("training", step, config.max_steps, loss=last_loss, lr=learning_rate)
@@ -285,13 +284,16 @@ def _train(model, loss_fn, dataset, optimizer, config, context, checkpoint_dir, 
             elapsed_s = time.monotonic() - started_s
             _save(checkpoint_dir, step, model, ema, optimizer, lr_scheduler, config, context, last_loss, elapsed_s)
 
+    ema_model = None
     if ema is not None:
-        ema.module.eval()
+        # A run shorter than ema_every never averaged: its EMA still holds the initial weights, so the trained weights
+        # stand in for it. They do not enter the average, so a longer run continued from here equals an uninterrupted one.
+        ema_model = (ema.module if int(ema.n_averaged) > 0 else copy.deepcopy(model)).eval()
     final_checkpoint = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
     return TrainResult(
         step=max(start_step, config.max_steps),
         last_loss=last_loss,
-        ema_model=ema.module if ema is not None else None,
+        ema_model=ema_model,
         checkpoint=final_checkpoint,
     )
 
