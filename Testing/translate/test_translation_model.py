@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 
 from medgen.errors import BadInputError, ModelError
 from medgen.io.model_folder import read_model_json
-from medgen.translate.model import TASK, TranslationConfig, lmi_agreement, train_translation, translate_volume
+from medgen.translate.model import (
+    TASK, TranslationConfig, lmi_agreement, ras_axes, to_model_grid, train_translation, translate_volume,
+)
 from medgen_testing import oblique_affine
 
 TINY = dict(grid=(16, 16, 8), channels=(8, 16), steps=6, batch_size=4)
@@ -43,6 +45,28 @@ def test_translation_keeps_the_source_geometry_and_range(lmi_model):
     assert 0.0 <= float(translated.min()) and float(translated.max()) <= 1.0
     again = translate_volume(source, lmi_model, sampler="ddim", steps=5, seed=1)
     assert torch.equal(translated, again)
+
+
+def _stored_otherwise(volume: MetaTensor) -> MetaTensor:
+    """The same physical volume with its voxel axes stored in the order (K, I, J) and I reversed, as a scanner might
+    store a sagittal acquisition; the affine says where every voxel lies, so the anatomy is unchanged."""
+    size_i = volume.shape[1]
+    index_map = torch.zeros(4, 4, dtype=torch.float64)  # new voxel (k, i', j) -> old voxel (size_i - 1 - i', j, k)
+    index_map[0, 1], index_map[0, 3], index_map[1, 2], index_map[2, 0], index_map[3, 3] = -1, size_i - 1, 1, 1, 1
+    return MetaTensor(volume.as_tensor().permute(0, 3, 1, 2).flip(2), affine=volume.affine @ index_map)
+
+
+def test_a_volume_stored_in_another_axis_order_translates_to_the_same_anatomy(lmi_model):
+    """The model works on RAS-ordered axes (2.5d slices are axial) whatever the storage order of the source."""
+    source = _phantom(5, contrast=(0.9, 0.1, 0.5))
+    stored = _stored_otherwise(source)
+    assert ras_axes(stored.affine) != ras_axes(source.affine)
+    config = TranslationConfig.tiny(**TINY)
+    assert torch.equal(to_model_grid(source, config, "a"), to_model_grid(stored, config, "b"))
+    translated = translate_volume(source, lmi_model, sampler="ddim", steps=4, seed=1)
+    translated_stored = translate_volume(stored, lmi_model, sampler="ddim", steps=4, seed=1)
+    assert translated_stored.shape == stored.shape and torch.allclose(translated_stored.affine, stored.affine)
+    assert torch.allclose(_stored_otherwise(translated).as_tensor(), translated_stored.as_tensor(), atol=1e-6)
 
 
 def test_ddim_eta_sets_the_step_noise(lmi_model):

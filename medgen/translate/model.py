@@ -14,6 +14,8 @@ import dataclasses
 import os
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
@@ -127,10 +129,41 @@ def _lmi(config: TranslationConfig, source: torch.Tensor, moving: torch.Tensor) 
                    normalize=config.lmi_normalize, compat=config.lmi_compat, memory_budget_mb=config.memory_budget_mb)[0]
 
 
-def to_model_grid(volume: MetaTensor, config: TranslationConfig, name: str) -> torch.Tensor:
-    """A volume ``(1, I, J, K)`` scaled to [0, 1] (0.5-99.5 percentiles) and resized to the model grid.
+def ras_axes(affine: torch.Tensor | np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """How to lay a volume's voxel axes out as (nearest) left→Right, posterior→Anterior, inferior→Superior.
 
-    Returns ``(1, 1, I, J, K)`` (3d) or ``(K, 1, I, J)`` slices (2.5d).
+    Returns:
+        ``(order, flips)``: ``order[w]`` is the voxel axis (0..2) that runs along RAS world axis w, ``flips`` the voxel
+        axes that run against it. Axes are permuted and flipped only, never resampled, so the map is exact.
+    """
+    orientation = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
+    flips = tuple(axis for axis in range(3) if orientation[axis, 1] < 0)
+    order = tuple(int(np.flatnonzero(orientation[:, 0] == world)[0]) for world in range(3))
+    return order, flips
+
+
+def _to_ras_axes(data: torch.Tensor, volume) -> torch.Tensor:
+    """``data`` ``(C, I, J, K)`` of ``volume`` (a MetaTensor; a plain tensor is taken as it is) on RAS-ordered axes."""
+    if not isinstance(volume, MetaTensor):
+        return data
+    order, flips = ras_axes(volume.affine)
+    return data.flip([1 + axis for axis in flips]).permute(0, *(1 + axis for axis in order))
+
+
+def _from_ras_axes(data: torch.Tensor, reference) -> torch.Tensor:
+    """Inverse of :func:`_to_ras_axes` for ``reference``'s axes."""
+    if not isinstance(reference, MetaTensor):
+        return data
+    order, flips = ras_axes(reference.affine)
+    return data.permute(0, *(1 + order.index(axis) for axis in range(3))).flip([1 + axis for axis in flips])
+
+
+def to_model_grid(volume: MetaTensor, config: TranslationConfig, name: str) -> torch.Tensor:
+    """A volume ``(1, I, J, K)`` scaled to [0, 1] (0.5-99.5 percentiles), laid out on RAS-ordered axes and resized to
+    the model grid. A MetaTensor's axes are permuted/flipped by :func:`ras_axes` first, so a scan stored sagittally
+    meets the same model as one stored axially, and 2.5d slices are always axial (the last axis runs inferior→superior).
+
+    Returns ``(1, 1, I, J, K)`` (3d) or ``(K, 1, I, J)`` slices (2.5d), grid axes in R, A, S order.
     """
     data = volume.as_tensor() if isinstance(volume, MetaTensor) else volume
     if data.ndim != 4 or data.shape[0] != 1:
@@ -138,7 +171,7 @@ def to_model_grid(volume: MetaTensor, config: TranslationConfig, name: str) -> t
     if not torch.isfinite(data).all():
         raise BadInputError(f"{name} contains NaN or infinite voxels; fix or mask them first.")
     check_not_constant(data, name, "to translate")
-    scaled = ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True)(data.float())
+    scaled = _to_ras_axes(ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True)(data.float()), volume)
     resized = F.interpolate(torch.as_tensor(scaled)[None], size=tuple(config.grid), mode="trilinear", align_corners=False).clamp(0, 1)
     if config.spatial_dims == 3:
         return resized
@@ -146,10 +179,12 @@ def to_model_grid(volume: MetaTensor, config: TranslationConfig, name: str) -> t
 
 
 def from_model_grid(grid_tensor: torch.Tensor, reference: MetaTensor, config: TranslationConfig) -> MetaTensor:
-    """Inverse of :func:`to_model_grid`: back to the reference's shape and affine, values in [0, 1]."""
+    """Inverse of :func:`to_model_grid`: back to the reference's axes, shape and affine, values in [0, 1]."""
     volume = grid_tensor if config.spatial_dims == 3 else grid_tensor[:, 0].permute(1, 2, 0)[None, None]
-    resized = F.interpolate(volume.float(), size=tuple(reference.shape[1:]), mode="trilinear", align_corners=False)
-    return MetaTensor(resized[0].clamp(0, 1), affine=reference.affine)
+    ras_shape = tuple(reference.shape[1 + axis] for axis in ras_axes(reference.affine)[0]) if isinstance(reference, MetaTensor) \
+        else tuple(reference.shape[1:])
+    resized = F.interpolate(volume.float(), size=ras_shape, mode="trilinear", align_corners=False)
+    return MetaTensor(_from_ras_axes(resized[0], reference).clamp(0, 1).contiguous(), affine=reference.affine)
 
 
 def train_translation(
