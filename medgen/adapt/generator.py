@@ -122,8 +122,8 @@ def finetune_generator(
     scheduler = diffusion.scheduler()
     unet.to(device)
 
-    def loss_fn(network, batch):
-        return noise_prediction_loss(unet_denoiser(network), scheduler, data[batch].to(device), loss=F.mse_loss)
+    def loss_fn(network, batch):  # the trainer hands the batch's indices on the model's device; data stays on the CPU
+        return noise_prediction_loss(unet_denoiser(network), scheduler, data[batch.cpu()].to(device), loss=F.mse_loss)
 
     # a resumed run restores the optimiser and the network from its checkpoint: other settings, volumes or frozen
     # weights (another base model) would silently continue the old run

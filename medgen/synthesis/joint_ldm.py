@@ -121,6 +121,7 @@ def _vae_stage(vae, pairs, config: JointLDMConfig, run_dir: Path, device, report
     for kl_weight, max_steps in ((1e-6, config.vae_phase1_steps), (1.0, config.vae_phase1_steps + config.vae_phase2_steps)):
 
         def vae_loss(model, batch, kl_weight=kl_weight):
+            batch = batch.cpu()  # indices arrive on the model's device; the volumes stay on the CPU
             image, label = images[batch].to(device), labels[batch].to(device)
             reconstruction, mu, sigma = model(joint_input(image, label))
             return joint_vae_loss(reconstruction, image, label, mu, sigma, kl_weight).total

@@ -47,8 +47,9 @@ class LatentSet:
         return (x.clamp(-1.0, 1.0) + 1.0) / 2.0 * (self.g_max - self.g_min) + self.g_min
 
     def draw(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Fresh normalised samples ``(len(indices), C, d, h, w)`` of the given cases (dynamic sampling)."""
-        mu, sigma = self.mu[indices], self.sigma[indices]
+        """Fresh normalised samples ``(len(indices), C, d, h, w)`` on the CPU of the given cases (dynamic sampling);
+        ``indices`` may lie on any device."""
+        mu, sigma = self.mu[indices.cpu()], self.sigma[indices.cpu()]
         noise = torch.randn(mu.shape, generator=generator)
         return self.normalize(mu + sigma * noise)
 

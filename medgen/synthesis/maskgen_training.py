@@ -79,7 +79,8 @@ def _vae_stage(images: torch.Tensor, config: MaskGenConfig, out_dir: Path, devic
     torch.manual_seed(config.seed)  # every stage's initial weights from the seed alone, whichever stages ran before
     vae = build_image_vae(config).to(device)
     train_diffusion(
-        vae, lambda model, batch: image_vae_loss(model, images[batch].to(device), config), list(range(len(images))),
+        # the trainer hands the indices on the model's device; the images stay on the CPU
+        vae, lambda model, batch: image_vae_loss(model, images[batch.cpu()].to(device), config), list(range(len(images))),
         torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=1e-2),
         _train_config(config, config.vae_steps, len(images), ema=False), checkpoint_dir=out_dir / "vae", reporter=PhaseReporter(reporter, "vae"),
     )
