@@ -191,6 +191,23 @@ def test_a_run_shorter_than_ema_every_ships_its_trained_weights_as_the_ema(make_
     assert all(torch.equal(trained[name], averaged[name]) for name in trained)
 
 
+@pytest.mark.parametrize("clip", [1.0, None])
+def test_non_finite_gradients_stop_the_run_before_they_reach_the_weights(make_tiny_denoiser, tmp_path, clip):
+    """A NaN gradient under a finite loss (e.g. an overflow in a backward pass) would write NaN into every weight."""
+    model = make_tiny_denoiser()
+
+    def loss_with_nan_gradient(network, batch):
+        loss = ddpm_loss()(network, batch)
+        # the value stays the loss; the backward pass goes through sqrt(-1) of the branch not taken: NaN gradients
+        return loss + torch.where(torch.tensor(True), torch.zeros(()), torch.sqrt(-1.0 - 0.0 * loss))
+
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ModelError, match="gradients of a training step became nan"):
+        train_diffusion(model, loss_with_nan_gradient, volumes(4), adam(model),
+                        TrainConfig(max_steps=2, batch_size=2, amp=False, grad_clip_norm=clip), checkpoint_dir=tmp_path)
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
 def test_a_short_run_trained_longer_averages_like_an_uninterrupted_run(make_tiny_denoiser, tmp_path):
     """The stand-in of a run shorter than ema_every must not enter the average: 3 steps then 12 equals 12 at once."""
     config = TrainConfig(max_steps=12, batch_size=2, ema_decay=0.9, ema_every=5, amp=False)
@@ -283,3 +300,38 @@ def test_resuming_with_a_schedule_the_checkpoint_lacks_says_it_starts_over(make_
     train_diffusion(model, ddpm_loss(), volumes(4), optimizer, TrainConfig(max_steps=3, batch_size=2, amp=False),
                     checkpoint_dir=tmp_path, lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1), reporter=reporter)
     assert any(event["level"] == "warning" and "holds no learning-rate schedule" in event["message"] for event in logs)
+
+
+def test_amp_applies_only_on_gpus_with_native_bfloat16(monkeypatch):
+    from medgen.diffusion.training import amp_applies
+
+    config = TrainConfig(max_steps=1, amp=True)
+    assert not amp_applies(config, torch.device("cpu"))
+    for capability, native in (((7, 5), False), ((8, 0), True), ((9, 0), True)):  # T4, A100, H100
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, capability=capability: capability)
+        assert amp_applies(config, torch.device("cuda", 0)) is native
+        assert not amp_applies(TrainConfig(max_steps=1, amp=False), torch.device("cuda", 0))
+
+
+def test_a_cpu_run_never_touches_cuda_and_old_per_gpu_rng_states_resume_on_fewer_gpus(make_tiny_denoiser, tmp_path, monkeypatch):
+    """A CPU job on a GPU machine must not start CUDA at its checkpoints; a checkpoint of an earlier version holds
+    one CUDA state per visible GPU, and a machine with fewer GPUs takes the training device's or none."""
+    from medgen.diffusion import training
+
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("CUDA was touched by a CPU run")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", no_cuda)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", no_cuda)
+    model = make_tiny_denoiser()
+    train_diffusion(model, ddpm_loss(), volumes(4), adam(model), TrainConfig(max_steps=2, batch_size=2, checkpoint_every=1),
+                    checkpoint_dir=tmp_path)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((int(state[0]), device.index)))
+    states = [torch.full((4,), 10, dtype=torch.uint8), torch.full((4,), 11, dtype=torch.uint8)]  # written on two GPUs
+    cpu_state = torch.get_rng_state()
+    training._restore_rng_state({"cpu": cpu_state, "cuda": states}, torch.device("cuda", 1))
+    training._restore_rng_state({"cpu": cpu_state, "cuda": states}, torch.device("cuda", 2))  # this GPU was not there
+    training._restore_rng_state({"cpu": cpu_state, "cuda": states[0]}, torch.device("cuda", 0))
+    assert restored == [(11, 1), (10, 0)]

@@ -282,3 +282,14 @@ def test_cancel_between_chunks_raises_cancelled_error():
     volume = _noise((1, 1, 6, 6, 6))
     with pytest.raises(CancelledError):
         lmi_map(volume, volume, reporter=CallbackReporter(should_stop=lambda: True))
+
+
+def test_the_map_is_float32_inside_a_bfloat16_autocast():
+    """Training computes the condition inside the trainer's autocast; it must equal the map sampling computes."""
+    generator = torch.Generator().manual_seed(0)
+    source, moving = torch.rand((1, 1, 6, 6), generator=generator), torch.randn((1, 1, 6, 6), generator=generator)
+    plain = lmi_map(source, moving, compat=True, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = lmi_map(source, moving, compat=True, backend="torch")
+    assert autocast[0].dtype == torch.float32
+    assert torch.equal(plain[0], autocast[0]) and torch.equal(plain[1], autocast[1])

@@ -127,8 +127,9 @@ def sample(
             None runs ``scheduler.timesteps``. Checked against MONAI's step rule (see ``BadInputError``).
         generator: random generator on ``noise.device`` for the DDPM / DDIM(eta > 0) step noise.
         eta: DDIM stochasticity, 0 = deterministic; ignored by DDPM.
-        model_dtype: dtype ``x_t`` is cast to before ``denoise`` (e.g. ``torch.bfloat16``); the
-            prediction is cast back and the scheduler arithmetic stays float32. None = float32.
+        model_dtype: dtype ``x_t`` is cast to before ``denoise`` (e.g. ``torch.bfloat16`` inside a bfloat16
+            ``torch.autocast``, which the float32 weights need); the prediction is cast back and the scheduler
+            arithmetic stays float32. None = float32.
         post_step: optional ``post_step(x_prev, x0_pred, t) -> x_prev`` run after each step.
         reporter: gets ``progress(phase, i, n)`` after each step; ``check_cancelled()`` runs before each.
         phase: phase name used in the progress events.
@@ -155,8 +156,8 @@ def sample(
         except torch.OutOfMemoryError as error:
             raise OutOfMemoryError(
                 f"Out of {x.device.type.upper()} memory while sampling a batch of {batch_size} "
-                f"{tuple(x.shape[2:])} volume(s): sample fewer volumes per batch or a smaller size, or run the "
-                "model in bfloat16 (model_dtype=torch.bfloat16)."
+                f"{tuple(x.shape[2:])} volume(s): sample fewer volumes per batch or a smaller size, or sample under "
+                "bfloat16 autocast (from Python: with torch.autocast('cuda', dtype=torch.bfloat16), model_dtype=torch.bfloat16)."
             ) from error
         if isinstance(scheduler, DDIMScheduler):
             x, x0_pred = scheduler.step(prediction, t, x, eta=eta, generator=generator)

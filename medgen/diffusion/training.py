@@ -49,9 +49,10 @@ class TrainConfig:
             ``batch_size * grad_accum_steps * world_size``.
         grad_clip_norm: max global gradient L2 norm; None disables clipping.
         ema_decay: EMA decay per update (DIFF-3: 0.995, MIDiffusion: 0.9999); None disables EMA.
-        ema_every: update the EMA after every this many optimiser steps (DIFF-3: 10); a run of fewer steps
-            updates it once, at its last step.
-        amp: bf16 autocast on CUDA (no loss scaling needed); has no effect on CPU.
+        ema_every: update the EMA after every this many optimiser steps (DIFF-3: 10); a run that ends before its
+            first update returns its trained weights as the EMA model (without averaging them in).
+        amp: bf16 autocast on a CUDA GPU with native bf16 (Ampere or newer; no loss scaling needed); no effect on
+            CPU or older GPUs, which train in float32 (see :func:`amp_applies`).
         checkpoint_every: steps between checkpoints; one is always written at ``max_steps``.
         keep_checkpoints: newest checkpoints kept on disk.
         seed: seeds torch's global RNG (offset by rank) and the data order.
@@ -125,17 +126,33 @@ def _micro_batches(
         epoch, skip = epoch + 1, 0
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """The global generators this rank draws from: the CPU's, and its own GPU's when it trains on one (touching
+    CUDA for a CPU run would start a CUDA context on a GPU machine)."""
     state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _restore_rng_state(state: dict[str, Any]) -> None:
+def _restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Inverse of :func:`_rng_state`. Checkpoints of earlier versions hold a list with one state per visible GPU:
+    the training device's entry is taken, so a machine with fewer GPUs can resume them."""
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        saved = state["cuda"]
+        if isinstance(saved, (list, tuple)):
+            index = device.index or 0
+            if index >= len(saved):
+                return  # written on a machine without this GPU: its stream starts afresh
+            saved = saved[index]
+        torch.cuda.set_rng_state(saved, device)
+
+
+def amp_applies(config: TrainConfig, device: torch.device) -> bool:
+    """bfloat16 autocast runs when asked for on a GPU with native bfloat16 (compute capability 8, Ampere, or newer).
+    Older GPUs (V100, T4, RTX 20xx) only emulate it, slower than float32, so they train in float32."""
+    return config.amp and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def _make_ema(model: nn.Module, decay: float) -> AveragedModel:
@@ -154,7 +171,7 @@ def _optimizer_step(
 ) -> float:
     """Accumulate ``grad_accum_steps`` micro-batches, clip, step; returns the mean micro-batch loss."""
     optimizer.zero_grad(set_to_none=True)
-    use_amp = config.amp and device.type == "cuda"
+    use_amp = amp_applies(config, device)
     loss_sum = torch.zeros((), device=device)
     for micro in range(config.grad_accum_steps):
         batch = convert_to_tensor(next(batches), device=device)
@@ -167,8 +184,19 @@ def _optimizer_step(
                 loss = loss_fn(trained_model, batch)
             (loss / config.grad_accum_steps).backward()
         loss_sum += loss.detach().float()
+    parameters = [parameter for parameter in trained_model.parameters() if parameter.grad is not None]
     if config.grad_clip_norm is not None:
-        torch.nn.utils.clip_grad_norm_(trained_model.parameters(), config.grad_clip_norm)
+        gradient_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip_norm)
+    else:
+        norms = [torch.linalg.vector_norm(parameter.grad.detach().float()) for parameter in parameters]
+        gradient_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    if not bool(torch.isfinite(gradient_norm)):
+        # one NaN gradient would write NaN into every weight (clipping scales all of them by it), the EMA and the
+        # next checkpoint; the loss of this step was still finite. (DDP ranks hold the same reduced gradients.)
+        raise ModelError(
+            f"The gradients of a training step became {float(gradient_norm)} (the loss was {float(loss_sum) / (micro + 1):.4g}): "
+            "lower the learning rate, turn AMP off, or check the data range. The last checkpoint is kept."
+        )
     optimizer.step()
     return loss_sum.item() / config.grad_accum_steps
 
@@ -263,7 +291,7 @@ def _train(model, loss_fn, dataset, optimizer, config, context, checkpoint_dir, 
         try:
             last_loss = _optimizer_step(trained_model, loss_fn, batches, optimizer, config, device)
         except torch.OutOfMemoryError as error:
-            amp_on = config.amp and device.type == "cuda"
+            amp_on = amp_applies(config, device)
             raise OutOfMemoryError(
                 f"Out of {device.type.upper()} memory in training step {step} (batch size {config.batch_size}, "
                 f"AMP {'on' if amp_on else 'off'}). Use a smaller patch or batch size (raise grad_accum_steps "
@@ -370,13 +398,13 @@ def _resume(checkpoint: Path, model, ema, optimizer, lr_scheduler, context: Dist
             f"Checkpoint {checkpoint} was written by another optimizer or for another set of trainable parameters "
             f"({type(error).__name__}: {error}); start a new run folder."
         ) from error
-    _restore_rng_state(saved_rng[context.rank] if isinstance(saved_rng, list) else saved_rng)
+    _restore_rng_state(saved_rng[context.rank] if isinstance(saved_rng, list) else saved_rng, next(model.parameters()).device)
     return step
 
 
 def _save(checkpoint_dir, step, model, ema, optimizer, lr_scheduler, config, context, loss, elapsed_s) -> None:
     """Gather every rank's RNG state, then write the checkpoint from rank 0 only."""
-    rng = _rng_state()
+    rng = _rng_state(next(model.parameters()).device)
     if context.is_distributed:
         rng_per_rank: list = [None] * context.world_size
         torch.distributed.all_gather_object(rng_per_rank, rng)

@@ -39,6 +39,7 @@ is one chunk in flight (1.1 covers allocator slack). For p=3, K=27, 3D this is â
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
@@ -380,17 +381,21 @@ def lmi_map(
     backend = _resolve_backend(backend, device)
     total_voxels = batch * math.prod(spatial)
     displacements = candidate_displacements(ndim, settings)
+    # float32 throughout, also inside a caller's autocast (a training step): bfloat16 joints would move the maps by
+    # ~5e-3 and the chosen displacements at ~2 % of voxels, so training and sampling would see different conditions
+    no_autocast = torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext()
     try:
-        scorer, chunk_voxels = _scorer_and_chunk(source, moving, settings, backend, memory_budget_mb)
-        lmi = torch.empty(total_voxels, dtype=torch.float32, device=device)
-        best_candidate = torch.empty(total_voxels, dtype=torch.long, device=device)
-        chunk_starts = range(0, total_voxels, chunk_voxels)
-        for step, start in enumerate(chunk_starts):
-            reporter.check_cancelled()
-            voxel = torch.arange(start, min(start + chunk_voxels, total_voxels), device=device)
-            scores = scorer(voxel)
-            lmi[voxel], best_candidate[voxel] = pick_best_candidate(scores, displacements.shape[0] // 2, not compat)
-            reporter.progress("lmi", step + 1, len(chunk_starts))
+        with no_autocast:
+            scorer, chunk_voxels = _scorer_and_chunk(source, moving, settings, backend, memory_budget_mb)
+            lmi = torch.empty(total_voxels, dtype=torch.float32, device=device)
+            best_candidate = torch.empty(total_voxels, dtype=torch.long, device=device)
+            chunk_starts = range(0, total_voxels, chunk_voxels)
+            for step, start in enumerate(chunk_starts):
+                reporter.check_cancelled()
+                voxel = torch.arange(start, min(start + chunk_voxels, total_voxels), device=device)
+                scores = scorer(voxel)
+                lmi[voxel], best_candidate[voxel] = pick_best_candidate(scores, displacements.shape[0] // 2, not compat)
+                reporter.progress("lmi", step + 1, len(chunk_starts))
     except torch.OutOfMemoryError as error:
         raise OutOfMemoryError(
             f"LMI map of {batch}Ã—{spatial} ran out of memory on {device} with memory_budget_mb={memory_budget_mb}; "
