@@ -3,6 +3,7 @@
 # fits a 10-minute command on a lent GPU machine. Results go to bench/results/*_cuda.json (and are copied to
 # $OUT when it is set, as on the device machine).
 #
+#   bash bench/run_gpu.sh smoke          # the README demo on the GPU: every tiny trainer and generator through the worker
 #   bash bench/run_gpu.sh lmi            # LMI map vs the unfold port: clean box sums, Triton clean, Triton compat
 #   bash bench/run_gpu.sh lmi-sweep      # Triton kernel: candidate blocks × warps at 128³ (compat), vs one port run
 #   bash bench/run_gpu.sh translation    # translation wall time, 2.5D, DDIM 50 then the released 1000-step DDPM
@@ -14,7 +15,7 @@
 # PACKAGES on a networked machine): they are unpacked into a temporary site directory, not installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?"usage: bash bench/run_gpu.sh lmi|lmi-sweep|translation|maskgen|synthesis|peft"}
+stage=${1:?"usage: bash bench/run_gpu.sh smoke|lmi|lmi-sweep|translation|maskgen|synthesis|peft"}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 python=${PYTHON:-python3}
 if compgen -G ".whl/*.whl" >/dev/null && ! "$python" -c "import monai" 2>/dev/null; then
@@ -27,6 +28,9 @@ fi
 "$python" -c "import sys, torch; torch.cuda.is_available() or sys.exit('bench/run_gpu.sh: no CUDA device visible to torch'); print(torch.cuda.get_device_name(0))"
 
 case "$stage" in
+  smoke)  # the CPU tests never run the CUDA branches; this trains and samples each tiny model on the GPU
+    timeout 560 "$python" -c "import sys; from medgen.cli.main import main; sys.exit(main(sys.argv[1:]))" demo --device cuda \
+      --out "$(mktemp -d)" ;;
   lmi)
     "$python" bench/bench_lmi.py --device cuda --mode clean --backend torch
     "$python" bench/bench_lmi.py --device cuda --mode clean --backend triton
