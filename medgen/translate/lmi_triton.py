@@ -91,6 +91,12 @@ def _mutual_information_score(entr_sum, mass, source_entropy, moving_entropy, ep
 
 
 @triton.jit
+def _displacement_steps(candidate, Q1: tl.constexpr, Q2: tl.constexpr):
+    """The per-axis displacement indices (q0, q1, q2) of a raster-ordered candidate index."""
+    return candidate // (Q1 * Q2), (candidate // Q2) % Q1, candidate % Q2
+
+
+@triton.jit
 def _score_candidate(
     candidate, moving_ptr, base, candidate0_ptr, candidate1_ptr, candidate2_ptr, a0, a1, a2, i0, i1, i2,
     length0, length1, length2, stride0, stride1, stride2, sample_mask, centres, valid, width, eps,
@@ -99,9 +105,7 @@ def _score_candidate(
     NORMALIZE: tl.constexpr, DOT: tl.constexpr,
 ):
     """Score one candidate window of ``moving`` against the voxel's source window; stores scores_row[candidate]."""
-    q0 = candidate // (Q1 * Q2)
-    q1 = (candidate // Q2) % Q1
-    q2 = candidate % Q2
+    q0, q1, q2 = _displacement_steps(candidate, Q1, Q2)
     moving_offset = (
         _sample_offset(candidate0_ptr, q0, a0, i0, length0, stride0, P0, sample_mask)
         + _sample_offset(candidate1_ptr, q1, a1, i1, length1, stride1, P1, sample_mask)
@@ -133,9 +137,7 @@ def _score_candidate_block(
     """
     candidate = block * CB + tl.arange(0, CB)
     in_range = candidate < CANDIDATES
-    q0 = candidate // (Q1 * Q2)
-    q1 = (candidate // Q2) % Q1
-    q2 = candidate % Q2
+    q0, q1, q2 = _displacement_steps(candidate, Q1, Q2)
     mask = sample_mask[:, None] & in_range[None, :]
     moving_offset = (
         _sample_offset(candidate0_ptr, q0[None, :], a0[:, None], i0, length0, stride0, P0, mask)
