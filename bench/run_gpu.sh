@@ -3,7 +3,7 @@
 # fits a 10-minute command on a lent GPU machine. Results go to bench/results/*_cuda.json (and are copied to
 # $OUT when it is set, as on the device machine).
 #
-#   bash bench/run_gpu.sh smoke          # the README demo on the GPU: every tiny trainer and generator through the worker
+#   bash bench/run_gpu.sh smoke          # the README demo on the GPU: its tiny trainers and generators through the worker
 #   bash bench/run_gpu.sh lmi            # LMI map vs the unfold port: clean box sums, Triton clean, Triton compat
 #   bash bench/run_gpu.sh lmi-sweep      # Triton kernel: candidate blocks × warps at 128³ (compat), vs one port run
 #   bash bench/run_gpu.sh translation    # translation wall time, 2.5D, DDIM 50 then the released 1000-step DDPM
@@ -36,7 +36,7 @@ case "$stage" in
     "$python" bench/bench_lmi.py --device cuda --mode clean --backend triton
     "$python" bench/bench_lmi.py --device cuda --mode compat --backend triton ;;
   lmi-sweep)
-    timeout 560 "$python" bench/bench_lmi.py --device cuda --kernel-sweep || echo "stopped at the time limit: the results file holds what finished" ;;
+    timeout 560 "$python" bench/bench_lmi.py --device cuda --kernel-sweep || echo "stopped (time limit or error, see above): the results file holds what finished" ;;
   translation)
     timeout 560 "$python" bench/bench_translation.py --device cuda --modes 2.5d || echo "stopped at the time limit: the results file holds what finished" ;;
   maskgen)

@@ -220,6 +220,13 @@ def test_a_short_run_trained_longer_averages_like_an_uninterrupted_run(make_tiny
                     checkpoint_dir=tmp_path / "extended")
     longer = train_diffusion(extended, ddpm_loss(), volumes(4), optimizer, config, checkpoint_dir=tmp_path / "extended")
     assert all(torch.equal(whole[name], longer.ema_model.state_dict()[name]) for name in whole)
+    # the checkpoint of the short run gives its trained weights for sampling, as its TrainResult did
+    short_dir = tmp_path / "short"
+    short = make_tiny_denoiser()
+    result = train_diffusion(short, ddpm_loss(), volumes(4), adam(short), dataclasses.replace(config, max_steps=3),
+                             checkpoint_dir=short_dir)
+    loaded = load_trained_weights(make_tiny_denoiser(), short_dir).state_dict()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in result.ema_model.state_dict().items())
 
 
 def test_a_resumed_run_from_an_earlier_step_drops_the_later_checkpoint_of_a_killed_writer(tmp_path):

@@ -286,7 +286,7 @@ def test_a_rerun_of_a_generating_job_sets_the_earlier_outputs_aside(tmp_path, in
     assert sorted(path.name for path in (job_dir / "outputs").iterdir()) == ["selftest.nii.gz"]
     (archived,) = (job_dir / "manifests").iterdir()
     (earlier,) = (job_dir / "earlier_outputs").iterdir()
-    assert earlier.name == archived.stem
+    assert earlier.name == archived.stem and (earlier / "manifest.json").read_bytes() == archived.read_bytes()
     assert (earlier / "left_by_run_1.txt").is_file() and (earlier / "selftest.nii.gz").read_bytes() == first_output
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from medgen.diffusion import load_trained_weights
-from medgen.errors import ModelError
-from medgen.io.model_folder import MODEL_JSON, model_config, read_model_json, write_model_json
+from medgen.errors import BadInputError, ModelError
+from medgen.io.model_folder import MODEL_JSON, RUN_JSON, check_same_run, model_config, read_model_json, write_model_json
 from medgen.models.weights import load_weights_into, read_safetensors, write_safetensors
 
 
@@ -78,3 +78,13 @@ def test_a_json_file_that_is_not_an_object_is_not_a_model_folder(tmp_path):
     (tmp_path / MODEL_JSON).write_text("[1, 2]")
     with pytest.raises(ModelError, match="holds a model for task None"):
         read_model_json(tmp_path, "task")
+
+
+def test_a_run_record_of_an_earlier_version_continues_with_the_settings_added_since(tmp_path):
+    """A record without a setting added later compares as the value earlier versions used, not as None."""
+    (tmp_path / RUN_JSON).write_text(json.dumps({"settings": {"steps": 4}, "data": "sha256:x"}))
+    check_same_run(tmp_path, {"steps": 4, "seed": 0}, "sha256:x", added_later={"seed": 0})
+    with pytest.raises(BadInputError, match=r"seed 0 -> 3"):
+        check_same_run(tmp_path, {"steps": 4, "seed": 3}, "sha256:x", added_later={"seed": 0})
+    with pytest.raises(BadInputError, match=r"seed None -> 0"):
+        check_same_run(tmp_path, {"steps": 4, "seed": 0}, "sha256:x")  # without the default: a changed setting

@@ -69,6 +69,27 @@ def test_a_volume_stored_in_another_axis_order_translates_to_the_same_anatomy(lm
     assert torch.allclose(_stored_otherwise(translated).as_tensor(), translated_stored.as_tensor(), atol=1e-6)
 
 
+def test_a_model_folder_from_before_the_ras_axes_keeps_the_storage_order(lmi_model, tmp_path):
+    """Folders written before ``voxel_axes`` existed were trained on storage-ordered grids: they load with it."""
+    import json
+    import shutil
+
+    from medgen.translate.model import load_translation_model
+
+    assert load_translation_model(lmi_model, torch.device("cpu"))[0].voxel_axes == "ras"
+    old = shutil.copytree(lmi_model, tmp_path / "old")
+    document = json.loads((old / "medgen_model.json").read_text())
+    del document["config"]["voxel_axes"]
+    (old / "medgen_model.json").write_text(json.dumps(document))
+    config = load_translation_model(old, torch.device("cpu"))[0]
+    assert config.voxel_axes == "storage"
+    stored = _stored_otherwise(_phantom(5))
+    grid = to_model_grid(stored, config, "stored")
+    assert not torch.equal(grid, to_model_grid(stored, TranslationConfig.tiny(**TINY), "stored"))
+    translated = translate_volume(stored, old, sampler="ddim", steps=4, seed=1)
+    assert translated.shape == stored.shape and torch.allclose(translated.affine, stored.affine)
+
+
 def test_ddim_eta_sets_the_step_noise(lmi_model):
     source = _phantom(5, contrast=(0.9, 0.1, 0.5))
     deterministic = translate_volume(source, lmi_model, sampler="ddim", steps=5, eta=0.0, seed=1)

@@ -54,7 +54,7 @@ class FinetuneConfig:
         foreground_ratio: share of patches centred on a foreground voxel.
         val_every: validate (and checkpoint) every this many steps.
         patience: stop after this many validations without a better Dice.
-        amp: bf16 autocast on CUDA.
+        amp: bf16 autocast on CUDA GPUs with native bf16 (see :func:`medgen.diffusion.training.amp_applies`).
         seed: data order, patches and noise.
     """
 
@@ -228,12 +228,12 @@ def finetune_segmentation(
 
     # A resumed run restores the optimiser (its learning rate included) and the whole network from its checkpoint,
     # so a continuation with other settings, data or frozen weights (another base model) would silently be the
-    # old run; ``steps`` shapes the cosine schedule, so it too must stay. Only the early-stopping patience may change.
+    # old run; ``steps`` shapes the cosine schedule, so it too must stay. Patience, validation spacing and AMP may change.
     data = {f"{index}.{part}": tensor for index, pair in enumerate(prepared) for part, tensor in zip(("image", "label"), pair)}
     if val is not None:
         data.update({"validation.image": val[0].tensor, "validation.label": val[1]})
     check_same_run(checkpoint_dir, {**dataclasses.asdict(config), "frozen_weights": frozen_weights_hash(model.network)},
-                   weights_hash(data), may_change=("patience",))
+                   weights_hash(data), may_change=("patience", "val_every", "amp"))
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, config.steps) / config.steps)))
     train_mode = trains_whole_model(model.network)

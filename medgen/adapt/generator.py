@@ -84,7 +84,7 @@ class GeneratorFinetuneConfig:
         steps: optimiser steps.
         batch_size: volumes per step.
         lr: Adam learning rate.
-        amp: bf16 autocast on CUDA.
+        amp: bf16 autocast on CUDA GPUs with native bf16 (see :func:`medgen.diffusion.training.amp_applies`).
         checkpoint_every: steps between checkpoints.
         seed: data order and noise.
     """

@@ -295,7 +295,7 @@ def _train(model, loss_fn, dataset, optimizer, config, context, checkpoint_dir, 
             raise OutOfMemoryError(
                 f"Out of {device.type.upper()} memory in training step {step} (batch size {config.batch_size}, "
                 f"AMP {'on' if amp_on else 'off'}). Use a smaller patch or batch size (raise grad_accum_steps "
-                f"to keep the effective batch){'' if amp_on else ' or turn AMP on'}."
+                f"to keep the effective batch){'' if amp_on or config.amp else ' or turn AMP on'}."
             ) from error
         last_loss = _mean_over_ranks(last_loss, context, device)  # every rank sees the same NaN and stops with it
         if not math.isfinite(last_loss):
@@ -432,6 +432,8 @@ def _write(checkpoint_dir, step, model, ema, optimizer, lr_scheduler, config, co
             "world_size": context.world_size,
             "config": asdict(config),
         },
-        ema_state=ema.module.state_dict() if ema is not None else None,
+        # an EMA that has not averaged yet holds nothing (its first update copies the weights): no file, so that
+        # load_trained_weights takes the trained weights, as TrainResult.ema_model does
+        ema_state=ema.module.state_dict() if ema is not None and int(ema.n_averaged) > 0 else None,
         keep_last=config.keep_checkpoints,
     )

@@ -75,7 +75,8 @@ def model_config(folder: str | os.PathLike, document: dict[str, Any], config_cla
 
 
 def check_same_run(
-    folder: str | os.PathLike, settings: dict[str, Any], data_hash: str, may_change: tuple[str, ...] = ()
+    folder: str | os.PathLike, settings: dict[str, Any], data_hash: str, may_change: tuple[str, ...] = (),
+    added_later: dict[str, Any] | None = None,
 ) -> None:
     """Record what a staged training in ``folder`` is trained from on its first start; refuse to continue it
     with other settings or data.
@@ -88,6 +89,8 @@ def check_same_run(
         data_hash: a fingerprint of the training data (e.g. :func:`medgen.models.weights.weights_hash` of them).
         may_change: settings that continue a run rather than start another (the last stage's step count, to
             train it longer; checkpoint spacing); they apply to the stages still to train.
+        added_later: settings that records of earlier MedGen versions lack, with the value those versions used
+            (e.g. ``{"seed": 0}``), so that their runs can still be continued.
 
     Raises:
         BadInputError: naming each setting that differs (recorded -> now) and whether the data differ.
@@ -99,7 +102,7 @@ def check_same_run(
         return
     try:
         recorded = json.loads(path.read_text(encoding="utf-8"))
-        before = recorded["settings"]
+        before = {**(added_later or {}), **recorded["settings"]}
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise BadInputError(f"{path} cannot be read ({error}); use a new output folder.") from None
     now = current["settings"]

@@ -128,10 +128,11 @@ def _warn_if_sform_and_qform_disagree(nifti, header: sitk.ImageFileReader, name:
     if np.allclose(sform, qform, atol=1e-2, rtol=1e-4):
         return
     used = _affine_ras(header)
-    picked = "qform" if np.allclose(used, qform, atol=1e-2, rtol=1e-4) else "sform" if np.allclose(used, sform, atol=1e-2, rtol=1e-4) else "neither"
+    picked = ("the qform" if np.allclose(used, qform, atol=1e-2, rtol=1e-4) else "the sform"
+              if np.allclose(used, sform, atol=1e-2, rtol=1e-4) else "neither exactly (ITK's own reading)")
     corner_shift = float(np.linalg.norm(sform[:3, 3] - qform[:3, 3]))
     logger.warning(
-        "%s: its NIfTI sform and qform disagree (origins %.2f mm apart); MedGen uses the %s, as ITK and Slicer do, while "
+        "%s: its NIfTI sform and qform disagree (origins %.2f mm apart); MedGen uses %s, as ITK and Slicer do, while "
         "FSL, nibabel and MONAI's NIfTI reader use the sform. Save the file with one geometry if they should agree.",
         name, corner_shift, picked)
 

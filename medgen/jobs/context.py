@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,15 @@ OUTPUTS_DIR = "outputs"
 EARLIER_OUTPUTS_DIR = "earlier_outputs"
 
 
-def set_aside_outputs(job_dir: Path, stamp: str | None = None) -> Path | None:
+def set_aside_outputs(job_dir: Path, manifest: Path | None = None) -> Path | None:
     """Move an earlier run's ``outputs/`` to ``earlier_outputs/<stamp>/`` before a job that does not resume runs
     its folder again: the new run's files are then not mixed with the earlier ones (a pairs folder holding both
     runs' pairs, an nnU-Net dataset with every case twice), and nothing is lost.
 
     Args:
-        stamp: names the folder, e.g. the earlier manifest's archive name (``manifests/<stamp>.json``) so the two
-            are found together; default the current time.
+        manifest: that run's archived manifest (``manifests/<stamp>.json``): it names the folder and is copied
+            into it as ``manifest.json`` (its output paths name ``outputs/``, where the new run's files now go);
+            without one the folder is named after the current time.
 
     Returns:
         the folder the outputs went to, or None when there were none.
@@ -34,8 +36,11 @@ def set_aside_outputs(job_dir: Path, stamp: str | None = None) -> Path | None:
     outputs = Path(job_dir) / OUTPUTS_DIR
     if not outputs.is_dir() or not any(outputs.iterdir()):
         return None
-    destination = ensure_folder(Path(job_dir) / EARLIER_OUTPUTS_DIR) / (stamp or f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{time.time_ns() % 10**9:09d}")
+    stamp = manifest.stem if manifest else f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{time.time_ns() % 10**9:09d}"
+    destination = ensure_folder(Path(job_dir) / EARLIER_OUTPUTS_DIR) / stamp
     os.replace(outputs, destination)
+    if manifest:
+        shutil.copyfile(manifest, destination / "manifest.json")
     return destination
 
 

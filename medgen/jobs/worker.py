@@ -85,7 +85,10 @@ class _WarningsToEvents(logging.Handler):
         self.events = events
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.events.emit("log", level=record.levelname.lower(), message=record.getMessage())
+        try:
+            self.events.emit("log", level=record.levelname.lower(), message=record.getMessage())
+        except Exception:  # noqa: BLE001 - a closed stream must not fail the library call that logged
+            self.handleError(record)
 
 
 def run_job(job_dir: Path, events: EventStream) -> ExitCode:
@@ -111,7 +114,7 @@ def run_job(job_dir: Path, events: EventStream) -> ExitCode:
         owns_folder = True
         archived = archive_manifest(job_dir)  # an earlier run's manifest stays with the outputs it describes
         if not get_kind(spec.kind).resumes:
-            set_aside_outputs(job_dir, archived.stem if archived else None)
+            set_aside_outputs(job_dir, archived)
         _skip_unused_imports(spec.kind)
         events.keep_copy_in(job_dir)
         reporter = JobReporter(events, CancelWatch(job_dir))

@@ -179,7 +179,7 @@ def train_joint_ldm(
     check_same_run(out_dir, {**dataclasses.asdict(config), "labels": [dataclasses.asdict(label) for label in labels],
                              "seed": seed},
                    weights_hash({name: convert_to_tensor(tensor, track_meta=False) for name, tensor in tensors.items()}),
-                   may_change=("ldm_steps", "ema_decay", "ema_every", "checkpoint_every"))
+                   may_change=("ldm_steps", "ema_decay", "ema_every", "checkpoint_every"), added_later={"seed": 0})
     torch.manual_seed(seed)  # each network's initial weights from the seed alone, whichever stages ran before
     vae = build_joint_vae(config.vae_config(num_classes)).to(device)
     _vae_stage(vae, pairs, config, out_dir, device, reporter, seed)

@@ -50,7 +50,11 @@ class TranslationConfig:
 
     Args:
         mode: ``"2.5d"`` (2D network on axial slices) or ``"3d"``.
-        grid: model grid ``(I, J, K)`` in voxels; volumes are resized to it (2.5d: slices are ``(I, J)``, K of them).
+        grid: model grid in voxels along the model's axes (R, A, S with ``voxel_axes="ras"``); volumes are resized
+            to it (2.5d: slices are the first two axes, as many as the third).
+        voxel_axes: ``"ras"`` (default): volumes are laid out on RAS-ordered axes before they meet the network
+            (:func:`ras_axes`); ``"storage"``: their storage order, as model folders written before this setting
+            existed were trained (they lack it and load with it).
         conditioned: LMI-conditioned (MIDiffusion) or unconditional (SDEdit baseline).
         channels, attention_levels, num_res_blocks, norm_num_groups: network (spec A.8: (64,128,128,128), attention last).
         steps, batch_size, lr, ema_decay: training (spec A.4: Adam 3e-4, clip 1.0, EMA 0.9999).
@@ -81,6 +85,7 @@ class TranslationConfig:
     lmi_normalize: bool = True
     lmi_compat: bool = False
     memory_budget_mb: float = 1024.0
+    voxel_axes: str = "ras"
 
     @classmethod
     def tiny(cls, **overrides) -> "TranslationConfig":
@@ -93,6 +98,8 @@ class TranslationConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("2.5d", "3d"):
             raise BadInputError(f"Translation mode must be '2.5d' or '3d'; got {self.mode!r}.")
+        if self.voxel_axes not in ("ras", "storage"):
+            raise BadInputError(f"voxel_axes must be 'ras' or 'storage'; got {self.voxel_axes!r}.")
         if len(self.grid) != 3 or min(self.grid) < 1:
             raise BadInputError(f"The model grid must be three positive voxel counts (I, J, K); got {tuple(self.grid)}.")
         # the UNet halves each network axis once per level after the first; the skips need exact halves
@@ -171,7 +178,9 @@ def to_model_grid(volume: MetaTensor, config: TranslationConfig, name: str) -> t
     if not torch.isfinite(data).all():
         raise BadInputError(f"{name} contains NaN or infinite voxels; fix or mask them first.")
     check_not_constant(data, name, "to translate")
-    scaled = _to_ras_axes(ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True)(data.float()), volume)
+    scaled = ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True)(data.float())
+    if config.voxel_axes == "ras":
+        scaled = _to_ras_axes(scaled, volume)
     resized = F.interpolate(torch.as_tensor(scaled)[None], size=tuple(config.grid), mode="trilinear", align_corners=False).clamp(0, 1)
     if config.spatial_dims == 3:
         return resized
@@ -181,10 +190,11 @@ def to_model_grid(volume: MetaTensor, config: TranslationConfig, name: str) -> t
 def from_model_grid(grid_tensor: torch.Tensor, reference: MetaTensor, config: TranslationConfig) -> MetaTensor:
     """Inverse of :func:`to_model_grid`: back to the reference's axes, shape and affine, values in [0, 1]."""
     volume = grid_tensor if config.spatial_dims == 3 else grid_tensor[:, 0].permute(1, 2, 0)[None, None]
-    ras_shape = tuple(reference.shape[1 + axis] for axis in ras_axes(reference.affine)[0]) if isinstance(reference, MetaTensor) \
-        else tuple(reference.shape[1:])
-    resized = F.interpolate(volume.float(), size=ras_shape, mode="trilinear", align_corners=False)
-    return MetaTensor(_from_ras_axes(resized[0], reference).clamp(0, 1).contiguous(), affine=reference.affine)
+    on_ras_axes = config.voxel_axes == "ras" and isinstance(reference, MetaTensor)
+    shape = tuple(reference.shape[1 + axis] for axis in ras_axes(reference.affine)[0]) if on_ras_axes else tuple(reference.shape[1:])
+    resized = F.interpolate(volume.float(), size=shape, mode="trilinear", align_corners=False)[0]
+    restored = _from_ras_axes(resized, reference) if on_ras_axes else resized
+    return MetaTensor(restored.clamp(0, 1).contiguous(), affine=reference.affine)
 
 
 def train_translation(
@@ -218,7 +228,8 @@ def train_translation(
             )
     # a run continued with other volumes or settings would mix two models in one folder; steps may grow
     check_same_run(out_dir, {**dataclasses.asdict(config), "target_modality": target_modality, "seed": seed},
-                   weights_hash({"grid_data": data}), may_change=("steps", "memory_budget_mb"))
+                   weights_hash({"grid_data": data}), may_change=("steps", "memory_budget_mb"),
+                   added_later={"seed": 0, "voxel_axes": "storage"})
     data = data.to(device)
     self_lmi = None
     if config.conditioned:  # M(x0, x0) is fixed per sample: compute it once (spec A.8 caching)
@@ -261,6 +272,8 @@ def train_translation(
 
 def load_translation_model(model_dir: str | os.PathLike, device: torch.device) -> tuple[TranslationConfig, DiffusionModelUNet]:
     document = read_model_json(model_dir, TASK)
+    if isinstance(document.get("config"), dict):  # folders written before the setting kept the storage order
+        document["config"].setdefault("voxel_axes", "storage")
     config = model_config(model_dir, document, TranslationConfig, "translation-model")
     return config, load_weights_into(build_unet(config), Path(model_dir) / "unet.safetensors").to(device).eval()
 
