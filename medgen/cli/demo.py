@@ -151,7 +151,7 @@ def _paired_synthesis_step(out_dir: Path, paths: dict, device: str) -> int:
     if code != ExitCode.OK:
         return code
     synth_dir = write_job(out_dir / "jobs", "synthesize", {"model": str(train_dir / "outputs" / "model")},
-                          {"count": 4, "steps": 50, "nnunet_dataset_id": 900, "nnunet_name": "MedGenDemo"}, device=device)
+                          {"count": 4, "batch_size": 4, "steps": 50, "nnunet_dataset_id": 900, "nnunet_name": "MedGenDemo"}, device=device)
     code = _run_job_dir(synth_dir)
     if code == ExitCode.OK:
         _say(f"generated pairs: {synth_dir / 'outputs' / 'pairs'}")

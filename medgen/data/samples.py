@@ -10,6 +10,7 @@ contrasts are not acquisitions: they give a second modality with voxel-exact gro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -102,6 +103,13 @@ def _smooth_bias_field(shape: tuple[int, ...], generator: torch.Generator, ampli
     return 1.0 + amplitude * field
 
 
+@functools.lru_cache(maxsize=len(SIZES))
+def _template_maps(size: str) -> dict[str, MetaTensor]:
+    """The T1, GM and WM templates in [0, 1] on the grid of ``size``: read once per size and process (reading the
+    1 mm files is 0.47 s of a 0.5 s tiny case; the demo builds 13 cases). Callers use clamped copies only."""
+    return {name: _resample(load_volume(path) / 255.0, size) for name, path in template_files().items()}
+
+
 def load_sample_case(size: str = "reduced", seed: int = 0, noise_std: float = 0.02) -> SampleCase:
     """Build the sample subject at one of :data:`SIZES` (``full`` 1 mm, ``reduced`` 2 mm, ``small``, ``tiny`` 32³).
 
@@ -112,8 +120,7 @@ def load_sample_case(size: str = "reduced", seed: int = 0, noise_std: float = 0.
     """
     if size not in SIZES:
         raise BadInputError(f"Unknown sample size {size!r}; choose one of {', '.join(SIZES)}.")
-    files = template_files()
-    maps = {name: _resample(load_volume(path) / 255.0, size) for name, path in files.items()}
+    maps = _template_maps(size)
     t1, gm, wm = (maps[name].clamp(0, 1) for name in ("t1", "gm", "wm"))
     brain = t1 > BRAIN_THRESHOLD
     csf = (brain.float() - gm - wm).clamp(0, 1) * brain

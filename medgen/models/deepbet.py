@@ -167,7 +167,8 @@ def deepbet_intensity_range(volume: torch.Tensor | np.ndarray) -> tuple[float, f
         volume: ``(D, H, W)`` intensities in any unit, RAS-oriented.
     """
     small = _resize_nearest(_as_volume(volume), _RANGE_SIZE)
-    return float(small.quantile(_LOWER_QUANTILE)), float(small.quantile(_UPPER_QUANTILE))
+    lower, upper = small.quantile(torch.tensor([_LOWER_QUANTILE, _UPPER_QUANTILE], dtype=small.dtype))  # one sort
+    return float(lower), float(upper)
 
 
 def deepbet_preprocess(
