@@ -211,6 +211,24 @@ def test_controlnet_at_init_matches_plain_unet(tiny_unet, tiny_controlnet_from):
     assert torch.allclose(plain, controlled, atol=1e-6)
 
 
+def test_sampling_embeds_the_control_once_and_training_every_call(tiny_unet, tiny_controlnet_from):
+    """The control's embedding is reused across sampling steps (same result) but recomputed under gradients."""
+    with torch.no_grad():  # a ControlNet that is not a no-op, so the residuals depend on the control
+        for parameter in tiny_controlnet_from.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    calls = []
+    tiny_controlnet_from.controlnet_cond_embedding.register_forward_hook(lambda *args: calls.append(1))
+    x_t, mask = torch.randn(2, 1, 8, 8, 8), torch.rand(2, 1, 8, 8, 8)
+    denoise = controlnet_denoiser(tiny_unet, tiny_controlnet_from, mask)
+    with torch.no_grad():
+        steps = [denoise(x_t, torch.tensor([t, t])) for t in (900, 500, 10)]
+    assert len(calls) == 1
+    assert type(tiny_controlnet_from.controlnet_cond_embedding).__name__ == "ControlNetConditioningEmbedding"  # restored
+    fresh = [controlnet_denoiser(tiny_unet, tiny_controlnet_from, mask)(x_t, torch.tensor([t, t])).detach() for t in (900, 500, 10)]
+    assert all(torch.equal(cached, again) for cached, again in zip(steps, fresh))
+    assert len(calls) == 4  # with gradients: every call embeds the control
+
+
 def test_cfg_combines_conditional_and_unconditional():
     conditional = lambda x, t: x + 1.0  # noqa: E731
     unconditional = lambda x, t: x  # noqa: E731
