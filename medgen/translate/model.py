@@ -166,11 +166,12 @@ def _from_ras_axes(data: torch.Tensor, reference) -> torch.Tensor:
 
 
 def to_model_grid(volume: MetaTensor, config: TranslationConfig, name: str) -> torch.Tensor:
-    """A volume ``(1, I, J, K)`` scaled to [0, 1] (0.5-99.5 percentiles), laid out on RAS-ordered axes and resized to
-    the model grid. A MetaTensor's axes are permuted/flipped by :func:`ras_axes` first, so a scan stored sagittally
-    meets the same model as one stored axially, and 2.5d slices are always axial (the last axis runs inferior→superior).
+    """A volume ``(1, I, J, K)`` scaled to [0, 1] (0.5-99.5 percentiles), laid out on the model's voxel axes and
+    resized to the model grid. With ``config.voxel_axes == "ras"`` (default) a MetaTensor's axes are permuted/flipped
+    by :func:`ras_axes`, so a scan stored sagittally meets the same model as one stored axially, and 2.5d slices are
+    axial (the last axis runs inferior→superior); ``"storage"`` keeps the storage order.
 
-    Returns ``(1, 1, I, J, K)`` (3d) or ``(K, 1, I, J)`` slices (2.5d), grid axes in R, A, S order.
+    Returns ``(1, 1, I, J, K)`` (3d) or ``(K, 1, I, J)`` slices (2.5d) on the model's axes.
     """
     data = volume.as_tensor() if isinstance(volume, MetaTensor) else volume
     if data.ndim != 4 or data.shape[0] != 1:
