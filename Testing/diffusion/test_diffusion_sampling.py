@@ -228,6 +228,20 @@ def test_sampling_embeds_the_control_once_and_training_every_call(tiny_unet, tin
     assert all(torch.equal(cached, again) for cached, again in zip(steps, fresh))
     assert len(calls) == 4  # with gradients: every call embeds the control
 
+    class Wrapped(torch.nn.Module):  # like DistributedDataParallel under torchrun: the ControlNet is its .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, **inputs):
+            return self.module(**inputs)
+
+    wrapped = controlnet_denoiser(tiny_unet, Wrapped(tiny_controlnet_from), mask)
+    assert torch.equal(wrapped(x_t, torch.tensor([900, 900])).detach(), fresh[0])  # training through the wrapper
+    with torch.no_grad():
+        assert torch.equal(wrapped(x_t, torch.tensor([500, 500])), steps[1]) and len(calls) == 6
+        assert torch.equal(wrapped(x_t, torch.tensor([10, 10])), steps[2]) and len(calls) == 6  # cached
+
 
 def test_cfg_combines_conditional_and_unconditional():
     conditional = lambda x, t: x + 1.0  # noqa: E731

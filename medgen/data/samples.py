@@ -122,6 +122,7 @@ def load_sample_case(size: str = "reduced", seed: int = 0, noise_std: float = 0.
         raise BadInputError(f"Unknown sample size {size!r}; choose one of {', '.join(SIZES)}.")
     maps = _template_maps(size)
     t1, gm, wm = (maps[name].clamp(0, 1) for name in ("t1", "gm", "wm"))
+    affine = t1.affine.clone()  # each case its own: the cached maps' affine must never be changed through a case
     brain = t1 > BRAIN_THRESHOLD
     csf = (brain.float() - gm - wm).clamp(0, 1) * brain
     tissues = torch.cat([csf, gm, wm], dim=0)  # (3, I, J, K)
@@ -132,13 +133,13 @@ def load_sample_case(size: str = "reduced", seed: int = 0, noise_std: float = 0.
     for name, weights in SIMULATED_CONTRASTS.items():
         signal = (torch.tensor(weights).view(3, 1, 1, 1) * tissues).sum(0, keepdim=True)
         noisy = signal * bias + noise_std * torch.randn(signal.shape, generator=generator)
-        simulated[name] = MetaTensor((noisy * brain).clamp(0, 1).as_tensor(), affine=t1.affine)
+        simulated[name] = MetaTensor((noisy * brain).clamp(0, 1).as_tensor(), affine=affine)
     return SampleCase(
-        t1=MetaTensor(t1.as_tensor(), affine=t1.affine),
+        t1=MetaTensor(t1.as_tensor(), affine=affine),
         t2_simulated=simulated["t2_simulated"],
         pd_simulated=simulated["pd_simulated"],
-        tissue_labels=MetaTensor(labels.as_tensor().long(), affine=t1.affine),
-        brain_mask=MetaTensor(brain.as_tensor().long(), affine=t1.affine),
+        tissue_labels=MetaTensor(labels.as_tensor().long(), affine=affine),
+        brain_mask=MetaTensor(brain.as_tensor().long(), affine=affine),
     )
 
 

@@ -64,23 +64,24 @@ def controlnet_denoiser(
     """
     embedded: dict[torch.dtype, torch.Tensor] = {}
 
+    def residuals(x_t: torch.Tensor, t: torch.Tensor, controlnet_cond: torch.Tensor):
+        return controlnet(x=x_t, timesteps=t, controlnet_cond=controlnet_cond, conditioning_scale=conditioning_scale,
+                          context=context)
+
     def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         controlnet_cond = control.to(x_t.dtype)
-        embedding = controlnet.controlnet_cond_embedding
-        if not torch.is_grad_enabled():
+        if torch.is_grad_enabled():  # training (the ControlNet may be wrapped in DistributedDataParallel)
+            down_residuals, mid_residual = residuals(x_t, t, controlnet_cond)
+        else:
+            network = getattr(controlnet, "module", controlnet)
+            embedding = network.controlnet_cond_embedding
             if x_t.dtype not in embedded:
                 embedded[x_t.dtype] = embedding(controlnet_cond)
-            controlnet.controlnet_cond_embedding = _Constant(embedded[x_t.dtype])
-        try:
-            down_residuals, mid_residual = controlnet(
-                x=x_t,
-                timesteps=t,
-                controlnet_cond=controlnet_cond,
-                conditioning_scale=conditioning_scale,
-                context=context,
-            )
-        finally:
-            controlnet.controlnet_cond_embedding = embedding
+            network.controlnet_cond_embedding = _Constant(embedded[x_t.dtype])
+            try:
+                down_residuals, mid_residual = residuals(x_t, t, controlnet_cond)
+            finally:
+                network.controlnet_cond_embedding = embedding
         return unet(
             x_t,
             timesteps=t,
