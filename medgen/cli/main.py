@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -26,9 +27,23 @@ def _run_job_dir(job_dir: Path, verbose: bool = False) -> int:
         code = runner.wait()
     except KeyboardInterrupt:
         print("\n[medgen] cancelling (the worker is stopped within a few seconds)...", file=sys.stderr)
+        # From here until the process ends, a further Ctrl+C only says so: leaving early would orphan the worker (it
+        # runs in its own session and only this wait enforces the kill deadline), and once it has stopped, which takes
+        # well under a second, a second Ctrl+C would otherwise end the command mid-summary with a traceback.
+        signal.signal(signal.SIGINT, _say_still_stopping)
         runner.cancel()
-        code = _wait_through_interrupts(runner)
+        code = runner.wait()
     view.close()
+    _print_outcome(runner)
+    return code
+
+
+def _say_still_stopping(signum, frame) -> None:
+    print("[medgen] still stopping the worker...", file=sys.stderr)
+
+
+def _print_outcome(runner) -> None:
+    """The job's output paths as JSON on stdout; its other result fields and any error on stderr."""
     if runner.result:
         # stdout holds only the output paths (machine-readable); what else the job reports (e.g. how many
         # pairs were accepted per mask) goes to stderr, so a run that wrote nothing says so
@@ -38,17 +53,6 @@ def _run_job_dir(job_dir: Path, verbose: bool = False) -> int:
         print(json.dumps(runner.result.get("outputs", {}), indent=2))
     if runner.error:
         print(f"[medgen] {runner.error['kind']}: {runner.error['message']}", file=sys.stderr)
-    return code
-
-
-def _wait_through_interrupts(runner) -> int:
-    """Wait for a cancelled job to end; further Ctrl+C only repeat that it is stopping (leaving now would
-    orphan the worker: it runs in its own session and only this wait enforces the kill deadline)."""
-    while True:
-        try:
-            return runner.wait()
-        except KeyboardInterrupt:
-            print("[medgen] still stopping the worker...", file=sys.stderr)
 
 
 def cmd_run(args) -> int:
