@@ -354,8 +354,9 @@ def synthesize_from_masks(
 
     Accepted pairs are written as they are accepted (``{mask_id}_{k}_image.nii.gz`` on the mask's grid and
     ``{mask_id}_{k}_label.nii.gz`` = the conditioning mask, k the candidate index; a mask reaching beyond the
-    model's field of view gives pairs on the part of its grid the model covers, :meth:`MaskGenModel.covered_part`), with ``labels.json`` and
-    ``report.json`` (every candidate's scores and decision, each mask's status) rewritten after every mask,
+    model's field of view gives pairs on the part of its grid the model covers, :meth:`MaskGenModel.covered_part`),
+    with ``labels.json`` and ``report.json`` (every candidate's scores and decision, each mask's status) rewritten
+    after every mask,
     so a cancelled run keeps a consistent folder. A mask whose foreground fraction is <= ``MASK_THRESHOLD`` is
     skipped; a mask with no accepted candidate is reported, not an error.
 

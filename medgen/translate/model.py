@@ -150,19 +150,12 @@ def ras_axes(affine: torch.Tensor | np.ndarray) -> tuple[tuple[int, ...], tuple[
 
 
 def _to_ras_axes(data: torch.Tensor, volume) -> torch.Tensor:
-    """``data`` ``(C, I, J, K)`` of ``volume`` (a MetaTensor; a plain tensor is taken as it is) on RAS-ordered axes."""
+    """``data`` ``(C, I, J, K)`` of ``volume`` (a MetaTensor; a plain tensor is taken as it is) on RAS-ordered axes
+    (:func:`from_model_grid` inverts it)."""
     if not isinstance(volume, MetaTensor):
         return data
     order, flips = ras_axes(volume.affine)
     return data.flip([1 + axis for axis in flips]).permute(0, *(1 + axis for axis in order))
-
-
-def _from_ras_axes(data: torch.Tensor, reference) -> torch.Tensor:
-    """Inverse of :func:`_to_ras_axes` for ``reference``'s axes."""
-    if not isinstance(reference, MetaTensor):
-        return data
-    order, flips = ras_axes(reference.affine)
-    return data.permute(0, *(1 + order.index(axis) for axis in range(3))).flip([1 + axis for axis in flips])
 
 
 def to_model_grid(volume: MetaTensor, config: TranslationConfig, name: str) -> torch.Tensor:
@@ -192,9 +185,11 @@ def from_model_grid(grid_tensor: torch.Tensor, reference: MetaTensor, config: Tr
     """Inverse of :func:`to_model_grid`: back to the reference's axes, shape and affine, values in [0, 1]."""
     volume = grid_tensor if config.spatial_dims == 3 else grid_tensor[:, 0].permute(1, 2, 0)[None, None]
     on_ras_axes = config.voxel_axes == "ras" and isinstance(reference, MetaTensor)
-    shape = tuple(reference.shape[1 + axis] for axis in ras_axes(reference.affine)[0]) if on_ras_axes else tuple(reference.shape[1:])
-    resized = F.interpolate(volume.float(), size=shape, mode="trilinear", align_corners=False)[0]
-    restored = _from_ras_axes(resized, reference) if on_ras_axes else resized
+    order, flips = ras_axes(reference.affine) if on_ras_axes else ((0, 1, 2), ())
+    resized = F.interpolate(volume.float(), size=tuple(reference.shape[1 + axis] for axis in order), mode="trilinear",
+                            align_corners=False)[0]
+    # back from the model's axes to the reference's: the inverse permutation, then the flips
+    restored = resized.permute(0, *(1 + order.index(axis) for axis in range(3))).flip([1 + axis for axis in flips])
     return MetaTensor(restored.clamp(0, 1).contiguous(), affine=reference.affine)
 
 
