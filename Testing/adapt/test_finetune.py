@@ -72,27 +72,32 @@ def test_cancel_keeps_the_last_checkpoint_and_a_rerun_resumes(model_folder, obli
     assert result.steps == 20 and min(resumed) > 1  # continued after the checkpoint, not from step 1
 
 
-def test_a_run_continues_only_with_its_settings_data_and_base_model(model_folder, oblique, tmp_path):
+@pytest.mark.parametrize("method", ["bitfit", "full"])
+def test_a_run_continues_only_with_its_settings_data_and_base_model(model_folder, oblique, tmp_path, method):
     """A resume restores the optimiser (its learning rate) and the whole network from the checkpoint: other settings,
-    data or another base model would silently be the old run, so they are refused; the patience may change."""
-    model = load_segmentation_model(str(model_folder))
-    inject(model.network, "bitfit")
+    data or another base model would silently be the old run, so they are refused; the patience may change. Full
+    fine-tuning freezes nothing, so its base model is told apart by all the weights it starts from."""
+
+    def base_model(shift: float = 0.0):  # each run starts from the model folder, as a job does
+        model = load_segmentation_model(str(model_folder))
+        with torch.no_grad():
+            next(model.network.parameters()).add_(shift)
+        inject(model.network, method)
+        return model
+
     config = FinetuneConfig(steps=4, val_every=2, amp=False)
-    finetune_segmentation(model, [blob_case(0, oblique)], config, checkpoint_dir=tmp_path)
+    finetune_segmentation(base_model(), [blob_case(0, oblique)], config, checkpoint_dir=tmp_path)
     with pytest.raises(BadInputError, match=r"lr 0.001 -> 0.5"):
-        finetune_segmentation(model, [blob_case(0, oblique)], FinetuneConfig(steps=4, val_every=2, amp=False, lr=0.5),
+        finetune_segmentation(base_model(), [blob_case(0, oblique)], FinetuneConfig(steps=4, val_every=2, amp=False, lr=0.5),
                               checkpoint_dir=tmp_path)
     with pytest.raises(BadInputError, match=r"steps 4 -> 6"):  # the cosine schedule spans the steps
-        finetune_segmentation(model, [blob_case(0, oblique)], FinetuneConfig(steps=6, val_every=2, amp=False), checkpoint_dir=tmp_path)
+        finetune_segmentation(base_model(), [blob_case(0, oblique)], FinetuneConfig(steps=6, val_every=2, amp=False),
+                              checkpoint_dir=tmp_path)
     with pytest.raises(BadInputError, match="other training data"):
-        finetune_segmentation(model, [blob_case(1, oblique)], config, checkpoint_dir=tmp_path)
-    other_base = load_segmentation_model(str(model_folder))
-    with torch.no_grad():
-        next(other_base.network.parameters()).add_(0.1)
-    inject(other_base.network, "bitfit")
+        finetune_segmentation(base_model(), [blob_case(1, oblique)], config, checkpoint_dir=tmp_path)
     with pytest.raises(BadInputError, match="frozen_weights"):
-        finetune_segmentation(other_base, [blob_case(0, oblique)], config, checkpoint_dir=tmp_path)
-    result = finetune_segmentation(model, [blob_case(0, oblique)], FinetuneConfig(steps=4, val_every=2, amp=False, patience=9),
+        finetune_segmentation(base_model(shift=0.1), [blob_case(0, oblique)], config, checkpoint_dir=tmp_path)
+    result = finetune_segmentation(base_model(), [blob_case(0, oblique)], FinetuneConfig(steps=4, val_every=2, amp=False, patience=9),
                                    checkpoint_dir=tmp_path)
     assert result.steps == 4
 

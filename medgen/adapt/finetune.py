@@ -33,7 +33,7 @@ from medgen.io import display_name
 from medgen.io.atomic import atomic_output, write_text_atomic
 from medgen.io.model_folder import check_same_run
 from medgen.metrics import dice_per_class
-from medgen.models.weights import frozen_weights_hash, weights_hash
+from medgen.models.weights import starting_weights_hash, weights_hash
 from medgen.peft import trains_whole_model
 from medgen.progress import PhaseReporter, Reporter, as_reporter
 
@@ -227,12 +227,12 @@ def finetune_segmentation(
         return loss_function(logits.float(), torch.stack(labels).to(device))
 
     # A resumed run restores the optimiser (its learning rate included) and the whole network from its checkpoint,
-    # so a continuation with other settings, data or frozen weights (another base model) would silently be the
+    # so a continuation with other settings, data or starting weights (another base model) would silently be the
     # old run; ``steps`` shapes the cosine schedule, so it too must stay. Patience, validation spacing and AMP may change.
     data = {f"{index}.{part}": tensor for index, pair in enumerate(prepared) for part, tensor in zip(("image", "label"), pair)}
     if val is not None:
         data.update({"validation.image": val[0].tensor, "validation.label": val[1]})
-    check_same_run(checkpoint_dir, {**dataclasses.asdict(config), "frozen_weights": frozen_weights_hash(model.network)},
+    check_same_run(checkpoint_dir, {**dataclasses.asdict(config), "frozen_weights": starting_weights_hash(model.network)},
                    weights_hash(data), may_change=("patience", "val_every", "amp"))
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, config.steps) / config.steps)))

@@ -21,7 +21,7 @@ from medgen.diffusion import TrainConfig, noise_prediction_loss, sample, train_d
 from medgen.errors import BadInputError
 from medgen.io.model_folder import check_same_run
 from medgen.models.spec import ModelSpec
-from medgen.models.weights import frozen_weights_hash, weights_hash
+from medgen.models.weights import starting_weights_hash, weights_hash
 from medgen.peft import trains_whole_model
 from medgen.progress import Reporter
 
@@ -125,10 +125,10 @@ def finetune_generator(
     def loss_fn(network, batch):  # the trainer hands the batch's indices on the model's device; data stays on the CPU
         return noise_prediction_loss(unet_denoiser(network), scheduler, data[batch.cpu()].to(device), loss=F.mse_loss)
 
-    # a resumed run restores the optimiser and the network from its checkpoint: other settings, volumes or frozen
+    # a resumed run restores the optimiser and the network from its checkpoint: other settings, volumes or starting
     # weights (another base model) would silently continue the old run
     check_same_run(checkpoint_dir, {**dataclasses.asdict(config), **dataclasses.asdict(diffusion),
-                                    "frozen_weights": frozen_weights_hash(unet)},
+                                    "frozen_weights": starting_weights_hash(unet)},
                    weights_hash({"volumes": data}), may_change=("steps", "checkpoint_every"))  # a constant learning rate: steps may grow
     trainable = [p for p in unet.parameters() if p.requires_grad]
     result = train_diffusion(

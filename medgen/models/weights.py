@@ -49,11 +49,15 @@ def weights_hash(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]) ->
     return "sha256:" + digest.hexdigest()
 
 
-def frozen_weights_hash(network: nn.Module) -> str:
-    """:func:`weights_hash` of the parameters that do not train (``requires_grad`` False): after a PEFT method is
-    injected, the base model's weights, which training leaves as they are (buffers such as norm statistics,
-    which training updates, are left out)."""
-    return weights_hash({name: parameter for name, parameter in network.named_parameters() if not parameter.requires_grad})
+def starting_weights_hash(network: nn.Module) -> str:
+    """:func:`weights_hash` of the base weights a fine-tuning run starts from, taken before it trains: with a PEFT
+    method injected, the parameters that do not train (``requires_grad`` False), which training leaves as they are
+    (buffers such as norm statistics, which training updates, are left out); with full fine-tuning, which trains
+    every parameter, all of them (a resumed run restores its checkpoint only after this hash is taken)."""
+    parameters = dict(network.named_parameters())
+    if any(not parameter.requires_grad for parameter in parameters.values()):
+        parameters = {name: parameter for name, parameter in parameters.items() if not parameter.requires_grad}
+    return weights_hash(parameters)
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
