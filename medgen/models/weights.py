@@ -53,7 +53,8 @@ def starting_weights_hash(network: nn.Module) -> str:
     """:func:`weights_hash` of the base weights a fine-tuning run starts from, taken before it trains: with a PEFT
     method injected, the parameters that do not train (``requires_grad`` False), which training leaves as they are
     (buffers such as norm statistics, which training updates, are left out); with full fine-tuning, which trains
-    every parameter, all of them (a resumed run restores its checkpoint only after this hash is taken)."""
+    every parameter, all of them (a resumed run restores its checkpoint only after this hash is taken), a head freshly
+    initialised for new classes included: seed torch before injecting such a head to resume the run later (jobs do)."""
     parameters = dict(network.named_parameters())
     if any(not parameter.requires_grad for parameter in parameters.values()):
         parameters = {name: parameter for name, parameter in parameters.items() if not parameter.requires_grad}
