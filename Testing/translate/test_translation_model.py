@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from monai.data import MetaTensor
 from safetensors.torch import load_file
 
 from medgen.errors import BadInputError, ModelError
-from medgen.io.model_folder import read_model_json
+from medgen.io.model_folder import RUN_JSON, read_model_json
 from medgen.translate.model import (
     TASK, TranslationConfig, lmi_agreement, ras_axes, to_model_grid, train_translation, translate_volume,
 )
@@ -148,6 +149,24 @@ def test_a_model_folder_continues_only_with_its_own_volumes_and_settings(tmp_pat
         train_translation([_phantom(0), _phantom(1)], tmp_path, config, seed=5)
     shorter = train_translation([_phantom(0), _phantom(1)], tmp_path, dataclasses.replace(config, steps=1))
     assert read_model_json(shorter, TASK)["config"]["steps"] == 2  # the weights' own training, not the request
+
+
+def test_a_folder_from_before_the_ras_axes_continues_on_storage_axes(tmp_path):
+    """An older MedGen trained on storage-ordered grids and recorded no ``voxel_axes``: such a folder continues only
+    with ``voxel_axes="storage"`` (a ``translate-train`` parameter too), not with today's RAS default."""
+    config = TranslationConfig.tiny(mode="3d", grid=(8, 8, 8), channels=(8, 16), steps=2, batch_size=2, voxel_axes="storage")
+    train_translation([_phantom(0), _phantom(1)], tmp_path, config)
+    record = json.loads((tmp_path / RUN_JSON).read_text())
+    del record["settings"]["voxel_axes"]  # as the older version wrote it
+    (tmp_path / RUN_JSON).write_text(json.dumps(record))
+    with pytest.raises(BadInputError, match="voxel_axes 'storage' -> 'ras'"):
+        train_translation([_phantom(0), _phantom(1)], tmp_path, dataclasses.replace(config, voxel_axes="ras"))
+    continued = train_translation([_phantom(0), _phantom(1)], tmp_path, dataclasses.replace(config, steps=3))
+    assert read_model_json(continued, TASK)["config"]["steps"] == 3
+    from medgen.jobs.kinds import get_kind
+    from medgen.translate.jobs import TRAINING_OVERRIDES
+
+    assert "voxel_axes" in get_kind("translate-train").params["properties"] and "voxel_axes" in TRAINING_OVERRIDES
 
 
 def test_the_seed_alone_decides_the_weights(tmp_path):

@@ -12,7 +12,7 @@ from medgen.io import load_volume, save_volume
 from medgen.jobs.context import JobContext
 from medgen.translate.model import TranslationConfig, train_translation, translate_volume
 
-TRAINING_OVERRIDES = ("steps", "batch_size", "lr", "conditioned", "mode", "lmi_compat")
+TRAINING_OVERRIDES = ("steps", "batch_size", "lr", "conditioned", "mode", "lmi_compat", "voxel_axes")
 
 
 def run_translate_train(ctx: JobContext) -> dict:
