@@ -22,7 +22,8 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from medgen.errors import BadInputError, MedGenError
-from medgen.slicer.scene_job import JobRequest, SceneJobLogicMixin, optional_folder, run_selftest_on_synthetic_volume
+from medgen.slicer.scene_job import JobRequest, SceneJobLogicMixin, optional_folder
+from medgen.slicerqt.module_test import SelftestModuleTestMixin
 from medgen.slicerqt.module_widget import ModuleWidgetMixin
 from CrossModalTranslateLib import jobs, translation
 
@@ -274,21 +275,7 @@ class CrossModalTranslateLogic(SceneJobLogicMixin, ScriptedLoadableModuleLogic):
         )
 
 
-class CrossModalTranslateTest(ScriptedLoadableModuleTest):
+class CrossModalTranslateTest(SelftestModuleTestMixin, ScriptedLoadableModuleTest):
     """In-Slicer test: the selftest job runs on a synthetic volume and its output lands in the scene."""
 
-    def setUp(self) -> None:
-        slicer.mrmlScene.Clear()
-
-    def runTest(self) -> None:
-        self.setUp()
-        self.test_selftest_output_has_input_shape()
-
-    def test_selftest_output_has_input_shape(self) -> None:
-        from medgen.slicer.dependencies import torch_report
-
-        if not torch_report()["installed"]:
-            self.skipTest("PyTorch is not installed; install it from the Setup section.")
-        inputShape, outputShapes = run_selftest_on_synthetic_volume(CrossModalTranslateLogic(), "CrossModalTranslate")
-        self.assertEqual(outputShapes, [inputShape])
-        self.delayDisplay("Test passed")
+    logicClass = CrossModalTranslateLogic

@@ -27,8 +27,8 @@ from medgen.slicer.scene_job import (
     SceneJobLogicMixin,
     TrainingPair,
     optional_folder,
-    run_selftest_on_synthetic_volume,
 )
+from medgen.slicerqt.module_test import SelftestModuleTestMixin
 from medgen.slicerqt.module_widget import ModuleWidgetMixin
 from medgen.slicerqt.pair_table import PairTableMixin
 from MedGenSynthesisLib import candidate_report, from_masks, jobs, paired
@@ -352,21 +352,7 @@ class MedGenSynthesisLogic(SceneJobLogicMixin, ScriptedLoadableModuleLogic):
         return imported
 
 
-class MedGenSynthesisTest(ScriptedLoadableModuleTest):
+class MedGenSynthesisTest(SelftestModuleTestMixin, ScriptedLoadableModuleTest):
     """In-Slicer test: the selftest job runs on a synthetic volume and its output lands in the scene."""
 
-    def setUp(self) -> None:
-        slicer.mrmlScene.Clear()
-
-    def runTest(self) -> None:
-        self.setUp()
-        self.test_selftest_output_has_input_shape()
-
-    def test_selftest_output_has_input_shape(self) -> None:
-        from medgen.slicer.dependencies import torch_report
-
-        if not torch_report()["installed"]:
-            self.skipTest("PyTorch is not installed; install it from the Setup section.")
-        inputShape, outputShapes = run_selftest_on_synthetic_volume(MedGenSynthesisLogic(), "MedGenSynthesis")
-        self.assertEqual(outputShapes, [inputShape])
-        self.delayDisplay("Test passed")
+    logicClass = MedGenSynthesisLogic

@@ -23,8 +23,9 @@ from slicer.util import VTKObservationMixin
 
 from medgen.errors import BadInputError
 from medgen.slicer.plots import LossPlot
-from medgen.slicer.scene_job import JobRequest, SceneJobLogicMixin, optional_folder, run_selftest_on_synthetic_volume
+from medgen.slicer.scene_job import JobRequest, SceneJobLogicMixin, optional_folder
 from medgen.slicerqt.job_panel import JobState
+from medgen.slicerqt.module_test import SelftestModuleTestMixin
 from medgen.slicerqt.module_widget import ModuleWidgetMixin
 from medgen.slicerqt.pair_table import PairTableMixin
 from TenVOOSlicerLib import adaptation, jobs
@@ -275,21 +276,7 @@ class TenVOOSlicerLogic(SceneJobLogicMixin, ScriptedLoadableModuleLogic):
         return imported
 
 
-class TenVOOSlicerTest(ScriptedLoadableModuleTest):
+class TenVOOSlicerTest(SelftestModuleTestMixin, ScriptedLoadableModuleTest):
     """In-Slicer test: the selftest job runs on a synthetic volume and its output lands in the scene."""
 
-    def setUp(self) -> None:
-        slicer.mrmlScene.Clear()
-
-    def runTest(self) -> None:
-        self.setUp()
-        self.test_selftest_output_has_input_shape()
-
-    def test_selftest_output_has_input_shape(self) -> None:
-        from medgen.slicer.dependencies import torch_report
-
-        if not torch_report()["installed"]:
-            self.skipTest("PyTorch is not installed; install it from the Setup section.")
-        inputShape, outputShapes = run_selftest_on_synthetic_volume(TenVOOSlicerLogic(), "TenVOOSlicer")
-        self.assertEqual(outputShapes, [inputShape])
-        self.delayDisplay("Test passed")
+    logicClass = TenVOOSlicerLogic

@@ -53,6 +53,8 @@ def test_module_file_defines_the_template_classes(module_name):
             assert hasattr(module_file, module_name + suffix), module_name + suffix
         logic_class = getattr(module_file, f"{module_name}Logic")
         assert callable(logic_class.applyJobRequest) and callable(logic_class.startJob)
+        # Slicer's "Reload and Test" runs <Module>Test().runTest(): the shared selftest, on this module's Logic
+        assert getattr(module_file, f"{module_name}Test").logicClass is logic_class
 
 
 @pytest.mark.parametrize("module_name", MODULE_NAMES)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 import types
+import unittest
 
 import numpy as np
 import pytest
+import slicer
 import slicer.util
 
 from medgen.slicer.scene_job import SceneJobLogicMixin, selftest_request
@@ -53,3 +55,15 @@ def test_job_panel_follows_a_real_worker_to_the_import(input_volume, mrml_scene,
     assert panel.state is JobState.IDLE, status_label.text
     assert [node.GetName() for node in imported] == ["patient MR Panel selftest"]
     assert any(event["event"] == "progress" for event in runner.events)
+
+
+def test_reload_and_test_runs_the_selftest_into_the_scene(mrml_scene, monkeypatch, tmp_path):
+    """What Slicer's "Reload and Test" button runs for a module (its Test class; the same mixin for all three)."""
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(temporaryPath=str(tmp_path)), raising=False)
+    with slicer_gui_stubs():
+        module_file = __import__("CrossModalTranslate")
+        result = unittest.TestResult()
+        module_file.CrossModalTranslateTest("runTest").run(result)
+    assert result.wasSuccessful() and not result.skipped, result.errors + result.failures + result.skipped
+    assert [node.GetName() for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")] == [
+        "selftest input", "selftest input CrossModalTranslate selftest"]

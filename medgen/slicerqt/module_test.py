@@ -1,0 +1,32 @@
+"""The in-Slicer self-test every MedGen module runs from Slicer's "Reload and Test" button."""
+
+from __future__ import annotations
+
+import slicer
+
+from medgen.slicer.scene_job import run_selftest_on_synthetic_volume
+
+
+class SelftestModuleTestMixin:
+    """Mixed into each module's ``<Module>Test(ScriptedLoadableModuleTest)`` with ``logicClass`` set to the
+    module's Logic: the selftest job runs on a synthetic volume (CPU) and its output must land in the scene
+    with the input's shape. Skipped while PyTorch is not installed."""
+
+    logicClass: type | None = None
+
+    def setUp(self) -> None:
+        slicer.mrmlScene.Clear()
+
+    def runTest(self) -> None:
+        self.setUp()
+        self.test_selftest_output_has_input_shape()
+
+    def test_selftest_output_has_input_shape(self) -> None:
+        from medgen.slicer.dependencies import torch_report
+
+        if not torch_report()["installed"]:
+            self.skipTest("PyTorch is not installed; install it from the Setup section.")
+        moduleName = type(self).__name__.removesuffix("Test")
+        inputShape, outputShapes = run_selftest_on_synthetic_volume(self.logicClass(), moduleName)
+        self.assertEqual(outputShapes, [inputShape])
+        self.delayDisplay("Test passed")
