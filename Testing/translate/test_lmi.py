@@ -293,3 +293,17 @@ def test_the_map_is_float32_inside_a_bfloat16_autocast():
         autocast = lmi_map(source, moving, compat=True, backend="torch")
     assert autocast[0].dtype == torch.float32
     assert torch.equal(plain[0], autocast[0]) and torch.equal(plain[1], autocast[1])
+
+
+@pytest.mark.parametrize("flushing", [False, True])
+def test_the_callers_denormal_mode_is_kept(flushing):
+    """The CPU map flushes denormals while it runs (speed) and leaves the caller's mode as it found it, on or off."""
+    from medgen.translate.lmi import _flushing_denormals
+
+    torch.set_flush_denormal(flushing)
+    try:
+        lmi_map(torch.rand(1, 1, 6, 6), torch.rand(1, 1, 6, 6))
+        assert _flushing_denormals() is flushing
+        assert (float(torch.tensor([1e-39]) * 1.0) == 0.0) is flushing
+    finally:
+        torch.set_flush_denormal(False)
