@@ -253,3 +253,94 @@ def test_translation_jobs_through_the_worker(tmp_path):
     assert job.returncode == ExitCode.OK, job.error
     translated = load_volume(job.result["outputs"]["translated"])
     assert translated.shape == (1, 20, 18, 10) and torch.allclose(translated.affine, load_volume(source).affine, atol=1e-5)
+
+
+def test_training_conditions_on_the_next_timestep_with_the_same_noise(tmp_path, monkeypatch):
+    """Spec A.4: the training condition is LMI(x0, x_{t+1}) with x_{t+1} noised by the same noise as x_t (t + 1
+    clamped to T - 1), and the network sees [x_t, LMI(x0, x_{t+1}), LMI(x0, x0)] in that order."""
+    import medgen.translate.model as translation
+
+    noised, inputs = [], []
+    build_scheduler, build_unet = translation.build_scheduler, translation.build_unet
+
+    def recording_scheduler(config):
+        scheduler = build_scheduler(config)
+        add_noise = scheduler.add_noise
+        scheduler.add_noise = lambda x0, noise, t: noised.append((x0, noise, t)) or add_noise(x0, noise, t)
+        return scheduler
+
+    def recording_unet(config):
+        unet = build_unet(config)
+        unet.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
+        return unet
+
+    monkeypatch.setattr(translation, "build_scheduler", recording_scheduler)
+    monkeypatch.setattr(translation, "build_unet", recording_unet)
+    config = TranslationConfig.tiny(**{**TINY, "steps": 1})
+    train_translation([_phantom(0)], tmp_path, config)
+    (x0, noise, t), (x0_next, noise_next, t_next) = noised[:2]
+    assert x0_next is x0 and torch.equal(noise_next, noise)
+    assert torch.equal(t_next, (t + 1).clamp(max=config.num_train_timesteps - 1))
+    (network_input,) = inputs
+    x_t, x_next = (translation.build_scheduler(config).add_noise(x0, noise, step) for step in (t, t_next))
+    assert torch.equal(network_input[:, :1], x_t)
+    torch.testing.assert_close(network_input[:, 1:2], translation._lmi(config, x0, x_next))
+    torch.testing.assert_close(network_input[:, 2:3], translation._lmi(config, x0, x0))
+
+
+def test_sampling_feeds_the_condition_in_the_training_order_within_the_memory_budget(lmi_model, monkeypatch):
+    """Spec A.5: every step recomputes LMI(source, x_t) and feeds [x_t, LMI(S, x_t), LMI(S, S)] as in training; a
+    memory budget given for the run reaches every LMI map (the out-of-memory advice relies on it)."""
+    import medgen.translate.model as translation
+
+    inputs, budgets = [], []
+    load_model, lmi_map = translation.load_translation_model, translation.lmi_map
+
+    def recording_model(model_dir, device):
+        config, unet = load_model(model_dir, device)
+        unet.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
+        return config, unet
+
+    def recording_lmi_map(*args, **kwargs):
+        budgets.append(kwargs["memory_budget_mb"])
+        return lmi_map(*args, **kwargs)
+
+    monkeypatch.setattr(translation, "load_translation_model", recording_model)
+    monkeypatch.setattr(translation, "lmi_map", recording_lmi_map)
+    source = _phantom(3, contrast=(0.9, 0.1, 0.5))
+    translate_volume(source, lmi_model, sampler="ddim", steps=2, memory_budget_mb=64)
+    assert len(inputs) == 2 and budgets and set(budgets) == {64.0}
+    config = dataclasses.replace(translation.load_translation_model(lmi_model, torch.device("cpu"))[0], memory_budget_mb=64.0)
+    source_grid = to_model_grid(source, config, "source")
+    self_lmi = translation._lmi(config, source_grid, source_grid)
+    for network_input in inputs:
+        torch.testing.assert_close(network_input[:, 1:2], translation._lmi(config, source_grid, network_input[:, :1]))
+        torch.testing.assert_close(network_input[:, 2:3], self_lmi)
+
+
+def test_ddpm_sampling_runs_every_timestep_down_to_zero(lmi_model, monkeypatch):
+    """The released sampler: all T steps, the last one at t = 0 (stopping at t = 1 would return a noisy x_1)."""
+    import medgen.translate.model as translation
+
+    seen = {}
+
+    def recording_sample(denoise, scheduler, noise, *, timesteps, **kwargs):
+        seen["timesteps"] = list(timesteps)
+        return noise
+
+    monkeypatch.setattr(translation, "sample", recording_sample)
+    translate_volume(_phantom(3), lmi_model, sampler="ddpm")
+    assert seen["timesteps"] == list(range(999, -1, -1))
+
+
+def test_the_model_folder_holds_the_ema_weights(lmi_model):
+    """The shipped weights are the exponential moving average of training (spec A.8), not the last raw step."""
+    from medgen.diffusion.checkpoint import load_trained_weights
+    from medgen.translate.model import build_unet
+
+    config = TranslationConfig.tiny(**TINY)
+    shipped = load_file(lmi_model / "unet.safetensors")
+    averaged = load_trained_weights(build_unet(config), lmi_model / "checkpoints", use_ema=True).state_dict()
+    raw = load_trained_weights(build_unet(config), lmi_model / "checkpoints", use_ema=False).state_dict()
+    assert all(torch.equal(shipped[name], averaged[name]) for name in shipped)
+    assert not all(torch.equal(shipped[name], raw[name]) for name in shipped)
