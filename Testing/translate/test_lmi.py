@@ -307,3 +307,13 @@ def test_the_callers_denormal_mode_is_kept(flushing):
         assert (float(torch.tensor([1e-39]) * 1.0) == 0.0) is flushing
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_compat_quantises_like_the_released_integer_cast():
+    """Compat kernel units are the released ``(x * 255).int()``: truncation toward zero (not rounding), unclamped
+    (quirk Q2 keeps out-of-range values)."""
+    from medgen.translate.lmi_core import to_kernel_units
+
+    values = torch.tensor([0.003, 0.5 / 255 + 0.0019, 0.9999, -0.01, 1.2])
+    units = to_kernel_units(values, LmiSettings(compat=True))
+    assert units.tolist() == (values * 255).int().float().tolist() == [0.0, 0.0, 254.0, -2.0, 306.0]
