@@ -87,7 +87,8 @@ def test_resume_is_bit_identical_to_uninterrupted_run(make_tiny_denoiser, tmp_pa
     def fresh():
         model = make_tiny_denoiser(seed=1)
         optimizer = adam(model)
-        return model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+        # steps of 3 while checkpoints fall every 2 steps: a schedule not restored on resume would halve too late
+        return model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
 
     model, optimizer, lr_scheduler = fresh()
     straight = train_diffusion(model, ddpm_loss(), data, optimizer, config, lr_scheduler=lr_scheduler,
@@ -109,7 +110,7 @@ def test_resume_is_bit_identical_to_uninterrupted_run(make_tiny_denoiser, tmp_pa
     straight_model = load_trained_weights(make_tiny_denoiser(), tmp_path / "straight", use_ema=False)
     for name, tensor in straight_model.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5**3)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5**2)
 
 
 def test_cancel_keeps_last_checkpoint(make_tiny_denoiser, tmp_path):
@@ -342,3 +343,46 @@ def test_a_cpu_run_never_touches_cuda_and_old_per_gpu_rng_states_resume_on_fewer
     training._restore_rng_state({"cpu": cpu_state, "cuda": states}, torch.device("cuda", 2))  # this GPU was not there
     training._restore_rng_state({"cpu": cpu_state, "cuda": states[0]}, torch.device("cuda", 0))
     assert restored == [(11, 1), (10, 0)]
+
+
+def test_gradients_are_clipped_to_the_configured_norm(make_tiny_denoiser):
+    """Every optimiser step sees gradients of total norm at most ``grad_clip_norm`` (the loss is scaled so that
+    clipping must act)."""
+    model = make_tiny_denoiser()
+    optimizer = adam(model)
+    norms = []
+    step = optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads = [p.grad.detach().flatten() for p in model.parameters() if p.grad is not None]
+        norms.append(float(torch.cat(grads).norm()))
+        return step(*args, **kwargs)
+
+    optimizer.step = recording_step
+    loss = ddpm_loss()
+    train_diffusion(model, lambda trained, batch: 1e4 * loss(trained, batch), volumes(4), optimizer,
+                    TrainConfig(max_steps=3, batch_size=2, amp=False, grad_clip_norm=1.0))
+    assert len(norms) == 3 and all(norm <= 1.0 + 1e-5 for norm in norms) and max(norms) > 0.99
+
+
+def test_the_reported_loss_is_the_mean_over_accumulated_micro_batches(make_tiny_denoiser):
+    """With gradient accumulation the step's loss is the micro-batches' mean, not their sum."""
+    model = make_tiny_denoiser()
+
+    def constant_loss(trained, batch):
+        return 0.0 * sum(p.sum() for p in trained.parameters()) + 3.0
+
+    result = train_diffusion(model, constant_loss, volumes(4), adam(model),
+                             TrainConfig(max_steps=2, batch_size=1, grad_accum_steps=2, amp=False))
+    assert result.last_loss == pytest.approx(3.0)
+
+
+def test_the_loss_is_averaged_over_ranks(monkeypatch):
+    """Under DDP the reported loss is the mean over the processes (a sum would scale it by their number)."""
+    from medgen.diffusion.distributed import DistContext
+    from medgen.diffusion.training import _mean_over_ranks
+
+    other_rank_loss = 5.0
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, *args, **kwargs: tensor.add_(other_rank_loss))
+    assert _mean_over_ranks(1.0, DistContext(rank=0, world_size=2), torch.device("cpu")) == pytest.approx(3.0)
+    assert _mean_over_ranks(1.0, DistContext(), torch.device("cpu")) == 1.0
