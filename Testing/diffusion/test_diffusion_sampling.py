@@ -141,9 +141,14 @@ def test_sdedit_starts_at_given_timestep():
     scheduler.set_timesteps(50)  # 999, 979, ..., 19
     x0 = torch.rand(1, 1, 8, 8, 8, generator=torch.Generator().manual_seed(0))
     seen: list[int] = []
+    first_inputs: list[torch.Tensor] = []
+    oracle = oracle_denoiser(scheduler, x0, seen)
     generator = torch.Generator().manual_seed(1)
-    edited = sdedit(oracle_denoiser(scheduler, x0, seen), scheduler, x0, 499, generator=generator)
+    edited = sdedit(lambda x_t, t: first_inputs.append(x_t.clone()) or oracle(x_t, t), scheduler, x0, 499, generator=generator)
     assert seen == [t for t in scheduler.timesteps.tolist() if t <= 499] and seen[0] == 499
+    # the first step sees x0 noised to exactly that level, with the generator's first draw
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(first_inputs[0], scheduler.add_noise(x0, eps, torch.tensor([499])))
     assert (edited - x0).abs().max().item() < 1e-4
     assert len(scheduler.timesteps) == 50 and scheduler.timesteps[0] == 999  # the caller's schedule is left whole
     seen.clear()

@@ -318,19 +318,22 @@ def test_sampling_feeds_the_condition_in_the_training_order_within_the_memory_bu
         torch.testing.assert_close(network_input[:, 2:3], self_lmi)
 
 
-def test_ddpm_sampling_runs_every_timestep_down_to_zero(lmi_model, monkeypatch):
-    """The released sampler: all T steps, the last one at t = 0 (stopping at t = 1 would return a noisy x_1)."""
+def test_samplers_run_down_to_a_clean_sample(lmi_model, monkeypatch):
+    """The released DDPM: all T steps, the last at t = 0 (stopping at t = 1 would return a noisy x_1); DDIM likewise."""
     import medgen.translate.model as translation
 
     seen = {}
 
     def recording_sample(denoise, scheduler, noise, *, timesteps, **kwargs):
-        seen["timesteps"] = list(timesteps)
+        seen.update(timesteps=list(timesteps), scheduler=scheduler)
         return noise
 
     monkeypatch.setattr(translation, "sample", recording_sample)
     translate_volume(_phantom(3), lmi_model, sampler="ddpm")
     assert seen["timesteps"] == list(range(999, -1, -1))
+    # DDIM: 10 strided steps ending at 99, whose step lands on alpha-bar 1 (a clean x0, not the noise of t = 99)
+    translate_volume(_phantom(3), lmi_model, sampler="ddim", steps=10)
+    assert seen["timesteps"] == list(range(999, 0, -100)) and float(seen["scheduler"].final_alpha_cumprod) == 1.0
 
 
 def test_the_model_folder_holds_the_ema_weights(lmi_model):
