@@ -176,3 +176,18 @@ def test_budget_without_room_for_a_plane_falls_back_to_gathers():
     assert len(events) == -(-math.prod(spatial) // gather_chunk) > 1
     assert (small[0] - large[0]).abs().max() < 1e-5
     assert (small[1] != large[1]).any(dim=1).float().mean() <= 0.01
+
+
+@pytest.mark.parametrize("options", [dict(compat=True), dict(compat=False, backend="torch")], ids=["compat", "clean_gathers"])
+def test_the_gather_scorers_budget_is_honoured(options, monkeypatch):
+    """The gather scorer (compat mode; the clean fallback when no plane fits) keeps the bytes PyTorch allocates within
+    the budget, as the box-sum scorer above does."""
+    if not options["compat"]:
+        monkeypatch.setattr(lmi, "box_chunk_voxels", lambda *args: 0)  # as when no plane fits the budget
+    shape = (1, 1, 24, 24, 24)
+    source, moving = _pair(shape, seed=0)
+    settings, spatial = LmiSettings(compat=options["compat"]), shape[2:]
+    budget_mb = (lmi.fixed_bytes(1, spatial, settings) + 200 * lmi.bytes_per_chunk_voxel(3, settings)) / 2**20
+    assert 100 < chunk_voxels_for_budget(1, spatial, settings, budget_mb) <= 200  # many chunks of 24³
+    peak = _peak_allocated_bytes(lambda: lmi_map(source, moving, memory_budget_mb=budget_mb, **options))
+    assert peak <= budget_mb * 2**20 - WORKSPACE_BYTES
