@@ -58,9 +58,17 @@ def _train_rank(rank: int, port: int, out_dir: str) -> None:
 
     context = _join(rank, port)
     model, loss_fn, data = _toy_run()
-    train_diffusion(model, loss_fn, data, torch.optim.Adam(model.parameters(), lr=1e-2), TrainConfig(**CONFIG),
-                    checkpoint_dir=os.path.join(out_dir, "checkpoints"))
+    rng_at_first_step = []
+
+    def recording_loss(trained, batch):
+        if not rng_at_first_step:
+            rng_at_first_step.append(torch.get_rng_state())
+        return loss_fn(trained, batch)
+
+    result = train_diffusion(model, recording_loss, data, torch.optim.Adam(model.parameters(), lr=1e-2), TrainConfig(**CONFIG),
+                             checkpoint_dir=os.path.join(out_dir, "checkpoints"))
     torch.save(model.state_dict(), os.path.join(out_dir, f"rank{context.rank}.pt"))
+    torch.save({"rng": rng_at_first_step[0], "last_loss": torch.tensor(result.last_loss)}, os.path.join(out_dir, f"run{context.rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -94,6 +102,9 @@ def test_ddp_ranks_stay_in_sync_and_rank0_writes(tmp_path):
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE))
     for name, tensor in rank0.items():
         assert torch.equal(tensor, rank1[name]), name
+    run0, run1 = (torch.load(tmp_path / f"run{r}.pt", weights_only=True) for r in range(WORLD_SIZE))
+    assert not torch.equal(run0["rng"], run1["rng"])  # each rank draws its own noise and timesteps (seed + rank)
+    assert torch.equal(run0["last_loss"], run1["last_loss"])  # the loss reported is the mean over the ranks
     checkpoints = tmp_path / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == [".lock", "latest.json", "step_00000002", "step_00000003"]  # .lock: one trainer per folder
     state = torch.load(checkpoints / "step_00000003" / "trainer_state.pt", weights_only=True)
