@@ -44,9 +44,12 @@ def default_color(value: int) -> tuple[float, float, float]:
 
 
 def make_labels(names: dict[str, int] | Iterable[str]) -> list[LabelInfo]:
-    """Labels from ``{name: value}`` (or names numbered 1, 2, ...), with default colours, sorted by value."""
+    """Labels from ``{name: value}`` (or names numbered 1, 2, ...), with default colours, sorted by value.
+
+    A ``"background": 0`` entry (nnU-Net's ``dataset.json`` form) is left out; any other name at 0 is refused."""
     pairs = names.items() if isinstance(names, dict) else ((name, i + 1) for i, name in enumerate(names))
-    labels = [LabelInfo(str(name), int(value), default_color(int(value))) for name, value in pairs if int(value) != 0]
+    labels = [LabelInfo(str(name), int(value), default_color(int(value))) for name, value in pairs
+              if not _is_background(name, value)]
     check_labels(labels)
     return sorted(labels, key=lambda label: label.value)
 
@@ -65,6 +68,11 @@ def check_labels(labels: list[LabelInfo]) -> None:
                   if len(label.color) != 3 or not all(0.0 <= channel <= 1.0 for channel in label.color)}
     if odd_colors:
         raise BadInputError(f"Label colours are RGB triples in [0, 1] (not 0-255); got {odd_colors}.")
+
+
+def _is_background(name, value) -> bool:
+    """The background entry label descriptions may list: named background (any case), value 0."""
+    return value == 0 and str(name).lower() == "background"
 
 
 def _whole_number(value, what: str) -> int:
@@ -107,7 +115,7 @@ def load_labels(path: str | os.PathLike) -> list[LabelInfo]:
             raise ValueError("expected a list of objects")
         labels = [LabelInfo.from_dict({**e, "value": _whole_number(e["value"], f"the value of {e['name']!r}")})
                   for e in entries
-                  if not (e.get("value") == 0 and str(e["name"]).lower() == "background")]  # as the object form does
+                  if not _is_background(e["name"], e.get("value"))]  # as the object form does
     except (OSError, ValueError, KeyError, TypeError) as error:
         detail = f"missing {error}" if isinstance(error, KeyError) else str(error)
         raise BadInputError(f"{path} is not a label description ({detail}). Write {LABELS_FORMAT}.") from None

@@ -43,3 +43,17 @@ def test_a_wrong_format_says_what_to_write(tmp_path, content, detail):
 def test_a_background_entry_is_left_out_of_the_list_form_as_of_the_object_form(tmp_path):
     (tmp_path / "labels.json").write_text('[{"name": "background", "value": 0}, {"name": "liver", "value": 1}]')
     assert [(label.name, label.value) for label in load_labels(tmp_path / "labels.json")] == [("liver", 1)]
+
+
+def test_a_structure_given_value_0_is_refused_not_taken_for_background(tmp_path):
+    """Only an entry named background may hold 0: a 'tumour' at 0 would vanish into the background (its voxels
+    unlabelled, the model never told), so reading, saving and checking such labels all refuse it by name."""
+    (tmp_path / "labels.json").write_text('[{"name": "tumour", "value": 0}, {"name": "liver", "value": 1}]')
+    with pytest.raises(BadInputError, match=r"Label values must be positive \(0 is background\); got \[0, 1\]"):
+        load_labels(tmp_path / "labels.json")
+    with pytest.raises(BadInputError, match=r"must be positive \(0 is background\); got \[0\]"):
+        save_labels([LabelInfo("tumour", 0, (1.0, 0.0, 0.0))], tmp_path / "saved.json")
+    assert not (tmp_path / "saved.json").exists()
+    (tmp_path / "dataset_labels.json").write_text('{"background": 0, "tumour": 0, "liver": 1}')  # the object form too
+    with pytest.raises(BadInputError, match=r"must be positive \(0 is background\); got \[0, 1\]"):
+        load_labels(tmp_path / "dataset_labels.json")
