@@ -47,6 +47,40 @@ def test_leftovers_of_a_killed_writer_are_swept_by_the_next_write(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "unet.safetensors"]
 
 
+def test_the_temporary_of_a_writer_still_running_is_left_alone(tmp_path):
+    """Only leftovers of writers that are gone are swept: a live process (here a stand-in that sleeps) may still be
+    writing its temporary, and deleting it would make that writer's rename fail."""
+    import subprocess
+
+    writer = subprocess.Popen(["sleep", "30"])
+    try:
+        busy = tmp_path / f".unet.{writer.pid}.abc123.part.safetensors"
+        busy.write_bytes(b"being written")
+        with atomic_output(tmp_path / "unet.safetensors") as temporary:
+            temporary.write_bytes(b"weights")
+        assert sorted(p.name for p in tmp_path.iterdir()) == [busy.name, "unet.safetensors"]
+        assert busy.read_bytes() == b"being written"
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def test_a_text_write_that_fails_before_the_rename_keeps_the_previous_file(tmp_path, monkeypatch):
+    """write_text_atomic writes the temporary and renames it: when the rename fails (full or read-only disk) the
+    reader still finds the previous text, never the new one half-written under the final name."""
+    import os
+
+    target = write_text_atomic(tmp_path / "report.json", "old")
+
+    def failing_replace(source, destination):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space left"):
+        write_text_atomic(target, "new")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
 def test_a_dotted_long_name_gets_a_temporary_name_within_the_limit(tmp_path):
     """The temporary name keeps only the real extension: a dotted stem must not be repeated in its suffix."""
     target = tmp_path / ("case." + "x" * 140 + "_0_image.nii.gz")

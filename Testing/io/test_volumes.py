@@ -12,6 +12,7 @@ from monai.data import MetaTensor
 
 from medgen.errors import BadInputError, GeometryMismatchError
 from medgen.io import check_same_geometry, load_volume, save_volume
+from medgen_testing import oblique_affine
 
 # NIfTI stores geometry as float32; NRRD and MetaImage keep float64.
 TOLERANCE = {".nii": 1e-5, ".nii.gz": 1e-5, ".nrrd": 1e-9, ".mha": 1e-9}
@@ -242,6 +243,18 @@ def test_geometry_mismatch_names_both_volumes(oblique):
     with pytest.raises(GeometryMismatchError, match="t1.nii.gz and seg.nii.gz .* origin"):
         check_same_geometry(image, _volume(shifted, label=True), "t1.nii.gz", "seg.nii.gz")
     check_same_geometry(image, _volume(oblique, label=True))
+
+
+def test_a_label_with_other_axis_directions_is_a_geometry_mismatch():
+    """Same shape, spacing and origin, but the label's first two axes run along each other's directions (a transposed
+    label saved with the image's header values): only the direction check can tell, and it must, or the label
+    would be read onto the image transposed."""
+    affine = oblique_affine(spacing=(0.9, 0.9, 2.5))
+    swapped = affine.copy()
+    swapped[:3, [0, 1]] = affine[:3, [1, 0]]
+    image, label = _volume(affine, shape=(10, 10, 8)), _volume(swapped, shape=(10, 10, 8), label=True)
+    with pytest.raises(GeometryMismatchError, match=r"t1.nii.gz and seg.nii.gz .* differ in direction:"):
+        check_same_geometry(image, label, "t1.nii.gz", "seg.nii.gz")
 
 
 def test_failed_save_leaves_the_previous_file_intact(tmp_path, oblique):

@@ -36,6 +36,18 @@ def test_image_metrics():
     assert psnr(volume, volume + 0.1) == pytest.approx(20.0, abs=1e-3)
 
 
+def test_psnr_uses_the_squared_data_range():
+    """8-bit data (range 255): an error of 25.5 everywhere (a tenth of the range) is 10 log10(255² / 25.5²) = 20 dB,
+    and an error of 51 on half the voxels 10 log10(255² / (51² / 2)) = 10 log10(50) dB, as for the same errors
+    scaled to range 1."""
+    reference = torch.rand(8, 8, 8, generator=torch.Generator().manual_seed(0)) * 255
+    assert psnr(reference + 25.5, reference, data_range=255.0) == pytest.approx(20.0, abs=1e-4)
+    half = reference.clone()
+    half[:4] += 51.0
+    assert psnr(half, reference, data_range=255.0) == pytest.approx(10 * np.log10(50.0), abs=1e-4)
+    assert psnr(half / 255, reference / 255) == pytest.approx(10 * np.log10(50.0), abs=1e-4)
+
+
 def test_shape_mismatch_is_a_clear_error():
     with pytest.raises(BadInputError, match="differ in shape"):
         dice_per_class(torch.zeros(4, 4, 4), torch.zeros(4, 4, 5), 2)

@@ -200,6 +200,28 @@ def test_load_refuses_damaged_tensor_bytes_that_still_parse(tmp_path):
     load_adapter(copy.deepcopy(base), tmp_path)
 
 
+def test_load_refuses_an_adapter_with_tensors_this_model_has_no_place_for(tmp_path):
+    """An adapter file re-saved with one tensor more (e.g. edited by hand, or from another variant of the network)
+    must be refused by name, not half-loaded or crash on the stray tensor: its config digest is updated too, so
+    only the tensor check can tell."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    base, adapted, _ = build("unet", "tenvoo-l")
+    save_adapter(adapted, tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["conv_in.extra_core"] = torch.zeros(2, 2)
+    save_file(tensors, str(weights), metadata={"format": "medgen-peft-adapter"})
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["adapter_weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=r"missing tensors \[\], unexpected tensors \['conv_in.extra_core'\]"):
+        load_adapter(copy.deepcopy(base), tmp_path)
+
+
 def test_load_refuses_mismatched_network(tmp_path):
     _, adapted, _ = build("unet", "tenvoo-l")
     save_adapter(adapted, tmp_path)
@@ -242,6 +264,49 @@ def test_tenvoo_ranks_that_are_not_whole_numbers_are_clear_errors(method, rank):
     """A job's method_options come from JSON: "4", 2.5 or true must be refused, not crash inside the layer."""
     with pytest.raises(BadInputError, match=f"TenVOO rank must be a whole number >= 1; got {rank!r}"):
         inject(tiny_swin(), method, rank=rank)
+
+
+class _EncoderDecoder(nn.Module):
+    """Two conv + norm stages and a head: norm parameters sit in the middle of their names ("stem.norm.weight")."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential()
+        self.stem.add_module("conv", nn.Conv3d(1, 4, 3, padding=1))
+        self.stem.add_module("norm", nn.GroupNorm(2, 4))
+        self.block = nn.Sequential()
+        self.block.add_module("conv", nn.Conv3d(4, 4, 3, padding=1))
+        self.block.add_module("norm", nn.InstanceNorm3d(4))  # affine=False: nothing to train
+        self.block.add_module("bn", nn.BatchNorm3d(4, affine=False))
+        self.head = nn.Conv3d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)))
+
+
+def test_train_also_regexes_are_searched_anywhere_in_the_parameter_name():
+    """train_also is a regex over parameter names, found anywhere in them (as target_modules): "norm\\.weight$"
+    unfreezes stem.norm.weight, whose name does not start with "norm"."""
+    torch.manual_seed(0)
+    model = inject(_EncoderDecoder(), "bitfit", target_modules=r"^head$", train_also=r"norm\.weight$")
+    trainable = sorted(name for name, parameter in model.named_parameters() if parameter.requires_grad)
+    assert trainable == ["head.bias", "stem.norm.weight"]
+
+
+def test_affine_norm_records_only_the_norms_it_trains(tmp_path):
+    """An InstanceNorm3d or BatchNorm3d without affine parameters has nothing to train: the adapter's record (saved
+    in adapter_config.json, read again to re-adapt a fresh model) lists only the GroupNorm."""
+    import json
+
+    from medgen.peft.inject import adapter_record
+
+    torch.manual_seed(0)
+    model = inject(_EncoderDecoder(), "affine-norm")
+    assert adapter_record(model).adapted_modules == ["stem.norm"]
+    assert sorted(name for name, parameter in model.named_parameters() if parameter.requires_grad) == [
+        "stem.norm.bias", "stem.norm.weight"]
+    save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["adapted_modules"] == ["stem.norm"]
 
 
 def test_describe_lists_adapted_layers():

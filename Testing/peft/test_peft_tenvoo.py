@@ -243,6 +243,20 @@ def test_o14_gradient_flow(init):
                 assert core.grad is None or not core.grad.any(), key
 
 
+@pytest.mark.parametrize("make", [lambda: TenVOOConv3d(nn.Conv3d(8, 8, 3), 2, "l"),
+                                  lambda: TenVOOLinear(nn.Linear(16, 16), 2)])
+def test_a_layer_built_directly_freezes_its_base_weight(make):
+    """The public layer classes used without inject (which freezes the whole model first) must still freeze the
+    base weight: an optimiser over layer.parameters() would otherwise train W itself, not only the update."""
+    torch.manual_seed(0)
+    layer = make()
+    assert not layer.base.weight.requires_grad
+    inputs = torch.randn(1, 8, 5, 5, 5) if isinstance(layer, TenVOOConv3d) else torch.randn(2, 16)
+    layer(inputs).pow(2).mean().backward()
+    assert layer.base.weight.grad is None
+    assert all(core.grad is not None for core in layer.cores.values())
+
+
 def test_o15_save_load(tmp_path):
     unet = inject(tiny_unet(), "tenvoo-l", preset="tenvoo-paper")
     perturb_cores(unet)

@@ -423,6 +423,23 @@ def test_the_controlnet_strength_reaches_the_candidates_and_the_report(model_dir
     assert (strong - as_trained).abs().max() > 1e-3
 
 
+def test_each_pair_holds_its_own_candidate_and_each_mask_its_own_seed(model_dir, model, tmp_path):
+    """Two identical masks, two candidates each, all accepted: pair <mask>_<k> holds candidate k of its mask, and
+    mask i is generated with seed + i, so the second mask's images are new ones (seed 1), not copies of the
+    first's, and no pair repeats another's image."""
+    _, mask = phantom(9, LUT_A)
+    report = synthesize_from_masks(model_dir, [("a", mask), ("b", mask.clone())], tmp_path, target_modality="T2 MRI",
+                                   thresholds=ACCEPT_ALL, **QUICK)
+    assert len(report.pairs) == 4
+    written = {stem: load_volume(tmp_path / f"{stem}_image.nii.gz").as_tensor() for stem in ("a_0", "a_1", "b_0", "b_1")}
+    for mask_id, seed in (("a", 0), ("b", 1)):
+        expected = generate_candidates(model_dir, mask, model.prompt("T2 MRI"), count=2, chunk=2, steps=2, seed=seed)
+        for k in range(2):
+            torch.testing.assert_close(written[f"{mask_id}_{k}"], expected[k], atol=1e-6, rtol=0)
+    images = list(written.values())
+    assert all((images[i] - images[j]).abs().max() > 1e-3 for i in range(4) for j in range(i + 1, 4))
+
+
 def test_strict_thresholds_reject_and_say_why(model_dir, tmp_path):
     report = synthesize_from_masks(model_dir, [("m0", phantom(5, LUT_A)[1])], tmp_path, target_modality="T2 MRI",
                                    thresholds=FilterThresholds(avg_confidence=1.0, avg_iou=1.0, organ_iou=1.0, organ_confidence=1.0), **QUICK)

@@ -143,6 +143,33 @@ def test_user_model_scores_are_exact():
         score_candidates(checker_from_model(IntensityOracle()), perfect[None, :, :20], condition, ORGANS, mask_id="u")
 
 
+class _RecordingOracle(IntensityOracle):
+    """The intensity oracle that also keeps the (padded) images the checker hands it."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.seen = images.clone()
+        return super().forward(images)
+
+
+def test_an_anisotropic_grid_is_padded_per_axis_to_the_networks_multiple_and_cropped_back():
+    """A 20×24×22 grid and a network needing multiples of 8: axis I gets 4 replicated slices and axis K 2 (each
+    axis its own padding, F.pad lists them last axis first), the network sees 24³, and the logits come back on
+    20×24×22 with the voxels' own values, so the scores stay exact."""
+    generator = torch.Generator().manual_seed(0)
+    condition = torch.randint(0, 3, (1, 20, 24, 22), generator=generator)
+    images = (condition.float() / 2)[None]
+    oracle = _RecordingOracle()
+    logits = checker_from_model(oracle, input_multiple=8)(images)
+    assert oracle.seen.shape == (1, 1, 24, 24, 24)
+    assert torch.equal(oracle.seen[..., :20, :, :22], images)
+    assert torch.equal(oracle.seen[..., 20:, :, :22], images[..., 19:20, :, :].expand(-1, -1, 4, -1, -1))
+    assert torch.equal(oracle.seen[..., :20, :, 22:], images[..., 21:22].expand(-1, -1, -1, -1, 2))
+    assert logits.shape == (1, 3, 20, 24, 22)
+    assert torch.equal(logits, IntensityOracle()(images))
+    scores = score_candidates(checker_from_model(IntensityOracle(), input_multiple=8), images, condition, ORGANS, mask_id="a")
+    assert scores[0].organ_iou == {"ball": 1.0, "slab": 1.0}
+
+
 def test_spatial_augmentation_warps_label_and_image_together():
     label = phantom(105)
     config = CheckerConfig.tiny(spatial_prob=1.0)

@@ -69,6 +69,18 @@ def test_oracle7b_strict_path_keeps_only_strict_passes():
     assert "better candidate" in decision.rejected[4]
 
 
+def test_one_unsure_organ_fails_strict_even_with_a_high_average_confidence():
+    """The spleen at 0.79 confidence (< 0.80 per organ) while the average is (0.99 + 0.99 + 0.79) / 3 = 0.923
+    (>= 0.90): only the per-organ confidence check rejects it, and the reason names that organ and value."""
+    unsure = score(0, 0.95, 0.99, spleen=(0.95, 0.79))
+    assert unsure.avg_confidence >= STRICT.avg_confidence and unsure.avg_iou >= STRICT.avg_iou
+    assert STRICT.failures(unsure) == ["spleen confidence 0.790 < 0.80"]
+    assert passes(unsure, RELAXED)
+    decision = select_candidates([unsure, score(1, 0.90, 0.95), score(2, 0.85, 0.95)])
+    assert decision.path == "strict" and [record.candidate for record in decision.accepted] == [1, 2]
+    assert decision.rejected == {0: "fails the strict thresholds: spleen confidence 0.790 < 0.80"}
+
+
 def test_oracle7c_relaxed_path_keeps_at_most_one():
     records = [
         score(0, 0.95, 0.95),  # the only strict pass

@@ -14,6 +14,7 @@ from medgen.synthesis.masks import (
     control_channels,
     control_tensor,
     decode_merged_mask,
+    default_weights,
     empty_control,
     foreground_fraction,
     label_from_organ_masks,
@@ -92,6 +93,18 @@ def test_control_encodings_and_empty_control():
         control_tensor(label, 3)
     with pytest.raises(BadInputError, match="encoding"):
         control_tensor(label, 4, "rgb")
+
+
+def test_default_merged_weights_are_j_over_n():
+    """Without given weights the merged control uses w_j = j / N: w = 1 for one organ (organ voxels +1, as in
+    MRGen's single-organ datasets) and organ j of four at 2 j / 4 - 1, so the last organ reaches +1."""
+    assert default_weights(1) == (1.0,)
+    assert default_weights(4) == (0.25, 0.5, 0.75, 1.0)
+    label = chaos_label()
+    merged = control_tensor(label, 4, "merged")
+    for organ, expected in zip(range(5), (-1.0, -0.5, 0.0, 0.5, 1.0)):
+        assert torch.allclose(merged[label == organ], torch.tensor(expected), atol=1e-6), organ
+    assert set(control_tensor((label > 0).long(), 1, "merged").unique().tolist()) == {-1.0, 1.0}
 
 
 def test_oracle2_prompt_composer():

@@ -74,6 +74,29 @@ def test_adding_cases_with_other_labels_is_refused(tmp_path, oblique):
         export_nnunet([_pair(oblique, 1)], tmp_path, dataset_id=505, name="Mix", labels={"background": 0, "x": 1, "y": 2, "z": 3})
 
 
+def test_adding_cases_with_another_channel_is_refused(tmp_path, oblique):
+    """The channel name picks nnU-Net's normalisation (CT: dataset-wide clipping; else per-image z-scoring): CT
+    cases added to an MRI dataset would be normalised as MRI, so the export refuses them and writes nothing."""
+    dataset = export_nnunet([_pair(oblique, 0)], tmp_path, dataset_id=515, name="Chan", labels=LABELS)
+    with pytest.raises(BadInputError, match=r"already exists with labels .* and channels \{'0': 'MRI'\}; .*\{'0': 'CT'\}"):
+        export_nnunet([_pair(oblique, 1)], tmp_path, dataset_id=515, name="Chan", labels=LABELS, channel_name="CT", case_prefix="ct")
+    assert json.loads((dataset / "dataset.json").read_text())["channel_names"] == {"0": "MRI"}
+    assert sorted(p.name for p in (dataset / "labelsTr").iterdir()) == ["syn_0000.nii.gz"]
+
+
+def test_a_second_export_with_the_same_prefix_numbers_its_cases_after_the_existing_ones(tmp_path, oblique):
+    """Exporting more cases under a prefix already in the dataset skips every taken number (syn_0000 and syn_0001
+    here), so no earlier case is overwritten and nnU-Net counts all three."""
+    first = [_pair(oblique, seed) for seed in range(2)]
+    dataset = export_nnunet(first, tmp_path, dataset_id=516, name="Again", labels=LABELS)
+    export_nnunet([_pair(oblique, 2)], tmp_path, dataset_id=516, name="Again", labels=LABELS)
+    assert sorted(p.name for p in (dataset / "labelsTr").iterdir()) == ["syn_0000.nii.gz", "syn_0001.nii.gz", "syn_0002.nii.gz"]
+    assert json.loads((dataset / "dataset.json").read_text())["numTraining"] == 3
+    for index, (_, label) in enumerate([*first, _pair(oblique, 2)]):
+        reread = load_volume(dataset / "labelsTr" / f"syn_{index:04d}.nii.gz", label=True)
+        assert torch.equal(reread.as_tensor(), label.as_tensor()), index
+
+
 def test_cancelled_export_leaves_a_consistent_dataset(tmp_path, oblique):
     written = []
 

@@ -35,6 +35,37 @@ def test_pairs_are_resampled_to_one_grid_with_labels_remapped_and_named(oblique)
     assert torch.allclose(pair.image.affine, pair.label.affine)
 
 
+def test_each_label_value_becomes_the_index_of_its_own_name(oblique):
+    """Values 3 (liver) and 7 (spleen) become 1 and 2 voxel for voxel, in the order of the names returned: a
+    model trained on swapped values would draw the liver where a mask asks for the spleen. The shape is the
+    input's and no spacing is given, so nothing but the remapping touches the label map."""
+    image, label = _pair(oblique)
+    labels = [LabelInfo("spleen", 7, (0, 1, 0)), LabelInfo("liver", 3, (1, 0, 0))]
+    prepared, new_labels = prepare_pairs([("a", image, label)], shape=(20, 18, 14), labels=labels)
+    new_value = {info.name: info.value for info in new_labels}
+    assert new_value == {"liver": 1, "spleen": 2}
+    expected = torch.zeros_like(label.as_tensor())
+    expected[label.as_tensor() == 3] = new_value["liver"]
+    expected[label.as_tensor() == 7] = new_value["spleen"]
+    assert torch.equal(prepared[0].label.as_tensor(), expected)
+
+
+def test_labels_are_resampled_by_nearest_neighbour_voxel_for_voxel(oblique):
+    """Resampling 0.8×0.9×2.5 mm to 0.7×0.7×1.1 mm must pick each new voxel's label from one source voxel: a
+    blend rounded to a whole number would put 3s (liver) on the rim of the 7 (spleen) and 0-to-7 steps. The
+    expected map comes from MONAI's nearest ``Spacing`` on the label alone, then the same centre crop/pad."""
+    from monai.transforms import ResizeWithPadOrCrop, Spacing
+
+    image, label = _pair(oblique)
+    spacing, shape = (0.7, 0.7, 1.1), (24, 24, 32)
+    prepared, _ = prepare_pairs([("a", image, label)], shape=shape, spacing_mm=spacing)
+    nearest = ResizeWithPadOrCrop(shape)(Spacing(pixdim=spacing, mode="nearest")(label.float())).as_tensor().round().long()
+    expected = torch.zeros_like(nearest)
+    expected[nearest == 3], expected[nearest == 7] = 1, 2
+    assert int((expected == 1).sum()) > 0 and int((expected == 2).sum()) > 0
+    assert torch.equal(prepared[0].label.as_tensor(), expected)
+
+
 def test_nearest_neighbour_keeps_labels_integer_and_never_invents_values(oblique):
     image, label = _pair(oblique)
     prepared, _ = prepare_pairs([("a", image, label)], shape=(24, 24, 24), spacing_mm=(0.7, 0.7, 1.9))
