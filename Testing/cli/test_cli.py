@@ -146,3 +146,17 @@ def test_ctrl_c_twice_still_stops_the_worker_before_the_command_ends(tmp_path, o
     _, stderr = command.communicate(timeout=60)
     assert command.returncode == 4 and "Traceback" not in stderr, stderr
     assert workers and not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
+
+
+def test_the_terminal_names_the_device_a_job_started_on():
+    """The started event's device dictionary becomes a short name: the GPU's model for CUDA, the device alone for CPU."""
+    import io
+
+    from medgen.cli.progress_view import TerminalEventView
+
+    stream = io.StringIO()
+    view = TerminalEventView(stream)
+    view({"event": "started", "job_kind": "translate", "device": {"device": "cuda:0", "type": "cuda", "name": "NVIDIA H100"}})
+    view({"event": "started", "job_kind": "translate", "device": {"device": "cpu", "type": "cpu", "name": "CPU", "threads": 2}})
+    assert stream.getvalue().splitlines() == ["[medgen] translate job started on cuda:0 (NVIDIA H100)",
+                                              "[medgen] translate job started on cpu"]

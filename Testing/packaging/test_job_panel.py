@@ -96,6 +96,22 @@ def test_apply_becomes_cancel_while_running_and_progress_follows_events(panel_mo
     assert widgets.status.text.startswith("Done")
 
 
+@pytest.mark.parametrize("described, shown", [
+    ({"device": "cpu", "type": "cpu", "name": "CPU", "threads": 2}, "device cpu"),
+    ({"device": "cuda:1", "type": "cuda", "name": "NVIDIA H100 80GB HBM3", "total_memory_gib": 79.2}, "device cuda:1 (NVIDIA H100 80GB HBM3)"),
+])
+def test_the_status_names_the_device_the_worker_reports(panel_module, widgets, described, shown):
+    """The worker's started event describes its device as a dictionary (medgen.devices.describe_device): the status
+    line shows its short name, not the dictionary."""
+    panel, imported = make_panel(panel_module, widgets), []
+    events = [{"event": "started", "job_kind": "selftest", "device": described},
+              {"event": "progress", "phase": "smoothing", "step": 1, "total": 4}]
+    track(panel, ScriptedRunner(events, result={"outputs": {}}), imported)
+    panel.poll()  # one event per poll
+    panel.poll()
+    assert widgets.status.text == f"smoothing 1/4 | {shown}"
+
+
 def test_cancel_stops_the_runner_and_imports_nothing(panel_module, widgets):
     panel, imported = make_panel(panel_module, widgets), []
     runner = ScriptedRunner([{"event": "log", "message": "x"}] * 5)

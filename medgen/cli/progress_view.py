@@ -6,6 +6,8 @@ import sys
 
 from tqdm import tqdm
 
+from medgen.jobs.events import device_label
+
 
 class TerminalEventView:
     """Callable given to :class:`medgen.slicer.runner.JobRunner` as ``on_event``."""
@@ -21,8 +23,7 @@ class TerminalEventView:
         if kind == "progress":
             self._show_progress(event)
         elif kind == "started":
-            device = event.get("device", {})
-            self._write(f"[medgen] {event.get('job_kind')} job started on {device.get('device')} ({device.get('name')})")
+            self._write(f"[medgen] {event.get('job_kind')} job started on {device_label(event.get('device', '?'))}")
         elif kind == "log" and (self._verbose or event.get("level") in ("warning", "error")):
             self._write(f"[{event.get('level')}] {event.get('message')}")
         elif kind in ("result", "error"):

@@ -46,6 +46,18 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def device_label(description: dict[str, Any] | str) -> str:
+    """A short name for the device of a ``started`` event, e.g. ``cuda:0 (NVIDIA H100 80GB HBM3)`` or ``cpu``.
+
+    Args:
+        description: the event's ``device`` (:func:`medgen.devices.describe_device`'s dictionary) or a device string.
+    """
+    if not isinstance(description, dict):
+        return str(description)
+    device, name = str(description.get("device", "")), description.get("name")
+    return f"{device} ({name})" if name and description.get("type") == "cuda" else device
+
+
 class EventStream:
     """Writes events to ``stream`` (stdout by default), optionally keeping a copy in the job folder."""
 

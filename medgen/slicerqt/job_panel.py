@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 import qt
 
+from medgen.jobs.events import device_label
+
 #: how often the runner is polled; fast enough for a smooth bar, slow enough to cost nothing
 POLL_INTERVAL_MS = 200
 
@@ -147,7 +149,8 @@ class JobPanel:
 
     def handle_event(self, event: dict[str, Any]) -> None:
         """Show one worker event; pass this as the runner's ``on_event``."""
-        self._device = event.get("device", self._device)
+        if "device" in event:  # the worker's started event describes the device it chose
+            self._device = device_label(event["device"])
         if event.get("event") == "progress" and self.state is JobState.RUNNING:
             total = max(int(event.get("total", 0)), 0)
             self._progress_bar.setRange(0, total)
