@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from monai.data import MetaTensor
 
@@ -160,3 +161,70 @@ def test_the_terminal_names_the_device_a_job_started_on():
     view({"event": "started", "job_kind": "translate", "device": {"device": "cpu", "type": "cpu", "name": "CPU", "threads": 2}})
     assert stream.getvalue().splitlines() == ["[medgen] translate job started on cuda:0 (NVIDIA H100)",
                                               "[medgen] translate job started on cpu"]
+
+
+@pytest.mark.parametrize("argv, kind, expected_inputs, expected_params", [
+    (["synth-train", "data", "--shape", "16", "16", "8", "--vae-steps", "7", "--ldm-steps", "9"], "synth-train",
+     {"folder": "data"}, {"shape": [16, 16, 8], "vae_phase1_steps": 7, "ldm_steps": 9, "preset": "tiny"}),
+    (["synthesize", "model", "--count", "3", "--nnunet-id", "501"], "synthesize",
+     {"model": "model"}, {"count": 3, "nnunet_dataset_id": 501, "steps": 100}),
+    (["maskgen-train", "--source-images", "s.nii.gz", "--source-labels", "l.nii.gz", "--target-images", "t.nii.gz",
+      "--source-modality", "T1", "--target-modality", "T2", "--flip-axes", "0", "2", "--encoding", "merged"], "maskgen-train",
+     {"source_images": ["s.nii.gz"], "source_labels": ["l.nii.gz"], "target_images": ["t.nii.gz"]},
+     {"source_modality": "T1", "target_modality": "T2", "encoding": "merged", "controlnet_flip_axes": [0, 2], "unet_flip_axes": [0, 2]}),
+    (["maskgen", "model", "m.nii.gz", "--target-modality", "T2", "--candidates", "6", "--guidance-scale", "3"], "maskgen",
+     {"model": "model", "masks": ["m.nii.gz"]}, {"target_modality": "T2", "candidates": 6, "guidance_scale": 3.0}),
+    (["translate-train", "a.nii.gz", "--mode", "3d", "--steps", "5"], "translate-train",
+     {"volumes": ["a.nii.gz"]}, {"mode": "3d", "steps": 5, "conditioned": True, "lmi_compat": False}),
+    (["translate-train", "a.nii.gz", "--unconditional", "--lmi-compat"], "translate-train",
+     {"volumes": ["a.nii.gz"]}, {"conditioned": False, "lmi_compat": True}),
+    (["translate", "pd.nii.gz", "model", "--sampler", "ddim", "--steps", "50", "--eta", "0", "--memory-budget-mb", "256"], "translate",
+     {"source": "pd.nii.gz", "model": "model"}, {"sampler": "ddim", "steps": 50, "eta": 0.0, "memory_budget_mb": 256.0}),
+], ids=lambda value: value if isinstance(value, str) else None)
+def test_each_command_maps_its_options_to_the_job_parameters(monkeypatch, argv, kind, expected_inputs, expected_params):
+    """What each command writes into its job (options to parameters, e.g. --unconditional to conditioned false, one
+    --flip-axes to both stages), and every parameter it writes is one its job kind declares."""
+    from medgen.cli import main as cli
+    from medgen.jobs.kinds import get_kind
+
+    submitted = []
+    monkeypatch.setattr(cli, "_submit", lambda *job: submitted.append(job[:3]) or 0)
+    assert cli.main(argv) == 0
+    ((submitted_kind, inputs, params),) = submitted
+    assert submitted_kind == kind
+    assert {key: inputs[key] for key in expected_inputs} == expected_inputs
+    assert {key: params[key] for key in expected_params} == expected_params
+    declared = get_kind(kind).params["properties"]
+    assert set(params) <= set(declared), sorted(set(params) - set(declared))
+
+
+def test_ctrl_c_cancels_the_job_and_waits_for_the_worker(monkeypatch, tmp_path, capsys):
+    """The first Ctrl+C cancels and then waits for the worker's own exit code (the wait enforces the kill deadline;
+    returning at once would orphan it, and a job that had just finished would be called cancelled)."""
+    from medgen.cli import main as cli
+    from medgen.slicer import runner as runner_module
+
+    calls = []
+
+    class InterruptedRunner:
+        result, error = {"outputs": {"image": "x.nii.gz"}}, None
+
+        def __init__(self, job_dir, on_event=None):
+            pass
+
+        def start(self):
+            return self
+
+        def wait(self):
+            calls.append("wait")
+            if calls.count("wait") == 1:
+                raise KeyboardInterrupt
+            return 0  # it had finished as the cancel came
+
+        def cancel(self):
+            calls.append("cancel")
+
+    monkeypatch.setattr(runner_module, "JobRunner", InterruptedRunner)
+    assert cli._run_job_dir(tmp_path) == 0
+    assert calls == ["wait", "cancel", "wait"]
+    assert json.loads(capsys.readouterr().out) == {"image": "x.nii.gz"}

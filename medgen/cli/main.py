@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from medgen.errors import BadInputError, MedGenError
@@ -23,23 +24,34 @@ def _run_job_dir(job_dir: Path, verbose: bool = False) -> int:
 
     view = TerminalEventView(verbose=verbose)
     runner = JobRunner(job_dir, on_event=view).start()
+    # The first Ctrl+C cancels; every later one only says so: leaving early would orphan the worker (it runs in its own
+    # session and only this wait enforces the kill deadline), and once it has stopped, which takes well under a second,
+    # a second Ctrl+C would otherwise end the command mid-summary with a traceback. One handler decides both, so a
+    # second Ctrl+C right after the first cannot slip in before the cancel is under way.
+    interrupted = []
+
+    def on_interrupt(signum, frame) -> None:
+        if interrupted:
+            print("[medgen] still stopping the worker...", file=sys.stderr)
+            return
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
+    previous_handler = signal.signal(signal.SIGINT, on_interrupt) if in_main_thread else None
     try:
-        code = runner.wait()
-    except KeyboardInterrupt:
-        print("\n[medgen] cancelling (the worker is stopped within a few seconds)...", file=sys.stderr)
-        # From here until the process ends, a further Ctrl+C only says so: leaving early would orphan the worker (it
-        # runs in its own session and only this wait enforces the kill deadline), and once it has stopped, which takes
-        # well under a second, a second Ctrl+C would otherwise end the command mid-summary with a traceback.
-        signal.signal(signal.SIGINT, _say_still_stopping)
-        runner.cancel()
-        code = runner.wait()
-    view.close()
-    _print_outcome(runner)
+        try:
+            code = runner.wait()
+        except KeyboardInterrupt:
+            print("\n[medgen] cancelling (the worker is stopped within a few seconds)...", file=sys.stderr)
+            runner.cancel()
+            code = runner.wait()
+        view.close()
+        _print_outcome(runner)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous_handler)
     return code
-
-
-def _say_still_stopping(signum, frame) -> None:
-    print("[medgen] still stopping the worker...", file=sys.stderr)
 
 
 def _print_outcome(runner) -> None:
