@@ -229,3 +229,19 @@ def test_scene_is_unchanged_when_import_fails(mrml_scene):
     with pytest.raises(BadInputError):
         tensor_to_volume_node(torch.zeros(2, 4, 4, 4), "bad", scene=mrml_scene, affine=np.eye(4))
     assert _node_names(mrml_scene) == names_before
+
+
+def test_a_segmentation_import_that_slicer_refuses_leaves_the_scene_as_it_was(mrml_scene, oblique, monkeypatch):
+    """When Slicer refuses the label map, the half-built segmentation node goes with its temporary label map and
+    colour table: the scene holds exactly the nodes it held before."""
+    from medgen.slicer import segmentations
+
+    class RefusingLogic:
+        def ImportLabelmapToSegmentationNode(self, labelmap_node, segmentation_node):
+            return False
+
+    monkeypatch.setattr(segmentations, "segmentations_logic", lambda scene: RefusingLogic())
+    names_before = _node_names(mrml_scene)
+    with pytest.raises(BadInputError, match="could not import the label map"):
+        labelmap_to_segmentation(_labelmap(oblique), [LabelInfo("liver", 1, (1.0, 0.0, 0.0))], "refused", scene=mrml_scene)
+    assert _node_names(mrml_scene) == names_before

@@ -88,3 +88,9 @@ def test_a_run_record_of_an_earlier_version_continues_with_the_settings_added_si
         check_same_run(tmp_path, {"steps": 4, "seed": 3}, "sha256:x", added_later={"seed": 0})
     with pytest.raises(BadInputError, match=r"seed None -> 0"):
         check_same_run(tmp_path, {"steps": 4, "seed": 0}, "sha256:x")  # without the default: a changed setting
+
+    # a record that holds the setting keeps its own value: the earlier versions' default applies only where it is missing
+    (tmp_path / RUN_JSON).write_text(json.dumps({"settings": {"steps": 4, "seed": 5}, "data": "sha256:x"}))
+    check_same_run(tmp_path, {"steps": 4, "seed": 5}, "sha256:x", added_later={"seed": 0})
+    with pytest.raises(BadInputError, match=r"seed 5 -> 0"):
+        check_same_run(tmp_path, {"steps": 4, "seed": 0}, "sha256:x", added_later={"seed": 0})
