@@ -124,6 +124,32 @@ def test_cancel_stops_the_runner_and_imports_nothing(panel_module, widgets):
     assert panel.state is panel_module.JobState.IDLE
 
 
+def test_progress_that_arrives_while_cancelling_keeps_the_cancelling_status(panel_module, widgets):
+    """Steps the worker finished before it saw the cancel must not overwrite "Cancelling..." or move the bar."""
+    panel, imported = make_panel(panel_module, widgets), []
+    runner = ScriptedRunner([{"event": "progress", "phase": "training", "step": 3, "total": 10}])
+    runner.cancel = lambda: setattr(runner, "cancelled", True)  # the worker's last progress line is still on its way
+    track(panel, runner, imported)
+    panel.cancel()
+    panel.poll()
+    assert widgets.status.text == "Cancelling..." and widgets.progress.value != 3
+
+
+def test_a_runner_that_fails_to_poll_ends_the_job_as_failed(panel_module, widgets):
+    """A broken runner (its pipes gone) must not leave the timer firing and the panel busy for good."""
+    panel, imported = make_panel(panel_module, widgets), []
+    runner = ScriptedRunner([])
+
+    def broken_poll():
+        raise OSError("gone")
+
+    runner.poll = broken_poll
+    track(panel, runner, imported)
+    panel.poll()
+    assert panel.state is panel_module.JobState.FAILED and widgets.status.text == "Failed: gone"
+    assert not panel.busy and imported == []
+
+
 def test_a_job_that_finished_as_the_cancel_arrived_imports_its_results(panel_module, widgets):
     """The worker checks for a cancel between steps: one pressed while it wrote its outputs finds it done."""
     panel, imported = make_panel(panel_module, widgets), []
