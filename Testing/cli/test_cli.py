@@ -228,3 +228,16 @@ def test_ctrl_c_cancels_the_job_and_waits_for_the_worker(monkeypatch, tmp_path, 
     assert cli._run_job_dir(tmp_path) == 0
     assert calls == ["wait", "cancel", "wait"]
     assert json.loads(capsys.readouterr().out) == {"image": "x.nii.gz"}
+
+
+def test_the_demo_stops_at_the_first_failing_step_with_its_exit_code(tmp_path, monkeypatch, capsys):
+    """A failed setup check ends the demo with its code instead of starting minutes of training on a broken setup."""
+    from medgen.cli import demo
+    from medgen.cli import main as cli
+
+    later_steps = []
+    monkeypatch.setattr(cli, "_run_job_dir", lambda job_dir, verbose=False: 2)
+    for step in ("_adaptation_step", "_paired_synthesis_step", "_translation_step", "_mask_synthesis_step"):
+        monkeypatch.setattr(demo, step, lambda *args, step=step: later_steps.append(step) or 0)
+    assert demo.run_demo(tmp_path) == 2
+    assert later_steps == [] and "selftest failed with exit code 2" in capsys.readouterr().out
