@@ -56,6 +56,23 @@ def test_outputs_on_the_reference_grid_get_its_exact_matrix_and_others_keep_thei
     np.testing.assert_allclose(ijk_to_ras_of(nodes["cropped"]), oblique, atol=1e-5)
 
 
+def test_an_output_that_cannot_be_imported_takes_the_others_back_out(mrml_scene, input_node, tmp_path, oblique):
+    """Imports are all or nothing: the volume imported before a damaged output goes again, with its display nodes and
+    subject-hierarchy item, and the scene holds what it held before."""
+    from medgen.errors import MedGenError
+    from medgen.io import save_volume
+
+    good = save_volume(MetaTensor(torch.rand(1, 16, 16, 16), affine=torch.from_numpy(oblique)), tmp_path / "good.nii.gz")
+    damaged = tmp_path / "damaged.nii.gz"
+    damaged.write_bytes(good.read_bytes()[:200])
+    nodes_before = mrml_scene.GetNumberOfNodes()
+    with pytest.raises(MedGenError):
+        import_outputs({"good": str(good), "damaged": str(damaged)}, [OutputImport("good", "good"), OutputImport("damaged", "damaged")],
+                       reference_node=input_node, scene=mrml_scene)
+    assert mrml_scene.GetNumberOfNodes() == nodes_before
+    assert not mrml_scene.GetFirstNodeByName("good")
+
+
 def test_a_refused_job_says_which_parameter_and_leaves_no_copies_of_the_inputs(mrml_scene, input_node, tmp_path):
     from medgen.errors import BadInputError
 

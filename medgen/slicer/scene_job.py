@@ -24,7 +24,7 @@ from typing import Any, Callable
 from medgen.errors import BadInputError, MedGenError
 from medgen.labels import load_labels, save_labels
 from medgen.slicer.runner import JobRunner, write_job
-from medgen.slicer.scene import LABELMAP_CLASS, SCALAR_VOLUME_CLASS, resolve_scene
+from medgen.slicer.scene import LABELMAP_CLASS, SCALAR_VOLUME_CLASS, remove_nodes, resolve_scene
 
 #: steps of the built-in ``selftest`` job started by "Check setup": a few seconds on a CPU
 SELFTEST_STEPS = 3
@@ -84,6 +84,7 @@ def import_outputs(outputs: dict[str, str], imports: list[OutputImport], referen
     """Create one node per :class:`OutputImport`, placed next to ``reference_node``; returns output -> node.
 
     Outputs on ``reference_node``'s grid get its exact matrix back (:func:`medgen.slicer.volumes.snap_to_grid_of`).
+    All or nothing: when one output cannot be imported, the nodes made for the others are removed again.
     """
     from medgen.io import load_volume, volume_stem
     from medgen.slicer.segmentations import labelmap_to_segmentation
@@ -92,19 +93,23 @@ def import_outputs(outputs: dict[str, str], imports: list[OutputImport], referen
     if reference_node is not None and reference_node.GetScene() is not resolve_scene(scene):
         reference_node = None  # removed, or the scene was closed while the job ran: import at the scene's root
     nodes = {}
-    for spec in imports:
-        path = Path(outputs[spec.output])
-        volume = snap_to_grid_of(load_volume(path, label=spec.as_type != "volume"), reference_node)
-        if spec.as_type == "segmentation":
-            labels_file = Path(spec.labels_file) if spec.labels_file else path.with_name(volume_stem(path) + "_labels.json")
-            labels = load_labels(labels_file) if labels_file.exists() else []
-            nodes[spec.output] = labelmap_to_segmentation(
-                volume, labels, spec.node_name, scene=scene, reference_node=reference_node
-            )
-        else:
-            nodes[spec.output] = tensor_to_volume_node(
-                volume, spec.node_name, scene=scene, label=spec.as_type == "labelmap", reference_node=reference_node
-            )
+    try:
+        for spec in imports:
+            path = Path(outputs[spec.output])
+            volume = snap_to_grid_of(load_volume(path, label=spec.as_type != "volume"), reference_node)
+            if spec.as_type == "segmentation":
+                labels_file = Path(spec.labels_file) if spec.labels_file else path.with_name(volume_stem(path) + "_labels.json")
+                labels = load_labels(labels_file) if labels_file.exists() else []
+                nodes[spec.output] = labelmap_to_segmentation(
+                    volume, labels, spec.node_name, scene=scene, reference_node=reference_node
+                )
+            else:
+                nodes[spec.output] = tensor_to_volume_node(
+                    volume, spec.node_name, scene=scene, label=spec.as_type == "labelmap", reference_node=reference_node
+                )
+    except Exception:
+        remove_nodes(resolve_scene(scene), *nodes.values())
+        raise
     return nodes
 
 
