@@ -68,3 +68,62 @@ def test_a_phase_that_starts_again_gets_a_fresh_estimate(clock):
     assert eta.eta_s("training", 1, 100) is None  # a new run under the same name
     clock.now += 0.1
     assert eta.eta_s("training", 2, 100) == pytest.approx(9.8)
+
+
+def test_a_phase_repeating_its_step_restarts_its_clock(clock):
+    """A step that does not advance (the same step number again: a new outer item under the same phase name) starts a
+    fresh estimate instead of dividing the time since the first run's start by the steps of both."""
+    eta = EtaClock()
+    eta.eta_s("denoising", 1, 10)
+    clock.now += 10.0
+    assert eta.eta_s("denoising", 2, 10) == pytest.approx(80.0)
+    clock.now += 0.5
+    assert eta.eta_s("denoising", 2, 10) is None  # the same step again: a new item
+    clock.now += 1.0
+    assert eta.eta_s("denoising", 3, 10) == pytest.approx(7.0)  # 1 s per step of the new item, 7 to go
+
+
+def test_a_phase_reporter_renames_the_phase_and_counts_against_its_total():
+    """A training run in segments (up to each validation) shows the whole run's length under the stage's name."""
+    from medgen.progress import CallbackReporter, PhaseReporter
+
+    events = []
+    PhaseReporter(CallbackReporter(events.append), "vae", total=10).progress("training", 3, 4, loss=0.5)
+    PhaseReporter(CallbackReporter(events.append), "ldm").progress("training", 3, 4)
+    assert [(e["phase"], e["step"], e["total"]) for e in events] == [("vae", 3, 10), ("ldm", 3, 4)]
+    assert events[0]["loss"] == 0.5
+
+
+def test_events_are_strict_json_with_nan_and_infinite_metrics_as_null():
+    """A diverging loss (NaN, inf) must not write 'NaN' into the event stream: strict JSON readers (Slicer's Qt
+    JSON, browsers, jq) reject it."""
+    import io
+    import math
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    buffer = io.StringIO()
+    EventStream(buffer).emit("progress", phase="training", step=1, total=2, loss=math.nan,
+                             metrics={"grad_norm": math.inf, "lr": [1e-4, -math.inf]})
+    event = json.loads(buffer.getvalue(), parse_constant=refuse)
+    assert event["loss"] is None and event["metrics"] == {"grad_norm": None, "lr": [1e-4, None]}
+
+
+def test_the_cancel_file_alone_stops_the_job(tmp_path):
+    """Cancel works without signals (Windows, a worker started by another user, a job folder on a shared disk):
+    ``JOB_DIR/cancel`` makes the next ``check_cancelled`` raise."""
+    import signal
+
+    from medgen.errors import CancelledError
+    from medgen.jobs.events import CANCEL_FILE, CancelWatch
+
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        reporter = JobReporter(EventStream(Lines()), CancelWatch(tmp_path))
+        reporter.check_cancelled()
+        (tmp_path / CANCEL_FILE).touch()
+        with pytest.raises(CancelledError, match="^Cancelled"):
+            reporter.check_cancelled()
+    finally:
+        signal.signal(signal.SIGTERM, handler)  # CancelWatch installs the worker's handler

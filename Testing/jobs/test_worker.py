@@ -373,3 +373,157 @@ def test_the_worker_never_sees_torchrun_variables_of_its_caller(tmp_path, monkey
     runner = JobRunner(tmp_path, python=str(fake_python)).start()
     runner.wait(timeout_s=30)
     assert runner.result["seen"] == "nonenone"
+
+
+def _fake_worker(tmp_path, name, script):
+    """A shell script standing in for the interpreter: it is run as ``SCRIPT -m medgen.worker JOB_DIR``."""
+    fake_python = tmp_path / name
+    fake_python.write_text("#!/bin/sh\n" + script)
+    fake_python.chmod(0o755)
+    return str(fake_python)
+
+
+def _poll_until_started(runner, timeout_s=60.0):
+    deadline = time.monotonic() + timeout_s
+    while runner.poll() and not any(e["event"] == "started" for e in runner.events):
+        assert time.monotonic() < deadline, list(runner.events)
+        time.sleep(0.05)
+    assert runner.running, list(runner.events)
+
+
+def _kill_process_group(runner):
+    """Clean-up: whatever the test left of the fake worker's process group is killed and the worker reaped."""
+    import contextlib
+    import os
+    import signal
+
+    if runner._process is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(runner._process.pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            runner._process.wait(timeout=30)
+
+
+def test_a_worker_ignoring_sigterm_is_killed_after_the_grace_period_and_counts_as_cancelled(tmp_path):
+    """A worker stuck where SIGTERM cannot reach it (here: ignored) is killed once the grace period is over, and
+    that SIGKILL, asked for by the cancel, is reported as a cancel, never as the system's out-of-memory killer."""
+    python = _fake_worker(tmp_path, "python-ignoring-sigterm",
+                          "trap '' TERM\necho '{\"event\": \"started\"}'\nsleep 120\n")
+    runner = JobRunner(tmp_path, python=python).start()
+    try:
+        _poll_until_started(runner)
+        runner.cancel(grace_s=0.5)
+        assert runner.wait(timeout_s=30) == ExitCode.CANCELLED
+        assert runner.error["kind"] == "cancelled", list(runner.events)
+    finally:
+        _kill_process_group(runner)
+
+
+def test_a_cancel_kills_the_processes_a_worker_left_behind_when_it_exited(tmp_path):
+    """A worker that stops on SIGTERM may leave a child ignoring it (a data-loader process, a tool it ran): once
+    the grace period is over, that child is killed through the worker's process group although the worker is gone."""
+    import psutil
+
+    python = _fake_worker(tmp_path, "python-leaving-a-child",
+                          "trap '' TERM\nsleep 120 &\necho $! > \"$3/leftover.pid\"\n"  # the child ignores TERM from its start
+                          "trap 'exit 4' TERM\necho '{\"event\": \"started\"}'\nwhile :; do sleep 120 & wait; done\n")
+    runner = JobRunner(tmp_path, python=python).start()
+    try:
+        _poll_until_started(runner)
+        leftover = int((tmp_path / "leftover.pid").read_text())
+        runner.cancel(grace_s=0.5)
+        runner._process.wait(timeout=30)  # the worker has exited before the grace period is seen to be over
+        assert runner.wait(timeout_s=30) == ExitCode.CANCELLED
+        deadline = time.monotonic() + 20
+        while psutil.pid_exists(leftover) and psutil.Process(leftover).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the worker's leftover child survived the cancel"
+            time.sleep(0.05)
+    finally:
+        _kill_process_group(runner)
+
+
+def test_a_failure_while_stopping_keeps_its_own_exit_code(tmp_path):
+    """A worker that runs out of memory while it stops reports that error and exit code: the cancel must not hide
+    it behind a 'cancelled' outcome."""
+    python = _fake_worker(
+        tmp_path, "python-failing-on-sigterm",
+        "trap 'echo \"{\\\"event\\\": \\\"error\\\", \\\"kind\\\": \\\"oom\\\", \\\"message\\\": \\\"Out of memory.\\\"}\"; exit 3' TERM\n"
+        "echo '{\"event\": \"started\"}'\nwhile :; do sleep 120 & wait; done\n")  # a TERM-ed sleep only loops
+    runner = JobRunner(tmp_path, python=python).start()
+    try:
+        _poll_until_started(runner)
+        runner.cancel(grace_s=120)  # never killed: the exit code is the worker's own
+        assert runner.wait(timeout_s=60) == ExitCode.OOM
+        assert runner.error == {"event": "error", "kind": "oom", "message": "Out of memory."}
+    finally:
+        _kill_process_group(runner)
+
+
+def test_stderr_lines_are_logged_and_never_read_as_events(tmp_path):
+    """Only stdout carries events: a JSON line on stderr (a library printing one) is a 'stderr' log line, never a
+    result."""
+    line = '{"event": "result", "outputs": {"image": "/not/a/result.nii.gz"}}'
+    python = _fake_worker(tmp_path, "python-writing-json-on-stderr", f"echo '{line}' >&2\nexit 1\n")
+    runner = JobRunner(tmp_path, python=python).start()
+    try:
+        assert runner.wait(timeout_s=60) == ExitCode.INTERNAL
+        assert runner.result is None
+        assert {"event": "log", "level": "stderr", "message": line} in runner.events
+    finally:
+        _kill_process_group(runner)
+
+
+@pytest.fixture
+def sigterm_handler_kept():
+    """run_job installs the worker's SIGTERM handler; in-process runs give pytest its own back."""
+    import signal
+
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _run_in_process(job_dir):
+    from io import StringIO
+
+    from medgen.jobs.events import EventStream
+    from medgen.jobs.worker import run_job
+
+    stream = StringIO()
+    code = run_job(job_dir, EventStream(stream))
+    return code, [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA error: allocation failed"), MemoryError()],
+                         ids=["torch", "python"])
+def test_a_handler_running_out_of_memory_is_an_oom_error_with_advice(tmp_path, input_volume, monkeypatch, error,
+                                                                      sigterm_handler_kept):
+    """Out-of-memory errors (recognised by their type, whatever their message) get exit code 3 and advice, not the
+    'internal error' of a bug."""
+    from medgen.jobs import selftest
+
+    def out_of_memory(context):
+        raise error
+
+    monkeypatch.setattr(selftest, "run_selftest", out_of_memory)
+    job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 1}, device="cpu")
+    code, events = _run_in_process(job_dir)
+    assert code == ExitCode.OOM
+    assert events[-1]["event"] == "error" and events[-1]["kind"] == "oom"
+    assert events[-1]["message"].startswith("Out of memory.") and type(error).__name__ in events[-1]["message"]
+    assert json.loads((job_dir / "manifest.json").read_text())["status"] == "oom"
+
+
+def test_an_interrupted_worker_counts_as_cancelled(tmp_path, input_volume, monkeypatch, sigterm_handler_kept):
+    """Ctrl+C in a terminal running ``python -m medgen.worker`` is a cancel (exit code 4), not an internal error."""
+    from medgen.jobs import selftest
+
+    def interrupted(context):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(selftest, "run_selftest", interrupted)
+    job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 1}, device="cpu")
+    code, events = _run_in_process(job_dir)
+    assert code == ExitCode.CANCELLED
+    assert events[-1]["event"] == "error" and events[-1]["kind"] == "cancelled"
+    assert json.loads((job_dir / "manifest.json").read_text())["status"] == "cancelled"
