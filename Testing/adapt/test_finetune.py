@@ -32,6 +32,9 @@ def test_foreground_patches_hit_the_label():
     label[0, 20:22, 1:3, 5:7] = 1
     hits = sum(int(sample_patch(image, label, (8, 8, 8), 1.0)[1].sum() > 0) for _ in range(20))
     assert hits == 20
+    # with a ratio of 0 every centre is drawn from the whole volume: an 8³ patch of 24³ rarely holds the 2³ label
+    hits = sum(int(sample_patch(image, label, (8, 8, 8), 0.0)[1].sum() > 0) for _ in range(20))
+    assert hits <= 5
     with pytest.raises(BadInputError, match="larger than the volume"):
         sample_patch(image, label, (32, 8, 8), 0.5)
 
@@ -181,3 +184,57 @@ def test_adapter_of_another_base_is_refused(model_folder, oblique, tmp_path):
     job = run_job_blocking(write_job(tmp_path / "jobs", "infer", {"image": str(save_volume(image, tmp_path / "x.nii.gz")),
                                                                    "adapter": str(tmp_path / "adapter"), "model_folder": str(other)}), timeout_s=300)
     assert job.returncode == ExitCode.BAD_INPUT and "base" in job.error["message"]
+
+
+def _job_context(job_dir):
+    """The context the worker gives a handler, for running it in this process."""
+    from medgen.jobs.context import JobContext
+    from medgen.jobs.spec import load_job
+
+    return JobContext(job_dir=job_dir, spec=load_job(job_dir), device=torch.device("cpu"), reporter=CallbackReporter())
+
+
+def test_the_finetune_job_passes_every_training_setting(oblique, tmp_path, monkeypatch):
+    """Each training setting of a finetune job (foreground_ratio included) and the job's seed reach the fine-tuning,
+    none left at its default."""
+    import medgen.adapt.jobs as jobs
+
+    torch.manual_seed(0)
+    save_model(UNet(**TINY_UNET_KWARGS), tiny_unet_spec(), tmp_path / "model")
+    image, label = blob_case(0, oblique)
+    inputs = {"model_folder": str(tmp_path / "model"), "images": [str(save_volume(image, tmp_path / "i.nii.gz"))],
+              "labels": [str(save_volume(label, tmp_path / "l.nii.gz", label=True))]}
+    settings = {"steps": 7, "lr": 0.02, "batch_size": 2, "val_every": 3, "patience": 4, "foreground_ratio": 0.9}
+    job_dir = write_job(tmp_path / "jobs", "finetune", inputs, {"method": "bitfit", **settings}, device="cpu", seed=11)
+    configs = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(model, training, config, **kwargs):
+        configs.append(config)
+        raise Stop
+
+    monkeypatch.setattr(jobs, "finetune_segmentation", capture)
+    with pytest.raises(Stop):
+        jobs.run_finetune(_job_context(job_dir))
+    assert configs == [FinetuneConfig(**settings, seed=11)]
+
+
+def test_the_evaluate_job_reports_the_dice_of_the_classes_not_the_background(oblique, tmp_path, monkeypatch):
+    """A model that finds the front half of the blob scores Dice 2/3 on its one class; the report lists that value
+    (class 1), not the background's (near 1), for the base and the adapted model alike."""
+    import medgen.adapt.jobs as jobs
+
+    torch.manual_seed(0)
+    save_model(UNet(**TINY_UNET_KWARGS), tiny_unet_spec(), tmp_path / "model")
+    image, label = blob_case(0, oblique)
+    half = label.as_tensor().clone()
+    first = int(torch.nonzero(half[0])[:, 0].min())
+    half[0, first:first + 4] = 0  # the 8-voxel blob loses its first 4 slices
+    monkeypatch.setattr(jobs, "segment", lambda model, volume, device: MetaTensor(half, affine=volume.affine))
+    inputs = {"model_folder": str(tmp_path / "model"), "image": str(save_volume(image, tmp_path / "i.nii.gz")),
+              "reference": str(save_volume(label, tmp_path / "l.nii.gz", label=True))}
+    report = jobs.run_evaluate(_job_context(write_job(tmp_path / "jobs", "evaluate", inputs, device="cpu")))
+    assert report["classes"] == ["blob"]
+    assert report["base_dice"] == report["adapted_dice"] == [pytest.approx(2 / 3)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -225,6 +226,9 @@ def test_intensity_normalisations_follow_the_spec_formulas():
     assert torch.allclose(windowed, expected, atol=1e-6)
     scaled = _intensity_normalizer({"method": "percentile", "lower": 0.0, "upper": 100.0})(ct)
     assert float(scaled.min()) == 0.0 and float(scaled.max()) == 1.0
+    low, high = torch.quantile(ct.flatten(), torch.tensor([0.25, 0.75]))
+    middle = _intensity_normalizer({"method": "percentile", "lower": 25, "upper": 75})(ct)
+    assert torch.allclose(middle, ((ct - low) / (high - low)).clamp(0, 1), atol=1e-5)  # both percentiles are the spec's
     brain = torch.zeros(8, 8, 8)
     brain[2:6, 2:6, 2:6] = torch.linspace(100.0, 300.0, 64).view(4, 4, 4)
     normalised = _intensity_normalizer({"method": "zscore", "nonzero": True})(brain)
@@ -246,3 +250,139 @@ def test_the_spec_orientation_decides_the_network_axes(oblique, tmp_path):
         model = SegmentationModel(nn.Identity(), ["x"], None, (16, 16, 16), None, lambda v: v, "id", codes)
         tensors[codes] = prepare_volume(model, volume)[0].tensor[0, 0]
     assert torch.equal(tensors["LPS"], tensors["RAS"].flip(0).flip(1))
+
+
+@pytest.mark.parametrize("method", ["bitfit", "full"])
+def test_early_stopping_hands_back_the_network_of_the_best_validation(oblique, tmp_path, monkeypatch, method):
+    """The validation Dice dips, peaks at the third of five checks, then falls: the dip's stale count is reset by the
+    peak (so two worse checks after it stop the run at step 5, not 4), and the returned network is the one validated at
+    the peak, not the last step's: its trainable parameters and, under full fine-tuning (``train()`` mode), its
+    BatchNorm running statistics too."""
+    dice_of_check = [0.5, 0.4, 0.9, 0.3, 0.2, 0.1]
+    validated = []  # the whole network state at each validation
+
+    def scripted_dice(model, *args):
+        validated.append({name: tensor.detach().clone() for name, tensor in model.network.state_dict().items()})
+        return dice_of_check[len(validated) - 1]
+
+    monkeypatch.setattr(finetune, "_validation_dice", scripted_dice)
+    model = _batchnorm_model()
+    inject(model.network, method)
+    result = finetune_segmentation(model, [blob_case(0, oblique)], FinetuneConfig(steps=6, val_every=1, patience=2, amp=False),
+                                   checkpoint_dir=tmp_path, validation=blob_case(1, oblique))
+    assert (result.steps, result.best_val_dice, len(validated)) == (5, 0.9, 5)
+    peak, last = validated[2], validated[4]
+    moved = [name for name in peak if not torch.equal(peak[name], last[name])]
+    # training went on after the peak (in full fine-tuning, BatchNorm statistics included)...
+    assert moved and (method == "bitfit" or any(name.endswith("running_mean") for name in moved)), moved
+    # ... and the run hands back the peak's network
+    final = model.network.state_dict()
+    assert sorted(final) == sorted(peak)
+    assert [name for name in final if not torch.equal(final[name], peak[name])] == []
+
+
+def test_the_learning_rate_decays_along_a_half_cosine(oblique, tmp_path):
+    """AdamW starts at ``lr`` and decays to 0 at ``steps`` along lr/2·(1 + cos(pi·step/steps)), as the progress events
+    report it after each step."""
+    rates = []
+    reporter = CallbackReporter(lambda e: rates.append(e["lr"]) if e["event"] == "progress" and "lr" in e else None)
+    finetune_segmentation(_bitfit_blob_model(), [blob_case(0, oblique)], FinetuneConfig(steps=4, val_every=4, lr=1e-2, amp=False),
+                          checkpoint_dir=tmp_path, reporter=reporter)
+    assert rates == pytest.approx([1e-2 * 0.5 * (1 + math.cos(math.pi * step / 4)) for step in range(1, 5)], abs=1e-12)
+
+
+def test_the_training_loss_is_the_dice_loss_of_softmax_probabilities(oblique, tmp_path):
+    """The loss of a one-step run (on a patch as large as the volume, so the whole volume) is MONAI's Dice loss of the
+    softmax of the starting network's logits against the one-hot label: the channels compete (softmax), not each one
+    alone (sigmoid)."""
+    from monai.losses import DiceLoss
+
+    torch.manual_seed(0)
+    network = nn.Conv3d(1, 2, 1)
+    model = SegmentationModel(network, ["blob"], None, (24, 24, 24), None, lambda v: v, "conv")
+    image, label = blob_case(0, oblique)
+    prepared, reference = prepare_volume(model, image, label)
+    with torch.no_grad():
+        logits = network(prepared.tensor)
+        expected = float(DiceLoss(to_onehot_y=True, softmax=True)(logits, reference))
+        sigmoid = float(DiceLoss(to_onehot_y=True, sigmoid=True)(logits, reference))
+    assert abs(expected - sigmoid) > 1e-3  # the case tells the two apart
+    inject(model.network, "full")
+    result = finetune_segmentation(model, [(image, label)], FinetuneConfig(steps=1, val_every=1, amp=False), checkpoint_dir=tmp_path)
+    assert result.history[0]["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_spec_spacing_resamples_the_volume_and_its_label_by_nearest_neighbour(tmp_path):
+    """A model folder whose spec asks for 2 x 2 x 1.5 mm voxels gets a 1 mm 32³ volume on that grid (16 x 16 x 22), and
+    its label map is resampled by nearest neighbour: the 1.5 mm axis falls between voxels, where interpolating would
+    invent values between 0 and 3."""
+    from monai.data import MetaTensor
+
+    from medgen.adapt.segmenter import load_segmentation_model
+    from medgen.models import Preprocessing, save_model
+    from medgen_testing import TINY_UNET_KWARGS, tiny_unet_spec
+
+    torch.manual_seed(0)
+    spec = tiny_unet_spec(preprocessing=Preprocessing(intensity={"method": "percentile"}, spacing_mm=[2.0, 2.0, 1.5],
+                                                      patch_size=[16, 16, 16]))
+    save_model(UNet(**TINY_UNET_KWARGS), spec, tmp_path / "model")
+    model = load_segmentation_model(str(tmp_path / "model"))
+    assert model.spacing_mm == (2.0, 2.0, 1.5)
+    label = torch.zeros(1, 32, 32, 32)
+    label[0, 5:20, 7:23, 9:25] = 3
+    label[0, 10:14, 10:14, 10:14] = 0
+    image = label / 3 + 0.05 * torch.rand(1, 32, 32, 32)
+    one_mm = torch.eye(4, dtype=torch.float64)
+    prepared, resampled = prepare_volume(model, MetaTensor(image, affine=one_mm), MetaTensor(label, affine=one_mm))
+    assert prepared.tensor.shape == resampled.shape == (1, 1, 16, 16, 22)
+    assert set(torch.unique(resampled).tolist()) == {0, 3}
+
+
+def test_labels_of_a_cube_in_lps_order_come_back_on_its_own_voxels():
+    """A cubic volume stored in LPS order is flipped to RAS for the network; its labels must be flipped back even though
+    the shape did not change. The network here labels the bright voxels, so the labels equal the off-centre blob."""
+    from monai.data import MetaTensor
+
+    from medgen.adapt.segmenter import segment
+
+    class Threshold(nn.Module):
+        def forward(self, volume):
+            return 10.0 * torch.cat([0.5 - volume, volume - 0.5], dim=1)
+
+    blob = torch.zeros(1, 16, 16, 16)
+    blob[0, 2:6, 3:8, 9:13] = 1.0
+    lps = torch.diag(torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64))
+    model = SegmentationModel(Threshold(), ["blob"], None, (16, 16, 16), None, lambda v: v, "threshold")
+    labels = segment(model, MetaTensor(blob, affine=lps))
+    assert torch.equal(labels.as_tensor(), blob.long()) and torch.allclose(labels.affine, lps)
+
+
+def test_a_fixed_input_size_takes_the_nearest_voxels():
+    """A network with a fixed input grid (deepbet's 128³) gets the volume resized by nearest neighbour: halving a 16³
+    volume picks every second voxel (voxel 2i+1, the nearest to the new voxel's centre), it does not average them."""
+    from monai.data import MetaTensor
+
+    volume = torch.arange(16.0**3).view(1, 16, 16, 16)
+    model = SegmentationModel(nn.Identity(), ["x"], (8, 8, 8), (8, 8, 8), None, lambda v: v, "fixed-grid")
+    prepared, _ = prepare_volume(model, MetaTensor(volume, affine=torch.eye(4, dtype=torch.float64)))
+    assert torch.equal(prepared.tensor[0], volume[:, 1::2, 1::2, 1::2])
+
+
+def test_overlapping_windows_are_blended_with_gaussian_weights():
+    """Two 16-voxel windows cover a 24-voxel axis and overlap on voxels 8..15. Each window's logit is its own mean
+    intensity (an intensity ramp makes the second window's larger); with Gaussian blending a voxel of the overlap leans
+    towards the window whose centre is nearer, so the probability rises across the overlap instead of being flat."""
+    from medgen.adapt.segmenter import predict_probabilities
+
+    class WindowMean(nn.Module):
+        def forward(self, window):
+            mean = window.mean(dim=(2, 3, 4), keepdim=True).expand_as(window)
+            return torch.cat([torch.zeros_like(window), mean], dim=1)
+
+    ramp = torch.linspace(0.0, 1.0, 24).view(1, 1, 24, 1, 1).expand(1, 1, 24, 16, 16).contiguous()
+    model = SegmentationModel(WindowMean(), ["x"], None, (16, 16, 16), None, lambda v: v, "window-mean")
+    along = predict_probabilities(model, ramp, torch.device("cpu"))[0, 1, :, 8, 8]
+    first, second = torch.sigmoid(ramp[0, 0, :16].mean()), torch.sigmoid(ramp[0, 0, 8:].mean())
+    assert torch.allclose(along[:8], first.expand(8)) and torch.allclose(along[16:], second.expand(8))
+    overlap = along[8:16]
+    assert bool((overlap[1:] > overlap[:-1] + 1e-4).all()) and first < overlap.min() and overlap.max() < second

@@ -70,6 +70,7 @@ def test_sampling_gives_volumes_in_range_deterministically():
     b = sample_volumes(unet, 2, (8, 8, 8), diffusion=short, seed=3)
     assert a.shape == (2, 1, 8, 8, 8) and torch.equal(a, b)
     assert 0.0 <= float(a.min()) and float(a.max()) <= 1.0
+    assert not torch.equal(a, sample_volumes(unet, 2, (8, 8, 8), diffusion=short, seed=4))  # the seed decides the draw
 
 
 def test_default_diffusion_settings_are_the_tenvoo_papers():

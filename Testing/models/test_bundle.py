@@ -135,3 +135,27 @@ def test_pre_1_5_swin_bundle_gets_legacy_merging_and_drops_img_size(tmp_path):
     network, spec = load_bundle(bundle)
     assert spec.kwargs["downsample"] == "merging_legacy" and "img_size" not in spec.kwargs
     assert isinstance(network.swinViT.layers1[0].downsample, LegacyPatchMerging)
+
+
+def test_class_names_follow_the_channel_numbers_beyond_ten(tmp_path):
+    """channel_def keys are channel numbers written as strings: channel 10 comes after channel 9, not after 1."""
+    torch.manual_seed(0)
+    network_def = {**NETWORK_DEF, "out_channels": 12}
+    kwargs = {k: v for k, v in network_def.items() if not k.startswith("_")}
+    names = ["background", *(f"organ {channel}" for channel in range(1, 12))]
+    channel_def = {str(channel): name for channel, name in reversed(list(enumerate(names)))}
+    metadata = {**METADATA, "network_data_format": {"outputs": {"pred": {"channel_def": channel_def}}}}
+    bundle = write_bundle(tmp_path / "bundle", network_def, SegResNet(**kwargs).state_dict(), metadata)
+    assert load_bundle(bundle)[1].class_names == names
+
+
+def test_a_swin_bundle_made_with_monai_1_5_keeps_the_current_patch_merging(tmp_path):
+    """MONAI 1.5.0 itself changed the patch-merging order: a bundle recorded with it is used as it is, without the
+    legacy merging or any other compatibility change."""
+    torch.manual_seed(0)
+    swin_kwargs = {"in_channels": 1, "out_channels": 2, "feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}
+    metadata = {**METADATA, "monai_version": "1.5.0", "network_data_format": {}}
+    bundle = write_bundle(tmp_path / "bundle", {"_target_": "SwinUNETR", **swin_kwargs}, SwinUNETR(**swin_kwargs).state_dict(), metadata)
+    network, spec = load_bundle(bundle)
+    assert spec.kwargs.get("downsample", "merging") == "merging" and spec.provenance["compat"] == []
+    assert not isinstance(network.swinViT.layers1[0].downsample, LegacyPatchMerging)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from importlib import metadata
 
 import pytest
@@ -73,6 +74,24 @@ def test_damaged_cache_is_rebuilt(cache_dir):
     assert weights.stat().st_size > 8_000_000
 
 
+@needs_deepbet
+def test_a_cache_converted_from_another_archive_is_converted_again(cache_dir, monkeypatch):
+    """The cache records the SHA-256 of the archive it came from; after the archive changes (another deepbet wheel
+    of the same version), the cache is converted again rather than used."""
+    load_deepbet("bbox")
+    record_path = cache_dir / "models" / "deepbet-1.0.2-bbox" / "model.json"
+    record = json.loads(record_path.read_text())
+    archive_sha256 = record["provenance"]["archive_sha256"]
+    record["provenance"]["archive_sha256"] = "0" * 64
+    record_path.write_text(json.dumps(record))
+    conversions = []
+    real_convert = medgen.models.deepbet._convert_archive
+    monkeypatch.setattr(medgen.models.deepbet, "_convert_archive", lambda *args: conversions.append(args) or real_convert(*args))
+    assert isinstance(load_deepbet("bbox"), LinkNet3d)
+    assert len(conversions) == 1
+    assert json.loads(record_path.read_text())["provenance"]["archive_sha256"] == archive_sha256
+
+
 def test_layers_are_plain_modules_that_lora_can_wrap():
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
@@ -107,6 +126,13 @@ def test_preprocess_follows_deepbets_normalisation():
     assert (network_input == brightest).float().mean().item() == pytest.approx(0.005, abs=0.002)
     full_input = deepbet_preprocess(volume[None], size=(64, 64, 64), intensity_range=(low, high))
     assert full_input.shape == (1, 1, 64, 64, 64)
+
+
+def test_the_clipping_range_is_taken_on_the_volume_resized_to_128_cubed():
+    """deepbet takes its 0.5 % / 99.5 % quantiles after a nearest-neighbour resize to 128³: a two-voxel volume becomes
+    two halves of 0 and 1, whose quantiles are those values (on the two voxels alone they would interpolate to 0.005
+    and 0.995)."""
+    assert deepbet_intensity_range(torch.tensor([0.0, 1.0]).view(2, 1, 1)) == (0.0, 1.0)
 
 
 def test_preprocess_rejects_constant_and_multichannel_volumes():

@@ -131,3 +131,15 @@ def test_headless_checkpoint_needs_out_channels_and_non_swin_is_refused(old_netw
         load_swin_zoo_checkpoint({"down_tr64.ops.0.conv1.weight": torch.zeros(2, 1, 3, 3, 3)})
     with pytest.raises(ModelError, match="Unknown Swin-UNETR zoo model id"):
         load_swin_zoo_checkpoint(old_network.state_dict(), model_id="imagenet")
+
+
+def test_a_checkpoint_without_qkv_biases_builds_attention_without_them(volume):
+    """Whether the attention's qkv projection has a bias is read from the checkpoint: one trained without it loads
+    into a network without it, and computes what the trained network computed."""
+    torch.manual_seed(0)
+    no_bias = SwinUNETR(**TINY_SWIN, qkv_bias=False, downsample=OldMonaiPatchMerging).eval()
+    assert not any(name.endswith("qkv.bias") for name in no_bias.state_dict())
+    loaded, spec = load_swin_zoo_checkpoint(fseft_layout(no_bias.state_dict()))
+    assert spec.kwargs["qkv_bias"] is False and loaded.swinViT.layers1[0].blocks[0].attn.qkv.bias is None
+    with torch.no_grad():
+        assert torch.equal(loaded(volume), no_bias(volume))

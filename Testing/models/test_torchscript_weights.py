@@ -26,6 +26,26 @@ def test_tensors_equal_those_torch_jit_load_gives(tmp_path):
     assert all(torch.equal(tensors[name], expected[name]) and tensors[name].dtype == expected[name].dtype for name in expected)
 
 
+class _TwoHalves(torch.nn.Module):
+    """Two buffers that are views of one tensor: the archive stores one storage, the second view at offset 5."""
+
+    def __init__(self):
+        super().__init__()
+        whole = torch.arange(10.0)
+        self.register_buffer("first", whole[:5])
+        self.register_buffer("second", whole[5:])
+
+    def forward(self, x):
+        return x + self.first.sum() + self.second.sum()
+
+
+def test_tensors_that_share_a_storage_are_read_from_their_own_offsets(tmp_path):
+    archive = tmp_path / "halves.ts"
+    torch.jit.script(_TwoHalves()).save(str(archive))
+    tensors = read_torchscript_tensors(archive)
+    assert torch.equal(tensors["first"], torch.arange(5.0)) and torch.equal(tensors["second"], torch.arange(5.0, 10.0))
+
+
 class _RunsCode:
     def __reduce__(self):
         return (exec, ("raise SystemExit('archive code ran')",))

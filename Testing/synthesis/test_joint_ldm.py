@@ -60,7 +60,10 @@ def test_training_again_resumes_and_skips_finished_stages(trained_model):
     reporter = CallbackReporter(lambda e: phases.append((e["phase"], e["step"])) if e["event"] == "progress" else None)
     train_joint_ldm(pairs, [LabelInfo("cavity", 1, (1, 0, 0)), LabelInfo("wall", 2, (0, 1, 0))], model_dir, JointLDMConfig.tiny(**FAST), reporter=reporter)
     assert not any(phase == "latents" for phase, _ in phases)  # latents already exported
-    assert all(step == 6 for phase, step in phases if phase == "vae") and all(step == 4 for phase, step in phases if phase == "ldm")
+    assert not any(phase in ("vae", "ldm") for phase, _ in phases)  # both networks had finished: nothing trains again
+    # the VAE's last checkpoint is after both of its phases (w_KL = 1e-6, then 1), the LDM's after its steps
+    latest = {stage: json.loads((model_dir / stage / "latest.json").read_text())["step"] for stage in ("vae", "ldm")}
+    assert latest == {"vae": FAST["vae_phase1_steps"] + FAST["vae_phase2_steps"], "ldm": FAST["ldm_steps"]}
 
 
 def test_training_again_with_other_settings_or_data_is_refused_before_any_stage(trained_model):
@@ -93,6 +96,33 @@ def test_the_seed_decides_the_weights_and_the_model_records_its_trained_steps(tr
     assert json.loads((tmp_path / "a" / "medgen_model.json").read_text())["config"]["ldm_steps"] == 4
 
 
+def test_the_latent_ddpm_trains_on_fresh_posterior_draws(trained_model, tmp_path, monkeypatch):
+    """Dynamic sampling: each LDM step trains on a new draw mu + sigma·eps of the case's posterior (normalised), not on
+    its fixed mean: every step's target lies near one case's (normalised) mean but is none of them."""
+    import shutil
+
+    import medgen.synthesis.joint_ldm as joint_ldm
+    from medgen.models.weights import read_safetensors
+    from medgen.synthesis.latents import LatentSet
+
+    model_dir, pairs = trained_model
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    shutil.rmtree(folder / "ldm")  # only the LDM stage runs again
+    targets = []
+    real_loss = joint_ldm.noise_prediction_loss
+    monkeypatch.setattr(joint_ldm, "noise_prediction_loss", lambda denoiser, scheduler, x0, **kwargs: targets.append(x0.clone())
+                        or real_loss(denoiser, scheduler, x0, **kwargs))
+    train_joint_ldm(pairs, LABELS, folder, JointLDMConfig.tiny(**FAST))
+    latents = LatentSet.from_state(read_safetensors(folder / "latents.safetensors"))
+    means = latents.normalize(latents.mu)
+    assert len(targets) == FAST["ldm_steps"] and all(x0.shape == (1, *means.shape[1:]) for x0 in targets)
+    assert not any(torch.equal(x0[0], mean) for x0 in targets for mean in means)
+    # each draw is near one case's mean (within a few posterior standard deviations, on the normalised scale)
+    spread = 2 * 5 * float(latents.sigma.max()) / (latents.g_max - latents.g_min)
+    assert all(min(float((x0[0] - mean).abs().max()) for mean in means) < spread for x0 in targets)
+
+
 def test_generated_pairs_are_valid_aligned_and_deterministic(trained_model):
     model_dir, pairs = trained_model
     first = list(generate_pairs(model_dir, 2, seed=5, steps=5))
@@ -105,6 +135,25 @@ def test_generated_pairs_are_valid_aligned_and_deterministic(trained_model):
         assert set(torch.unique(label).tolist()) <= {0, 1, 2}
         check_same_geometry(image, label)
         assert torch.allclose(image.affine, pairs[0].image.affine)
+
+
+def test_generation_decodes_the_sampled_latents_mapped_back_to_the_latent_range(trained_model, monkeypatch):
+    """The latent DDPM works on latents normalised to [-1, 1]; the VAE must decode a sample only after it is mapped back
+    (denormalised) to the range of the training posteriors."""
+    import medgen.synthesis.joint_ldm as joint_ldm
+    from medgen.models.weights import read_safetensors
+    from medgen.synthesis.latents import LatentSet
+
+    model_dir, _ = trained_model
+    sampled, decoded = [], []
+    real_sample, real_decode = joint_ldm.sample, joint_ldm.decode_pair
+    monkeypatch.setattr(joint_ldm, "sample", lambda *args, **kwargs: sampled.append(real_sample(*args, **kwargs)) or sampled[-1])
+    monkeypatch.setattr(joint_ldm, "decode_pair", lambda vae, latent: decoded.append(latent) or real_decode(vae, latent))
+    assert len(list(generate_pairs(model_dir, 1, seed=5, steps=5))) == 1
+    latents = LatentSet.from_state(read_safetensors(model_dir / "latents.safetensors"))
+    assert len(sampled) == len(decoded) == 1
+    assert torch.allclose(decoded[0], latents.denormalize(sampled[0]))
+    assert not torch.allclose(decoded[0], sampled[0], atol=1e-2)  # the mapping is not the identity here
 
 
 def test_zero_pairs_is_fine(trained_model):

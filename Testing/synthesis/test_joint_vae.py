@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -55,6 +57,22 @@ def test_oracle3_loss_contract():
     base = joint_vae_loss(perfect, image, label, mu2, sigma, 0.0).total
     assert torch.allclose(b - base, 3 * (a - base), rtol=1e-5)
     assert kl_weight_schedule(99) == (1e-6, 0.0) and kl_weight_schedule(100) == (1.0, 1.0)
+
+
+def test_kl_closed_form_and_its_weight_per_voxel_in_the_total():
+    """KL(N(mu, sigma²) || N(0, 1)) is 0.5·(mu² + sigma² - 1 - ln sigma²) per latent element, summed per case and averaged
+    over the batch; the total loss adds it weighted and divided by the voxels of one case (16³ here), to the mean L1
+    and cross-entropy."""
+    mu = torch.stack([torch.full((4, 2, 2, 2), 0.5), torch.full((4, 2, 2, 2), -1.0)])
+    sigma = torch.stack([torch.full((4, 2, 2, 2), 2.0), torch.full((4, 2, 2, 2), 1.5)])
+    per_case = [32 * 0.5 * (m**2 + s**2 - 1 - math.log(s**2)) for m, s in ((0.5, 2.0), (-1.0, 1.5))]
+    assert float(kl_divergence(mu, sigma)) == pytest.approx(sum(per_case) / 2, rel=1e-6)
+    image, label = _batch()
+    reconstruction = torch.randn(2, 4, 16, 16, 16)
+    loss = joint_vae_loss(reconstruction, image, label, mu, sigma, kl_weight=0.3)
+    assert float(loss.image_l1) == pytest.approx(float((reconstruction[:, :1] - image).abs().mean()), rel=1e-6)
+    assert float(loss.label_ce) == pytest.approx(float(torch.nn.functional.cross_entropy(reconstruction[:, 1:], label[:, 0])), rel=1e-6)
+    assert float(loss.total) == pytest.approx(float(loss.image_l1 + loss.label_ce) + 0.3 * sum(per_case) / 2 / 16**3, rel=1e-6)
 
 
 def _latent_set():

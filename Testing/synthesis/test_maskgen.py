@@ -29,7 +29,7 @@ from medgen.synthesis.maskgen_networks import (
     sampling_scheduler,
 )
 from medgen.synthesis.masks import control_tensor
-from medgen.synthesis.prompts import Prompt, compose_training_set
+from medgen.synthesis.prompts import Prompt, TrainingSample, compose_training_set
 from medgen_testing import oblique_affine
 
 SIZE = 16
@@ -186,6 +186,47 @@ def test_random_flips_draw_only_the_stage_axes_and_nothing_without_them():
     assert data.random_flips(3, ()) == [(), (), ()] and torch.equal(torch.get_rng_state(), state)
     drawn = {flip for _ in range(20) for flip in data.random_flips(4, (0, 2))}
     assert drawn == {(), (0,), (2,), (0, 2)}
+
+
+def test_prompt_dropout_empties_every_prompt_at_one_and_none_at_zero():
+    """The prompts a training batch sees: all replaced by the empty prompt with dropout 1 (the unconditional branch
+    of classifier-free guidance), each sample's own prompt with dropout 0."""
+    samples = [TrainingSample(torch.zeros(1, 2, 2, 2), None, prompt, False) for prompt in (SOURCE, TARGET)]
+    mu = torch.zeros(2, 1, 2, 2, 2)
+    batch = torch.tensor([0, 1, 1, 0])
+    assert _LatentData(samples, mu, mu, 1.0, None, 1.0).dropped_prompts(batch) == [Prompt.empty()] * 4
+    assert _LatentData(samples, mu, mu, 1.0, None, 0.0).dropped_prompts(batch) == [SOURCE, TARGET, TARGET, SOURCE]
+
+
+def test_the_controlnet_control_is_flipped_with_its_latents(tmp_path, monkeypatch):
+    """Under flip augmentation a ControlNet step conditions the latents of the flipped image on the flipped mask: the
+    control it sees is the sample's control flipped like the latents (here every draw flips axis I). The networks,
+    the loss and the training loop are stand-ins that record what one step passes them."""
+    from types import SimpleNamespace
+
+    import medgen.synthesis.maskgen_training as training
+
+    image, label = phantom(0, LUT_A)  # two spheres side by side along I: flipping I moves them
+    sample = TrainingSample(image.as_tensor(), label.as_tensor(), Prompt("T1 MRI", organs=("liver", "kidney")), True)
+    mu, flipped_mu = torch.zeros(1, 4, 2, 2, 2), torch.rand(1, 4, 2, 2, 2)
+    data = _LatentData([sample], mu, torch.zeros_like(mu), 1.0, None, 0.0, {(0,): (flipped_mu, torch.zeros_like(mu))})
+    monkeypatch.setattr(data, "random_flips", lambda count, axes: [(0,)] * count)
+    seen = {}
+
+    def one_step(model, loss_fn, dataset, optimizer, config, **kwargs):
+        loss_fn(model, torch.tensor([0]))
+        return SimpleNamespace(ema_model=None, step=1)
+
+    monkeypatch.setattr(training, "build_controlnet", lambda *args: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(training, "controlnet_denoiser", lambda unet, controlnet, control, context: seen.update(control=control))
+    monkeypatch.setattr(training, "noise_prediction_loss", lambda denoiser, scheduler, latents: seen.update(latents=latents))
+    monkeypatch.setattr(training, "train_diffusion", one_step)
+    encoder = SimpleNamespace(encode_prompts=lambda prompts: torch.zeros(len(prompts), 1, 8))
+    training._controlnet_stage(data, SimpleNamespace(unet=None, prompt_encoder=encoder), 2,
+                               MaskGenConfig.tiny(controlnet_flip_axes=(0,)), tmp_path, torch.device("cpu"), CallbackReporter())
+    control = sample.control(MaskGenConfig.tiny().control_encoding)
+    assert not torch.equal(control, control.flip(1))
+    assert torch.equal(seen["latents"], flipped_mu) and torch.equal(seen["control"], control.flip(1)[None])
 
 
 def test_flip_augmentation_encodes_each_flipped_image_and_changes_only_the_controlnet(model_dir, tmp_path):

@@ -147,6 +147,11 @@ def test_prompt_vocabulary_and_learned_encoder():
     assert context.shape == (4, encoder.context_length, encoder.embedding_dim) == (4, 7, 8)
     assert torch.equal(context[2], context[3]) and not torch.equal(context[0], context[2])
     assert not torch.equal(context[0], context[1])
+    # each of the L positions adds its own learned slot vector to its field's embedding (the empty prompt: token 0)
+    fields = torch.cat([encoder.modality.weight[:1], encoder.attributes.weight[:1], encoder.region.weight[:1],
+                        encoder.organ.weight[[0, 0, 0, 0]]])
+    assert torch.allclose(context[2], fields + encoder.slot)
+    assert not torch.allclose(context[2, 3], context[2, 4])  # same organ token, different slot
     rebuilt = LearnedPromptEncoder.from_config(json.loads(json.dumps(encoder.to_config())))
     rebuilt.load_state_dict(encoder.state_dict())
     assert torch.equal(rebuilt.encode_prompts([source]), context[:1])
@@ -198,3 +203,7 @@ def test_oracle3_training_set_composer():
         compose_training_set(source_cases[1:], target_cases, source_prompt, target_prompt)
     with pytest.raises(BadInputError, match="dataset's are"):
         compose_training_set(source_cases, target_cases, source_prompt, Prompt("T2", organs=("liver",)))
+    beyond = with_organs.clone()
+    beyond[0, 0, 0, 0] = 5  # one value past the four named organs
+    with pytest.raises(BadInputError, match=r"label values 0..5, but the prompt names 4 organs"):
+        compose_training_set([(torch.rand(beyond.shape), beyond)], target_cases, source_prompt, target_prompt)
