@@ -494,36 +494,25 @@ def _run_in_process(job_dir):
     return code, [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
-@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA error: allocation failed"), MemoryError()],
-                         ids=["torch", "python"])
-def test_a_handler_running_out_of_memory_is_an_oom_error_with_advice(tmp_path, input_volume, monkeypatch, error,
-                                                                      sigterm_handler_kept):
-    """Out-of-memory errors (recognised by their type, whatever their message) get exit code 3 and advice, not the
-    'internal error' of a bug."""
+@pytest.mark.parametrize("error, exit_code, kind", [
+    (torch.OutOfMemoryError("CUDA error: allocation failed"), ExitCode.OOM, "oom"),
+    (MemoryError(), ExitCode.OOM, "oom"),
+    (KeyboardInterrupt(), ExitCode.CANCELLED, "cancelled"),
+], ids=["torch_oom", "python_oom", "ctrl_c"])
+def test_a_handler_out_of_memory_or_interrupted_gets_its_own_exit_code(tmp_path, input_volume, monkeypatch, error, exit_code,
+                                                                       kind, sigterm_handler_kept):
+    """Out-of-memory errors (recognised by their type, whatever their message) get exit code 3 and advice, and Ctrl+C in
+    a terminal running ``python -m medgen.worker`` is a cancel (exit code 4): neither is the 'internal error' of a bug."""
     from medgen.jobs import selftest
 
-    def out_of_memory(context):
+    def failing(context):
         raise error
 
-    monkeypatch.setattr(selftest, "run_selftest", out_of_memory)
+    monkeypatch.setattr(selftest, "run_selftest", failing)
     job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 1}, device="cpu")
     code, events = _run_in_process(job_dir)
-    assert code == ExitCode.OOM
-    assert events[-1]["event"] == "error" and events[-1]["kind"] == "oom"
-    assert events[-1]["message"].startswith("Out of memory.") and type(error).__name__ in events[-1]["message"]
-    assert json.loads((job_dir / "manifest.json").read_text())["status"] == "oom"
-
-
-def test_an_interrupted_worker_counts_as_cancelled(tmp_path, input_volume, monkeypatch, sigterm_handler_kept):
-    """Ctrl+C in a terminal running ``python -m medgen.worker`` is a cancel (exit code 4), not an internal error."""
-    from medgen.jobs import selftest
-
-    def interrupted(context):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(selftest, "run_selftest", interrupted)
-    job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 1}, device="cpu")
-    code, events = _run_in_process(job_dir)
-    assert code == ExitCode.CANCELLED
-    assert events[-1]["event"] == "error" and events[-1]["kind"] == "cancelled"
-    assert json.loads((job_dir / "manifest.json").read_text())["status"] == "cancelled"
+    assert code == exit_code
+    assert events[-1]["event"] == "error" and events[-1]["kind"] == kind
+    assert json.loads((job_dir / "manifest.json").read_text())["status"] == kind
+    if kind == "oom":
+        assert events[-1]["message"].startswith("Out of memory.") and type(error).__name__ in events[-1]["message"]
