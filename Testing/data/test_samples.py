@@ -66,3 +66,19 @@ def test_unknown_size_is_a_clear_error():
 
     with pytest.raises(BadInputError, match="Unknown sample size"):
         load_sample_case("huge")
+
+
+def test_the_simulated_scalp_is_measured_in_millimetres():
+    """The shell lies gap_mm to gap_mm + thickness_mm outside the brain in millimetres, whatever the voxel size: on
+    2 mm voxels, a 4 mm gap and a 6 mm shell are voxels 3..5 beyond the brain's edge along an axis."""
+    from monai.data import MetaTensor
+
+    from medgen.data.samples import with_simulated_head
+
+    brain = torch.zeros(1, 32, 8, 8)
+    brain[0, :8] = 1  # the brain fills slices 0..7 along I
+    two_mm = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=torch.float64))
+    head = with_simulated_head(MetaTensor(torch.zeros(1, 32, 8, 8), affine=two_mm), MetaTensor(brain, affine=two_mm),
+                               noise_std=0.0, gap_mm=4.0, thickness_mm=6.0)
+    bright = (head[0, :, 4, 4] > 0.5).nonzero().flatten().tolist()
+    assert bright == [10, 11, 12]  # 6, 8, 10 mm beyond the last brain slice (7); 4 mm (slice 9) is still the gap
