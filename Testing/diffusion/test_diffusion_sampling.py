@@ -268,3 +268,19 @@ def test_batched_cfg_equals_sequential_cfg():
 
     for scale in (0.0, 1.0, 7.0):
         assert torch.allclose(batched_cfg_denoiser(both, scale)(x, t), cfg_denoiser(conditional, unconditional, scale)(x, t))
+
+
+def test_unet_denoiser_passes_the_context_and_the_concatenated_condition():
+    """``unet_denoiser`` calls the network with x_t and the condition stacked on channels, the timesteps and the
+    cross-attention context it was given."""
+    seen = {}
+
+    def network(network_input, timesteps, context):
+        seen.update(network_input=network_input, timesteps=timesteps, context=context)
+        return network_input[:, :1]
+
+    x_t, condition, context = torch.rand(2, 1, 4, 4, 4), torch.rand(2, 3, 4, 4, 4), torch.rand(2, 5, 8)
+    t = torch.tensor([7, 7])
+    unet_denoiser(network, context=context, concat=condition)(x_t, t)
+    assert torch.equal(seen["network_input"], torch.cat([x_t, condition], dim=1))
+    assert seen["timesteps"] is t and seen["context"] is context
