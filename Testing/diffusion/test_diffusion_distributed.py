@@ -14,6 +14,8 @@ def test_dist_context_reads_torchrun_environment():
     assert (context.rank, context.world_size, context.local_rank) == (3, 4, 1)
     assert context.is_distributed and not context.is_main
     assert dist_context_from_env({"RANK": "0", "WORLD_SIZE": "2"}).is_main
+    # without LOCAL_RANK (processes started by hand on one machine) the local rank is the rank: not all on cuda:0
+    assert dist_context_from_env({"RANK": "1", "WORLD_SIZE": "2"}).local_rank == 1
     for broken in ({"RANK": "2", "WORLD_SIZE": "2"}, {"RANK": "x", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "0"}):
         with pytest.raises(BadInputError):
             dist_context_from_env(broken)
