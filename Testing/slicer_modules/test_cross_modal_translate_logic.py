@@ -233,3 +233,12 @@ def test_segment_editor_gets_one_segmentation_on_the_output_grid_next_to_it(t2_s
     hierarchy = subject_hierarchy(mrml_scene)
     assert hierarchy.GetItemName(hierarchy.GetItemParent(hierarchy.GetItemByDataNode(segmentation))) == "patient 1"
     assert translation.segmentation_for(t2_source) is segmentation  # pressing the button again reuses it
+
+
+def test_a_zero_memory_budget_a_small_grid_and_an_unnamed_source_modality_are_handled(model, t2_source):
+    with pytest.raises(BadInputError, match="memory budget must be positive"):
+        translation.translate_request(t2_source, model, steps=8, memory_budget_mb=0)
+    request = translation.translate_request(t2_source, model, steps=8, memory_budget_mb=64.0)
+    assert request.params["memory_budget_mb"] == 64.0 and request.imports[0].node_name == "phantom (→T1)"
+    with pytest.raises(BadInputError, match="at least 8 voxels"):
+        translation.train_request_from_scene([t2_source], target_modality="T1", grid=[16, 16, 7])

@@ -181,3 +181,16 @@ def test_train_from_a_folder_needs_the_folder(panel, tmp_path):
     widget.onTrainButton()
     ((request, _),) = started
     assert request.input_files == {"volumes": [str(tmp_path / "t1.nii.gz")]}
+
+
+def test_a_scene_model_choice_wins_over_the_remembered_one_and_each_grid_size_reaches_the_job(panel, mrml_scene, tmp_path, settings):
+    widget, started = panel
+    settings[SETTING] = str(_model_folder(tmp_path / "remembered"))
+    widget._parameterNode.modelFolder = chosen = _model_folder(tmp_path / "chosen")
+    widget.restoreModelFolder()
+    assert widget._parameterNode.modelFolder == chosen
+    widget._parameterNode.gridI, widget._parameterNode.gridJ, widget._parameterNode.gridK = 40, 24, 16
+    widget.ui.trainingVolumesSelector.checkedNodes = lambda: [_volume(mrml_scene, "T1 a")]
+    widget.onTrainButton()
+    ((request, _),) = started
+    assert request.params["grid"] == [40, 24, 16]

@@ -322,3 +322,14 @@ def test_train_mask_model_without_target_data_says_what_is_missing(masks_panel, 
     with pytest.raises(BadInputError, match="No target-modality data"):
         widget.onMaskTrainButton()
     assert started == [] and widget.ui.maskTrainButton.text == "Train mask model"
+
+
+def test_generate_exports_under_the_dataset_name_typed_in_the_panel(panel, tmp_path):
+    widget, started = panel
+    (tmp_path / "model" / "medgen_model.json").parent.mkdir()
+    (tmp_path / "model" / "medgen_model.json").write_text(json.dumps({"task": "joint-image-label-ldm"}))
+    widget._parameterNode.modelFolder, widget._parameterNode.nnunetFolder = tmp_path / "model", tmp_path / "nnUNet_raw"
+    widget._parameterNode.nnunetName, widget._parameterNode.nnunetDatasetId = "Brains", 7
+    widget.onGenerateButton()
+    (request,) = started
+    assert (request.params["nnunet_name"], request.params["nnunet_dataset_id"]) == ("Brains", 7)

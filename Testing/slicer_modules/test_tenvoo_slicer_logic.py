@@ -205,3 +205,19 @@ def test_a_saved_adapter_is_checked_against_the_selected_base_model(trained, mod
         adaptation.check_adapter(str(other), trained["outputs"]["adapter"])
     with pytest.raises(BadInputError, match="does not exist"):
         adaptation.check_adapter(model, tmp_path / "nowhere")
+
+
+def test_segments_map_to_model_classes_by_name_and_the_validation_pair_is_written_apart(mrml_scene, tmp_path):
+    two = _blob_pair(mrml_scene, "two", 1, segment_names=("blob", "vessel"))  # segment values 3 and 4
+    assert adaptation.class_values(two.segmentation, [" Vessel ", "blob"]) == {3: 2, 4: 1}
+    training, validation = _blob_pair(mrml_scene, "train", 2), _blob_pair(mrml_scene, "held", 3)
+    request = adaptation.FinetuneRequest("finetune", pairs=(training,), validation=validation, class_names=("tumour",))
+    inputs = request.write_inputs(tmp_path)
+    assert [Path(inputs[key]).name for key in ("val_image", "val_label")] == ["validation_image.nrrd", "validation_label.nrrd"]
+    assert [Path(path).name for path in inputs["images"] + inputs["labels"]] == ["pair000_image.nrrd", "pair000_label.nrrd"]
+    with pytest.raises(BadInputError, match="Train an adapter or choose its folder"):
+        adaptation.compare_request("deepbet", None, None, None)
+    rows = adaptation.dice_rows({"classes": ["blob"], "base_dice": [0.25], "adapted_dice": [0.75]})
+    assert rows == [{"class": "blob", "base_dice": 0.25, "adapted_dice": 0.75}]
+    assert adaptation.format_dice_rows(rows) == "blob: base 0.250 -> adapted 0.750"
+    assert (adaptation.method_options("lora", 4), adaptation.method_options("ia3", 4)) == ({"rank": 4}, {})

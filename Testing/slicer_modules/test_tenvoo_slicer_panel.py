@@ -214,3 +214,27 @@ def test_load_adapter_refuses_an_adapter_of_another_base_model(panel, tmp_path):
     assert widget._parameterNode.adapterFolder == tmp_path / "adapter"
     assert widget.ui.adapterStatusLabel.text.startswith("Loaded bitfit adapter, ")
     assert "trained parameters from" in widget.ui.adapterStatusLabel.text
+
+
+def test_pair_rows_offer_only_plain_nodes_and_remove_drops_the_last_row_when_none_is_selected(panel):
+    widget, _ = panel
+    widget.onAddPairButton()
+    widget.onAddPairButton()
+    table = widget.ui.trainingPairsTable
+    first = table.cellWidget(0, 0)
+    assert [(s.showChildNodeTypes, s.noneEnabled, s.addEnabled, s.removeEnabled)
+            for s in (table.cellWidget(0, 0), table.cellWidget(0, 1))] == [(False, True, False, False)] * 2
+    table.selected = -1
+    widget.onRemovePairButton()
+    assert table.rowCount == 1 and table.cellWidget(0, 0) is first
+
+
+def test_a_validation_volume_without_its_segmentation_is_refused_not_ignored(panel, mrml_scene):
+    widget, started = panel
+    volume, segmentation = _pair_nodes(mrml_scene)
+    held_out, _ = _pair_nodes(mrml_scene)
+    _add_pair_row(widget, volume, segmentation)
+    widget._parameterNode.validationVolume = held_out
+    with pytest.raises(BadInputError, match="The validation pair lacks its volume or its segmentation"):
+        widget.onTrainButton()
+    assert started == []
