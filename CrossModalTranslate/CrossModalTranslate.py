@@ -25,6 +25,7 @@ from medgen.errors import BadInputError, MedGenError
 from medgen.slicer.scene_job import JobRequest, SceneJobLogicMixin, optional_folder
 from medgen.slicerqt.module_test import SelftestModuleTestMixin
 from medgen.slicerqt.module_widget import ModuleWidgetMixin
+from medgen.slicerqt.sample_data import register_sample_data
 from CrossModalTranslateLib import jobs, translation
 
 #: the application setting that remembers the last valid model folder between sessions
@@ -53,6 +54,8 @@ class CrossModalTranslate(ScriptedLoadableModule):
             "Developed by the MedGen developers. The translation follows the MIDiffusion method (local "
             "modality-independent features); networks and schedulers come from MONAI."
         )
+        # Sample Data lists the MedGen sample subject once, whichever MedGen modules register it
+        slicer.app.connect("startupCompleted()", register_sample_data)
 
 
 @parameterNodeWrapper

@@ -31,6 +31,7 @@ from medgen.slicer.scene_job import (
 from medgen.slicerqt.module_test import SelftestModuleTestMixin
 from medgen.slicerqt.module_widget import ModuleWidgetMixin
 from medgen.slicerqt.pair_table import PairTableMixin
+from medgen.slicerqt.sample_data import register_sample_data
 from MedGenSynthesisLib import candidate_report, from_masks, jobs, paired
 
 
@@ -59,6 +60,8 @@ class MedGenSynthesis(ScriptedLoadableModule):
             "Developed by the MedGen developers. Diffusion networks and schedulers come from MONAI "
             "(MONAI Generative); the joint image+label and mask-conditioned methods follow their publications."
         )
+        # Sample Data lists the MedGen sample subject once, whichever MedGen modules register it
+        slicer.app.connect("startupCompleted()", register_sample_data)
 
 
 @parameterNodeWrapper

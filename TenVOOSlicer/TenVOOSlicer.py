@@ -28,6 +28,7 @@ from medgen.slicerqt.job_panel import JobState
 from medgen.slicerqt.module_test import SelftestModuleTestMixin
 from medgen.slicerqt.module_widget import ModuleWidgetMixin
 from medgen.slicerqt.pair_table import PairTableMixin
+from medgen.slicerqt.sample_data import register_sample_data
 from TenVOOSlicerLib import adaptation, jobs
 
 
@@ -56,6 +57,8 @@ class TenVOOSlicer(ScriptedLoadableModule):
             "Developed by the MedGen developers. TenVOO adapters follow the TenVOO method for "
             "parameter-efficient fine-tuning of volumetric networks; networks come from MONAI."
         )
+        # Sample Data lists the MedGen sample subject once, whichever MedGen modules register it
+        slicer.app.connect("startupCompleted()", register_sample_data)
 
 
 @parameterNodeWrapper

@@ -1,7 +1,7 @@
 """Minimal stand-ins for the parts of Slicer that exist only inside the Slicer application.
 
 slicer-core gives real MRML, ``slicer.util`` and VTK, but not the Qt GUI: ``qt``, ``ctk``,
-``slicer.ScriptedLoadableModule``, ``slicer.parameterNodeWrapper`` and ``slicer.i18n``. These
+``slicer.ScriptedLoadableModule``, ``slicer.parameterNodeWrapper``, ``slicer.i18n`` and ``slicer.app``. These
 stand-ins are just enough to import a module file and instantiate its classes; they are installed
 only inside :func:`slicer_gui_stubs` and removed afterwards, so no other test sees them.
 """
@@ -97,10 +97,13 @@ def fake_ui(module_name: str) -> types.SimpleNamespace:
     return types.SimpleNamespace(**widgets)
 
 
-def fake_app() -> types.SimpleNamespace:
-    """``slicer.app`` as far as the panels use it (wait cursor, testing mode)."""
+def fake_app(cache_path: str = "") -> types.SimpleNamespace:
+    """``slicer.app`` as far as the modules use it: wait cursor, testing mode, the cache folder, and the slots
+    connected to its signals (``connections``: signal -> slots)."""
+    connections = {}
     return types.SimpleNamespace(setOverrideCursor=lambda cursor: None, restoreOverrideCursor=lambda: None,
-                                 testingEnabled=lambda: True)
+                                 testingEnabled=lambda: True, cachePath=cache_path, connections=connections,
+                                 connect=lambda signal, slot: connections.setdefault(signal, []).append(slot))
 
 
 def _scripted_loadable_module() -> types.ModuleType:
@@ -185,6 +188,9 @@ def slicer_gui_stubs():
         "slicer.i18n": _i18n(),
     }
     modules_before = set(sys.modules)
+    app_before = getattr(slicer, "app", None)
+    if app_before is None:
+        slicer.app = fake_app()
     module_dirs = [str(REPOSITORY / name) for name in MODULE_NAMES]
     stub_dependent_roots = MODULE_NAMES + tuple(f"{name}Lib" for name in MODULE_NAMES)
     with mock.patch.object(sys, "path", module_dirs + sys.path):
@@ -195,6 +201,8 @@ def slicer_gui_stubs():
         try:
             yield qt
         finally:
+            if app_before is None:
+                del slicer.app
             for name in stubs:
                 del sys.modules[name]
                 if name.startswith("slicer."):

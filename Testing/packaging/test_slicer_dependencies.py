@@ -196,10 +196,14 @@ def test_declined_no_deps_install_raises_and_installs_nothing(tmp_path, monkeypa
     assert [name for name, _, _ in calls] == ["confirm"]
 
 
-def test_deepbet_is_the_only_no_deps_requirement_and_is_not_in_the_main_file():
-    path = REPOSITORY / "TenVOOSlicer" / "Resources" / "TenVOOSlicer-requirements.txt"
+@pytest.mark.parametrize("module_name", ["TenVOOSlicer", "MedGenSynthesis", "CrossModalTranslate"])
+def test_no_deps_requirements_are_data_only_packages_kept_out_of_the_main_file(module_name):
+    """deepbet (brain-extraction weights, TenVOOSlicer) and nilearn (the sample subject's template, every module)
+    contribute files only; their declared dependencies would pull a second torch or scikit-learn and pandas."""
+    path = REPOSITORY / module_name / "Resources" / f"{module_name}-requirements.txt"
     no_deps = dependencies.read_requirements(dependencies.no_deps_requirements_file(path))
-    assert [requirement.name for requirement in no_deps] == ["deepbet"]
-    assert "deepbet" not in {requirement.name for requirement in dependencies.read_requirements(path)}
-    cmake = (REPOSITORY / "TenVOOSlicer" / "CMakeLists.txt").read_text()
+    expected = ["deepbet", "nilearn"] if module_name == "TenVOOSlicer" else ["nilearn"]
+    assert [requirement.name for requirement in no_deps] == expected
+    assert not set(expected) & {requirement.name for requirement in dependencies.read_requirements(path)}
+    cmake = (REPOSITORY / module_name / "CMakeLists.txt").read_text()
     assert "Resources/${MODULE_NAME}-requirements-nodeps.txt" in cmake  # installed next to the main file
