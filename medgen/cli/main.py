@@ -158,10 +158,32 @@ def cmd_export_nnunet(args) -> int:
     return 0
 
 
+#: what --device accepts
+DEVICE_HELP = "auto (CUDA when usable), cpu, cuda or cuda:N"
+
+
 def _add_job_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--job-root", type=Path, default=Path("medgen_jobs"))
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the job's random draws")
+    parser.add_argument("--job-root", type=Path, default=Path("medgen_jobs"),
+                        help="folder that receives the job folder (inputs, log, outputs; printed when the job starts)")
+
+
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Option help that ends with the option's default, where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        nothing_to_show = default is None or default is False or default == [] or default == argparse.SUPPRESS
+        if not action.option_strings or nothing_to_show or "default" in text:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+def _add_command(commands, name: str, summary: str) -> argparse.ArgumentParser:
+    """A subcommand whose help starts with ``summary`` and shows every option's default."""
+    return commands.add_parser(name, help=summary, description=summary, formatter_class=_HelpWithDefaults)
 
 
 def cmd_info(args) -> int:
@@ -209,18 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="also show the worker's log lines")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run a job folder (holding job.json) with progress bars")
-    run.add_argument("job_dir", type=Path)
+    run = _add_command(commands, "run", "run a job folder (holding job.json) with progress bars")
+    run.add_argument("job_dir", type=Path, help="job folder; a finished or interrupted training job continues from its checkpoint")
     run.set_defaults(func=cmd_run)
 
-    submit = commands.add_parser("submit", help="write a job folder for a job kind and run it")
+    submit = _add_command(commands, "submit", "write a job folder for a job kind and run it")
     submit.add_argument("kind", help="job kind (see 'medgen info')")
     submit.add_argument("--inputs", default="{}", help='JSON object, e.g. \'{"image": "t1.nii.gz"}\'')
     submit.add_argument("--params", default="{}", help="JSON object of the kind's parameters")
     _add_job_options(submit)
     submit.set_defaults(func=cmd_submit)
 
-    synth_train = commands.add_parser("synth-train", help="train a joint image+label generator on a folder of pairs")
+    synth_train = _add_command(commands, "synth-train", "train a joint image+label generator on a folder of pairs")
     synth_train.add_argument("data", type=Path, help="nnU-Net raw folder or folder of {case}_0000.nii.gz + {case}.nii.gz")
     synth_train.add_argument("--label-names", type=Path, help="labels.json naming the label values")
     synth_train.add_argument("--shape", type=int, nargs=3, default=[32, 32, 32], help="grid of the generated pairs (voxels)")
@@ -231,17 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_options(synth_train)
     synth_train.set_defaults(func=cmd_synth_train)
 
-    synthesize = commands.add_parser("synthesize", help="generate N image+label pairs from a trained joint model")
+    synthesize = _add_command(commands, "synthesize", "generate N image+label pairs from a trained joint model")
     synthesize.add_argument("model", type=Path, help="model folder written by synth-train")
-    synthesize.add_argument("--count", type=int, default=4)
-    synthesize.add_argument("--batch-size", type=int, default=1)
+    synthesize.add_argument("--count", type=int, default=4, help="pairs to generate")
+    synthesize.add_argument("--batch-size", type=int, default=1, help="pairs denoised at once (more is faster and needs more memory)")
     synthesize.add_argument("--steps", type=int, default=100, help="DDIM steps")
     synthesize.add_argument("--nnunet-id", type=int, help="also export an nnU-Net v2 dataset with this id")
-    synthesize.add_argument("--nnunet-name", default="MedGenSynthetic")
+    synthesize.add_argument("--nnunet-name", default="MedGenSynthetic", help="name of that dataset (Dataset<id>_<name>)")
     _add_job_options(synthesize)
     synthesize.set_defaults(func=cmd_synthesize)
 
-    maskgen_train = commands.add_parser("maskgen-train", help="train a mask-conditioned generator (source images+labels, target images)")
+    maskgen_train = _add_command(commands, "maskgen-train", "train a mask-conditioned generator (source images+labels, target images)")
     maskgen_train.add_argument("--source-images", type=Path, nargs="+", required=True, help="source-modality images")
     maskgen_train.add_argument("--source-labels", type=Path, nargs="+", required=True, help="their organ label maps (same order)")
     maskgen_train.add_argument("--target-images", type=Path, nargs="+", required=True, help="target-modality images (no labels needed)")
@@ -264,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_options(maskgen_train)
     maskgen_train.set_defaults(func=cmd_maskgen_train)
 
-    maskgen = commands.add_parser("maskgen", help="render target-modality images of label maps; keep the checker-accepted pairs")
+    maskgen = _add_command(commands, "maskgen", "render target-modality images of label maps; keep the checker-accepted pairs")
     maskgen.add_argument("model", type=Path, help="model folder written by maskgen-train")
     maskgen.add_argument("masks", type=Path, nargs="+", help="label maps to render, valued like the model's organs (1..K, listed in its medgen_model.json and by the training log)")
     maskgen.add_argument("--target-modality", required=True, help="a modality the model was trained on")
@@ -276,15 +298,18 @@ def build_parser() -> argparse.ArgumentParser:
     maskgen.add_argument("--conditioning-scale", type=float, default=1.0,
                          help="ControlNet strength: multiplier of its residuals (1 = as trained; > 1 follows the mask more)")
     maskgen.add_argument("--nnunet-id", type=int, help="also export the accepted pairs as an nnU-Net v2 dataset with this id")
-    maskgen.add_argument("--nnunet-name", default="MedGenMaskGen")
+    maskgen.add_argument("--nnunet-name", default="MedGenMaskGen", help="name of that dataset (Dataset<id>_<name>)")
     _add_job_options(maskgen)
     maskgen.set_defaults(func=cmd_maskgen)
 
-    translate_train = commands.add_parser("translate-train", help="train an LMI translation model on target-modality volumes")
+    translate_train = _add_command(commands, "translate-train", "train an LMI translation model on target-modality volumes")
     translate_train.add_argument("volumes", type=Path, nargs="+", help="target-modality volumes (e.g. T1)")
-    translate_train.add_argument("--grid", type=int, nargs=3, default=[32, 32, 32])
-    translate_train.add_argument("--mode", choices=["2.5d", "3d"], default="2.5d")
-    translate_train.add_argument("--preset", choices=["tiny", "midiffusion"], default="tiny")
+    translate_train.add_argument("--grid", type=int, nargs=3, default=[32, 32, 32], metavar=("I", "J", "K"),
+                                 help="model grid (voxels, RAS axes); volumes are resampled to it")
+    translate_train.add_argument("--mode", choices=["2.5d", "3d"], default="2.5d",
+                                 help="2.5d: a 2D network over the axial slices (large volumes); 3d: one 3D network")
+    translate_train.add_argument("--preset", choices=["tiny", "midiffusion"], default="tiny",
+                                 help="tiny: minutes on CPU; midiffusion: the released network and schedule (GPU)")
     translate_train.add_argument("--steps", type=int, help="training steps (override the preset)")
     translate_train.add_argument("--unconditional", action="store_true", help="train the SDEdit baseline instead")
     translate_train.add_argument("--target-modality", help="modality of the training volumes (e.g. T1), recorded in the model")
@@ -293,40 +318,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_options(translate_train)
     translate_train.set_defaults(func=cmd_translate_train)
 
-    translate = commands.add_parser("translate", help="translate a volume zero-shot into the model's modality")
-    translate.add_argument("source", type=Path)
+    translate = _add_command(commands, "translate", "translate a volume zero-shot into the model's modality")
+    translate.add_argument("source", type=Path, help="volume to translate (NIfTI, NRRD, ...); the output keeps its grid")
     translate.add_argument("model", type=Path, help="model folder from translate-train")
-    translate.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    translate.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
+                           help="ddpm: all 1000 steps, as released; ddim: --steps steps (faster)")
     translate.add_argument("--steps", type=int, default=100, help="DDIM steps, a divisor of the model's 1000 timesteps")
     translate.add_argument("--sdedit-start", type=int, help="SDEdit baseline: start timestep (unconditional model)")
-    translate.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity: 1 = fresh noise every step (default), 0 = deterministic")
+    translate.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity: 1 = fresh noise every step, 0 = deterministic")
     translate.add_argument("--memory-budget-mb", type=float, help="LMI chunk budget in MB (default: the model's); lower it on GPU out-of-memory")
     _add_job_options(translate)
     translate.set_defaults(func=cmd_translate)
 
-    export = commands.add_parser("export-nnunet", help="write a folder of {case}_0000/{case} pairs as an nnU-Net v2 dataset")
-    export.add_argument("pairs", type=Path)
+    export = _add_command(commands, "export-nnunet", "write a folder of {case}_0000/{case} pairs as an nnU-Net v2 dataset")
+    export.add_argument("pairs", type=Path, help="folder of {case}_0000.nii.gz images and {case}.nii.gz label maps")
     export.add_argument("out", type=Path, help="nnUNet_raw folder")
     export.add_argument("--labels", type=Path, required=True, help="labels.json (values 1..K-1)")
-    export.add_argument("--dataset-id", type=int, required=True)
-    export.add_argument("--name", required=True)
-    export.add_argument("--channel-name", default="MRI")
-    export.add_argument("--case-prefix", default="real")
+    export.add_argument("--dataset-id", type=int, required=True, help="nnU-Net dataset id (1-999)")
+    export.add_argument("--name", required=True, help="dataset name (Dataset<id>_<name>)")
+    export.add_argument("--channel-name", default="MRI", help="nnU-Net channel name: CT selects CT normalisation, anything else z-scoring")
+    export.add_argument("--case-prefix", default="real",
+                        help="prefix of the case identifiers; another prefix adds cases to an existing dataset")
     export.set_defaults(func=cmd_export_nnunet)
 
-    info = commands.add_parser("info", help="versions, devices, GPU memory and job kinds; with a kind, its inputs and parameters")
+    info = _add_command(commands, "info", "versions, devices, GPU memory and job kinds; with a kind, its inputs and parameters")
     info.add_argument("kind", nargs="?", help="a job kind: print its inputs and parameters (JSON schemas with defaults)")
     info.set_defaults(func=cmd_info)
 
-    samples = commands.add_parser("sample-data", help="write the offline sample subject (MNI152 + simulated contrasts)")
-    samples.add_argument("out", type=Path)
-    samples.add_argument("--size", default="reduced", choices=["full", "reduced", "small", "tiny"])
-    samples.add_argument("--seed", type=int, default=0)
+    samples = _add_command(commands, "sample-data", "write the offline sample subject (MNI152 + simulated contrasts)")
+    samples.add_argument("out", type=Path, help="folder to write the NIfTI files, labels.json and a README into")
+    samples.add_argument("--size", default="reduced", choices=["full", "reduced", "small", "tiny"],
+                         help="grid: full 1 mm, reduced 2 mm, small 4 mm (48x56x48), tiny 6 mm (32^3)")
+    samples.add_argument("--seed", type=int, default=0, help="seed of the simulated contrasts' noise and bias field")
     samples.set_defaults(func=cmd_sample_data)
 
-    demo = commands.add_parser("demo", help="run the demo pipeline on the sample data")
-    demo.add_argument("--out", type=Path, default=Path("demo_output"))
-    demo.add_argument("--device", default="auto")
+    demo = _add_command(commands, "demo", "run the demo pipeline on the sample data")
+    demo.add_argument("--out", type=Path, default=Path("demo_output"), help="folder for the demo's sample data, jobs and results")
+    demo.add_argument("--device", default="auto", help=DEVICE_HELP)
     demo.add_argument("--size", default="tiny", choices=["reduced", "small", "tiny"], help="grid of the sample subject (tiny = 32³, fastest)")
     demo.set_defaults(func=cmd_demo)
     return parser
