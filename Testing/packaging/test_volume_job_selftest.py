@@ -12,7 +12,7 @@ import slicer
 import slicer.util
 
 from medgen.slicer.scene_job import SceneJobLogicMixin, selftest_request
-from slicer_stubs import slicer_gui_stubs
+from slicer_stubs import fake_app, slicer_gui_stubs
 
 # Each test starts a worker process that imports torch and MONAI: tens of seconds on a 2-core machine.
 pytestmark = pytest.mark.slow
@@ -57,13 +57,18 @@ def test_job_panel_follows_a_real_worker_to_the_import(input_volume, mrml_scene,
     assert any(event["event"] == "progress" for event in runner.events)
 
 
-def test_reload_and_test_runs_the_selftest_into_the_scene(mrml_scene, monkeypatch, tmp_path):
+def test_reload_and_test_runs_the_selftest_and_loads_the_sample_data(mrml_scene, monkeypatch, tmp_path):
     """What Slicer's "Reload and Test" button runs for a module (its Test class; the same mixin for all three)."""
-    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(temporaryPath=str(tmp_path)), raising=False)
+    app = fake_app(cache_path=str(tmp_path / "cache"))
+    app.temporaryPath = str(tmp_path)
+    monkeypatch.setattr(slicer, "app", app, raising=False)
+    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", lambda **layers: None)  # needs the app's slice views
     with slicer_gui_stubs():
         module_file = __import__("CrossModalTranslate")
         result = unittest.TestResult()
         module_file.CrossModalTranslateTest("runTest").run(result)
     assert result.wasSuccessful() and not result.skipped, result.errors + result.failures + result.skipped
+    # the sample-data test runs last, on a cleared scene
     assert [node.GetName() for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")] == [
-        "selftest input", "selftest input CrossModalTranslate selftest"]
+        "MedGenBrain_T1", "MedGenBrain_T2_simulated", "MedGenBrain_PD_simulated"]
+    assert [node.GetName() for node in slicer.util.getNodesByClass("vtkMRMLSegmentationNode")] == ["MedGenBrain_tissues"]

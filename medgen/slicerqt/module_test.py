@@ -10,7 +10,8 @@ from medgen.slicer.scene_job import run_selftest_on_synthetic_volume
 class SelftestModuleTestMixin:
     """Mixed into each module's ``<Module>Test(ScriptedLoadableModuleTest)`` with ``logicClass`` set to the
     module's Logic: the selftest job runs on a synthetic volume (CPU) and its output must land in the scene
-    with the input's shape. Skipped while PyTorch is not installed."""
+    with the input's shape, and the MedGen sample subject (Sample Data) loads. Skipped while PyTorch is not
+    installed."""
 
     logicClass: type | None = None
 
@@ -20,6 +21,8 @@ class SelftestModuleTestMixin:
     def runTest(self) -> None:
         self.setUp()
         self.test_selftest_output_has_input_shape()
+        self.setUp()
+        self.test_sample_data_loads_into_the_scene()
 
     def test_selftest_output_has_input_shape(self) -> None:
         from medgen.slicer.dependencies import torch_report
@@ -30,3 +33,16 @@ class SelftestModuleTestMixin:
         inputShape, outputShapes = run_selftest_on_synthetic_volume(self.logicClass(), moduleName)
         self.assertEqual(outputShapes, [inputShape])
         self.delayDisplay("Test passed")
+
+    def test_sample_data_loads_into_the_scene(self) -> None:
+        import importlib.util
+
+        from medgen.slicerqt.sample_data import REQUIRED_PACKAGES, load_sample_into_scene
+
+        missing = [package for package in REQUIRED_PACKAGES if importlib.util.find_spec(package) is None]
+        if missing:
+            self.skipTest(f"{', '.join(missing)} not installed; install them from the Setup section.")
+        nodes = load_sample_into_scene()
+        self.assertEqual([node.GetClassName() for node in nodes], ["vtkMRMLScalarVolumeNode"] * 3 + ["vtkMRMLSegmentationNode"])
+        self.assertEqual(nodes[3].GetSegmentation().GetNumberOfSegments(), 3)
+        self.delayDisplay("Sample data loaded")
