@@ -159,3 +159,11 @@ def test_the_sample_data_button_without_nilearn_says_how_to_install_it_and_loads
     assert message.startswith("Loading the MedGen sample data failed.\n\nThe MedGen sample data needs nilearn: ")
     assert "'Install dependencies'" in message
     assert not sample_data.sample_folder(tmp_path).exists()
+
+
+def test_registration_without_the_sample_data_module_does_nothing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "SampleData", None)  # a disabled module: importing it raises ImportError
+    with slicer_gui_stubs():
+        from medgen.slicerqt.sample_data import register_sample_data
+
+        assert register_sample_data() is None

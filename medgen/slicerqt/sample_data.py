@@ -23,8 +23,12 @@ REQUIRED_PACKAGES = ("torch", "monai", "nilearn")
 
 
 def register_sample_data() -> None:
-    """Add the MedGen sample subject to Slicer's Sample Data module (a no-op when it is registered already)."""
-    import SampleData
+    """Add the MedGen sample subject to Slicer's Sample Data module (a no-op when it is registered already, or when
+    the Sample Data module is disabled in the application settings)."""
+    try:
+        import SampleData
+    except ImportError:
+        return
 
     from medgen.slicer.sample_data import SAMPLE_NAME
 
