@@ -60,7 +60,7 @@ def _print_outcome(runner) -> None:
         # stdout holds only the output paths (machine-readable); what else the job reports (e.g. how many
         # pairs were accepted per mask) goes to stderr, so a run that wrote nothing says so
         for key, value in runner.result.items():
-            if key not in ("event", "outputs"):
+            if key not in ("event", "time", "outputs"):  # the event's own timestamp is no news to a user
                 print(f"[medgen] {key}: {json.dumps(value)}", file=sys.stderr)
         print(json.dumps(runner.result.get("outputs", {}), indent=2))
     if runner.error:
