@@ -180,6 +180,10 @@ def test_the_terminal_names_the_device_a_job_started_on():
      {"volumes": ["a.nii.gz"]}, {"conditioned": False, "lmi_compat": True}),
     (["translate", "pd.nii.gz", "model", "--sampler", "ddim", "--steps", "50", "--eta", "0", "--memory-budget-mb", "256"], "translate",
      {"source": "pd.nii.gz", "model": "model"}, {"sampler": "ddim", "steps": 50, "eta": 0.0, "memory_budget_mb": 256.0}),
+    (["synth-train", "data", "--spacing-mm", "1", "1", "2.5"], "synth-train", {"folder": "data"}, {"spacing_mm": [1.0, 1.0, 2.5]}),
+    (["maskgen", "model", "m.nii.gz", "--target-modality", "T2", "--checker", "checker", "--conditioning-scale", "1.5"], "maskgen",
+     {"checker": "checker"}, {"conditioning_scale": 1.5, "guidance_scale": 7.0}),
+    (["translate", "pd.nii.gz", "model", "--sdedit-start", "300"], "translate", {"source": "pd.nii.gz"}, {"sdedit_start": 300}),
 ], ids=lambda value: value if isinstance(value, str) else None)
 def test_each_command_maps_its_options_to_the_job_parameters(monkeypatch, argv, kind, expected_inputs, expected_params):
     """What each command writes into its job (options to parameters, e.g. --unconditional to conditioned false, one
@@ -241,3 +245,88 @@ def test_the_demo_stops_at_the_first_failing_step_with_its_exit_code(tmp_path, m
         monkeypatch.setattr(demo, step, lambda *args, step=step: later_steps.append(step) or 0)
     assert demo.run_demo(tmp_path) == 2
     assert later_steps == [] and "selftest failed with exit code 2" in capsys.readouterr().out
+
+
+def test_a_command_writes_a_job_its_kind_accepts_with_the_seed_and_device_given(monkeypatch, tmp_path):
+    """Options left out are left out of job.json (the kind's defaults apply; a null would be refused), and the job
+    options reach it."""
+    from medgen.cli import main as cli
+
+    (tmp_path / "data").mkdir()
+    ran = []
+    monkeypatch.setattr(cli, "_run_job_dir", lambda job_dir, verbose=False: ran.append(job_dir) or 0)
+    assert cli.main(["synth-train", str(tmp_path / "data"), "--seed", "5", "--device", "cpu", "--job-root", str(tmp_path / "jobs")]) == 0
+    (job_dir,) = ran
+    job = json.loads((job_dir / "job.json").read_text())
+    assert (job["seed"], job["device"]) == (5, "cpu") and job["inputs"] == {"folder": str((tmp_path / "data").resolve())}
+    assert job["params"] == {"shape": [32, 32, 32], "preset": "tiny"}
+
+
+def test_the_ctrl_c_handler_is_given_back_when_the_job_ends(monkeypatch, tmp_path, capsys):
+    """After a job (the demo runs several, then goes on), Ctrl+C behaves as before it: a later one is not swallowed."""
+    import signal
+
+    from medgen.cli import main as cli
+    from medgen.slicer import runner as runner_module
+
+    class FinishedRunner:
+        result, error = {"outputs": {}}, None
+
+        def __init__(self, job_dir, on_event=None):
+            pass
+
+        def start(self):
+            return self
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(runner_module, "JobRunner", FinishedRunner)
+    before = signal.getsignal(signal.SIGINT)
+    assert cli._run_job_dir(tmp_path) == 0
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_the_terminal_shows_warnings_and_errors_and_hides_routine_logs_unless_verbose():
+    import io
+
+    from medgen.cli.progress_view import TerminalEventView
+
+    quiet, verbose = io.StringIO(), io.StringIO()
+    for stream, is_verbose in ((quiet, False), (verbose, True)):
+        view = TerminalEventView(stream, verbose=is_verbose)
+        for level in ("info", "warning", "error"):
+            view({"event": "log", "level": level, "message": f"a {level} line"})
+    assert quiet.getvalue().splitlines() == ["[warning] a warning line", "[error] a error line"]
+    assert verbose.getvalue().splitlines() == ["[info] a info line", "[warning] a warning line", "[error] a error line"]
+
+
+def test_the_terminal_shows_one_bar_per_phase_counting_its_steps():
+    import io
+    import re
+
+    from medgen.cli.progress_view import TerminalEventView
+
+    stream = io.StringIO()
+    view = TerminalEventView(stream)
+    for phase, total in (("vae", 2), ("ldm", 3)):
+        for step in range(1, total + 1):
+            view({"event": "progress", "phase": phase, "step": step, "total": total, "eta_s": None, "loss": 0.5})
+    view({"event": "result", "outputs": {}})
+    final = {}
+    for phase, done, total in re.findall(r"(\w+): +\d+%\|[^|]*\| (\d+)/(\d+)", stream.getvalue()):
+        final[phase] = (int(done), int(total))
+    assert final == {"vae": (2, 2), "ldm": (3, 3)}
+
+
+def test_the_demo_stops_when_the_adaptation_step_fails(tmp_path, monkeypatch, capsys):
+    from medgen.cli import demo
+    from medgen.cli import main as cli
+
+    later_steps = []
+    monkeypatch.setattr(cli, "_run_job_dir", lambda job_dir, verbose=False: 0)  # the selftest passes
+    monkeypatch.setattr(demo, "_adaptation_step", lambda *args: 3)
+    for step in ("_paired_synthesis_step", "_translation_step", "_mask_synthesis_step"):
+        monkeypatch.setattr(demo, step, lambda *args, step=step: later_steps.append(step) or 0)
+    assert demo.run_demo(tmp_path) == 3
+    assert later_steps == [] and "done." not in capsys.readouterr().out

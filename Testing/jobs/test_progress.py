@@ -127,3 +127,53 @@ def test_the_cancel_file_alone_stops_the_job(tmp_path):
             reporter.check_cancelled()
     finally:
         signal.signal(signal.SIGTERM, handler)  # CancelWatch installs the worker's handler
+
+
+def test_the_time_stamp_is_never_replaced_by_a_field():
+    """A handler's result is emitted as fields of the result event: a 'time' of its own (a duration) must not move
+    the event's stamp."""
+    import time
+
+    lines = Lines()
+    before = time.time()
+    EventStream(lines).emit("result", time=12.5, outputs={})
+    (event,) = lines.events
+    assert event["time"] >= round(before, 3) - 0.001 and event["outputs"] == {}
+
+
+def test_each_event_reaches_the_reader_at_once():
+    """The runner reads events from a pipe while the job runs: every event is flushed, not left in a buffer."""
+    import io
+
+    raw = io.BytesIO()
+    text = io.TextIOWrapper(raw, encoding="utf-8")  # holds what it is given until flushed
+    EventStream(text).emit("progress", phase="training", step=1, total=2)
+    assert json.loads(raw.getvalue())["phase"] == "training"
+
+
+def test_the_job_folders_event_log_is_written_as_events_happen(tmp_path):
+    """events.jsonl is read while the job runs (the CLI's tests, a user tailing it): no event waits for the close."""
+    from medgen.jobs.events import EVENTS_FILE
+
+    stream = EventStream(Lines())
+    stream.keep_copy_in(tmp_path)
+    try:
+        stream.emit("progress", phase="training", step=1, total=2)
+        (logged,) = [json.loads(line) for line in (tmp_path / EVENTS_FILE).read_text().splitlines()]
+        assert logged["event"] == "progress" and logged["step"] == 1
+    finally:
+        stream.close()
+
+
+def test_an_event_log_that_cannot_be_written_stops_only_the_copy(tmp_path):
+    """A full disk under the job folder ends the events.jsonl copy; the events still reach the runner."""
+    from medgen.jobs.events import EVENTS_FILE
+
+    (tmp_path / EVENTS_FILE).symlink_to("/dev/full")  # every write fails with ENOSPC
+    lines = Lines()
+    stream = EventStream(lines)
+    stream.keep_copy_in(tmp_path)
+    stream.emit("started", job_kind="selftest")
+    stream.emit("progress", phase="smoothing", step=1, total=1)
+    stream.close()
+    assert [event["event"] for event in lines.events] == ["started", "progress"]

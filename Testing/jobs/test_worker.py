@@ -98,6 +98,8 @@ def _raw_job(tmp_path, document):
         # JSON Schema calls 2.0 an integer; the job code cannot use it
         ({"schema_version": 1, "kind": "selftest", "inputs": {"image": "in.nii.gz"}, "params": {"steps": 2.0}}, "not of type 'integer'"),
         ({"schema_version": 1, "kind": "selftest", "inputs": {"image": "in.nii.gz"}, "seed": 2**64}, "seed"),
+        ({"schema_version": 1, "kind": "selftest", "inputs": {"image": "in.nii.gz"}, "seed": -1}, "job.json is invalid at 'seed'"),
+        ({"schema_version": 1, "kind": "selftest"}, "'inputs' is a required property"),
         ({"schema_version": 1, "kind": "selftest", "inputs": {"image": "x" * 300 + ".nii.gz"}}, "is not a usable path"),
     ],
 )
@@ -516,3 +518,156 @@ def test_a_handler_out_of_memory_or_interrupted_gets_its_own_exit_code(tmp_path,
     assert json.loads((job_dir / "manifest.json").read_text())["status"] == kind
     if kind == "oom":
         assert events[-1]["message"].startswith("Out of memory.") and type(error).__name__ in events[-1]["message"]
+
+
+def test_a_gpu_out_of_memory_raised_as_a_runtime_error_counts_as_out_of_memory():
+    """CUDA extensions and older torch raise GPU out-of-memory as a plain RuntimeError: its message decides."""
+    from medgen.jobs.worker import _is_out_of_memory
+
+    assert _is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.15 GiB total capacity)"))
+
+
+def test_a_seed_beyond_numpys_range_runs_and_is_recorded(tmp_path, input_volume, sigterm_handler_kept):
+    """job.json allows seeds up to 2**63 - 1; NumPy takes only 32 bits, so the worker must not hand it the seed as is."""
+    job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 1}, device="cpu", seed=2**40 + 3)
+    code, events = _run_in_process(job_dir)
+    assert code == ExitCode.OK, events[-1]
+    assert json.loads((job_dir / "manifest.json").read_text())["seed"] == 2**40 + 3
+
+
+def test_a_planted_link_at_the_event_log_is_refused_and_its_target_left_alone(tmp_path, input_volume, sigterm_handler_kept):
+    job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 1}, device="cpu")
+    target = tmp_path / "someone_elses.log"
+    target.write_text("kept\n")
+    (job_dir / "events.jsonl").symlink_to(target)
+    code, events = _run_in_process(job_dir)
+    assert code == ExitCode.BAD_INPUT and "symbolic links ['events.jsonl']" in events[-1]["message"]
+    assert target.read_text() == "kept\n"
+
+
+def test_a_rerun_appends_to_the_event_log_of_the_earlier_runs(tmp_path, input_volume, sigterm_handler_kept):
+    job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 1}, device="cpu")
+    for _ in range(2):
+        assert _run_in_process(job_dir)[0] == ExitCode.OK
+    logged = [json.loads(line)["event"] for line in (job_dir / "events.jsonl").read_text().splitlines()]
+    assert logged.count("started") == 2 and logged.count("result") == 2
+
+
+def test_a_folder_without_job_json_is_bad_input_and_stays_empty(tmp_path):
+    job_dir = tmp_path / "not_a_job"
+    job_dir.mkdir()
+    code, events = _run_in_process(job_dir)
+    assert code == ExitCode.BAD_INPUT
+    assert events[-1]["kind"] == "bad_input" and events[-1]["message"].startswith("No job.json in")
+    assert list(job_dir.iterdir()) == []
+
+
+def test_a_job_json_that_is_not_text_is_bad_input(tmp_path):
+    job_dir = tmp_path / "binary_job"
+    job_dir.mkdir()
+    (job_dir / JOB_FILE).write_bytes(b"\xff\xfe\x00{")
+    code, events = _run_in_process(job_dir)
+    assert code == ExitCode.BAD_INPUT and "is not valid JSON" in events[-1]["message"]
+
+
+@pytest.mark.parametrize("kind, inputs, params, message", [
+    ("selftest", {"image": ""}, {}, "Input 'image' of the selftest job: '' should be non-empty"),
+    ("translate-train", {"volumes": []}, {}, "Input 'volumes' of the translate-train job: [] should be non-empty"),
+    ("selftest", {"image": "in.nii.gz"}, {"step": 3}, "Additional properties are not allowed ('step' was unexpected)"),
+    ("translate-train", {"volumes": ["in.nii.gz"]}, {"grid": [32, 32, 0]},
+     "Parameter 'grid' of the translate-train job: 0 is less than the minimum of 8 (job.json 'params/grid/2')"),
+], ids=["empty_path", "empty_path_list", "unknown_parameter", "item_of_a_list_parameter"])
+def test_validation_refuses_and_names_the_input_or_parameter(tmp_path, input_volume, kind, inputs, params, message):
+    """An empty path (which would mean the job folder itself), an empty list of volumes, a misspelt parameter and a bad
+    item of a list parameter are each refused before any work, naming the input or parameter as the panels do."""
+    from medgen.jobs.spec import validate_job
+
+    with pytest.raises(BadInputError) as refused:
+        validate_job({"schema_version": 1, "kind": kind, "inputs": inputs, "params": params}, tmp_path)
+    assert message in str(refused.value)
+
+
+def test_validation_resolves_input_paths_and_fills_the_defaults(tmp_path, input_volume):
+    from medgen.jobs.spec import validate_job
+
+    (tmp_path / "sub").mkdir()
+    spec = validate_job({"schema_version": 1, "kind": "selftest", "inputs": {"image": "sub/../in.nii.gz"}}, tmp_path)
+    assert spec.inputs == {"image": str(input_volume.resolve())}
+    assert (spec.device, spec.seed, spec.params) == ("auto", 0, {"steps": 5, "step_delay_s": 0.0})
+
+
+def test_an_empty_outputs_folder_is_not_set_aside(tmp_path):
+    from medgen.jobs.context import set_aside_outputs
+
+    (tmp_path / "outputs").mkdir()
+    assert set_aside_outputs(tmp_path) is None
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["outputs"]
+
+
+def test_manifests_archived_within_the_same_second_are_all_kept(tmp_path):
+    """Two runs of a folder in one second (a failed start, then a retry) must not overwrite the earlier record."""
+    import os
+
+    from medgen.jobs.manifest import MANIFEST_FILE, archive_manifest
+
+    second_ns = 1_700_000_000 * 10**9
+    for run, offset_ns in enumerate((1_000, 2_000)):
+        (tmp_path / MANIFEST_FILE).write_text(json.dumps({"run": run}))
+        os.utime(tmp_path / MANIFEST_FILE, ns=(second_ns + offset_ns, second_ns + offset_ns))
+        archive_manifest(tmp_path)
+    archived = sorted((tmp_path / "manifests").iterdir())
+    assert [json.loads(path.read_text())["run"] for path in archived] == [0, 1]
+
+
+def test_write_job_records_inputs_as_absolute_paths(tmp_path, input_volume, monkeypatch):
+    """Relative inputs are taken from the caller's folder; the worker, which reads them from the job folder, must get
+    them absolute."""
+    monkeypatch.chdir(tmp_path)
+    job_dir = write_job(tmp_path / "jobs", "selftest", {"image": "in.nii.gz"}, {"steps": 1})
+    assert json.loads((job_dir / JOB_FILE).read_text())["inputs"] == {"image": str(input_volume.resolve())}
+
+
+@pytest.mark.parametrize(("kind", "inputs", "name"), [("selftest", {"image": ""}, "image"),
+                                                     ("translate-train", {"volumes": ["in.nii.gz", ""]}, "volumes")],
+                         ids=["path", "item of a list"])
+def test_write_job_refuses_an_empty_input_path_instead_of_reading_the_current_folder(tmp_path, monkeypatch, kind,
+                                                                                    inputs, name):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.nii.gz").write_bytes(b"")  # only the empty path is wrong
+    with pytest.raises(BadInputError, match=name):
+        write_job(tmp_path / "jobs", kind, inputs)
+    assert not (tmp_path / "jobs").exists() or not any((tmp_path / "jobs").iterdir())
+
+
+def test_jobs_written_in_the_same_second_get_their_own_folders(tmp_path, input_volume):
+    job_dirs = [write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}) for _ in range(3)]
+    assert len(set(job_dirs)) == 3 and all((job_dir / JOB_FILE).is_file() for job_dir in job_dirs)
+
+
+def test_extra_environment_variables_reach_the_worker(tmp_path):
+    python = _fake_worker(tmp_path, "python-reporting-a-variable",
+                          'echo "{\\"event\\": \\"result\\", \\"outputs\\": {}, \\"seen\\": \\"${MEDGEN_TEST_VALUE:-none}\\"}"\n')
+    runner = JobRunner(tmp_path, python=python, env={"MEDGEN_TEST_VALUE": "given"}).start()
+    assert runner.wait(timeout_s=30) == ExitCode.OK
+    assert runner.result["seen"] == "given"
+
+
+def test_json_lines_that_are_not_events_are_logged_as_text(tmp_path):
+    """A library printing JSON of its own on stdout must not break the event stream."""
+    python = _fake_worker(tmp_path, "python-printing-other-json",
+                          "echo '{\"note\": 1}'\necho '[1, 2]'\necho '{\"event\": \"result\", \"outputs\": {}}'\n")
+    runner = JobRunner(tmp_path, python=python).start()
+    assert runner.wait(timeout_s=30) == ExitCode.OK and runner.result == {"event": "result", "outputs": {}}
+    logged = [event["message"] for event in runner.events if event["event"] == "log" and event["level"] == "info"]
+    assert logged == ['{"note": 1}', "[1, 2]"]
+
+
+def test_wait_gives_up_after_its_timeout_and_the_job_keeps_running(tmp_path):
+    python = _fake_worker(tmp_path, "python-running-long", "echo '{\"event\": \"started\"}'\nsleep 60\n")
+    runner = JobRunner(tmp_path, python=python).start()
+    try:
+        with pytest.raises(TimeoutError, match="still running after 0.5 s"):
+            runner.wait(timeout_s=0.5)
+        assert runner.running and runner.returncode is None
+    finally:
+        _kill_process_group(runner)

@@ -82,7 +82,11 @@ def write_job(
 
 
 def _absolute(value: Any) -> Any:
-    return [_absolute(item) for item in value] if isinstance(value, list) else str(Path(value).resolve())
+    """An input path (or list of them) made absolute; an empty path stays empty, for validation to refuse (resolved,
+    it would name the current folder)."""
+    if isinstance(value, list):
+        return [_absolute(item) for item in value]
+    return str(Path(value).resolve()) if str(value) else ""
 
 
 class JobRunner:
