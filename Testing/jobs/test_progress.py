@@ -141,6 +141,14 @@ def test_the_time_stamp_is_never_replaced_by_a_field():
     assert event["time"] >= round(before, 3) - 0.001 and event["outputs"] == {}
 
 
+def test_a_field_named_event_neither_fails_nor_changes_the_event_type():
+    """A job's result dict is emitted as fields: a key "event" of its own must not break or relabel the result."""
+    lines = Lines()
+    EventStream(lines).emit("result", event="their own", outputs={})
+    (event,) = lines.events
+    assert event["event"] == "result" and event["outputs"] == {}
+
+
 def test_each_event_reaches_the_reader_at_once():
     """The runner reads events from a pipe while the job runs: every event is flushed, not left in a buffer."""
     import io

@@ -69,7 +69,9 @@ class EventStream:
         """From now on also append every event to ``JOB_DIR/events.jsonl`` (after validation passed)."""
         self._log_file = open(job_dir / EVENTS_FILE, "a", encoding="utf-8")
 
-    def emit(self, event: str, **fields: Any) -> None:
+    def emit(self, event: str, /, **fields: Any) -> None:
+        """Write one event; ``fields`` may hold any keys (a job's result is passed as fields), but never replace the
+        event's type or time stamp."""
         document = {"event": event, "time": round(time.time(), 3)}
         document.update((key, value) for key, value in fields.items() if key not in document)  # the stamp wins
         line = json.dumps(json_safe(document), default=str)
