@@ -97,7 +97,7 @@ class CrossModalTranslateParameterNode:
     gridI: int = 32
     gridJ: int = 32
     gridK: int = 32
-    trainingSteps: int = 200
+    trainingSteps: int = 2000  # the tiny preset's: fewer steps learn no contrast (TranslationConfig.tiny)
     modelOutputFolder: pathlib.Path
 
 

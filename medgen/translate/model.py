@@ -89,9 +89,12 @@ class TranslationConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> "TranslationConfig":
-        """Minutes on CPU: small widths and grid, few steps (toy quality)."""
+        """Minutes on CPU: small widths and grid. 2,000 steps, because fewer learn no contrast: on the 2 mm sample brain
+        (T1 training, PD translated, DDIM 50, 32³ grid, 2.5D) the output's correlation with the real T1 inside the brain
+        was 0.01 after 200 steps, 0.32 after 1,000, 0.55 after 2,000 (about 4.5 min on 2 idle CPU cores) and 0.62 after
+        4,000 (the PD source: -0.88)."""
         settings = dict(grid=(32, 32, 32), channels=(16, 32), attention_levels=(False, False), num_res_blocks=1,
-                        norm_num_groups=8, steps=200, batch_size=8, lr=1e-3, ema_decay=0.99)
+                        norm_num_groups=8, steps=2000, batch_size=8, lr=1e-3, ema_decay=0.99)
         settings.update(overrides)
         return cls(**settings)
 
