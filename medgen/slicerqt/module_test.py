@@ -35,11 +35,9 @@ class SelftestModuleTestMixin:
         self.delayDisplay("Test passed")
 
     def test_sample_data_loads_into_the_scene(self) -> None:
-        import importlib.util
+        from medgen.slicerqt.sample_data import load_sample_into_scene, missing_packages
 
-        from medgen.slicerqt.sample_data import REQUIRED_PACKAGES, load_sample_into_scene
-
-        missing = [package for package in REQUIRED_PACKAGES if importlib.util.find_spec(package) is None]
+        missing = missing_packages()
         if missing:
             self.skipTest(f"{', '.join(missing)} not installed; install them from the Setup section.")
         nodes = load_sample_into_scene()

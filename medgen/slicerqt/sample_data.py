@@ -38,6 +38,11 @@ def register_sample_data() -> None:
     )
 
 
+def missing_packages() -> list[str]:
+    """The packages of :data:`REQUIRED_PACKAGES` that are not installed (found without importing them)."""
+    return [package for package in REQUIRED_PACKAGES if importlib.util.find_spec(package) is None]
+
+
 def load_sample_into_scene(source=None) -> list:
     """Sample Data's button: load the sample subject into the scene and show its T1 with the tissue segmentation.
 
@@ -52,7 +57,7 @@ def load_sample_into_scene(source=None) -> list:
             is left as it was.
     """
     with slicer.util.tryWithErrorDisplay("Loading the MedGen sample data failed.", waitCursor=True):
-        missing = [package for package in REQUIRED_PACKAGES if importlib.util.find_spec(package) is None]
+        missing = missing_packages()
         if missing:
             raise RuntimeError(f"The MedGen sample data needs {', '.join(missing)}: open a MedGen module, press "
                                "'Install dependencies' in its Setup section, then restart Slicer.")
