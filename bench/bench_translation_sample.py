@@ -38,11 +38,14 @@ def main() -> None:
     case = load_sample_case("reduced")
     labels, t1 = case.tissue_labels.as_tensor(), case.t1.as_tensor()
     brain = labels > 0
-    rows = [{"model": "PD source itself", "train_s": 0.0, "translate_s": 0.0,
-             "t1_correlation": brain_correlation(case.pd_simulated.as_tensor(), t1, brain),
-             **{f"{label.name} mean": float(case.pd_simulated[labels == label.value].mean()) for label in TISSUE_LABELS}}]
-    rows.append({"model": "real T1 (target)", "train_s": 0.0, "translate_s": 0.0, "t1_correlation": 1.0,
-                 **{f"{label.name} mean": float(t1[labels == label.value].mean()) for label in TISSUE_LABELS}})
+
+    def row(model: str, volume: torch.Tensor, train_s: float = 0.0, translate_s: float = 0.0) -> dict:
+        """One table row: ``volume``'s T1 correlation inside the brain and its mean per tissue class."""
+        return {"model": model, "train_s": train_s, "translate_s": translate_s,
+                "t1_correlation": brain_correlation(volume, t1, brain),
+                **{f"{label.name} mean": float(volume[labels == label.value].mean()) for label in TISSUE_LABELS}}
+
+    rows = [row("PD source itself", case.pd_simulated.as_tensor()), row("real T1 (target)", t1)]
     for steps in args.steps:
         with tempfile.TemporaryDirectory() as folder:
             started = time.perf_counter()
@@ -51,10 +54,7 @@ def main() -> None:
             trained = time.perf_counter()
             output = translate_volume(case.pd_simulated, model, sampler="ddim", steps=args.ddim_steps, device=args.device)
             translated = time.perf_counter()
-        output = output.as_tensor()
-        rows.append({"model": f"tiny, {steps} steps", "train_s": trained - started, "translate_s": translated - trained,
-                     "t1_correlation": brain_correlation(output, t1, brain),
-                     **{f"{label.name} mean": float(output[labels == label.value].mean()) for label in TISSUE_LABELS}})
+        rows.append(row(f"tiny, {steps} steps", output.as_tensor(), trained - started, translated - trained))
         write_results("translation_sample_" + args.device, rows,
                       {"sample": "reduced (2 mm)", "mode": "2.5d", "grid": [32, 32, 32], "ddim_steps": args.ddim_steps,
                        "threads": torch.get_num_threads()})
