@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from medgen.errors import BadInputError
-from medgen.io.atomic import atomic_output, ensure_folder, write_text_atomic
+from medgen.io.atomic import _HOST_TAG, atomic_output, ensure_folder, write_text_atomic
 from medgen.slicer.runner import write_job
 
 
@@ -38,13 +40,26 @@ def test_leftovers_of_a_killed_writer_are_swept_by_the_next_write(tmp_path):
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(gone.stdout)
-    orphan = tmp_path / f".unet.{dead_pid}.abc123.part.safetensors"
+    orphan = tmp_path / f".unet.{dead_pid}-{_HOST_TAG}.abc123.part.safetensors"
     orphan.write_bytes(b"half of a checkpoint")
+    untagged = tmp_path / f".unet.{dead_pid}.def456.part.safetensors"  # written before temporaries named their host
+    untagged.write_bytes(b"half of an older checkpoint")
     other = tmp_path / ".vae.123.abc.part.safetensors"  # another file's temporary: not this write's business
     other.write_bytes(b"x")
     with atomic_output(tmp_path / "unet.safetensors") as temporary:
+        assert temporary.name.startswith(f".unet.{os.getpid()}-{_HOST_TAG}.")
         temporary.write_bytes(b"weights")
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "unet.safetensors"]
+
+
+def test_the_temporary_of_a_writer_on_another_machine_is_left_alone(tmp_path):
+    """In a folder shared over the network, a process id says nothing about a writer on another machine: its
+    temporary may be mid-write, so only this machine's leftovers are swept."""
+    elsewhere = tmp_path / f".unet.{2**22 + 1}-0123abcd.abc123.part.safetensors"  # no such pid here
+    elsewhere.write_bytes(b"being written on another machine")
+    with atomic_output(tmp_path / "unet.safetensors") as temporary:
+        temporary.write_bytes(b"weights")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [elsewhere.name, "unet.safetensors"]
 
 
 def test_the_temporary_of_a_writer_still_running_is_left_alone(tmp_path):
@@ -54,7 +69,7 @@ def test_the_temporary_of_a_writer_still_running_is_left_alone(tmp_path):
 
     writer = subprocess.Popen(["sleep", "30"])
     try:
-        busy = tmp_path / f".unet.{writer.pid}.abc123.part.safetensors"
+        busy = tmp_path / f".unet.{writer.pid}-{_HOST_TAG}.abc123.part.safetensors"
         busy.write_bytes(b"being written")
         with atomic_output(tmp_path / "unet.safetensors") as temporary:
             temporary.write_bytes(b"weights")

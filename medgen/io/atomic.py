@@ -6,7 +6,9 @@ A crash or cancellation mid-write leaves either the previous file or nothing, ne
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +24,9 @@ def _process_umask() -> int:
 
 #: the process's umask, read once at import (reading it means setting it, which is not thread-safe later)
 _UMASK = _process_umask()
+#: this machine, in temporary names: a process id says whether a writer is alive only on the machine that runs it,
+#: so the sweep leaves alone the temporaries that other machines write into a shared (network) folder
+_HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def ensure_folder(folder: str | os.PathLike) -> Path:
@@ -57,11 +62,12 @@ def atomic_output(final_path: str | os.PathLike, suffix: str | None = None) -> I
     ensure_folder(final_path.parent)
     if suffix is None:  # writers pick the format from the ending; a dotted stem ("case.1_image") is not part of it
         suffix = ".nii.gz" if final_path.name.endswith(".nii.gz") else final_path.suffix
-    # the stem is cut so that the temporary name (about 30 bytes longer) stays within the 255-byte name limit; the
-    # writer's pid in the name lets a later write sweep the leftovers of a killed one
+    # the stem is cut so that the temporary name (about 40 bytes longer) stays within the 255-byte name limit; the
+    # writer's pid and machine in the name let a later write sweep the leftovers of a killed one
     prefix = f".{final_path.stem[:100]}."
     _remove_orphaned_parts(final_path.parent, prefix, f".part{suffix}")
-    handle, tmp_name = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}.", suffix=f".part{suffix}", dir=final_path.parent)
+    handle, tmp_name = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-{_HOST_TAG}.", suffix=f".part{suffix}",
+                                        dir=final_path.parent)
     os.close(handle)
     tmp_path = Path(tmp_name)
     try:
@@ -75,14 +81,16 @@ def atomic_output(final_path: str | os.PathLike, suffix: str | None = None) -> I
 
 
 def _remove_orphaned_parts(folder: Path, prefix: str, suffix: str) -> None:
-    """Delete ``<prefix><pid>.<random><suffix>`` files of writers that are gone (killed mid-write, e.g. by the
-    runner's SIGKILL after a cancel): large weights would otherwise pile up in model folders. POSIX only."""
+    """Delete ``<prefix><pid>-<host>.<random><suffix>`` files of this machine's writers that are gone (killed
+    mid-write, e.g. by the runner's SIGKILL after a cancel): large weights would otherwise pile up in model folders.
+    Names without a host (``<prefix><pid>.``, written before the tag existed) count as this machine's. POSIX only."""
     if os.name != "posix":
         return
     for leftover in folder.iterdir():
         name = leftover.name
-        pid = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) and name.endswith(suffix) else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+        writer = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) and name.endswith(suffix) else ""
+        pid, _, host = writer.partition("-")
+        if pid.isdigit() and host in ("", _HOST_TAG) and int(pid) != os.getpid() and not _process_alive(int(pid)):
             with contextlib.suppress(OSError):
                 leftover.unlink()
 
