@@ -196,6 +196,24 @@ def test_cpu_allocation_failures_count_as_out_of_memory():
     assert not _is_out_of_memory(RuntimeError("shape mismatch"))
 
 
+def test_recorded_versions_name_the_loaded_build(monkeypatch):
+    """A loaded package reports the version it was built as: a CUDA wheel from PyPI says "2.11.0" in its metadata
+    but "2.11.0+cu130" in torch.__version__, and the manifest must tell the two builds apart. A package that is not
+    loaded is read from its metadata, without importing it."""
+    import importlib.metadata
+    import types
+
+    import medgen
+    from medgen.jobs.manifest import package_versions
+
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(__version__="2.11.0+cu130"))
+    monkeypatch.delitem(sys.modules, "nibabel", raising=False)
+    versions = package_versions()
+    assert versions["torch"] == "2.11.0+cu130"
+    assert versions["nibabel"] == importlib.metadata.version("nibabel") and "nibabel" not in sys.modules
+    assert versions["medgen"] == medgen.__version__ and versions["python"] == sys.version.split()[0]
+
+
 def test_a_manifest_that_cannot_be_written_keeps_the_jobs_outcome(tmp_path, input_volume, monkeypatch):
     import medgen.jobs.manifest
     from medgen.jobs.events import EventStream

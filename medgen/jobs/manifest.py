@@ -20,17 +20,19 @@ _RECORDED_PACKAGES = ("medgen", "torch", "monai", "numpy", "SimpleITK", "nibabel
 
 
 def package_versions() -> dict[str, str | None]:
-    """Installed versions of the packages that shape MedGen's results (None when absent)."""
+    """Versions of the packages that shape MedGen's results (None when absent).
+
+    A package this process has imported reports the version it was built as (``torch.__version__`` names the
+    build, e.g. "2.11.0+cu130", where the wheel's metadata of a PyPI CUDA build says only "2.11.0"); the others
+    are read from the installed metadata without importing them.
+    """
     versions: dict[str, str | None] = {"python": sys.version.split()[0]}
     for name in _RECORDED_PACKAGES:
+        loaded = getattr(sys.modules.get(name), "__version__", None)
         try:
-            versions[name] = importlib.metadata.version(name)
+            versions[name] = str(loaded) if loaded is not None else importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    if versions["medgen"] is None:
-        import medgen
-
-        versions["medgen"] = medgen.__version__
     return versions
 
 
