@@ -25,15 +25,22 @@ if ! "$py" -c "import torch" 2>/dev/null; then
     || "$py" -m pip install -q --index-url https://download.pytorch.org/whl/cpu torch \
     || "$py" -m pip install -q torch
 fi
-"$py" -m pip install -q -c scripts/constraints.txt -e ".[$extras]"
+# The pins are the versions the tests last ran with; some of them need a newer Python than 3.10 (numpy 2.3+ and
+# scipy 1.16+ need 3.11), so where they cannot install, pip resolves the newest versions this Python takes.
+pins=(-c scripts/constraints.txt)
+if ! "$py" -m pip install -q "${pins[@]}" -e ".[$extras]"; then
+  echo "[setup] the pinned versions (scripts/constraints.txt) do not install on $("$py" -V 2>&1); installing the newest compatible ones" >&2
+  pins=()
+  "$py" -m pip install -q -e ".[$extras]"
+fi
 # deepbet's wheel ships the pretrained 3D brain-extraction weights the demo adapts; MedGen reads the
 # weights only (never imports deepbet), so none of its GUI/processing dependencies are needed.
-"$py" -m pip install -q -c scripts/constraints.txt --no-deps deepbet
+"$py" -m pip install -q "${pins[@]}" --no-deps deepbet
 if [ "$extras" = "test" ]; then
   # nnU-Net v2's own dataset checker validates our exports in the tests. Its full dependency set
   # (dynamic-network-architectures -> timm -> torchvision) would replace the CPU torch with a
   # multi-GB CUDA build, and the checker needs none of those, so nnunetv2 comes without them.
-  "$py" -m pip install -q -c scripts/constraints.txt --no-deps nnunetv2
-  "$py" -m pip install -q -c scripts/constraints.txt -r scripts/nnunet-checker-requirements.txt
+  "$py" -m pip install -q "${pins[@]}" --no-deps nnunetv2
+  "$py" -m pip install -q "${pins[@]}" -r scripts/nnunet-checker-requirements.txt
 fi
 echo "$want" > "$stamp"
