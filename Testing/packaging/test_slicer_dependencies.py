@@ -77,7 +77,7 @@ def test_unsafe_requirement_lines_are_refused(tmp_path, line):
 
 def test_torch_comes_from_the_pytorch_extension_with_confirmation(fake_pytorch_utils, calls):
     dependencies.ensure_torch()
-    assert calls[-1] == ("installTorch", (), {"askConfirmation": True, "torchVersionRequirement": ">=2.4"})
+    assert calls[-1] == ("installTorch", (), {"askConfirmation": True, "torchVersionRequirement": ">=2.8"})
 
 
 def test_declined_torch_install_raises(fake_pytorch_utils):
@@ -155,18 +155,23 @@ def test_torch_report_describes_this_machine():
 
 @pytest.mark.parametrize("module_name", MODULE_NAMES)
 def test_module_requirements_cover_the_library_dependencies(module_name):
-    """What pyproject says medgen needs must be installable in Slicer's Python (torch/numpy/SimpleITK come with
-    Slicer or the PyTorch extension; HF peft only where adapters are trained)."""
-    import re
+    """What pyproject says medgen needs must be installable in Slicer's Python with the same version ranges (the
+    suite runs at pyproject's lower bounds; torch/numpy/SimpleITK come with Slicer or the PyTorch extension, whose
+    installer is asked for pyproject's torch range; HF peft only where adapters are trained)."""
+    from packaging.requirements import Requirement
+
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
     declared = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())["project"]["dependencies"]
-    needed = {re.split(r"[<>=~!\[ ]", requirement)[0].lower() for requirement in declared} - {"torch", "numpy", "simpleitk"}
+    ranges = {requirement.name.lower(): requirement.specifier for requirement in map(Requirement, declared)}
+    assert str(ranges["torch"]) == dependencies.TORCH_REQUIREMENT
+    needed = set(ranges) - {"torch", "numpy", "simpleitk"}
     if module_name != "TenVOOSlicer":
         needed -= {"peft"}
     path = REPOSITORY / module_name / "Resources" / f"{module_name}-requirements.txt"
-    listed = {requirement.name.lower() for requirement in dependencies.read_requirements(path)}
-    assert needed <= listed, sorted(needed - listed)
+    listed = {requirement.name.lower(): requirement.specifier for requirement in dependencies.read_requirements(path)}
+    assert needed <= set(listed), sorted(needed - set(listed))
+    assert {name: listed[name] for name in needed} == {name: ranges[name] for name in needed}
 
 
 def test_no_deps_requirements_are_confirmed_then_installed_with_no_deps(tmp_path, monkeypatch, fake_pytorch_utils,

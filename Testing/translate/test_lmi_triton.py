@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
+import sys
 
 import pytest
 import torch
@@ -26,7 +28,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 def triton_kernel():
     """The kernel module, compiled for CUDA or interpreted on the CPU (conftest sets TRITON_INTERPRET=1
     before anything imports triton); skips when triton is missing."""
-    pytest.importorskip("triton")
+    if not lmi.triton_available():
+        pytest.skip(f"needs triton >= {lmi.MIN_TRITON_VERSION}")
     if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton was imported without its CPU interpreter and there is no GPU")
     return importlib.import_module("medgen.translate.lmi_triton")
@@ -105,6 +108,19 @@ def test_unknown_backend_and_missing_triton_are_clear_errors(monkeypatch):
     with pytest.raises(BadInputError, match="triton"):
         lmi_map(volume, volume, backend="triton")
     assert lmi._resolve_backend("auto", torch.device("cuda")) == "torch"  # no Triton: PyTorch on the GPU
+
+
+@pytest.mark.parametrize("installed", [None, "3.3.1", "3.0.0+git1234"])
+def test_a_missing_or_too_old_triton_leaves_the_kernel_unused(monkeypatch, installed):
+    """An older Triton than the kernel was tested with (torch 2.4 ships 3.0, which cannot compile it): "auto" then
+    takes the PyTorch operator on the GPU, and asking for the kernel names the version found."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "triton", None if installed is None else types.SimpleNamespace(__version__=installed))
+    assert not lmi.triton_available()
+    assert lmi._resolve_backend("auto", torch.device("cuda")) == "torch"
+    with pytest.raises(BadInputError, match=f"needs triton >= 3.4 \\(found: {re.escape(installed or 'not installed')};"):
+        lmi._resolve_backend("triton", torch.device("cuda"))
 
 
 def test_triton_budget_too_small_is_a_clear_error():

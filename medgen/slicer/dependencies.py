@@ -27,8 +27,8 @@ from packaging.requirements import Requirement
 
 from medgen.errors import MedGenError
 
-#: the torch versions MedGen's library is written for
-TORCH_REQUIREMENT = ">=2.4"
+#: the torch versions MedGen's library is written for (MONAI 1.6 needs torch >= 2.8); the same as pyproject.toml's
+TORCH_REQUIREMENT = ">=2.8"
 
 #: distributions a requirements file must not list: Slicer ships numpy, SimpleITK and vtk (replacing
 #: them breaks Slicer), and torch must come from the PyTorch extension's installer

@@ -196,8 +196,27 @@ def _kernel_field(volume: torch.Tensor, settings: LmiSettings) -> torch.Tensor:
 BACKENDS = ("auto", "torch", "triton")
 
 
+#: the oldest Triton the kernel's tests have passed with (3.4, shipped with torch 2.8, MONAI 1.6's oldest torch);
+#: 3.0 (torch 2.4's) rejects its block sizes passed on to helper functions ("arange's arguments must be of type
+#: tl.constexpr"), and 3.1-3.3 are untested
+MIN_TRITON_VERSION = (3, 4)
+
+
+def _triton_version() -> str | None:
+    """The installed Triton's version string, or None without Triton."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    return str(triton.__version__)
+
+
 def triton_available() -> bool:
-    """True when the fused Triton kernel can be imported (Triton installed; a CUDA build or its interpreter)."""
+    """True when the fused Triton kernel can run: Triton >= :data:`MIN_TRITON_VERSION` (CUDA builds of PyTorch
+    ship it; without a GPU it runs under Triton's CPU interpreter)."""
+    version = _triton_version()
+    if version is None or tuple(int(part) for part in version.split(".")[:2]) < MIN_TRITON_VERSION:
+        return False
     try:
         import medgen.translate.lmi_triton  # noqa: F401
     except ImportError:
@@ -211,9 +230,10 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if backend == "triton" and not triton_available():
+        minimum = ".".join(map(str, MIN_TRITON_VERSION))
         raise BadInputError(
-            "LMI backend 'triton' needs the triton package (shipped with CUDA builds of PyTorch); "
-            "use backend='torch' or 'auto'."
+            f"LMI backend 'triton' needs triton >= {minimum} (found: {_triton_version() or 'not installed'}; CUDA "
+            "builds of PyTorch >= 2.8 ship it); use backend='torch' or 'auto'."
         )
     return backend
 
