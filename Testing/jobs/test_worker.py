@@ -212,6 +212,11 @@ def test_recorded_versions_name_the_loaded_build(monkeypatch):
     assert versions["torch"] == "2.11.0+cu130"
     assert versions["nibabel"] == importlib.metadata.version("nibabel") and "nibabel" not in sys.modules
     assert versions["medgen"] == medgen.__version__ and versions["python"] == sys.version.split()[0]
+    try:  # the LMI backend depends on Triton, so its version is recorded (None without it)
+        importlib.metadata.version("triton")
+        assert versions["triton"] is not None
+    except importlib.metadata.PackageNotFoundError:
+        assert versions["triton"] is None
 
 
 def test_a_manifest_that_cannot_be_written_keeps_the_jobs_outcome(tmp_path, input_volume, monkeypatch):

@@ -16,7 +16,8 @@ from medgen.io.atomic import ensure_folder, write_text_atomic
 MANIFEST_FILE = "manifest.json"
 #: where earlier runs' manifests of a job folder run again go
 ARCHIVE_DIR = "manifests"
-_RECORDED_PACKAGES = ("medgen", "torch", "monai", "numpy", "SimpleITK", "nibabel", "safetensors", "peft")
+#: triton too: whether the LMI map runs the fused kernel (and with which compiler) depends on it
+_RECORDED_PACKAGES = ("medgen", "torch", "triton", "monai", "numpy", "SimpleITK", "nibabel", "safetensors", "peft")
 
 
 def package_versions() -> dict[str, str | None]:
