@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: longer integration checks (run with -m slow)")
+    config.addinivalue_line("markers", "slow: longer integration checks (2-process DDP, real workers into real MRML; -m 'not slow' leaves them out)")
 
 
 @pytest.fixture(autouse=True)
