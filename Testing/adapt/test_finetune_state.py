@@ -129,6 +129,20 @@ def test_a_resumed_run_keeps_its_history_early_stopping_and_best_state(oblique, 
     assert trained_to == [] and (rerun.steps, rerun.history, rerun.best_val_dice) == (2, stopped.history, 0.9)
 
 
+def test_a_finished_run_without_validation_opened_again_returns_its_trained_weights(oblique, tmp_path):
+    # a job re-run on its folder: no step is left, and no best state stands in for the checkpoint
+    config, data = FinetuneConfig(steps=2, val_every=2, lr=1e-2, amp=False), [blob_case(0, oblique)]
+    first = _bitfit_blob_model()
+    finetune_segmentation(first, data, config, checkpoint_dir=tmp_path)
+    again = _bitfit_blob_model()
+    untrained = {name: p.detach().clone() for name, p in again.network.named_parameters() if p.requires_grad}
+    assert finetune_segmentation(again, data, config, checkpoint_dir=tmp_path).steps == 2
+    trained = dict(first.network.named_parameters())
+    reopened = {name: p for name, p in again.network.named_parameters() if p.requires_grad}
+    assert all(torch.equal(trained[name], reopened[name]) for name in reopened)
+    assert any(not torch.equal(untrained[name], reopened[name]) for name in reopened)
+
+
 def test_a_damaged_run_state_is_a_clear_error(oblique, tmp_path):
     (tmp_path / finetune.STATE_FILE).write_text("{not json")
     with pytest.raises(ModelError, match="use a new output folder"):

@@ -241,15 +241,25 @@ def finetune_segmentation(
     run = _load_run_state(checkpoint_dir)
     done = run.history[-1]["step"] if run.history else 0
     whole_run = PhaseReporter(reporter, "training", total=config.steps)  # segments up to each validation, one bar
-    while done < config.steps and not (val is not None and run.stale >= config.patience):
-        target = min(done + config.val_every, config.steps)
-        result = train_diffusion(
+
+    def train_to(target: int):
+        return train_diffusion(
             model.network, loss_fn, list(range(len(prepared))), optimizer,
             TrainConfig(max_steps=target, batch_size=min(config.batch_size, len(prepared)), amp=config.amp,
                         checkpoint_every=config.val_every, keep_checkpoints=1, seed=config.seed, grad_clip_norm=None,
                         train_mode=train_mode),
             checkpoint_dir=checkpoint_dir, lr_scheduler=schedule, reporter=whole_run,
         )
+
+    def unfinished() -> bool:
+        return done < config.steps and not (val is not None and run.stale >= config.patience)
+
+    if done and not unfinished() and run.best_state is None:
+        # A finished run without validation, opened again: its weights are in its last checkpoint (no step runs),
+        # not in the freshly injected network, which would otherwise be returned (and saved) untrained.
+        train_to(done)
+    while unfinished():
+        result = train_to(min(done + config.val_every, config.steps))
         done = result.step
         entry, improved = {"step": done, "loss": result.last_loss}, False
         if val is not None:
