@@ -12,6 +12,7 @@ from torch import nn
 
 from medgen.errors import BadInputError, ModelError
 from medgen.peft import METHODS, describe, inject, load_adapter, merge, save_adapter, trainable_parameters
+from medgen.peft.inject import RECORD_ATTRIBUTE
 
 FSEFT_COUNTS = {
     "linear-probe": (49, 19_597_873),
@@ -240,6 +241,21 @@ def test_unsupported_layer_type_is_named(method, layer_type):
         inject(tiny_swin(), method, target_modules=r"decoder2\.transp_conv\.conv$")
 
 
+@pytest.mark.parametrize("layer, named", [
+    (dict(dilation=2), r"dilation \(2, 2, 2\)"),  # peft's branch would output another size: every forward fails
+    (dict(groups=2), "groups=2"),  # peft cannot merge it
+    (dict(padding_mode="reflect"), "padding_mode='reflect'"),  # the branch pads with zeros: merged != adapted
+])
+def test_lora_refuses_conv_layers_its_branch_gets_wrong_and_leaves_the_model_as_it_was(layer, named):
+    model = nn.Sequential(nn.Conv3d(4, 4, 3, padding=1), nn.Conv3d(4, 4, 3, padding=2 if "dilation" in layer else 1, **layer))
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(BadInputError, match=f"1 matched layer.*1: {named}.*use TenVOO"):
+        inject(model, "lora", rank=2)
+    assert all(type(module) is nn.Conv3d for module in model) and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+    inject(model, "lora", rank=2, target_modules=r"^0$")  # the plain layer alone is fine
+
+
 def test_unknown_option_and_method_are_rejected():
     with pytest.raises(BadInputError, match="rank"):
         inject(tiny_swin(), "bitfit", rank=4)
@@ -248,10 +264,12 @@ def test_unknown_option_and_method_are_rejected():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"rank": 0}, "rank must be a whole number >= 1; got 0"),
-    ({"rank": "abc"}, "rank must be a whole number"),
+    ({"rank": 0}, "Option rank must be a whole number >= 1; got 0"),
+    ({"rank": "abc"}, "Option rank must be a whole number >= 1; got 'abc'"),
     ({"alpha": -1}, "alpha must be a positive number"),
+    ({"alpha": "8"}, "Option alpha must be a number or null; got '8'"),
     ({"dropout": 2.0}, r"dropout must be a probability in \[0, 1\); got 2.0"),
+    ({"dropout": True}, "Option dropout must be a number; got True"),
 ])
 def test_bad_lora_options_are_clear_errors_before_peft_sees_them(options, message):
     with pytest.raises(BadInputError, match=message):
@@ -262,8 +280,30 @@ def test_bad_lora_options_are_clear_errors_before_peft_sees_them(options, messag
 @pytest.mark.parametrize("method", ["tenvoo-l", "tenvoo-q"])
 def test_tenvoo_ranks_that_are_not_whole_numbers_are_clear_errors(method, rank):
     """A job's method_options come from JSON: "4", 2.5 or true must be refused, not crash inside the layer."""
-    with pytest.raises(BadInputError, match=f"TenVOO rank must be a whole number >= 1; got {rank!r}"):
+    with pytest.raises(BadInputError, match=f"Option rank must be a whole number >= 1; got {rank!r}"):
         inject(tiny_swin(), method, rank=rank)
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("tenvoo-l", {"target_modules": 5}, "Option target_modules must be a string, a list of strings or null; got 5"),
+    ("tenvoo-l", {"train_also": [None]}, r"Option train_also must be a string, a list of strings or null; got \[None\]"),
+    ("tenvoo-q", {"factor_table": {"8": 5}}, "Option factor_table must be a mapping of channel counts to lists of whole "
+                                             "numbers or null"),
+    ("bitfit", {"include_relpos_bias": "yes"}, "Option include_relpos_bias must be a true/false value; got 'yes'"),
+    ("linear-probe", {"head": "out.conv.conv", "head_out_channels": 0}, "Option head_out_channels must be a whole "
+                                                                         r"number >= 1 \(or null\); got 0"),
+    ("linear-probe", {"head": "out.conv.conv", "head_rows": []}, "head_rows must list at least one row"),
+    ("linear-probe", {"head": "out.conv.conv", "head_rows": [0, 1]}, r"head_rows \[0, 1\] must be rows 0..0 of the "
+                                                                      r"pre-trained head \(1 outputs\)"),
+    ("spatial-adapter", {"head": "out.conv.conv", "kernel_size": -1}, "Option kernel_size must be a whole number >= 1"),
+    ("adaptformer", {"bottleneck": 2.5}, "Option bottleneck must be a whole number >= 1; got 2.5"),
+])
+def test_options_of_the_wrong_type_or_range_are_clear_errors_naming_the_option(method, options, message):
+    """method_options come from a job's JSON: a wrong type must be refused by name, not crash inside the method."""
+    model = tiny_swin()
+    with pytest.raises(BadInputError, match=message):
+        inject(model, method, **options)
+    assert getattr(model, RECORD_ATTRIBUTE, None) is None
 
 
 class _EncoderDecoder(nn.Module):
@@ -386,3 +426,13 @@ def test_failed_inject_leaves_model_unchanged(method, options, message):
     model(volume)
     assert len(calls) == 2
     inject(model, "tenvoo-l", target_modules=r"^a$", rank=2)  # no leftover record refuses a second attempt
+
+
+def test_a_replaced_head_keeps_the_pretrained_heads_convolution_geometry():
+    pretrained = nn.Conv3d(4, 2, 3, padding=2, dilation=2, padding_mode="reflect")
+    model = nn.Sequential(nn.Conv3d(1, 4, 1), pretrained)
+    inputs = torch.rand(1, 1, 8, 8, 8)
+    inject(model, "linear-probe", head="1", head_out_channels=5)
+    fresh = model[1]
+    assert (fresh.dilation, fresh.padding, fresh.padding_mode) == ((2, 2, 2), (2, 2, 2), "reflect")
+    assert model(inputs).shape == (1, 5, 8, 8, 8)

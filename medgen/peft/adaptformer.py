@@ -26,6 +26,8 @@ class AdaptFormerConfig(MethodConfig):
     bottleneck: int = 16
     scale: float = 0.1
 
+    POSITIVE = (*MethodConfig.POSITIVE, "bottleneck")
+
 
 class AdaptFormerBlock(nn.Module):
     """A frozen Swin block with a parallel bottleneck on its MLP branch; up-projection zero ⇒ identity at start.

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 
@@ -32,6 +36,66 @@ class MethodConfig:
     head_out_channels: int | None = None
     head_rows: list[int] | None = None
     train_also: str | list[str] | None = None
+
+    #: options that, when given, must be whole numbers >= 1
+    POSITIVE: ClassVar[tuple[str, ...]] = ("head_out_channels",)
+
+    def __post_init__(self) -> None:
+        """Check every option against its annotation (options often come from a job's JSON), so that a wrong
+        type is a clear ``BadInputError`` naming the option, not a traceback from deep inside the method."""
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            value, hint = getattr(self, field.name), hints[field.name]
+            fits = _fits(value, hint)
+            if field.name in self.POSITIVE and not (fits and (value is None or value >= 1)):
+                optional = " (or null)" if _fits(None, hint) else ""
+                raise BadInputError(f"Option {field.name} must be a whole number >= 1{optional}; got {value!r}.")
+            if not fits:
+                raise BadInputError(f"Option {field.name} must be {_described(hint)}; got {value!r}.")
+        if self.head_rows is not None and not self.head_rows:
+            raise BadInputError("Option head_rows must list at least one row of the pre-trained head; got [].")
+
+
+_NOUNS = {int: "whole number", float: "number", str: "string", bool: "true/false value"}
+
+
+def _described(hint: object, plural: bool = False) -> str:
+    """``hint`` in words, e.g. ``str | list[str] | None`` -> "a string, a list of strings or null"."""
+    origin, arguments = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        words = [_described(arm) for arm in arguments]
+        return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+    if hint is type(None):
+        return "null"
+    if origin is list:
+        noun = "list" + ("s" if plural else "") + " of " + _described(arguments[0], plural=True)
+    elif origin is dict:
+        noun = "mapping" + ("s" if plural else "") + " of channel counts to " + _described(arguments[1], plural=True)
+    else:
+        noun = _NOUNS[hint] + ("s" if plural else "")
+    return noun if plural else ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def _fits(value: object, hint: object) -> bool:
+    """Whether ``value`` (from Python or JSON) has the type ``hint``: unions, ``None``, ``bool``, ``int`` (not a
+    bool), ``float`` (an int too), ``str``, ``list[X]`` (a tuple too) and ``dict[int, X]`` (digit-string keys too)."""
+    origin, arguments = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arm) for arm in arguments)
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, (list, tuple)) and all(_fits(item, arguments[0]) for item in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            (_fits(key, int) or (isinstance(key, str) and key.isdigit())) and _fits(item, arguments[1])
+            for key, item in value.items()
+        )
+    return isinstance(value, hint)
 
 
 def compile_patterns(patterns: str | Sequence[str], option: str) -> list[re.Pattern]:

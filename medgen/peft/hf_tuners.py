@@ -32,13 +32,14 @@ class LoRAConfig(MethodConfig):
     alpha: float | None = None
     dropout: float = 0.0
 
+    POSITIVE = (*MethodConfig.POSITIVE, "rank")
+
     def __post_init__(self) -> None:
-        # checked here so that a bad option is a clear error, not a peft traceback
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise BadInputError(f"LoRA rank must be a whole number >= 1; got {self.rank!r}.")
-        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0):
+        super().__post_init__()
+        # checked here so that a bad option is a clear error, not a peft traceback (the types are checked above)
+        if self.alpha is not None and self.alpha <= 0:
             raise BadInputError(f"LoRA alpha must be a positive number (or left out: alpha = rank); got {self.alpha!r}.")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if not 0.0 <= self.dropout < 1.0:
             raise BadInputError(f"LoRA dropout must be a probability in [0, 1); got {self.dropout!r}.")
 
 
@@ -61,11 +62,42 @@ def _exact_names_pattern(names: list[str]) -> str:
     return "|".join(re.escape(name) for name in names)
 
 
+def _lora_conv_problems(conv: nn.Conv3d) -> list[str]:
+    """What peft's LoRA branch of ``conv`` would get wrong: it copies only kernel size, stride and padding.
+
+    A dilated layer's branch output has another size (every forward fails), another padding mode makes the merged
+    layer differ from the adapted one, and grouped layers cannot be merged.
+    """
+    problems = []
+    if any(d != 1 for d in conv.dilation):
+        problems.append(f"dilation {tuple(conv.dilation)}")
+    if conv.groups != 1:
+        problems.append(f"groups={conv.groups}")
+    if conv.padding_mode != "zeros":
+        problems.append(f"padding_mode={conv.padding_mode!r}")
+    return problems
+
+
 def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Inject peft LoRA layers into the matched layers in place; returns their names."""
+    """Inject peft LoRA layers into the matched layers in place; returns their names.
+
+    Raises:
+        BadInputError: a matched Conv3d is dilated, grouped or pads other than with zeros (see
+            :func:`_lora_conv_problems`); narrow ``target_modules`` or use TenVOO, which supports dilation and
+            padding modes.
+    """
     import peft
 
     names = _target_names(model, config, "lora")
+    unfit = [(name, problems) for name in names if isinstance(module := model.get_submodule(name), nn.Conv3d)
+             and (problems := _lora_conv_problems(module))]
+    if unfit:
+        listed = "; ".join(f"{name}: {', '.join(problems)}" for name, problems in unfit[:8])
+        raise BadInputError(
+            f"LoRA (Hugging Face peft) supports only plain Conv3d layers (no dilation, groups=1, zero padding), but "
+            f"{len(unfit)} matched layer(s) are not: {listed}{' …' if len(unfit) > 8 else ''}. Leave them out with "
+            "target_modules, or use TenVOO (dilation and padding modes supported)."
+        )
     alpha = config.rank if config.alpha is None else config.alpha
     lora_config = peft.LoraConfig(
         r=config.rank, lora_alpha=alpha, lora_dropout=config.dropout,

@@ -57,6 +57,10 @@ def _build_config(method: str, options: dict[str, Any]) -> MethodConfig:
 def _new_head(head: nn.Module, rows: list[int] | None, out_channels: int | None) -> nn.Module:
     """A copy of ``head`` with other outputs: the listed pre-trained rows, or ``out_channels`` fresh ones."""
     if rows is not None:
+        outputs = head.weight.shape[0]
+        if any(row < 0 or row >= outputs for row in rows):
+            raise BadInputError(f"head_rows {list(rows)} must be rows 0..{outputs - 1} of the pre-trained head "
+                                f"({outputs} outputs).")
         fresh = copy.deepcopy(head)
         index = torch.as_tensor(rows, dtype=torch.long, device=head.weight.device)
         fresh.weight = nn.Parameter(head.weight.detach().index_select(0, index).clone())
@@ -70,9 +74,10 @@ def _new_head(head: nn.Module, rows: list[int] | None, out_channels: int | None)
     factory = {"device": head.weight.device, "dtype": head.weight.dtype}
     bias = head.bias is not None
     if isinstance(head, nn.Conv3d):
-        return nn.Conv3d(
-            head.in_channels, out_channels, head.kernel_size, head.stride, head.padding, bias=bias, **factory
-        )
+        if out_channels % head.groups:
+            raise BadInputError(f"head_out_channels {out_channels} must be a multiple of the head's groups={head.groups}.")
+        return nn.Conv3d(head.in_channels, out_channels, head.kernel_size, head.stride, head.padding, head.dilation,
+                         head.groups, bias, head.padding_mode, **factory)
     return nn.Linear(head.in_features, out_channels, bias=bias, **factory)
 
 

@@ -24,6 +24,8 @@ class SpatialAdapterConfig(MethodConfig):
 
     kernel_size: int = 3
 
+    POSITIVE = (*MethodConfig.POSITIVE, "kernel_size")
+
 
 class SpatialAdapter(nn.Module):
     """x + conv2(ReLU(conv1(x))), bias-free convs with "same" padding; conv2 starts at zero (identity at start).

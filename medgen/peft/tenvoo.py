@@ -34,6 +34,8 @@ class TenVOOConfig(MethodConfig):
     exclude_first_last_conv: bool = True
     factor_table: dict[int, list[int]] | None = None
 
+    POSITIVE = (*MethodConfig.POSITIVE, "rank")
+
 
 def apply_tenvoo(model: nn.Module, config: TenVOOConfig, mode: str) -> list[str]:
     """Wrap the matched ``Conv3d``/``Linear`` layers of ``model`` in place; returns the wrapped names.
