@@ -436,3 +436,22 @@ def test_a_replaced_head_keeps_the_pretrained_heads_convolution_geometry():
     fresh = model[1]
     assert (fresh.dilation, fresh.padding, fresh.padding_mode) == ((2, 2, 2), (2, 2, 2), "reflect")
     assert model(inputs).shape == (1, 5, 8, 8, 8)
+
+
+@pytest.mark.parametrize("method, options", [("spatial-adapter", {"head": "out.conv.conv"}), ("adaptformer", {})])
+def test_added_branches_take_the_models_dtype(method, options):
+    model = inject(tiny_swin().double(), method, **options)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float64}
+
+
+def test_lora_dropout_acts_in_eval_mode_training_steps_and_never_at_inference():
+    # partly frozen models train in eval() mode (FSEFT): the branch dropout must still act there
+    torch.manual_seed(0)
+    model = inject(nn.Sequential(nn.Conv3d(2, 4, 3, padding=1)), "lora", rank=2, dropout=0.5).eval()
+    perturb_trainable(model)  # lora_B starts at zero: the branch (and its dropout) would not show
+    inputs = torch.rand(1, 2, 6, 6, 6)
+    with torch.no_grad():
+        inference = [model(inputs) for _ in range(2)]
+    training = [model(inputs) for _ in range(2)]
+    assert torch.equal(*inference) and not torch.equal(*training)
+    assert not torch.equal(training[0], inference[0])

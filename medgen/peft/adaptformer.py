@@ -44,6 +44,8 @@ class AdaptFormerBlock(nn.Module):
         self.scale = scale
         self.down = nn.Linear(block.dim, bottleneck)
         self.up = nn.Linear(bottleneck, block.dim)
+        block_weight = next(block.parameters())
+        self.to(block_weight.device, block_weight.dtype)  # the branch lives where the block does (the block stays)
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)

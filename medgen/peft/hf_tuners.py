@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from medgen.errors import BadInputError
@@ -25,7 +26,7 @@ class LoRAConfig(MethodConfig):
     Args:
         rank: rank r of the low-rank update.
         alpha: scaling numerator; the update is scaled by alpha / rank. ``None`` = rank (scale 1, as FSEFT).
-        dropout: dropout on the LoRA branch input (0–1).
+        dropout: dropout on the LoRA branch input (0–1), active in training steps (see :class:`BranchDropout`).
     """
 
     rank: int = 8
@@ -41,6 +42,19 @@ class LoRAConfig(MethodConfig):
             raise BadInputError(f"LoRA alpha must be a positive number (or left out: alpha = rank); got {self.alpha!r}.")
         if not 0.0 <= self.dropout < 1.0:
             raise BadInputError(f"LoRA dropout must be a probability in [0, 1); got {self.dropout!r}.")
+
+
+class BranchDropout(nn.Dropout):
+    """Dropout on an adapter branch: on in a forward that records gradients (a training step) or in ``train()``
+    mode, off otherwise.
+
+    MedGen trains partly frozen models in ``eval()`` mode (FSEFT quirk Q18: the frozen base's BatchNorm statistics
+    and dropouts stay as pretrained), which would switch an ordinary ``nn.Dropout`` on the LoRA branch off for good.
+    Inference runs under ``torch.no_grad()``, so it stays deterministic.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.dropout(x, self.p, self.training or torch.is_grad_enabled(), self.inplace)
 
 
 @dataclass
@@ -104,6 +118,11 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
         target_modules=_exact_names_pattern(names), bias="none",
     )
     peft.inject_adapter_in_model(lora_config, model)
+    if config.dropout:
+        for name in names:
+            branch_dropouts = model.get_submodule(name).lora_dropout
+            for adapter in branch_dropouts:
+                branch_dropouts[adapter] = BranchDropout(config.dropout)
     return names
 
 

@@ -61,5 +61,6 @@ def apply_spatial_adapter(model: nn.Module, config: SpatialAdapterConfig) -> lis
         raise BadInputError(
             f"spatial-adapter needs the head to be a Conv3d; {config.head!r} is a {type(head).__name__}."
         )
-    model.set_submodule(config.head, nn.Sequential(SpatialAdapter(head.in_channels, config.kernel_size), head))
+    adapter = SpatialAdapter(head.in_channels, config.kernel_size).to(head.weight.device, head.weight.dtype)
+    model.set_submodule(config.head, nn.Sequential(adapter, head))
     return [f"{config.head}.0"]
