@@ -62,6 +62,16 @@ def test_the_temporary_of_a_writer_on_another_machine_is_left_alone(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [elsewhere.name, "unet.safetensors"]
 
 
+def test_a_dotted_name_does_not_sweep_the_temporary_of_a_longer_dotted_name(tmp_path):
+    """DICOM-UID-like names: writing "1.2.840.nrrd" must not read the "113619" of "1.2.840.113619.nrrd"'s live
+    temporary as a dead writer's pid."""
+    with atomic_output(tmp_path / "1.2.840.113619.nrrd") as longer:
+        longer.write_bytes(b"a whole volume")
+        write_text_atomic(tmp_path / "1.2.840.nrrd", "another file")
+        assert longer.read_bytes() == b"a whole volume"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1.2.840.113619.nrrd", "1.2.840.nrrd"]
+
+
 def test_the_temporary_of_a_writer_still_running_is_left_alone(tmp_path):
     """Only leftovers of writers that are gone are swept: a live process (here a stand-in that sleeps) may still be
     writing its temporary, and deleting it would make that writer's rename fail."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import locale
 
+import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -98,8 +99,9 @@ def test_nifti_voxels_from_nibabel_and_geometry_from_the_header_match_simpleitk_
     np.testing.assert_array_equal(loaded.affine.numpy()[:3, 3], np.array(image.GetOrigin()) * [-1, -1, 1])
 
 
-def _write_dicom_series(folder, array_kji):
-    """One MR series of ``array_kji`` (K, J, I) slices of 0.8 x 0.8 x 2.0 mm, one file per slice."""
+def _write_dicom_series(folder, array_kji, tilt_shift_mm=0.0):
+    """One MR series of ``array_kji`` (K, J, I) slices of 0.8 x 0.8 x 2.0 mm, one file per slice; each slice
+    ``tilt_shift_mm`` further along y than the last (a gantry-tilted CT's sheared positions)."""
     series = sitk.GetImageFromArray(array_kji)
     series.SetSpacing((0.8, 0.8, 2.0))
     series.SetOrigin((-5.0, 7.0, 11.0))
@@ -107,7 +109,7 @@ def _write_dicom_series(folder, array_kji):
     writer.KeepOriginalImageUIDOn()
     for k in range(array_kji.shape[0]):
         slice_image = series[:, :, k]
-        origin = series.TransformIndexToPhysicalPoint((0, 0, k))
+        origin = np.add(series.TransformIndexToPhysicalPoint((0, 0, k)), (0.0, tilt_shift_mm * k, 0.0))
         for tag, value in (
             ("0020|000e", "1.2.826.0.1.3680043.2.1125.1.1"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1.2"),
             ("0020|0032", "\\".join(str(v) for v in origin)), ("0020|0037", "1\\0\\0\\0\\1\\0"),
@@ -282,6 +284,22 @@ def test_saved_files_get_the_usual_permissions_and_bad_saves_are_refused(tmp_pat
         save_volume(volume, tmp_path / "v.mhd")
 
 
+@pytest.mark.parametrize("name", ["OUT.MHA", "OUT.NII.GZ", "out.Nrrd", "OUT.NII"])
+def test_upper_case_suffixes_save_and_load_like_lower_case_ones(tmp_path, oblique, name):
+    volume = MetaTensor(torch.rand(1, 5, 4, 3), affine=torch.from_numpy(oblique))
+    save_volume(volume * 0, tmp_path / name)  # a previous version, replaced whole by the next save
+    loaded = load_volume(save_volume(volume, tmp_path / name))
+    assert torch.allclose(loaded, volume) and np.allclose(np.asarray(loaded.affine), oblique, atol=1e-5)
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_an_uncompressed_nifti_named_nii_gz_is_named_as_such(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / "a.nii")
+    (tmp_path / "a.nii").rename(tmp_path / "a.nii.gz")
+    with pytest.raises(BadInputError, match="a.nii.gz is not gzip-compressed although its name ends in .gz .*rename it to a.nii"):
+        load_volume(tmp_path / "a.nii.gz")
+
+
 def test_a_nifti_write_cut_short_keeps_the_previous_file(tmp_path, oblique, monkeypatch):
     volume = MetaTensor(torch.rand(1, 8, 8, 8), affine=torch.from_numpy(oblique))
     for name in ("v.nii.gz", "v.nii"):
@@ -306,6 +324,13 @@ def test_a_dicom_series_with_a_missing_slice_is_refused(tmp_path, process_locale
     assert load_volume(tmp_path).shape == (1, 9, 8, 5)
     (tmp_path / "slice002.dcm").unlink()
     with pytest.raises(BadInputError, match=r"unevenly spaced slices \(gaps 2 to 4 mm, typically 2 mm\)"):
+        load_volume(tmp_path)
+
+
+def test_a_gantry_tilted_dicom_series_is_refused_not_misplaced(tmp_path, process_locale):
+    # evenly spaced along the normal, so only the sideways shift tells; ITK would take 2.5 mm slices and drop it
+    _write_dicom_series(tmp_path, np.zeros((5, 8, 9), np.int16), tilt_shift_mm=1.5)
+    with pytest.raises(BadInputError, match=r"sheared \(gantry tilt about 37 degrees\): its slices shift 6 mm sideways"):
         load_volume(tmp_path)
 
 

@@ -223,6 +223,8 @@ def test_training_inputs_are_checked_before_any_job_starts(mrml_scene, tmp_path)
     (tmp_path / "occupied" / "old").mkdir(parents=True)
     with pytest.raises(BadInputError, match="occupied already exists and is not empty"):
         translation.train_request_from_folder(tmp_path, target_modality="T1", model_folder=tmp_path / "occupied")
+    with pytest.raises(BadInputError, match="notes.txt is a file, not a folder; choose a folder"):
+        translation.train_request_from_folder(tmp_path, target_modality="T1", model_folder=tmp_path / "notes.txt")
 
 
 def test_segment_editor_gets_one_segmentation_on_the_output_grid_next_to_it(t2_source, mrml_scene):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import socket
 import tempfile
 from pathlib import Path
@@ -86,11 +87,15 @@ def _remove_orphaned_parts(folder: Path, prefix: str, suffix: str) -> None:
     Names without a host (``<prefix><pid>.``, written before the tag existed) count as this machine's. POSIX only."""
     if os.name != "posix":
         return
+    # the whole name must fit: with a prefix alone, writing "1.2.840.nrrd" would read the "113619" of a live writer's
+    # ".1.2.840.113619.<pid>-<host>.<random>.part.nrrd" as a dead pid (mkstemp's random part holds no dot)
+    pattern = re.compile(rf"{re.escape(prefix)}(\d+)(?:-([0-9a-f]{{8}}))?\.[^.]+{re.escape(suffix)}")
     for leftover in folder.iterdir():
-        name = leftover.name
-        writer = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) and name.endswith(suffix) else ""
-        pid, _, host = writer.partition("-")
-        if pid.isdigit() and host in ("", _HOST_TAG) and int(pid) != os.getpid() and not _process_alive(int(pid)):
+        match = pattern.fullmatch(leftover.name)
+        if match is None or match[2] not in (None, _HOST_TAG):
+            continue
+        pid = int(match[1])
+        if pid != os.getpid() and not _process_alive(pid):
             with contextlib.suppress(OSError):
                 leftover.unlink()
 

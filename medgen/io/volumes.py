@@ -7,6 +7,7 @@ so the affine is flipped on the way in and out (the only LPS<->RAS conversion in
 from __future__ import annotations
 
 import logging
+import math
 import os
 import zlib
 from pathlib import Path
@@ -26,6 +27,8 @@ SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: headers whose voxels sit in a separate file: read, not written (an atomic write would name a temporary file)
 DETACHED_SUFFIXES = (".nhdr", ".mhd")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: ITK's reader per suffix, named because ITK's MetaImage reader does not recognise an upper-case ".MHA" itself
+_IMAGE_IO = {".mha": "MetaImageIO", ".mhd": "MetaImageIO", ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO"}
 
 
 def volume_suffix(path: str | os.PathLike) -> str:
@@ -73,7 +76,7 @@ def _read_sitk(path: Path, name: str) -> tuple[sitk.Image, np.ndarray]:
         image = _read_dicom_series(path)
     else:
         try:
-            image = sitk.ReadImage(str(path))
+            image = sitk.ReadImage(str(path), imageIO=_IMAGE_IO.get(volume_suffix(path), ""))
         except RuntimeError as error:
             raise _unreadable(path, error) from error
     _check_3d(image, name)
@@ -101,6 +104,11 @@ def _read_nifti(path: Path, name: str) -> tuple[sitk.ImageFileReader, np.ndarray
     except RuntimeError as error:
         raise _unreadable(path, error) from error
     _check_3d(header, name)
+    with path.open("rb") as stream:
+        gzip_magic = stream.read(2) == b"\x1f\x8b"
+    if path.name.lower().endswith(".gz") and not gzip_magic:
+        raise BadInputError(f"{path} is not gzip-compressed although its name ends in .gz (ITK reads it, nibabel "
+                            f"does not): rename it to {path.name[:-3]}.")
     try:
         nifti = nib.load(str(path))
         voxels = np.asanyarray(nifti.dataobj)
@@ -158,15 +166,28 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
 
 
 def _check_even_slices(reader: sitk.ImageSeriesReader, image: sitk.Image, folder: Path) -> None:
-    """:class:`BadInputError` when the slices' positions (Image Position Patient along the slice normal) are not
-    evenly spaced: ITK only warns and spreads them evenly, so a missing slice would shift every slice after it."""
+    """:class:`BadInputError` when the slices' positions (Image Position Patient) do not lie on one line along the
+    slice normal, evenly spaced. ITK only warns and spreads them evenly, so a missing slice would shift every slice
+    after it; and for a gantry-tilted (sheared) series it takes the full distance between slices as the spacing and
+    ignores the in-plane shift, so slices far from the first would be misplaced by millimetres."""
     key = "0020|0032"
     count = image.GetDepth()
-    if count < 3 or not all(reader.HasMetaDataKey(index, key) for index in range(count)):
+    if count < 2 or not all(reader.HasMetaDataKey(index, key) for index in range(count)):
         return
     normal = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
-    positions = [np.asarray([float(value) for value in reader.GetMetaData(index, key).split("\\")]) @ normal
-                 for index in range(count)]
+    points = np.asarray([[float(value) for value in reader.GetMetaData(index, key).split("\\")] for index in range(count)])
+    offsets = points - points[0]
+    positions = offsets @ normal
+    sideways = float(np.max(np.linalg.norm(offsets - np.outer(positions, normal), axis=1)))
+    if sideways > 0.01:
+        tilt_deg = math.degrees(math.atan2(sideways, abs(float(positions[-1])) or 1e-12))
+        raise BadInputError(
+            f"The DICOM series in {folder} is sheared (gantry tilt about {tilt_deg:.2g} degrees): its slices shift "
+            f"{sideways:.3g} mm sideways across the series, which a volume grid cannot hold. Load it in 3D Slicer "
+            "(its DICOM module corrects the tilt) and save the volume as NRRD or NIfTI, or resample it first."
+        )
+    if count < 3:
+        return
     gaps = np.diff(positions)
     typical = float(np.median(gaps))
     if np.max(np.abs(gaps - typical)) > 0.01 * abs(typical) + 1e-3:
@@ -321,7 +342,7 @@ def save_volume(
         affine = volume.affine
     affine = np.asarray(affine.cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
     image = _to_sitk(volume.as_tensor() if isinstance(volume, MetaTensor) else volume, affine, label)
-    with atomic_output(path) as tmp:
+    with atomic_output(path, suffix=volume_suffix(path)) as tmp:  # lower case: ITK picks the format case-sensitively
         sitk.WriteImage(image, str(tmp), useCompression=path.name.lower().endswith(".gz"))
         _check_nifti_complete(tmp, path)
     return path

@@ -171,7 +171,9 @@ def optional_folder(path) -> Path | None:
 
 
 def check_free_destination(folder: Path | None) -> None:
-    """Refuse a destination folder that already holds something (checked again when moving)."""
+    """Refuse a destination folder that already holds something, or is a file (checked again when moving)."""
+    if folder is not None and folder.exists() and not folder.is_dir():
+        raise BadInputError(f"{folder} is a file, not a folder; choose a folder for the result.")
     if folder is not None and folder.exists() and any(folder.iterdir()):
         raise BadInputError(f"{folder} already exists and is not empty; choose another folder or remove it.")
 
