@@ -41,3 +41,13 @@ class CancelledError(MedGenError):
     """The user cancelled the job (cancel file, SIGTERM or the runner killing the process tree)."""
 
     kind = "cancelled"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a failed allocation: Python's ``MemoryError`` (MedGen's :class:`OutOfMemoryError`
+    included), torch's ``OutOfMemoryError`` (CUDA), or the plain ``RuntimeError`` that PyTorch's CPU allocator
+    raises ("DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    message = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)

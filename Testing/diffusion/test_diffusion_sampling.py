@@ -197,6 +197,21 @@ def test_sampling_reports_progress_and_cancels_between_steps():
     assert [(e["phase"], e["step"], e["total"]) for e in events] == [("ddim", i, 10) for i in range(1, 5)]
 
 
+def test_a_single_explicit_ddim_timestep_is_the_last_step_and_lands_on_x0():
+    """One DDIM step, or SDEdit from the last strided timestep: a fresh MONAI scheduler strides 1, so without
+    care the step would go t -> t-1 and return a still noisy sample."""
+    x0 = torch.rand(1, 1, 6, 6, 6, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    for start in (999, 500, 9):
+        scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=True)
+        assert (sample(oracle_denoiser(scheduler, x0), scheduler, noise, timesteps=[start]) - x0).abs().max() < 1e-4
+    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=True)
+    seen: list[int] = []
+    edited = sdedit(oracle_denoiser(scheduler, x0, seen), scheduler, x0, 9, timesteps=strided_timesteps(1000, 100, 9),
+                    generator=torch.Generator().manual_seed(2))
+    assert seen == [9] and (edited - x0).abs().max() < 1e-4
+
+
 def test_sampling_out_of_memory_maps_to_medgen_error():
     def exhausting_denoise(x_t, t):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
@@ -204,6 +219,22 @@ def test_sampling_out_of_memory_maps_to_medgen_error():
     with pytest.raises(OutOfMemoryError, match="fewer volumes per batch") as caught:
         sample(exhausting_denoise, DDPMScheduler(num_train_timesteps=10), torch.randn(2, 1, 4, 4, 4))
     assert caught.value.kind == "oom"
+
+
+@pytest.mark.parametrize("failure, expected", [
+    # PyTorch's CPU allocator raises a plain RuntimeError
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"), "fewer volumes"),
+    (MemoryError(), "fewer volumes"),
+    (OutOfMemoryError("LMI map ran out of memory; lower memory_budget_mb"), "memory_budget_mb"),  # kept: it says more
+    (RuntimeError("shapes do not match"), "shapes do not match"),  # not memory: passes unchanged
+])
+def test_sampling_names_host_memory_failures_and_leaves_other_errors_alone(failure, expected):
+    def failing_denoise(x_t, t):
+        raise failure
+
+    with pytest.raises((OutOfMemoryError, RuntimeError), match=expected) as caught:
+        sample(failing_denoise, DDPMScheduler(num_train_timesteps=10), torch.randn(1, 1, 4, 4, 4))
+    assert isinstance(caught.value, OutOfMemoryError) == (expected != "shapes do not match")
 
 
 def test_controlnet_at_init_matches_plain_unet(tiny_unet, tiny_controlnet_from):

@@ -189,11 +189,16 @@ def test_a_cancel_file_left_by_an_earlier_run_does_not_cancel_the_next(tmp_path,
     assert run_job_blocking(job_dir, timeout_s=120).returncode == ExitCode.OK
 
 
-def test_cpu_allocation_failures_count_as_out_of_memory():
-    from medgen.jobs.worker import _is_out_of_memory
+def test_cpu_and_gpu_allocation_failures_count_as_out_of_memory():
+    from medgen.errors import OutOfMemoryError, is_out_of_memory
 
-    assert _is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
-    assert not _is_out_of_memory(RuntimeError("shape mismatch"))
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    # CUDA extensions and older torch raise GPU out-of-memory as a plain RuntimeError: its message decides
+    assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.15 GiB total capacity)"))
+    assert is_out_of_memory(MemoryError()) and is_out_of_memory(OutOfMemoryError("lower memory_budget_mb"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not is_out_of_memory(ValueError("out of memory budget"))  # only allocation failures say it
 
 
 def test_recorded_versions_name_the_loaded_build(monkeypatch):
@@ -541,13 +546,6 @@ def test_a_handler_out_of_memory_or_interrupted_gets_its_own_exit_code(tmp_path,
     assert json.loads((job_dir / "manifest.json").read_text())["status"] == kind
     if kind == "oom":
         assert events[-1]["message"].startswith("Out of memory.") and type(error).__name__ in events[-1]["message"]
-
-
-def test_a_gpu_out_of_memory_raised_as_a_runtime_error_counts_as_out_of_memory():
-    """CUDA extensions and older torch raise GPU out-of-memory as a plain RuntimeError: its message decides."""
-    from medgen.jobs.worker import _is_out_of_memory
-
-    assert _is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.15 GiB total capacity)"))
 
 
 def test_a_seed_beyond_numpys_range_runs_and_is_recorded(tmp_path, input_volume, sigterm_handler_kept):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medgen.errors import BadInputError, CancelledError
+from medgen.errors import BadInputError, CancelledError, OutOfMemoryError
 from medgen.progress import CallbackReporter
 from medgen.translate.lmi import (
     _axis_sample_coordinates,
@@ -250,6 +250,9 @@ def test_bad_input_raises_bad_input_error(source, moving):
         dict(sigma=0.0),
         dict(compat=True, radius=2),
         dict(compat=True, bins=30),
+        dict(memory_budget_mb=float("inf")),
+        dict(memory_budget_mb=float("nan")),
+        dict(memory_budget_mb="512"),
     ],
 )
 def test_bad_settings_raise_bad_input_error(settings):
@@ -276,6 +279,26 @@ def test_memory_budget_bounds_chunks_and_keeps_results():
     assert torch.equal(small_offsets, large_offsets)
     with pytest.raises(BadInputError):
         lmi_map(source, moving, memory_budget_mb=0.1)
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_inputs_that_require_grad_give_the_same_map_without_a_graph(compat):
+    source, moving = _noise((1, 1, 6, 6, 6), seed=3), _noise((1, 1, 6, 6, 6), seed=4)
+    expected = lmi_map(source, moving, compat=compat)
+    lmi, offsets = lmi_map(source.requires_grad_(), moving.requires_grad_(), compat=compat)
+    assert not lmi.requires_grad and torch.equal(lmi, expected[0]) and torch.equal(offsets, expected[1])
+
+
+def test_host_memory_running_out_names_the_budget(monkeypatch):
+    import medgen.translate.lmi as lmi_module
+
+    def exhausted(*args, **kwargs):  # what PyTorch's CPU allocator raises
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(lmi_module, "pick_best_candidate", exhausted)
+    volume = _noise((1, 1, 6, 6, 6))
+    with pytest.raises(OutOfMemoryError, match="lower memory_budget_mb"):
+        lmi_map(volume, volume)
 
 
 def test_cancel_between_chunks_raises_cancelled_error():

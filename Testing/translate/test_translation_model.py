@@ -246,8 +246,10 @@ def test_translation_jobs_through_the_worker(tmp_path):
     volumes = [str(save_volume(_phantom(seed), tmp_path / f"t{seed}.nii.gz")) for seed in range(2)]
     source = save_volume(_phantom(7, contrast=(0.9, 0.1, 0.5)), tmp_path / "source.nii.gz")
     train = run_job_blocking(write_job(tmp_path / "jobs", "translate-train", {"volumes": volumes},
-                                       {"grid": list(TINY["grid"]), "steps": 3}), timeout_s=600)
+                                       {"grid": list(TINY["grid"]), "steps": 3, "memory_budget_mb": 300}), timeout_s=600)
     assert train.returncode == ExitCode.OK, train.error
+    # the LMI budget its out-of-memory advice names can be set for training too
+    assert read_model_json(train.result["outputs"]["model"], TASK)["config"]["memory_budget_mb"] == 300
     job = run_job_blocking(write_job(tmp_path / "jobs", "translate", {"source": str(source), "model": train.result["outputs"]["model"]},
                                      {"sampler": "ddim", "steps": 4}), timeout_s=600)
     assert job.returncode == ExitCode.OK, job.error

@@ -135,7 +135,7 @@ def cmd_maskgen(args) -> int:
 
 def cmd_translate_train(args) -> int:
     params = {"grid": args.grid, "mode": args.mode, "preset": args.preset, "steps": args.steps, "conditioned": not args.unconditional,
-              "target_modality": args.target_modality, "lmi_compat": args.lmi_compat}
+              "target_modality": args.target_modality, "lmi_compat": args.lmi_compat, "memory_budget_mb": args.memory_budget_mb}
     return _submit("translate-train", {"volumes": [str(path) for path in args.volumes]}, params, args)
 
 
@@ -315,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     translate_train.add_argument("--target-modality", help="modality of the training volumes (e.g. T1), recorded in the model")
     translate_train.add_argument("--lmi-compat", action="store_true",
                                  help="condition on the released LMI definition (to match models of the released code)")
+    translate_train.add_argument("--memory-budget-mb", type=float,
+                                 help="LMI chunk budget in MB (default: the preset's); lower it on out-of-memory")
     _add_job_options(translate_train)
     translate_train.set_defaults(func=cmd_translate_train)
 

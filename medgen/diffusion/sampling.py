@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from medgen.errors import BadInputError, OutOfMemoryError
+from medgen.errors import BadInputError, OutOfMemoryError, is_out_of_memory
 from medgen.progress import Reporter, as_reporter
 
 #: ``denoise(x_t, t)``: x_t ``(B, C, D, H, W)`` in the model's dtype, t ``(B,)`` int64 -> prediction
@@ -29,7 +29,9 @@ def _checked_timesteps(scheduler: DDPMScheduler | DDIMScheduler, timesteps: Sequ
 
     MONAI's DDPM step always moves t -> t-1 and its DDIM step moves t -> t - T // num_inference_steps,
     whatever list the loop iterates, so a list that disagrees would silently mix noise levels.
-    For DDIM, an explicit list sets ``scheduler.num_inference_steps`` and ``scheduler.timesteps``.
+    For DDIM, an explicit list sets ``scheduler.num_inference_steps`` and ``scheduler.timesteps``; an explicit
+    single timestep t (one DDIM step, or SDEdit from the last strided timestep) is the last step, so its stride is
+    set beyond t and the step lands on the x0 estimate instead of at t-1 (a fresh scheduler's stride is 1).
     """
     num_train = scheduler.num_train_timesteps
     chosen = [int(t) for t in (scheduler.timesteps if timesteps is None else timesteps)]
@@ -40,9 +42,15 @@ def _checked_timesteps(scheduler: DDPMScheduler | DDIMScheduler, timesteps: Sequ
     gaps = {a - b for a, b in zip(chosen, chosen[1:])}
     if isinstance(scheduler, DDIMScheduler):
         uneven = len(gaps) > 1 or min(gaps, default=1) <= 0
-        # a one-element list has no gap: it keeps the scheduler's own stride
-        stride = next(iter(gaps)) if gaps else num_train // scheduler.num_inference_steps
-        num_steps = scheduler.num_inference_steps if timesteps is None else num_train // max(stride, 1)
+        if timesteps is None:
+            num_steps = scheduler.num_inference_steps
+            stride = next(iter(gaps)) if gaps else num_train // num_steps
+        elif gaps:
+            stride = next(iter(gaps))
+            num_steps = num_train // max(stride, 1)
+        else:
+            num_steps = num_train // (chosen[0] + 1)
+            stride = num_train // num_steps  # > t: MONAI's step goes past 0, to the final alpha (1 with set_alpha_to_one)
         if uneven or num_train // num_steps != stride:
             raise BadInputError(
                 f"DDIM timesteps must decrease by one constant stride equal to T // num_inference_steps "
@@ -153,7 +161,9 @@ def sample(
         t_batch = torch.full((batch_size,), t, dtype=torch.long, device=x.device)
         try:
             prediction = denoise(x.to(model_dtype or torch.float32), t_batch).to(torch.float32)
-        except torch.OutOfMemoryError as error:
+        except (RuntimeError, MemoryError) as error:
+            if not is_out_of_memory(error) or isinstance(error, OutOfMemoryError):  # MedGen's own (LMI) says more
+                raise
             raise OutOfMemoryError(
                 f"Out of {x.device.type.upper()} memory while sampling a batch of {batch_size} "
                 f"{tuple(x.shape[2:])} volume(s): sample fewer volumes per batch or a smaller size, or sample under "

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from medgen.diffusion.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from medgen.diffusion.distributed import DistContext, dist_context_from_env, shard_indices
-from medgen.errors import BadInputError, CancelledError, ModelError, OutOfMemoryError
+from medgen.errors import BadInputError, CancelledError, ModelError, OutOfMemoryError, is_out_of_memory
 from medgen.io.folder_lock import exclusive_folder
 from medgen.progress import NullReporter, Reporter, as_reporter
 
@@ -290,12 +290,14 @@ def _train(model, loss_fn, dataset, optimizer, config, context, checkpoint_dir, 
         _check_cancelled_on_every_rank(reporter, context, device)
         try:
             last_loss = _optimizer_step(trained_model, loss_fn, batches, optimizer, config, device)
-        except torch.OutOfMemoryError as error:
+        except (RuntimeError, MemoryError) as error:
+            if not is_out_of_memory(error) or isinstance(error, OutOfMemoryError):  # MedGen's own (LMI) says more
+                raise
             amp_on = amp_applies(config, device)
             raise OutOfMemoryError(
                 f"Out of {device.type.upper()} memory in training step {step} (batch size {config.batch_size}, "
                 f"AMP {'on' if amp_on else 'off'}). Use a smaller patch or batch size (raise grad_accum_steps "
-                f"to keep the effective batch){'' if amp_on or config.amp else ' or turn AMP on'}."
+                f"to keep the effective batch){'' if amp_on or config.amp or device.type != 'cuda' else ' or turn AMP on'}."
             ) from error
         last_loss = _mean_over_ranks(last_loss, context, device)  # every rank sees the same NaN and stops with it
         if not math.isfinite(last_loss):

@@ -17,7 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
-from medgen.errors import MedGenError
+from medgen.errors import MedGenError, is_out_of_memory
 from medgen.jobs.events import CancelWatch, EventStream, JobReporter
 from medgen.jobs.exit_codes import EXIT_CODE_OF_KIND, ExitCode
 
@@ -67,13 +67,6 @@ def _skip_unused_imports(kind_name: str) -> None:
         for name in blocked:
             if sys.modules.get(name, False) is None:
                 del sys.modules[name]
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    import torch
-
-    message = str(error).lower()  # the CPU allocator says "DefaultCPUAllocator: can't allocate memory"
-    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in message or "can't allocate memory" in message
 
 
 class _WarningsToEvents(logging.Handler):
@@ -128,7 +121,7 @@ def run_job(job_dir: Path, events: EventStream) -> ExitCode:
             where = f": {error.filename}" if error.filename else ""
             return _fail(events, "bad_input", f"The job cannot write its files ({error.strerror}{where}). Free disk "
                          "space, or choose a folder you can write to.", status)
-        if _is_out_of_memory(error):
+        if is_out_of_memory(error):
             return _fail(events, "oom", f"{OOM_ADVICE} ({type(error).__name__}: {str(error)[:300]})", status)
         events.emit("log", level="error", message=traceback.format_exc())
         return _fail(events, "internal", f"Internal error: {type(error).__name__}: {error}", status)

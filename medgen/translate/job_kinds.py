@@ -21,6 +21,9 @@ register(
                                 "description": "modality of the training volumes (e.g. T1), recorded in the model"},
             "lmi_compat": {"type": "boolean", "default": False,
                            "description": "condition on the released LMI definition (to match models of the released code)"},
+            "memory_budget_mb": {"type": "number", "exclusiveMinimum": 0,
+                                 "description": "LMI chunk budget in MB for the conditioning maps (default: the "
+                                                "preset's); lower it on out-of-memory, it may change when resuming"},
             "voxel_axes": {"enum": ["ras", "storage"],
                            "description": "axes the model sees volumes on: RAS-ordered (default), or each file's storage "
                                           "order, as models trained before MedGen recorded this did (to continue one)"},

@@ -5,14 +5,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import torch
-
-from medgen.errors import OutOfMemoryError
+from medgen.errors import OutOfMemoryError, is_out_of_memory
 from medgen.io import load_volume, save_volume
 from medgen.jobs.context import JobContext
 from medgen.translate.model import TranslationConfig, train_translation, translate_volume
 
-TRAINING_OVERRIDES = ("steps", "batch_size", "lr", "conditioned", "mode", "lmi_compat", "voxel_axes")
+TRAINING_OVERRIDES = ("steps", "batch_size", "lr", "conditioned", "mode", "lmi_compat", "voxel_axes", "memory_budget_mb")
 
 
 def run_translate_train(ctx: JobContext) -> dict:
@@ -36,12 +34,14 @@ def run_translate(ctx: JobContext) -> dict:
             sdedit_start=params.get("sdedit_start"), eta=params.get("eta", 1.0), seed=ctx.spec.seed, device=ctx.device, reporter=ctx.reporter,
             memory_budget_mb=params.get("memory_budget_mb"),
         )
-    except (OutOfMemoryError, torch.OutOfMemoryError) as error:
+    except (RuntimeError, MemoryError) as error:
+        if not is_out_of_memory(error):
+            raise
         budget = params.get("memory_budget_mb")
         raise OutOfMemoryError(
             f"Out of {ctx.device} memory translating a {tuple(source.shape[1:])} volume. Lower the LMI memory budget "
-            f"(memory_budget_mb, now {f'{budget:g} MB' if budget else 'the model default'}; e.g. 256), "
-            "or translate on the CPU."
+            f"(memory_budget_mb, now {f'{budget:g} MB' if budget else 'the model default'}; e.g. 256)"
+            f"{', or translate on the CPU' if ctx.device.type == 'cuda' else ''}."
         ) from error
     output = save_volume(translated, ctx.output_path("translated.nii.gz"))
     return {"outputs": {"translated": str(output)}}

@@ -45,7 +45,7 @@ import math
 
 import torch
 
-from medgen.errors import BadInputError, OutOfMemoryError
+from medgen.errors import BadInputError, OutOfMemoryError, is_out_of_memory
 from medgen.progress import Reporter, as_reporter
 from medgen.translate.lmi_box import BoxSumScorer, box_chunk_voxels
 from medgen.translate.lmi_core import (
@@ -419,13 +419,16 @@ def lmi_map(
     """
     settings = LmiSettings(window, radius, bins, sigma, normalize, compat)
     ndim = check_volume_pair(source, moving)
+    if isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, (int, float)) \
+            or not 0 < memory_budget_mb < math.inf:
+        raise BadInputError(f"memory_budget_mb must be a positive, finite number of MB; got {memory_budget_mb!r}.")
     reporter = as_reporter(reporter)
     batch, spatial, device = source.shape[0], tuple(source.shape[2:]), source.device
     backend = _resolve_backend(backend, device)
     total_voxels = batch * math.prod(spatial)
     displacements = candidate_displacements(ndim, settings)
     try:
-        with _float32_scoring(device):
+        with torch.no_grad(), _float32_scoring(device):  # no gradient flows through the map (as released)
             scorer, chunk_voxels = _scorer_and_chunk(source, moving, settings, backend, memory_budget_mb)
             lmi = torch.empty(total_voxels, dtype=torch.float32, device=device)
             best_candidate = torch.empty(total_voxels, dtype=torch.long, device=device)
@@ -436,7 +439,9 @@ def lmi_map(
                 scores = scorer(voxel)
                 lmi[voxel], best_candidate[voxel] = pick_best_candidate(scores, displacements.shape[0] // 2, not compat)
                 reporter.progress("lmi", step + 1, len(chunk_starts))
-    except torch.OutOfMemoryError as error:
+    except (RuntimeError, MemoryError) as error:
+        if not is_out_of_memory(error):
+            raise
         raise OutOfMemoryError(
             f"LMI map of {batch}×{spatial} ran out of memory on {device} with memory_budget_mb={memory_budget_mb}; "
             "lower memory_budget_mb (smaller chunks) or free device memory."
