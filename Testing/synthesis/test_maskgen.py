@@ -402,16 +402,25 @@ def test_synthesis_filters_skips_and_reports(model_dir, tmp_path):
     half[:, 12:20, 12:20, 12:20] = 1
     half[:, :4, :4, :4] = 2
     half = MetaTensor(half, affine=m0.affine)
-    masks = [("m0", m0), ("empty", empty), ("oblique", oblique_mask), ("corner", corner), ("half", half)]
+    # the 0.5 % rule is about the model grid: 112 organ voxels are 0.2 % of a wide 40³ mask but 2.7 % of the
+    # 16³ grid (generated), while 13 voxels whole on a small 8³ mask are 0.3 % of the grid (skipped)
+    wide, small = torch.zeros((1, 40, 40, 40), dtype=torch.int64), torch.zeros((1, 8, 8, 8), dtype=torch.int64)
+    wide[:, 18:22, 18:22, 18:25] = 1
+    small[:, 3:5, 3:5, 3:6], small[:, 6, 6, 6] = 1, 2
+    wide, small = MetaTensor(wide, affine=m0.affine), MetaTensor(small, affine=m0.affine)
+    masks = [("m0", m0), ("empty", empty), ("oblique", oblique_mask), ("corner", corner), ("half", half),
+             ("wide", wide), ("small", small)]
     logs = []
     report = synthesize_from_masks(model_dir, masks, tmp_path, target_modality="T2 MRI", thresholds=ACCEPT_ALL,
                                    reporter=CallbackReporter(lambda e: logs.append(e.get("message", ""))), **QUICK)
     document = json.loads(report.report_path.read_text())
     statuses = {entry["mask_id"]: entry["status"] for entry in document["masks"]}
     assert statuses == {"m0": "accepted", "empty": "skipped: empty mask", "oblique": "accepted",
-                        "corner": "skipped: organs outside the model grid", "half": "skipped: kidney outside the model grid"}
+                        "corner": "skipped: organs outside the model grid", "half": "skipped: kidney outside the model grid",
+                        "wide": "accepted", "small": "skipped: organs too small on the model grid"}
+    assert any("'small' skipped: its organs cover 0.32% of the model grid (16, 16, 16), at most 0.5%" in m for m in logs)
     assert any("'corner' skipped: on the model grid (16, 16, 16)" in message for message in logs)
-    assert document["prompt"] == "T2 MRI, abdomen, liver, kidney" and document["accepted_pairs"] == 4
+    assert document["prompt"] == "T2 MRI, abdomen, liver, kidney" and document["accepted_pairs"] == 6
     for entry in document["masks"][:3:2]:
         assert [c["candidate"] for c in entry["candidates"]] == [0, 1]
         assert all(c["decision"] == "accepted" and set(c["organ_iou"]) == {"liver", "kidney"} for c in entry["candidates"])
@@ -423,7 +432,7 @@ def test_synthesis_filters_skips_and_reports(model_dir, tmp_path):
     assert np.allclose(first_voxel, [0, 0, 1, 1], atol=1e-5)
     assert np.allclose(label.affine.numpy()[:3, :3], affine[:3, :3], atol=1e-5)
     assert torch.equal(label.as_tensor(), oblique_mask.as_tensor()[..., 1:8])
-    assert (tmp_path / "labels.json").is_file() and len(report.pairs) == 4
+    assert (tmp_path / "labels.json").is_file() and len(report.pairs) == 6
 
 
 def test_a_mask_beyond_the_field_of_view_gives_pairs_on_the_covered_part_only(model_dir, tmp_path):
@@ -606,5 +615,10 @@ def test_masks_the_model_cannot_read_and_checkers_of_other_organs_are_refused(mo
     assert isinstance(on_grid, MetaTensor) and torch.equal(on_grid.affine.double(), model.grid_affine)
     with pytest.raises(BadInputError, match="non-integer values"):
         model.checked_mask(phantom(2, LUT_A)[1].float() * 0.5, "The mask")
+    for shape in ((16, 16, 16), (2, 16, 16, 16)):  # checked before any mask is generated from
+        with pytest.raises(BadInputError, match=rf"Mask 'b' has shape \({shape[0]}, .*a mask is one label map \(1, I, J, K\)"):
+            synthesize_from_masks(model_dir, [("a", phantom(2, LUT_A)[1]), ("b", MetaTensor(torch.zeros(shape)))],
+                                  tmp_path / "out", target_modality="T2 MRI", **QUICK)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("a_*"))
     with pytest.raises(ModelError, match=r"trained on the organs \['liver', 'kidney'\].*masks use \['kidney', 'liver'\]"):
         load_checker(model_dir / "checker", organ_names=["kidney", "liver"])

@@ -135,9 +135,12 @@ class MaskGenModel:
         its affine, a MetaTensor, to be resampled).
 
         Raises:
-            BadInputError: non-integer values, values that are not organs of the model, or a plain tensor off the grid.
+            BadInputError: not one label map ``(1, I, J, K)``, non-integer values, values that are not organs of the
+                model, or a plain tensor off the grid.
         """
         values = label.as_tensor() if isinstance(label, MetaTensor) else torch.as_tensor(label)
+        if values.ndim != 4 or values.shape[0] != 1:
+            raise BadInputError(f"{what} has shape {tuple(values.shape)}; a mask is one label map (1, I, J, K).")
         if not holds_whole_numbers(values):
             raise BadInputError(f"{what} holds non-integer values; a mask holds whole label values (0 = background).")
         found = sorted({int(v) for v in torch.unique(values).tolist()} - {0})
@@ -292,8 +295,9 @@ def generate_candidates(
 @dataclasses.dataclass
 class MaskResult:
     """What happened to one conditioning mask: ``status`` is ``accepted``, ``none accepted``, ``skipped: empty mask``,
-    ``skipped: organs outside the model grid`` or ``skipped: <organs> outside the model grid`` (organs of the mask
-    with no voxel left on the model grid)."""
+    ``skipped: organs outside the model grid``, ``skipped: <organs> outside the model grid`` (organs of the mask
+    with no voxel left on the model grid) or ``skipped: organs too small on the model grid`` (at most
+    ``MASK_THRESHOLD`` of its voxels)."""
 
     mask_id: str
     status: str
@@ -357,8 +361,8 @@ def synthesize_from_masks(
     model's field of view gives pairs on the part of its grid the model covers, :meth:`MaskGenModel.covered_part`),
     with ``labels.json`` and ``report.json`` (every candidate's scores and decision, each mask's status) rewritten
     after every mask,
-    so a cancelled run keeps a consistent folder. A mask whose foreground fraction is <= ``MASK_THRESHOLD`` is
-    skipped; a mask with no accepted candidate is reported, not an error.
+    so a cancelled run keeps a consistent folder. A mask without organ voxels, or whose organs cover at most
+    ``MASK_THRESHOLD`` of the model grid, is skipped; a mask with no accepted candidate is reported, not an error.
 
     Args:
         model_dir: folder written by :func:`medgen.synthesis.maskgen_training.train_maskgen`.
@@ -403,14 +407,16 @@ def synthesize_from_masks(
         grid_label, resampled = model.to_model_grid(label)
         if resampled:
             reporter.log(f"Mask {mask_id!r} {tuple(label.shape[1:])} was resampled (nearest) to the model grid {model.grid_shape}.")
-        if foreground_fraction(label) <= MASK_THRESHOLD:
-            reporter.log(f"Mask {mask_id!r} skipped: its foreground fraction is at most {MASK_THRESHOLD}.", "warning")
+        # MRGen's rule (spec B.5 step 1) is about the mask the generator sees: the fraction on the model grid, not on
+        # the mask's own field of view (a large one would dilute organs that fill the model grid well)
+        if foreground_fraction(label) == 0:
+            reporter.log(f"Mask {mask_id!r} skipped: it holds no organ voxel.", "warning")
             results.append(MaskResult(mask_id, "skipped: empty mask"))
-        elif foreground_fraction(grid_label) <= MASK_THRESHOLD:
+        elif foreground_fraction(grid_label) == 0:
             reporter.log(
                 f"Mask {mask_id!r} skipped: on the model grid {model.grid_shape} (its spacing, cropped around the mask's "
-                f"centre) at most {MASK_THRESHOLD:.1%} of the voxels are organ: the organs lie outside the model's field "
-                "of view. Crop the mask around its organs first.", "warning")
+                "centre) no voxel is organ: the organs lie outside the model's field of view. Crop the mask around its "
+                "organs first.", "warning")
             results.append(MaskResult(mask_id, "skipped: organs outside the model grid"))
         elif vanished := model.vanished_organs(label, grid_label):
             reporter.log(
@@ -418,6 +424,11 @@ def synthesize_from_masks(
                 "around the mask's centre, or smaller than one voxel at the model's spacing), so no image could show them. "
                 "Crop the mask around its organs first.", "warning")
             results.append(MaskResult(mask_id, f"skipped: {', '.join(vanished)} outside the model grid"))
+        elif (fraction := foreground_fraction(grid_label)) <= MASK_THRESHOLD:
+            reporter.log(
+                f"Mask {mask_id!r} skipped: its organs cover {fraction:.2%} of the model grid {model.grid_shape}, at most "
+                f"{MASK_THRESHOLD:.1%}: too little to condition on (MRGen skips such masks).", "warning")
+            results.append(MaskResult(mask_id, "skipped: organs too small on the model grid"))
         else:
             images = generate_on_model_grid(model, grid_label, prompt, count=candidates, chunk=chunk, steps=steps,
                                             guidance_scale=guidance_scale, conditioning_scale=conditioning_scale,
