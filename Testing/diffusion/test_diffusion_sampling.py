@@ -99,6 +99,16 @@ def test_ddpm_ancestral_chain_matches_q_marginal():
     assert abs(samples.var().item() - (1 - alpha_bar)) < 5 * standard_error * 2**0.5
 
 
+def test_the_last_ddpm_step_returns_the_x0_estimate_exactly():
+    """At t = 0 DDPM's mean is β0 / (1 - ᾱ0) · x̂0 = x̂0; MONAI's float32 tables give 0.99983 · x̂0 (a bias of
+    1.7e-4 on bright images, above spec A.9 #11's 1e-4 RMS)."""
+    scheduler = DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
+    x0 = torch.ones(1, 1, 4, 4, 4)
+    x_t = scheduler.add_noise(x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)), torch.tensor([0]))
+    result = sample(oracle_denoiser(scheduler, x0), scheduler, x_t, timesteps=[0])
+    assert (result - x0).abs().max() < 1e-6
+
+
 def test_sampling_is_deterministic_given_seed(make_tiny_denoiser):
     denoiser = make_tiny_denoiser()
     scheduler = DDIMScheduler(num_train_timesteps=1000, schedule=SIGMOID_SCHEDULE, clip_sample=False)
