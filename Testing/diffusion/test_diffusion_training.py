@@ -259,6 +259,49 @@ def test_damaged_checkpoints_are_model_errors_naming_the_fix(make_tiny_denoiser,
                         checkpoint_dir=tmp_path)
 
 
+def _two_checkpoints(make_tiny_denoiser, folder):
+    """A run of 4 steps that keeps its checkpoints of steps 2 and 4 (EMA on)."""
+    model = make_tiny_denoiser()
+    config = TrainConfig(max_steps=4, batch_size=2, checkpoint_every=2, keep_checkpoints=2, ema_decay=0.9, amp=False)
+    train_diffusion(model, ddpm_loss(), volumes(4), adam(model), config, checkpoint_dir=folder)
+    return config
+
+
+@pytest.mark.parametrize("damage, resumed_at", [
+    (lambda folder: (folder / "step_00000004" / "model.safetensors").write_bytes(b"cut"), 2),  # the newest is damaged
+    (lambda folder: (folder / "latest.json").unlink(), 4),  # killed before naming its checkpoint: each is complete
+])
+def test_a_run_continues_from_the_newest_checkpoint_that_reads_whole(make_tiny_denoiser, tmp_path, damage, resumed_at):
+    config = _two_checkpoints(make_tiny_denoiser, tmp_path)
+    damage(tmp_path)
+    logs, model = [], make_tiny_denoiser()
+    result = train_diffusion(model, ddpm_loss(), volumes(4), adam(model), dataclasses.replace(config, max_steps=6),
+                             checkpoint_dir=tmp_path, reporter=CallbackReporter(lambda e: logs.append(e.get("message", ""))))
+    assert result.step == 6 and any(f"Resumed from {tmp_path / f'step_{resumed_at:08d}'} at step {resumed_at}" in m for m in logs)
+    assert (resumed_at == 4) != any("Continuing from step_00000002, the newest checkpoint that reads whole" in m for m in logs)
+
+
+def test_a_checkpoint_that_lost_its_averaged_weights_is_refused(make_tiny_denoiser, tmp_path):
+    config = _two_checkpoints(make_tiny_denoiser, tmp_path)
+    for step in (2, 4):
+        (tmp_path / f"step_{step:08d}" / "ema.safetensors").unlink()
+    model = make_tiny_denoiser()
+    with pytest.raises(ModelError, match="EMA updates\) but no ema.safetensors"):
+        train_diffusion(model, ddpm_loss(), volumes(4), adam(model), dataclasses.replace(config, max_steps=6),
+                        checkpoint_dir=tmp_path)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"grad_clip_norm": -1.0}, "grad_clip_norm must be a positive number"),  # would train by gradient ascent
+    ({"ema_decay": 1.5}, r"ema_decay must lie in \(0, 1\)"),
+    ({"grad_accum_steps": 1.5}, "need whole numbers"),
+])
+def test_training_settings_that_would_misbehave_are_refused(make_tiny_denoiser, setting, message):
+    model = make_tiny_denoiser()
+    with pytest.raises(BadInputError, match=message):
+        train_diffusion(model, ddpm_loss(), volumes(4), adam(model), TrainConfig(max_steps=1, amp=False, **setting))
+
+
 def test_resuming_with_another_optimizer_or_data_schedule_is_refused(make_tiny_denoiser, tmp_path):
     model = make_tiny_denoiser()
     train_diffusion(model, ddpm_loss(), volumes(4), adam(model), TrainConfig(max_steps=2, batch_size=2, amp=False),

@@ -125,6 +125,16 @@ def test_not_a_bundle_says_what_is_expected(tmp_path):
         load_bundle(tmp_path)
 
 
+def test_malformed_metadata_and_dangling_references_are_model_errors(tmp_path, reference_network):
+    weights = reference_network.state_dict()
+    with pytest.raises(ModelError, match="must hold a JSON object; it holds a list"):
+        load_bundle(write_bundle(tmp_path / "list", NETWORK_DEF, weights, metadata=[]))
+    with pytest.raises(ModelError, match="Could not resolve the network arguments"):
+        load_bundle(write_bundle(tmp_path / "dangling", {**NETWORK_DEF, "init_filters": "@nowhere"}, weights))
+    odd = {**METADATA, "network_data_format": {"outputs": {"pred": "a string"}}}  # only the class names are lost
+    assert load_bundle(write_bundle(tmp_path / "odd", NETWORK_DEF, weights, metadata=odd))[1].class_names == []
+
+
 def test_pre_1_5_swin_bundle_gets_legacy_merging_and_drops_img_size(tmp_path):
     torch.manual_seed(0)
     swin_kwargs = {"in_channels": 1, "out_channels": 2, "feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}

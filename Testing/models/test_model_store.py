@@ -192,6 +192,16 @@ def test_missing_folder_and_bad_json_raise_model_error(tmp_path):
         load_model(tmp_path)
 
 
+@pytest.mark.parametrize("name, kwargs", [
+    ("UNet", {**UNET_KWARGS, "kernel_size": 0}),  # NotImplementedError inside MONAI
+    ("DiffusionModelUNet", {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "norm_num_groups": 0}),  # ZeroDivisionError
+    ("AttentionUnet", {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": []}),  # IndexError
+])
+def test_arguments_a_network_rejects_in_any_way_are_model_errors(name, kwargs):
+    with pytest.raises(ModelError, match=f"Could not build network {name} with arguments"):
+        build_network(name, kwargs)
+
+
 class _Payload:
     """A pickled object that is not a tensor: weights_only loading must refuse it."""
 

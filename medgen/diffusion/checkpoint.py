@@ -100,9 +100,9 @@ def _step_of(path: Path) -> int | None:
     return int(digits) if digits.isdigit() else None
 
 
-def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
-    """The directory named by ``latest.json``, or None when the run has no checkpoint yet."""
-    latest_file = Path(checkpoint_dir) / LATEST_FILE
+def _named_by_latest(checkpoint_dir: Path) -> Path | None:
+    """The directory ``latest.json`` names (it may be missing or damaged), or None without ``latest.json``."""
+    latest_file = checkpoint_dir / LATEST_FILE
     if not latest_file.is_file():
         return None
     try:
@@ -111,9 +111,59 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
             raise ValueError(f"'directory' must name a step_XXXXXXXX folder of this run, found {name!r}")
     except (ValueError, KeyError, TypeError) as error:
         raise ModelError(
-            f"{latest_file} is not a valid checkpoint pointer ({error}); delete it to start afresh."
+            f"{latest_file} is not a valid checkpoint pointer ({error}); the run folder was altered: use a new folder "
+            "to start afresh."
         ) from error
-    directory = Path(checkpoint_dir) / name
+    return checkpoint_dir / name
+
+
+def resume_candidates(checkpoint_dir: str | Path) -> list[Path]:
+    """Checkpoint directories a run may continue from, best first: the one ``latest.json`` names, then the older
+    ones kept beside it (``keep_last`` > 1), to fall back on when it cannot be read. Without ``latest.json`` (a
+    writer killed between renaming its first checkpoint into place and naming it), every step directory, newest
+    first: each was complete before its rename.
+
+    Raises:
+        ModelError: ``latest.json`` is not a valid pointer.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    found = sorted(((step, path) for path in checkpoint_dir.glob("step_*") if (step := _step_of(path)) is not None),
+                   reverse=True)
+    named = _named_by_latest(checkpoint_dir)
+    if named is None:
+        return [path for _, path in found]
+    return [named, *(path for step, path in found if step < _step_of(named))]
+
+
+def load_newest_readable(checkpoint_dir: str | Path, warn) -> tuple[Path, tuple[dict, dict | None, dict, dict]] | None:
+    """``(directory, load_checkpoint(directory))`` of the first of :func:`resume_candidates` that reads whole, or
+    None when the folder holds no checkpoint; ``warn(message)`` names each damaged one passed over.
+
+    Raises:
+        ModelError: no candidate can be read (the first one's error), or ``latest.json`` is not a valid pointer.
+    """
+    errors = []
+    for candidate in resume_candidates(checkpoint_dir):
+        try:
+            loaded = load_checkpoint(candidate)
+        except ModelError as error:
+            errors.append(error)
+            continue
+        if errors:
+            warn(f"{' '.join(str(error) for error in errors)} Continuing from {candidate.name}, the newest checkpoint "
+                 "that reads whole.")
+        return candidate, loaded
+    if errors:
+        raise errors[0]
+    return None
+
+
+def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    """The directory named by ``latest.json``, or None when the run has no checkpoint yet."""
+    directory = _named_by_latest(Path(checkpoint_dir))
+    if directory is None:
+        return None
+    latest_file = Path(checkpoint_dir) / LATEST_FILE
     if not (directory / MODEL_FILE).is_file():
         raise ModelError(
             f"{latest_file} names {directory.name}, which has no {MODEL_FILE}; the run folder was altered."
@@ -132,11 +182,15 @@ def load_checkpoint(directory: str | Path) -> tuple[dict, dict | None, dict, dic
         info = json.loads((directory / INFO_FILE).read_text())
     except (OSError, EOFError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as error:
         raise ModelError(
-            f"Checkpoint {directory} cannot be read ({type(error).__name__}: {error}); resume from an older one or "
-            "start afresh."
+            f"Checkpoint {directory} cannot be read ({type(error).__name__}: {error}); with no older intact checkpoint "
+            "beside it, start afresh in a new folder."
         ) from error
-    if not isinstance(trainer_state, dict) or not isinstance(info, dict):
-        raise ModelError(f"Checkpoint {directory} holds no trainer state or info of this trainer; start afresh.")
+    if not isinstance(trainer_state, dict) or not isinstance(info, dict) or not isinstance(info.get("config", {}), dict):
+        raise ModelError(f"Checkpoint {directory} holds no trainer state or info of this trainer; start afresh in a new "
+                         "folder.")
+    if ema_state is None and trainer_state.get("ema_updates"):
+        raise ModelError(f"Checkpoint {directory} has averaged weights ({trainer_state['ema_updates']} EMA updates) but "
+                         f"no {EMA_FILE}: the run folder was altered; start afresh in a new folder.")
     return model_state, ema_state, trainer_state, info
 
 

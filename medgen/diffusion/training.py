@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from medgen.diffusion.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from medgen.diffusion.checkpoint import latest_checkpoint, load_newest_readable, save_checkpoint
 from medgen.diffusion.distributed import DistContext, dist_context_from_env, shard_indices
 from medgen.errors import BadInputError, CancelledError, ModelError, OutOfMemoryError, is_out_of_memory
 from medgen.io.folder_lock import exclusive_folder
@@ -240,12 +240,7 @@ def train_diffusion(
         ModelError: the loss became NaN/inf, or a checkpoint does not fit the model.
         BadInputError: a dataset smaller than one batch per process.
     """
-    counts = (config.batch_size, config.grad_accum_steps, config.ema_every, config.checkpoint_every)
-    if config.max_steps < 0 or min(counts) < 1:
-        raise BadInputError(
-            f"Invalid training settings {asdict(config)}: need max_steps >= 0 and batch_size, grad_accum_steps, "
-            "ema_every, checkpoint_every >= 1."
-        )
+    _check_settings(config)
     reporter = as_reporter(reporter)
     context = dist_context_from_env()
     if context.is_distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -258,6 +253,23 @@ def train_diffusion(
         return _train(model, loss_fn, dataset, optimizer, config, context, checkpoint_dir, lr_scheduler, collate_fn, reporter)
 
 
+def _check_settings(config: TrainConfig) -> None:
+    """:class:`BadInputError` for settings that would fail deep inside torch or train wrongly (a negative clip norm
+    scales gradients by a negative factor: gradient ascent)."""
+    counts = (config.max_steps, config.batch_size, config.grad_accum_steps, config.ema_every, config.checkpoint_every,
+              config.keep_checkpoints)
+    whole = all(isinstance(count, int) and not isinstance(count, bool) for count in counts)
+    if not whole or config.max_steps < 0 or min(counts[1:]) < 1:
+        raise BadInputError(
+            f"Invalid training settings {asdict(config)}: need whole numbers max_steps >= 0 and batch_size, "
+            "grad_accum_steps, ema_every, checkpoint_every, keep_checkpoints >= 1."
+        )
+    if config.grad_clip_norm is not None and not 0 < config.grad_clip_norm < math.inf:
+        raise BadInputError(f"grad_clip_norm must be a positive number (or None: no clipping); got {config.grad_clip_norm}.")
+    if config.ema_decay is not None and not 0 < config.ema_decay < 1:
+        raise BadInputError(f"ema_decay must lie in (0, 1) (or None: no EMA); got {config.ema_decay}.")
+
+
 def _train(model, loss_fn, dataset, optimizer, config, context, checkpoint_dir, lr_scheduler, collate_fn, reporter) -> TrainResult:
     """The body of :func:`train_diffusion`, with its settings checked and its checkpoint folder held."""
     progress_reporter = reporter if context.is_main else NullReporter()
@@ -266,9 +278,11 @@ def _train(model, loss_fn, dataset, optimizer, config, context, checkpoint_dir, 
     ema = _make_ema(model, config.ema_decay) if config.ema_decay is not None else None
 
     start_step = 0
-    checkpoint = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
-    if checkpoint is not None:
-        start_step = _resume(checkpoint, model, ema, optimizer, lr_scheduler, context, config, progress_reporter)
+    found = load_newest_readable(checkpoint_dir, lambda message: progress_reporter.log(message, "warning")) \
+        if checkpoint_dir is not None else None
+    if found is not None:
+        checkpoint, loaded = found
+        start_step = _resume(checkpoint, loaded, model, ema, optimizer, lr_scheduler, context, config, progress_reporter)
         progress_reporter.log(f"Resumed from {checkpoint} at step {start_step} of {config.max_steps}.")
 
     trained_model = model
@@ -368,10 +382,11 @@ def _check_same_schedule(checkpoint: Path, info: dict, config: TrainConfig, cont
         )
 
 
-def _resume(checkpoint: Path, model, ema, optimizer, lr_scheduler, context: DistContext, config: TrainConfig,
-            reporter: Reporter) -> int:
-    """Restore weights, EMA, optimizer, LR scheduler and this rank's RNG; returns the step to continue from."""
-    model_state, ema_state, trainer_state, info = load_checkpoint(checkpoint)
+def _resume(checkpoint: Path, loaded: tuple, model, ema, optimizer, lr_scheduler, context: DistContext,
+            config: TrainConfig, reporter: Reporter) -> int:
+    """Restore weights, EMA, optimizer, LR scheduler and this rank's RNG from ``loaded``, what
+    :func:`load_checkpoint` read from ``checkpoint``; returns the step to continue from."""
+    model_state, ema_state, trainer_state, info = loaded
     _check_same_schedule(checkpoint, info, config, context)
     try:
         model.load_state_dict(model_state)

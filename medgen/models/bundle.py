@@ -85,10 +85,13 @@ def _check_plain(parser: ConfigParser, item_id: str, allow_expressions: bool, se
 
 
 def _channel_names(metadata: dict[str, Any]) -> list[str]:
-    channel_def = metadata.get("network_data_format", {}).get("outputs", {}).get("pred", {}).get("channel_def", {})
+    """Class names from ``network_data_format/outputs/pred/channel_def`` (``[]`` when absent or malformed)."""
+    channel_def: Any = metadata
+    for key in ("network_data_format", "outputs", "pred", "channel_def"):
+        channel_def = channel_def.get(key, {}) if isinstance(channel_def, dict) else {}
     try:
         return [str(channel_def[key]) for key in sorted(channel_def, key=int)]
-    except ValueError:
+    except (ValueError, TypeError):
         return []
 
 
@@ -136,8 +139,10 @@ def load_bundle(
     metadata_path = folder / "configs" / "metadata.json"
     try:
         metadata = json.loads(metadata_path.read_text(encoding="utf-8")) if metadata_path.is_file() else {}
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ModelError(f"Bundle metadata {metadata_path} is not valid JSON ({error}).") from error
+    if not isinstance(metadata, dict):
+        raise ModelError(f"Bundle metadata {metadata_path} must hold a JSON object; it holds a {type(metadata).__name__}.")
     parser = ConfigParser()
     try:
         parser.read_config(str(config_path))
@@ -150,11 +155,14 @@ def load_bundle(
     name = str(network_config["_target_"]).rsplit(".", 1)[-1]
     network_factory(name)
     _check_plain(parser, "network_def", allow_expressions, set())
-    arguments = {
-        key: parser.get_parsed_content(f"network_def::{key}", instantiate=False, eval_expr=allow_expressions)
-        for key in network_config
-        if key not in _COMPONENT_KEYS
-    }
+    try:
+        arguments = {
+            key: parser.get_parsed_content(f"network_def::{key}", instantiate=False, eval_expr=allow_expressions)
+            for key in network_config
+            if key not in _COMPONENT_KEYS
+        }
+    except Exception as error:  # e.g. an @reference to an item the config does not define
+        raise ModelError(f"Could not resolve the network arguments of bundle config {config_path}: {error}") from error
     kwargs, notes = _compat_kwargs(name, arguments, metadata)
     network = build_network(name, kwargs)
     load_state_dict_checked(network, _bundle_weights(folder), source=f"bundle {folder}")

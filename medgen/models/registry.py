@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from medgen.errors import ModelError
+from medgen.errors import MedGenError, ModelError
 
 #: MONAI network classes a spec may name (all live in ``monai.networks.nets``)
 MONAI_NETWORKS = (
@@ -100,5 +100,7 @@ def build_network(name: str, kwargs: dict[str, Any]) -> nn.Module:
         kwargs = resolve_swin_downsample(kwargs)
     try:
         return factory(**kwargs)
-    except (TypeError, ValueError, AssertionError, KeyError) as error:
-        raise ModelError(f"Could not build network {name} with arguments {kwargs}: {error}") from error
+    except MedGenError:
+        raise
+    except Exception as error:  # MONAI's constructors also fail with IndexError, ZeroDivisionError, NotImplementedError
+        raise ModelError(f"Could not build network {name} with arguments {kwargs}: {type(error).__name__}: {error}") from error
