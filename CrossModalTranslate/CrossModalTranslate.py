@@ -151,8 +151,11 @@ class CrossModalTranslateWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget,
             return
         try:
             info = self.logic.modelInfo(folder)
-        except (MedGenError, ImportError) as error:  # reported in the panel; Translate refuses the folder again
+        except MedGenError as error:  # reported in the panel; Translate refuses the folder again
             self.ui.modelInfoLabel.text = str(error)
+            return
+        except ImportError as error:  # reading the folder loads MedGen's library, which needs torch and MONAI
+            self.ui.modelInfoLabel.text = _("{error}: press Install dependencies first.").format(error=error)
             return
         self.ui.modelInfoLabel.text = info.describe()
         qt.QSettings().setValue(MODEL_FOLDER_SETTING, str(folder))

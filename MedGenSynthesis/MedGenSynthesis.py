@@ -239,6 +239,9 @@ class MedGenSynthesisWidget(ModuleWidgetMixin, PairTableMixin, ScriptedLoadableM
         except MedGenError as error:
             self.ui.maskModelOrgansLabel.text = str(error)
             return
+        except ImportError as error:  # reading the folder loads MedGen's library, which needs torch and MONAI
+            self.ui.maskModelOrgansLabel.text = _("{error}: press Install dependencies first.").format(error=error)
+            return
         combo.addItems(list(info.target_modalities))
         self.ui.maskModelOrgansLabel.text = ", ".join(info.organ_names)
 

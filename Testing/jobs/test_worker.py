@@ -472,6 +472,75 @@ def test_a_cancel_kills_the_processes_a_worker_left_behind_when_it_exited(tmp_pa
         _kill_process_group(runner)
 
 
+def _gone(pid, timeout_s=20.0) -> bool:
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_a_cancelled_job_leaves_no_process_although_the_worker_stopped_at_once(tmp_path):
+    """A child ignoring SIGTERM that does not hold the worker's output (so nothing keeps the job open) must not
+    outlive a worker that stops promptly: the job ends long before the kill deadline."""
+    python = _fake_worker(tmp_path, "python-leaving-a-quiet-child",
+                          "(trap '' TERM; exec sleep 120) </dev/null >/dev/null 2>&1 &\necho $! > \"$3/leftover.pid\"\n"
+                          "trap 'exit 4' TERM\necho '{\"event\": \"started\"}'\nwhile :; do sleep 120 & wait; done\n")
+    runner = JobRunner(tmp_path, python=python).start()
+    try:
+        _poll_until_started(runner)
+        leftover = int((tmp_path / "leftover.pid").read_text())
+        runner.cancel(grace_s=120)  # the deadline never comes: the end of the job must take the child along
+        assert runner.wait(timeout_s=30) == ExitCode.CANCELLED
+        assert _gone(leftover), "the cancelled job's child survived it"
+    finally:
+        _kill_process_group(runner)
+
+
+def test_an_interrupted_wait_stops_the_job(tmp_path):
+    """Ctrl+C in the Python console while waiting: the worker runs in its own session, so the wait must stop it."""
+    python = _fake_worker(tmp_path, "python-running-on", "echo $$ > \"$3/worker.pid\"\necho '{\"event\": \"started\"}'\n"
+                                                         "while :; do sleep 120 & wait; done\n")
+
+    def interrupt(event):
+        if event["event"] == "started":
+            raise KeyboardInterrupt
+
+    runner = JobRunner(tmp_path, python=python, on_event=interrupt).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            runner.wait(timeout_s=60)
+        assert runner.returncode == ExitCode.CANCELLED and _gone(int((tmp_path / "worker.pid").read_text()), 1.0)
+    finally:
+        _kill_process_group(runner)
+
+
+def test_a_chatty_worker_never_holds_one_poll_long_and_every_line_arrives(tmp_path, monkeypatch):
+    """poll() runs on Slicer's GUI thread: it delivers for a bounded time and leaves the rest for the next call."""
+    import medgen.slicer.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "POLL_BUDGET_S", 0.01)
+    python = _fake_worker(tmp_path, "python-chatty", "seq 1 20000\n")
+    delivered = []
+    runner = JobRunner(tmp_path, python=python, on_event=lambda event: delivered.append(time.sleep(1e-4))).start()
+    try:
+        runner._process.wait(timeout=30)
+        time.sleep(0.5)  # the lines are queued: one unbounded poll would now deliver all of them (2 s or more)
+        longest = 0.0
+        while True:
+            started = time.monotonic()
+            running = runner.poll()
+            longest = max(longest, time.monotonic() - started)
+            if not running:
+                break
+        assert len(delivered) >= 20000 and longest < 0.5
+    finally:
+        _kill_process_group(runner)
+
+
 def test_a_failure_while_stopping_keeps_its_own_exit_code(tmp_path):
     """A worker that runs out of memory while it stops reports that error and exit code: the cancel must not hide
     it behind a 'cancelled' outcome."""

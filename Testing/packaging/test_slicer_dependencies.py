@@ -92,6 +92,15 @@ def test_installed_torch_is_left_alone(fake_pytorch_utils, calls):
     assert [name for name, _, _ in calls] == ["torchInstalled"]
 
 
+def test_an_installed_torch_too_old_for_monai_is_refused_before_pip_could_replace_it(fake_pytorch_utils, monkeypatch):
+    fake_pytorch_utils.torchInstalled.returns = True
+    real_version = dependencies.importlib.metadata.version
+    monkeypatch.setattr(dependencies.importlib.metadata, "version",
+                        lambda name: "2.4.1+cu121" if name == "torch" else real_version(name))
+    with pytest.raises(DependencyError, match=r"PyTorch 2.4.1\+cu121 is installed; MedGen needs torch>=2.8 .*PyTorch Utils"):
+        dependencies.ensure_torch()
+
+
 def test_missing_packages_go_through_pip_ensure_with_the_requester(tmp_path, fake_pytorch_utils, fake_packaging, calls):
     path = requirements_file(tmp_path, "monai~=1.6", ABSENT_REQUIREMENT)
     restart_needed = dependencies.ensure_dependencies(path, requester="TenVOOSlicer")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
 
+from medgen.errors import BadInputError
 from medgen.jobs.exit_codes import ExitCode
 from medgen.io import load_volume
 from medgen.labels import LabelInfo, load_labels
@@ -137,3 +140,41 @@ def test_segmentation_inputs_are_written_with_their_label_values_and_names(mrml_
     assert load_labels(tmp_path / "label_labels.json") == [LabelInfo("lesion", 3, (1.0, 0.5, 0.0))]
     imported = import_outputs(paths, [OutputImport("label", "seg again", "segmentation")], reference_node=input_node, scene=mrml_scene)
     assert segment_labels(imported["label"]) == [LabelInfo("lesion", 3, (1.0, 0.5, 0.0))]
+
+
+def _result_folder(folder):
+    (folder / "weights").mkdir(parents=True)
+    (folder / "weights" / "model.safetensors").write_bytes(b"w" * 100)
+    (folder / "model.json").write_text("{}")
+    return folder
+
+
+def test_a_result_moved_to_another_disk_arrives_whole_or_not_at_all(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    from medgen.slicer import scene_job
+
+    real_replace = os.replace
+
+    def across_disks(source, destination):  # a folder rename fails across file systems; a staged one is local
+        if not Path(destination).name.startswith(".") and not Path(source).name.startswith("."):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(scene_job.os, "replace", across_disks)
+    moved = scene_job.move_into(_result_folder(tmp_path / "job" / "model"), tmp_path / "mine" / "model")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["model"] and not (tmp_path / "job" / "model").exists()
+    assert (moved / "weights" / "model.safetensors").read_bytes() == b"w" * 100
+
+    def disk_full(source, destination, **kwargs):
+        Path(destination).mkdir()
+        (Path(destination) / "model.json").write_text("{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copytree", disk_full)
+    source = _result_folder(tmp_path / "job2" / "model")
+    with pytest.raises(BadInputError, match=f"Could not copy the result to .*No space left.*it is still in {source}"):
+        scene_job.move_into(source, tmp_path / "mine" / "second")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["model"]  # nothing half-copied blocks a retry
+    assert (source / "weights" / "model.safetensors").is_file()

@@ -230,6 +230,19 @@ def test_the_model_folder_fills_the_target_modality_choices_and_lists_its_organs
     assert widget.ui.maskModelOrgansLabel.text == "Choose a model folder."
 
 
+def test_a_model_folder_picked_before_the_dependencies_are_installed_says_so(masks_panel, tmp_path, monkeypatch):
+    widget, _ = masks_panel
+    widget.onMaskModelFolderChanged(str(_mask_model(tmp_path / "model")))
+
+    def without_torch(folder):
+        raise ModuleNotFoundError("No module named 'torch'")
+
+    monkeypatch.setattr(widget.logic, "modelInfo", without_torch)
+    widget.onMaskModelFolderChanged(str(tmp_path / "model"))
+    assert widget.ui.targetModalityComboBox.items == []  # the previous model's choices are gone
+    assert widget.ui.maskModelOrgansLabel.text == "No module named 'torch': press Install dependencies first."
+
+
 def test_generate_from_masks_sends_the_panel_settings_then_turns_into_cancel(masks_panel, mrml_scene, tmp_path):
     widget, started = masks_panel
     _, segmentation = _mask_segmentation(mrml_scene)

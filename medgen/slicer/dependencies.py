@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 from medgen.errors import MedGenError
 
@@ -109,6 +110,13 @@ def ensure_torch() -> None:
         ) from error
     torch_logic = PyTorchUtils.PyTorchUtilsLogic()
     if torch_logic.torchInstalled():
+        # an older torch would let pip replace the extension's build (a CUDA one) when MONAI asks for a newer one
+        installed = importlib.metadata.version("torch")
+        if not SpecifierSet(TORCH_REQUIREMENT).contains(installed, prereleases=True):
+            raise DependencyError(
+                f"PyTorch {installed} is installed; MedGen needs torch{TORCH_REQUIREMENT} (MONAI 1.6 needs it). Update "
+                "it in the PyTorch Utils module, which keeps the build for your GPU, then restart Slicer."
+            )
         return
     torch = torch_logic.installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT)
     if torch is None:

@@ -37,6 +37,8 @@ PIPE_GRACE_S = 5.0
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 #: how many of the latest events a runner keeps in memory
 EVENTS_KEPT = 10_000
+#: the longest one poll() spends delivering events (it runs on Slicer's GUI thread)
+POLL_BUDGET_S = 0.05
 
 
 def worker_python() -> str:
@@ -154,29 +156,33 @@ class JobRunner:
         return self._process is not None and self.returncode is None
 
     def poll(self) -> bool:
-        """Deliver the events that arrived since the last call; True while the job is still running."""
-        if self._process is None:
+        """Deliver the events that arrived since the last call (at most :data:`POLL_BUDGET_S` of them, the rest at
+        the next call, so a chatty worker never holds the GUI); True while the job is still running."""
+        if self._process is None or self.returncode is not None:
             return False
-        self._drain()
+        drained = self._drain()
         if self._kill_deadline_s is not None and time.monotonic() > self._kill_deadline_s:
-            self._kill_tree(signal.SIGKILL if os.name == "posix" else None)
-            self._kill_deadline_s = None
-        if self.returncode is None and self._process.poll() is not None:
+            self._kill_tree(kill=True)  # at every poll until the worker has exited: one kill may miss a racing child
+        if self._process.poll() is not None:
             self._exited_at_s = self._exited_at_s or time.monotonic()
             pipes_open = any(reader.is_alive() for reader in self._readers)
             if pipes_open and time.monotonic() - self._exited_at_s < PIPE_GRACE_S:
                 return True  # its last lines may still be on the way: look again at the next poll (never block the GUI)
-            self._drain()
+            if not (drained and self._drain()):
+                return True  # lines still queued: deliver them before the job counts as ended
             self._finish(self._process.returncode)
         return self.returncode is None
 
-    def _drain(self) -> None:
-        while True:
+    def _drain(self) -> bool:
+        """Deliver queued lines for at most :data:`POLL_BUDGET_S`; True when the queue is empty."""
+        stop_at = time.monotonic() + POLL_BUDGET_S
+        while time.monotonic() < stop_at:
             try:
                 is_stdout, line = self._lines.get_nowait()
             except queue.Empty:
-                return
+                return True
             self._deliver(self._parse(line) if is_stdout else {"event": "log", "level": "stderr", "message": line})
+        return self._lines.empty()
 
     @staticmethod
     def _parse(line: str) -> dict:
@@ -196,6 +202,11 @@ class JobRunner:
 
     def _finish(self, code: int) -> None:
         stopped = self._cancel_requested or (self.job_dir / CANCEL_FILE).exists()
+        if self._cancel_requested and os.name == "posix":
+            # processes of the cancelled job that outlive the worker (a child that ignored SIGTERM, a grandchild
+            # left behind) are still in its process group: no poll would come back for them
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._process.pid, signal.SIGKILL)
         with contextlib.suppress(OSError):  # spent: it must not cancel a later run of this folder
             (self.job_dir / CANCEL_FILE).unlink(missing_ok=True)
         failed_first = self.error is not None and self.error.get("kind") != "cancelled"
@@ -218,57 +229,81 @@ class JobRunner:
         self.returncode = int(code)
 
     def wait(self, timeout_s: float | None = None, poll_interval_s: float = 0.05) -> int:
-        """Block until the job ends (delivering events meanwhile); returns the exit code.
+        """Block until the job ends (delivering events meanwhile); returns the exit code. An interruption while
+        waiting (Ctrl+C in the console, an error in ``on_event``) stops the job before it propagates: the worker runs
+        in its own session, so nothing else would.
 
         Raises:
             TimeoutError: the job was still running after ``timeout_s`` (it keeps running).
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while self.poll():
+        while True:
+            try:
+                if not self.poll():
+                    return int(self.returncode)
+                time.sleep(poll_interval_s)
+            except BaseException:
+                self.stop()
+                raise
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"Job {self.job_dir.name} still running after {timeout_s} s.")
-            time.sleep(poll_interval_s)
-        return int(self.returncode)
+
+    def stop(self, grace_s: float = CANCEL_GRACE_S) -> None:
+        """Cancel and block until the job has ended, for a caller that is going away (an interrupted wait, Slicer
+        closing): the worker gets ``grace_s`` to stop at its next step, then its processes are killed. Events are no
+        longer passed to ``on_event``."""
+        if self._process is None or self.returncode is not None:
+            return
+        self.on_event = lambda event: None
+        self.cancel(grace_s)
+        with contextlib.suppress(Exception):
+            while self.poll():
+                time.sleep(0.05)
 
     def cancel(self, grace_s: float = CANCEL_GRACE_S) -> None:
-        """Ask the worker to stop now; kill its whole process tree if it has not ended after ``grace_s``."""
+        """Ask the worker to stop now (cancel file, and SIGTERM on POSIX); kill its processes if it has not ended
+        after ``grace_s``."""
         if not (self.running and self._process.poll() is None):
             return  # nothing to stop: a cancel file now would cancel the folder's next run at once
         self._cancel_requested = True
         with contextlib.suppress(OSError):  # a read-only job folder: SIGTERM alone stops the worker
             (self.job_dir / CANCEL_FILE).touch()
-        self._kill_tree(signal.SIGTERM if os.name == "posix" else None)
+        if os.name == "posix":  # elsewhere the worker sees the cancel file at its next step; the kill comes at the deadline
+            self._kill_tree(kill=False)
         self._kill_deadline_s = time.monotonic() + grace_s
 
-    def _kill_tree(self, sig) -> None:
-        """Signal the worker and every process it started (psutil when present, else its process group)."""
-        if os.name == "posix" and self._process.poll() is not None:
-            # the worker has been reaped, so its pid may belong to another process now; its process group cannot
-            # be reused while members (children it left behind) remain, so only the group is signalled
+    def _kill_tree(self, kill: bool) -> None:
+        """SIGKILL (``kill``) or SIGTERM to the worker and every process it started: on POSIX its process group (it
+        leads its own session, and children left behind stay in it) plus, with psutil, descendants that left the
+        group; elsewhere the psutil tree (or the worker alone). Each process is signalled on its own: one that ended
+        meanwhile must not spare the others."""
+        posix = os.name == "posix"
+        if posix:
+            # the group cannot be reused while members remain, even once the worker has been reaped
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._process.pid, sig)
-            return
+                os.killpg(self._process.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            if self._process.poll() is not None:
+                return  # reaped: its pid may belong to another process now
         try:
             import psutil
-
-            parent = psutil.Process(self._process.pid)
-            processes = parent.children(recursive=True) + [parent]
-            for process in processes:
-                if sig is None or sig == getattr(signal, "SIGKILL", None):
-                    process.kill()
-                else:
-                    process.send_signal(sig)
         except ImportError:
-            if os.name == "posix":
-                os.killpg(self._process.pid, sig)
-            else:
-                self._process.kill()
-        except Exception:  # noqa: BLE001 - the process may have ended between the check and the signal
-            pass
+            if not posix and kill:
+                with contextlib.suppress(OSError):
+                    self._process.kill()
+            return
+        try:
+            worker = psutil.Process(self._process.pid)
+            processes = [worker, *worker.children(recursive=True)]
+        except psutil.Error:
+            return
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                process.kill() if kill else process.send_signal(signal.SIGTERM)
 
 
 def run_job_blocking(job_dir: str | os.PathLike, on_event: Callable[[dict], None] | None = None, timeout_s: float | None = None) -> JobRunner:
-    """Run a job folder to completion (for the Python console and tests); returns the finished runner."""
+    """Run a job folder to completion (for the Python console and tests); returns the finished runner. An
+    interrupted wait stops the job (:meth:`JobRunner.wait`)."""
     runner = JobRunner(job_dir, on_event=on_event).start()
     runner.wait(timeout_s=timeout_s)
     return runner

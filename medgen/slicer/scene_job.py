@@ -14,6 +14,7 @@ before the user may have installed torch, so the scene bridge is imported inside
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import secrets
 import shutil
@@ -179,13 +180,33 @@ def check_free_destination(folder: Path | None) -> None:
 
 
 def move_into(source: str | Path, destination: str | Path) -> Path:
-    """Move a finished output folder to where the user asked for it; never overwrites anything."""
-    destination = Path(destination)
+    """Move a finished output folder to where the user asked for it, whole or not at all; never overwrites
+    anything. On another file system it is copied into a hidden folder beside ``destination`` and renamed into place,
+    so a failed copy (a full disk) leaves no partial folder that would block the next try.
+
+    Raises:
+        BadInputError: ``destination`` is taken, or the move failed (the result then stays in ``source``).
+    """
+    source, destination = Path(source), Path(destination)
     check_free_destination(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     if destination.exists():
         destination.rmdir()
-    return Path(shutil.move(str(source), str(destination)))
+    try:
+        os.replace(source, destination)  # one rename on the same file system
+        return destination
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            raise BadInputError(f"Could not move the result to {destination} ({error.strerror}); it is in {source}.") from error
+    staging = destination.with_name(f".{destination.name}.{os.getpid()}.part")
+    try:
+        shutil.copytree(source, staging)
+        os.replace(staging, destination)
+    except (OSError, shutil.Error) as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise BadInputError(f"Could not copy the result to {destination} ({error}); it is still in {source}.") from error
+    shutil.rmtree(source, ignore_errors=True)
+    return destination
 
 
 def default_job_root() -> Path:

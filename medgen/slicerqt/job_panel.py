@@ -147,6 +147,15 @@ class JobPanel:
         self._show_state()
         self._runner.cancel()
 
+    def stop(self) -> None:
+        """Stop a running job and wait for it to end (the module is being destroyed: Slicer is closing), so that
+        no worker outlives the application."""
+        if self._runner is None:
+            return
+        self._timer.stop()
+        self._runner.stop()
+        self._finish_idle("Cancelled.")
+
     def handle_event(self, event: dict[str, Any]) -> None:
         """Show one worker event; pass this as the runner's ``on_event``."""
         if "device" in event:  # the worker's started event describes the device it chose

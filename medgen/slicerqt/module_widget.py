@@ -54,7 +54,9 @@ class ModuleWidgetMixin:
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        """Called when the application closes and the module widget is destroyed."""
+        """Called when the application closes and the module widget is destroyed: running jobs are stopped."""
+        for panel in getattr(self, "jobPanels", ()):  # none when setup() failed part-way
+            panel.stop()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -95,6 +97,8 @@ class ModuleWidgetMixin:
             self.ui.statusLabel,
             locked_while_busy=self.busyLock,
         )
+        #: every job panel of the module, stopped when the widget is destroyed
+        self.jobPanels = [self.jobPanel]
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.checkSetupButton.connect("clicked(bool)", self.onCheckSetupButton)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependenciesButton)
@@ -102,8 +106,10 @@ class ModuleWidgetMixin:
     def sectionPanel(self, name: str, **options) -> JobPanel:
         """The job panel of a section's button ``<name>Button`` with its ``<name>ProgressBar`` and
         ``<name>StatusLabel``, sharing :attr:`busyLock`; ``options`` go to :class:`JobPanel` (e.g. ``loss_plot``)."""
-        return JobPanel(getattr(self.ui, f"{name}Button"), getattr(self.ui, f"{name}ProgressBar"),
-                        getattr(self.ui, f"{name}StatusLabel"), self.busyLock, **options)
+        panel = JobPanel(getattr(self.ui, f"{name}Button"), getattr(self.ui, f"{name}ProgressBar"),
+                         getattr(self.ui, f"{name}StatusLabel"), self.busyLock, **options)
+        self.jobPanels.append(panel)
+        return panel
 
     def onApplyButton(self) -> None:
         """Start the module's job, or cancel it when one is running (the button reads Cancel then)."""
