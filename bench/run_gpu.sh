@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the GPU benchmarks behind the README's "On a GPU" tables, one stage per call, so that each stage
-# fits a 10-minute command on a lent GPU machine. Results go to bench/results/*_cuda.json (and are copied to
-# $OUT when it is set, as on the device machine).
+# fits a 10-minute command on a lent GPU machine. Results go to bench/results/*_cuda.json, or to
+# $MEDGEN_BENCH_RESULTS when set (a trial run), and are copied from there to $OUT when it is set (as on the
+# device machine).
 #
 #   bash bench/run_gpu.sh smoke          # the README demo on the GPU: its tiny trainers and generators through the worker
 #   bash bench/run_gpu.sh lmi            # LMI map vs the unfold port: clean box sums, Triton clean, Triton compat
@@ -49,5 +50,5 @@ case "$stage" in
     echo "unknown stage: $stage" >&2; exit 2 ;;
 esac
 if [ -n "${OUT:-}" ]; then
-  cp bench/results/*cuda*.json "$OUT"/
+  cp "${MEDGEN_BENCH_RESULTS:-bench/results}"/*cuda*.json "$OUT"/
 fi

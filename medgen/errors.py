@@ -7,6 +7,8 @@ what to do. The worker maps each class to an error ``kind`` and a distinct exit 
 
 from __future__ import annotations
 
+import errno
+
 
 class MedGenError(Exception):
     """Base class of every error MedGen raises on purpose."""
@@ -51,3 +53,16 @@ def is_out_of_memory(error: BaseException) -> bool:
         return True
     message = str(error).lower()
     return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+
+
+#: errno values of a file system refusing a write: read-only, no permission, full disk or quota, file too large
+FILE_SYSTEM_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def cannot_write_message(error: BaseException) -> str | None:
+    """What to tell the user about a write the file system refused (``None`` for any other error): the reason,
+    the path when known, and what to do; it counts as bad input, not as MedGen's failure."""
+    if not isinstance(error, OSError) or error.errno not in FILE_SYSTEM_ERRNOS:
+        return None
+    where = f": {error.filename}" if error.filename else ""
+    return f"Writing the files failed ({error.strerror}{where}). Free disk space, or choose a folder you can write to."

@@ -53,12 +53,29 @@ def test_submit_then_run_a_job_folder(tmp_path, oblique):
     job_dir = next((tmp_path / "jobs").iterdir())
     rerun = _medgen("run", str(job_dir))
     assert rerun.returncode == 0, rerun.stderr
+    assert _medgen("run", str(job_dir / "job.json")).returncode == 0  # the job's own file names its folder
+    (tmp_path / "notes.txt").write_text("not a job")
+    not_a_folder = _medgen("run", str(tmp_path / "notes.txt"))
+    assert not_a_folder.returncode == 2 and "notes.txt is a file; medgen run takes a job folder" in not_a_folder.stderr
 
 
 def test_bad_input_exit_code_and_message(tmp_path):
     result = _medgen("submit", "selftest", "--inputs", '{"image": "missing.nii.gz"}', "--job-root", str(tmp_path))
     assert result.returncode == 2
     assert "does not exist" in result.stderr
+
+
+def test_a_folder_the_file_system_refuses_is_bad_input_naming_it(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from medgen.cli import main as cli
+
+    def read_only(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(cli.Path, "mkdir", read_only)
+    assert cli.main(["sample-data", str(tmp_path / "ro" / "sample"), "--size", "tiny"]) == 2
+    assert f"medgen: Writing the files failed (Permission denied: {tmp_path / 'ro'}" in capsys.readouterr().err
 
 
 def test_a_torchrun_launch_is_refused_before_any_job_is_written(tmp_path, monkeypatch):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -281,6 +284,14 @@ def test_modules_in_the_callers_folder_never_shadow_the_workers(tmp_path, input_
     monkeypatch.chdir(tmp_path)
     job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 1}, device="cpu")
     assert run_job_blocking(job_dir, timeout_s=120).returncode == ExitCode.OK
+    # started by hand as the README shows, from that folder, without the runner's PYTHONSAFEPATH
+    import medgen
+
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONSAFEPATH"}
+    environment["PYTHONPATH"] = str(Path(medgen.__file__).resolve().parent.parent)
+    by_hand = subprocess.run([sys.executable, "-m", "medgen.worker", str(job_dir)], cwd=tmp_path, env=environment,
+                             capture_output=True, text=True, timeout=120)
+    assert by_hand.returncode == ExitCode.OK, by_hand.stderr
     assert not (tmp_path / "imported").exists()
 
 
@@ -424,7 +435,6 @@ def _poll_until_started(runner, timeout_s=60.0):
 def _kill_process_group(runner):
     """Clean-up: whatever the test left of the fake worker's process group is killed and the worker reaped."""
     import contextlib
-    import os
     import signal
 
     if runner._process is not None:
@@ -554,6 +564,21 @@ def test_a_failure_while_stopping_keeps_its_own_exit_code(tmp_path):
         runner.cancel(grace_s=120)  # never killed: the exit code is the worker's own
         assert runner.wait(timeout_s=60) == ExitCode.OOM
         assert runner.error == {"event": "error", "kind": "oom", "message": "Out of memory."}
+    finally:
+        _kill_process_group(runner)
+
+
+def test_a_worker_dying_in_native_code_is_reported_with_its_last_words_on_stderr(tmp_path):
+    """An abort in native code (here OpenMP's duplicate-runtime check) gives its reason only on stderr, which no
+    file of the job folder keeps: the error message must carry it."""
+    python = _fake_worker(tmp_path, "python-aborting",
+                          "echo 'OMP: Error #15: Initializing libiomp5.so, but found libomp.so already initialized.' >&2\n"
+                          "kill -ABRT $$\n")
+    runner = JobRunner(tmp_path, python=python).start()
+    try:
+        assert runner.wait(timeout_s=60) == ExitCode.INTERNAL
+        assert runner.error["message"] == ("The worker was killed by SIGABRT. Its last lines on stderr: OMP: Error #15: "
+                                           "Initializing libiomp5.so, but found libomp.so already initialized.")
     finally:
         _kill_process_group(runner)
 
@@ -697,8 +722,6 @@ def test_an_empty_outputs_folder_is_not_set_aside(tmp_path):
 
 def test_manifests_archived_within_the_same_second_are_all_kept(tmp_path):
     """Two runs of a folder in one second (a failed start, then a retry) must not overwrite the earlier record."""
-    import os
-
     from medgen.jobs.manifest import MANIFEST_FILE, archive_manifest
 
     second_ns = 1_700_000_000 * 10**9

@@ -28,7 +28,8 @@ def _say(text: str) -> None:
     print(f"[demo] {text}", flush=True)
 
 
-def run_demo(out_dir: Path, device: str = "auto", size: str = "tiny") -> int:
+def run_demo(out_dir: Path, device: str = "auto", size: str = "tiny", verbose: bool = False) -> int:
+    """The README demo on the sample subject; ``verbose`` shows the jobs' info-level log lines (``medgen -v demo``)."""
     from medgen.cli.main import _run_job_dir
     from medgen.data.samples import load_sample_case, write_sample_case
     from medgen.slicer.runner import write_job
@@ -40,29 +41,29 @@ def run_demo(out_dir: Path, device: str = "auto", size: str = "tiny") -> int:
 
     _say("step 1: selftest job (read volume -> torch on the chosen device -> write volume) through the worker")
     job_dir = write_job(out_dir / "jobs", "selftest", {"image": str(paths["t1"])}, {"steps": 10}, device=device)
-    code = _run_job_dir(job_dir)
+    code = _run_job_dir(job_dir, verbose)
     if code != ExitCode.OK:
         _say(f"selftest failed with exit code {code}; see {job_dir / 'events.jsonl'}")
         return code
     _say(f"selftest output: {job_dir / 'outputs' / 'selftest.nii.gz'} (manifest: {job_dir / 'manifest.json'})")
 
-    code = _adaptation_step(out_dir, device)
+    code = _adaptation_step(out_dir, device, verbose)
     if code != ExitCode.OK:
         return code
-    code = _paired_synthesis_step(out_dir, paths, device)
+    code = _paired_synthesis_step(out_dir, paths, device, verbose)
     if code != ExitCode.OK:
         return code
-    code = _translation_step(out_dir, device)
+    code = _translation_step(out_dir, device, verbose)
     if code != ExitCode.OK:
         return code
-    code = _mask_synthesis_step(out_dir, device)
+    code = _mask_synthesis_step(out_dir, device, verbose)
     if code != ExitCode.OK:
         return code
     _say(f"done. Everything is under {out_dir}")
     return 0
 
 
-def _adaptation_step(out_dir: Path, device: str) -> int:
+def _adaptation_step(out_dir: Path, device: str, verbose: bool = False) -> int:
     import json
 
     from medgen.cli.main import _run_job_dir
@@ -76,13 +77,13 @@ def _adaptation_step(out_dir: Path, device: str) -> int:
         "val_image": files["validation"][0], "val_label": files["validation"][1]},
         {"model": "deepbet", "method": "tenvoo-l", "method_options": {"rank": 4}, "steps": 16, "lr": 1e-3, "val_every": 8},
         device=device)
-    code = _run_job_dir(finetune)
+    code = _run_job_dir(finetune, verbose)
     if code != ExitCode.OK:
         return code
     evaluate = write_job(out_dir / "jobs", "evaluate", {
         "image": files["held_out"][0], "reference": files["held_out"][1], "adapter": str(finetune / "outputs" / "adapter")},
         device=device)
-    code = _run_job_dir(evaluate)
+    code = _run_job_dir(evaluate, verbose)
     if code == ExitCode.OK:
         report = json.loads((evaluate / "outputs" / "evaluation.json").read_text())
         _say(f"held-out brain Dice: deepbet as shipped {report['base_dice'][0]:.4f} -> with TenVOO-L adapter {report['adapted_dice'][0]:.4f}")
@@ -134,7 +135,7 @@ def _augmented_training_pairs(paths: dict, folder: Path) -> Path:
     return folder
 
 
-def _paired_synthesis_step(out_dir: Path, paths: dict, device: str) -> int:
+def _paired_synthesis_step(out_dir: Path, paths: dict, device: str, verbose: bool = False) -> int:
     from medgen.cli.main import _run_job_dir
     from medgen.io import load_volume
     from medgen.slicer.runner import write_job
@@ -143,16 +144,16 @@ def _paired_synthesis_step(out_dir: Path, paths: dict, device: str) -> int:
     _say("  training a TINY model on 4 augmented copies of the sample subject; on CPU this takes a few minutes")
     _say("  and gives toy-quality pairs: the point is the pipeline, not the images")
     grid = list(load_volume(paths["t1"]).shape[1:])
-    grid = [size - size % 8 for size in grid]
+    grid = [size - size % 16 for size in grid]  # the joint VAE downsamples 8x, its latent UNet 2x more
     data = _augmented_training_pairs(paths, out_dir / "synthesis" / "training_pairs")
     train_dir = write_job(out_dir / "jobs", "synth-train", {"folder": str(data), "label_names": str(paths["labels"])},
                           {"shape": grid, "preset": "tiny"}, device=device)
-    code = _run_job_dir(train_dir)
+    code = _run_job_dir(train_dir, verbose)
     if code != ExitCode.OK:
         return code
     synth_dir = write_job(out_dir / "jobs", "synthesize", {"model": str(train_dir / "outputs" / "model")},
                           {"count": 4, "batch_size": 4, "steps": 50, "nnunet_dataset_id": 900, "nnunet_name": "MedGenDemo"}, device=device)
-    code = _run_job_dir(synth_dir)
+    code = _run_job_dir(synth_dir, verbose)
     if code == ExitCode.OK:
         _say(f"generated pairs: {synth_dir / 'outputs' / 'pairs'}")
         _say(f"nnU-Net v2 dataset: {synth_dir / 'outputs' / 'nnUNet_raw' / 'Dataset900_MedGenDemo'}")
@@ -163,7 +164,7 @@ def _paired_synthesis_step(out_dir: Path, paths: dict, device: str) -> int:
 TRANSLATION_DEMO = {"grid": [24, 24, 16], "training_steps": 60, "batch_size": 4, "sampling_steps": 10}
 
 
-def _translation_step(out_dir: Path, device: str, grid=None, training_steps=None, sampling_steps=None) -> int:
+def _translation_step(out_dir: Path, device: str, verbose: bool = False, grid=None, training_steps=None, sampling_steps=None) -> int:
     """Train a tiny T1 model, translate the simulated PD volume, print the LMI agreement with the source
     and with an unrelated source (the PD volume flipped front-back and top-bottom: same intensities,
     other structure). Defaults from :data:`TRANSLATION_DEMO`; the arguments shrink it for tests."""
@@ -189,13 +190,13 @@ def _translation_step(out_dir: Path, device: str, grid=None, training_steps=None
     train_dir = write_job(out_dir / "jobs", "translate-train", {"volumes": [str(t1)]},
                           {"grid": list(grid), "steps": training_steps, "batch_size": TRANSLATION_DEMO["batch_size"],
                            "target_modality": "T1"}, device=device)
-    code = _run_job_dir(train_dir)
+    code = _run_job_dir(train_dir, verbose)
     if code != ExitCode.OK:
         return code
     model = train_dir / "outputs" / "model"
     translate_dir = write_job(out_dir / "jobs", "translate", {"source": str(pd), "model": str(model)},
                               {"sampler": "ddim", "steps": sampling_steps}, device=device)
-    code = _run_job_dir(translate_dir)
+    code = _run_job_dir(translate_dir, verbose)
     if code != ExitCode.OK:
         return code
     translated = load_volume(translate_dir / "outputs" / "translated.nii.gz")
@@ -213,7 +214,7 @@ def _translation_step(out_dir: Path, device: str, grid=None, training_steps=None
 MASK_SYNTHESIS_DEMO = {"grid": [24, 24, 24], "stage_steps": 60, "checker_steps": 60, "candidates": 4, "sampling_steps": 10}
 
 
-def _mask_synthesis_step(out_dir: Path, device: str, grid=None, stage_steps=None, checker_steps=None, candidates=None) -> int:
+def _mask_synthesis_step(out_dir: Path, device: str, verbose: bool = False, grid=None, stage_steps=None, checker_steps=None, candidates=None) -> int:
     """Train a tiny mask-conditioned model (T1 + tissue labels as the source, unlabelled SIMULATED T2 as the
     target), render SIMULATED-T2 images of two held-out label maps and print the checker's verdicts.
     Defaults from :data:`MASK_SYNTHESIS_DEMO`; the arguments shrink it for tests."""
@@ -249,14 +250,14 @@ def _mask_synthesis_step(out_dir: Path, device: str, grid=None, stage_steps=None
                           {"shape": list(settings["grid"]), "preset": "tiny", "source_modality": "T1 brain MRI",
                            "target_modality": "T2 brain MRI (simulated)", "vae_steps": stage_steps, "unet_steps": stage_steps,
                            "controlnet_steps": stage_steps, "checker_steps": settings["checker_steps"]}, device=device)
-    code = _run_job_dir(train_dir)
+    code = _run_job_dir(train_dir, verbose)
     if code != ExitCode.OK:
         return code
     candidates = settings["candidates"]
     generate_dir = write_job(out_dir / "jobs", "maskgen", {"model": str(train_dir / "outputs" / "model"), "masks": masks},
                              {"target_modality": "T2 brain MRI (simulated)", "candidates": candidates, "chunk": candidates,
                               "steps": settings["sampling_steps"]}, device=device)
-    code = _run_job_dir(generate_dir)
+    code = _run_job_dir(generate_dir, verbose)
     if code != ExitCode.OK:
         return code
     report = json.loads((generate_dir / "outputs" / "report.json").read_text())

@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from medgen.errors import BadInputError, MedGenError
+from medgen.errors import BadInputError, MedGenError, cannot_write_message
 from medgen.jobs.exit_codes import EXIT_CODE_OF_KIND, ExitCode
 
 
@@ -68,7 +68,14 @@ def _print_outcome(runner) -> None:
 
 
 def cmd_run(args) -> int:
-    return _run_job_dir(args.job_dir.resolve(), args.verbose)
+    from medgen.jobs.spec import JOB_FILE
+
+    job_dir = args.job_dir.resolve()
+    if job_dir.name == JOB_FILE and job_dir.is_file():  # the job's own job.json names its folder
+        job_dir = job_dir.parent
+    if job_dir.exists() and not job_dir.is_dir():
+        raise BadInputError(f"{job_dir} is a file; medgen run takes a job folder (the one holding {JOB_FILE}).")
+    return _run_job_dir(job_dir, args.verbose)
 
 
 def cmd_submit(args) -> int:
@@ -223,7 +230,7 @@ def cmd_sample_data(args) -> int:
 def cmd_demo(args) -> int:
     from medgen.cli.demo import run_demo
 
-    return run_demo(args.out.resolve(), device=args.device, size=args.size)
+    return run_demo(args.out.resolve(), device=args.device, size=args.size, verbose=args.verbose)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -375,6 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     except MedGenError as error:
         print(f"medgen: {error}", file=sys.stderr)
         return int(EXIT_CODE_OF_KIND.get(error.kind, ExitCode.INTERNAL))
+    except OSError as error:  # a folder it cannot create or write (sample-data OUT, --job-root, export-nnunet OUT)
+        if (message := cannot_write_message(error)) is None:
+            raise
+        print(f"medgen: {message}", file=sys.stderr)
+        return int(ExitCode.BAD_INPUT)
 
 
 if __name__ == "__main__":

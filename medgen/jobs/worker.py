@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import logging
 import os
 import random
@@ -17,12 +16,11 @@ import time
 import traceback
 from pathlib import Path
 
-from medgen.errors import MedGenError, is_out_of_memory
+from medgen.errors import MedGenError, cannot_write_message, is_out_of_memory
 from medgen.jobs.events import CancelWatch, EventStream, JobReporter
 from medgen.jobs.exit_codes import EXIT_CODE_OF_KIND, ExitCode
 
 #: file-system failures the user can act on (read-only folder, no permission, disk or quota full, file too large)
-FILE_SYSTEM_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 OOM_ADVICE = (
     "Out of memory. Try a smaller patch size or batch size, enable mixed precision (AMP), "
     "lower the memory budget option, or run on a device with more memory."
@@ -117,10 +115,8 @@ def run_job(job_dir: Path, events: EventStream) -> ExitCode:
     except BaseException as error:  # noqa: BLE001 - every failure must become an event and an exit code
         if isinstance(error, KeyboardInterrupt):
             return _fail(events, "cancelled", "Interrupted.", status)
-        if isinstance(error, OSError) and error.errno in FILE_SYSTEM_ERRNOS:
-            where = f": {error.filename}" if error.filename else ""
-            return _fail(events, "bad_input", f"The job cannot write its files ({error.strerror}{where}). Free disk "
-                         "space, or choose a folder you can write to.", status)
+        if (message := cannot_write_message(error)) is not None:
+            return _fail(events, "bad_input", message, status)
         if is_out_of_memory(error):
             return _fail(events, "oom", f"{OOM_ADVICE} ({type(error).__name__}: {str(error)[:300]})", status)
         events.emit("log", level="error", message=traceback.format_exc())

@@ -39,6 +39,8 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "G
 EVENTS_KEPT = 10_000
 #: the longest one poll() spends delivering events (it runs on Slicer's GUI thread)
 POLL_BUDGET_S = 0.05
+#: how many of the worker's last stderr lines an error message quotes when the worker gave no reason itself
+STDERR_LINES_KEPT = 5
 
 
 def worker_python() -> str:
@@ -123,6 +125,8 @@ class JobRunner:
         self._kill_deadline_s: float | None = None
         self._exited_at_s: float | None = None
         self._cancel_requested = False
+        #: the worker's last stderr lines: a process that dies in native code says why only there
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
 
     def start(self) -> "JobRunner":
         """Launch the worker and return at once (a cancel file left by an earlier run of this folder is removed)."""
@@ -181,6 +185,8 @@ class JobRunner:
                 is_stdout, line = self._lines.get_nowait()
             except queue.Empty:
                 return True
+            if not is_stdout and line.strip():
+                self._stderr_tail.append(line.strip())
             self._deliver(self._parse(line) if is_stdout else {"event": "log", "level": "stderr", "message": line})
         return self._lines.empty()
 
@@ -217,16 +223,23 @@ class JobRunner:
             code = ExitCode.OOM if oom else ExitCode.INTERNAL
             if self.error is None:
                 advice = (" (the system's out-of-memory killer ends processes this way: use smaller volumes, batches or "
-                          "memory budgets)") if oom else "; see the log"
+                          "memory budgets)") if oom else ""
                 self._deliver({"event": "error", "time": round(time.time(), 3), "kind": "oom" if oom else "internal",
-                               "message": f"The worker was killed by {name}{advice}."})
+                               "message": f"The worker was killed by {name}{advice}.{self._last_words()}"})
         elif code != ExitCode.OK and stopped and not failed_first:  # stopped on request
             code = ExitCode.CANCELLED
         if code != ExitCode.OK and self.error is None:
             kind = "cancelled" if code == ExitCode.CANCELLED else "internal"
+            words = self._last_words() if kind == "internal" else ""
             self._deliver({"event": "error", "time": round(time.time(), 3), "kind": kind,
-                           "message": f"The worker ended with exit code {code}; see the log."})
+                           "message": f"The worker ended with exit code {code}.{words}"})
         self.returncode = int(code)
+
+    def _last_words(self) -> str:
+        """The worker's last stderr lines for an error message (they hold the reason of a native crash)."""
+        if not self._stderr_tail:
+            return " It printed nothing on stderr."
+        return " Its last lines on stderr: " + " | ".join(self._stderr_tail)
 
     def wait(self, timeout_s: float | None = None, poll_interval_s: float = 0.05) -> int:
         """Block until the job ends (delivering events meanwhile); returns the exit code. An interruption while
