@@ -220,6 +220,9 @@ def test_a_single_explicit_ddim_timestep_is_the_last_step_and_lands_on_x0():
     edited = sdedit(oracle_denoiser(scheduler, x0, seen), scheduler, x0, 9, timesteps=strided_timesteps(1000, 100, 9),
                     generator=torch.Generator().manual_seed(2))
     assert seen == [9] and (edited - x0).abs().max() < 1e-4
+    scheduler.set_timesteps(50)  # 980, 960, ..., 0: the caller's own schedule survives an SDEdit from its last step
+    sdedit(oracle_denoiser(scheduler, x0), scheduler, x0, 0)
+    assert scheduler.num_inference_steps == 50 and len(scheduler.timesteps) == 50
 
 
 def test_sampling_out_of_memory_maps_to_medgen_error():

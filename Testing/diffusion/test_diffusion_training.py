@@ -281,6 +281,37 @@ def test_a_run_continues_from_the_newest_checkpoint_that_reads_whole(make_tiny_d
     assert (resumed_at == 4) != any("Continuing from step_00000002, the newest checkpoint that reads whole" in m for m in logs)
 
 
+def test_a_run_with_nothing_left_to_train_names_the_checkpoint_it_continued_from(make_tiny_denoiser, tmp_path):
+    config = _two_checkpoints(make_tiny_denoiser, tmp_path)
+    (tmp_path / "latest.json").unlink()  # killed between renaming step 4 into place and naming it
+    model = make_tiny_denoiser()
+    result = train_diffusion(model, ddpm_loss(), volumes(4), adam(model), config, checkpoint_dir=tmp_path)
+    assert result.checkpoint == tmp_path / "step_00000004" and latest_checkpoint(tmp_path) == result.checkpoint
+
+
+def test_a_read_failing_for_another_reason_than_damage_stops_instead_of_passing_over(make_tiny_denoiser, tmp_path,
+                                                                                    monkeypatch):
+    """A disk error (EIO, too many open files) says nothing about the file: continuing from an older checkpoint
+    would silently redo steps, and under DDP only the failing rank would."""
+    import errno
+
+    import medgen.diffusion.checkpoint as checkpoint
+
+    config = _two_checkpoints(make_tiny_denoiser, tmp_path)
+    real_load = checkpoint.load_file
+
+    def failing_disk(path):
+        if "step_00000004" in path:
+            raise OSError(errno.EIO, "Input/output error", path)
+        return real_load(path)
+
+    monkeypatch.setattr(checkpoint, "load_file", failing_disk)
+    model = make_tiny_denoiser()
+    with pytest.raises(ModelError, match="Input/output error.*try again once the cause is fixed"):
+        train_diffusion(model, ddpm_loss(), volumes(4), adam(model), dataclasses.replace(config, max_steps=6),
+                        checkpoint_dir=tmp_path)
+
+
 def test_a_checkpoint_that_lost_its_averaged_weights_is_refused(make_tiny_denoiser, tmp_path):
     config = _two_checkpoints(make_tiny_denoiser, tmp_path)
     for step in (2, 4):

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from medgen.errors import ModelError
+from medgen.errors import ModelError, is_out_of_memory
 from medgen.io.atomic import ensure_folder, flush_to_disk, write_text_atomic
 
 LATEST_FILE = "latest.json"
@@ -38,6 +38,11 @@ INFO_FILE = "info.json"
 
 def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
+
+
+class DamagedCheckpointError(ModelError):
+    """A checkpoint whose files are missing, cut short or not what this trainer writes (the disk itself answered):
+    a resume may pass over it to an older one."""
 
 
 def save_checkpoint(
@@ -81,7 +86,7 @@ def save_checkpoint(
         # a directory cannot be replaced in one rename, so move it aside first
         os.replace(target, superseded)
     os.replace(temporary, target)
-    write_text_atomic(checkpoint_dir / LATEST_FILE, json.dumps({"step": step, "directory": name}, indent=2))
+    _point_latest_at(checkpoint_dir, target)
     # Leftovers of killed writers go: hidden names, and checkpoints of later steps than this one (written by a
     # run killed before it named them in latest.json; this run continued from an earlier step). Of the older
     # checkpoints, the newest keep_last - 1 stay next to this one.
@@ -135,27 +140,40 @@ def resume_candidates(checkpoint_dir: str | Path) -> list[Path]:
     return [named, *(path for step, path in found if step < _step_of(named))]
 
 
-def load_newest_readable(checkpoint_dir: str | Path, warn) -> tuple[Path, tuple[dict, dict | None, dict, dict]] | None:
-    """``(directory, load_checkpoint(directory))`` of the first of :func:`resume_candidates` that reads whole, or
-    None when the folder holds no checkpoint; ``warn(message)`` names each damaged one passed over.
+def load_newest_readable(checkpoint_dir: str | Path, warn, repair: bool = False
+                         ) -> tuple[Path, tuple[dict, dict | None, dict, dict]] | None:
+    """``(directory, load_checkpoint(directory))`` of the first of :func:`resume_candidates` that is not damaged,
+    or None when the folder holds no checkpoint; ``warn(message)`` names each damaged one passed over. With
+    ``repair`` (the one process that writes checkpoints), ``latest.json`` is pointed at the one chosen, so that the
+    run's result and :func:`load_trained_weights` find it too.
 
     Raises:
-        ModelError: no candidate can be read (the first one's error), or ``latest.json`` is not a valid pointer.
+        ModelError: every candidate is damaged (the first one's error), a read failed for a reason other than
+            damage (a disk error: nothing is passed over then), or ``latest.json`` is not a valid pointer.
     """
-    errors = []
+    checkpoint_dir = Path(checkpoint_dir)
+    damaged = []
     for candidate in resume_candidates(checkpoint_dir):
         try:
             loaded = load_checkpoint(candidate)
-        except ModelError as error:
-            errors.append(error)
+        except DamagedCheckpointError as error:
+            damaged.append(error)
             continue
-        if errors:
-            warn(f"{' '.join(str(error) for error in errors)} Continuing from {candidate.name}, the newest checkpoint "
+        if damaged:
+            warn(f"{' '.join(str(error) for error in damaged)} Continuing from {candidate.name}, the newest checkpoint "
                  "that reads whole.")
+        if repair and _named_by_latest(checkpoint_dir) != candidate:
+            _point_latest_at(checkpoint_dir, candidate)
         return candidate, loaded
-    if errors:
-        raise errors[0]
+    if damaged:
+        raise damaged[0]
     return None
+
+
+def _point_latest_at(checkpoint_dir: Path, directory: Path) -> None:
+    """Name ``directory`` (a ``step_XXXXXXXX`` folder of ``checkpoint_dir``) in ``latest.json``, atomically."""
+    write_text_atomic(checkpoint_dir / LATEST_FILE,
+                      json.dumps({"step": _step_of(directory), "directory": directory.name}, indent=2))
 
 
 def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
@@ -181,16 +199,21 @@ def load_checkpoint(directory: str | Path) -> tuple[dict, dict | None, dict, dic
         trainer_state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
         info = json.loads((directory / INFO_FILE).read_text())
     except (OSError, EOFError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as error:
-        raise ModelError(
-            f"Checkpoint {directory} cannot be read ({type(error).__name__}: {error}); with no older intact checkpoint "
-            "beside it, start afresh in a new folder."
-        ) from error
+        if is_out_of_memory(error):
+            raise
+        message = f"Checkpoint {directory} cannot be read ({type(error).__name__}: {error})"
+        if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
+            # the disk or the system failed (EIO, too many open files, a network share): the file may be whole
+            raise ModelError(f"{message}; try again once the cause is fixed.") from error
+        raise DamagedCheckpointError(f"{message}; with no older intact checkpoint beside it, start afresh in a new "
+                                     "folder.") from error
     if not isinstance(trainer_state, dict) or not isinstance(info, dict) or not isinstance(info.get("config", {}), dict):
-        raise ModelError(f"Checkpoint {directory} holds no trainer state or info of this trainer; start afresh in a new "
-                         "folder.")
+        raise DamagedCheckpointError(f"Checkpoint {directory} holds no trainer state or info of this trainer; start "
+                                     "afresh in a new folder.")
     if ema_state is None and trainer_state.get("ema_updates"):
-        raise ModelError(f"Checkpoint {directory} has averaged weights ({trainer_state['ema_updates']} EMA updates) but "
-                         f"no {EMA_FILE}: the run folder was altered; start afresh in a new folder.")
+        raise DamagedCheckpointError(
+            f"Checkpoint {directory} has averaged weights ({trainer_state['ema_updates']} EMA updates) but no "
+            f"{EMA_FILE}: the run folder was altered; start afresh in a new folder.")
     return model_state, ema_state, trainer_state, info
 
 

@@ -223,8 +223,8 @@ def sdedit(
     t_batch = torch.full((x0.shape[0],), start_timestep, dtype=torch.long, device=x0.device)
     x_t = scheduler.add_noise(x0, eps, t_batch)
     remaining = [t for t in scheduled if t <= start_timestep]
-    scheduler_timesteps = scheduler.timesteps
+    scheduler_timesteps, scheduler_steps = scheduler.timesteps, scheduler.num_inference_steps
     try:
         return sample(denoise, scheduler, x_t, timesteps=remaining, generator=generator, **sample_kwargs)
     finally:  # the cut list is this call's: the caller's scheduler keeps its full schedule
-        scheduler.timesteps = scheduler_timesteps
+        scheduler.timesteps, scheduler.num_inference_steps = scheduler_timesteps, scheduler_steps

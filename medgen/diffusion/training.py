@@ -278,8 +278,9 @@ def _train(model, loss_fn, dataset, optimizer, config, context, checkpoint_dir, 
     ema = _make_ema(model, config.ema_decay) if config.ema_decay is not None else None
 
     start_step = 0
-    found = load_newest_readable(checkpoint_dir, lambda message: progress_reporter.log(message, "warning")) \
-        if checkpoint_dir is not None else None
+    found = load_newest_readable(checkpoint_dir, lambda message: progress_reporter.log(message, "warning"),
+                                 repair=context.is_main) if checkpoint_dir is not None else None
+    _check_same_checkpoint_on_every_rank(found[0] if found else None, context)
     if found is not None:
         checkpoint, loaded = found
         start_step = _resume(checkpoint, loaded, model, ema, optimizer, lr_scheduler, context, config, progress_reporter)
@@ -357,6 +358,19 @@ def _check_cancelled_on_every_rank(reporter: Reporter, context: DistContext, dev
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     if flag.item():
         raise CancelledError("Training was cancelled.")
+
+
+def _check_same_checkpoint_on_every_rank(checkpoint: Path | None, context: DistContext) -> None:
+    """:class:`ModelError` when the ranks chose different checkpoints to continue from (one passed over a file the
+    others could read): they would train different weights and wait for each other at different steps."""
+    if not context.is_distributed:
+        return
+    name = checkpoint.name if checkpoint is not None else ""
+    names: list = [None] * context.world_size
+    torch.distributed.all_gather_object(names, name)
+    if len(set(names)) > 1:
+        raise ModelError(f"The processes chose different checkpoints to continue from ({names}): the folder changed "
+                         "while they read it, or one could not read its files. Start the run again.")
 
 
 def _mean_over_ranks(loss: float, context: DistContext, device: torch.device) -> float:

@@ -27,6 +27,9 @@ SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: headers whose voxels sit in a separate file: read, not written (an atomic write would name a temporary file)
 DETACHED_SUFFIXES = (".nhdr", ".mhd")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: sideways drift of slice positions across a DICOM series above which it counts as sheared (gantry tilt); positions
+#: written with two decimals drift up to about 0.01 mm by rounding alone, a real tilt by millimetres
+TILT_TOLERANCE_MM = 0.05
 #: ITK's reader per suffix, named because ITK's MetaImage reader does not recognise an upper-case ".MHA" itself
 _IMAGE_IO = {".mha": "MetaImageIO", ".mhd": "MetaImageIO", ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO"}
 
@@ -179,7 +182,7 @@ def _check_even_slices(reader: sitk.ImageSeriesReader, image: sitk.Image, folder
     offsets = points - points[0]
     positions = offsets @ normal
     sideways = float(np.max(np.linalg.norm(offsets - np.outer(positions, normal), axis=1)))
-    if sideways > 0.01:
+    if sideways > TILT_TOLERANCE_MM:
         tilt_deg = math.degrees(math.atan2(sideways, abs(float(positions[-1])) or 1e-12))
         raise BadInputError(
             f"The DICOM series in {folder} is sheared (gantry tilt about {tilt_deg:.2g} degrees): its slices shift "

@@ -283,7 +283,8 @@ class JobRunner:
             (self.job_dir / CANCEL_FILE).touch()
         if os.name == "posix":  # elsewhere the worker sees the cancel file at its next step; the kill comes at the deadline
             self._kill_tree(kill=False)
-        self._kill_deadline_s = time.monotonic() + grace_s
+        deadline = time.monotonic() + grace_s  # a second cancel (stop() after Cancel) never postpones the kill
+        self._kill_deadline_s = deadline if self._kill_deadline_s is None else min(self._kill_deadline_s, deadline)
 
     def _kill_tree(self, kill: bool) -> None:
         """SIGKILL (``kill``) or SIGTERM to the worker and every process it started: on POSIX its process group (it
