@@ -43,6 +43,28 @@ _VALIDATION_DICE = re.compile(r"validation Dice ([0-9.]+)")
 
 
 
+def adapted_class_names(model: str, options: dict | None = None, adapter: str | Path | None = None) -> list[str]:
+    """Classes 1.. as an adapted model numbers them: an adapter that replaced the head (``head_rows`` /
+    ``head_out_channels``, given as ``options`` or recorded in ``adapter``'s config) brings its own, so label maps
+    written for its jobs must use these numbers, not the base model's.
+
+    Raises:
+        BadInputError: head options that do not fit the model, or an adapter folder without a readable config.
+    """
+    import json
+
+    from medgen.adapt.segmenter import head_class_names
+    from medgen.peft.adapter_io import CONFIG_FILE
+
+    if adapter and (Path(adapter) / CONFIG_FILE).exists():  # without it the job names what the folder lacks
+        try:
+            options = json.loads((Path(adapter) / CONFIG_FILE).read_text(encoding="utf-8")).get("options") or {}
+        except (OSError, ValueError, AttributeError) as error:
+            raise BadInputError(f"Adapter folder {adapter} has no readable {CONFIG_FILE} ({error}); choose the folder a "
+                                "fine-tuning job wrote.") from error
+    return head_class_names(model_class_names(model), dict(options or {}))
+
+
 def model_source(model_folder: str | Path | None) -> str:
     """The model a job uses: the folder when one is given, else the built-in deepbet."""
     return str(model_folder) if model_folder else BUILTIN_MODEL
@@ -218,7 +240,7 @@ def finetune_request(
     check_free_destination(adapter_folder)
     if not pairs:
         raise BadInputError("No training pairs: add at least one volume with its segmentation.")
-    class_names = tuple(model_class_names(model))
+    class_names = tuple(adapted_class_names(model, options))  # a replaced head numbers its own classes
     for number, pair in enumerate(pairs, start=1):
         check_pair(pair, class_names, f"Training pair {number}")
     check_selected_once([(pair.volume, pair.segmentation) for pair in pairs], "Training pair")
@@ -349,7 +371,8 @@ def compare_request(model: str, volume, reference, adapter: str | Path | None) -
     """An ``evaluate`` job: Dice per class of the base and the adapted model on a held-out pair."""
     if not adapter:
         raise BadInputError("Train an adapter or choose its folder before comparing.")
-    class_names = tuple(model_class_names(model))
+    _adapter_input(adapter)  # a missing folder is named first
+    class_names = tuple(adapted_class_names(model, adapter=adapter))  # the job numbers the reference so
     pair = TrainingPair(volume, reference)
     check_pair(pair, class_names, "The held-out pair")
     return CompareRequest(EVALUATE_KIND, input_files={**_model_inputs(model), **_adapter_input(adapter)}, pair=pair,
@@ -357,14 +380,16 @@ def compare_request(model: str, volume, reference, adapter: str | Path | None) -
 
 
 def dice_rows(result: dict) -> list[dict[str, Any]]:
-    """The ``evaluate`` result as one row per class: ``{"class", "base_dice", "adapted_dice"}``."""
+    """The ``evaluate`` result as one row per class: ``{"class", "base_dice", "adapted_dice"}`` (``None`` for a
+    class the reference does not draw)."""
     return [{"class": name, "base_dice": base, "adapted_dice": adapted}
             for name, base, adapted in zip(result["classes"], result["base_dice"], result["adapted_dice"])]
 
 
 def format_dice_rows(rows: Sequence[dict[str, Any]]) -> str:
-    """The Dice table as text lines: ``class: base 0.123 -> adapted 0.876``."""
-    return "\n".join(f"{row['class']}: base {row['base_dice']:.3f} -> adapted {row['adapted_dice']:.3f}" for row in rows)
+    """The Dice table as text lines: ``class: base 0.123 -> adapted 0.876`` (``class: not drawn in the reference``)."""
+    return "\n".join(f"{row['class']}: not drawn in the reference" if row["base_dice"] is None else
+                     f"{row['class']}: base {row['base_dice']:.3f} -> adapted {row['adapted_dice']:.3f}" for row in rows)
 
 
 class TrainingReadout:

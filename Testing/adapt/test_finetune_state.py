@@ -225,6 +225,11 @@ def test_jobs_of_an_adapter_with_a_replaced_head_use_its_classes(oblique, tmp_pa
                                                                           "adapter": adapter}), timeout_s=300)
     assert evaluate.returncode == ExitCode.OK, evaluate.error
     assert evaluate.result["classes"] == ["spleen"] and len(evaluate.result["base_dice"]) == len(evaluate.result["adapted_dice"]) == 1
+    # without the adapter the label map draws the liver (1) only: the spleen gets no score, not a Dice of 0
+    base_only = run_job_blocking(write_job(tmp_path / "jobs", "evaluate", {**base, "image": paths["image"],
+                                                                           "reference": paths["label"]}), timeout_s=300)
+    assert base_only.result["classes"] == ["liver", "spleen"]
+    assert base_only.result["base_dice"][1] is None and isinstance(base_only.result["base_dice"][0], float)
     wrong = run_job_blocking(write_job(tmp_path / "jobs", "finetune", {**base, "images": [paths["image"]], "labels": [paths["label"]]},
                                        {"method": "linear-probe", "method_options": {"head": "conv_final.2.conv", "head_rows": [2, 0]}}),
                              timeout_s=300)
@@ -245,12 +250,36 @@ def test_intensity_normalisations_follow_the_spec_formulas():
     assert torch.allclose(middle, ((ct - low) / (high - low)).clamp(0, 1), atol=1e-5)  # both percentiles are the spec's
     brain = torch.zeros(8, 8, 8)
     brain[2:6, 2:6, 2:6] = torch.linspace(100.0, 300.0, 64).view(4, 4, 4)
+    before = brain.clone()
     normalised = _intensity_normalizer({"method": "zscore", "nonzero": True})(brain)
+    assert torch.equal(brain, before)  # MONAI normalises nonzero voxels in place: the caller's volume must not change
     inside = normalised[2:6, 2:6, 2:6]
     assert abs(float(inside.mean())) < 1e-5 and abs(float(inside.std(unbiased=False)) - 1) < 1e-4
     assert float(normalised[0].abs().max()) == 0.0  # the background stays 0
     with pytest.raises(ModelError, match="needs a_min and a_max"):
         _intensity_normalizer({"method": "range"})
+
+
+def test_a_volume_with_nan_and_a_validation_map_lost_on_the_network_grid_are_refused(oblique):
+    from monai.data import MetaTensor
+
+    from medgen.adapt.segmenter import prepare_volume
+
+    model = _batchnorm_model()
+    image, label = blob_case(0, oblique)
+    holed = image.clone()
+    holed[0, 3, 3, 3] = float("nan")
+    with pytest.raises(BadInputError, match="holds NaN or infinite voxels"):
+        prepare_volume(model, holed)
+    # one corner voxel of 24³ drawn: nearest-neighbour resizing to an 8³ network input samples every third voxel
+    model.input_size = (8, 8, 8)
+    speck = torch.zeros_like(label.as_tensor())
+    speck[0, 0, 0, 0] = 1
+    speck = MetaTensor(speck, affine=label.affine)
+    assert not bool((prepare_volume(model, image, speck)[1] > 0).any())
+    with pytest.raises(BadInputError, match="keeps no labelled voxel on tiny-bn's grid"):
+        finetune_segmentation(model, [(image, label)], FinetuneConfig(steps=1, amp=False), checkpoint_dir=None,
+                              validation=(image, speck))
 
 
 def test_the_spec_orientation_decides_the_network_axes(oblique, tmp_path):

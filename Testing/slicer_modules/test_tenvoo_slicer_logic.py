@@ -6,6 +6,7 @@ is trained per file and shared.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from monai.data import MetaTensor
 
 from medgen_testing import TINY_UNET_KWARGS, blob_case, cancel_once_running, make_mrml_scene, oblique_affine, pretrained_blob_model, scene_snapshot, tiny_unet_spec
 from medgen.errors import BadInputError, ModelError
+from medgen.io import load_volume
 from medgen.jobs.exit_codes import ExitCode
 from medgen.labels import LabelInfo
 from medgen.slicer.scene import subject_hierarchy
@@ -220,4 +222,24 @@ def test_segments_map_to_model_classes_by_name_and_the_validation_pair_is_writte
     rows = adaptation.dice_rows({"classes": ["blob"], "base_dice": [0.25], "adapted_dice": [0.75]})
     assert rows == [{"class": "blob", "base_dice": 0.25, "adapted_dice": 0.75}]
     assert adaptation.format_dice_rows(rows) == "blob: base 0.250 -> adapted 0.750"
+    undrawn = adaptation.dice_rows({"classes": ["blob", "vessel"], "base_dice": [0.25, None], "adapted_dice": [0.75, None]})
+    assert adaptation.format_dice_rows(undrawn) == "blob: base 0.250 -> adapted 0.750\nvessel: not drawn in the reference"
     assert (adaptation.method_options("lora", 4), adaptation.method_options("ia3", 4)) == ({"rank": 4}, {})
+
+
+def test_a_replaced_head_numbers_the_classes_of_finetune_and_compare_requests(model, mrml_scene, tmp_path):
+    """The job reads label maps with the adapted head's numbers (a fresh 3-channel head: "class 1", "class 2"), so
+    the scene's segments must be written with them, not with the base model's ("blob" = 1)."""
+    pair = _blob_pair(mrml_scene, "fresh head", 4, segment_names=("class 2",))
+    head = {"head": "model.2.conv", "head_out_channels": 3}
+    request = adaptation.finetune_request(model, [pair], "tenvoo-l", {**OPTIONS, **head})
+    assert request.class_names == ("class 1", "class 2")
+    label = load_volume(request.write_inputs(tmp_path / "inputs")["labels"][0], label=True)
+    assert set(torch.unique(label.as_tensor()).tolist()) == {0, 2}
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"options": head}))
+    assert adaptation.compare_request(model, pair.volume, pair.segmentation, adapter).class_names == ("class 1", "class 2")
+    (adapter / "adapter_config.json").write_text("{broken")
+    with pytest.raises(BadInputError, match="has no readable adapter_config.json"):
+        adaptation.compare_request(model, pair.volume, pair.segmentation, adapter)

@@ -216,6 +216,11 @@ def finetune_segmentation(
         # checked before training: a bad validation map would otherwise fail (or mislead early stopping) after it
         check_segmentation_labels(model, validation[1], display_name(validation[1], "The validation segmentation"))
         val_inputs, val_labels = prepare_volume(model, *validation)
+        if not bool((val_labels > 0).any()):  # its score would be NaN, and early stopping would act on it
+            raise BadInputError(
+                f"{display_name(validation[1], 'The validation segmentation')} keeps no labelled voxel on {model.name}'s "
+                f"grid {tuple(val_labels.shape[2:])}: its structures are thinner than the model's voxels. Draw them "
+                "larger, or leave validation empty.")
         val = (val_inputs, val_labels)
     model.network.to(device)
     loss_function = DiceLoss(to_onehot_y=True, softmax=True)

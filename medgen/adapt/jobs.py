@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from medgen.adapt.finetune import FinetuneConfig, check_segmentation_labels, finetune_segmentation
 from medgen.adapt.segmenter import head_class_names, load_segmentation_model, relabel_by_name, segment
 from medgen.errors import BadInputError
 from medgen.io import check_not_constant, check_same_geometry, load_volume, nearest_multiple_shape, save_volume
 from medgen.io.atomic import write_text_atomic
 from medgen.jobs.context import JobContext
+from medgen.labels import default_color
 from medgen.metrics import dice_per_class
 from medgen.peft import describe, inject, load_adapter, save_adapter, trainable_parameters
 from medgen.peft.inject import adapter_record
@@ -69,7 +72,7 @@ def run_infer(ctx: JobContext) -> dict:
     ctx.reporter.progress("segmenting", 1, 1)
     output = save_volume(labels, ctx.output_path("segmentation.nii.gz"), label=True)
     names = write_text_atomic(ctx.output_path("segmentation_labels.json"), json.dumps(
-        [{"name": name, "value": value, "color": [0.9, 0.6, 0.2] if value == 1 else [0.3, 0.6, 0.9]}
+        [{"name": name, "value": value, "color": list(default_color(value))}
          for value, name in enumerate(model.class_names, start=1)], indent=2) + "\n")
     return {"outputs": {"segmentation": str(output), "labels": str(names)}}
 
@@ -91,10 +94,13 @@ def _dice_report(ctx: JobContext) -> dict:
     # the reference is numbered like the adapted model's classes (a replaced head may keep fewer)
     check_segmentation_labels(adapted, reference, f"The reference {Path(ctx.inputs['reference']).name}")
     report = {"classes": adapted.class_names}
+    # a class the reference does not draw has no score (null): a Dice of 0 there would blame the model for it
+    drawn = {int(value) for value in torch.unique(reference.as_tensor()).tolist()}
     for step, (name, model) in enumerate((("base", base), ("adapted", adapted))):
         ctx.reporter.check_cancelled()
         labels = relabel_by_name(segment(model, image, ctx.device)[0], model.class_names, adapted.class_names)
-        report[f"{name}_dice"] = dice_per_class(labels, reference[0], adapted.num_classes)[1:].tolist()
+        scores = dice_per_class(labels, reference[0], adapted.num_classes)[1:].tolist()
+        report[f"{name}_dice"] = [score if value in drawn else None for value, score in enumerate(scores, start=1)]
         ctx.reporter.progress("evaluating", step + 1, 2)
     return report
 
@@ -130,9 +136,15 @@ def _feature_network(ctx: JobContext, example, grid: tuple[int, int, int]):
 
             def prepare(volume):
                 return diffusion.to_model_range(_scaled_to_grid(volume, grid).as_tensor())
-        else:
+        elif "feature_model_folder" in ctx.inputs:  # the user's own network takes the volume as it is
             def prepare(volume):
                 return volume.as_tensor()
+        else:  # the base segmentation model: its own orientation, resampling and normalisation, as for deepbet
+            model = load_segmentation_model(folder)
+            network = model.network
+
+            def prepare(volume):
+                return prepare_volume(model, volume)[0].tensor[0]
     else:
         model = load_segmentation_model(_model_source(ctx))
         network, spec = model.network, deepbet_spec()

@@ -133,6 +133,8 @@ def prepare_volume(model: SegmentationModel, image: MetaTensor, label: MetaTenso
     """
     if image.ndim != 4 or image.shape[0] != 1:
         raise BadInputError(f"Expected a single-channel volume (1, I, J, K); got {tuple(image.shape)}.")
+    if not bool(torch.isfinite(image).all()):
+        raise BadInputError(f"{display_name(image, 'The image')} holds NaN or infinite voxels; fill or mask them first.")
     check_not_constant(image, display_name(image, "The image"), "to segment")
     oriented = Orientation(axcodes=model.orientation)(image.float())
     oriented_label = Orientation(axcodes=model.orientation)(label.float()) if label is not None else None
@@ -210,7 +212,7 @@ def _intensity_normalizer(settings: dict) -> Callable[[torch.Tensor], torch.Tens
         return _deepbet_normalize
     else:
         raise ModelError(f"Unsupported intensity normalisation {method!r} in the model spec.")
-    return lambda volume: transform(volume[None])[0]
+    return lambda volume: transform(volume[None].clone())[0]  # MONAI's zscore on nonzero voxels writes in place
 
 
 def load_segmentation_model(source: str) -> SegmentationModel:
