@@ -5,6 +5,7 @@ from __future__ import annotations
 import colorsys
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Iterable
@@ -34,7 +35,10 @@ class LabelInfo:
         """A label as stored in a model folder or labels.json (``color`` and ``terminology`` optional)."""
         value = int(entry["value"])
         color = tuple(float(c) for c in entry["color"]) if "color" in entry else default_color(value)
-        return cls(str(entry["name"]), value, color, str(entry.get("terminology", "")))
+        name = entry["name"]
+        if not isinstance(name, str):  # str(None) would name a structure "None"
+            raise ValueError(f"the name of the label of value {value} must be a string, got {name!r}")
+        return cls(name, value, color, str(entry.get("terminology", "")))
 
 
 def default_color(value: int) -> tuple[float, float, float]:
@@ -56,7 +60,14 @@ def make_labels(names: dict[str, int] | Iterable[str]) -> list[LabelInfo]:
 
 def check_labels(labels: list[LabelInfo]) -> None:
     """Raise :class:`BadInputError` for duplicate names/values, non-positive values or colours that are not RGB in [0, 1]."""
-    names = [label.name for label in labels]
+    unnamed = [label.value for label in labels if not isinstance(label.name, str) or not label.name.strip()]
+    if unnamed:
+        raise BadInputError(f"Every label needs a name (a non-empty string); the labels of values {unnamed} have none.")
+    background = [label.name for label in labels if label.name.strip().lower() == "background"]
+    if background:
+        raise BadInputError(f"'background' is value 0, never a structure; remove the entry {background[0]!r} or rename it.")
+    # names are matched to segments ignoring case and surrounding spaces ("Liver" is "liver")
+    names = [label.name.strip().lower() for label in labels]
     values = [label.value for label in labels]
     repeated_names = sorted({name for name in names if names.count(name) > 1})
     repeated_values = sorted({value for value in values if values.count(value) > 1})
@@ -77,7 +88,7 @@ def _is_background(name, value) -> bool:
 
 def _whole_number(value, what: str) -> int:
     """A label value from JSON: an integer (or an integral float), never a fraction, a string or a boolean."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
         raise ValueError(f"{what} must be a whole number, got {value!r}")
     return int(value)
 

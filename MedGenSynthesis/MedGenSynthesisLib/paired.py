@@ -182,7 +182,7 @@ def nnunet_export_params(
         BadInputError: export asked without a dataset ID, the dataset folder already exists, or a step count
             that does not divide the model's timesteps.
     """
-    from medgen.synthesis.nnunet_export import dataset_folder_name
+    from medgen.synthesis.nnunet_export import check_free_dataset_id, dataset_folder_name
 
     if not nnunet_folder:
         return None, {"nnunet_dataset_id": None}
@@ -190,6 +190,7 @@ def nnunet_export_params(
         raise BadInputError("Give an nnU-Net dataset ID (1..999) to export the pairs, or clear the export folder.")
     nnunet_folder = Path(nnunet_folder)
     check_free_destination(nnunet_folder / dataset_folder_name(dataset_id, name))
+    check_free_dataset_id(nnunet_folder, int(dataset_id), dataset_folder_name(dataset_id, name))
     return nnunet_folder, {"nnunet_dataset_id": int(dataset_id), "nnunet_name": name, "channel_name": channel_name}
 
 
@@ -198,7 +199,10 @@ def move_exported_dataset(outputs: dict[str, str], nnunet_folder: Path | None) -
     when no export was asked or the job wrote none (nothing to export)."""
     if nnunet_folder is None or "nnunet_dataset" not in outputs:
         return {}
+    from medgen.synthesis.nnunet_export import check_free_dataset_id
+
     exported = Path(outputs["nnunet_dataset"])
+    check_free_dataset_id(nnunet_folder, int(exported.name[len("Dataset"):].split("_", 1)[0]), exported.name)  # taken since?
     return {"nnunet_dataset": move_into(exported, nnunet_folder / exported.name)}
 
 

@@ -31,12 +31,16 @@ def test_colour_is_optional_and_nnunet_style_objects_are_read(tmp_path):
     ('[1, 2]', "expected a list of objects"),
     ('[{"name": "a", "value": 1}, {"name": "a", "value": 2}]', r"must be unique; repeated names \['a'\]"),
     ('[{"name": "a", "value": 1, "color": [255, 0, 0]}]', "RGB triples in \\[0, 1\\]"),
+    ('{"liver": Infinity}', "the value of 'liver' must be a whole number, got inf"),
+    ('{"background": 1, "liver": 2}', "'background' is value 0, never a structure"),
+    ('[{"name": null, "value": 1}]', "the name of the label of value 1 must be a string, got None"),
+    ('[{"name": "Liver", "value": 1}, {"name": "liver ", "value": 2}]', r"repeated names \['liver'\]"),  # as segments match
 ])
 def test_a_wrong_format_says_what_to_write(tmp_path, content, detail):
     (tmp_path / "labels.json").write_text(content)
     with pytest.raises(BadInputError, match=detail) as caught:
         load_labels(tmp_path / "labels.json")
-    if "unique" not in detail and "RGB" not in detail:
+    if not any(word in detail for word in ("unique", "RGB", "repeated", "background")):
         assert 'Write a list [{"name": "liver", "value": 1' in str(caught.value)
 
 

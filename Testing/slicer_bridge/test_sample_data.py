@@ -58,7 +58,8 @@ def test_a_second_load_reuses_the_cache_and_makes_unique_node_names(mrml_scene, 
     assert nodes[0].GetName() != "MedGenBrain_T1" and nodes[0].GetName().startswith("MedGenBrain_T1")
 
 
-@pytest.mark.parametrize("damage", ["truncated file", "no manifest", "older version"])
+@pytest.mark.parametrize("damage", ["truncated file", "no manifest", "older version", "files not a mapping",
+                                    "a file left out"])
 def test_a_damaged_or_unfinished_cache_is_rebuilt_not_loaded(tmp_path, damage):
     paths = sample_data.ensure_sample_files(tmp_path)
     manifest = sample_data.sample_folder(tmp_path) / sample_data.MANIFEST_NAME
@@ -66,6 +67,10 @@ def test_a_damaged_or_unfinished_cache_is_rebuilt_not_loaded(tmp_path, damage):
         paths["t1"].write_bytes(paths["t1"].read_bytes()[:100])
     elif damage == "no manifest":  # a write interrupted before its last step
         manifest.unlink()
+    elif damage in ("files not a mapping", "a file left out"):  # valid JSON of another shape
+        document = json.loads(manifest.read_text())
+        files = [] if damage == "files not a mapping" else {k: v for k, v in document["files"].items() if k != "t1"}
+        manifest.write_text(json.dumps({**document, "files": files}))
     else:
         document = json.loads(manifest.read_text())
         manifest.write_text(json.dumps({**document, "version": sample_data.SAMPLE_VERSION - 1}))

@@ -155,5 +155,8 @@ def test_generation_refuses_an_existing_nnunet_dataset(trained, tmp_path):
     (tmp_path / "Dataset042_Phantoms" / "imagesTr").mkdir(parents=True)
     with pytest.raises(BadInputError, match="Dataset042_Phantoms already exists"):
         paired.generate_request(trained["model"], 2, nnunet_folder=tmp_path, nnunet_dataset_id=42, nnunet_name="Phantoms")
+    # the id under another name: nnU-Net would refuse both datasets ("More than one dataset name found")
+    with pytest.raises(BadInputError, match="nnU-Net dataset id 42 is taken by Dataset042_Phantoms"):
+        paired.generate_request(trained["model"], 2, nnunet_folder=tmp_path, nnunet_dataset_id=42, nnunet_name="Other")
     with pytest.raises(BadInputError, match="DDIM steps must divide the model's 1000 training timesteps.*got 300, use e.g. 200 or 250"):
         paired.generate_request(trained["model"], 2, steps=300)

@@ -205,3 +205,25 @@ def test_a_case_whose_image_cannot_be_written_leaves_no_label_behind(tmp_path, o
     export_nnunet([_pair(oblique, 2)], tmp_path, dataset_id=515, name="Full", labels=LABELS)
     assert json.loads((dataset / "dataset.json").read_text())["numTraining"] == 2
     _verify_with_nnunet(dataset)
+
+
+def test_a_label_left_without_its_image_is_not_counted_and_its_id_is_reused(tmp_path, oblique):
+    """A writer killed between a case's label and its image leaves the label alone: nnU-Net counts cases by
+    image, so the next export must not count it (numTraining would disagree) and writes that case whole."""
+    dataset = export_nnunet([_pair(oblique, 0)], tmp_path, dataset_id=511, name="Orphan", labels=LABELS)
+    orphan = dataset / "labelsTr" / "syn_0001.nii.gz"
+    orphan.write_bytes((dataset / "labelsTr" / "syn_0000.nii.gz").read_bytes())
+    export_nnunet([_pair(oblique, 1)], tmp_path, dataset_id=511, name="Orphan", labels=LABELS)
+    assert (dataset / "imagesTr" / "syn_0001_0000.nii.gz").is_file()
+    assert json.loads((dataset / "dataset.json").read_text())["numTraining"] == 2
+    verify_nnunet_dataset(dataset)
+
+
+def test_a_dataset_that_lists_its_cases_in_dataset_json_is_not_extended(tmp_path, oblique):
+    dataset = export_nnunet([_pair(oblique, 0)], tmp_path, dataset_id=512, name="Listed", labels=LABELS)
+    document = json.loads((dataset / "dataset.json").read_text())
+    document["dataset"] = {"syn_0000": {"images": ["imagesTr/syn_0000_0000.nii.gz"], "label": "labelsTr/syn_0000.nii.gz"}}
+    (dataset / "dataset.json").write_text(json.dumps(document))
+    with pytest.raises(BadInputError, match="lists its cases in dataset.json"):
+        export_nnunet([_pair(oblique, 1)], tmp_path, dataset_id=512, name="Listed", labels=LABELS, case_prefix="real")
+    assert sorted(p.name for p in (dataset / "labelsTr").iterdir()) == ["syn_0000.nii.gz"]

@@ -143,6 +143,10 @@ def test_nnunet_folder_discovery(tmp_path, oblique):
     save_volume(image, tmp_path / "imagesTr" / "case2_0000.nii.gz")
     with pytest.raises(BadInputError, match="no label map case2.nii.gz"):
         find_nnunet_pairs(tmp_path)
+    (tmp_path / "imagesTr" / "case2_0000.nii.gz").unlink()
+    save_volume(image, tmp_path / "imagesTr" / "case1_0001.nii.gz")  # a second channel would be dropped silently
+    with pytest.raises(BadInputError, match="Case case1 has a second channel \\(case1_0001.nii.gz\\)"):
+        find_nnunet_pairs(tmp_path)
 
 
 def test_padding_is_background_whatever_the_raw_units_and_negative_labels_are_refused(oblique):

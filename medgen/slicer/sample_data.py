@@ -36,6 +36,10 @@ def sample_folder(cache_root: str | os.PathLike) -> Path:
     return Path(cache_root) / "MedGen" / f"{SAMPLE_NAME}-{SAMPLE_SIZE}-v{SAMPLE_VERSION}"
 
 
+#: the files of the cached subject (what :func:`ensure_sample_files` returns)
+SAMPLE_FILES = ("t1", "t2_simulated", "pd_simulated", "tissue_labels", "brain_mask", "labels")
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -45,10 +49,10 @@ def _cached_files(folder: Path) -> dict[str, Path] | None:
     try:
         manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
         files = {name: folder / entry["file"] for name, entry in manifest["files"].items()}
-        intact = manifest["version"] == SAMPLE_VERSION and all(
+        intact = manifest["version"] == SAMPLE_VERSION and set(files) == set(SAMPLE_FILES) and all(
             _sha256(files[name]) == entry["sha256"] for name, entry in manifest["files"].items()
         )
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # any damage means: build it again
         return None
     return files if intact else None
 

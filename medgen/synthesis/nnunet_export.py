@@ -79,8 +79,11 @@ def _dataset_json(labels: dict[str, int], channel_name: str, num_training: int, 
 
 
 def _existing_cases(labels_dir: Path) -> set[str]:
-    """Case ids with a label map (a case is counted once its label is written; its image is written next)."""
-    return {path.name[: -len(FILE_ENDING)] for path in labels_dir.glob(f"*{FILE_ENDING}")}
+    """Case ids with a label map and its image (what nnU-Net counts); a label whose image is missing (a writer
+    killed between the two) is reused by the next case written under its id."""
+    images_dir = labels_dir.parent / "imagesTr"
+    return {case for path in labels_dir.glob(f"*{FILE_ENDING}")
+            if (images_dir / f"{(case := path.name[: -len(FILE_ENDING)])}_0000{FILE_ENDING}").is_file()}
 
 
 def export_nnunet(
@@ -117,7 +120,7 @@ def export_nnunet(
         raise BadInputError(f"Case prefix {case_prefix!r} may only hold letters, digits, '_' and '-'.")
     reporter = as_reporter(reporter)
     dataset_dir = Path(out_root) / dataset_folder_name(dataset_id, name)
-    _check_free_id(Path(out_root), int(dataset_id), dataset_dir.name)
+    check_free_dataset_id(out_root, int(dataset_id), dataset_dir.name)
     existing_json = _check_compatible(dataset_dir, labels, channel_name)
     images_dir, labels_dir = ensure_folder(dataset_dir / "imagesTr"), ensure_folder(dataset_dir / "labelsTr")
     existing = _existing_cases(labels_dir)
@@ -168,8 +171,10 @@ def _remove_if_empty(*folders: Path) -> None:
             folder.rmdir()
 
 
-def _check_free_id(out_root: Path, dataset_id: int, folder_name: str) -> None:
-    """nnU-Net refuses an id held by two dataset folders ("More than one dataset name found")."""
+def check_free_dataset_id(out_root: str | os.PathLike, dataset_id: int, folder_name: str = "") -> None:
+    """:class:`BadInputError` when another dataset folder than ``folder_name`` in ``out_root`` holds
+    ``dataset_id``: nnU-Net refuses an id held by two ("More than one dataset name found")."""
+    out_root = Path(out_root)
     if not out_root.is_dir():
         return
     others = sorted(path.name for path in out_root.glob(f"Dataset{dataset_id:03d}_*") if path.name != folder_name)
@@ -191,6 +196,9 @@ def _check_compatible(dataset_dir: Path, labels: dict[str, int], channel_name: s
         ) from None
     if not isinstance(existing, dict):
         raise BadInputError(f"{json_path} exists but is not an nnU-Net dataset.json. Fix or remove it, or use another dataset id.")
+    if "dataset" in existing:
+        raise BadInputError(f"{dataset_dir.name} lists its cases in dataset.json ('dataset' key), and cases added to the "
+                            "folders would be missing from that list; export to another dataset id.")
     if existing.get("labels") != labels or existing.get("channel_names") != {"0": channel_name}:
         raise BadInputError(
             f"{dataset_dir.name} already exists with labels {existing.get('labels')} and channels "

@@ -50,6 +50,10 @@ def find_nnunet_pairs(folder: str | os.PathLike) -> list[tuple[str, Path, Path]]
     for image in sorted(images_dir.glob(f"*{IMAGE_SUFFIX}")):
         case = image.name[: -len(IMAGE_SUFFIX)]
         label = labels_dir / f"{case}{LABEL_SUFFIX}"
+        second_channel = images_dir / f"{case}_0001{LABEL_SUFFIX}"
+        if second_channel.is_file():  # one channel is all MedGen trains on and exports: the others would be dropped
+            raise BadInputError(f"Case {case} has a second channel ({second_channel.name}); MedGen's paired synthesis and "
+                                "nnU-Net export take one channel per case. Give a folder with the channel to use only.")
         if not label.is_file():
             raise BadInputError(f"Image {image.name} has no label map {label.name} in {labels_dir}.")
         pairs.append((case, image, label))
