@@ -227,3 +227,19 @@ def test_a_dataset_that_lists_its_cases_in_dataset_json_is_not_extended(tmp_path
     with pytest.raises(BadInputError, match="lists its cases in dataset.json"):
         export_nnunet([_pair(oblique, 1)], tmp_path, dataset_id=512, name="Listed", labels=LABELS, case_prefix="real")
     assert sorted(p.name for p in (dataset / "labelsTr").iterdir()) == ["syn_0000.nii.gz"]
+
+
+def test_ct_cases_must_be_in_hounsfield_units(tmp_path, oblique):
+    """nnU-Net's CT normalisation pools intensities over all cases: generated images in [0, 1] next to real HU
+    would end up nearly constant, so a 'CT' export refuses them and says which channel name to use."""
+    with pytest.raises(BadInputError, match=r"Case 0: its intensities span .*\.\.1, not Hounsfield units, but the channel .CT. has nnU-Net.*channel name"):
+        export_nnunet([_pair(oblique, 0)], tmp_path, dataset_id=513, name="Ct", labels=LABELS, channel_name="CT")
+    image, label = _pair(oblique, 1)
+    hounsfield = MetaTensor(image.as_tensor() * 2000 - 1000, affine=image.affine)
+    verify_nnunet_dataset(export_nnunet([(hounsfield, label)], tmp_path, dataset_id=513, name="Ct", labels=LABELS,
+                                        channel_name="CT"))
+    from medgen.synthesis.nnunet_export import check_channel_of_generated
+
+    check_channel_of_generated("MRI")
+    with pytest.raises(BadInputError, match="Generated pairs cannot be exported as CT"):  # said before generating
+        check_channel_of_generated("CT")

@@ -11,7 +11,7 @@ from medgen.io.model_folder import read_model_json
 from medgen.jobs.context import JobContext
 from medgen.labels import load_labels
 from medgen.synthesis.joint_ldm import TASK, JointLDMConfig, write_generated_pairs
-from medgen.synthesis.nnunet_export import export_nnunet
+from medgen.synthesis.nnunet_export import check_channel_of_generated, export_nnunet
 from medgen.synthesis.prepare import load_pairs_from_folder, prepare_pairs
 
 #: training settings a job may override (names of :class:`JointLDMConfig` fields)
@@ -54,6 +54,8 @@ def run_synth_train(ctx: JobContext) -> dict:
 def run_synthesize(ctx: JobContext) -> dict:
     """Generate ``count`` pairs into ``outputs/pairs`` and optionally an nnU-Net dataset."""
     params, model_dir = ctx.params, ctx.inputs["model"]
+    if params.get("nnunet_dataset_id"):
+        check_channel_of_generated(params["channel_name"])
     document = read_model_json(model_dir, TASK)
     pairs = write_generated_pairs(
         model_dir, params["count"], ctx.output_path("pairs"), seed=ctx.spec.seed, batch_size=params["batch_size"],

@@ -14,7 +14,7 @@ from medgen.io.model_folder import read_model_json
 from medgen.jobs.context import JobContext
 from medgen.labels import load_labels
 from medgen.synthesis.filtering import FilterThresholds
-from medgen.synthesis.nnunet_export import export_nnunet
+from medgen.synthesis.nnunet_export import check_channel_of_generated, export_nnunet
 from medgen.synthesis.prepare import prepare_pairs
 
 #: training settings a job may override (names of :class:`MaskGenConfig` fields)
@@ -84,6 +84,8 @@ def run_maskgen(ctx: JobContext) -> dict:
     from medgen.synthesis.maskgen import TASK, synthesize_from_masks
 
     params, model_dir = ctx.params, ctx.inputs["model"]
+    if params.get("nnunet_dataset_id"):
+        check_channel_of_generated(params["channel_name"])
     document = read_model_json(model_dir, TASK)
     masks = [(volume_stem(path), load_volume(path, label=True, name=Path(path).name)) for path in ctx.inputs["masks"]]
     report = synthesize_from_masks(

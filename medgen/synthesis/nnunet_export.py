@@ -134,6 +134,8 @@ def export_nnunet(
         try:
             image, label_map = _as_volume(image_like, False, "image"), _as_volume(label_like, True, "label")
             _check_pair(image, label_map, allowed_values, _case_name(image_like, label_like, number))
+            if channel_name == "CT":
+                _check_hounsfield(image, _case_name(image_like, label_like, number))
         except BadInputError as error:
             if not written:
                 _remove_if_empty(images_dir, labels_dir, dataset_dir)
@@ -209,6 +211,26 @@ def _check_compatible(dataset_dir: Path, labels: dict[str, int], channel_name: s
         raise BadInputError(f"{dataset_dir.name} holds {existing.get('file_ending')} files; this export writes {FILE_ENDING}, "
                             "and nnU-Net would see only the cases of one ending. Export to another dataset id.")
     return existing
+
+
+#: why generated images (in [0, 1]) and a "CT" channel do not go together
+_POOLED_CT = ("the channel 'CT' has nnU-Net normalise with intensity percentiles pooled over all cases, so images in "
+              "[0, 1] (what MedGen's generators write) next to real Hounsfield units would end up nearly constant. Export "
+              "with another channel name (e.g. 'MRI': each case z-scored on its own), for the real cases too.")
+
+
+def check_channel_of_generated(channel_name: str) -> None:
+    """:class:`BadInputError` for a "CT" export of generated pairs, before any is generated (see :func:`_check_hounsfield`)."""
+    if channel_name == "CT":
+        raise BadInputError(f"Generated pairs cannot be exported as CT: {_POOLED_CT}")
+
+
+def _check_hounsfield(image: MetaTensor, name: str) -> None:
+    """:class:`BadInputError` for a "CT" case whose intensities span at most 2, so not Hounsfield units."""
+    low, high = float(image.min()), float(image.max())
+    if high - low <= 2.0:
+        raise BadInputError(f"{name[:1].upper()}{name[1:]}: its intensities span {low:.3g}..{high:.3g}, not Hounsfield "
+                            f"units, but {_POOLED_CT}")
 
 
 def _case_name(image_like: VolumeLike, label_like: VolumeLike, number: int) -> str:
