@@ -182,7 +182,7 @@ def nnunet_export_params(
         BadInputError: export asked without a dataset ID, the dataset folder already exists, or a step count
             that does not divide the model's timesteps.
     """
-    from medgen.synthesis.nnunet_export import check_free_dataset_id, dataset_folder_name
+    from medgen.synthesis.nnunet_export import check_channel_of_generated, check_free_dataset_id, dataset_folder_name
 
     if not nnunet_folder:
         return None, {"nnunet_dataset_id": None}
@@ -191,6 +191,7 @@ def nnunet_export_params(
     nnunet_folder = Path(nnunet_folder)
     check_free_destination(nnunet_folder / dataset_folder_name(dataset_id, name))
     check_free_dataset_id(nnunet_folder, int(dataset_id), dataset_folder_name(dataset_id, name))
+    check_channel_of_generated(channel_name)
     return nnunet_folder, {"nnunet_dataset_id": int(dataset_id), "nnunet_name": name, "channel_name": channel_name}
 
 
