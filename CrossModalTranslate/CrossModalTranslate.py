@@ -130,15 +130,17 @@ class CrossModalTranslateWidget(ModuleWidgetMixin, ScriptedLoadableModuleWidget,
         self.startOrCancel(self.trainPanel, lambda: self.logic.panelTrainRequest(self._parameterNode, checkedVolumes),
                            onImported=self.onTrained)
 
+    # The callbacks below run when a job ends, possibly after the user left the module (which drops the widget's
+    # parameter node): they go through the Logic's parameter node, as the other modules' imports do.
     def onTranslated(self, imported: dict) -> None:
         """The new translation becomes the output volume the Segment Editor button opens."""
-        self._parameterNode.translatedVolume = imported["translated"]
-        self.updateSegmentEditorButton()
+        self.logic.getParameterNode().translatedVolume = imported["translated"]
+        self.onTranslatedVolumeSelected(imported["translated"])
 
     def onTrained(self, imported: dict) -> None:
         """A newly trained model becomes the model to translate with (and is remembered)."""
-        self._parameterNode.modelFolder = imported["model"]
-        self.onModelFolderChanged()
+        self.logic.getParameterNode().modelFolder = imported["model"]
+        self.onModelFolderChanged(str(imported["model"]))
 
     def onModelFolderChanged(self, path: str | None = None) -> None:
         """Describe the chosen model folder, or say what is wrong with it; remember it once it is valid.

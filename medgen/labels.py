@@ -60,14 +60,7 @@ def make_labels(names: dict[str, int] | Iterable[str]) -> list[LabelInfo]:
 
 def check_labels(labels: list[LabelInfo]) -> None:
     """Raise :class:`BadInputError` for duplicate names/values, non-positive values or colours that are not RGB in [0, 1]."""
-    unnamed = [label.value for label in labels if not isinstance(label.name, str) or not label.name.strip()]
-    if unnamed:
-        raise BadInputError(f"Every label needs a name (a non-empty string); the labels of values {unnamed} have none.")
-    background = [label.name for label in labels if label.name.strip().lower() == "background"]
-    if background:
-        raise BadInputError(f"'background' is value 0, never a structure; remove the entry {background[0]!r} or rename it.")
-    # names are matched to segments ignoring case and surrounding spaces ("Liver" is "liver")
-    names = [label.name.strip().lower() for label in labels]
+    names = [label.name for label in labels]
     values = [label.value for label in labels]
     repeated_names = sorted({name for name in names if names.count(name) > 1})
     repeated_values = sorted({value for value in values if values.count(value) > 1})
@@ -83,7 +76,7 @@ def check_labels(labels: list[LabelInfo]) -> None:
 
 def _is_background(name, value) -> bool:
     """The background entry label descriptions may list: named background (any case), value 0."""
-    return value == 0 and str(name).lower() == "background"
+    return value == 0 and str(name).strip().casefold() == "background"
 
 
 def _whole_number(value, what: str) -> int:
@@ -121,14 +114,33 @@ def load_labels(path: str | os.PathLike) -> list[LabelInfo]:
     try:
         entries = json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=_no_repeated_keys)
         if isinstance(entries, dict):
-            return make_labels({str(name): _whole_number(value, f"the value of {name!r}") for name, value in entries.items()})
-        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            labels = make_labels({str(name): _whole_number(value, f"the value of {name!r}") for name, value in entries.items()})
+        elif not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             raise ValueError("expected a list of objects")
-        labels = [LabelInfo.from_dict({**e, "value": _whole_number(e["value"], f"the value of {e['name']!r}")})
-                  for e in entries
-                  if not _is_background(e["name"], e.get("value"))]  # as the object form does
+        else:
+            labels = [LabelInfo.from_dict({**e, "value": _whole_number(e["value"], f"the value of {e['name']!r}")})
+                      for e in entries
+                      if not _is_background(e["name"], e.get("value"))]  # as the object form does
     except (OSError, ValueError, KeyError, TypeError) as error:
         detail = f"missing {error}" if isinstance(error, KeyError) else str(error)
         raise BadInputError(f"{path} is not a label description ({detail}). Write {LABELS_FORMAT}.") from None
     check_labels(labels)
+    _check_file_names(labels, path)
     return labels
+
+
+def _check_file_names(labels: list[LabelInfo], path) -> None:
+    """What a labels.json written by hand may get wrong (not checked on labels MedGen wrote, so that model folders
+    trained earlier keep working): no name, a 'background' structure, or names equal but for case and surrounding
+    spaces, which segments are matched by (``medgen.slicer.segmentations.segment_name_key``)."""
+    unnamed = [label.value for label in labels if not label.name.strip()]
+    if unnamed:
+        raise BadInputError(f"{path}: every label needs a name; the labels of values {unnamed} have none.")
+    keys = [label.name.strip().casefold() for label in labels]
+    if "background" in keys:
+        raise BadInputError(f"{path}: 'background' is value 0, never a structure; remove its entry of value "
+                            f"{labels[keys.index('background')].value} or rename it.")
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise BadInputError(f"{path}: label names must differ by more than case and spaces (segments are matched so); "
+                            f"repeated names {repeated}.")

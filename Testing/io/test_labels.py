@@ -32,15 +32,15 @@ def test_colour_is_optional_and_nnunet_style_objects_are_read(tmp_path):
     ('[{"name": "a", "value": 1}, {"name": "a", "value": 2}]', r"must be unique; repeated names \['a'\]"),
     ('[{"name": "a", "value": 1, "color": [255, 0, 0]}]', "RGB triples in \\[0, 1\\]"),
     ('{"liver": Infinity}', "the value of 'liver' must be a whole number, got inf"),
-    ('{"background": 1, "liver": 2}', "'background' is value 0, never a structure"),
+    ('{"Background ": 1, "liver": 2}', "'background' is value 0, never a structure"),
     ('[{"name": null, "value": 1}]', "the name of the label of value 1 must be a string, got None"),
-    ('[{"name": "Liver", "value": 1}, {"name": "liver ", "value": 2}]', r"repeated names \['liver'\]"),  # as segments match
+    ('[{"name": "Liver", "value": 1}, {"name": "liver ", "value": 2}]', r"differ by more than case.*\['liver'\]"),
 ])
 def test_a_wrong_format_says_what_to_write(tmp_path, content, detail):
     (tmp_path / "labels.json").write_text(content)
     with pytest.raises(BadInputError, match=detail) as caught:
         load_labels(tmp_path / "labels.json")
-    if not any(word in detail for word in ("unique", "RGB", "repeated", "background")):
+    if not any(word in detail for word in ("unique", "RGB", "differ", "background")):
         assert 'Write a list [{"name": "liver", "value": 1' in str(caught.value)
 
 
@@ -61,3 +61,12 @@ def test_a_structure_given_value_0_is_refused_not_taken_for_background(tmp_path)
     (tmp_path / "dataset_labels.json").write_text('{"background": 0, "tumour": 0, "liver": 1}')  # the object form too
     with pytest.raises(BadInputError, match=r"must be positive \(0 is background\); got \[0, 1\]"):
         load_labels(tmp_path / "dataset_labels.json")
+
+
+def test_labels_medgen_wrote_before_the_stricter_file_rules_still_read_back(tmp_path):
+    """Model folders keep their labels through save_labels/check_labels: a 'Background' segment or 'Liver' next to
+    'liver' trained on earlier must not stop them from generating (only hand-written labels.json files are refused)."""
+    from medgen.labels import check_labels
+
+    check_labels([LabelInfo("Background", 1, (0.0, 0.0, 0.0)), LabelInfo("Liver", 2, (1.0, 0.0, 0.0)),
+                  LabelInfo("liver", 3, (0.0, 1.0, 0.0))])

@@ -194,3 +194,28 @@ def test_a_scene_model_choice_wins_over_the_remembered_one_and_each_grid_size_re
     widget.onTrainButton()
     ((request, _),) = started
     assert request.params["grid"] == [40, 24, 16]
+
+
+def test_jobs_ending_after_the_user_left_the_module_are_imported_and_adopted(panel, mrml_scene, tmp_path, settings,
+                                                                              monkeypatch):
+    """Leaving the module drops the widget's parameter node while the job runs on; its end must still adopt the
+    new model (remembered) and the new output, through the Logic's node, instead of failing after the import."""
+    widget, _ = panel
+    node = widget._parameterNode
+    monkeypatch.setattr(widget.logic, "getParameterNode", lambda: node)  # the scene's node outlives the widget's link
+    widget.ui.trainingVolumesSelector.checkedNodes = lambda: [_volume(mrml_scene, "T1 a")]
+    widget.onTrainButton()
+    widget._parameterNode = None  # what exit() does
+    model = _model_folder(tmp_path / "job" / "outputs" / "model")
+    widget.trainPanel._runner.returncode, widget.trainPanel._runner.result = 0, {"outputs": {"model": str(model)}}
+    widget.trainPanel.poll()
+    assert widget.ui.trainStatusLabel.text.startswith("Done") and node.modelFolder == model
+    assert settings == {SETTING: str(model)}
+    widget._parameterNode = node  # back in the module: translate, then leave again before it ends
+    node.sourceVolume = _volume(mrml_scene, "case 3")
+    widget.onTranslateButton()
+    widget._parameterNode = None
+    output = save_volume(MetaTensor(torch.rand(1, 12, 10, 8), affine=torch.from_numpy(oblique_affine())), tmp_path / "t.nii.gz")
+    widget.translatePanel._runner.returncode, widget.translatePanel._runner.result = 0, {"outputs": {"translated": str(output)}}
+    widget.translatePanel.poll()
+    assert widget.ui.translateStatusLabel.text.startswith("Done") and node.translatedVolume is not None

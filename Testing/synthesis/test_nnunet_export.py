@@ -241,5 +241,8 @@ def test_ct_cases_must_be_in_hounsfield_units(tmp_path, oblique):
     from medgen.synthesis.nnunet_export import check_channel_of_generated
 
     check_channel_of_generated("MRI")
-    with pytest.raises(BadInputError, match="Generated pairs cannot be exported as CT"):  # said before generating
-        check_channel_of_generated("CT")
+    for spelling in ("CT", "ct", "Ct"):  # nnU-Net compares the channel name ignoring case
+        with pytest.raises(BadInputError, match="Generated pairs cannot be exported as CT"):  # said before generating
+            check_channel_of_generated(spelling)
+    (tmp_path / "Dataset514_notes.txt").write_text("a file, not a dataset")  # nnU-Net lists folders only
+    export_nnunet([(hounsfield, label)], tmp_path, dataset_id=514, name="Free", labels=LABELS, channel_name="ct")

@@ -147,6 +147,9 @@ def test_nnunet_folder_discovery(tmp_path, oblique):
     save_volume(image, tmp_path / "imagesTr" / "case1_0001.nii.gz")  # a second channel would be dropped silently
     with pytest.raises(BadInputError, match="Case case1 has a second channel \\(case1_0001.nii.gz\\)"):
         find_nnunet_pairs(tmp_path)
+    save_volume(image, tmp_path / "imagesTr" / "case1_0001_0000.nii.gz")  # it was the label of a case "case1_0001"
+    save_volume(label, tmp_path / "labelsTr" / "case1_0001.nii.gz", label=True)
+    assert [case for case, _, _ in find_nnunet_pairs(tmp_path)] == ["case1", "case1_0001"]
 
 
 def test_padding_is_background_whatever_the_raw_units_and_negative_labels_are_refused(oblique):

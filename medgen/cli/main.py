@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--labels", type=Path, required=True, help="labels.json (values 1..K-1)")
     export.add_argument("--dataset-id", type=int, required=True, help="nnU-Net dataset id (1-999)")
     export.add_argument("--name", required=True, help="dataset name (Dataset<id>_<name>)")
-    export.add_argument("--channel-name", default="MRI", help="nnU-Net channel name: CT selects CT normalisation, anything else z-scoring")
+    export.add_argument("--channel-name", default="MRI", help="nnU-Net channel name: CT (any case) selects CT normalisation, which needs images in Hounsfield units; anything else z-scores each case")
     export.add_argument("--case-prefix", default="real",
                         help="prefix of the case identifiers; another prefix adds cases to an existing dataset")
     export.set_defaults(func=cmd_export_nnunet)

@@ -134,7 +134,7 @@ def export_nnunet(
         try:
             image, label_map = _as_volume(image_like, False, "image"), _as_volume(label_like, True, "label")
             _check_pair(image, label_map, allowed_values, _case_name(image_like, label_like, number))
-            if channel_name == "CT":
+            if is_ct_channel(channel_name):
                 _check_hounsfield(image, _case_name(image_like, label_like, number))
         except BadInputError as error:
             if not written:
@@ -179,10 +179,11 @@ def check_free_dataset_id(out_root: str | os.PathLike, dataset_id: int, folder_n
     out_root = Path(out_root)
     if not out_root.is_dir():
         return
-    others = sorted(path.name for path in out_root.glob(f"Dataset{dataset_id:03d}_*") if path.name != folder_name)
+    others = sorted(path.name for path in out_root.glob(f"Dataset{dataset_id:03d}_*")
+                    if path.is_dir() and path.name != folder_name)
     if others:
-        raise BadInputError(f"nnU-Net dataset id {dataset_id} is taken by {others[0]} in {out_root}; use another id, "
-                            f"or that dataset's name to add cases to it.")
+        raise BadInputError(f"nnU-Net dataset id {dataset_id} is taken by {others[0]} in {out_root}; use another id "
+                            "(medgen export-nnunet can also add cases to that dataset under its own name).")
 
 
 def _check_compatible(dataset_dir: Path, labels: dict[str, int], channel_name: str) -> dict | None:
@@ -219,9 +220,14 @@ _POOLED_CT = ("the channel 'CT' has nnU-Net normalise with intensity percentiles
               "with another channel name (e.g. 'MRI': each case z-scored on its own), for the real cases too.")
 
 
+def is_ct_channel(channel_name: str) -> bool:
+    """Whether nnU-Net normalises this channel as CT (it compares the name ignoring case)."""
+    return channel_name.casefold() == "ct"
+
+
 def check_channel_of_generated(channel_name: str) -> None:
     """:class:`BadInputError` for a "CT" export of generated pairs, before any is generated (see :func:`_check_hounsfield`)."""
-    if channel_name == "CT":
+    if is_ct_channel(channel_name):
         raise BadInputError(f"Generated pairs cannot be exported as CT: {_POOLED_CT}")
 
 

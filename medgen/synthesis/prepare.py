@@ -51,7 +51,9 @@ def find_nnunet_pairs(folder: str | os.PathLike) -> list[tuple[str, Path, Path]]
         case = image.name[: -len(IMAGE_SUFFIX)]
         label = labels_dir / f"{case}{LABEL_SUFFIX}"
         second_channel = images_dir / f"{case}_0001{LABEL_SUFFIX}"
-        if second_channel.is_file():  # one channel is all MedGen trains on and exports: the others would be dropped
+        # one channel is all MedGen trains on and exports: the others would be dropped (in a flat folder the file may
+        # instead be the label of a case "<case>_0001", which has its own image)
+        if second_channel.is_file() and not (images_dir / f"{case}_0001{IMAGE_SUFFIX}").is_file():
             raise BadInputError(f"Case {case} has a second channel ({second_channel.name}); MedGen's paired synthesis and "
                                 "nnU-Net export take one channel per case. Give a folder with the channel to use only.")
         if not label.is_file():
