@@ -276,8 +276,12 @@ class CrossModalTranslateLogic(SceneJobLogicMixin, ScriptedLoadableModuleLogic):
         source = optional_folder(parameterNode.trainingFolder) if parameterNode.trainingSource == "folder" else checkedVolumes
         if source is None:
             raise BadInputError("Choose the training folder, or train on volumes checked in the scene.")
+        modelFolder, jobRoot = optional_folder(parameterNode.modelOutputFolder), optional_folder(parameterNode.outputFolder)
+        if modelFolder and jobRoot and modelFolder.resolve() in (jobRoot.resolve(), *jobRoot.resolve().parents):
+            raise BadInputError(f"The model output folder {modelFolder} would hold the job folders (Output folder "
+                                f"{jobRoot}), so it would not be empty when the model arrives; choose another one.")
         return self.trainRequest(
-            source, optional_folder(parameterNode.modelOutputFolder), targetModality=parameterNode.targetModality,
+            source, modelFolder, targetModality=parameterNode.targetModality,
             steps=parameterNode.trainingSteps, mode=parameterNode.mode, preset=parameterNode.preset,
             grid=(parameterNode.gridI, parameterNode.gridJ, parameterNode.gridK),
         )

@@ -88,12 +88,20 @@ def model_info(folder: str | Path | None) -> ModelInfo:
     if not (folder / WEIGHTS_FILE).is_file():
         raise ModelError(f"{folder} has a medgen_model.json but no weights file {WEIGHTS_FILE}; "
                          "the training did not finish: re-run it or choose another folder.")
-    return ModelInfo(
-        folder=folder, target_modality=document.get("target_modality") or UNKNOWN_TARGET, mode=config["mode"],
-        grid=tuple(int(size) for size in config["grid"]), conditioned=bool(config.get("conditioned", True)),
-        training_volumes=int(document.get("training_volumes", 0)),
-        num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
-    )
+    try:
+        info = ModelInfo(
+            folder=folder, target_modality=document.get("target_modality") or UNKNOWN_TARGET, mode=config["mode"],
+            grid=tuple(int(size) for size in config["grid"]), conditioned=bool(config.get("conditioned", True)),
+            training_volumes=int(document.get("training_volumes", 0)),
+            num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+        )
+    except (TypeError, ValueError) as error:
+        raise ModelError(f"{folder}/medgen_model.json holds settings of the wrong type ({error}); re-run the translation "
+                         "training.") from error
+    if info.mode not in MODES or len(info.grid) != 3 or min(info.grid) < 1:
+        raise ModelError(f"{folder}/medgen_model.json describes mode {info.mode!r} on grid {list(info.grid)}, which no "
+                         f"translation model has (modes {', '.join(MODES)}, three positive sizes); re-run the training.")
+    return info
 
 
 def translated_node_name(source_name: str, target_modality: str, source_modality: str = "") -> str:
@@ -180,6 +188,10 @@ def _train_params(target_modality: str, grid: Sequence[int], mode: str, preset: 
     if preset not in PRESETS:
         raise BadInputError(f"Unknown preset {preset!r}; use one of {', '.join(PRESETS)}.")
     params = {"target_modality": target_modality.strip(), "grid": [int(size) for size in grid], "mode": mode, "preset": preset}
+    from medgen.translate.model import TranslationConfig  # the job's own check of the grid against the preset's network
+
+    settings = {"grid": tuple(params["grid"]), "mode": mode}
+    TranslationConfig.tiny(**settings) if preset == "tiny" else TranslationConfig(**settings)
     if steps is not None:
         if int(steps) < 1:
             raise BadInputError(f"Training steps must be at least 1; got {steps}.")
@@ -222,8 +234,10 @@ def volume_files(folder: str | Path | None) -> list[str]:
 
     if folder is None or not Path(folder).is_dir():
         raise BadInputError(f"Training folder {folder} does not exist; choose a folder of target-modality volumes.")
+    # Slicer saves segmentations as "<name>.seg.nrrd" next to the scans; "._" files are macOS metadata
     files = sorted(str(path) for path in Path(folder).iterdir()
-                   if path.is_file() and path.name.lower().endswith(SUPPORTED_SUFFIXES))
+                   if path.is_file() and path.name.lower().endswith(SUPPORTED_SUFFIXES)
+                   and ".seg." not in path.name.lower() and not path.name.startswith("._"))
     if not files:
         raise BadInputError(f"Training folder {folder} holds no volume files ({', '.join(SUPPORTED_SUFFIXES)}).")
     return files

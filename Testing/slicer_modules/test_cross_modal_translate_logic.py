@@ -91,6 +91,14 @@ def test_invalid_model_folders_are_refused_naming_what_is_missing(model, tmp_pat
     shutil.copy(model / "medgen_model.json", tmp_path / "medgen_model.json")
     with pytest.raises(ModelError, match="no weights file unet.safetensors"):
         translation.model_info(tmp_path)
+    shutil.copy(model / "unet.safetensors", tmp_path / "unet.safetensors")
+    document = json.loads((model / "medgen_model.json").read_text())
+    for config, message in (({"mode": "2.5d", "grid": None}, "settings of the wrong type"),
+                            ({"mode": "2d", "grid": [32, 32, 16]}, "mode '2d' on grid"),
+                            ({"mode": "3d", "grid": [32, 32]}, "on grid \\[32, 32\\], which no translation model has")):
+        (tmp_path / "medgen_model.json").write_text(json.dumps({**document, "config": config}))
+        with pytest.raises(ModelError, match=message):  # the panel shows it; a raw TypeError broke entering the module
+            translation.model_info(tmp_path)
 
 
 def test_request_writes_the_source_with_its_exact_oblique_geometry(model, t2_source, tmp_path):
@@ -220,6 +228,11 @@ def test_training_inputs_are_checked_before_any_job_starts(mrml_scene, tmp_path)
     (tmp_path / "notes.txt").write_text("not a volume")
     request = translation.train_request_from_folder(tmp_path, target_modality="T1", mode="3d")
     assert request.input_files == {"volumes": [str(tmp_path / "a.nrrd"), str(tmp_path / "b.nii.gz")]}
+    (tmp_path / "scan.seg.nrrd").write_bytes(b"")  # Slicer's segmentation next to a scan, and macOS metadata
+    (tmp_path / "._a.nrrd").write_bytes(b"")
+    assert translation.volume_files(tmp_path) == [str(tmp_path / "a.nrrd"), str(tmp_path / "b.nii.gz")]
+    with pytest.raises(BadInputError, match=r"does not fit a 2-level network: I and J must be multiples of 2"):
+        translation.train_request_from_folder(tmp_path, target_modality="T1", grid=(33, 32, 32))
     (tmp_path / "occupied" / "old").mkdir(parents=True)
     with pytest.raises(BadInputError, match="occupied already exists and is not empty"):
         translation.train_request_from_folder(tmp_path, target_modality="T1", model_folder=tmp_path / "occupied")

@@ -219,3 +219,13 @@ def test_jobs_ending_after_the_user_left_the_module_are_imported_and_adopted(pan
     widget.translatePanel._runner.returncode, widget.translatePanel._runner.result = 0, {"outputs": {"translated": str(output)}}
     widget.translatePanel.poll()
     assert widget.ui.translateStatusLabel.text.startswith("Done") and node.translatedVolume is not None
+
+
+def test_a_model_output_folder_that_would_hold_the_job_folders_is_refused_before_training(panel, mrml_scene, tmp_path):
+    widget, started = panel
+    node = widget._parameterNode
+    node.outputFolder = node.modelOutputFolder = tmp_path  # the job writes its folders there: never empty at the end
+    with pytest.raises(BadInputError, match="would hold the job folders"):
+        widget.logic.panelTrainRequest(node, [_volume(mrml_scene, "T1 a")])
+    node.modelOutputFolder = tmp_path / "model"  # inside the output folder is fine
+    assert widget.logic.panelTrainRequest(node, [_volume(mrml_scene, "T1 b")]).model_folder == tmp_path / "model"
