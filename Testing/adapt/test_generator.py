@@ -197,3 +197,28 @@ def test_fid_with_a_user_supplied_feature_network_names_it(tmp_path, oblique):
     default = run_job_blocking(write_job(tmp_path / "jobs", "evaluate", {"real": paths[:2], "generated": paths[2:]}), timeout_s=300)
     assert default.returncode == ExitCode.OK, default.error
     assert default.result["feature_network"]["name"] == "deepbet-bbox" and default.result["fid"] >= 0
+
+
+def test_fid_with_the_base_segmentation_model_uses_its_own_preprocessing(tmp_path, oblique):
+    """A segmentation model folder as the base: its own percentile normalisation makes the features blind to the
+    scanner's intensity scale, so the same volumes at 1000x intensity are at FID 0 from themselves."""
+    from monai.data import MetaTensor
+    from monai.networks.nets import UNet
+
+    from medgen.io import save_volume
+    from medgen.jobs.exit_codes import ExitCode
+    from medgen.models import save_model
+    from medgen.slicer.runner import run_job_blocking, write_job
+    from medgen_testing import TINY_UNET_KWARGS, tiny_unet_spec
+
+    kwargs = {**TINY_UNET_KWARGS, "norm": "batch"}  # eval-mode BatchNorm: the features follow the input's scale
+    torch.manual_seed(0)
+    save_model(UNet(**kwargs), tiny_unet_spec(kwargs=kwargs), tmp_path / "base")
+    affine = torch.from_numpy(oblique)
+    volumes = _volumes(2)
+    real = [str(save_volume(MetaTensor(v * 1000, affine=affine), tmp_path / f"r{i}.nii.gz")) for i, v in enumerate(volumes)]
+    generated = [str(save_volume(MetaTensor(v, affine=affine), tmp_path / f"g{i}.nii.gz")) for i, v in enumerate(volumes)]
+    job = run_job_blocking(write_job(tmp_path / "jobs", "evaluate", {"model_folder": str(tmp_path / "base"),
+                                                                     "real": real, "generated": generated}), timeout_s=300)
+    assert job.returncode == ExitCode.OK, job.error
+    assert job.result["feature_network"]["source"] == "base model" and job.result["fid"] == pytest.approx(0, abs=1e-6)
