@@ -246,3 +246,19 @@ def test_ct_cases_must_be_in_hounsfield_units(tmp_path, oblique):
             check_channel_of_generated(spelling)
     (tmp_path / "Dataset514_notes.txt").write_text("a file, not a dataset")  # nnU-Net lists folders only
     export_nnunet([(hounsfield, label)], tmp_path, dataset_id=514, name="Free", labels=LABELS, channel_name="ct")
+
+
+def test_exporting_the_same_files_again_adds_no_copies(tmp_path, oblique):
+    """Copies of a case could land in both training and validation folds and inflate nnU-Net's scores."""
+    files = []
+    for index, (image, label) in enumerate([_pair(oblique, 0), _pair(oblique, 1)]):
+        files.append((save_volume(image, tmp_path / f"r{index}_0000.nii.gz"), save_volume(label, tmp_path / f"r{index}.nii.gz", label=True)))
+    dataset = export_nnunet(files, tmp_path / "raw", dataset_id=516, name="Again", labels=LABELS, case_prefix="real")
+    logs = []
+    export_nnunet(files + [_pair(oblique, 2)], tmp_path / "raw", dataset_id=516, name="Again", labels=LABELS,
+                  case_prefix="real", reporter=CallbackReporter(lambda event: logs.append(event.get("message", ""))))
+    assert sorted(p.name for p in (dataset / "labelsTr").iterdir()) == ["real_0000.nii.gz", "real_0001.nii.gz", "real_0002.nii.gz"]
+    assert any("Case 0 (r0_0000.nii.gz + r0.nii.gz) is already in Dataset516_Again as real_0000: not added again" in m
+               for m in logs)
+    assert json.loads((dataset / "dataset.json").read_text())["numTraining"] == 3
+    verify_nnunet_dataset(dataset)

@@ -10,6 +10,7 @@ Correctness is checked in the tests with nnU-Net's own ``verify_dataset_integrit
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -25,6 +26,9 @@ from medgen.io.atomic import ensure_folder, write_text_atomic
 from medgen.progress import Reporter, as_reporter
 
 FILE_ENDING = ".nii.gz"
+#: in the dataset folder: digest of each exported case's voxels and grid -> its case id, so that exporting the same
+#: files again adds no copies (identical cases in training and validation folds would inflate the scores)
+SOURCES_FILE = "medgen_exported_cases.json"
 VolumeLike = Union[str, os.PathLike, torch.Tensor]
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -124,6 +128,7 @@ def export_nnunet(
     existing_json = _check_compatible(dataset_dir, labels, channel_name)
     images_dir, labels_dir = ensure_folder(dataset_dir / "imagesTr"), ensure_folder(dataset_dir / "labelsTr")
     existing = _existing_cases(labels_dir)
+    exported = _exported_digests(dataset_dir, existing)
     allowed_values = set(labels.values())
     cases = list(cases) if not hasattr(cases, "__next__") else cases
     total = len(cases) if hasattr(cases, "__len__") else 0
@@ -141,6 +146,12 @@ def export_nnunet(
                 _remove_if_empty(images_dir, labels_dir, dataset_dir)
                 raise
             raise BadInputError(f"{error} The {written} case(s) exported before it are complete and kept in {dataset_dir}.") from None
+        digest = _case_digest(image, label_map)
+        if digest in exported:
+            name = _case_name(image_like, label_like, number)
+            reporter.log(f"{name[:1].upper()}{name[1:]} is already in {dataset_dir.name} as {exported[digest]}: not added "
+                         "again.", "warning")
+            continue
         while f"{case_prefix}_{index:04d}" in existing:
             index += 1
         case = f"{case_prefix}_{index:04d}"
@@ -154,6 +165,8 @@ def export_nnunet(
             label_path.unlink(missing_ok=True)  # a label without its image would break nnU-Net's case count
             raise
         existing.add(case)
+        exported[digest] = case
+        write_text_atomic(dataset_dir / SOURCES_FILE, json.dumps(exported, indent=1) + "\n")
         written += 1
         write_text_atomic(dataset_dir / "dataset.json", _dataset_json(labels, channel_name, len(existing), existing_json))
         reporter.progress("export", number + 1, max(total, number + 1), case=case)
@@ -163,6 +176,24 @@ def export_nnunet(
     write_text_atomic(dataset_dir / "dataset.json",
                       _dataset_json(labels, channel_name, len(_existing_cases(labels_dir)), existing_json))
     return dataset_dir
+
+
+def _case_digest(image: MetaTensor, label: MetaTensor) -> str:
+    """SHA-256 of a case's image and label voxels and its grid: the same case, whatever file it came from."""
+    digest = hashlib.sha256()
+    for tensor in (image.as_tensor().float(), label.as_tensor().long(), torch.as_tensor(image.affine, dtype=torch.float64)):
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _exported_digests(dataset_dir: Path, existing: set[str]) -> dict[str, str]:
+    """The digests of :data:`SOURCES_FILE` whose cases are still in the dataset (an unreadable record counts as
+    empty: it only prevents copies)."""
+    try:
+        recorded = json.loads((dataset_dir / SOURCES_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {digest: case for digest, case in recorded.items() if case in existing} if isinstance(recorded, dict) else {}
 
 
 def _remove_if_empty(*folders: Path) -> None:
