@@ -212,8 +212,16 @@ def _source_files(folder: str | Path | None) -> tuple[dict[str, Any], list[Label
     dataset_json = Path(folder) / "dataset.json"
     if not dataset_json.is_file():
         return inputs, []
-    labels = json.loads(dataset_json.read_text(encoding="utf-8")).get("labels", {})
-    return inputs, make_labels({name: value for name, value in labels.items() if int(value) != 0})
+    try:
+        labels = json.loads(dataset_json.read_text(encoding="utf-8")).get("labels", {})
+        if labels and all(str(key).isdigit() for key in labels):  # nnU-Net v1 / MSD: {"0": "background", "1": "liver"}
+            labels = {str(name): int(value) for value, name in labels.items()}
+        if not all(isinstance(value, int) and not isinstance(value, bool) for value in labels.values()):
+            raise ValueError(f"label values must be whole numbers (regions such as [1, 2] are not organs): {labels}")
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        raise BadInputError(f"{dataset_json} does not name its labels as expected ({error}): 'labels' must map each "
+                            'name to one whole number, e.g. {"background": 0, "liver": 1}.') from error
+    return inputs, make_labels({name: value for name, value in labels.items() if value != 0})
 
 
 def train_request(

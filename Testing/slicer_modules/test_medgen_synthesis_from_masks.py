@@ -227,6 +227,13 @@ def test_training_from_folders_names_organs_from_dataset_json(tmp_path):
     assert inputs["source_labels"] == [str(source / "labelsTr" / "c1.nii.gz")]
     assert inputs["target_images"] == [str(targets / "t1.nii.gz")]
     assert [label.name for label in load_labels(inputs["label_names"])] == ["liver", "spleen"]
+    # nnU-Net v1 / MSD names labels the other way round; region labels are not organs
+    (source / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "liver", "2": "spleen"}}))
+    request = from_masks.train_request(source_folder=source, target_folder=targets, source_modality="CT", target_modality="T2")
+    assert [label.name for label in load_labels(request.write_inputs(tmp_path / "v1")["label_names"])] == ["liver", "spleen"]
+    (source / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": [1, 2]}}))
+    with pytest.raises(BadInputError, match=r"dataset.json does not name its labels as expected .*regions"):
+        from_masks.train_request(source_folder=source, target_folder=targets, source_modality="CT", target_modality="T2")
 
 
 @pytest.mark.parametrize("settings, message", [
