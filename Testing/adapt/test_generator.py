@@ -191,6 +191,12 @@ def test_fid_with_a_user_supplied_feature_network_names_it(tmp_path, oblique):
     features = job.result["feature_network"]
     assert (features["name"], features["layer"], features["source"], features["feature_dim"]) == (
         "feature unet", "model.0.conv", "user-supplied", 4)
+    # both sets are scaled alike: real volumes in scanner units do not count as a difference from samples in [0, 1]
+    scanner = [str(save_volume(MetaTensor(volume * 1000, affine=affine), tmp_path / f"s{i}.nii.gz"))
+               for i, volume in enumerate(_volumes(4)[:2])]
+    rescaled = run_job_blocking(write_job(tmp_path / "jobs", "evaluate", {**inputs, "real": scanner},
+                                          {"feature_layer": "model.0.conv"}), timeout_s=300)
+    assert rescaled.result["fid"] == pytest.approx(job.result["fid"], rel=1e-3, abs=1e-6)
     with pytest.raises(BadInputError, match="'generated' is a dependency of 'real'"):  # refused before any job starts
         write_job(tmp_path / "jobs", "evaluate", {"real": paths[:2]})
     # no folder: the packaged deepbet encoder, fed through deepbet's own resizing and normalisation

@@ -177,3 +177,59 @@ def test_fid_of_one_dimensional_features_follows_the_same_formula():
     # the same value as the F = 2 formula on features whose second column carries no difference
     padded = frechet_distance(torch.cat([real[:, :1], torch.zeros(20, 1)], 1), torch.cat([generated[:, :1], torch.zeros(20, 1)], 1))
     assert one_d == pytest.approx(padded, rel=1e-6)
+
+
+def test_fid_with_fewer_volumes_than_features_matches_scipy_and_never_goes_negative():
+    """The few-shot case: singular covariances. MONAI's FIDMetric raised on the imaginary part sqrtm returns there
+    (6 of 40 such draws); the value must match an independent float64 computation and stay >= 0."""
+    import scipy.linalg
+
+    from medgen.metrics import frechet_distance
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        real, generated = torch.randn(4, 64, generator=generator) * 100, torch.randn(4, 64, generator=generator) * 100 + 3
+        a, b = real.double().numpy(), generated.double().numpy()
+        covariances = np.cov(a.T), np.cov(b.T)
+        expected = (((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(covariances[0]) + np.trace(covariances[1])
+                    - 2 * np.trace(scipy.linalg.sqrtm(covariances[0] @ covariances[1]).real))
+        assert frechet_distance(real, generated) == pytest.approx(expected, rel=1e-6)
+        assert frechet_distance(real, real) == 0.0
+
+
+def test_mmd_takes_sets_of_different_sizes_in_float64():
+    from medgen.metrics import maximum_mean_discrepancy
+
+    generator = torch.Generator().manual_seed(1)
+    real, generated = torch.rand(3, 1, 8, 8, 8, generator=generator), torch.rand(5, 1, 8, 8, 8, generator=generator)
+    x, y = real.double().flatten(1), generated.double().flatten(1)
+    within = [(k.sum() - k.trace()) / (len(k) * (len(k) - 1)) for k in (x @ x.T, y @ y.T)]
+    assert maximum_mean_discrepancy(real, generated) == pytest.approx(float(within[0] + within[1] - 2 * (x @ y.T).mean()))
+    with pytest.raises(BadInputError, match="at least 2 volumes per set"):
+        maximum_mean_discrepancy(real[:1], generated)
+
+
+def test_feature_layers_that_return_tuples_or_pooled_vectors_give_features():
+    from medgen.metrics import layer_features
+
+    class Blocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = torch.nn.Conv3d(1, 3, 3), torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            features = self.conv(x)
+            return self.head(features.mean((2, 3, 4))), (features, x)
+
+    class WithSkips(torch.nn.Module):  # a block that returns its output and its skips, as a DDPM UNet's
+        def __init__(self):
+            super().__init__()
+            self.block = Blocks()
+
+        def forward(self, x):
+            return self.block(x)
+
+    volumes = [torch.rand(1, 6, 6, 6) for _ in range(2)]
+    assert layer_features(WithSkips(), "block", volumes).shape == (2, 2)  # the tuple's first output, already (1, F)
+    assert layer_features(WithSkips(), "block.head", volumes).shape == (2, 2)
+    assert layer_features(WithSkips(), "block.conv", volumes).shape == (2, 3)

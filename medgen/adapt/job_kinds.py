@@ -83,7 +83,7 @@ register(
         params={"type": "object", "properties": {
             "model": _MODEL_PARAM,
             "feature_layer": {"type": "string", "minLength": 1,
-                              "description": "FID feature layer (dotted module name); default: the encoder's last convolution"},
+                              "description": "FID feature layer (dotted module name); default: the bottleneck convolution"},
         }, "additionalProperties": False},
     )
 )

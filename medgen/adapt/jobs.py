@@ -117,8 +117,9 @@ def _feature_network(ctx: JobContext, example, grid: tuple[int, int, int]):
 
     Returns ``(feature network, prepare)``: ``prepare`` maps a loaded volume ``(1, I, J, K)`` to the network's
     input ``(1, D, H, W)`` (the base segmentation model's own resizing and normalisation; a generator folder's
-    UNet gets every volume resized to ``grid`` and scaled as in its training; another folder's network gets the
-    volume as it is).
+    UNet gets every volume resized to ``grid`` and scaled as in its training; another folder's network gets every
+    volume scaled alike to [0, 1] by its 0.5-99.5 percentiles, so that scanner units and the generators' [0, 1] do
+    not count as a difference).
     """
     from medgen.adapt.segmenter import prepare_volume
     from medgen.metrics.distribution import FeatureNetwork, bottleneck_layer, call_network
@@ -136,9 +137,13 @@ def _feature_network(ctx: JobContext, example, grid: tuple[int, int, int]):
 
             def prepare(volume):
                 return diffusion.to_model_range(_scaled_to_grid(volume, grid).as_tensor())
-        elif "feature_model_folder" in ctx.inputs:  # the user's own network takes the volume as it is
+        elif "feature_model_folder" in ctx.inputs:  # the user's own network: both sets scaled alike
+            from monai.transforms import ScaleIntensityRangePercentiles
+
+            scale = ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True)
+
             def prepare(volume):
-                return volume.as_tensor()
+                return scale(volume).as_tensor()
         else:  # the base segmentation model: its own orientation, resampling and normalisation, as for deepbet
             model = load_segmentation_model(folder)
             network = model.network
