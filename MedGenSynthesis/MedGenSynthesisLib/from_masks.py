@@ -214,14 +214,23 @@ def _source_files(folder: str | Path | None) -> tuple[dict[str, Any], list[Label
         return inputs, []
     try:
         labels = json.loads(dataset_json.read_text(encoding="utf-8")).get("labels", {})
-        if labels and all(str(key).isdigit() for key in labels):  # nnU-Net v1 / MSD: {"0": "background", "1": "liver"}
-            labels = {str(name): int(value) for value, name in labels.items()}
-        if not all(isinstance(value, int) and not isinstance(value, bool) for value in labels.values()):
-            raise ValueError(f"label values must be whole numbers (regions such as [1, 2] are not organs): {labels}")
+        if labels and all(isinstance(value, str) and not value.strip().isdigit() for value in labels.values()):
+            labels = {name: value for value, name in labels.items()}  # nnU-Net v1 / MSD: {"0": "background", "1": "liver"}
+        if any(isinstance(value, (list, dict, bool)) for value in labels.values()):
+            raise ValueError(f"regions such as [1, 2] are not organs: {labels}")
+        labels = {str(name): _whole_label_value(value) for name, value in labels.items()}
     except (OSError, ValueError, TypeError, AttributeError) as error:
         raise BadInputError(f"{dataset_json} does not name its labels as expected ({error}): 'labels' must map each "
                             'name to one whole number, e.g. {"background": 0, "liver": 1}.') from error
     return inputs, make_labels({name: value for name, value in labels.items() if value != 0})
+
+
+def _whole_label_value(value) -> int:
+    """A dataset.json label value as an int: 3, 3.0 and "3" are read; 3.5 is refused."""
+    number = float(value)
+    if number != int(number):
+        raise ValueError(f"label value {value!r} is not a whole number")
+    return int(number)
 
 
 def train_request(

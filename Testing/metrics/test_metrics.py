@@ -233,3 +233,10 @@ def test_feature_layers_that_return_tuples_or_pooled_vectors_give_features():
     assert layer_features(WithSkips(), "block", volumes).shape == (2, 2)  # the tuple's first output, already (1, F)
     assert layer_features(WithSkips(), "block.head", volumes).shape == (2, 2)
     assert layer_features(WithSkips(), "block.conv", volumes).shape == (2, 3)
+
+
+def test_mmd_refuses_volumes_of_different_shapes():
+    from medgen.metrics import maximum_mean_discrepancy
+
+    with pytest.raises(BadInputError, match="of one size"):  # same voxel count, another grid
+        maximum_mean_discrepancy(torch.rand(3, 2, 4, 4, 4), torch.rand(3, 1, 8, 4, 4))

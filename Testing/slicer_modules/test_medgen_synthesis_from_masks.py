@@ -231,6 +231,11 @@ def test_training_from_folders_names_organs_from_dataset_json(tmp_path):
     (source / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "liver", "2": "spleen"}}))
     request = from_masks.train_request(source_folder=source, target_folder=targets, source_modality="CT", target_modality="T2")
     assert [label.name for label in load_labels(request.write_inputs(tmp_path / "v1")["label_names"])] == ["liver", "spleen"]
+    # a v2 file naming its labels by number, and values written as strings or floats, keep their meaning
+    (source / "dataset.json").write_text(json.dumps({"labels": {"0": 0, "3": 1, "1": "2", "2": 3.0}}))
+    request = from_masks.train_request(source_folder=source, target_folder=targets, source_modality="CT", target_modality="T2")
+    assert [(label.name, label.value) for label in load_labels(request.write_inputs(tmp_path / "v2")["label_names"])] == [
+        ("3", 1), ("1", 2), ("2", 3)]
     (source / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": [1, 2]}}))
     with pytest.raises(BadInputError, match=r"dataset.json does not name its labels as expected .*regions"):
         from_masks.train_request(source_folder=source, target_folder=targets, source_modality="CT", target_modality="T2")

@@ -605,7 +605,7 @@ def test_training_again_with_other_settings_is_refused_but_the_controlnet_may_tr
         train_maskgen(sources, targets, ["liver", "kidney"], model_dir, MaskGenConfig.tiny(**FAST),
                       source_prompt=SOURCE, target_prompt=Prompt("FLAIR MRI", region="abdomen"))
     # an empty 'spleen' segment: no source shows it, so no generated image could (refused before any stage)
-    with pytest.raises(BadInputError, match=r"Organs \['spleen'\] have no voxel in any source label map"):
+    with pytest.raises(BadInputError, match=r"Organs \['spleen'\] have no voxel in any prepared source label map"):
         train_maskgen(sources, targets, ["liver", "kidney", "spleen"], tmp_path / "spleen", MaskGenConfig.tiny(**FAST),
                       source_prompt=SOURCE, target_prompt=TARGET)
     assert not (tmp_path / "spleen").exists()

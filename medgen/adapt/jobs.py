@@ -140,7 +140,7 @@ def _feature_network(ctx: JobContext, example, grid: tuple[int, int, int]):
         elif "feature_model_folder" in ctx.inputs:  # the user's own network: both sets scaled alike
             from monai.transforms import ScaleIntensityRangePercentiles
 
-            scale = ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True)
+            scale = ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True, channel_wise=True)
 
             def prepare(volume):
                 return scale(volume).as_tensor()

@@ -303,9 +303,10 @@ def train_maskgen(
     present = {int(value) for _, label in source_cases for value in torch.unique(torch.as_tensor(label)).tolist()}
     unseen = [organ.name for organ in organs if organ.value not in present]
     if unseen:  # an empty segment or a name no label map uses: the model could never draw it, nor its checker score it
-        raise BadInputError(f"Organs {unseen} have no voxel in any source label map, so the model could not learn them "
-                            "and masks holding them would never be accepted. Leave them out of the organ list (or the "
-                            "empty segments out of the segmentation), or add source cases that show them.")
+        raise BadInputError(f"Organs {unseen} have no voxel in any prepared source label map, so the model could not "
+                            "learn them and masks holding them would never be accepted. They are empty segments, names "
+                            "no label map uses (e.g. in dataset.json), or cut off by the crop to the model grid (then "
+                            "give a voxel spacing); leave them out or add source cases that show them.")
     if prompt_encoder is not None and prompt_encoder.embedding_dim != config.prompt_embedding_dim:
         raise BadInputError(
             f"The text model's embedding width {prompt_encoder.embedding_dim} must equal the UNet's cross-attention "
