@@ -74,9 +74,15 @@ def check_labels(labels: list[LabelInfo]) -> None:
         raise BadInputError(f"Label colours are RGB triples in [0, 1] (not 0-255); got {odd_colors}.")
 
 
+def name_key(name: str) -> str:
+    """How structure names are matched (segments to classes, labels to labels): case and surrounding spaces
+    ignored ("Liver " is "liver")."""
+    return name.strip().casefold()
+
+
 def _is_background(name, value) -> bool:
     """The background entry label descriptions may list: named background (any case), value 0."""
-    return value == 0 and str(name).strip().casefold() == "background"
+    return value == 0 and name_key(str(name)) == "background"
 
 
 def _whole_number(value, what: str) -> int:
@@ -131,12 +137,11 @@ def load_labels(path: str | os.PathLike) -> list[LabelInfo]:
 
 def _check_file_names(labels: list[LabelInfo], path) -> None:
     """What a labels.json written by hand may get wrong (not checked on labels MedGen wrote, so that model folders
-    trained earlier keep working): no name, a 'background' structure, or names equal but for case and surrounding
-    spaces, which segments are matched by (``medgen.slicer.segmentations.segment_name_key``)."""
-    unnamed = [label.value for label in labels if not label.name.strip()]
+    trained earlier keep working): no name, a 'background' structure, or names equal by :func:`name_key`."""
+    keys = [name_key(label.name) for label in labels]
+    unnamed = [label.value for label, key in zip(labels, keys) if not key]
     if unnamed:
         raise BadInputError(f"{path}: every label needs a name; the labels of values {unnamed} have none.")
-    keys = [label.name.strip().casefold() for label in labels]
     if "background" in keys:
         raise BadInputError(f"{path}: 'background' is value 0, never a structure; remove its entry of value "
                             f"{labels[keys.index('background')].value} or rename it.")

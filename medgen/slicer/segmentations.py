@@ -16,7 +16,7 @@ import torch
 from monai.data import MetaTensor
 
 from medgen.errors import BadInputError
-from medgen.labels import LabelInfo, default_color
+from medgen.labels import LabelInfo, default_color, name_key
 from medgen.slicer.scene import place_next_to, remove_nodes, resolve_scene, segmentations_logic
 from medgen.slicer.volumes import tensor_to_volume_node, volume_node_to_tensor
 
@@ -49,9 +49,8 @@ def segment_labels(segmentation_node) -> list[LabelInfo]:
 
 
 def segment_name_key(name: str) -> str:
-    """How segment names are matched across segmentations and against model classes: case and surrounding
-    spaces ignored ("Liver " is "liver")."""
-    return name.strip().casefold()
+    """How segment names are matched across segmentations and against model classes (:func:`medgen.labels.name_key`)."""
+    return name_key(name)
 
 
 def segmentation_to_labelmap(segmentation_node, reference_volume_node, *, require_voxels: bool = False) -> tuple[MetaTensor, list[LabelInfo]]:

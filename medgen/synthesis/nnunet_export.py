@@ -136,11 +136,12 @@ def export_nnunet(
     written = 0
     for number, (image_like, label_like) in enumerate(cases):
         reporter.check_cancelled()
+        case_name = _case_name(image_like, label_like, number)
         try:
             image, label_map = _as_volume(image_like, False, "image"), _as_volume(label_like, True, "label")
-            _check_pair(image, label_map, allowed_values, _case_name(image_like, label_like, number))
+            _check_pair(image, label_map, allowed_values, case_name)
             if is_ct_channel(channel_name):
-                _check_hounsfield(image, _case_name(image_like, label_like, number))
+                _check_hounsfield(image, case_name)
         except BadInputError as error:
             if not written:
                 _remove_if_empty(images_dir, labels_dir, dataset_dir)
@@ -148,8 +149,7 @@ def export_nnunet(
             raise BadInputError(f"{error} The {written} case(s) exported before it are complete and kept in {dataset_dir}.") from None
         digest = _case_digest(image, label_map)
         if digest in exported:
-            name = _case_name(image_like, label_like, number)
-            reporter.log(f"{name[:1].upper()}{name[1:]} is already in {dataset_dir.name} as {exported[digest]}: not added "
+            reporter.log(f"{case_name[:1].upper()}{case_name[1:]} is already in {dataset_dir.name} as {exported[digest]}: not added "
                          "again.", "warning")
             continue
         while f"{case_prefix}_{index:04d}" in existing:
