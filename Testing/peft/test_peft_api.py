@@ -119,6 +119,20 @@ def test_merge_equivalence(kind, method):
     assert set(merged.state_dict()) == set(base.state_dict())  # folded back into the base architecture
 
 
+@pytest.mark.parametrize("method", ["tenvoo-l", "lora"])
+def test_merge_refuses_a_damaged_adapter_and_leaves_the_model_adapted(method):
+    _, adapted, _ = build("unet", method)
+    perturb_trainable(adapted)
+    last = [value for name, value in adapted.named_parameters() if value.requires_grad and "resnets" in name][-1]
+    with torch.no_grad():
+        last.view(-1)[0] = float("nan")  # the last adapted layer: a half-way merge would have folded the others
+    names = [name for name, _ in adapted.named_modules()]
+    with pytest.raises(BadInputError, match="NaN or infinite"):
+        merge(adapted)
+    assert [name for name, _ in adapted.named_modules()] == names
+    assert hasattr(adapted, RECORD_ATTRIBUTE)
+
+
 @pytest.mark.parametrize("method", ["bitfit", "adaptformer", "spatial-adapter"])
 def test_merge_keeps_unfoldable_methods(method):
     _, adapted, _ = build("swin", method)

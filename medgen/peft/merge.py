@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import sys
 
+import torch
 from torch import nn
 
+from medgen.errors import BadInputError
 from medgen.peft.inject import RECORD_ATTRIBUTE, adapter_record
 from medgen.peft.tenvoo_layer import TenVOOLayer
 
@@ -32,6 +34,10 @@ def merge(model: nn.Module) -> nn.Module:
 
     Returns:
         The same object without adapter record (it can no longer be saved as an adapter).
+
+    Raises:
+        BadInputError: an adapted layer holds NaN or infinite values; the model is left unchanged
+        (checked before folding anything, so a merge never stops half-way).
     """
     adapter_record(model)
     tuner_layer = hf_tuner_layer_class()
@@ -40,6 +46,12 @@ def merge(model: nn.Module) -> nn.Module:
         for name, module in model.named_modules()
         if isinstance(module, TenVOOLayer) or (tuner_layer is not None and isinstance(module, tuner_layer))
     ]
+    damaged = [name for name, module in foldable if not all(torch.isfinite(value).all() for value in module.parameters())]
+    if damaged:
+        raise BadInputError(
+            f"cannot merge: {len(damaged)} adapted layer(s) hold NaN or infinite values (first: {damaged[0]}); "
+            "the adapter was damaged in training or on disk, so retrain it or load an earlier checkpoint"
+        )
     for name, module in foldable:
         if isinstance(module, TenVOOLayer):
             plain = module.merged()
