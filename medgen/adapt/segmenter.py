@@ -194,7 +194,7 @@ def _intensity_normalizer(settings: dict) -> Callable[[torch.Tensor], torch.Tens
     percentiles for percentile).
 
     Raises:
-        ModelError: an unknown method, or a range without its ``a_min``/``a_max``.
+        ModelError: an unknown method (the parameters were checked with the spec, :class:`medgen.models.ModelSpec`).
     """
     method = settings.get("method", "none")
     if method == "none":
@@ -202,8 +202,6 @@ def _intensity_normalizer(settings: dict) -> Callable[[torch.Tensor], torch.Tens
     if method == "zscore":
         transform = NormalizeIntensity(nonzero=bool(settings.get("nonzero", False)))
     elif method == "range":
-        if "a_min" not in settings or "a_max" not in settings:
-            raise ModelError(f"The model spec's intensity range {settings} needs a_min and a_max (e.g. HU -175 and 250).")
         transform = ScaleIntensityRange(settings["a_min"], settings["a_max"], settings.get("b_min", 0.0),
                                         settings.get("b_max", 1.0), clip=True)
     elif method == "percentile":

@@ -138,11 +138,7 @@ class ModelSpec:
             raise ModelError(
                 f"Model spec output_activation {self.output_activation!r} is unknown; use one of {OUTPUT_ACTIVATIONS}."
             )
-        method = self.preprocessing.intensity.get("method")
-        if method not in INTENSITY_METHODS:
-            raise ModelError(
-                f"Model spec intensity method {method!r} is unknown; use one of {sorted(INTENSITY_METHODS)}."
-            )
+        _check_intensity(self.preprocessing.intensity)
         codes = self.preprocessing.orientation
         if not (isinstance(codes, str) and len(codes) == 3
                 and all(sum(code in pair for code in codes.upper()) == 1 for pair in ("LR", "AP", "SI"))):
@@ -214,6 +210,28 @@ def _signature_default(network: str, argument: str) -> int:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_intensity(intensity: dict[str, Any]) -> None:
+    """Raise ``ModelError`` for an unknown method or parameters that cannot scale (see :data:`INTENSITY_METHODS`):
+    a range needs numbers ``a_min < a_max`` (``b_min``/``b_max`` numbers when given), percentiles need
+    ``0 <= lower < upper <= 100``. Equal bounds would divide by zero, and MONAI then leaves volumes unscaled."""
+    method = intensity.get("method")
+    if method not in INTENSITY_METHODS:
+        raise ModelError(f"Model spec intensity method {method!r} is unknown; use one of {sorted(INTENSITY_METHODS)}.")
+    if method == "range":
+        if not all(_is_number(intensity.get(key)) for key in ("a_min", "a_max")):
+            raise ModelError(f"The model spec's intensity range {intensity} needs numbers a_min and a_max "
+                             "(e.g. HU -175 and 250).")
+        bad = [key for key in ("b_min", "b_max") if key in intensity and not _is_number(intensity[key])]
+        if bad or intensity["a_min"] >= intensity["a_max"]:
+            raise ModelError(f"The model spec's intensity range {intensity} must have a_min < a_max and numbers "
+                             "b_min, b_max when given.")
+    if method == "percentile":
+        lower, upper = intensity.get("lower", 0.5), intensity.get("upper", 99.5)
+        if not (_is_number(lower) and _is_number(upper) and 0 <= lower < upper <= 100):
+            raise ModelError(f"The model spec's intensity percentiles {intensity} must satisfy "
+                             "0 <= lower < upper <= 100.")
 
 
 def _check_diffusion(network: str, diffusion: Any) -> None:
