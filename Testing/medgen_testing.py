@@ -9,6 +9,7 @@ import types
 
 import numpy as np
 import pytest
+import torch
 
 
 def oblique_affine(spacing=(0.8, 0.9, 2.5), origin=(-10.0, 20.0, 30.0), angles_deg=(10.0, 20.0, 30.0)) -> np.ndarray:
@@ -21,6 +22,17 @@ def oblique_affine(spacing=(0.8, 0.9, 2.5), origin=(-10.0, 20.0, 30.0), angles_d
     affine[:3, :3] = rx @ ry @ rz @ np.diag(spacing)
     affine[:3, 3] = origin
     return affine
+
+
+def stored_reversed(volume, axis: int):
+    """The same scan (a MetaTensor ``(C, I, J, K)``) stored with voxel ``axis`` (0-2) running the other way: the data
+    flipped and the affine changed so that every voxel keeps its place in space (as an LPS NRRD of a RAS NIfTI)."""
+    from monai.data import MetaTensor
+
+    affine = torch.as_tensor(volume.affine, dtype=torch.float64).clone()
+    affine[:3, 3] += affine[:3, axis] * (volume.shape[1 + axis] - 1)
+    affine[:3, axis] *= -1
+    return MetaTensor(volume.as_tensor().flip(1 + axis), affine=affine)
 
 
 def make_mrml_scene():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from medgen_testing import stored_reversed
 from monai.networks.nets import DiffusionModelUNet
 
 from monai.networks.schedulers import DDPMScheduler
@@ -119,6 +120,23 @@ def test_intensity_range_round_trip_and_sampling_range():
 def test_volumes_of_different_shapes_are_refused(tmp_path):
     with pytest.raises(BadInputError, match="share one shape"):
         finetune_generator(_unet(), [torch.rand(1, 8, 8, 8), torch.rand(1, 8, 8, 6)], GeneratorFinetuneConfig(steps=1), checkpoint_dir=tmp_path)
+
+
+def test_generators_see_a_scan_on_ras_axes_whatever_its_storage_order(oblique):
+    """Spec tenvoo.md §7.3 trains DDPM generators on RAS-oriented volumes: a scan stored another way round must not
+    reach them mirrored, and samples drawn on its grid are placed in space by the oriented affine."""
+    from monai.data import MetaTensor
+
+    from medgen.adapt.jobs import _scaled_to_grid
+    from medgen.io import axis_codes
+
+    scan = MetaTensor(_volumes(1)[0] * 300, affine=torch.from_numpy(oblique))
+    expected = _scaled_to_grid(scan, (8, 8, 8))
+    assert axis_codes(expected.affine) == "RAS"
+    for axis in range(3):
+        seen = _scaled_to_grid(stored_reversed(scan, axis), (8, 8, 8))
+        assert torch.allclose(seen.as_tensor(), expected.as_tensor(), atol=1e-6)
+        assert torch.allclose(torch.as_tensor(seen.affine), torch.as_tensor(expected.affine), atol=1e-9)
 
 
 def test_generator_jobs_through_the_worker(tmp_path, oblique):

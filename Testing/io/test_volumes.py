@@ -224,6 +224,39 @@ def test_a_nifti_whose_sform_and_qform_disagree_is_read_with_a_warning(tmp_path,
     assert not caplog.records
 
 
+def test_a_nifti_whose_pixdim_disagrees_with_its_only_sform_is_read_with_a_warning(tmp_path, oblique, caplog):
+    """ITK takes such a file's spacing from pixdim, FSL, nibabel and MONAI from the sform."""
+    import nibabel as nib
+
+    image = nib.Nifti1Image(np.random.default_rng(0).random((5, 6, 7)).astype(np.float32), None)
+    image.set_sform(oblique, code=1)
+    image.set_qform(None, code=0)
+    image.header["pixdim"][1:4] = 1.0  # the sform's spacing is 0.8, 0.9, 2.5 mm
+    nib.save(image, tmp_path / "pixdim.nii.gz")
+    with caplog.at_level("WARNING", logger="medgen"):
+        load_volume(tmp_path / "pixdim.nii.gz")
+    (record,) = [record for record in caplog.records if "pixdim spacing disagrees with its sform" in record.getMessage()]
+    # the far corner: 1.5 mm x 6 slices on the last axis, less on the others
+    assert "pixdim.nii.gz" in record.getMessage() and "corners up to 9.05 mm apart" in record.getMessage()
+    caplog.clear()
+    image.header["pixdim"][1:4] = (0.8, 0.9, 2.5)  # agreeing: no warning
+    nib.save(image, tmp_path / "agreeing.nii.gz")
+    with caplog.at_level("WARNING", logger="medgen"):
+        load_volume(tmp_path / "agreeing.nii.gz")
+    assert not caplog.records
+
+
+def test_a_sheared_nifti_is_named_as_sheared_not_as_corrupted(tmp_path):
+    import nibabel as nib
+
+    sheared = np.array([[1.0, 0.15, 0.0, -20.0], [0.0, 1.0, 0.0, -30.0], [0.0, 0.0, 2.0, 10.0], [0.0, 0.0, 0.0, 1.0]])
+    image = nib.Nifti1Image(np.zeros((5, 6, 7), np.float32), sheared)
+    image.set_qform(None, code=0)
+    nib.save(image, tmp_path / "sheared.nii.gz")
+    with pytest.raises(BadInputError, match="sheared.nii.gz has a sheared voxel grid .*ITK cannot read it. Resample"):
+        load_volume(tmp_path / "sheared.nii.gz")
+
+
 def test_truncated_nifti_is_refused(tmp_path):
     # SimpleITK fills the missing end of a truncated .nii.gz with zeros instead of failing
     path = save_volume(MetaTensor(torch.rand(1, 24, 24, 24), affine=torch.eye(4, dtype=torch.float64)), tmp_path / "t1.nii.gz")

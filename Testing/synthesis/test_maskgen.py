@@ -30,7 +30,7 @@ from medgen.synthesis.maskgen_networks import (
 )
 from medgen.synthesis.masks import control_tensor
 from medgen.synthesis.prompts import Prompt, TrainingSample, compose_training_set
-from medgen_testing import oblique_affine
+from medgen_testing import oblique_affine, stored_reversed
 
 SIZE = 16
 FAST = dict(vae_steps=4, unet_steps=4, controlnet_steps=4, checker_steps=4, checkpoint_every=2)
@@ -384,6 +384,21 @@ def test_mask_on_another_grid_comes_back_on_its_own_grid(model_dir, model):
                                  reporter=CallbackReporter(lambda e: logs.append(e.get("message", ""))))
     assert images.shape == (1, 1, 12, 20, 14)
     assert any("resampled (nearest) to the model grid (16, 16, 16)" in message for message in logs)
+
+
+def test_a_mask_stored_in_another_axis_order_reaches_the_model_as_its_training_cases_did(model):
+    """Training lays cases out on RAS axes; a mask stored the other way round must too, or organs swap sides. A
+    model folder trained in storage order (before MedGen did this) keeps getting masks in its grid's own order."""
+    from types import SimpleNamespace
+
+    _, label = phantom(3, LUT_A)
+    for axis in range(3):
+        grid_label, changed = model.to_model_grid(stored_reversed(label, axis))
+        assert changed and torch.equal(grid_label.as_tensor(), label.as_tensor())
+        assert torch.allclose(torch.as_tensor(grid_label.affine, dtype=torch.float64), model.grid_affine)
+    older = SimpleNamespace(grid_affine=stored_reversed(label, 0).affine, grid_shape=model.grid_shape)  # an "LAS" grid
+    grid_label, changed = MaskGenModel.to_model_grid(older, label)
+    assert changed and torch.equal(grid_label.as_tensor(), label.as_tensor().flip(1))
 
 
 def test_synthesis_filters_skips_and_reports(model_dir, tmp_path):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from medgen_testing import stored_reversed
 from monai.data import MetaTensor
 
 from medgen.errors import BadInputError, GeometryMismatchError
-from medgen.io import save_volume
+from medgen.io import axis_codes, save_volume
 from medgen.labels import LabelInfo
 from medgen.progress import CallbackReporter
 from medgen.synthesis.prepare import check_common_grid, find_nnunet_pairs, load_pairs_from_folder, prepare_pairs
@@ -33,6 +34,18 @@ def test_pairs_are_resampled_to_one_grid_with_labels_remapped_and_named(oblique)
     assert [(label.name, label.value) for label in new_labels] == [("liver", 1), ("spleen", 2)]
     np.testing.assert_allclose(np.linalg.norm(np.asarray(pair.label.affine)[:3, :3], axis=0), [1, 1, 1], atol=1e-5)
     assert torch.allclose(pair.image.affine, pair.label.affine)
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_a_scan_stored_in_another_axis_order_is_learned_as_the_same_tensors(oblique, axis):
+    """The same scan as a NIfTI and, say, an LPS NRRD: training on storage order would learn mirrored anatomy."""
+    image, label = _pair(oblique)
+    kept, _ = prepare_pairs([("a", image, label)], shape=(16, 16, 16))
+    turned, _ = prepare_pairs([("b", stored_reversed(image, axis), stored_reversed(label, axis))], shape=(16, 16, 16))
+    assert torch.equal(turned[0].image.as_tensor(), kept[0].image.as_tensor())
+    assert torch.equal(turned[0].label.as_tensor(), kept[0].label.as_tensor())
+    assert torch.allclose(turned[0].image.affine, kept[0].image.affine, atol=1e-9)
+    assert axis_codes(kept[0].image.affine) == "RAS"
 
 
 def test_each_label_value_becomes_the_index_of_its_own_name(oblique):

@@ -228,9 +228,9 @@ def test_settings_the_network_cannot_use_are_refused_before_training(overrides, 
 
 
 def test_training_volumes_without_anatomy_are_a_clear_error(tmp_path):
-    # one dark voxel on a zero background: both scaling percentiles are 0, so every slice scales to 0
-    sparse = torch.zeros(1, 20, 18, 10)
-    sparse[0, 0, 0, 0] = -1000.0
+    # one bright voxel on a zero background: it scales to 1, but resizing 64² slices to the 16² grid skips it
+    sparse = torch.zeros(1, 64, 64, 10)
+    sparse[0, 0, 0, 0] = 1000.0
     with pytest.raises(BadInputError, match="Every axial slice of the 1 training volume"):
         train_translation([MetaTensor(sparse, affine=torch.eye(4, dtype=torch.float64))], tmp_path, TranslationConfig.tiny(**TINY))
     constant = MetaTensor(torch.ones(1, 8, 8, 8), affine=torch.eye(4, dtype=torch.float64), meta={"filename_or_obj": "/data/flat_t1.nii.gz"})

@@ -10,7 +10,15 @@ import torch
 from medgen.adapt.finetune import FinetuneConfig, check_segmentation_labels, finetune_segmentation
 from medgen.adapt.segmenter import head_class_names, load_segmentation_model, relabel_by_name, segment
 from medgen.errors import BadInputError
-from medgen.io import check_not_constant, check_same_geometry, load_volume, nearest_multiple_shape, save_volume
+from medgen.io import (
+    check_not_constant,
+    check_same_geometry,
+    load_volume,
+    nearest_multiple_shape,
+    oriented,
+    save_volume,
+    scale_to_unit,
+)
 from medgen.io.atomic import write_text_atomic
 from medgen.jobs.context import JobContext
 from medgen.labels import default_color
@@ -138,12 +146,8 @@ def _feature_network(ctx: JobContext, example, grid: tuple[int, int, int]):
             def prepare(volume):
                 return diffusion.to_model_range(_scaled_to_grid(volume, grid).as_tensor())
         elif "feature_model_folder" in ctx.inputs:  # the user's own network: both sets scaled alike
-            from monai.transforms import ScaleIntensityRangePercentiles
-
-            scale = ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True, channel_wise=True)
-
             def prepare(volume):
-                return scale(volume).as_tensor()
+                return scale_to_unit(volume, channel_wise=True).as_tensor()
         else:  # the base segmentation model: its own orientation, resampling and normalisation, as for deepbet
             model = load_segmentation_model(folder)
             network = model.network
@@ -184,11 +188,12 @@ def _generator_volume(path: str, shape: tuple[int, int, int]):
 
 
 def _scaled_to_grid(volume, shape: tuple[int, int, int]):
-    """``volume`` resized to ``shape`` (trilinear), intensities scaled to [0, 1] (0.5-99.5 percentiles)."""
-    from monai.transforms import Resize, ScaleIntensityRangePercentiles
+    """``volume`` on RAS-ordered axes (as DDPM generators are trained, spec tenvoo.md §7.3, so a scan stored in another
+    order is not fed mirrored), resized to ``shape`` (trilinear), intensities scaled to [0, 1] (0.5-99.5 percentiles).
+    The result's affine places it in the scanner's space."""
+    from monai.transforms import Resize
 
-    resized = Resize(spatial_size=shape, mode="trilinear")(volume)
-    return ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True)(resized)
+    return scale_to_unit(Resize(spatial_size=shape, mode="trilinear")(oriented(volume, "RAS")))
 
 
 def _check_generator_grid(unet, shape: tuple[int, int, int]) -> None:

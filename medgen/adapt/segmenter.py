@@ -9,20 +9,20 @@ Gaussian blending over the spec's patch size). Predictions come back on the inpu
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.transforms import NormalizeIntensity, Orientation, ScaleIntensityRange, ScaleIntensityRangePercentiles, Spacing
+from monai.transforms import NormalizeIntensity, ScaleIntensityRange, Spacing
 from torch import nn
 
 from medgen.errors import BadInputError, ModelError
-from medgen.io import check_not_constant, display_name
+from medgen.io import axis_codes, check_not_constant, display_name, oriented, scale_to_unit
 
 
 @dataclasses.dataclass
@@ -121,10 +121,6 @@ class PreparedInput:
     original: MetaTensor  # the input as given
 
 
-def _axcodes(affine) -> str:
-    return "".join(nib.aff2axcodes(np.asarray(affine)))
-
-
 def prepare_volume(model: SegmentationModel, image: MetaTensor, label: MetaTensor | None = None):
     """Map ``image`` (and optionally its ``label``) to the network grid.
 
@@ -136,22 +132,22 @@ def prepare_volume(model: SegmentationModel, image: MetaTensor, label: MetaTenso
     if not bool(torch.isfinite(image).all()):
         raise BadInputError(f"{display_name(image, 'The image')} holds NaN or infinite voxels; fill or mask them first.")
     check_not_constant(image, display_name(image, "The image"), "to segment")
-    oriented = Orientation(axcodes=model.orientation)(image.float())
-    oriented_label = Orientation(axcodes=model.orientation)(label.float()) if label is not None else None
+    on_axes = oriented(image.float(), model.orientation)
+    label_on_axes = oriented(label.float(), model.orientation) if label is not None else None
     if model.spacing_mm is not None:
-        oriented = Spacing(pixdim=model.spacing_mm, mode="bilinear")(oriented)
-        if oriented_label is not None:
-            oriented_label = Spacing(pixdim=model.spacing_mm, mode="nearest")(oriented_label)
-    grid = oriented.as_tensor()[0]
+        on_axes = Spacing(pixdim=model.spacing_mm, mode="bilinear")(on_axes)
+        if label_on_axes is not None:
+            label_on_axes = Spacing(pixdim=model.spacing_mm, mode="nearest")(label_on_axes)
+    grid = on_axes.as_tensor()[0]
     if model.input_size is not None:
         grid = F.interpolate(grid[None, None], size=model.input_size, mode="nearest-exact")[0, 0]
     tensor = model.normalize(grid)[None, None].float()
     label_tensor = None
-    if oriented_label is not None:
-        label_grid = oriented_label.as_tensor()[None]
+    if label_on_axes is not None:
+        label_grid = label_on_axes.as_tensor()[None]
         size = model.input_size or tuple(grid.shape)
         label_tensor = F.interpolate(label_grid, size=size, mode="nearest-exact").round().long()
-    return PreparedInput(tensor, MetaTensor(oriented.as_tensor(), affine=oriented.affine), image), label_tensor
+    return PreparedInput(tensor, MetaTensor(on_axes.as_tensor(), affine=on_axes.affine), image), label_tensor
 
 
 @torch.no_grad()
@@ -174,7 +170,7 @@ def labels_on_input_grid(prepared: PreparedInput, probabilities: torch.Tensor) -
     original = prepared.original
     if not np.allclose(np.asarray(prepared.oriented.affine), np.asarray(original.affine)) or on_oriented.shape != original.shape:
         spatial_size = tuple(original.shape[1:])
-        on_oriented = Orientation(axcodes=_axcodes(original.affine))(on_oriented)
+        on_oriented = oriented(on_oriented, axis_codes(original.affine))
         if tuple(on_oriented.shape[1:]) != spatial_size or not np.allclose(np.asarray(on_oriented.affine), np.asarray(original.affine), atol=1e-4):
             from monai.transforms import SpatialResample
 
@@ -205,7 +201,7 @@ def _intensity_normalizer(settings: dict) -> Callable[[torch.Tensor], torch.Tens
         transform = ScaleIntensityRange(settings["a_min"], settings["a_max"], settings.get("b_min", 0.0),
                                         settings.get("b_max", 1.0), clip=True)
     elif method == "percentile":
-        transform = ScaleIntensityRangePercentiles(settings.get("lower", 0.5), settings.get("upper", 99.5), 0.0, 1.0, clip=True)
+        transform = partial(scale_to_unit, lower=settings.get("lower", 0.5), upper=settings.get("upper", 99.5))
     elif method == "deepbet":
         return _deepbet_normalize
     else:

@@ -30,6 +30,8 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 #: sideways drift of slice positions across a DICOM series above which it counts as sheared (gantry tilt); positions
 #: written with two decimals drift up to about 0.01 mm by rounding alone, a real tilt by millimetres
 TILT_TOLERANCE_MM = 0.05
+SHEARED_GRID = "has a sheared voxel grid (its axes are not perpendicular)"
+SHEARED_ADVICE = "Resample it onto an orthogonal grid first (e.g. Slicer's Resample Scalar Volume)."
 #: ITK's reader per suffix, named because ITK's MetaImage reader does not recognise an upper-case ".MHA" itself
 _IMAGE_IO = {".mha": "MetaImageIO", ".mhd": "MetaImageIO", ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO"}
 
@@ -62,6 +64,8 @@ def _check_readable_path(path: Path) -> None:
 
 
 def _unreadable(path: Path, error: Exception) -> BadInputError:
+    if "orthonormal" in str(error):  # ITK refuses sheared direction cosines before reading any voxel
+        return BadInputError(f"{path.name} {SHEARED_GRID}; ITK cannot read it. {SHEARED_ADVICE}")
     return BadInputError(f"Could not read {path}: the file is unreadable or corrupted ({_first_line(error)}).")
 
 
@@ -119,7 +123,7 @@ def _read_nifti(path: Path, name: str) -> tuple[sitk.ImageFileReader, np.ndarray
         raise BadInputError(
             f"Could not read {path}: the file is truncated or corrupted ({_first_line(error)}). Copy or export it again."
         ) from error
-    _warn_if_sform_and_qform_disagree(nifti, header, name)
+    _warn_about_disagreeing_nifti_geometry(nifti, header, name)
     if voxels.dtype.fields is not None:  # RGB NIfTI: a structured array; SimpleITK gives it as components
         return _read_sitk(path, name)
     shape = (*header.GetSize(), header.GetNumberOfComponents())
@@ -129,16 +133,30 @@ def _read_nifti(path: Path, name: str) -> tuple[sitk.ImageFileReader, np.ndarray
     return header, np.moveaxis(voxels.reshape(shape), -1, 0)  # the reshape drops NIfTI's singleton 4th axis of vectors
 
 
-def _warn_if_sform_and_qform_disagree(nifti, header: sitk.ImageFileReader, name: str) -> None:
-    """Log a warning when a NIfTI file sets both its sform and qform and they place the voxels differently (> 0.01 mm
-    or 1e-4 in direction): MedGen, like Slicer, takes the geometry ITK picks, while FSL, nibabel and MONAI's NIfTI
-    reader take the sform, so the two kinds of tools would disagree on where the volume lies."""
-    if int(nifti.header["sform_code"]) <= 0 or int(nifti.header["qform_code"]) <= 0:
+def _warn_about_disagreeing_nifti_geometry(nifti, header: sitk.ImageFileReader, name: str) -> None:
+    """Log a warning when ITK (so MedGen and Slicer) places a NIfTI file's voxels elsewhere (> 0.01 mm or 1e-4 in
+    direction) than FSL, nibabel and MONAI's NIfTI reader, which take the sform:
+
+    - the file sets both its sform and qform and they disagree (ITK takes one of them);
+    - the file sets only its sform and its pixdim spacing disagrees with it (ITK takes pixdim's spacing).
+    """
+    sform_code, qform_code = int(nifti.header["sform_code"]), int(nifti.header["qform_code"])
+    if sform_code <= 0:
         return
-    sform, qform = nifti.get_sform(), nifti.get_qform()
+    sform, used = nifti.get_sform(), _affine_ras(header)
+    if qform_code <= 0:
+        if not np.allclose(used, sform, atol=1e-2, rtol=1e-4):
+            corners = np.array([[i, j, k, 1.0] for i in (0, header.GetSize()[0] - 1) for j in (0, header.GetSize()[1] - 1)
+                                for k in (0, header.GetSize()[2] - 1)])
+            apart = float(np.linalg.norm((corners @ (used - sform).T)[:, :3], axis=1).max())
+            logger.warning(
+                "%s: its NIfTI pixdim spacing disagrees with its sform (corners up to %.2f mm apart); MedGen takes "
+                "pixdim's spacing, as ITK and Slicer do, while FSL, nibabel and MONAI's NIfTI reader use the sform. Save "
+                "the file with matching pixdim if they should agree.", name, apart)
+        return
+    qform = nifti.get_qform()
     if np.allclose(sform, qform, atol=1e-2, rtol=1e-4):
         return
-    used = _affine_ras(header)
     picked = ("the qform" if np.allclose(used, qform, atol=1e-2, rtol=1e-4) else "the sform"
               if np.allclose(used, sform, atol=1e-2, rtol=1e-4) else "neither exactly (ITK's own reading)")
     corner_shift = float(np.linalg.norm(sform[:3, 3] - qform[:3, 3]))
@@ -213,10 +231,7 @@ def check_orthogonal_axes(direction: np.ndarray, name: str) -> None:
         BadInputError: naming the volume and what to do.
     """
     if not np.all(np.isfinite(direction)) or np.abs(direction.T @ direction - np.eye(3)).max() > 1e-4:
-        raise BadInputError(
-            f"{name} has a sheared voxel grid (its axes are not perpendicular), which NIfTI outputs cannot keep. "
-            "Resample it onto an orthogonal grid first (e.g. Slicer's Resample Scalar Volume)."
-        )
+        raise BadInputError(f"{name} {SHEARED_GRID}, which NIfTI outputs cannot keep. {SHEARED_ADVICE}")
 
 
 def _affine_ras(geometry: sitk.Image | sitk.ImageFileReader) -> np.ndarray:
@@ -226,6 +241,21 @@ def _affine_ras(geometry: sitk.Image | sitk.ImageFileReader) -> np.ndarray:
     affine_lps[:3, :3] = direction @ np.diag(geometry.GetSpacing())
     affine_lps[:3, 3] = geometry.GetOrigin()
     return _LPS_TO_RAS @ affine_lps
+
+
+def axis_codes(affine: torch.Tensor | np.ndarray) -> str:
+    """The axis codes a RAS affine's voxel axes point nearest to, e.g. ``"LPS"`` (nibabel ``aff2axcodes``)."""
+    import nibabel as nib
+
+    return "".join(nib.aff2axcodes(np.asarray(affine)))
+
+
+def oriented(volume: MetaTensor, codes: str) -> MetaTensor:
+    """``volume`` ``(C, I, J, K)`` with its voxel axes permuted and flipped to follow ``codes`` (e.g. ``"RAS"``);
+    the affine follows, so every voxel keeps its place in space (MONAI ``Orientation`` on a RAS affine)."""
+    from monai.transforms import Orientation
+
+    return Orientation(axcodes=codes, labels=(("L", "R"), ("P", "A"), ("I", "S")))(volume)
 
 
 def load_volume(path: str | os.PathLike, *, label: bool = False, name: str | None = None) -> MetaTensor:

@@ -24,7 +24,7 @@ from torch import nn
 
 from medgen.diffusion import batched_cfg_denoiser, controlnet_denoiser, sample
 from medgen.errors import BadInputError, ModelError
-from medgen.io import holds_whole_numbers, save_volume
+from medgen.io import axis_codes, holds_whole_numbers, oriented, save_volume
 from medgen.io.atomic import write_text_atomic
 from medgen.io.model_folder import MODEL_JSON, model_config, read_model_json
 from medgen.labels import LabelInfo, save_labels
@@ -161,13 +161,16 @@ class MaskGenModel:
         return MetaTensor(values, affine=self.grid_affine)
 
     def to_model_grid(self, label: MetaTensor) -> tuple[MetaTensor, bool]:
-        """The mask on the training grid's shape and spacing (nearest neighbour, centred pad/crop; its own
-        orientation is kept); ``(label, True)`` when it had to be resampled."""
+        """The mask on the training grid's axis order, shape and spacing (axes permuted/flipped as the training cases
+        were, :func:`medgen.synthesis.prepare.prepare_pairs`, then nearest neighbour, centred pad/crop);
+        ``(mask, True)`` when it had to be changed."""
         spacing = self.grid_affine[:3, :3].norm(dim=0)
         own_spacing = torch.as_tensor(label.affine, dtype=torch.float64)[:3, :3].norm(dim=0)
-        if tuple(label.shape[1:]) == self.grid_shape and torch.allclose(own_spacing, spacing, rtol=1e-3):
+        codes = axis_codes(self.grid_affine)
+        if (tuple(label.shape[1:]) == self.grid_shape and torch.allclose(own_spacing, spacing, rtol=1e-3)
+                and axis_codes(label.affine) == codes):
             return label, False
-        resampled = Spacing(pixdim=spacing.tolist(), mode="nearest")(label.float())
+        resampled = Spacing(pixdim=spacing.tolist(), mode="nearest")(oriented(label.float(), codes))
         resampled = ResizeWithPadOrCrop(self.grid_shape)(resampled)
         return MetaTensor(resampled.as_tensor().round().long(), affine=resampled.affine), True
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, ResizeWithPadOrCropd, ScaleIntensityRangePercentilesd, Spacingd
+from monai.transforms import Compose, Lambdad, ResizeWithPadOrCropd, Spacingd
 
 from medgen.errors import BadInputError
-from medgen.io import check_not_constant, check_same_geometry, load_volume, nearest_multiple_shape
+from medgen.io import check_not_constant, check_same_geometry, load_volume, nearest_multiple_shape, oriented, scale_to_unit
 from medgen.labels import LabelInfo, default_color
 from medgen.progress import Reporter, as_reporter
 
@@ -132,6 +133,7 @@ def prepare_pairs(
     spacing_mm: tuple[float, float, float] | None = None,
     labels: list[LabelInfo] | None = None,
     intensity_percentiles: tuple[float, float] = (0.5, 99.5),
+    orientation: str = "RAS",
     reporter: Reporter | None = None,
 ) -> tuple[list[PreparedPair], list[LabelInfo]]:
     """Bring training pairs onto one grid and label set.
@@ -145,6 +147,9 @@ def prepare_pairs(
             each case's own spacing.
         labels: names of the original label values (None: ``Label <v>``).
         intensity_percentiles: image values at these percentiles map to 0 and 1 (then clipped).
+        orientation: axis codes every case's voxel axes are laid out in first (MONAI ``Orientation``), so that
+            scans stored in different orders (e.g. a NIfTI and an LPS NRRD) are not learned mirrored or rotated
+            against each other; the prepared affines place every voxel where it was.
         reporter: receives a warning when label values are renumbered (label maps given to the trained
             model, e.g. generation masks, must use the new values) and when a crop cuts labels off.
 
@@ -162,6 +167,7 @@ def prepare_pairs(
                 "RGB volume has one component per channel).")
         check_same_geometry(image, label, f"{case} image", f"{case} label")
         check_not_constant(image, f"The image of case {case!r}", "to learn from")
+    pairs = [(case, oriented(image.float(), orientation), oriented(label.float(), orientation)) for case, image, label in pairs]
     if spacing_mm is None:
         _warn_about_mixed_spacings(pairs, reporter)
     mapping, new_labels = label_remapping([label for _, _, label in pairs], labels)
@@ -173,14 +179,12 @@ def prepare_pairs(
     resample = Spacingd(keys=("image", "label"), pixdim=spacing_mm, mode=("bilinear", "nearest")) if spacing_mm else None
     # scale before padding, so padded voxels are background (0) whatever the raw units (air in HU is -1000, not 0)
     fit = Compose([
-        ScaleIntensityRangePercentilesd(
-            keys="image", lower=intensity_percentiles[0], upper=intensity_percentiles[1], b_min=0.0, b_max=1.0, clip=True
-        ),
+        Lambdad(keys="image", func=partial(scale_to_unit, lower=intensity_percentiles[0], upper=intensity_percentiles[1])),
         ResizeWithPadOrCropd(keys=("image", "label"), spatial_size=shape),
     ])
     prepared = []
     for case, image, label in pairs:
-        pair = {"image": image.float(), "label": label.float()}
+        pair = {"image": image, "label": label}
         pair = resample(pair) if resample is not None else pair
         out = fit(pair)
         _warn_about_cropped_labels(case, pair["label"], out["label"], shape, reporter)

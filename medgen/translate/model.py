@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
-from monai.transforms import ScaleIntensityRangePercentiles
 
 from medgen.diffusion import (
     TrainConfig,
@@ -33,7 +32,7 @@ from medgen.diffusion import (
     train_diffusion,
 )
 from medgen.errors import BadInputError
-from medgen.io import check_not_constant, display_name, nearest_multiple_shape
+from medgen.io import check_not_constant, display_name, nearest_multiple_shape, scale_to_unit
 from medgen.io.model_folder import check_same_run, model_config, read_model_json, write_model_json
 from medgen.models.weights import load_weights_into, weights_hash, write_safetensors
 from medgen.progress import Reporter, as_reporter
@@ -175,7 +174,7 @@ def to_model_grid(volume: MetaTensor, config: TranslationConfig, name: str) -> t
     if not torch.isfinite(data).all():
         raise BadInputError(f"{name} contains NaN or infinite voxels; fix or mask them first.")
     check_not_constant(data, name, "to translate")
-    scaled = ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True)(data.float())
+    scaled = scale_to_unit(data)
     if config.voxel_axes == "ras":
         scaled = _to_ras_axes(scaled, volume)
     resized = F.interpolate(torch.as_tensor(scaled)[None], size=tuple(config.grid), mode="trilinear", align_corners=False).clamp(0, 1)
