@@ -38,8 +38,15 @@ class TinyDenoiser(nn.Module):
 
 @pytest.fixture
 def tiny_unet() -> DiffusionModelUNet:
+    """As if trained: MONAI zero-initialises each block's last convolution and the output convolution, so a fresh
+    UNet outputs exactly 0 and would hide whatever a ControlNet adds to it."""
     torch.manual_seed(0)
-    return DiffusionModelUNet(out_channels=1, **TINY_ARCHITECTURE)
+    unet = DiffusionModelUNet(out_channels=1, **TINY_ARCHITECTURE)
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            if parameter.dim() > 1 and not parameter.any():
+                parameter.normal_(0.0, 0.1)
+    return unet
 
 
 @pytest.fixture
