@@ -1,8 +1,11 @@
-"""Few-shot fine-tuning of a segmentation network with any ``medgen.peft`` method (FSEFT recipe).
+"""Few-shot fine-tuning of a segmentation network with any ``medgen.peft`` method (after the FSEFT recipe).
 
 Dice loss on softmax outputs, foreground-balanced random patches, AdamW with a cosine learning-rate
 schedule, validation Dice every ``val_every`` steps with early stopping (the best adapter state is
-kept), all on the shared training loop of :mod:`medgen.diffusion` (AMP on GPU, checkpoints with
+kept). Where it departs from FSEFT's released recipe (spec fseft.md §8): counted in steps, not epochs, with no
+warm-up epoch; a small weight decay (1e-4, FSEFT 0) by default; early stopping on validation Dice when a validation
+pair is given (FSEFT: a plateau of the smoothed training loss), since a few-shot user rarely trains 200 epochs.
+All of it runs on the shared training loop of :mod:`medgen.diffusion` (AMP on GPU, checkpoints with
 exact resume, cancellation between steps, progress with loss and ETA). A partly frozen model trains
 in ``eval()`` mode (FSEFT: BatchNorm statistics and dropout stay as pretrained); full fine-tuning in
 ``train()`` mode.
