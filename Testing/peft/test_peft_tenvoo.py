@@ -154,13 +154,21 @@ def test_o8_init_bounds():
         assert abs(core.std().item() / (bound / math.sqrt(3)) - 1) < 0.05
 
 
-@pytest.mark.parametrize(("mode", "predicted"), [("l", 512 / (4**3 * 8)), ("q", 1024 / (4**3 * 8))])
-def test_o9_initial_delta_magnitude(mode, predicted):
-    base = nn.Conv3d(64, 128, 3)
+@pytest.mark.parametrize(
+    ("channels", "rank", "mode", "predicted"),
+    [
+        ((64, 128), 4, "l", 512 / (4**3 * 8)),
+        ((64, 128), 4, "q", 1024 / (4**3 * 8)),
+        ((32, 32), 2, "l", 512 / (2**3 * 4)),  # g0 = 4 and r = 2 differ: a g0/g1 mix-up in the formula would show
+        ((32, 32), 2, "q", 1024 / (2**3 * 4)),  # spec: L 15.62±0.85 (16), Q 34.3±2.2 (32)
+    ],
+)
+def test_o9_initial_delta_magnitude(channels, rank, mode, predicted):
+    base = nn.Conv3d(*channels, 3)
     means = []
     for seed in range(400):
         torch.manual_seed(seed)
-        layer = TenVOOConv3d(base, rank=4, mode=mode)
+        layer = TenVOOConv3d(base, rank=rank, mode=mode)
         with torch.no_grad():
             means.append(layer.delta_weight().pow(2).mean().item())
     means = np.asarray(means)
