@@ -47,12 +47,21 @@ class CancelledError(MedGenError):
 
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is a failed allocation: Python's ``MemoryError`` (MedGen's :class:`OutOfMemoryError`
-    included), torch's ``OutOfMemoryError`` (CUDA), or the plain ``RuntimeError`` that PyTorch's CPU allocator
-    raises ("DefaultCPUAllocator: can't allocate memory")."""
-    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
-        return True
-    message = str(error).lower()
-    return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+    included), torch's ``OutOfMemoryError`` (CUDA), the plain ``RuntimeError`` that PyTorch's CPU allocator
+    raises ("DefaultCPUAllocator: can't allocate memory") or C++'s ``std::bad_alloc`` - also when wrapped in
+    another error as its cause (MONAI re-raises a failing transform as "applying transform ...")."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+            return True
+        message = str(error).lower()
+        if isinstance(error, RuntimeError) and any(text in message for text in ("out of memory", "can't allocate memory",
+                                                                               "bad_alloc")):
+            return True
+        # only a RuntimeError wraps: an error MedGen raised on purpose while handling another keeps its own kind
+        error = (error.__cause__ or error.__context__) if isinstance(error, RuntimeError) else None
+    return False
 
 
 #: errno values of a file system refusing a write: read-only, no permission, full disk or quota, file too large

@@ -106,6 +106,23 @@ def test_errors_raised_in_the_command_itself_exit_with_their_kinds_code(tmp_path
         assert main(argv) == code
 
 
+def test_export_nnunet_says_which_cases_it_did_not_add_again(tmp_path, oblique, capsys):
+    from medgen.cli.main import main
+
+    (tmp_path / "labels.json").write_text('{"background": 0, "liver": 1}')
+    for folder in ("imagesTr", "labelsTr"):
+        (tmp_path / "pairs" / folder).mkdir(parents=True)
+    label = torch.zeros(1, 8, 8, 8, dtype=torch.int64)
+    label[0, 2:5, 2:5, 2:5] = 1
+    save_volume(MetaTensor(torch.rand(1, 8, 8, 8), affine=torch.from_numpy(oblique)), tmp_path / "pairs/imagesTr/a_0000.nii.gz")
+    save_volume(MetaTensor(label, affine=torch.from_numpy(oblique)), tmp_path / "pairs/labelsTr/a.nii.gz", label=True)
+    argv = ["export-nnunet", str(tmp_path / "pairs"), str(tmp_path / "raw"), "--labels", str(tmp_path / "labels.json"),
+            "--dataset-id", "7", "--name", "X"]
+    assert main(argv) == 0 and "warning" not in capsys.readouterr().err
+    assert main(argv) == 0
+    assert "[medgen] warning:" in capsys.readouterr().err  # the same case again: skipped, and said so
+
+
 def test_demo_translation_step_says_it_is_a_tiny_cpu_model_and_prints_both_agreements(tmp_path, capsys):
     """The demo's translation step, shrunk (its real settings take about two minutes: see medgen.cli.demo)."""
     import re

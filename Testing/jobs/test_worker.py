@@ -202,6 +202,21 @@ def test_cpu_and_gpu_allocation_failures_count_as_out_of_memory():
     assert is_out_of_memory(MemoryError()) and is_out_of_memory(OutOfMemoryError("lower memory_budget_mb"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     assert not is_out_of_memory(ValueError("out of memory budget"))  # only allocation failures say it
+    # MONAI re-raises a failing transform as "applying transform ..." with the allocation failure as its cause
+    try:
+        try:
+            raise RuntimeError("std::bad_alloc")
+        except RuntimeError as allocation:
+            raise RuntimeError("applying transform <ResizeWithPadOrCropd>") from allocation
+    except RuntimeError as wrapped:
+        assert is_out_of_memory(wrapped)
+    try:
+        try:
+            raise MemoryError()
+        except MemoryError:
+            raise BadInputError("a clear message about the input") from None
+    except BadInputError as refused:
+        assert not is_out_of_memory(refused)  # MedGen's own errors keep their kind
 
 
 def test_recorded_versions_name_the_loaded_build(monkeypatch):
@@ -692,10 +707,14 @@ def test_a_job_json_that_is_not_text_is_bad_input(tmp_path):
     ("selftest", {"image": "in.nii.gz"}, {"step": 3}, ("Additional properties are not allowed ('step' was unexpected)",)),
     ("translate-train", {"volumes": ["in.nii.gz"]}, {"grid": [32, 32, 0]},
      ("Parameter 'grid' of the translate-train job: 0 is less than the minimum of 8 (job.json 'params/grid/2')",)),
-], ids=["empty_path", "empty_path_list", "unknown_parameter", "item_of_a_list_parameter"])
+    ("translate-train", {"volumes": ["in.nii.gz"]}, {"lr": float("nan")},
+     ("Parameter 'lr' of the translate-train job: nan is not a finite number (job.json 'params/lr')",)),
+    ("translate-train", {"volumes": ["in.nii.gz"]}, {"memory_budget_mb": float("inf")}, ("'memory_budget_mb'", "inf is not a finite")),
+], ids=["empty_path", "empty_path_list", "unknown_parameter", "item_of_a_list_parameter", "nan", "infinity"])
 def test_validation_refuses_and_names_the_input_or_parameter(tmp_path, input_volume, kind, inputs, params, message_parts):
-    """An empty path (which would mean the job folder itself), an empty list of volumes, a misspelt parameter and a bad
-    item of a list parameter are each refused before any work, naming the input or parameter as the panels do."""
+    """An empty path (which would mean the job folder itself), an empty list of volumes, a misspelt parameter, a bad
+    item of a list parameter and a NaN or infinite number (schema bounds never refuse NaN) are each refused before any
+    work, naming the input or parameter as the panels do."""
     from medgen.jobs.spec import validate_job
 
     with pytest.raises(BadInputError) as refused:

@@ -154,13 +154,17 @@ def cmd_translate(args) -> int:
 
 def cmd_export_nnunet(args) -> int:
     from medgen.labels import load_labels
+    from medgen.progress import CallbackReporter
     from medgen.synthesis.nnunet_export import export_nnunet
     from medgen.synthesis.prepare import find_nnunet_pairs
 
     labels = {"background": 0, **{label.name: label.value for label in load_labels(args.labels)}}
     cases = [(image, label) for _, image, label in find_nnunet_pairs(args.pairs)]
+    # warnings (e.g. a case already in the dataset, not added again) go to stderr, as the jobs' do
+    reporter = CallbackReporter(lambda event: print(f"[medgen] {event['level']}: {event['message']}", file=sys.stderr)
+                                if event["event"] == "log" and event["level"] != "info" else None)
     dataset = export_nnunet(cases, args.out, dataset_id=args.dataset_id, name=args.name, labels=labels,
-                            channel_name=args.channel_name, case_prefix=args.case_prefix)
+                            channel_name=args.channel_name, case_prefix=args.case_prefix, reporter=reporter)
     print(dataset)
     return 0
 

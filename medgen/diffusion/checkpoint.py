@@ -201,7 +201,11 @@ def load_checkpoint(directory: str | Path) -> tuple[dict, dict | None, dict, dic
     except (OSError, EOFError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as error:
         if is_out_of_memory(error):
             raise
-        message = f"Checkpoint {directory} cannot be read ({type(error).__name__}: {error})"
+        if isinstance(error, pickle.UnpicklingError):  # torch's own text advises loading it unsafely: never
+            error_text = "its trainer state holds objects other than tensors and numbers, which are never unpickled"
+        else:
+            error_text = f"{type(error).__name__}: {error}"
+        message = f"Checkpoint {directory} cannot be read ({error_text})"
         if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
             # the disk or the system failed (EIO, too many open files, a network share): the file may be whole
             raise ModelError(f"{message}; try again once the cause is fixed.") from error

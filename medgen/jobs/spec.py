@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,17 @@ def _resolve_paths(value: Any, base: Path, name: str) -> Any:
     return str(path.resolve())
 
 
+def _check_finite_numbers(value: Any, kind: str, path: str = "") -> None:
+    """Refuse NaN and infinite numbers anywhere in a job's parameters: JSON-schema bounds never compare false for
+    NaN, so e.g. NaN filter thresholds would accept every candidate and an infinite learning rate ruin the weights."""
+    if isinstance(value, float) and not math.isfinite(value):
+        name = path.split("/")[0]
+        raise BadInputError(f"Parameter '{name}' of the {kind} job: {value} is not a finite number (job.json 'params/{path}').")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        _check_finite_numbers(item, kind, f"{path}/{key}" if path else str(key))
+
+
 def validate_job(document: Any, base_dir: Path) -> JobSpec:
     """Check a parsed ``job.json`` document and return the :class:`JobSpec`.
 
@@ -106,6 +118,7 @@ def validate_job(document: Any, base_dir: Path) -> JobSpec:
             Validator(schema).validate(value)
         except jsonschema.ValidationError as error:
             raise _schema_error(error, section, kind.name) from None
+    _check_finite_numbers(params, kind.name)
     return JobSpec(
         kind=kind.name,
         inputs={name: _resolve_paths(value, base_dir, name) for name, value in inputs.items()},
