@@ -188,6 +188,9 @@ def test_scheduler_arithmetic_stays_fp32_with_bf16_model():
     result = sample(bf16_denoise, scheduler, noise, timesteps=[3, 2, 1, 0], model_dtype=torch.bfloat16)
     assert set(received) == {torch.bfloat16}
     assert result.dtype == torch.float32 and scheduler.alphas_cumprod.dtype == torch.float32
+    # the table is rebuilt, not cast back: bf16 rounds ᾱ_2 to 1 and the DDPM step would divide 0 by 0 (NaN)
+    assert torch.equal(scheduler.alphas_cumprod, DDPMScheduler(num_train_timesteps=1000).alphas_cumprod)
+    assert torch.isfinite(result).all()
 
 
 def test_sampling_reports_progress_and_cancels_between_steps():
@@ -232,6 +235,19 @@ def test_sampling_out_of_memory_maps_to_medgen_error():
     with pytest.raises(OutOfMemoryError, match="fewer volumes per batch") as caught:
         sample(exhausting_denoise, DDPMScheduler(num_train_timesteps=10), torch.randn(2, 1, 4, 4, 4))
     assert caught.value.kind == "oom"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_model_predicting_non_finite_values_is_a_model_error_not_a_nan_result(bad):
+    """A model folder with damaged weights must not give NaN volumes that are written as results (and later blamed
+    on the user's images by the nnU-Net export)."""
+    from medgen.errors import ModelError
+
+    def damaged_denoise(x_t, t):
+        return torch.full_like(x_t, bad)
+
+    with pytest.raises(ModelError, match="predicted NaN or infinite values at timestep 9: its weights are damaged"):
+        sample(damaged_denoise, DDPMScheduler(num_train_timesteps=10), torch.randn(1, 1, 4, 4, 4))
 
 
 @pytest.mark.parametrize("failure, expected", [

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from medgen.errors import BadInputError, OutOfMemoryError, is_out_of_memory
+from medgen.errors import BadInputError, ModelError, OutOfMemoryError, is_out_of_memory
 from medgen.progress import Reporter, as_reporter
 
 #: ``denoise(x_t, t)``: x_t ``(B, C, D, H, W)`` in the model's dtype, t ``(B,)`` int64 -> prediction
@@ -103,10 +103,14 @@ def check_ddim_steps(steps: int, num_train_timesteps: int) -> None:
 
 
 def _use_fp32_schedule(scheduler: DDPMScheduler | DDIMScheduler) -> None:
-    """Keep the schedule tables in float32: MONAI's ``add_noise`` casts them to the dtype of its input,
-    so one bf16 call would otherwise make every later step run its arithmetic in bf16."""
-    for name in ("betas", "alphas", "alphas_cumprod"):
+    """Keep the schedule tables in float32: MONAI's ``add_noise`` casts ``alphas_cumprod`` to the dtype of its input,
+    so one bf16 call would otherwise make every later step run its arithmetic in bf16. Casting it back would keep the
+    bf16 rounding (ᾱ_t of exactly 1 near t = 0, where the DDPM step then divides 0 by 0), so a cast ᾱ is rebuilt
+    from the float32 alphas, as MONAI built it."""
+    for name in ("betas", "alphas"):
         setattr(scheduler, name, getattr(scheduler, name).to(torch.float32))
+    if scheduler.alphas_cumprod.dtype != torch.float32:
+        scheduler.alphas_cumprod = torch.cumprod(scheduler.alphas, dim=0).to(scheduler.alphas_cumprod.device)
 
 
 @torch.no_grad()
@@ -169,6 +173,11 @@ def sample(
                 f"{tuple(x.shape[2:])} volume(s): sample fewer volumes per batch or a smaller size, or sample under "
                 "bfloat16 autocast (from Python: with torch.autocast('cuda', dtype=torch.bfloat16), model_dtype=torch.bfloat16)."
             ) from error
+        if not bool(torch.isfinite(prediction).all()):  # else NaN volumes would be written as results
+            raise ModelError(
+                f"The model predicted NaN or infinite values at timestep {t}: its weights are damaged or its training "
+                "diverged. Retrain it, or restore its folder from a copy."
+            )
         if isinstance(scheduler, DDIMScheduler):
             x, x0_pred = scheduler.step(prediction, t, x, eta=eta, generator=generator)
         else:
