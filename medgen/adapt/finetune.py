@@ -52,7 +52,7 @@ class FinetuneConfig:
 
     Args:
         steps: optimiser steps at most.
-        batch_size: patches per step.
+        batch_size: patches per step, at most one per training pair (capped to their number).
         lr, weight_decay: AdamW settings (cosine decay to 0 over ``steps``).
         foreground_ratio: share of patches centred on a foreground voxel.
         val_every: validate (and checkpoint) every this many steps.

@@ -82,7 +82,7 @@ class GeneratorFinetuneConfig:
 
     Args:
         steps: optimiser steps.
-        batch_size: volumes per step.
+        batch_size: volumes per step, capped to the number of training volumes.
         lr: Adam learning rate.
         amp: bf16 autocast on CUDA GPUs with native bf16 (see :func:`medgen.diffusion.training.amp_applies`).
         checkpoint_every: steps between checkpoints.
