@@ -66,12 +66,28 @@ def test_model_config_round_trips_lists_to_tuples(tmp_path):
     ({"channels": [8], "future_setting": 1}, r"Unknown test settings \['future_setting'\]"),
     ({"steps": 3}, "cannot be used .*channels"),
     ({"channels": [8], "steps": 0}, "cannot be used .*steps must be positive"),
+    ({"channels": [8], "steps": "3"}, "setting 'steps' is '3', not of the type of its default 1"),
+    ({"channels": [8], "steps": True}, "setting 'steps' is True"),
 ])
 def test_unusable_model_settings_are_a_model_error_naming_the_file(tmp_path, config, message):
     document = {"task": "task"} if config is None else {"task": "task", "config": config}
     (tmp_path / MODEL_JSON).write_text(json.dumps(document))
     with pytest.raises(ModelError, match=f"{MODEL_JSON}: .*{message}.*Re-run the training job"):
         model_config(tmp_path, read_model_json(tmp_path, "task"), _Settings, "test")
+
+
+@pytest.mark.parametrize("document, message", [
+    ({"task": "task"}, "field 'labels' is missing or not a JSON list \\(got None\\)"),
+    ({"task": "task", "labels": "liver"}, "field 'labels' is missing or not a JSON list"),
+    ({"task": "task", "labels": [], "scale_factor": "x"}, "field 'scale_factor' is missing or not a JSON integer or number"),
+    ({"task": "task", "labels": [], "scale_factor": True}, "field 'scale_factor'"),
+])
+def test_required_fields_of_a_damaged_model_json_are_a_model_error_naming_them(tmp_path, document, message):
+    (tmp_path / MODEL_JSON).write_text(json.dumps(document))
+    with pytest.raises(ModelError, match=f"{MODEL_JSON}: its {message}.*Re-run the training job"):
+        read_model_json(tmp_path, "task", {"labels": list, "scale_factor": (int, float)})
+    (tmp_path / MODEL_JSON).write_text(json.dumps({"task": "task", "labels": [], "scale_factor": 0.5}))
+    assert read_model_json(tmp_path, "task", {"labels": list, "scale_factor": (int, float)})["scale_factor"] == 0.5
 
 
 def test_a_json_file_that_is_not_an_object_is_not_a_model_folder(tmp_path):

@@ -31,8 +31,10 @@ def write_model_json(folder: str | os.PathLike, task: str, **fields: Any) -> Pat
     return write_text_atomic(Path(folder) / MODEL_JSON, json.dumps(document, indent=2) + "\n")
 
 
-def read_model_json(folder: str | os.PathLike, task: str) -> dict[str, Any]:
-    """Read ``medgen_model.json``; :class:`ModelError` if missing, unreadable or of another task."""
+def read_model_json(folder: str | os.PathLike, task: str, required: dict[str, type | tuple[type, ...]] | None = None
+                    ) -> dict[str, Any]:
+    """Read ``medgen_model.json``; :class:`ModelError` if missing, unreadable, of another task, or lacking one of the
+    ``required`` fields (name -> JSON type, e.g. ``{"labels": list}``) or holding it with another type."""
     path = Path(folder) / MODEL_JSON
     if not path.is_file():
         raise ModelError(f"{folder} is not a MedGen model folder: it has no {MODEL_JSON}.")
@@ -46,7 +48,30 @@ def read_model_json(folder: str | os.PathLike, task: str) -> dict[str, Any]:
             f"{folder} holds a model for task {found!r}, but a {task!r} model is needed. "
             "Pick the folder written by the matching training job."
         )
+    for name, kind in (required or {}).items():
+        value = document.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise ModelError(f"{path}: its field {name!r} is missing or not a JSON {_json_type_name(kind)} (got {value!r:.60}). "
+                             "Re-run the training job that wrote it.")
     return document
+
+
+def _json_type_name(kind: type | tuple[type, ...]) -> str:
+    names = {list: "list", dict: "object", str: "string", int: "integer", float: "number"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(dict.fromkeys(names.get(item, item.__name__) for item in kinds))
+
+
+def _same_json_type(value: Any, default: Any) -> bool:
+    """Whether a JSON value could stand for ``default``: numbers for numbers (a float field takes an integer),
+    booleans, strings, and lists for tuples with items like the default's first (any list when it is empty)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and (isinstance(default, float) or isinstance(value, int))
+    if isinstance(default, (tuple, list)):
+        return isinstance(value, list) and (not default or all(_same_json_type(item, default[0]) for item in value))
+    return isinstance(value, type(default))
 
 
 def model_config(folder: str | os.PathLike, document: dict[str, Any], config_class: type[Config], what: str) -> Config:
@@ -68,6 +93,11 @@ def model_config(folder: str | os.PathLike, document: dict[str, Any], config_cla
     unknown = set(settings) - fields
     if unknown:
         raise refuse(f"Unknown {what} settings {sorted(unknown)}; this MedGen version knows {sorted(fields)}.")
+    for field in dataclasses.fields(config_class):
+        default = field.default if field.default is not dataclasses.MISSING else None
+        if field.name in settings and default is not None and not _same_json_type(settings[field.name], default):
+            raise refuse(f"The {what} setting {field.name!r} is {settings[field.name]!r:.60}, not of the type of its "
+                         f"default {default!r}.")
     try:
         return config_class(**{key: tuple(value) if isinstance(value, list) else value for key, value in settings.items()})
     except (TypeError, ValueError, MedGenError) as error:

@@ -10,7 +10,7 @@ from medgen.io import load_volume, volume_stem
 from medgen.io.model_folder import read_model_json
 from medgen.jobs.context import JobContext
 from medgen.labels import load_labels
-from medgen.synthesis.joint_ldm import TASK, JointLDMConfig, write_generated_pairs
+from medgen.synthesis.joint_ldm import MODEL_FIELDS, TASK, JointLDMConfig, write_generated_pairs
 from medgen.synthesis.nnunet_export import check_channel_of_generated, export_nnunet
 from medgen.synthesis.prepare import load_pairs_from_folder, prepare_pairs
 
@@ -56,7 +56,7 @@ def run_synthesize(ctx: JobContext) -> dict:
     params, model_dir = ctx.params, ctx.inputs["model"]
     if params.get("nnunet_dataset_id"):
         check_channel_of_generated(params["channel_name"])
-    document = read_model_json(model_dir, TASK)
+    document = read_model_json(model_dir, TASK, MODEL_FIELDS)
     pairs = write_generated_pairs(
         model_dir, params["count"], ctx.output_path("pairs"), seed=ctx.spec.seed, batch_size=params["batch_size"],
         steps=params["steps"], device=ctx.device, reporter=ctx.reporter,

@@ -42,6 +42,8 @@ from medgen.synthesis.latents import LatentSet, encode_posteriors
 from medgen.synthesis.prepare import PreparedPair, check_common_grid
 
 TASK = "joint-image-label-ldm"
+#: what generation reads from a model folder's ``medgen_model.json`` besides ``config`` (name -> JSON type)
+MODEL_FIELDS = {"num_classes": int, "labels": list, "affine": list}
 
 
 @dataclasses.dataclass
@@ -223,7 +225,7 @@ def train_joint_ldm(
 
 
 def _rebuild(model_dir: Path, device: torch.device):
-    document = read_model_json(model_dir, TASK)
+    document = read_model_json(model_dir, TASK, MODEL_FIELDS)
     config = model_config(model_dir, document, JointLDMConfig, "paired-synthesis")
     vae = load_weights_into(build_joint_vae(config.vae_config(document["num_classes"])), model_dir / "vae.safetensors").to(device).eval()
     unet = load_weights_into(build_latent_unet(config), model_dir / "ldm.safetensors").to(device).eval()
@@ -287,7 +289,7 @@ def write_generated_pairs(
     """Generate pairs and write each as ``{prefix}_{n:04d}_image.nii.gz`` / ``_label.nii.gz`` (atomically,
     as it is made, so a cancelled run keeps every finished pair) plus ``labels.json``."""
     out_dir = Path(out_dir)
-    document = read_model_json(model_dir, TASK)
+    document = read_model_json(model_dir, TASK, MODEL_FIELDS)
     save_labels([LabelInfo.from_dict(e) for e in document["labels"]], out_dir / "labels.json")
     written = []
     for index, (image, label) in enumerate(generate_pairs(model_dir, count, **generate_kwargs)):

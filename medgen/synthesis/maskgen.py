@@ -43,6 +43,9 @@ from medgen.synthesis.masks import MASK_THRESHOLD, control_channels, control_ten
 from medgen.synthesis.prompts import LearnedPromptEncoder, Prompt, PromptEncoder
 
 TASK = "mask-conditioned-ldm"
+#: what sampling reads from a model folder's ``medgen_model.json`` besides ``config`` (name -> JSON type)
+MODEL_FIELDS = {"organs": list, "prompt_encoder": dict, "prompts": dict, "scale_factor": (int, float), "grid_shape": list,
+                "affine": list, "latent_shape": list}
 CHECKER_DIR = "checker"
 #: longest mask id (file stem) whose pair names "<id>_<k>_image.nii.gz" and their temporary names fit 255 bytes
 MAX_MASK_ID_BYTES = 150
@@ -107,7 +110,7 @@ class MaskGenModel:
             ModelError: a damaged folder, or a text-model folder loaded without its text model (or the reverse).
         """
         model_dir, device = Path(model_dir), torch.device(device)
-        document = read_model_json(model_dir, TASK)
+        document = read_model_json(model_dir, TASK, MODEL_FIELDS)
         config = model_config(model_dir, document, MaskGenConfig, "mask-model")
         organs = [LabelInfo.from_dict(e) for e in document["organs"]]
         prompt_encoder = _stored_prompt_encoder(model_dir, document["prompt_encoder"], prompt_encoder)

@@ -81,12 +81,12 @@ def run_maskgen_train(ctx: JobContext) -> dict:
 def run_maskgen(ctx: JobContext) -> dict:
     """Render target-modality images of every mask, keep the accepted ones in ``outputs/pairs`` (+ ``report.json``)
     and optionally export them as an nnU-Net dataset."""
-    from medgen.synthesis.maskgen import TASK, synthesize_from_masks
+    from medgen.synthesis.maskgen import MODEL_FIELDS, TASK, synthesize_from_masks
 
     params, model_dir = ctx.params, ctx.inputs["model"]
     if params.get("nnunet_dataset_id"):
         check_channel_of_generated(params["channel_name"])
-    document = read_model_json(model_dir, TASK)
+    document = read_model_json(model_dir, TASK, MODEL_FIELDS)
     masks = [(volume_stem(path), load_volume(path, label=True, name=Path(path).name)) for path in ctx.inputs["masks"]]
     report = synthesize_from_masks(
         model_dir, masks, ctx.output_path("pairs"), target_modality=params["target_modality"], candidates=params["candidates"],
