@@ -49,17 +49,16 @@ def read_model_json(folder: str | os.PathLike, task: str, required: dict[str, ty
             "Pick the folder written by the matching training job."
         )
     for name, kind in (required or {}).items():
-        value = document.get(name)
-        if not isinstance(value, kind) or isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-            raise ModelError(f"{path}: its field {name!r} is missing or not a JSON {_json_type_name(kind)} (got {value!r:.60}). "
-                             "Re-run the training job that wrote it.")
+        value, kinds = document.get(name), kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # JSON true is no integer
+            raise ModelError(f"{path}: its field {name!r} is missing or not a JSON {_json_type_name(kinds)} "
+                             f"(got {value!r:.60}). Re-run the training job that wrote it.")
     return document
 
 
-def _json_type_name(kind: type | tuple[type, ...]) -> str:
+def _json_type_name(kinds: tuple[type, ...]) -> str:
     names = {list: "list", dict: "object", str: "string", int: "integer", float: "number"}
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(dict.fromkeys(names.get(item, item.__name__) for item in kinds))
+    return " or ".join(names.get(item, item.__name__) for item in kinds)
 
 
 def _same_json_type(value: Any, default: Any) -> bool:
