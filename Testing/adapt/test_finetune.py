@@ -127,6 +127,9 @@ def test_bad_training_data_is_refused_before_training(model_folder, oblique, tmp
         finetune_segmentation(model, [(image, label * 0)], FinetuneConfig(steps=2), checkpoint_dir=tmp_path)
     with pytest.raises(BadInputError, match=r"label values \[0, 3\].*classes 0..1"):
         finetune_segmentation(model, [(image, label * 3)], FinetuneConfig(steps=2), checkpoint_dir=tmp_path)
+    # a fractional value is no class: read as 1 by the check, it would train as 2 after prepare_volume's rounding
+    with pytest.raises(BadInputError, match="Training segmentation 0 holds values that are not whole numbers"):
+        finetune_segmentation(model, [(image, label.float() * 1.5)], FinetuneConfig(steps=2), checkpoint_dir=tmp_path)
     # a file's name is used when the map came from one; the validation map is checked before any training step
     named = load_volume(save_volume(label * 3, tmp_path / "held_seg.nii.gz", label=True), label=True)
     with pytest.raises(BadInputError, match=r"held_seg.nii.gz has label values \[0, 3\]"):

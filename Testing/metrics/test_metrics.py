@@ -179,6 +179,18 @@ def test_fid_of_one_dimensional_features_follows_the_same_formula():
     assert one_d == pytest.approx(padded, rel=1e-6)
 
 
+@pytest.mark.parametrize("real_shape, generated_shape, message", [
+    ((1, 4), (3, 4), r"N >= 2 per set; the real set is \(1, 4\)"),  # one sample: its covariance is NaN
+    ((3, 4), (3, 2, 2), r"the generated set is \(3, 2, 2\)"),
+    ((3, 4), (3, 5), "got 4 and 5 features"),
+])
+def test_fid_refuses_feature_sets_it_cannot_compare(real_shape, generated_shape, message):
+    from medgen.metrics import frechet_distance
+
+    with pytest.raises(BadInputError, match=message):
+        frechet_distance(torch.ones(real_shape), torch.ones(generated_shape))
+
+
 def test_fid_with_fewer_volumes_than_features_matches_scipy_and_never_goes_negative():
     """The few-shot case: singular covariances. MONAI's FIDMetric raised on the imaginary part sqrtm returns there
     (6 of 40 such draws); the value must match an independent float64 computation and stay >= 0."""

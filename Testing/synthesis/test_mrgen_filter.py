@@ -124,6 +124,19 @@ def test_oracle7d_only_top5_by_average_iou_are_considered():
     assert [record.candidate for record in wider.accepted] == [5, 6]
 
 
+@pytest.mark.parametrize("setting", [{"top_k": 0}, {"keep_strict": 0}, {"keep_relaxed": -1}, {"top_k": 2.5},
+                                     {"avg_iou": float("nan")}, {"organ_confidence": 1.2}, {"relax_by": -0.1}])
+def test_settings_that_would_accept_or_reject_everything_are_refused(setting):
+    """top_k 0 would consider no candidate, a NaN threshold passes every score (NaN fails no ``<``)."""
+    with pytest.raises(BadInputError, match=f"Filter (threshold|setting) {next(iter(setting))} must be"):
+        FilterThresholds(**setting)
+
+
+def test_relaxed_thresholds_stop_at_zero():
+    relaxed = FilterThresholds(avg_iou=0.05, organ_iou=0.0).relaxed()
+    assert (relaxed.avg_iou, relaxed.organ_iou, relaxed.avg_confidence) == (0.0, 0.0, 0.8)
+
+
 def test_oracle7e_absent_organs_are_ignored_in_every_check():
     # the spleen is absent from the conditioning mask: its zero IoU/confidence must not count
     record = score(0, 0.9, 0.95, absent=("spleen",), spleen=(0.0, 0.0))

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from medgen.adapt.segmenter import SegmentationModel, predict_probabilities, prepare_volume
 from medgen.diffusion import TrainConfig, train_diffusion
 from medgen.errors import BadInputError, ModelError
-from medgen.io import display_name
+from medgen.io import display_name, holds_whole_numbers
 from medgen.io.atomic import atomic_output, write_text_atomic
 from medgen.io.model_folder import check_same_run
 from medgen.metrics import dice_per_class
@@ -110,12 +110,14 @@ class FinetuneResult:
 
 
 def check_segmentation_labels(model: SegmentationModel, label: torch.Tensor, name: str) -> None:
-    """:class:`BadInputError` unless ``label`` holds some foreground and only classes ``model`` predicts.
+    """:class:`BadInputError` unless ``label`` holds whole numbers, some foreground and only classes ``model`` predicts.
 
     Args:
-        label: integer label map ``(1, I, J, K)``.
+        label: label map ``(1, I, J, K)``, integer or float holding whole numbers.
         name: how the map is called in the message (its file name when it came from one).
     """
+    if not holds_whole_numbers(label):  # 1.5 would be read as class 1 here and rounded to 2 by prepare_volume
+        raise BadInputError(f"{name} holds values that are not whole numbers (or NaN); a segmentation holds class numbers.")
     values = sorted(int(v) for v in torch.unique(label).tolist())
     if not set(values) - {0}:
         raise BadInputError(f"{name} has no labelled voxel (every voxel is 0): it cannot train or score the model.")

@@ -75,7 +75,16 @@ def frechet_distance(real_features: torch.Tensor, generated_features: torch.Tens
     fixed 1e-3 tolerance on it raised in 6 of 40 draws of 4 vs 4 volumes with 64 features (measured). The trace of
     (Σ₁Σ₂)^½ is taken as the sum of square roots of the eigenvalues of Σ₁^½ Σ₂ Σ₁^½, a symmetric matrix with the
     same spectrum, so no complex arithmetic is needed; rounding below 0 is clipped, the FID included.
+
+    Raises:
+        BadInputError: not two ``(N, F)`` sets with the same F and N >= 2 each (one sample has no covariance).
     """
+    for what, features in (("real", real_features), ("generated", generated_features)):
+        if features.ndim != 2 or features.shape[0] < 2:
+            raise BadInputError(f"FID needs (N, F) features with N >= 2 per set; the {what} set is {tuple(features.shape)}.")
+    if real_features.shape[1] != generated_features.shape[1]:
+        raise BadInputError(f"FID compares features of one network; got {real_features.shape[1]} and "
+                            f"{generated_features.shape[1]} features per volume.")
     real, generated = real_features.double(), generated_features.double()
     mean_gap = real.mean(0) - generated.mean(0)
     real_cov, generated_cov = torch.atleast_2d(torch.cov(real.T)), torch.atleast_2d(torch.cov(generated.T))

@@ -93,13 +93,27 @@ class FilterThresholds:
     keep_relaxed: int = 1
     relax_by: float = 0.10
 
+    def __post_init__(self):
+        """Refuse settings that would silently accept or reject everything (NaN passes no ``<`` test; top_k 0
+        considers no candidate)."""
+        for name in ("avg_confidence", "avg_iou", "organ_iou", "organ_confidence", "relax_by"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise BadInputError(f"Filter threshold {name} must be a number in [0, 1]; got {value!r}.")
+        for name, least in (("top_k", 1), ("keep_strict", 1), ("keep_relaxed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise BadInputError(f"Filter setting {name} must be a whole number >= {least}; got {value!r}.")
+
     def relaxed(self) -> "FilterThresholds":
-        """The same settings with the four thresholds lowered by ``relax_by`` (rounded to 12 decimals, so 0.8 - 0.1
-        is 0.7 and not 0.7000000000000001)."""
-        r = self.relax_by
+        """The same settings with the four thresholds lowered by ``relax_by``, not below 0 (scores are), rounded to
+        12 decimals so 0.8 - 0.1 is 0.7 and not 0.7000000000000001."""
+        def lowered(value: float) -> float:
+            return max(0.0, round(value - self.relax_by, 12))
+
         return dataclasses.replace(
-            self, avg_confidence=round(self.avg_confidence - r, 12), avg_iou=round(self.avg_iou - r, 12),
-            organ_iou=round(self.organ_iou - r, 12), organ_confidence=round(self.organ_confidence - r, 12),
+            self, avg_confidence=lowered(self.avg_confidence), avg_iou=lowered(self.avg_iou),
+            organ_iou=lowered(self.organ_iou), organ_confidence=lowered(self.organ_confidence),
         )
 
     def failures(self, score: CandidateScore) -> list[str]:
