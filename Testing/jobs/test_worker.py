@@ -665,6 +665,16 @@ def test_a_seed_beyond_numpys_range_runs_and_is_recorded(tmp_path, input_volume,
     assert json.loads((job_dir / "manifest.json").read_text())["seed"] == 2**40 + 3
 
 
+def test_a_volume_with_nan_is_bad_input_naming_its_file(tmp_path, input_volume, sigterm_handler_kept):
+    holed = load_volume(input_volume)
+    holed[0, 2, 3, 4] = float("nan")
+    path = save_volume(holed, tmp_path / "holed scan.nii.gz")
+    job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(path)}, {"steps": 1}, device="cpu")
+    code, events = _run_in_process(job_dir)
+    assert code == ExitCode.BAD_INPUT
+    assert events[-1]["message"].startswith("input image holed scan.nii.gz contains 1 NaN or infinite voxel(s)")
+
+
 def test_a_planted_link_at_the_event_log_is_refused_and_its_target_left_alone(tmp_path, input_volume, sigterm_handler_kept):
     job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 1}, device="cpu")
     target = tmp_path / "someone_elses.log"

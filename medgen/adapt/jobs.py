@@ -73,7 +73,7 @@ def _model_with_optional_adapter(ctx: JobContext):
 
 def run_infer(ctx: JobContext) -> dict:
     """Segment one volume with the base or adapted model; the label map keeps the input's geometry."""
-    image = load_volume(ctx.inputs["image"], name="input image")
+    image = load_volume(ctx.inputs["image"], name=f"input image {Path(ctx.inputs['image']).name}")
     model = _model_with_optional_adapter(ctx)
     ctx.reporter.progress("segmenting", 0, 1)
     labels = segment(model, image, ctx.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ def smooth_step(volume: torch.Tensor) -> torch.Tensor:
 
 def run_selftest(ctx: JobContext) -> dict:
     """Smooth ``inputs.image`` ``params.steps`` times on ``ctx.device``; write ``outputs/selftest.nii.gz``."""
-    image = load_volume(ctx.inputs["image"], name="input image")
+    image = load_volume(ctx.inputs["image"], name=f"input image {Path(ctx.inputs['image']).name}")
     volume = image.as_tensor().to(ctx.device)
     steps = ctx.params["steps"]
     for step in range(steps):

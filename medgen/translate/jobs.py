@@ -26,7 +26,7 @@ def run_translate_train(ctx: JobContext) -> dict:
 
 def run_translate(ctx: JobContext) -> dict:
     """Translate the source volume; the output keeps the source's voxel grid."""
-    source = load_volume(ctx.inputs["source"], name="source volume")
+    source = load_volume(ctx.inputs["source"], name=f"source volume {Path(ctx.inputs['source']).name}")
     params = ctx.params
     try:
         translated = translate_volume(
