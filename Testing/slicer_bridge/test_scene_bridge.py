@@ -92,6 +92,24 @@ def test_label_volume_node_is_integer_labelmap(mrml_scene, oblique):
     assert back.dtype == torch.int64 and torch.equal(back.as_tensor(), _labelmap(oblique).as_tensor())
 
 
+@pytest.mark.parametrize("value", [2.0**31, -(2.0**31) - 1, 1.5, float("nan")])
+def test_a_label_value_a_slicer_labelmap_cannot_hold_is_refused_not_wrapped(mrml_scene, value):
+    """int32 is the widest label type; a cast would turn 2**31 into -2**31 and 1.5 into 1 without a word."""
+    labels = torch.zeros(1, 4, 4, 4, dtype=torch.float64)
+    labels[0, 1, 2, 3] = value
+    names_before = _node_names(mrml_scene)
+    with pytest.raises(BadInputError, match="not whole numbers in the int32 range"):
+        tensor_to_volume_node(labels, "labels", scene=mrml_scene, label=True, affine=np.eye(4))
+    assert _node_names(mrml_scene) == names_before
+
+
+def test_the_largest_int32_label_reaches_the_scene_as_is(mrml_scene):
+    labels = torch.zeros(1, 4, 4, 4, dtype=torch.int64)
+    labels[0, 1, 2, 3] = 2**31 - 1
+    node = tensor_to_volume_node(labels, "wide", scene=mrml_scene, label=True, affine=np.eye(4))
+    assert torch.equal(volume_node_to_tensor(node).as_tensor(), labels)
+
+
 def test_labelmap_to_segmentation_keeps_names_colors_values(mrml_scene, oblique):
     reference = tensor_to_volume_node(MetaTensor(torch.rand(1, 20, 16, 12), affine=torch.from_numpy(oblique)), "ref", scene=mrml_scene)
     names_before = _node_names(mrml_scene)

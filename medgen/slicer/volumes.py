@@ -51,6 +51,15 @@ def volume_node_to_tensor(node) -> MetaTensor:
 
 
 def _label_array_dtype(array: np.ndarray) -> type:
+    """int16 when the labels fit, else int32 (the widest label type Slicer's segment tools take).
+
+    Raises:
+        BadInputError: values that are not whole numbers, or beyond int32, which a cast would wrap silently.
+    """
+    if array.size and (not np.array_equal(array, np.round(array)) or array.min() < np.iinfo(np.int32).min
+                       or array.max() > np.iinfo(np.int32).max):
+        raise BadInputError(f"A label map for the scene holds values that are not whole numbers in the int32 range "
+                            f"(from {array.min()} to {array.max()}); renumber its labels first.")
     return np.int16 if array.min() >= np.iinfo(np.int16).min and array.max() <= np.iinfo(np.int16).max else np.int32
 
 
