@@ -111,13 +111,18 @@ def organ_values(segmentation_node, organs: Sequence[LabelInfo]) -> dict[int, in
     return {segment.value: value_of[segment_name_key(segment.name)] for segment in segments}
 
 
+def _reference_volume(segmentation_node):
+    """The volume node whose grid ``segmentation_node`` was exported on (None when it has none)."""
+    return segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole())
+
+
 def mask_reference(segmentation_node):
     """The volume whose grid a segmentation is exported on: its reference-geometry volume.
 
     Raises:
         BadInputError: the segmentation names no reference volume.
     """
-    reference = segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole())
+    reference = _reference_volume(segmentation_node)
     if reference is None:
         raise BadInputError(
             f"Segmentation '{segmentation_node.GetName()}' has no reference volume, so its voxel grid is unknown. "
@@ -332,6 +337,8 @@ class GenerateRequest(JobRequest):
             stems = self.mask_stems()
             inputs["masks"] = [str(write_mask(node, self.organs, folder / f"{stem}.nii.gz")) for stem, node in stems.items()]
             object.__setattr__(self, "_written_stems", stems)  # the request is frozen; this records what was sent
+            # and the grid each mask was written on, whose transform its pairs follow even if the mask is deleted
+            object.__setattr__(self, "_written_references", {stem: _reference_volume(node) for stem, node in stems.items()})
         return inputs
 
     def import_results(self, result: dict, scene=None) -> dict[str, Any]:
@@ -352,8 +359,9 @@ class GenerateRequest(JobRequest):
         report_file = outputs_dir / "report.json"
         report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else None
         # the reference volumes may have been removed while the job ran: their pairs then stay untransformed
-        references = {stem: node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole())
-                      for stem, node in self.mask_stems().items()}
+        references = getattr(self, "_written_references", None)
+        if references is None:
+            references = {stem: _reference_volume(node) for stem, node in self.mask_stems().items()}
         pairs = import_accepted_pairs(outputs_dir / "pairs", list(self.organs), self.target_modality, scene, references)
         return {"pairs": pairs, "report": report, "candidates": candidate_rows(report) if report else []}
 

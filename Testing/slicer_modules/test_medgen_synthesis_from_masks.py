@@ -304,7 +304,8 @@ def test_pairs_of_a_mask_under_a_transform_stay_aligned_with_it(mrml_scene, tmp_
     request = from_masks.generate_request(_model_folder(tmp_path / "model"), [moved_segmentation, still_segmentation])
     assert list(request.mask_stems()) == ["case_A_segmentation", "case_B_segmentation"]
     request.write_inputs(tmp_path / "inputs")
-    moved_segmentation.SetName("renamed while the job ran")  # the pairs keep the names they were generated under
+    still_segmentation.SetName("renamed while the job ran")  # the pairs keep the names they were generated under
+    mrml_scene.RemoveNode(moved_segmentation)  # deleted while the job ran: its pairs still follow its volume's transform
     outputs = _finished_job(tmp_path / "jobs", oblique_affine(), {"case_A_segmentation_0": 1, "case_B_segmentation_3": 1}, None)
     pairs = request.import_pairs(outputs)["pairs"]
     (moved_image, moved_pair_segmentation), (still_image, still_pair_segmentation) = pairs.values()
