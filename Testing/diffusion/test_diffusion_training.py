@@ -462,3 +462,13 @@ def test_the_loss_is_averaged_over_ranks(monkeypatch):
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, *args, **kwargs: tensor.add_(other_rank_loss))
     assert _mean_over_ranks(1.0, DistContext(rank=0, world_size=2), torch.device("cpu")) == pytest.approx(3.0)
     assert _mean_over_ranks(1.0, DistContext(), torch.device("cpu")) == 1.0
+
+
+def test_a_batch_larger_than_the_data_is_capped_and_said():
+    from medgen.diffusion import capped_batch_size
+
+    events = []
+    reporter = CallbackReporter(events.append)
+    assert capped_batch_size(4, 4, reporter) == 4 and events == []
+    assert capped_batch_size(8, 3, reporter, "training cases") == 3
+    assert events == [{"event": "log", "level": "info", "message": "Batch size 8 is more than the 3 training cases: using 3."}]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.schedulers import DDPMScheduler
 
-from medgen.diffusion import TrainConfig, noise_prediction_loss, sample, train_diffusion, unet_denoiser
+from medgen.diffusion import TrainConfig, capped_batch_size, noise_prediction_loss, sample, train_diffusion, unet_denoiser
 from medgen.errors import BadInputError
 from medgen.io.model_folder import check_same_run
 from medgen.models.spec import ModelSpec
@@ -133,7 +133,7 @@ def finetune_generator(
     trainable = [p for p in unet.parameters() if p.requires_grad]
     result = train_diffusion(
         unet, loss_fn, list(range(len(volumes))), torch.optim.Adam(trainable, lr=config.lr),
-        TrainConfig(max_steps=config.steps, batch_size=min(config.batch_size, len(volumes)), amp=config.amp,
+        TrainConfig(max_steps=config.steps, batch_size=capped_batch_size(config.batch_size, len(volumes), reporter), amp=config.amp,
                     checkpoint_every=config.checkpoint_every, keep_checkpoints=1, seed=config.seed,
                     train_mode=trains_whole_model(unet)),
         checkpoint_dir=checkpoint_dir, reporter=reporter,

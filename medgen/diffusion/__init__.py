@@ -10,7 +10,7 @@ from medgen.diffusion.distributed import DistContext, dist_context_from_env, ini
 from medgen.diffusion.objectives import noise_prediction_loss
 from medgen.diffusion.sampling import Denoiser, check_ddim_steps, sample, sdedit, strided_timesteps
 from medgen.diffusion.schedules import SIGMOID_SCHEDULE, sigmoid_alphas_cumprod
-from medgen.diffusion.training import TrainConfig, TrainResult, train_diffusion
+from medgen.diffusion.training import TrainConfig, TrainResult, capped_batch_size, train_diffusion
 
 __all__ = [
     "SIGMOID_SCHEDULE",
@@ -19,6 +19,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "batched_cfg_denoiser",
+    "capped_batch_size",
     "cfg_denoiser",
     "check_ddim_steps",
     "controlnet_denoiser",

@@ -201,6 +201,15 @@ def _optimizer_step(
     return loss_sum.item() / config.grad_accum_steps
 
 
+def capped_batch_size(requested: int, available: int, reporter: Reporter | None = None, what: str = "training volumes") -> int:
+    """``requested``, or ``available`` when the data hold fewer items, which is logged: a micro-batch cannot hold
+    more items than there are, and a batch setting meant for a large dataset should still run on a few volumes."""
+    if requested <= available:
+        return requested
+    as_reporter(reporter).log(f"Batch size {requested} is more than the {available} {what}: using {available}.")
+    return available
+
+
 def train_diffusion(
     model: nn.Module,
     loss_fn: LossFn,

@@ -24,6 +24,7 @@ from monai.utils import convert_to_tensor
 from medgen.diffusion import (
     SIGMOID_SCHEDULE,
     TrainConfig,
+    capped_batch_size,
     check_ddim_steps,
     noise_prediction_loss,
     sample,
@@ -119,6 +120,7 @@ def _vae_stage(vae, pairs, config: JointLDMConfig, run_dir: Path, device, report
     images = torch.stack([pair.image.as_tensor() for pair in pairs])
     labels = torch.stack([pair.label.as_tensor() for pair in pairs])
     dataset = list(range(len(pairs)))
+    batch_size = capped_batch_size(config.batch_size, len(pairs), reporter, "training cases")
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.vae_lr, betas=(0.5, 0.9))
     for kl_weight, max_steps in ((1e-6, config.vae_phase1_steps), (1.0, config.vae_phase1_steps + config.vae_phase2_steps)):
 
@@ -130,7 +132,7 @@ def _vae_stage(vae, pairs, config: JointLDMConfig, run_dir: Path, device, report
 
         train_diffusion(
             vae, vae_loss, dataset, optimizer,
-            TrainConfig(max_steps=max_steps, batch_size=min(config.batch_size, len(pairs)), grad_accum_steps=config.grad_accum_steps,
+            TrainConfig(max_steps=max_steps, batch_size=batch_size, grad_accum_steps=config.grad_accum_steps,
                         amp=config.amp, checkpoint_every=config.checkpoint_every, keep_checkpoints=1, seed=seed),
             checkpoint_dir=run_dir / "vae",
             reporter=PhaseReporter(reporter, "vae", total=config.vae_phase1_steps + config.vae_phase2_steps),  # both phases, one bar
@@ -206,7 +208,8 @@ def train_joint_ldm(
 
     result = train_diffusion(
         unet, ldm_loss, list(range(len(pairs))), torch.optim.Adam(unet.parameters(), lr=config.ldm_lr, betas=(0.9, 0.99)),
-        TrainConfig(max_steps=config.ldm_steps, batch_size=min(config.ldm_batch_size, len(pairs)), grad_accum_steps=config.grad_accum_steps,
+        TrainConfig(max_steps=config.ldm_steps, batch_size=capped_batch_size(config.ldm_batch_size, len(pairs), reporter, "training cases"),
+                    grad_accum_steps=config.grad_accum_steps,
                     ema_decay=config.ema_decay, ema_every=config.ema_every, amp=config.amp,
                     checkpoint_every=config.checkpoint_every, keep_checkpoints=1, seed=seed),
         checkpoint_dir=out_dir / "ldm", reporter=PhaseReporter(reporter, "ldm"),

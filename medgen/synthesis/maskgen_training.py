@@ -24,7 +24,7 @@ from monai.data import MetaTensor
 from monai.utils import convert_to_tensor
 from torch import nn
 
-from medgen.diffusion import TrainConfig, controlnet_denoiser, noise_prediction_loss, train_diffusion
+from medgen.diffusion import TrainConfig, capped_batch_size, controlnet_denoiser, noise_prediction_loss, train_diffusion
 from medgen.errors import BadInputError
 from medgen.io.model_folder import MODEL_JSON, check_same_run, write_model_json
 from medgen.labels import LabelInfo, make_labels
@@ -56,9 +56,10 @@ from medgen.synthesis.prompts import (
 )
 
 
-def _train_config(config: MaskGenConfig, max_steps: int, num_samples: int, ema: bool) -> TrainConfig:
+def _train_config(config: MaskGenConfig, max_steps: int, num_samples: int, ema: bool, reporter) -> TrainConfig:
     return TrainConfig(
-        max_steps=max_steps, batch_size=min(config.batch_size, num_samples), grad_accum_steps=config.grad_accum_steps,
+        max_steps=max_steps, batch_size=capped_batch_size(config.batch_size, num_samples, reporter, "training images"),
+        grad_accum_steps=config.grad_accum_steps,
         grad_clip_norm=config.grad_clip_norm, ema_decay=config.ema_decay if ema else None, amp=config.amp,
         checkpoint_every=config.checkpoint_every, keep_checkpoints=1, seed=config.seed,
     )
@@ -82,7 +83,7 @@ def _vae_stage(images: torch.Tensor, config: MaskGenConfig, out_dir: Path, devic
         # the trainer hands the indices on the model's device; the images stay on the CPU
         vae, lambda model, batch: image_vae_loss(model, images[batch.cpu()].to(device), config), list(range(len(images))),
         torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=1e-2),
-        _train_config(config, config.vae_steps, len(images), ema=False), checkpoint_dir=out_dir / "vae", reporter=PhaseReporter(reporter, "vae"),
+        _train_config(config, config.vae_steps, len(images), ema=False, reporter=reporter), checkpoint_dir=out_dir / "vae", reporter=PhaseReporter(reporter, "vae"),
     )
     vae.eval().requires_grad_(False)
     write_safetensors(vae.state_dict(), out_dir / "vae.safetensors")
@@ -196,7 +197,7 @@ def _unet_stage(
     result = train_diffusion(
         prompted, unet_loss, list(range(len(data.samples))),
         torch.optim.AdamW(prompted.parameters(), lr=config.unet_lr, weight_decay=1e-2),
-        _train_config(config, config.unet_steps, len(data.samples), ema=True),
+        _train_config(config, config.unet_steps, len(data.samples), ema=True, reporter=reporter),
         checkpoint_dir=out_dir / "unet", reporter=PhaseReporter(reporter, "unet"),
     )
     prompted = (result.ema_model if result.ema_model is not None else prompted).eval().requires_grad_(False)
@@ -228,7 +229,7 @@ def _controlnet_stage(
     result = train_diffusion(
         controlnet, controlnet_loss, list(range(len(data.samples))),
         torch.optim.AdamW(controlnet.parameters(), lr=config.controlnet_lr, weight_decay=1e-2),
-        _train_config(config, config.controlnet_steps, len(data.samples), ema=True),
+        _train_config(config, config.controlnet_steps, len(data.samples), ema=True, reporter=reporter),
         checkpoint_dir=out_dir / "controlnet", reporter=PhaseReporter(reporter, "controlnet"),
     )
     write_safetensors((result.ema_model if result.ema_model is not None else controlnet).state_dict(), out_dir / "controlnet.safetensors")
@@ -240,8 +241,8 @@ def _checker_stage(sources, organ_names, config: MaskGenConfig, out_dir: Path, d
     before stage 3, which may use it for target pseudo-labels (``MaskGenConfig.target_pseudo_labels``)."""
     checker_config = CheckerConfig.tiny() if config.checker_preset == "tiny" else CheckerConfig()
     steps = checker_config.steps if config.checker_steps is None else config.checker_steps
-    checker_config = dataclasses.replace(checker_config, batch_size=min(checker_config.batch_size, len(sources)), steps=steps,
-                                         seed=config.seed)
+    batch_size = capped_batch_size(checker_config.batch_size, len(sources), reporter, "source cases")
+    checker_config = dataclasses.replace(checker_config, batch_size=batch_size, steps=steps, seed=config.seed)
     checker = train_checker(
         [sample.label for sample in sources], len(organ_names), checker_config, images=[sample.image for sample in sources],
         device=device, reporter=PhaseReporter(reporter, "checker"), checkpoint_dir=out_dir / "checker_checkpoints",

@@ -24,6 +24,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from medgen.diffusion import (
     TrainConfig,
+    capped_batch_size,
     check_ddim_steps,
     dist_context_from_env,
     sample,
@@ -251,7 +252,7 @@ def train_translation(
 
     result = train_diffusion(
         unet, loss_fn, list(range(len(data))), torch.optim.Adam(unet.parameters(), lr=config.lr),
-        TrainConfig(max_steps=config.steps, batch_size=min(config.batch_size, len(data)), ema_decay=config.ema_decay,
+        TrainConfig(max_steps=config.steps, batch_size=capped_batch_size(config.batch_size, len(data), reporter), ema_decay=config.ema_decay,
                     checkpoint_every=max(1, config.steps // 4), keep_checkpoints=1, seed=seed),
         checkpoint_dir=Path(out_dir) / "checkpoints", reporter=reporter,
     )
