@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from medgen.errors import BadInputError
-from medgen.labels import LabelInfo, save_labels
+from medgen.labels import LabelInfo, name_key, save_labels
 from medgen.slicer.scene import check_selected_once, check_volume_voxels, create_folder, place_in_folder, remove_nodes, resolve_scene, subject_hierarchy
 from medgen.slicer.scene_job import JobRequest, OutputImport, TrainingPair, check_free_destination, import_outputs, move_into
 
@@ -61,7 +61,21 @@ def check_training_pairs(pairs: Sequence[TrainingPair]) -> None:
                 f"Training pair {number}: segmentation '{pair.segmentation.GetName()}' has no segments. "
                 "Draw or load the structures to synthesise, or remove the pair."
             )
+        _check_segment_names(pair.segmentation, number)
     check_selected_once([(pair.volume, pair.segmentation) for pair in pairs], "Training pair")
+
+
+def _check_segment_names(segmentation_node, number: int) -> None:
+    """Segment names become the model's label names: each needs one, and none may be the background (value 0)."""
+    segmentation = segmentation_node.GetSegmentation()
+    for index in range(segmentation.GetNumberOfSegments()):
+        name = segmentation.GetNthSegment(index).GetName()
+        if name_key(name) in ("", "background"):
+            raise BadInputError(
+                f"Training pair {number}: segment {index + 1} of '{segmentation_node.GetName()}' is named {name!r}; "
+                "segment names become the model's structures, and the background is every voxel outside them. "
+                "Rename the segment, or remove it if it covers the background."
+            )
 
 
 @dataclasses.dataclass(frozen=True)

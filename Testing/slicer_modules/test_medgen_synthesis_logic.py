@@ -148,6 +148,9 @@ def test_pair_without_segments_is_refused_before_any_job_starts(mrml_scene, tmp_
     label_map = tensor_to_volume_node(MetaTensor(torch.ones(1, 8, 8, 8, dtype=torch.int64)), "mask", scene=mrml_scene, label=True)
     with pytest.raises(BadInputError, match="'mask' is a label map volume, not a segmentation"):
         paired.train_request_from_scene([good, paired.TrainingPair(good.volume, label_map)], shape=[16, 16, 16])
+    background = _phantom_pair(mrml_scene, "case B", oblique_affine(), [LabelInfo("cavity", 1, CAVITY), LabelInfo(" Background", 2, WALL)], 1)
+    with pytest.raises(BadInputError, match="Training pair 2: segment 2 of 'case B segmentation' is named ' Background'"):
+        paired.train_request_from_scene([good, background], shape=[16, 16, 16])
     assert list(tmp_path.iterdir()) == []
 
 
