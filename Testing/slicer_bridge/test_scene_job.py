@@ -178,3 +178,15 @@ def test_a_result_moved_to_another_disk_arrives_whole_or_not_at_all(tmp_path, mo
         scene_job.move_into(source, tmp_path / "mine" / "second")
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["model"]  # nothing half-copied blocks a retry
     assert (source / "weights" / "model.safetensors").is_file()
+
+
+def test_a_destination_filled_while_the_job_ran_keeps_the_result_and_says_where(tmp_path):
+    from medgen.slicer import scene_job
+
+    source = _result_folder(tmp_path / "job" / "model")
+    taken = tmp_path / "mine" / "model"
+    taken.mkdir(parents=True)
+    (taken / "notes.txt").write_text("the user's")
+    with pytest.raises(BadInputError, match=f"already exists and is not empty.*The result was kept in {source}"):
+        scene_job.move_into(source, taken)
+    assert (source / "weights" / "model.safetensors").is_file() and (taken / "notes.txt").read_text() == "the user's"

@@ -188,7 +188,10 @@ def move_into(source: str | Path, destination: str | Path) -> Path:
         BadInputError: ``destination`` is taken, or the move failed (the result then stays in ``source``).
     """
     source, destination = Path(source), Path(destination)
-    check_free_destination(destination)
+    try:
+        check_free_destination(destination)  # checked at Apply too; something may have been put there meanwhile
+    except BadInputError as error:
+        raise BadInputError(f"{error} The result was kept in {source}: move it yourself or use it from there.") from None
     destination.parent.mkdir(parents=True, exist_ok=True)
     if destination.exists():
         destination.rmdir()
