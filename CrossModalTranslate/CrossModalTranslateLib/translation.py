@@ -257,8 +257,14 @@ def train_request_from_folder(
 
 def segmentation_for(volume_node):
     """The segmentation to edit on ``volume_node``: the first one drawn on its grid, else a new empty one
-    next to it (so pressing "Segment in Segment Editor" twice does not pile up empty segmentations)."""
-    scene = volume_node.GetScene()
+    next to it (so pressing "Segment in Segment Editor" twice does not pile up empty segmentations).
+
+    Raises:
+        BadInputError: no volume, or one no longer in a scene (deleted).
+    """
+    scene = volume_node.GetScene() if volume_node is not None else None
+    if scene is None:
+        raise BadInputError("Select a volume in the scene to segment (the translated volume was deleted, or none is selected).")
     for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
         segmentation = scene.GetNthNodeByClass(index, "vtkMRMLSegmentationNode")
         if segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole()) is volume_node:

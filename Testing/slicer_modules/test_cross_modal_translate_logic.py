@@ -248,6 +248,11 @@ def test_segment_editor_gets_one_segmentation_on_the_output_grid_next_to_it(t2_s
     hierarchy = subject_hierarchy(mrml_scene)
     assert hierarchy.GetItemName(hierarchy.GetItemParent(hierarchy.GetItemByDataNode(segmentation))) == "patient 1"
     assert translation.segmentation_for(t2_source) is segmentation  # pressing the button again reuses it
+    with pytest.raises(BadInputError, match="Select a volume in the scene to segment"):
+        translation.segmentation_for(None)
+    mrml_scene.RemoveNode(t2_source)  # deleted, while the logic stays reachable from the Python console
+    with pytest.raises(BadInputError, match="Select a volume in the scene to segment"):
+        translation.segmentation_for(t2_source)
 
 
 def test_a_zero_memory_budget_a_small_grid_and_an_unnamed_source_modality_are_handled(model, t2_source):
