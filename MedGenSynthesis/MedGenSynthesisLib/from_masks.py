@@ -330,6 +330,12 @@ class GenerateRequest(JobRequest):
         taken: set[str] = set()
         return {_file_stem(node.GetName(), taken): node for node in self.masks}
 
+    def scene_inputs(self) -> tuple:
+        """The masks and the volumes they were drawn on: the pairs belong with either (a mask deleted while the job
+        ran still leaves its volume to place them by)."""
+        references = getattr(self, "_written_references", None) or {}
+        return (*self.masks, *(node for node in references.values() if node is not None))
+
     def write_inputs(self, folder: Path) -> dict[str, Any]:
         """Each segmentation as ``<node name>.nii.gz`` (the job names its outputs after the file)."""
         inputs = dict(self.input_files)

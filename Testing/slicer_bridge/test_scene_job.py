@@ -36,6 +36,12 @@ def test_selftest_on_a_scene_volume_imports_result_with_input_geometry(mrml_scen
     assert output.GetName() == "T1 smoothed"
     np.testing.assert_array_equal(ijk_to_ras_of(output), ijk_to_ras_of(input_node))  # not the NIfTI's float32 copy
     assert slicer.util.arrayFromVolume(output).std() < slicer.util.arrayFromVolume(input_node).std()
+    # the scene closed before the results came back (another patient's scene may be open now): nothing is imported
+    mrml_scene.Clear(0)
+    before = scene_snapshot(mrml_scene)
+    with pytest.raises(BadInputError, match=rf"inputs \('T1'\) left the scene .* kept in {job.job_dir / 'outputs'}"):
+        job.import_results(scene=mrml_scene)
+    assert scene_snapshot(mrml_scene) == before
 
 
 def test_outputs_on_the_reference_grid_get_its_exact_matrix_and_others_keep_their_own(mrml_scene, input_node, tmp_path, oblique):
@@ -190,3 +196,17 @@ def test_a_destination_filled_while_the_job_ran_keeps_the_result_and_says_where(
     with pytest.raises(BadInputError, match=f"already exists and is not empty.*The result was kept in {source}"):
         scene_job.move_into(source, taken)
     assert (source / "weights" / "model.safetensors").is_file() and (taken / "notes.txt").read_text() == "the user's"
+
+
+def test_results_come_back_while_any_scene_input_remains_and_without_scene_inputs(mrml_scene, input_node, oblique, tmp_path):
+    from medgen.slicer.scene_job import check_scene_inputs_remain
+
+    other = tensor_to_volume_node(MetaTensor(torch.rand(1, 16, 16, 16), affine=torch.from_numpy(oblique)), "T2", scene=mrml_scene)
+    result = {"outputs": {"image": str(tmp_path / "outputs" / "image.nii.gz")}}
+    two_inputs = JobRequest("selftest", {"image": input_node, "other": other})
+    mrml_scene.RemoveNode(other)
+    check_scene_inputs_remain(two_inputs, result, mrml_scene)  # one input deleted: the results still belong here
+    check_scene_inputs_remain(JobRequest("synthesize"), result, mrml_scene)  # from a model folder: any scene takes them
+    mrml_scene.RemoveNode(input_node)
+    with pytest.raises(BadInputError, match="inputs \\('T1', 'T2'\\) left the scene"):
+        check_scene_inputs_remain(two_inputs, result, mrml_scene)

@@ -21,7 +21,7 @@ from medgen.io import load_volume, save_volume
 from medgen.io.model_folder import write_model_json
 from medgen.labels import LabelInfo, load_labels, save_labels
 from medgen.slicer.scene import subject_hierarchy
-from medgen.slicer.scene_job import TrainingPair
+from medgen.slicer.scene_job import TrainingPair, check_scene_inputs_remain
 from medgen.slicer.segmentations import labelmap_to_segmentation, segment_labels
 from medgen.slicer.volumes import ijk_to_ras_of, tensor_to_volume_node, volume_node_to_tensor
 from medgen.synthesis.filtering import CandidateScore, FilterThresholds, select_candidates
@@ -307,6 +307,8 @@ def test_pairs_of_a_mask_under_a_transform_stay_aligned_with_it(mrml_scene, tmp_
     still_segmentation.SetName("renamed while the job ran")  # the pairs keep the names they were generated under
     mrml_scene.RemoveNode(moved_segmentation)  # deleted while the job ran: its pairs still follow its volume's transform
     outputs = _finished_job(tmp_path / "jobs", oblique_affine(), {"case_A_segmentation_0": 1, "case_B_segmentation_3": 1}, None)
+    mrml_scene.RemoveNode(still_segmentation)
+    check_scene_inputs_remain(request, {"outputs": {"pairs": str(outputs / "pairs")}})  # no mask left, their volumes are
     pairs = request.import_pairs(outputs)["pairs"]
     (moved_image, moved_pair_segmentation), (still_image, still_pair_segmentation) = pairs.values()
     assert moved_image.GetTransformNodeID() == transform.GetID() == moved_pair_segmentation.GetTransformNodeID()

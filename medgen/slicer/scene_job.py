@@ -145,6 +145,11 @@ class JobRequest:
             volumes = (node for node in self.input_nodes.values() if node.IsA(SCALAR_VOLUME_CLASS) and not node.IsA(LABELMAP_CLASS))
             object.__setattr__(self, "reference_node", next(volumes, None))
 
+    def scene_inputs(self) -> tuple:
+        """The scene nodes the job reads: its results belong in their scene (none: results of files and models,
+        which any scene may take)."""
+        return tuple(self.input_nodes.values())
+
     def write_inputs(self, folder: Path) -> dict[str, Any]:
         """Write the input nodes into ``folder``; returns the ``inputs`` of ``job.json``."""
         return {**write_node_inputs(self.input_nodes, folder, self.reference_node), **self.input_files}
@@ -152,6 +157,26 @@ class JobRequest:
     def import_results(self, result: dict, scene=None) -> dict[str, Any]:
         """Bring the succeeded job's outputs into the scene; returns output name -> new node."""
         return import_outputs(result["outputs"], list(self.imports), self.reference_node, scene)
+
+
+def check_scene_inputs_remain(request: JobRequest, result: dict, scene=None) -> None:
+    """Refuse to import the results of a job all of whose scene inputs left ``scene`` while it ran.
+
+    That happens when the scene was closed (perhaps to open another patient's) or the inputs were deleted: the
+    results would land in a scene they do not belong to, or lose the parent transform that placed them.
+
+    Raises:
+        BadInputError: naming the inputs and the folder where the results stay.
+    """
+    nodes = request.scene_inputs()
+    if nodes and all(node.GetScene() is not resolve_scene(scene) for node in nodes):
+        outputs = result.get("outputs", {})
+        kept = os.path.commonpath([str(Path(path).parent) for path in outputs.values()]) if outputs else "the job folder"
+        raise BadInputError(
+            f"The {request.kind} job's inputs ({', '.join(repr(node.GetName()) for node in nodes)}) left the scene while it "
+            f"ran (the scene was closed, or they were deleted), so its results were not loaded into this scene. "
+            f"They are kept in {kept}."
+        )
 
 
 def selftest_request(input_volume, output_suffix: str) -> JobRequest:
@@ -264,8 +289,11 @@ class SceneJob:
         return self.runner.returncode == 0 and self.runner.result is not None
 
     def import_results(self, scene=None) -> dict[str, Any]:
-        """Import the outputs of a succeeded job (nothing is imported otherwise)."""
-        return self.request.import_results(self.runner.result, scene) if self.succeeded else {}
+        """Import the outputs of a succeeded job (nothing is imported otherwise; see :func:`check_scene_inputs_remain`)."""
+        if not self.succeeded:
+            return {}
+        check_scene_inputs_remain(self.request, self.runner.result, scene)
+        return self.request.import_results(self.runner.result, scene)
 
 
 class SceneJobLogicMixin:
@@ -279,7 +307,9 @@ class SceneJobLogicMixin:
         return SceneJob(request, jobRoot or default_job_root(), device=device, on_event=onEvent).start().runner
 
     def importResults(self, request: JobRequest, result: dict) -> dict[str, Any]:
-        """Bring the finished job's outputs into the scene; returns output name -> new node."""
+        """Bring the finished job's outputs into the scene; returns output name -> new node (see
+        :func:`check_scene_inputs_remain`)."""
+        check_scene_inputs_remain(request, result)
         return request.import_results(result)
 
     def runJob(self, request: JobRequest, jobRoot=None, device="auto") -> dict[str, Any]:
