@@ -110,7 +110,7 @@ def pretrained_blob_model(scratch, folder):
     from monai.networks.nets import UNet
 
     from medgen.adapt.finetune import FinetuneConfig, finetune_segmentation
-    from medgen.adapt.segmenter import load_segmentation_model
+    from medgen.models.segmentation import load_segmentation_model
     from medgen.models import save_model
     from medgen.peft import inject, merge
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
 from medgen.adapt.finetune import FinetuneConfig, finetune_segmentation  # noqa: E402
-from medgen.adapt.segmenter import load_segmentation_model, segment  # noqa: E402
+from medgen.models.segmentation import load_segmentation_model, segment  # noqa: E402
 from medgen.cli.demo import adaptation_cases  # noqa: E402
 from medgen.errors import MedGenError  # noqa: E402
 from medgen.io import load_volume  # noqa: E402

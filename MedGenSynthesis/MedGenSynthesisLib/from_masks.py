@@ -392,7 +392,8 @@ def generate_request(
         thresholds: acceptance settings overriding :data:`DEFAULT_THRESHOLDS` (``avg_confidence``,
             ``avg_iou``, ``organ_iou``, ``organ_confidence`` in [0, 1], ``top_k``).
         seed: the same seed and settings give the same candidates.
-        checker_folder: a segmentation model folder that scores the candidates; None: the job's default checker.
+        checker_folder: what scores the candidates: a maskgen-train ``checker/`` folder or a MedGen segmentation model
+            folder whose classes include the organs; None: the model's own checker.
         nnunet_folder: nnU-Net raw folder that receives ``Dataset{id:03d}_{name}``; None: no export.
         nnunet_dataset_id, nnunet_name, channel_name: the exported dataset's ID (1..999), name and channel.
 

@@ -53,7 +53,7 @@ def adapted_class_names(model: str, options: dict | None = None, adapter: str | 
     """
     import json
 
-    from medgen.adapt.segmenter import head_class_names
+    from medgen.models.segmentation import head_class_names
     from medgen.peft.adapter_io import CONFIG_FILE
 
     if adapter and (Path(adapter) / CONFIG_FILE).exists():  # without it the job names what the folder lacks
@@ -173,7 +173,7 @@ def preview_parameter_count(model: str, method: str, options: dict | None = None
 
     Runs in this process (seconds for deepbet on a CPU); nothing is trained or saved.
     """
-    from medgen.adapt.segmenter import load_segmentation_model
+    from medgen.models.segmentation import load_segmentation_model
     from medgen.peft import inject, trainable_parameters
 
     network = load_segmentation_model(model).network
@@ -327,7 +327,7 @@ def check_adapter(model: str, adapter: str | Path) -> dict[str, Any]:
         ModelError: the adapter files are unreadable, do not fit the network, or were trained on other
             base weights (their SHA-256 differs); the message names the model and says what to choose.
     """
-    from medgen.adapt.segmenter import load_segmentation_model
+    from medgen.models.segmentation import load_segmentation_model
     from medgen.peft import load_adapter, trainable_parameters
     from medgen.peft.inject import adapter_record
 

@@ -7,7 +7,7 @@ from monai.networks.nets import UNet
 
 import medgen.adapt.finetune as finetune
 from medgen.adapt.finetune import FinetuneConfig, finetune_segmentation
-from medgen.adapt.segmenter import SegmentationModel
+from medgen.models.segmentation import SegmentationModel
 from medgen.peft import inject
 from medgen_testing import blob_case
 

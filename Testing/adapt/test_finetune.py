@@ -11,7 +11,7 @@ from monai.networks.nets import UNet
 
 from medgen_testing import TINY_UNET_KWARGS, blob_case, pretrained_blob_model, tiny_unet_spec
 from medgen.adapt.finetune import FinetuneConfig, finetune_segmentation, sample_patch
-from medgen.adapt.segmenter import load_segmentation_model, segment
+from medgen.models.segmentation import load_segmentation_model, segment
 from medgen.errors import BadInputError, CancelledError
 from medgen.io import load_volume, save_volume
 from medgen.jobs.exit_codes import ExitCode

@@ -14,7 +14,7 @@ from torch import nn
 
 import medgen.adapt.finetune as finetune
 from medgen.adapt.finetune import FinetuneConfig, finetune_segmentation
-from medgen.adapt.segmenter import SegmentationModel, head_class_names, prepare_volume, relabel_by_name
+from medgen.models.segmentation import SegmentationModel, head_class_names, prepare_volume, relabel_by_name
 from medgen.errors import BadInputError, CancelledError, ModelError
 from medgen.peft import inject, load_adapter, save_adapter
 from medgen.progress import CallbackReporter
@@ -237,7 +237,7 @@ def test_jobs_of_an_adapter_with_a_replaced_head_use_its_classes(oblique, tmp_pa
 
 
 def test_intensity_normalisations_follow_the_spec_formulas():
-    from medgen.adapt.segmenter import _intensity_normalizer
+    from medgen.models.segmentation import _intensity_normalizer
 
     ct = torch.linspace(-1000.0, 1000.0, 8 * 8 * 8).view(8, 8, 8)  # HU
     windowed = _intensity_normalizer({"method": "range", "a_min": -175, "a_max": 250, "b_min": 0.0, "b_max": 1.0})(ct)
@@ -261,7 +261,7 @@ def test_intensity_normalisations_follow_the_spec_formulas():
 def test_a_volume_with_nan_and_a_validation_map_lost_on_the_network_grid_are_refused(oblique):
     from monai.data import MetaTensor
 
-    from medgen.adapt.segmenter import prepare_volume
+    from medgen.models.segmentation import prepare_volume
 
     model = _batchnorm_model()
     image, label = blob_case(0, oblique)
@@ -283,7 +283,7 @@ def test_a_volume_with_nan_and_a_validation_map_lost_on_the_network_grid_are_ref
 def test_the_spec_orientation_decides_the_network_axes(oblique, tmp_path):
     from monai.data import MetaTensor
 
-    from medgen.adapt.segmenter import prepare_volume
+    from medgen.models.segmentation import prepare_volume
 
     volume = MetaTensor(torch.arange(16 * 16 * 16, dtype=torch.float32).view(1, 16, 16, 16), affine=torch.eye(4, dtype=torch.float64))
     tensors = {}
@@ -359,7 +359,7 @@ def test_a_spec_spacing_resamples_the_volume_and_its_label_by_nearest_neighbour(
     invent values between 0 and 3."""
     from monai.data import MetaTensor
 
-    from medgen.adapt.segmenter import load_segmentation_model
+    from medgen.models.segmentation import load_segmentation_model
     from medgen.models import Preprocessing, save_model
     from medgen_testing import TINY_UNET_KWARGS, tiny_unet_spec
 
@@ -384,7 +384,7 @@ def test_labels_of_a_cube_in_lps_order_come_back_on_its_own_voxels():
     the shape did not change. The network here labels the bright voxels, so the labels equal the off-centre blob."""
     from monai.data import MetaTensor
 
-    from medgen.adapt.segmenter import segment
+    from medgen.models.segmentation import segment
 
     class Threshold(nn.Module):
         def forward(self, volume):
@@ -413,7 +413,7 @@ def test_overlapping_windows_are_blended_with_gaussian_weights():
     """Two 16-voxel windows cover a 24-voxel axis and overlap on voxels 8..15. Each window's logit is its own mean
     intensity (an intensity ramp makes the second window's larger); with Gaussian blending a voxel of the overlap leans
     towards the window whose centre is nearer, so the probability rises across the overlap instead of being flat."""
-    from medgen.adapt.segmenter import predict_probabilities
+    from medgen.models.segmentation import predict_probabilities
 
     class WindowMean(nn.Module):
         def forward(self, window):

@@ -66,7 +66,7 @@ def trained(model, tmp_path_factory):
 
 
 def test_preview_counts_what_the_method_trains(model):
-    from medgen.adapt.segmenter import load_segmentation_model
+    from medgen.models.segmentation import load_segmentation_model
     from medgen.peft import inject, trainable_parameters
 
     trainable, total = adaptation.preview_parameter_count(model, "tenvoo-l", OPTIONS)

@@ -192,7 +192,7 @@ def test_save_adapter_copies_the_adapter_in_use_to_the_chosen_folder_once(panel,
 def test_load_adapter_refuses_an_adapter_of_another_base_model(panel, tmp_path):
     from monai.networks.nets import UNet
 
-    from medgen.adapt.segmenter import load_segmentation_model
+    from medgen.models.segmentation import load_segmentation_model
     from medgen.errors import ModelError
     from medgen.models import save_model
     from medgen.peft import inject, save_adapter

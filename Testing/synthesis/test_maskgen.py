@@ -514,6 +514,33 @@ def test_strict_thresholds_reject_and_say_why(model_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.json", "report.json"]
 
 
+def test_a_segmentation_model_folder_can_be_the_checker(model_dir, tmp_path):
+    """Any MedGen segmentation model folder whose classes include the organs (matched by name) scores the candidates;
+    one missing an organ, or a folder that is no model, is refused before anything is generated."""
+    from monai.networks.nets import UNet
+
+    from medgen.models import save_model
+    from medgen_testing import TINY_UNET_KWARGS, tiny_unet_spec
+
+    kwargs = {**TINY_UNET_KWARGS, "out_channels": 4}
+    torch.manual_seed(0)
+    save_model(UNet(**kwargs), tiny_unet_spec(kwargs=kwargs, class_names=["background", "Kidney", "spleen", "LIVER"]),
+               tmp_path / "segmenter")
+    report = synthesize_from_masks(model_dir, [("m0", phantom(5, LUT_A)[1])], tmp_path / "out", target_modality="T2 MRI",
+                                   checker=tmp_path / "segmenter", thresholds=ACCEPT_ALL, **QUICK)
+    entry = json.loads(report.report_path.read_text())["masks"][0]
+    assert len(entry["candidates"]) == 2 and entry["status"] == "accepted"
+    assert all(set(candidate["organ_iou"]) == {"liver", "kidney"} for candidate in entry["candidates"])
+    save_model(UNet(**TINY_UNET_KWARGS), tiny_unet_spec(), tmp_path / "blob segmenter")
+    with pytest.raises(BadInputError, match=r"does not segment the organs \['liver', 'kidney'\]: its classes are \['blob'\]"):
+        synthesize_from_masks(model_dir, [("m0", phantom(5, LUT_A)[1])], tmp_path / "out2", target_modality="T2 MRI",
+                              checker=tmp_path / "blob segmenter", **QUICK)
+    with pytest.raises(ModelError, match="No checker in .*a MedGen segmentation model folder"):
+        synthesize_from_masks(model_dir, [("m0", phantom(5, LUT_A)[1])], tmp_path / "out3", target_modality="T2 MRI",
+                              checker=tmp_path, **QUICK)
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
+
+
 def test_unknown_organs_and_modalities_are_bad_input(model_dir, tmp_path):
     label = phantom(0, LUT_A)[1].clone()
     label[0, 0, 0, 0] = 5

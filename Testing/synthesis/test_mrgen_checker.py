@@ -198,3 +198,40 @@ def test_spatial_augmentation_generalises_to_unseen_poses():
             scores += score_candidates(checker, render(condition, UNSEEN_LUT, seed)[None], condition, ORGANS, mask_id="m")
         iou[spatial_prob] = sum(score.avg_iou for score in scores) / len(scores)
     assert iou[0.5] > iou[0.0] + 0.1, iou
+
+
+class _NamedIntensityOracle(nn.Module):
+    """Logits of a model whose classes are [background, slab, ball]: value 0.5 is the slab, 1.0 the ball."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        classes = (images * 2).round().long().clamp(0, 2)[:, 0]
+        return 4.0 * nn.functional.one_hot(classes, 3).permute(0, 4, 1, 2, 3).float()
+
+
+def _oracle_segmenter():
+    from medgen.models.segmentation import SegmentationModel
+
+    return SegmentationModel(_NamedIntensityOracle(), [" Slab", "BALL"], None, (16, 16, 16), None, lambda volume: volume, "oracle")
+
+
+def test_a_segmentation_model_checks_candidates_on_their_grid_with_organs_matched_by_name():
+    """Organs ball (1), slab (2) of the masks are the model's classes 2 and 1; the candidate grid is stored
+    left-posterior (the model reads RAS), so a wrong axis mapping or channel order would lose the exact scores."""
+    from medgen.synthesis.checker import SegmentationModelChecker
+
+    condition = phantom(105)
+    perfect = torch.where(condition == 1, 1.0, torch.where(condition == 2, 0.5, 0.0)).float()
+    grid_affine = torch.diag(torch.tensor([-1.5, -1.5, 2.0, 1.0], dtype=torch.float64))
+    checker = SegmentationModelChecker(_oracle_segmenter(), ORGANS, grid_affine)
+    constant = torch.full_like(perfect, 0.5)  # a collapsed candidate: no organ, and no error
+    logits = checker(torch.stack([perfect, constant]))
+    assert logits.shape == (2, 3, SIZE, SIZE, SIZE)
+    torch.testing.assert_close(logits[0].softmax(0).argmax(0), condition[0])
+    scores = score_candidates(checker, torch.stack([perfect, constant]), condition, ORGANS, mask_id="s")
+    assert scores[0].organ_iou == {"ball": 1.0, "slab": 1.0}
+    assert scores[0].organ_confidence["ball"] == pytest.approx(torch.softmax(torch.tensor([4.0, 0.0, 0.0]), 0)[0].item(), rel=1e-4)
+    assert scores[1].organ_iou == {"ball": 0.0, "slab": 0.0} and scores[1].organ_confidence == {"ball": 0.0, "slab": 0.0}
+    from medgen.errors import BadInputError
+
+    with pytest.raises(BadInputError, match=r"does not segment the organs \['liver'\]: its classes are \[' Slab', 'BALL'\]"):
+        SegmentationModelChecker(_oracle_segmenter(), ("ball", "liver"), grid_affine)

@@ -29,7 +29,7 @@ from monai.transforms import SpatialPad
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from medgen.adapt.segmenter import SegmentationModel, predict_probabilities, prepare_volume
+from medgen.models.segmentation import SegmentationModel, predict_probabilities, prepare_volume
 from medgen.diffusion import TrainConfig, train_diffusion
 from medgen.errors import BadInputError, ModelError
 from medgen.io import display_name, holds_whole_numbers

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from medgen.adapt.finetune import FinetuneConfig, check_segmentation_labels, finetune_segmentation
-from medgen.adapt.segmenter import head_class_names, load_segmentation_model, relabel_by_name, segment
+from medgen.models.segmentation import head_class_names, load_segmentation_model, relabel_by_name, segment
 from medgen.errors import BadInputError
 from medgen.io import (
     check_not_constant,
@@ -129,7 +129,7 @@ def _feature_network(ctx: JobContext, example, grid: tuple[int, int, int]):
     volume scaled alike to [0, 1] by its 0.5-99.5 percentiles, so that scanner units and the generators' [0, 1] do
     not count as a difference).
     """
-    from medgen.adapt.segmenter import prepare_volume
+    from medgen.models.segmentation import prepare_volume
     from medgen.metrics.distribution import FeatureNetwork, bottleneck_layer, call_network
     from medgen.models import deepbet_spec, load_model
 

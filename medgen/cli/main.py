@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     maskgen.add_argument("model", type=Path, help="model folder written by maskgen-train")
     maskgen.add_argument("masks", type=Path, nargs="+", help="label maps to render, valued like the model's organs (1..K, listed in its medgen_model.json and by the training log)")
     maskgen.add_argument("--target-modality", required=True, help="a modality the model was trained on")
-    maskgen.add_argument("--checker", type=Path, help="checker folder (default: the model's own)")
+    maskgen.add_argument("--checker", type=Path, help="a maskgen-train checker/ folder, or a MedGen segmentation model "
+                         "folder whose classes include the organs (default: the model's own checker)")
     maskgen.add_argument("--candidates", type=int, default=20, help="candidates generated per mask")
     maskgen.add_argument("--chunk", type=int, default=10, help="candidates denoised at once")
     maskgen.add_argument("--steps", type=int, default=50, help="DDIM steps")

@@ -6,6 +6,9 @@ Public API::
     weights_hash(network_or_state_dict) -> str    ModelSpec / Preprocessing (model.json)
     load_bundle(folder) -> (network, spec)        load_swin_zoo_checkpoint(path) -> (network, spec)
     load_deepbet("bbox" | "full") -> network      deepbet_preprocess(volume) -> (1, 1, D, H, W)
+
+A segmentation network with its preprocessing, used by adaptation and by the maskgen checker, is in
+:mod:`medgen.models.segmentation` (``load_segmentation_model``, ``segment``, ``predict_probabilities``).
 """
 
 from medgen.models.bundle import load_bundle

@@ -11,7 +11,8 @@ and poses instead of being memorised.
 A candidate is scored per organ against its conditioning mask: IoU and Dice of the checker's argmax,
 and a confidence = mean max-softmax inside the predicted organ (0 if nothing is predicted). Any
 ``nn.Module`` mapping images ``(B, 1, I, J, K)`` to logits ``(B, 1 + N, I, J, K)`` can be used as the
-checker instead (see :func:`checker_from_model`).
+checker instead (see :func:`checker_from_model`), and so can a MedGen segmentation model folder, with its own
+preprocessing (:class:`SegmentationModelChecker`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 from monai.transforms import Compose, RandAffined, RandBiasField, RandFlipd, RandGaussianNoise, RandGaussianSmooth
@@ -32,6 +34,8 @@ from torch import nn
 from medgen.diffusion import TrainConfig, train_diffusion
 from medgen.errors import BadInputError, GeometryMismatchError, ModelError
 from medgen.io.model_folder import model_config, read_model_json, write_model_json
+from medgen.labels import name_key
+from medgen.models.segmentation import SegmentationModel, predict_probabilities, prepare_volume, probabilities_on_input_grid
 from medgen.models.weights import load_weights_into, write_safetensors
 from medgen.progress import Reporter
 from medgen.synthesis.filtering import CandidateScore
@@ -99,6 +103,12 @@ class CheckerConfig:
         return multiple
 
 
+def _device_of(module: nn.Module) -> torch.device:
+    """Where ``module``'s parameters are (the CPU for a module without any, such as a rule-based checker)."""
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
 def _percentile(flat: torch.Tensor, percent: float) -> torch.Tensor:
     # kthvalue has no input-size limit, unlike torch.quantile (2**24 elements)
     k = 1 + round(percent / 100.0 * (flat.shape[1] - 1))
@@ -160,6 +170,50 @@ def checker_from_model(model: nn.Module, *, input_multiple: int = 1, rescale: bo
     to their percentile range first (leave off when the model expects another normalisation).
     """
     return Checker(model, input_multiple, rescale)
+
+
+class SegmentationModelChecker(nn.Module):
+    """A MedGen segmentation model folder (:func:`medgen.models.segmentation.load_segmentation_model`) as the checker.
+
+    Each candidate ``(1, I, J, K)`` in [0, 1] is placed on ``grid_affine`` and segmented as a scan of that grid
+    would be (the model's orientation, spacing, intensity normalisation and sliding window); its class
+    probabilities come back onto the grid and are reordered to background + ``organ_names`` (matched by name, case
+    and spaces ignored; the model's other classes count as background). A constant candidate scores as all
+    background. ``forward`` returns log-probabilities ``(B, 1 + N, I, J, K)``, whose softmax is the probabilities.
+
+    Args:
+        model: the segmentation model, its network already on the device to run on.
+        organ_names: the organs of the masks, label values 1..N in order.
+        grid_affine: 4x4 voxel-to-RAS matrix (mm) of the candidates' grid: its spacing and axis order matter.
+
+    Raises:
+        BadInputError: an organ the model does not segment (both lists are named).
+    """
+
+    def __init__(self, model: SegmentationModel, organ_names: Sequence[str], grid_affine: torch.Tensor):
+        super().__init__()
+        keys = [name_key(name) for name in model.class_names]
+        missing = [name for name in organ_names if name_key(name) not in keys]
+        if missing:
+            raise BadInputError(f"The checker model {model.name} does not segment the organs {missing}: its classes are "
+                                f"{list(model.class_names)}, the masks' organs {list(organ_names)}.")
+        self.model = model
+        self.network = model.network  # registered, so the checker's device is the network's
+        self.channels = [1 + keys.index(name_key(name)) for name in organ_names]
+        self.grid_affine = torch.as_tensor(grid_affine, dtype=torch.float64).cpu()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        device = _device_of(self.network)
+        results = []
+        for image in convert_to_tensor(images, track_meta=False).detach().float().cpu():
+            organs = torch.zeros((len(self.channels), *image.shape[1:]))
+            if float(image.min()) < float(image.max()):  # a constant candidate shows no organ (and cannot be normalised)
+                prepared, _ = prepare_volume(self.model, MetaTensor(image, affine=self.grid_affine))
+                probabilities = probabilities_on_input_grid(prepared, predict_probabilities(self.model, prepared.tensor, device))
+                organs = probabilities[self.channels]
+            background = (1.0 - organs.sum(0, keepdim=True)).clamp_min(0.0)
+            results.append(torch.cat([background, organs]).clamp_min(1e-6).log())
+        return torch.stack(results).to(images.device)
 
 
 def _intensity_transforms(config: CheckerConfig) -> Compose:
@@ -304,8 +358,7 @@ def score_candidates(
             f"Candidates must be (B, 1, {', '.join(map(str, condition.shape[1:]))}) like the conditioning mask; "
             f"got {tuple(images.shape)}."
         )
-    parameter = next(checker.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
+    device = _device_of(checker)
     condition = condition[0].to(device)
     absent = tuple(name for j, name in enumerate(organ_names, start=1) if not (condition == j).any())
     checker.eval()

@@ -142,7 +142,7 @@ register(
             "properties": {
                 "model": path_input("model folder written by maskgen-train"),
                 "masks": PATH_LIST,
-                "checker": path_input("checker folder (default: the model's own checker/)"),
+                "checker": path_input("a maskgen-train checker/ folder or a MedGen segmentation model folder (default: the model's own checker/)"),
             },
             "required": ["model", "masks"],
             "additionalProperties": False,

@@ -28,9 +28,11 @@ from medgen.io import axis_codes, holds_whole_numbers, oriented, save_volume
 from medgen.io.atomic import write_text_atomic
 from medgen.io.model_folder import MODEL_JSON, model_config, read_model_json
 from medgen.labels import LabelInfo, save_labels
+from medgen.models.segmentation import load_segmentation_model
+from medgen.models.spec import SPEC_FILE
 from medgen.models.weights import load_weights_into
 from medgen.progress import Reporter, as_reporter
-from medgen.synthesis.checker import load_checker, score_candidates
+from medgen.synthesis.checker import SegmentationModelChecker, load_checker, score_candidates
 from medgen.synthesis.filtering import CandidateScore, FilterDecision, FilterThresholds, select_candidates
 from medgen.synthesis.maskgen_networks import (
     MaskGenConfig,
@@ -340,6 +342,24 @@ def _write_report(path: Path, settings: dict, results: list[MaskResult]) -> None
     write_text_atomic(path, json.dumps(document, indent=2) + "\n")
 
 
+def _checker_of_folder(folder: Path, model: "MaskGenModel", device) -> nn.Module:
+    """The checker in ``folder``: one written by ``maskgen-train`` (``checker/``), or a MedGen segmentation model folder
+    (``model.json`` + weights, e.g. a source-modality segmenter) whose classes include the model's organs.
+
+    Raises:
+        ModelError: neither kind of folder.
+    """
+    names = [organ.name for organ in model.organs]
+    if (folder / MODEL_JSON).is_file():
+        return load_checker(folder, device, organ_names=names)
+    if (folder / SPEC_FILE).is_file():
+        segmenter = load_segmentation_model(str(folder))
+        segmenter.network.to(device).eval()
+        return SegmentationModelChecker(segmenter, names, model.grid_affine)
+    raise ModelError(f"No checker in {folder}: pass the checker/ folder of a maskgen-train model ({MODEL_JSON}) or a MedGen "
+                     f"segmentation model folder ({SPEC_FILE} + weights) whose classes include the organs {names}.")
+
+
 def synthesize_from_masks(
     model_dir: str | os.PathLike,
     masks: Sequence[tuple[str, torch.Tensor]],
@@ -378,7 +398,8 @@ def synthesize_from_masks(
         candidates, chunk, steps, guidance_scale, conditioning_scale: see :func:`generate_candidates`; mask ``i``
             uses seed ``seed + i``.
         thresholds: acceptance settings (:class:`FilterThresholds`).
-        checker: a checker module or folder; None uses the model's own ``checker/``.
+        checker: a checker module, or a folder: a maskgen-train checker or a MedGen segmentation model folder (see
+            :func:`_checker_of_folder`); None uses the model's own ``checker/``.
         report_path: where ``report.json`` goes (default ``out_dir/report.json``).
         prompt_encoder: the text model of a folder trained with one (see :meth:`MaskGenModel.load`).
     """
@@ -399,10 +420,7 @@ def synthesize_from_masks(
     masks = [(mask_id, model.checked_mask(label, f"Mask {mask_id!r}")) for mask_id, label in masks]
     names = [organ.name for organ in model.organs]
     if not isinstance(checker, nn.Module):
-        checker_dir = Path(checker) if checker is not None else Path(model_dir) / CHECKER_DIR
-        if not (checker_dir / MODEL_JSON).is_file():
-            raise ModelError(f"No checker in {checker_dir}: train the model with train_checker on, or pass a checker folder.")
-        checker = load_checker(checker_dir, device, organ_names=names)
+        checker = _checker_of_folder(Path(checker) if checker is not None else Path(model_dir) / CHECKER_DIR, model, device)
     save_labels(model.organs, out_dir / "labels.json")
     settings = {"model": str(model_dir), "prompt": prompt.text(), "candidates": candidates, "steps": steps,
                 "guidance_scale": guidance_scale, "conditioning_scale": conditioning_scale, "seed": seed,

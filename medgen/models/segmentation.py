@@ -161,21 +161,35 @@ def predict_probabilities(model: SegmentationModel, tensor: torch.Tensor, device
     return torch.softmax(logits.float(), dim=1).cpu()
 
 
-def labels_on_input_grid(prepared: PreparedInput, probabilities: torch.Tensor) -> MetaTensor:
-    """Argmax labels mapped back onto the original input grid (nearest neighbour), ``(1, I, J, K)`` int64."""
-    labels = probabilities.argmax(dim=1, keepdim=True).float()
+def _on_input_grid(prepared: PreparedInput, volume: torch.Tensor, mode: str) -> torch.Tensor:
+    """``volume`` ``(1, C, D, H, W)`` on the network grid, mapped back onto the original input grid: ``(C, I, J, K)``.
+    ``mode``: ``"nearest"`` for labels, ``"bilinear"`` (trilinear) for probabilities."""
     oriented_shape = tuple(prepared.oriented.shape[1:])
-    labels = F.interpolate(labels, size=oriented_shape, mode="nearest-exact")[0]
-    on_oriented = MetaTensor(labels, affine=prepared.oriented.affine)
+    resize_mode = "nearest-exact" if mode == "nearest" else "trilinear"
+    volume = volume.as_tensor() if isinstance(volume, MetaTensor) else volume  # its own meta would clash with the affine
+    on_oriented = MetaTensor(F.interpolate(volume, size=oriented_shape, mode=resize_mode)[0], affine=prepared.oriented.affine)
     original = prepared.original
-    if not np.allclose(np.asarray(prepared.oriented.affine), np.asarray(original.affine)) or on_oriented.shape != original.shape:
+    if not np.allclose(np.asarray(prepared.oriented.affine), np.asarray(original.affine)) or on_oriented.shape[1:] != original.shape[1:]:
         spatial_size = tuple(original.shape[1:])
         on_oriented = oriented(on_oriented, axis_codes(original.affine))
         if tuple(on_oriented.shape[1:]) != spatial_size or not np.allclose(np.asarray(on_oriented.affine), np.asarray(original.affine), atol=1e-4):
             from monai.transforms import SpatialResample
 
-            on_oriented = SpatialResample(mode="nearest")(on_oriented, dst_affine=original.affine, spatial_size=spatial_size)
-    return MetaTensor(on_oriented.as_tensor().round().long(), affine=original.affine)
+            on_oriented = SpatialResample(mode=mode)(on_oriented, dst_affine=original.affine, spatial_size=spatial_size)
+    return on_oriented.as_tensor()
+
+
+def labels_on_input_grid(prepared: PreparedInput, probabilities: torch.Tensor) -> MetaTensor:
+    """Argmax labels mapped back onto the original input grid (nearest neighbour), ``(1, I, J, K)`` int64."""
+    labels = _on_input_grid(prepared, probabilities.argmax(dim=1, keepdim=True).float(), "nearest")
+    return MetaTensor(labels.round().long(), affine=prepared.original.affine)
+
+
+def probabilities_on_input_grid(prepared: PreparedInput, probabilities: torch.Tensor) -> torch.Tensor:
+    """Class probabilities ``(1, C, D, H, W)`` on the network grid mapped back onto the original input grid
+    (trilinear, then renormalised to sum to 1 per voxel): ``(C, I, J, K)`` float32."""
+    on_grid = _on_input_grid(prepared, probabilities.float(), "bilinear").clamp_min(0)
+    return on_grid / on_grid.sum(0, keepdim=True).clamp_min(1e-12)
 
 
 def segment(model: SegmentationModel, image: MetaTensor, device: torch.device | str = "cpu") -> MetaTensor:
