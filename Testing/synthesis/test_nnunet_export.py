@@ -207,6 +207,31 @@ def test_a_case_whose_image_cannot_be_written_leaves_no_label_behind(tmp_path, o
     _verify_with_nnunet(dataset)
 
 
+def test_a_ctrl_c_right_after_a_case_is_written_still_counts_it(tmp_path, oblique, monkeypatch):
+    """Ctrl+C between a case's image and dataset.json left numTraining one short, which nnU-Net's integrity check
+    refuses: the interrupt now acts once the case is counted."""
+    import os
+    import signal
+
+    from medgen.synthesis import nnunet_export
+
+    real_save = nnunet_export.save_volume
+
+    def interrupted_after_the_second_image(volume, path, **kwargs):
+        written = real_save(volume, path, **kwargs)
+        if path.name == "syn_0001_0000.nii.gz":
+            os.kill(os.getpid(), signal.SIGINT)
+        return written
+
+    monkeypatch.setattr(nnunet_export, "save_volume", interrupted_after_the_second_image)
+    with pytest.raises(KeyboardInterrupt):
+        export_nnunet([_pair(oblique, seed) for seed in range(3)], tmp_path, dataset_id=512, name="Stopped", labels=LABELS)
+    dataset = tmp_path / "Dataset512_Stopped"
+    assert json.loads((dataset / "dataset.json").read_text())["numTraining"] == 2
+    assert sorted(path.name for path in (dataset / "imagesTr").iterdir()) == ["syn_0000_0000.nii.gz", "syn_0001_0000.nii.gz"]
+    verify_nnunet_dataset(dataset)
+
+
 def test_a_label_left_without_its_image_is_not_counted_and_its_id_is_reused(tmp_path, oblique):
     """A writer killed between a case's label and its image leaves the label alone: nnU-Net counts cases by
     image, so the next export must not count it (numTraining would disagree) and writes that case whole."""

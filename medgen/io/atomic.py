@@ -115,3 +115,31 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold back SIGINT (Ctrl+C) and SIGTERM until the block ends, so that several files that belong together (a case
+    and the index that counts it) are all written or none is; a signal that arrives meanwhile is raised again at the
+    end, to whatever handler was there before.
+
+    Only in the main thread (the one that may set signal handlers). SIGKILL cannot be held back: writers must still
+    tolerate being killed between two files.
+    """
+    import signal
+    import threading
+
+    held = [signal.SIGINT, *([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])]
+    # a handler installed outside Python (getsignal None) could not be put back
+    if threading.current_thread() is not threading.main_thread() or any(signal.getsignal(number) is None for number in held):
+        yield
+        return
+    arrived: list[int] = []
+    previous = {number: signal.signal(number, lambda number, frame: arrived.append(number)) for number in held}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(arrived):
+            signal.raise_signal(number)

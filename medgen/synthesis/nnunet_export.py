@@ -3,7 +3,9 @@
 Layout (nnU-Net v2): ``Dataset{ID:03d}_{name}/imagesTr/{case}_0000.nii.gz``,
 ``labelsTr/{case}.nii.gz`` and ``dataset.json`` (channel_names, labels, numTraining, file_ending).
 Cases are written one at a time (memory stays bounded for any N), each file atomically; dataset.json
-is rewritten atomically after every case so a cancelled export is still a consistent dataset.
+is rewritten atomically after every case, with Ctrl+C and SIGTERM held back until it is, so a cancelled or
+interrupted export is still a consistent dataset. A process killed outright (SIGKILL, out of memory) may leave
+numTraining one short; exporting to the dataset again (even zero cases) recounts it.
 Correctness is checked in the tests with nnU-Net's own ``verify_dataset_integrity``.
 """
 
@@ -22,7 +24,7 @@ from monai.data import MetaTensor
 
 from medgen.errors import BadInputError
 from medgen.io import check_finite, check_same_geometry, holds_whole_numbers, load_volume, save_volume
-from medgen.io.atomic import ensure_folder, write_text_atomic
+from medgen.io.atomic import ensure_folder, interrupts_deferred, write_text_atomic
 from medgen.progress import Reporter, as_reporter
 
 FILE_ENDING = ".nii.gz"
@@ -157,18 +159,21 @@ def export_nnunet(
         case = f"{case_prefix}_{index:04d}"
         # the label first (a case is counted by its label), on the image's exact header: nnU-Net compares spacing
         # with a relative tolerance of 1e-5, tighter than the geometry check above
-        label_path = save_volume(MetaTensor(label_map.as_tensor(), affine=image.affine), labels_dir / f"{case}{FILE_ENDING}",
-                                 label=True)
-        try:
-            save_volume(image.float(), images_dir / f"{case}_0000{FILE_ENDING}")
-        except BaseException:
-            label_path.unlink(missing_ok=True)  # a label without its image would break nnU-Net's case count
-            raise
-        existing.add(case)
-        exported[digest] = case
-        write_text_atomic(dataset_dir / SOURCES_FILE, json.dumps(exported, indent=1) + "\n")
-        written += 1
-        write_text_atomic(dataset_dir / "dataset.json", _dataset_json(labels, channel_name, len(existing), existing_json))
+        # a Ctrl+C or cancel between the image and dataset.json would leave numTraining one short, which nnU-Net's
+        # integrity check refuses; a SIGKILL there still can, and the next export to the dataset recounts it
+        with interrupts_deferred():
+            label_path = save_volume(MetaTensor(label_map.as_tensor(), affine=image.affine), labels_dir / f"{case}{FILE_ENDING}",
+                                     label=True)
+            try:
+                save_volume(image.float(), images_dir / f"{case}_0000{FILE_ENDING}")
+            except BaseException:
+                label_path.unlink(missing_ok=True)  # a label without its image would break nnU-Net's case count
+                raise
+            existing.add(case)
+            exported[digest] = case
+            write_text_atomic(dataset_dir / SOURCES_FILE, json.dumps(exported, indent=1) + "\n")
+            written += 1
+            write_text_atomic(dataset_dir / "dataset.json", _dataset_json(labels, channel_name, len(existing), existing_json))
         reporter.progress("export", number + 1, max(total, number + 1), case=case)
     if not existing:
         _remove_if_empty(images_dir, labels_dir, dataset_dir)
