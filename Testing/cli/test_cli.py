@@ -159,8 +159,8 @@ def test_demo_mask_synthesis_step_reports_every_mask(tmp_path, capsys):
     assert all(0.0 <= float(match.group(4)) <= 1.0 for match in verdicts)
 
 
-def test_ctrl_c_twice_still_stops_the_worker_before_the_command_ends(tmp_path, oblique):
-    import signal
+def _slow_selftest_under_way(tmp_path, oblique):
+    """A ``medgen submit`` of a slow selftest, once its worker reports progress: ``(command, its worker processes)``."""
     import time
 
     import psutil
@@ -174,7 +174,31 @@ def test_ctrl_c_twice_still_stops_the_worker_before_the_command_ends(tmp_path, o
     while not list((tmp_path / "jobs").glob("*/events.jsonl")) or "progress" not in next((tmp_path / "jobs").glob("*/events.jsonl")).read_text():
         assert time.monotonic() < deadline and command.poll() is None
         time.sleep(0.1)
-    workers = psutil.Process(command.pid).children(recursive=True)
+    return command, psutil.Process(command.pid).children(recursive=True)
+
+
+def test_a_sigterm_to_the_command_cancels_its_worker(tmp_path, oblique):
+    """The worker runs in its own session, so a SIGTERM for the command (timeout, a batch scheduler) never reached
+    it: it ran on unwatched and died on a broken pipe, recorded as an internal error."""
+    import signal
+
+    import psutil
+
+    command, workers = _slow_selftest_under_way(tmp_path, oblique)
+    command.send_signal(signal.SIGTERM)
+    _, stderr = command.communicate(timeout=60)
+    assert command.returncode == 4 and "Traceback" not in stderr, stderr
+    assert workers and not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
+    assert json.loads(next((tmp_path / "jobs").glob("*/manifest.json")).read_text())["status"] == "cancelled"
+
+
+def test_ctrl_c_twice_still_stops_the_worker_before_the_command_ends(tmp_path, oblique):
+    import signal
+    import time
+
+    import psutil
+
+    command, workers = _slow_selftest_under_way(tmp_path, oblique)
     command.send_signal(signal.SIGINT)
     time.sleep(0.2)
     command.send_signal(signal.SIGINT)  # an impatient second Ctrl+C
@@ -316,9 +340,9 @@ def test_the_ctrl_c_handler_is_given_back_when_the_job_ends(monkeypatch, tmp_pat
             return 0
 
     monkeypatch.setattr(runner_module, "JobRunner", FinishedRunner)
-    before = signal.getsignal(signal.SIGINT)
+    before = [signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]
     assert cli._run_job_dir(tmp_path) == 0
-    assert signal.getsignal(signal.SIGINT) is before
+    assert [signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)] == before
 
 
 def test_the_terminal_shows_warnings_and_errors_and_hides_routine_logs_unless_verbose():

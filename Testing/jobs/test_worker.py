@@ -665,6 +665,32 @@ def test_a_seed_beyond_numpys_range_runs_and_is_recorded(tmp_path, input_volume,
     assert json.loads((job_dir / "manifest.json").read_text())["seed"] == 2**40 + 3
 
 
+def test_a_worker_whose_reader_went_away_stops_as_cancelled_and_keeps_its_events(tmp_path, input_volume, sigterm_handler_kept):
+    """When Slicer or ``medgen run`` dies, the worker's next event meets a closed pipe: it stops at its next step with
+    a cancelled outcome in events.jsonl and the manifest (it died on the broken pipe, an unexplained internal error)."""
+    from medgen.jobs.events import EventStream
+    from medgen.jobs.worker import run_job
+
+    class ClosedAfterStart:
+        lines = 0
+
+        def write(self, text):
+            self.lines += 1
+            if self.lines > 2:  # "started" and the first progress got through
+                raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    job_dir = write_job(tmp_path / "jobs", "selftest", {"image": str(input_volume)}, {"steps": 200, "step_delay_s": 0.01},
+                        device="cpu")
+    assert run_job(job_dir, EventStream(ClosedAfterStart())) == ExitCode.CANCELLED
+    kept = [json.loads(line) for line in (job_dir / "events.jsonl").read_text().splitlines()]
+    assert kept[-1]["event"] == "error" and kept[-1]["kind"] == "cancelled" and "went away" in kept[-1]["message"]
+    assert json.loads((job_dir / "manifest.json").read_text())["status"] == "cancelled"
+    assert not (job_dir / "outputs" / "selftest.nii.gz").exists()
+
+
 def test_a_volume_with_nan_is_bad_input_naming_its_file(tmp_path, input_volume, sigterm_handler_kept):
     holed = load_volume(input_volume)
     holed[0, 2, 3, 4] = float("nan")

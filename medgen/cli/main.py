@@ -38,7 +38,10 @@ def _run_job_dir(job_dir: Path, verbose: bool = False) -> int:
         raise KeyboardInterrupt
 
     in_main_thread = threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
-    previous_handler = signal.signal(signal.SIGINT, on_interrupt) if in_main_thread else None
+    # the worker runs in its own session: a SIGTERM or SIGHUP meant for this command (timeout, a batch scheduler, a
+    # closed terminal) would never reach it, so they cancel it as Ctrl+C does
+    stops = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous_handlers = {number: signal.signal(number, on_interrupt) for number in stops} if in_main_thread else {}
     try:
         try:
             code = runner.wait()
@@ -49,8 +52,8 @@ def _run_job_dir(job_dir: Path, verbose: bool = False) -> int:
         view.close()
         _print_outcome(runner)
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous_handler)
+        for number, handler in previous_handlers.items():
+            signal.signal(number, handler)
     return code
 
 

@@ -62,8 +62,10 @@ class EventStream:
     """Writes events to ``stream`` (stdout by default), optionally keeping a copy in the job folder."""
 
     def __init__(self, stream: IO[str] | None = None) -> None:
-        self._stream = stream or sys.stdout
+        self._stream: IO[str] | None = stream or sys.stdout
         self._log_file: IO[str] | None = None
+        #: True once the reader of ``stream`` went away (Slicer or ``medgen run`` died, a closed pipe)
+        self.reader_gone = False
 
     def keep_copy_in(self, job_dir: Path) -> None:
         """From now on also append every event to ``JOB_DIR/events.jsonl`` (after validation passed)."""
@@ -75,14 +77,27 @@ class EventStream:
         document = {"event": event, "time": round(time.time(), 3)}
         document.update((key, value) for key, value in fields.items() if key not in document)  # the stamp wins
         line = json.dumps(json_safe(document), default=str)
-        self._stream.write(line + "\n")
-        self._stream.flush()
+        if self._stream is not None:
+            try:
+                self._stream.write(line + "\n")
+                self._stream.flush()
+            except BrokenPipeError:  # nobody reads the events any more: the copy in the job folder keeps them
+                self._lose_reader()
         if self._log_file:
             try:
                 self._log_file.write(line + "\n")
                 self._log_file.flush()
             except OSError:  # a full disk or a vanished folder: the copy stops, the events and the outcome do not
                 self.close()
+
+    def _lose_reader(self) -> None:
+        stream, self._stream, self.reader_gone = self._stream, None, True
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # no later flush (at exit) may fail again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, stream.fileno())
+            finally:
+                os.close(devnull)
 
     def close(self) -> None:
         if self._log_file:
@@ -138,3 +153,6 @@ class JobReporter:
     def check_cancelled(self) -> None:
         if self._cancel.requested:
             raise CancelledError("Cancelled by the user; outputs written before the cancel are kept.")
+        if self._events.reader_gone:
+            raise CancelledError("Stopped: the process that started the job (Slicer or medgen run) went away, so nobody "
+                                 "followed it any more; outputs and checkpoints written before are kept.")
