@@ -287,6 +287,9 @@ def test_a_run_with_nothing_left_to_train_names_the_checkpoint_it_continued_from
     model = make_tiny_denoiser()
     result = train_diffusion(model, ddpm_loss(), volumes(4), adam(model), config, checkpoint_dir=tmp_path)
     assert result.checkpoint == tmp_path / "step_00000004" and latest_checkpoint(tmp_path) == result.checkpoint
+    # its loss is the one of step 4, recorded in the checkpoint (a fine-tuning history wrote null)
+    recorded = json.loads((tmp_path / "step_00000004" / "info.json").read_text())["loss"]
+    assert isinstance(recorded, float) and result.last_loss == recorded
 
 
 def test_a_read_failing_for_another_reason_than_damage_stops_instead_of_passing_over(make_tiny_denoiser, tmp_path,

@@ -84,7 +84,8 @@ class TrainResult:
 
     Args:
         step: optimiser steps completed.
-        last_loss: mean micro-batch loss of the last step run here (None if none ran).
+        last_loss: mean micro-batch loss of the last step: run here, or recorded in the checkpoint a run continued
+            from when no step was left to run (None when neither is known).
         ema_model: the EMA copy of the model (eval mode, same class), for sampling; None without EMA.
         checkpoint: the latest checkpoint directory, or None without ``checkpoint_dir``.
     """
@@ -286,13 +287,15 @@ def _train(model, loss_fn, dataset, optimizer, config, context, checkpoint_dir, 
     torch.manual_seed(config.seed + context.rank)
     ema = _make_ema(model, config.ema_decay) if config.ema_decay is not None else None
 
-    start_step = 0
+    start_step, last_loss = 0, None
     found = load_newest_readable(checkpoint_dir, lambda message: progress_reporter.log(message, "warning"),
                                  repair=context.is_main) if checkpoint_dir is not None else None
     _check_same_checkpoint_on_every_rank(found[0] if found else None, context)
     if found is not None:
         checkpoint, loaded = found
         start_step = _resume(checkpoint, loaded, model, ema, optimizer, lr_scheduler, context, config, progress_reporter)
+        recorded_loss = loaded[3].get("loss")  # the loss of the step it stopped at, for a run with no step left
+        last_loss = float(recorded_loss) if isinstance(recorded_loss, (int, float)) and not isinstance(recorded_loss, bool) else None
         progress_reporter.log(f"Resumed from {checkpoint} at step {start_step} of {config.max_steps}.")
 
     trained_model = model
@@ -308,7 +311,6 @@ def _train(model, loss_fn, dataset, optimizer, config, context, checkpoint_dir, 
             f"last items that do not fill a batch of {config.batch_size} on each of {context.world_size} process(es).",
             "warning",
         )
-    last_loss = None
     started_s = time.monotonic()
     for step in range(start_step + 1, config.max_steps + 1):
         _check_cancelled_on_every_rank(reporter, context, device)
