@@ -47,7 +47,7 @@ from medgen.io import load_volume  # noqa: E402
 from medgen.metrics import dice_per_class  # noqa: E402
 from medgen.synthesis.checker import CheckerConfig, load_checker, score_candidates, train_checker  # noqa: E402
 from medgen.synthesis.filtering import FilterThresholds  # noqa: E402
-from medgen.synthesis.maskgen import MaskGenModel, generate_on_model_grid, synthesize_from_masks  # noqa: E402
+from medgen.synthesis.maskgen import MaskGenModel, generate_on_model_grid, mask_seed, synthesize_from_masks  # noqa: E402
 from medgen.synthesis.maskgen_training import train_maskgen  # noqa: E402
 from medgen.synthesis.maskgen_networks import MaskGenConfig  # noqa: E402
 from medgen.synthesis.prompts import Prompt  # noqa: E402
@@ -135,10 +135,10 @@ def evaluate_stage(model_dir: Path, masks: list, classifier, args, out_dir: Path
     prompt = model.prompt(TARGET.modality)
     candidates = []
     for index, (_, label) in enumerate(masks):
-        # synthesize_from_masks seeds mask i with seed + i (seed 0): these are the candidates its filter sees
+        # synthesize_from_masks seeds mask i with mask_seed(0, i) (run seed 0): these are the candidates its filter sees
         candidates.append(generate_on_model_grid(model, label, prompt, count=args.candidates, chunk=args.candidates,
                                                  steps=args.ddim_steps, guidance_scale=args.guidance,
-                                                 conditioning_scale=args.conditioning_scale, seed=index))
+                                                 conditioning_scale=args.conditioning_scale, seed=mask_seed(0, index)))
     dice = [[organ_dice(classifier(image), label[0]) for image in images] for images, (_, label) in zip(candidates, masks)]
     # mean intensity of each class region of every candidate: is the contrast B's, A's, or between?
     means = [[[float(image[0][label[0] == c].mean()) for c in range(1 + len(ORGANS))] for image in images]

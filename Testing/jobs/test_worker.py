@@ -746,7 +746,10 @@ def test_a_job_json_that_is_not_text_is_bad_input(tmp_path):
     ("translate-train", {"volumes": ["in.nii.gz"]}, {"lr": float("nan")},
      ("Parameter 'lr' of the translate-train job: nan is not a finite number (job.json 'params/lr')",)),
     ("translate-train", {"volumes": ["in.nii.gz"]}, {"memory_budget_mb": float("inf")}, ("'memory_budget_mb'", "inf is not a finite")),
-], ids=["empty_path", "empty_path_list", "unknown_parameter", "item_of_a_list_parameter", "nan", "infinity"])
+    ("maskgen-train", {"source_images": ["in.nii.gz"], "source_labels": ["in.nii.gz"], "target_images": ["in.nii.gz"]},
+     {"source_modality": "CT", "target_modality": "MR", "seed": 2**64},  # torch.manual_seed overflowed: an internal error
+     ("Parameter 'seed' of the maskgen-train job: 18446744073709551616 is greater than the maximum",)),
+], ids=["empty_path", "empty_path_list", "unknown_parameter", "item_of_a_list_parameter", "nan", "infinity", "seed_beyond_64_bits"])
 def test_validation_refuses_and_names_the_input_or_parameter(tmp_path, input_volume, kind, inputs, params, message_parts):
     """An empty path (which would mean the job folder itself), an empty list of volumes, a misspelt parameter, a bad
     item of a list parameter and a NaN or infinite number (schema bounds never refuse NaN) are each refused before any

@@ -490,19 +490,26 @@ def test_the_controlnet_strength_reaches_the_candidates_and_the_report(model_dir
 
 def test_each_pair_holds_its_own_candidate_and_each_mask_its_own_seed(model_dir, model, tmp_path):
     """Two identical masks, two candidates each, all accepted: pair <mask>_<k> holds candidate k of its mask, and
-    mask i is generated with seed + i, so the second mask's images are new ones (seed 1), not copies of the
-    first's, and no pair repeats another's image."""
+    mask i is generated with its own seed (recorded in the report), so the second mask's images are new ones, not
+    copies of the first's, and no pair repeats another's image. Nearby run seeds share no mask seed: with seed + i,
+    run seed 1's first mask repeated run seed 0's second."""
+    from medgen.synthesis.maskgen import mask_seed
+
     _, mask = phantom(9, LUT_A)
     report = synthesize_from_masks(model_dir, [("a", mask), ("b", mask.clone())], tmp_path, target_modality="T2 MRI",
                                    thresholds=ACCEPT_ALL, **QUICK)
     assert len(report.pairs) == 4
+    recorded = {entry["mask_id"]: entry["seed"] for entry in json.loads(report.report_path.read_text())["masks"]}
+    assert recorded == {"a": mask_seed(0, 0), "b": mask_seed(0, 1)}
     written = {stem: load_volume(tmp_path / f"{stem}_image.nii.gz").as_tensor() for stem in ("a_0", "a_1", "b_0", "b_1")}
-    for mask_id, seed in (("a", 0), ("b", 1)):
+    for mask_id, seed in recorded.items():
         expected = generate_candidates(model_dir, mask, model.prompt("T2 MRI"), count=2, chunk=2, steps=2, seed=seed)
         for k in range(2):
             torch.testing.assert_close(written[f"{mask_id}_{k}"], expected[k], atol=1e-6, rtol=0)
     images = list(written.values())
     assert all((images[i] - images[j]).abs().max() > 1e-3 for i in range(4) for j in range(i + 1, 4))
+    seeds = [mask_seed(run_seed, index) for run_seed in range(20) for index in range(20)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= seed < 2**63 for seed in seeds)
 
 
 def test_strict_thresholds_reject_and_say_why(model_dir, tmp_path):

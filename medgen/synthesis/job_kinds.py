@@ -124,7 +124,7 @@ register(
                 "grad_accum_steps": {"type": "integer", "minimum": 1},
                 "checkpoint_every": {"type": "integer", "minimum": 1},
                 "amp": {"type": "boolean"},
-                "seed": {"type": "integer", "minimum": 0, "description": "seeds the training of every stage (default: the job's seed)"},
+                "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1, "description": "seeds the training of every stage (default: the job's seed)"},
             },
             "required": ["source_modality", "target_modality"],
             "additionalProperties": False,

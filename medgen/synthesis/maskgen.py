@@ -10,6 +10,7 @@ per mask in chunks; candidates are scored by the checker and filtered by :func:`
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -300,6 +301,14 @@ def generate_candidates(
     return _to_mask_grid(images, grid_label, label) if resampled else images
 
 
+def mask_seed(seed: int, index: int) -> int:
+    """The seed of the candidates of mask number ``index`` in a run seeded ``seed``: a hash of both, in [0, 2**63).
+    ``seed + index`` made nearby runs repeat each other (seed 1's first mask drew seed 0's second mask's noise), so a
+    new seed, meant to give new candidates, could give the same ones."""
+    digest = hashlib.sha256(f"medgen-maskgen:{int(seed)}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 @dataclasses.dataclass
 class MaskResult:
     """What happened to one conditioning mask: ``status`` is ``accepted``, ``none accepted``, ``skipped: empty mask``,
@@ -312,12 +321,13 @@ class MaskResult:
     scores: list[CandidateScore] = dataclasses.field(default_factory=list)
     decision: FilterDecision | None = None
     pairs: list[tuple[Path, Path]] = dataclasses.field(default_factory=list)
+    seed: int | None = None  # of its candidates' noise (None: skipped, nothing generated)
 
     def to_dict(self) -> dict:
         accepted = {score.candidate for score in self.decision.accepted} if self.decision else set()
         rejected = self.decision.rejected if self.decision else {}
         return {
-            "mask_id": self.mask_id, "status": self.status, "path": self.decision.path if self.decision else None,
+            "mask_id": self.mask_id, "status": self.status, "seed": self.seed, "path": self.decision.path if self.decision else None,
             "candidates": [{**score.to_dict(), "decision": "accepted" if score.candidate in accepted else "rejected",
                             "reason": rejected.get(score.candidate, "")} for score in self.scores],
             "pairs": [{"image": image.name, "label": label.name} for image, label in self.pairs],
@@ -396,7 +406,7 @@ def synthesize_from_masks(
         out_dir: output folder.
         target_modality, target_prompt: the modality to render (a modality of the model) or an explicit prompt.
         candidates, chunk, steps, guidance_scale, conditioning_scale: see :func:`generate_candidates`; mask ``i``
-            uses seed ``seed + i``.
+            uses seed :func:`mask_seed` ``(seed, i)``, recorded in the report.
         thresholds: acceptance settings (:class:`FilterThresholds`).
         checker: a checker module, or a folder: a maskgen-train checker or a MedGen segmentation model folder (see
             :func:`_checker_of_folder`); None uses the model's own ``checker/``.
@@ -456,10 +466,11 @@ def synthesize_from_masks(
         else:
             images = generate_on_model_grid(model, grid_label, prompt, count=candidates, chunk=chunk, steps=steps,
                                             guidance_scale=guidance_scale, conditioning_scale=conditioning_scale,
-                                            seed=seed + index, device=device, reporter=reporter)
+                                            seed=mask_seed(seed, index), device=device, reporter=reporter)
             scores = score_candidates(checker, images, grid_label, names, mask_id=mask_id)
             decision = select_candidates(scores, thresholds)
-            result = MaskResult(mask_id, "accepted" if decision.accepted else "none accepted", scores, decision)
+            result = MaskResult(mask_id, "accepted" if decision.accepted else "none accepted", scores, decision,
+                                seed=mask_seed(seed, index))
             pair_label = model.covered_part(label, grid_label) if resampled else label
             if decision.accepted and pair_label is not label:
                 reporter.log(
