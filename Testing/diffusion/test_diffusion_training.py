@@ -279,6 +279,7 @@ def test_a_run_continues_from_the_newest_checkpoint_that_reads_whole(make_tiny_d
                              checkpoint_dir=tmp_path, reporter=CallbackReporter(lambda e: logs.append(e.get("message", ""))))
     assert result.step == 6 and any(f"Resumed from {tmp_path / f'step_{resumed_at:08d}'} at step {resumed_at}" in m for m in logs)
     assert (resumed_at == 4) != any("Continuing from step_00000002, the newest checkpoint that reads whole" in m for m in logs)
+    assert not any("start afresh" in m for m in logs)  # advice for a run with nothing to fall back on, not this one
 
 
 def test_a_run_with_nothing_left_to_train_names_the_checkpoint_it_continued_from(make_tiny_denoiser, tmp_path):

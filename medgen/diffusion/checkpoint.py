@@ -40,9 +40,18 @@ def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
 
 
+#: what a damaged checkpoint's message advises when no older one could stand in for it
+START_AFRESH = "with no older intact checkpoint beside it, start afresh in a new folder."
+
+
 class DamagedCheckpointError(ModelError):
     """A checkpoint whose files are missing, cut short or not what this trainer writes (the disk itself answered):
-    a resume may pass over it to an older one."""
+    a resume may pass over it to an older one. ``cause`` is the message without the advice to start afresh, for
+    the warning of a resume that passed over it."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(f"{cause}; {START_AFRESH}")
+        self.cause = cause
 
 
 def save_checkpoint(
@@ -160,8 +169,8 @@ def load_newest_readable(checkpoint_dir: str | Path, warn, repair: bool = False
             damaged.append(error)
             continue
         if damaged:
-            warn(f"{' '.join(str(error) for error in damaged)} Continuing from {candidate.name}, the newest checkpoint "
-                 "that reads whole.")
+            warn(f"{' '.join(f'{error.cause}.' for error in damaged)} Continuing from {candidate.name}, the newest "
+                 "checkpoint that reads whole.")
         if repair and _named_by_latest(checkpoint_dir) != candidate:
             _point_latest_at(checkpoint_dir, candidate)
         return candidate, loaded
@@ -209,15 +218,13 @@ def load_checkpoint(directory: str | Path) -> tuple[dict, dict | None, dict, dic
         if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
             # the disk or the system failed (EIO, too many open files, a network share): the file may be whole
             raise ModelError(f"{message}; try again once the cause is fixed.") from error
-        raise DamagedCheckpointError(f"{message}; with no older intact checkpoint beside it, start afresh in a new "
-                                     "folder.") from error
+        raise DamagedCheckpointError(message) from error
     if not isinstance(trainer_state, dict) or not isinstance(info, dict) or not isinstance(info.get("config", {}), dict):
-        raise DamagedCheckpointError(f"Checkpoint {directory} holds no trainer state or info of this trainer; start "
-                                     "afresh in a new folder.")
+        raise DamagedCheckpointError(f"Checkpoint {directory} holds no trainer state or info of this trainer")
     if ema_state is None and trainer_state.get("ema_updates"):
         raise DamagedCheckpointError(
             f"Checkpoint {directory} has averaged weights ({trainer_state['ema_updates']} EMA updates) but no "
-            f"{EMA_FILE}: the run folder was altered; start afresh in a new folder.")
+            f"{EMA_FILE}: the run folder was altered")
     return model_state, ema_state, trainer_state, info
 
 
