@@ -330,7 +330,7 @@ def translate_volume(
                         reporter=reporter, phase="sdedit")
         return from_model_grid(output.clamp(0, 1).cpu(), source, config)
     if not config.conditioned:
-        raise BadInputError("This model is unconditional (an SDEdit baseline); pass sdedit_start or pick an LMI model.")
+        raise BadInputError("This model is unconditional (an SDEdit baseline); pass sdedit_start (--sdedit-start on the command line) or pick an LMI model.")
     self_lmi = _lmi(config, source_grid, source_grid)
 
     def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
