@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from medgen.errors import BadInputError, ModelError
-from medgen.labels import LabelInfo, load_labels, make_labels, save_labels
+from medgen.labels import LabelInfo, load_labels, save_labels
 from medgen.slicer.scene import check_selected_once, check_volume_voxels, create_folder, follow_transform_of, place_in_folder, remove_nodes, resolve_scene, subject_hierarchy
 from medgen.slicer.scene_job import JobRequest, TrainingPair, check_free_destination
 from medgen.synthesis.filtering import FilterThresholds
@@ -208,34 +208,13 @@ class TrainRequest(paired.TrainRequest):
 
 def _source_files(folder: str | Path | None) -> tuple[dict[str, Any], list[LabelInfo]]:
     """Source inputs from an nnU-Net-named folder, and the organs its ``dataset.json`` names (if any)."""
-    from medgen.synthesis.prepare import find_nnunet_pairs
+    from medgen.synthesis.prepare import find_nnunet_pairs, nnunet_folder_labels
 
     if folder is None or not Path(folder).is_dir():
         raise BadInputError(f"Source folder {folder} does not exist; pick an nnU-Net raw dataset folder.")
     triples = find_nnunet_pairs(folder)
     inputs = {"source_images": [str(image) for _, image, _ in triples], "source_labels": [str(label) for _, _, label in triples]}
-    dataset_json = Path(folder) / "dataset.json"
-    if not dataset_json.is_file():
-        return inputs, []
-    try:
-        labels = json.loads(dataset_json.read_text(encoding="utf-8")).get("labels", {})
-        if labels and all(isinstance(value, str) and not value.strip().isdigit() for value in labels.values()):
-            labels = {name: value for value, name in labels.items()}  # nnU-Net v1 / MSD: {"0": "background", "1": "liver"}
-        if any(isinstance(value, (list, dict, bool)) for value in labels.values()):
-            raise ValueError(f"regions such as [1, 2] are not organs: {labels}")
-        labels = {str(name): _whole_label_value(value) for name, value in labels.items()}
-    except (OSError, ValueError, TypeError, AttributeError) as error:
-        raise BadInputError(f"{dataset_json} does not name its labels as expected ({error}): 'labels' must map each "
-                            'name to one whole number, e.g. {"background": 0, "liver": 1}.') from error
-    return inputs, make_labels({name: value for name, value in labels.items() if value != 0})
-
-
-def _whole_label_value(value) -> int:
-    """A dataset.json label value as an int: 3, 3.0 and "3" are read; 3.5 is refused."""
-    number = float(value)
-    if number != int(number):
-        raise ValueError(f"label value {value!r} is not a whole number")
-    return int(number)
+    return inputs, nnunet_folder_labels(folder)
 
 
 def train_request(

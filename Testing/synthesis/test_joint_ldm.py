@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from medgen.errors import BadInputError, CancelledError, ModelError
 from medgen.io import check_same_geometry, load_volume, save_volume
 from medgen.jobs.exit_codes import ExitCode
-from medgen.labels import LabelInfo, save_labels
+from medgen.labels import LabelInfo
 from medgen.progress import CallbackReporter
 from medgen.slicer.runner import run_job_blocking, write_job
 from medgen.synthesis.joint_ldm import JointLDMConfig, generate_pairs, train_joint_ldm, write_generated_pairs
@@ -178,14 +178,14 @@ def test_model_folder_of_another_task_is_refused(tmp_path):
 
 
 def test_synth_jobs_through_the_worker_export_nnunet(tmp_path, oblique, trained_model):
-    images, labels = [], []
     for case in range(2):
         image, label = _phantom(case, oblique)
-        images.append(str(save_volume(image, tmp_path / f"c{case}_0000.nii.gz")))
-        labels.append(str(save_volume(label, tmp_path / f"c{case}.nii.gz", label=True)))
-    save_labels(LABELS, tmp_path / "labels.json")
+        save_volume(image, tmp_path / f"c{case}_0000.nii.gz")
+        save_volume(label, tmp_path / f"c{case}.nii.gz", label=True)
+    # an nnU-Net raw folder names its structures in dataset.json (v1 form here): no label_names file needed
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "cavity", "2": "wall"}}))
     train = run_job_blocking(write_job(
-        tmp_path / "jobs", "synth-train", {"images": images, "labels": labels, "label_names": str(tmp_path / "labels.json")},
+        tmp_path / "jobs", "synth-train", {"folder": str(tmp_path)},
         {"shape": [16, 16, 16], "preset": "tiny", **FAST}, device="cpu"), timeout_s=600)
     assert train.returncode == ExitCode.OK, train.error
     phases = {event["phase"] for event in train.events if event["event"] == "progress"}

@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth_train = _add_command(commands, "synth-train", "train a joint image+label generator on a folder of pairs")
     synth_train.add_argument("data", type=Path, help="nnU-Net raw folder or folder of {case}_0000.nii.gz + {case}.nii.gz")
-    synth_train.add_argument("--label-names", type=Path, help="labels.json naming the label values")
+    synth_train.add_argument("--label-names", type=Path, help="labels.json naming the label values (default: the folder's nnU-Net dataset.json, if any)")
     synth_train.add_argument("--shape", type=int, nargs=3, default=[32, 32, 32], help="grid of the generated pairs (voxels)")
     synth_train.add_argument("--spacing-mm", type=float, nargs=3, help="resample the pairs to this spacing first")
     synth_train.add_argument("--preset", choices=["tiny", "diff3"], default="tiny", help="tiny: minutes on CPU; diff3: the paper recipe (GPU)")

@@ -27,7 +27,7 @@ register(
                 "folder": path_input("nnU-Net raw folder or folder of {case}_0000.nii.gz + {case}.nii.gz"),
                 "images": PATH_LIST,
                 "labels": PATH_LIST,
-                "label_names": path_input("labels.json naming the label values"),
+                "label_names": path_input("labels.json naming the label values (default: the folder's nnU-Net dataset.json, if any)"),
             },
             "oneOf": [{"required": ["folder"]}, {"required": ["images", "labels"]}],
             "additionalProperties": False,

@@ -12,7 +12,7 @@ from medgen.jobs.context import JobContext
 from medgen.labels import load_labels
 from medgen.synthesis.joint_ldm import MODEL_FIELDS, TASK, JointLDMConfig, write_generated_pairs
 from medgen.synthesis.nnunet_export import check_channel_of_generated, export_nnunet
-from medgen.synthesis.prepare import load_pairs_from_folder, prepare_pairs
+from medgen.synthesis.prepare import load_pairs_from_folder, nnunet_folder_labels, prepare_pairs
 
 #: training settings a job may override (names of :class:`JointLDMConfig` fields)
 CONFIG_OVERRIDES = ("vae_phase1_steps", "vae_phase2_steps", "ldm_steps", "batch_size", "ldm_batch_size", "grad_accum_steps",
@@ -35,7 +35,10 @@ def _training_pairs(ctx: JobContext) -> list:
 def run_synth_train(ctx: JobContext) -> dict:
     """Prepare the pairs, then train the joint VAE and latent DDPM into ``outputs/model`` (resumable)."""
     params = ctx.params
-    label_names = load_labels(ctx.inputs["label_names"]) if "label_names" in ctx.inputs else None
+    if "label_names" in ctx.inputs:
+        label_names = load_labels(ctx.inputs["label_names"])
+    else:  # an nnU-Net raw folder names its structures in its dataset.json
+        label_names = (nnunet_folder_labels(ctx.inputs["folder"]) or None) if "folder" in ctx.inputs else None
     pairs, labels = prepare_pairs(
         _training_pairs(ctx), shape=tuple(params["shape"]),
         spacing_mm=tuple(params["spacing_mm"]) if params.get("spacing_mm") else None, labels=label_names,

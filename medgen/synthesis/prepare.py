@@ -9,6 +9,7 @@ remapped to 0..K-1 with their names kept.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from functools import partial
 from pathlib import Path
@@ -19,7 +20,7 @@ from monai.transforms import Compose, Lambdad, ResizeWithPadOrCropd, Spacingd
 
 from medgen.errors import BadInputError
 from medgen.io import check_not_constant, check_same_geometry, load_volume, nearest_multiple_shape, oriented, scale_to_unit
-from medgen.labels import LabelInfo, default_color
+from medgen.labels import LabelInfo, default_color, make_labels
 from medgen.progress import Reporter, as_reporter
 
 IMAGE_SUFFIX = "_0000.nii.gz"
@@ -63,6 +64,37 @@ def find_nnunet_pairs(folder: str | os.PathLike) -> list[tuple[str, Path, Path]]
     if not pairs:
         raise BadInputError(f"No '{{case}}{IMAGE_SUFFIX}' images found in {images_dir}; use nnU-Net naming.")
     return pairs
+
+
+def nnunet_folder_labels(folder: str | os.PathLike) -> list[LabelInfo]:
+    """The structures an nnU-Net raw folder's ``dataset.json`` names (``{"background": 0, "liver": 1}``, or nnU-Net
+    v1 / MSD's ``{"0": "background", "1": "liver"}``); empty without a ``dataset.json``.
+
+    Raises:
+        BadInputError: a ``dataset.json`` whose labels are not one whole number per name (regions such as [1, 2]).
+    """
+    dataset_json = Path(folder) / "dataset.json"
+    if not dataset_json.is_file():
+        return []
+    try:
+        labels = json.loads(dataset_json.read_text(encoding="utf-8")).get("labels", {})
+        if labels and all(isinstance(value, str) and not value.strip().isdigit() for value in labels.values()):
+            labels = {name: value for value, name in labels.items()}
+        if any(isinstance(value, (list, dict, bool)) for value in labels.values()):
+            raise ValueError(f"regions such as [1, 2] are not organs: {labels}")
+        labels = {str(name): _whole_label_value(value) for name, value in labels.items()}
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        raise BadInputError(f"{dataset_json} does not name its labels as expected ({error}): 'labels' must map each "
+                            'name to one whole number, e.g. {"background": 0, "liver": 1}.') from error
+    return make_labels({name: value for name, value in labels.items() if value != 0})
+
+
+def _whole_label_value(value) -> int:
+    """A dataset.json label value as an int: 3, 3.0 and "3" are read; 3.5 is refused."""
+    number = float(value)
+    if number != int(number):
+        raise ValueError(f"label value {value!r} is not a whole number")
+    return int(number)
 
 
 def label_remapping(label_maps: list[torch.Tensor], labels: list[LabelInfo] | None) -> tuple[dict[int, int], list[LabelInfo]]:
