@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from medgen.io.atomic import ensure_folder
+from medgen.io.atomic import ensure_folder, write_text_atomic
 from medgen.jobs.spec import JobSpec
 from medgen.progress import Reporter
 
@@ -40,7 +39,7 @@ def set_aside_outputs(job_dir: Path, manifest: Path | None = None) -> Path | Non
     destination = ensure_folder(Path(job_dir) / EARLIER_OUTPUTS_DIR) / stamp
     os.replace(outputs, destination)
     if manifest:
-        shutil.copyfile(manifest, destination / "manifest.json")
+        write_text_atomic(destination / "manifest.json", manifest.read_text(encoding="utf-8"))  # a kill leaves no half copy
     return destination
 
 
