@@ -95,3 +95,17 @@ def test_a_series_deleted_by_the_user_is_recreated_and_relinked(mrml_scene):
     assert _count(mrml_scene, SERIES_CLASS) == 1
     assert chart.GetNumberOfPlotSeriesNodes() == 1 and chart.GetNthPlotSeriesNode(0).GetTableNode() is plot.table_node
     assert plot.points() == ([1.0, 2.0], [0.5, 0.25])
+
+
+def test_a_run_whose_chart_left_the_scene_is_not_plotted_back_until_the_next_run(mrml_scene):
+    """Closing the scene mid-run (to open another patient) must not bring the old run's chart into the new scene."""
+    plot = LossPlot(mrml_scene)
+    plot.reset()
+    plot.append(1, 0.5)
+    mrml_scene.Clear(0)
+    plot.append(2, 0.25)
+    plot.flush()
+    assert [_count(mrml_scene, name) for name in (TABLE_CLASS, SERIES_CLASS, CHART_CLASS)] == [0, 0, 0]
+    plot.reset()  # the next run
+    plot.append(3, 0.125)
+    assert plot.points() == ([3.0], [0.125])

@@ -67,7 +67,7 @@ class LossPlot:
         Non-finite losses (and losses <= 0 on a log axis) are skipped: the plot view cannot draw them,
         and the status line still shows the value.
         """
-        if not math.isfinite(loss) or (self.log_scale and loss <= 0):
+        if not math.isfinite(loss) or (self.log_scale and loss <= 0) or self._gone():
             return
         table = self.table_node.GetTable()
         table.GetColumnByName(STEP_COLUMN).InsertNextValue(float(step))
@@ -83,7 +83,7 @@ class LossPlot:
 
     def flush(self) -> None:
         """Redraw now if points arrived since the last redraw (call when the job ends)."""
-        if not self._pending:
+        if not self._pending or self._gone():
             return
         self.table_node.GetTable().Modified()  # the table node observes its table and tells the series and chart
         self._pending = False
@@ -100,6 +100,11 @@ class LossPlot:
         for node in self._existing_nodes().values():
             self.scene.RemoveNode(node)
         self._node_ids.clear()
+
+    def _gone(self) -> bool:
+        """True when every node of this run left the scene (the scene was closed, perhaps for another patient's, or
+        the user deleted the chart): the run's points are not brought back into it; :meth:`reset` starts anew."""
+        return bool(self._node_ids) and not self._existing_nodes()
 
     def _existing_nodes(self) -> dict[str, Any]:
         """This plot's nodes still in the scene, by class: remembered IDs first, else found by name."""
