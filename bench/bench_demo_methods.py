@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
 from medgen.adapt.finetune import FinetuneConfig, finetune_segmentation  # noqa: E402
-from medgen.models.segmentation import load_segmentation_model, segment  # noqa: E402
 from medgen.cli.demo import adaptation_cases  # noqa: E402
 from medgen.errors import MedGenError  # noqa: E402
 from medgen.io import load_volume  # noqa: E402
 from medgen.metrics import dice_per_class  # noqa: E402
+from medgen.models.segmentation import load_segmentation_model, segment  # noqa: E402
 from medgen.peft import inject, trainable_parameters  # noqa: E402
 from medgen.peft.methods import METHODS  # noqa: E402
 

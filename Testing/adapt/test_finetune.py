@@ -11,11 +11,11 @@ from monai.networks.nets import UNet
 
 from medgen_testing import TINY_UNET_KWARGS, blob_case, pretrained_blob_model, tiny_unet_spec
 from medgen.adapt.finetune import FinetuneConfig, finetune_segmentation, sample_patch
-from medgen.models.segmentation import load_segmentation_model, segment
 from medgen.errors import BadInputError, CancelledError
 from medgen.io import load_volume, save_volume
 from medgen.jobs.exit_codes import ExitCode
 from medgen.models import Preprocessing, save_model
+from medgen.models.segmentation import load_segmentation_model, segment
 from medgen.peft import inject
 from medgen.progress import CallbackReporter
 from medgen.slicer.runner import run_job_blocking, write_job

@@ -14,8 +14,8 @@ from torch import nn
 
 import medgen.adapt.finetune as finetune
 from medgen.adapt.finetune import FinetuneConfig, finetune_segmentation
-from medgen.models.segmentation import SegmentationModel, head_class_names, prepare_volume, relabel_by_name
 from medgen.errors import BadInputError, CancelledError, ModelError
+from medgen.models.segmentation import SegmentationModel, head_class_names, prepare_volume, relabel_by_name
 from medgen.peft import inject, load_adapter, save_adapter
 from medgen.progress import CallbackReporter
 from medgen_testing import blob_case

@@ -246,3 +246,10 @@ def test_fid_with_the_base_segmentation_model_uses_its_own_preprocessing(tmp_pat
                                                                      "real": real, "generated": generated}), timeout_s=300)
     assert job.returncode == ExitCode.OK, job.error
     assert job.result["feature_network"]["source"] == "base model" and job.result["fid"] == pytest.approx(0, abs=1e-6)
+    # a collapsed generator's constant volume: the base model cannot normalise it, and the message says what to do
+    flat = str(save_volume(MetaTensor(torch.full_like(volumes[0], 0.5), affine=affine), tmp_path / "flat.nii.gz"))
+    refused = run_job_blocking(write_job(tmp_path / "jobs", "evaluate", {"model_folder": str(tmp_path / "base"), "real": real,
+                                                                         "generated": [generated[0], flat]}), timeout_s=300)
+    assert refused.returncode == ExitCode.BAD_INPUT
+    assert ("flat.nii.gz is constant (every voxel 0.5), as a collapsed generator writes" in refused.error["message"]
+            and "feature_model_folder" in refused.error["message"])

@@ -29,13 +29,13 @@ from monai.transforms import SpatialPad
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from medgen.models.segmentation import SegmentationModel, predict_probabilities, prepare_volume
 from medgen.diffusion import TrainConfig, train_diffusion
 from medgen.errors import BadInputError, ModelError
 from medgen.io import display_name, holds_whole_numbers
 from medgen.io.atomic import atomic_output, write_text_atomic
 from medgen.io.model_folder import check_same_run
 from medgen.metrics import dice_per_class
+from medgen.models.segmentation import SegmentationModel, predict_probabilities, prepare_volume
 from medgen.models.weights import starting_weights_hash, weights_hash
 from medgen.peft import trains_whole_model
 from medgen.progress import PhaseReporter, Reporter, as_reporter

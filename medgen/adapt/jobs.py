@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from medgen.adapt.finetune import FinetuneConfig, check_segmentation_labels, finetune_segmentation
-from medgen.models.segmentation import head_class_names, load_segmentation_model, relabel_by_name, segment
 from medgen.errors import BadInputError
 from medgen.io import (
     check_not_constant,
     check_same_geometry,
+    display_name,
     load_volume,
     nearest_multiple_shape,
     oriented,
@@ -23,6 +24,13 @@ from medgen.io.atomic import write_text_atomic
 from medgen.jobs.context import JobContext
 from medgen.labels import default_color
 from medgen.metrics import dice_per_class
+from medgen.models.segmentation import (
+    head_class_names,
+    load_segmentation_model,
+    prepare_volume,
+    relabel_by_name,
+    segment,
+)
 from medgen.peft import describe, inject, load_adapter, save_adapter, trainable_parameters
 from medgen.peft.inject import adapter_record
 
@@ -120,6 +128,23 @@ def _generator_at_timestep_zero(network, batch):
     return network(batch, timesteps=torch.zeros(len(batch), dtype=torch.long, device=batch.device))
 
 
+def _segmenter_input(model, volume):
+    """``volume`` ``(1, I, J, K)`` as the base segmentation model's input ``(1, D, H, W)``, for its FID features.
+
+    Raises:
+        BadInputError: a constant volume, which that model's per-volume normalisation cannot take (what a collapsed
+            generator writes): the message says how to measure FID anyway.
+    """
+    low, high = float(volume.min()), float(volume.max())
+    if low == high:
+        raise BadInputError(
+            f"{display_name(volume, 'A volume')} is constant (every voxel {low:g}), as a collapsed generator writes: the "
+            f"base model {model.name} normalises each volume by its own contrast, and this one has none. Leave it out, or "
+            "compute FID with feature_model_folder, whose network sees every volume scaled alike."
+        )
+    return prepare_volume(model, volume)[0].tensor[0]
+
+
 def _feature_network(ctx: JobContext, example, grid: tuple[int, int, int]):
     """The user's ``feature_model_folder``, else the base model's own encoder; both local, never downloaded.
 
@@ -129,7 +154,6 @@ def _feature_network(ctx: JobContext, example, grid: tuple[int, int, int]):
     volume scaled alike to [0, 1] by its 0.5-99.5 percentiles, so that scanner units and the generators' [0, 1] do
     not count as a difference).
     """
-    from medgen.models.segmentation import prepare_volume
     from medgen.metrics.distribution import FeatureNetwork, bottleneck_layer, call_network
     from medgen.models import deepbet_spec, load_model
 
@@ -151,16 +175,12 @@ def _feature_network(ctx: JobContext, example, grid: tuple[int, int, int]):
         else:  # the base segmentation model: its own orientation, resampling and normalisation, as for deepbet
             model = load_segmentation_model(folder)
             network = model.network
-
-            def prepare(volume):
-                return prepare_volume(model, volume)[0].tensor[0]
+            prepare = partial(_segmenter_input, model)
     else:
         model = load_segmentation_model(_model_source(ctx))
         network, spec = model.network, deepbet_spec()
         weights = f"{spec.provenance['source']} wheel, {spec.provenance['archive']}"
-
-        def prepare(volume):
-            return prepare_volume(model, volume)[0].tensor[0]
+        prepare = partial(_segmenter_input, model)
     network.to(ctx.device).eval()
     forward = _generator_at_timestep_zero if spec.network == "DiffusionModelUNet" else call_network
     layer = ctx.params.get("feature_layer") or bottleneck_layer(network, prepare(example), forward)
