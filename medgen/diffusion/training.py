@@ -294,8 +294,8 @@ def _train(model, loss_fn, dataset, optimizer, config, context, checkpoint_dir, 
     if found is not None:
         checkpoint, loaded = found
         start_step = _resume(checkpoint, loaded, model, ema, optimizer, lr_scheduler, context, config, progress_reporter)
-        recorded_loss = loaded[3].get("loss")  # the loss of the step it stopped at, for a run with no step left
-        last_loss = float(recorded_loss) if isinstance(recorded_loss, (int, float)) and not isinstance(recorded_loss, bool) else None
+        recorded = loaded[3].get("loss")  # the loss of the step it stopped at, for a run with no step left to run
+        last_loss = float(recorded) if isinstance(recorded, (int, float)) and not isinstance(recorded, bool) else None
         progress_reporter.log(f"Resumed from {checkpoint} at step {start_step} of {config.max_steps}.")
 
     trained_model = model
