@@ -124,3 +124,10 @@ def test_a_folder_held_by_this_process_is_named_as_such(tmp_path):
                 pass
     with exclusive_folder(folder, "job folder"):  # released: free again
         pass
+
+
+def test_an_exclusive_write_never_replaces_a_file_and_leaves_no_temporary(tmp_path):
+    target = write_text_atomic(tmp_path / "run.json", "first", exclusive=True)
+    with pytest.raises(FileExistsError):
+        write_text_atomic(target, "second", exclusive=True)
+    assert target.read_text() == "first" and sorted(path.name for path in tmp_path.iterdir()) == ["run.json"]

@@ -110,3 +110,21 @@ def test_a_run_record_of_an_earlier_version_continues_with_the_settings_added_si
     check_same_run(tmp_path, {"steps": 4, "seed": 5}, "sha256:x", added_later={"seed": 0})
     with pytest.raises(BadInputError, match=r"seed 5 -> 0"):
         check_same_run(tmp_path, {"steps": 4, "seed": 0}, "sha256:x", added_later={"seed": 0})
+
+
+def test_of_two_runs_starting_a_new_folder_at_once_the_second_is_compared_with_the_first(tmp_path, monkeypatch):
+    """Both saw no run record; the one that records its start second must not overwrite the first's record (which
+    its weights follow): it is compared with it, and other data are refused."""
+    import medgen.io.model_folder as model_folder
+
+    real_write = model_folder.write_text_atomic
+
+    def first_run_records_meanwhile(path, text, **kwargs):
+        monkeypatch.setattr(model_folder, "write_text_atomic", real_write)
+        check_same_run(tmp_path, {"steps": 4}, "data of the first run")  # the other process, between the two steps
+        return real_write(path, text, **kwargs)
+
+    monkeypatch.setattr(model_folder, "write_text_atomic", first_run_records_meanwhile)
+    with pytest.raises(BadInputError, match="other training data"):
+        check_same_run(tmp_path, {"steps": 4}, "data of the second run")
+    assert json.loads((tmp_path / RUN_JSON).read_text())["data"] == "data of the first run"

@@ -51,13 +51,18 @@ def flush_to_disk(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(final_path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+def atomic_output(final_path: str | os.PathLike, suffix: str | None = None, *, exclusive: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``final_path``; on success rename it to ``final_path``.
 
     Args:
         final_path: where the file must end up. Its folder is created if missing.
         suffix: suffix of the temporary file (default: the final path's extension, ``.nii.gz`` counted whole, so
             writers that pick the format from the extension still work).
+        exclusive: only create ``final_path``, never replace it: of two processes writing it at once, one wins
+            (a hard link; where the file system has none, a plain rename as without ``exclusive``).
+
+    Raises:
+        FileExistsError: ``exclusive`` and ``final_path`` exists (the other process's file is left as it is).
     """
     final_path = Path(final_path)
     ensure_folder(final_path.parent)
@@ -75,10 +80,22 @@ def atomic_output(final_path: str | os.PathLike, suffix: str | None = None) -> I
         yield tmp_path
         tmp_path.chmod(0o666 & ~_UMASK)  # mkstemp makes the file private (0600); outputs get the usual permissions
         flush_to_disk(tmp_path)
-        os.replace(tmp_path, final_path)
+        if exclusive:
+            _link_or_replace(tmp_path, final_path)
+        else:
+            os.replace(tmp_path, final_path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _link_or_replace(tmp_path: Path, final_path: Path) -> None:
+    try:
+        os.link(tmp_path, final_path)  # atomic, and refused when final_path exists
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (some network shares, FAT): exclusivity is lost, atomicity is not
+        os.replace(tmp_path, final_path)
 
 
 def _remove_orphaned_parts(folder: Path, prefix: str, suffix: str) -> None:
@@ -110,9 +127,9 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (UTF-8)."""
-    with atomic_output(path) as tmp:
+def write_text_atomic(path: str | os.PathLike, text: str, *, exclusive: bool = False) -> Path:
+    """Write ``text`` to ``path`` atomically (UTF-8); ``exclusive``: see :func:`atomic_output`."""
+    with atomic_output(path, exclusive=exclusive) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
 

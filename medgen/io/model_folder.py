@@ -127,8 +127,11 @@ def check_same_run(
     path = Path(folder) / RUN_JSON
     current = {"settings": json.loads(json.dumps(settings)), "data": data_hash}
     if not path.is_file():
-        write_text_atomic(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
-        return
+        try:  # of two runs started at once on a new folder, one records its start; the other is compared with it
+            write_text_atomic(path, json.dumps(current, indent=2, sort_keys=True) + "\n", exclusive=True)
+            return
+        except FileExistsError:
+            pass
     try:
         recorded = json.loads(path.read_text(encoding="utf-8"))
         before = {**(added_later or {}), **recorded["settings"]}
