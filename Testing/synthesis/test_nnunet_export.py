@@ -10,6 +10,7 @@ from monai.data import MetaTensor
 
 from medgen.errors import BadInputError, GeometryMismatchError
 from medgen.io import load_volume, save_volume
+from medgen.io.folder_lock import LOCK_FILE
 from medgen.progress import CallbackReporter
 from medgen.synthesis.nnunet_export import export_nnunet
 from medgen_testing import verify_nnunet_dataset
@@ -117,7 +118,7 @@ def test_cancelled_export_leaves_a_consistent_dataset(tmp_path, oblique):
 
 def test_files_that_block_the_export_are_clear_errors(tmp_path, oblique):
     (tmp_path / "a file").write_text("not a folder")
-    with pytest.raises(BadInputError, match="a file is a file, but a folder is needed there to write .*Dataset507_Out"):
+    with pytest.raises(BadInputError, match="a file is a file, but a folder is needed there"):
         export_nnunet([_pair(oblique, 0)], tmp_path / "a file", dataset_id=507, name="Out", labels=LABELS)
     dataset = tmp_path / "Dataset508_Broken"
     dataset.mkdir()
@@ -158,7 +159,7 @@ def test_export_refusals_leave_nnunet_usable_datasets(tmp_path, oblique):
         export_nnunet([(image.as_tensor(), label)], tmp_path, dataset_id=511, name="Half", labels=LABELS)
     with pytest.raises(BadInputError, match="No cases to export"):
         export_nnunet([], tmp_path, dataset_id=511, name="Half", labels=LABELS)
-    assert list(tmp_path.iterdir()) == []
+    assert [path.name for path in tmp_path.iterdir()] == [LOCK_FILE]  # the raw folder's export lock, no dataset
 
     export_nnunet([(image, label)], tmp_path, dataset_id=512, name="First", labels=LABELS)
     with pytest.raises(BadInputError, match="id 512 is taken by Dataset512_First"):  # nnU-Net refuses one id twice
@@ -287,3 +288,33 @@ def test_exporting_the_same_files_again_adds_no_copies(tmp_path, oblique):
                for m in logs)
     assert json.loads((dataset / "dataset.json").read_text())["numTraining"] == 3
     verify_nnunet_dataset(dataset)
+
+
+def test_an_export_waits_for_another_one_into_the_same_raw_folder(tmp_path, oblique, monkeypatch):
+    """Two exports at once numbered their cases from the same view of the dataset and overwrote each other's files,
+    and nnU-Net's checker could not tell: the second now waits for the first, or gives up with a clear error."""
+    import subprocess
+    import sys
+    import time
+
+    from medgen.synthesis import nnunet_export
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from medgen.io.folder_lock import exclusive_folder\n"
+        f"with exclusive_folder({str(tmp_path)!r}, 'raw'):\n    print('held', flush=True); time.sleep(3)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(nnunet_export, "EXPORT_WAIT_S", 0.0)
+        with pytest.raises(BadInputError, match="nnU-Net raw folder .* is in use by another run"):
+            export_nnunet([_pair(oblique, 0)], tmp_path, dataset_id=513, name="Waited", labels=LABELS)
+        monkeypatch.setattr(nnunet_export, "EXPORT_WAIT_S", 60.0)
+        logs, started = [], time.monotonic()
+        dataset = export_nnunet([_pair(oblique, 0)], tmp_path, dataset_id=513, name="Waited", labels=LABELS,
+                                reporter=CallbackReporter(lambda event: logs.append(event.get("message"))))
+        assert time.monotonic() - started > 1.0  # it ran once the other let go of the folder
+        assert logs[0] == f"Waiting for another export into {tmp_path} to finish."
+        assert json.loads((dataset / "dataset.json").read_text())["numTraining"] == 1
+    finally:
+        holder.kill()
+        holder.wait()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -21,15 +22,17 @@ _HELD: set[str] = set()
 
 
 @contextlib.contextmanager
-def exclusive_folder(folder: str | os.PathLike, what: str) -> Iterator[Path]:
+def exclusive_folder(folder: str | os.PathLike, what: str, wait_s: float = 0.0, on_wait=None) -> Iterator[Path]:
     """Hold ``folder`` for this process until the block ends.
 
     Args:
         folder: created if missing.
         what: how the message names the folder, e.g. ``"job folder"``.
+        wait_s: how long to wait for another process to let go of it (0: refuse at once).
+        on_wait: called once, with no argument, when the folder is busy and this call starts waiting.
 
     Raises:
-        BadInputError: another live process holds it.
+        BadInputError: another live process holds it (still, after ``wait_s``).
     """
     folder = ensure_folder(folder)
     key = str(folder.resolve())
@@ -38,7 +41,7 @@ def exclusive_folder(folder: str | os.PathLike, what: str) -> Iterator[Path]:
     descriptor = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
-            _lock(descriptor)
+            _lock_within(descriptor, wait_s, on_wait)
         except OSError:
             raise BadInputError(
                 f"The {what} {folder} is in use by another run (e.g. the same job started twice); wait for it to end "
@@ -52,6 +55,21 @@ def exclusive_folder(folder: str | os.PathLike, what: str) -> Iterator[Path]:
             _unlock(descriptor)
     finally:
         os.close(descriptor)
+
+
+def _lock_within(descriptor: int, wait_s: float, on_wait) -> None:
+    """:func:`_lock`, tried every 0.1 s for up to ``wait_s``; the last failure's ``OSError`` propagates."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return _lock(descriptor)
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise
+            if on_wait is not None:
+                on_wait()
+                on_wait = None
+            time.sleep(0.1)
 
 
 if os.name == "nt":

@@ -25,9 +25,12 @@ from monai.data import MetaTensor
 from medgen.errors import BadInputError
 from medgen.io import check_finite, check_same_geometry, holds_whole_numbers, load_volume, save_volume
 from medgen.io.atomic import ensure_folder, interrupts_deferred, write_text_atomic
+from medgen.io.folder_lock import exclusive_folder
 from medgen.progress import Reporter, as_reporter
 
 FILE_ENDING = ".nii.gz"
+#: how long an export waits for another one into the same raw folder before it gives up (seconds)
+EXPORT_WAIT_S = 600.0
 #: in the dataset folder: digest of each exported case's voxels and grid -> its case id, so that exporting the same
 #: files again adds no copies (identical cases in training and validation folds would inflate the scores)
 SOURCES_FILE = "medgen_exported_cases.json"
@@ -126,61 +129,65 @@ def export_nnunet(
         raise BadInputError(f"Case prefix {case_prefix!r} may only hold letters, digits, '_' and '-'.")
     reporter = as_reporter(reporter)
     dataset_dir = Path(out_root) / dataset_folder_name(dataset_id, name)
-    check_free_dataset_id(out_root, int(dataset_id), dataset_dir.name)
-    existing_json = _check_compatible(dataset_dir, labels, channel_name)
-    images_dir, labels_dir = ensure_folder(dataset_dir / "imagesTr"), ensure_folder(dataset_dir / "labelsTr")
-    existing = _existing_cases(labels_dir)
-    exported = _exported_digests(dataset_dir, existing)
-    allowed_values = set(labels.values())
-    cases = list(cases) if not hasattr(cases, "__next__") else cases
-    total = len(cases) if hasattr(cases, "__len__") else 0
-    index = 0
-    written = 0
-    for number, (image_like, label_like) in enumerate(cases):
-        reporter.check_cancelled()
-        case_name = _case_name(image_like, label_like, number)
-        try:
-            image, label_map = _as_volume(image_like, False, "image"), _as_volume(label_like, True, "label")
-            _check_pair(image, label_map, allowed_values, case_name)
-            if is_ct_channel(channel_name):
-                _check_hounsfield(image, case_name)
-        except BadInputError as error:
-            if not written:
-                _remove_if_empty(images_dir, labels_dir, dataset_dir)
-                raise
-            raise BadInputError(f"{error} The {written} case(s) exported before it are complete and kept in {dataset_dir}.") from None
-        digest = _case_digest(image, label_map)
-        if digest in exported:
-            reporter.log(f"{case_name[:1].upper()}{case_name[1:]} is already in {dataset_dir.name} as {exported[digest]}: not added "
-                         "again.", "warning")
-            continue
-        while f"{case_prefix}_{index:04d}" in existing:
-            index += 1
-        case = f"{case_prefix}_{index:04d}"
-        # the label first (a case is counted by its label), on the image's exact header: nnU-Net compares spacing
-        # with a relative tolerance of 1e-5, tighter than the geometry check above
-        # a Ctrl+C or cancel between the image and dataset.json would leave numTraining one short, which nnU-Net's
-        # integrity check refuses; a SIGKILL there still can, and the next export to the dataset recounts it
-        with interrupts_deferred():
-            label_path = save_volume(MetaTensor(label_map.as_tensor(), affine=image.affine), labels_dir / f"{case}{FILE_ENDING}",
-                                     label=True)
+    # one export at a time into a raw folder: two would number their cases from the same view and overwrite each
+    # other's files (and both pass nnU-Net's checker), or take one dataset id under two names
+    with exclusive_folder(out_root, "nnU-Net raw folder", wait_s=EXPORT_WAIT_S,
+                          on_wait=lambda: reporter.log(f"Waiting for another export into {out_root} to finish.")):
+        check_free_dataset_id(out_root, int(dataset_id), dataset_dir.name)
+        existing_json = _check_compatible(dataset_dir, labels, channel_name)
+        images_dir, labels_dir = ensure_folder(dataset_dir / "imagesTr"), ensure_folder(dataset_dir / "labelsTr")
+        existing = _existing_cases(labels_dir)
+        exported = _exported_digests(dataset_dir, existing)
+        allowed_values = set(labels.values())
+        cases = list(cases) if not hasattr(cases, "__next__") else cases
+        total = len(cases) if hasattr(cases, "__len__") else 0
+        index = 0
+        written = 0
+        for number, (image_like, label_like) in enumerate(cases):
+            reporter.check_cancelled()
+            case_name = _case_name(image_like, label_like, number)
             try:
-                save_volume(image.float(), images_dir / f"{case}_0000{FILE_ENDING}")
-            except BaseException:
-                label_path.unlink(missing_ok=True)  # a label without its image would break nnU-Net's case count
-                raise
-            existing.add(case)
-            exported[digest] = case
-            write_text_atomic(dataset_dir / SOURCES_FILE, json.dumps(exported, indent=1) + "\n")
-            written += 1
-            write_text_atomic(dataset_dir / "dataset.json", _dataset_json(labels, channel_name, len(existing), existing_json))
-        reporter.progress("export", number + 1, max(total, number + 1), case=case)
-    if not existing:
-        _remove_if_empty(images_dir, labels_dir, dataset_dir)
-        raise BadInputError("No cases to export: nothing was written. Give at least one image/label pair.")
-    write_text_atomic(dataset_dir / "dataset.json",
-                      _dataset_json(labels, channel_name, len(_existing_cases(labels_dir)), existing_json))
-    return dataset_dir
+                image, label_map = _as_volume(image_like, False, "image"), _as_volume(label_like, True, "label")
+                _check_pair(image, label_map, allowed_values, case_name)
+                if is_ct_channel(channel_name):
+                    _check_hounsfield(image, case_name)
+            except BadInputError as error:
+                if not written:
+                    _remove_if_empty(images_dir, labels_dir, dataset_dir)
+                    raise
+                raise BadInputError(f"{error} The {written} case(s) exported before it are complete and kept in {dataset_dir}.") from None
+            digest = _case_digest(image, label_map)
+            if digest in exported:
+                reporter.log(f"{case_name[:1].upper()}{case_name[1:]} is already in {dataset_dir.name} as {exported[digest]}: not added "
+                             "again.", "warning")
+                continue
+            while f"{case_prefix}_{index:04d}" in existing:
+                index += 1
+            case = f"{case_prefix}_{index:04d}"
+            # the label first (a case is counted by its label), on the image's exact header: nnU-Net compares spacing
+            # with a relative tolerance of 1e-5, tighter than the geometry check above
+            # a Ctrl+C or cancel between the image and dataset.json would leave numTraining one short, which nnU-Net's
+            # integrity check refuses; a SIGKILL there still can, and the next export to the dataset recounts it
+            with interrupts_deferred():
+                label_path = save_volume(MetaTensor(label_map.as_tensor(), affine=image.affine), labels_dir / f"{case}{FILE_ENDING}",
+                                         label=True)
+                try:
+                    save_volume(image.float(), images_dir / f"{case}_0000{FILE_ENDING}")
+                except BaseException:
+                    label_path.unlink(missing_ok=True)  # a label without its image would break nnU-Net's case count
+                    raise
+                existing.add(case)
+                exported[digest] = case
+                write_text_atomic(dataset_dir / SOURCES_FILE, json.dumps(exported, indent=1) + "\n")
+                written += 1
+                write_text_atomic(dataset_dir / "dataset.json", _dataset_json(labels, channel_name, len(existing), existing_json))
+            reporter.progress("export", number + 1, max(total, number + 1), case=case)
+        if not existing:
+            _remove_if_empty(images_dir, labels_dir, dataset_dir)
+            raise BadInputError("No cases to export: nothing was written. Give at least one image/label pair.")
+        write_text_atomic(dataset_dir / "dataset.json",
+                          _dataset_json(labels, channel_name, len(_existing_cases(labels_dir)), existing_json))
+        return dataset_dir
 
 
 def _case_digest(image: MetaTensor, label: MetaTensor) -> str:
