@@ -132,7 +132,7 @@ def export_nnunet(
     # one export at a time into a raw folder: two would number their cases from the same view and overwrite each
     # other's files (and both pass nnU-Net's checker), or take one dataset id under two names
     with exclusive_folder(out_root, "nnU-Net raw folder", wait_s=EXPORT_WAIT_S,
-                          on_wait=lambda: reporter.log(f"Waiting for another export into {out_root} to finish.")):
+                          on_wait=lambda: reporter.log(f"Waiting for another export into {out_root} to finish.", "warning")):
         check_free_dataset_id(out_root, int(dataset_id), dataset_dir.name)
         existing_json = _check_compatible(dataset_dir, labels, channel_name)
         images_dir, labels_dir = ensure_folder(dataset_dir / "imagesTr"), ensure_folder(dataset_dir / "labelsTr")
