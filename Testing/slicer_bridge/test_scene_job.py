@@ -210,3 +210,23 @@ def test_results_come_back_while_any_scene_input_remains_and_without_scene_input
     mrml_scene.RemoveNode(input_node)
     with pytest.raises(BadInputError, match="inputs \\('T1', 'T2'\\) left the scene"):
         check_scene_inputs_remain(two_inputs, result, mrml_scene)
+
+
+def test_a_destination_filled_after_its_check_keeps_both_results_and_says_where(tmp_path, monkeypatch):
+    """Two panels moving results into one empty folder at the same moment: the second met a raw OSError."""
+    from medgen.slicer import scene_job
+
+    source = _result_folder(tmp_path / "job" / "model")
+    destination = tmp_path / "mine" / "model"
+    destination.mkdir(parents=True)
+    real_check = scene_job.check_free_destination
+
+    def the_other_panel_moves_in_after_the_check(folder):
+        real_check(folder)
+        (folder / "model.json").write_text("the other panel's")
+
+    monkeypatch.setattr(scene_job, "check_free_destination", the_other_panel_moves_in_after_the_check)
+    with pytest.raises(BadInputError, match=f"Could not move the result to .*; it is in {source}"):
+        scene_job.move_into(source, destination)
+    assert (destination / "model.json").read_text() == "the other panel's"
+    assert (source / "weights" / "model.safetensors").is_file()

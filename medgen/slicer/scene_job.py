@@ -218,9 +218,9 @@ def move_into(source: str | Path, destination: str | Path) -> Path:
     except BadInputError as error:
         raise BadInputError(f"{error} The result was kept in {source}: move it yourself or use it from there.") from None
     destination.parent.mkdir(parents=True, exist_ok=True)
-    if destination.exists():
-        destination.rmdir()
     try:
+        if destination.exists():
+            destination.rmdir()  # empty, as checked: unless something arrived since (another panel's result)
         os.replace(source, destination)  # one rename on the same file system
         return destination
     except OSError as error:
