@@ -464,13 +464,14 @@ def synthesize_from_masks(
                 f"{MASK_THRESHOLD:.1%}: too little to condition on (MRGen skips such masks).", "warning")
             results.append(MaskResult(mask_id, "skipped: organs too small on the model grid"))
         else:
+            candidate_seed = mask_seed(seed, index)
             images = generate_on_model_grid(model, grid_label, prompt, count=candidates, chunk=chunk, steps=steps,
                                             guidance_scale=guidance_scale, conditioning_scale=conditioning_scale,
-                                            seed=mask_seed(seed, index), device=device, reporter=reporter)
+                                            seed=candidate_seed, device=device, reporter=reporter)
             scores = score_candidates(checker, images, grid_label, names, mask_id=mask_id)
             decision = select_candidates(scores, thresholds)
             result = MaskResult(mask_id, "accepted" if decision.accepted else "none accepted", scores, decision,
-                                seed=mask_seed(seed, index))
+                                seed=candidate_seed)
             pair_label = model.covered_part(label, grid_label) if resampled else label
             if decision.accepted and pair_label is not label:
                 reporter.log(
